@@ -1,0 +1,17 @@
+//! Devices for the Tessera VMM: the I/O buses, legacy platform devices and the PCI root.
+//!
+//! Everything here is independent of KVM: a device sees plain reads and writes at an offset
+//! inside the range it was registered for, and signals interrupts through eventfds that the
+//! VMM wires to the in-kernel irqchip.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod exit;
+pub mod i8042;
+pub mod pci;
+pub mod serial;
+mod trigger;
+
+pub use bus::{Bus, BusDevice, BusError, BusRange};
+pub use exit::{ExitHandle, ExitReason};
+pub use trigger::EventFdTrigger;

@@ -1,0 +1,350 @@
+//! The PCI root bus on configuration mechanism #1 (ports 0xCF8–0xCFF).
+//!
+//! The root owns the functions on bus 0 and keeps the MMIO bus in step with their BARs: after
+//! every configuration write it compares what each BAR decodes with what is on the bus and
+//! moves the range. A BAR programmed outside the PCI windows is not mapped (a hostile or
+//! confused guest cannot shadow RAM or the APICs).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::PciDevice;
+use super::config::{BarMapping, NUM_BARS, lane_shift};
+use crate::bus::{Bus, BusDevice, BusError};
+
+/// The conf1 address port.
+pub const CONF1_BASE: u16 = 0xcf8;
+/// Address (4 bytes) plus data (4 bytes).
+pub const CONF1_LEN: u16 = 8;
+/// Devices on bus 0.
+pub const MAX_DEVICES: u8 = 32;
+
+/// Errors while populating the root bus.
+#[derive(Debug, thiserror::Error)]
+pub enum PciRootError {
+    /// Slot number out of range or taken.
+    #[error("PCI slot {0} is out of range or already used")]
+    Slot(u8),
+    /// A BAR could not be put on the MMIO bus.
+    #[error("cannot map BAR {bar} of device {slot}")]
+    MapBar {
+        /// Slot.
+        slot: u8,
+        /// BAR.
+        bar: usize,
+        /// Why.
+        #[source]
+        source: BusError,
+    },
+}
+
+/// Lock helper: a poisoned device lock still holds consistent register state.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forwards MMIO accesses in one BAR to its function.
+struct BarWindow {
+    dev: Arc<Mutex<dyn PciDevice>>,
+    bar: usize,
+}
+
+impl BusDevice for BarWindow {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        lock(&self.dev).read_bar(self.bar, offset, data);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        lock(&self.dev).write_bar(self.bar, offset, data);
+    }
+}
+
+struct Slot {
+    dev: Arc<Mutex<dyn PciDevice>>,
+    windows: Vec<Arc<Mutex<dyn BusDevice>>>,
+    mapped: Vec<BarMapping>,
+}
+
+/// See the module documentation.
+pub struct PciRoot {
+    address: u32,
+    slots: BTreeMap<u8, Slot>,
+    mmio: Arc<Bus>,
+    bar_windows: Vec<(u64, u64)>,
+}
+
+impl std::fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciRoot")
+            .field("address", &self.address)
+            .field("slots", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl PciRoot {
+    /// A root whose BARs live on `mmio` and may only decode inside `bar_windows`
+    /// (`(base, size)` pairs).
+    pub fn new(mmio: Arc<Bus>, bar_windows: Vec<(u64, u64)>) -> Self {
+        PciRoot {
+            address: 0,
+            slots: BTreeMap::new(),
+            mmio,
+            bar_windows,
+        }
+    }
+
+    /// Plugs `dev` into slot `slot` of bus 0 (function 0).
+    pub fn add_device(
+        &mut self,
+        slot: u8,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<(), PciRootError> {
+        if slot >= MAX_DEVICES || self.slots.contains_key(&slot) {
+            return Err(PciRootError::Slot(slot));
+        }
+        let windows = (0..NUM_BARS)
+            .map(|bar| {
+                let w: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BarWindow {
+                    dev: dev.clone(),
+                    bar,
+                }));
+                w
+            })
+            .collect();
+        self.slots.insert(
+            slot,
+            Slot {
+                dev,
+                windows,
+                mapped: Vec::new(),
+            },
+        );
+        self.sync_bars(slot)
+    }
+
+    fn in_window(&self, m: &BarMapping) -> bool {
+        self.bar_windows.iter().any(|&(base, size)| {
+            m.addr >= base && m.addr.checked_add(m.size).is_some_and(|e| e <= base + size)
+        })
+    }
+
+    /// Brings the MMIO bus in line with what `slot`'s BARs decode now.
+    fn sync_bars(&mut self, slot: u8) -> Result<(), PciRootError> {
+        let Some(s) = self.slots.get(&slot) else {
+            return Ok(());
+        };
+        let wanted: Vec<BarMapping> = lock(&s.dev)
+            .config()
+            .bar_mappings()
+            .into_iter()
+            .filter(|m| {
+                let ok = self.in_window(m);
+                if !ok {
+                    tracing::debug!(slot, ?m, "BAR outside the PCI windows left unmapped");
+                }
+                ok
+            })
+            .collect();
+        if wanted == s.mapped {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.slots.get_mut(&slot).map(|s| &mut s.mapped)).cloned();
+        let s = self.slots.get_mut(&slot).ok_or(PciRootError::Slot(slot))?;
+        for m in old.unwrap_or_default().iter().filter(|m| !wanted.contains(m)) {
+            // Removal cannot fail for a range we inserted ourselves.
+            let _ = self.mmio.remove(m.addr);
+        }
+        let mut mapped = Vec::new();
+        for m in wanted {
+            if s.mapped.contains(&m) {
+                mapped.push(m);
+                continue;
+            }
+            match self.mmio.insert(&s.windows[m.bar], m.addr, m.size) {
+                Ok(_) => mapped.push(m),
+                Err(source) => {
+                    s.mapped = mapped;
+                    return Err(PciRootError::MapBar {
+                        slot,
+                        bar: m.bar,
+                        source,
+                    });
+                }
+            }
+        }
+        s.mapped = mapped;
+        Ok(())
+    }
+
+    /// The enabled slot and register that the address port selects, if it selects a present
+    /// function 0 on bus 0.
+    fn selected(&self) -> Option<(u8, usize)> {
+        let a = self.address;
+        let enabled = a & 0x8000_0000 != 0;
+        let bus = (a >> 16) & 0xff;
+        let slot = ((a >> 11) & 0x1f) as u8;
+        let func = (a >> 8) & 0x7;
+        let reg = ((a >> 2) & 0x3f) as usize;
+        (enabled && bus == 0 && func == 0 && self.slots.contains_key(&slot)).then_some((slot, reg))
+    }
+
+    fn config_read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match self.selected() {
+            Some((slot, reg)) => self
+                .slots
+                .get(&slot)
+                .map_or(u32::MAX, |s| lock(&s.dev).read_config_register(reg)),
+            None => u32::MAX,
+        };
+        let bytes = (value >> (offset * 8)).to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) {
+        let Some((slot, reg)) = self.selected() else {
+            return;
+        };
+        if let Some(s) = self.slots.get(&slot) {
+            lock(&s.dev).write_config_register(reg, offset, data);
+        }
+        if let Err(e) = self.sync_bars(slot) {
+            tracing::warn!("guest BAR programming not applied: {e}");
+        }
+    }
+}
+
+impl BusDevice for PciRoot {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 if lane_shift(offset - 4, data.len()).is_some() => {
+                self.config_read(offset - 4, data)
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                // Bits 1:0 are reserved and read back as zero.
+                self.address = u32::from_le_bytes(b) & !0x3;
+            }
+            4..=7 if lane_shift(offset - 4, data.len()).is_some() => {
+                self.config_write(offset - 4, data)
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::{BarKind, PciConfiguration, PciHeader};
+    use crate::pci::host_bridge::HostBridge;
+
+    struct Gpu {
+        config: PciConfiguration,
+        last_write: Option<(usize, u64, Vec<u8>)>,
+    }
+    impl PciDevice for Gpu {
+        fn config(&self) -> &PciConfiguration {
+            &self.config
+        }
+        fn config_mut(&mut self) -> &mut PciConfiguration {
+            &mut self.config
+        }
+        fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+        fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.last_write = Some((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn addr(slot: u32, reg: u32) -> [u8; 4] {
+        (0x8000_0000 | slot << 11 | reg << 2).to_le_bytes()
+    }
+
+    fn read32(root: &mut PciRoot, slot: u32, reg: u32) -> u32 {
+        root.write(0, 0, &addr(slot, reg));
+        let mut d = [0u8; 4];
+        root.read(0, 4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn write32(root: &mut PciRoot, slot: u32, reg: u32, v: u32) {
+        root.write(0, 0, &addr(slot, reg));
+        root.write(0, 4, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn enumerates_host_bridge_only() {
+        let mut root = PciRoot::new(Arc::new(Bus::new()), vec![]);
+        root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
+            .unwrap();
+        assert_eq!(read32(&mut root, 0, 0), 0x0008_1b36);
+        assert_eq!(read32(&mut root, 0, 2) >> 16, 0x0600);
+        assert_eq!(read32(&mut root, 1, 0), u32::MAX);
+        // Sub-dword reads of the data port.
+        root.write(0, 0, &addr(0, 0));
+        let mut w = [0u8; 2];
+        root.read(0, 6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0008);
+        let mut b = [0u8; 1];
+        root.read(0, 5, &mut b);
+        assert_eq!(b[0], 0x1b);
+        // Disabled address, other bus, other function: absent.
+        root.write(0, 0, &0x0000_0000u32.to_le_bytes());
+        root.read(0, 4, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        root.write(0, 0, &(0x8001_0000u32).to_le_bytes());
+        let mut d = [0u8; 4];
+        root.read(0, 4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(root.add_device(0, Arc::new(Mutex::new(HostBridge::new()))).is_err());
+        assert!(root.add_device(32, Arc::new(Mutex::new(HostBridge::new()))).is_err());
+    }
+
+    #[test]
+    fn bars_follow_guest_programming() {
+        let mmio = Arc::new(Bus::new());
+        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)]);
+        let mut config = PciConfiguration::new(PciHeader {
+            vendor_id: 1,
+            device_id: 2,
+            class: 3,
+            subclass: 2,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        });
+        config
+            .add_bar(0, 0xc000_0000, 0x1000, BarKind::Mmio32 { prefetchable: false })
+            .unwrap();
+        let gpu = Arc::new(Mutex::new(Gpu {
+            config,
+            last_write: None,
+        }));
+        root.add_device(3, gpu.clone()).unwrap();
+        let mut d = [0u8; 4];
+        assert!(mmio.read(0xc000_0010, &mut d).is_err(), "decode off");
+        write32(&mut root, 3, 1, 0x2);
+        mmio.read(0xc000_0010, &mut d).unwrap();
+        assert_eq!(d, [0x10; 4]);
+        // Sizing with decode on would map at 0xfffff000: outside the window, so unmapped.
+        write32(&mut root, 3, 4, u32::MAX);
+        assert_eq!(read32(&mut root, 3, 4), 0xffff_f000);
+        assert!(mmio.read(0xffff_f000, &mut d).is_err());
+        assert!(mmio.read(0xc000_0000, &mut d).is_err());
+        write32(&mut root, 3, 4, 0xc800_0000);
+        mmio.write(0xc800_0004, &[7]).unwrap();
+        assert_eq!(lock(&gpu).last_write, Some((0, 4, vec![7])));
+        write32(&mut root, 3, 1, 0);
+        assert!(mmio.read(0xc800_0004, &mut d).is_err(), "decode off again");
+    }
+}

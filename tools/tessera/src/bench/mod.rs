@@ -1,0 +1,69 @@
+//! `tessera bench …`: side-by-side benchmarks that print medians and ratios from one run.
+
+mod boot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Firmware boot time: Tessera vs QEMU microvm booting the same PVH ELF.
+    Boot(boot::BootArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> ExitCode {
+    let result = match cmd {
+        BenchCommand::Boot(args) => boot::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: bench: {e}");
+            ExitCode::from(crate::EXIT_FAILURE)
+        }
+    }
+}
+
+/// The firmware image: `TESSERA_FIRMWARE`, else `target/firmware/tessera-fw.elf` next to the
+/// build directory this binary runs from, else relative to the current directory.
+pub fn default_firmware() -> PathBuf {
+    if let Some(p) = std::env::var_os("TESSERA_FIRMWARE") {
+        return PathBuf::from(p);
+    }
+    let rel = PathBuf::from("firmware/tessera-fw.elf");
+    if let Some(target) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().and_then(|d| d.parent()).map(|t| t.join(&rel)))
+        .filter(|p| p.exists())
+    {
+        return target;
+    }
+    PathBuf::from("target").join(rel)
+}
+
+/// Median of a non-empty sample (mean of the middle two for even counts).
+pub fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}

@@ -1,0 +1,71 @@
+//! `tessera`: run VMs and benchmarks.
+//!
+//! Exit status: 0 when the guest powers off, the debug-exit value when the guest uses the
+//! debug-exit port, 1 on a runtime failure, 2 on bad usage (flags, files).
+
+mod bench;
+mod vm_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tessera: a KVM hypervisor that shares one GPU among many VMs.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about, long_about = None)]
+struct Cli {
+    /// Log filter for stderr (error, warn, info, debug, trace or a tracing directive list).
+    #[arg(long, global = true, default_value = "info", env = "TESSERA_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM from a kernel (PVH ELF or bzImage).
+    Vm(vm_cmd::VmArgs),
+    /// Benchmarks that compare Tessera with other VMMs side by side.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Status for bad usage.
+pub const EXIT_USAGE: u8 = 2;
+/// Status for runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(EXIT_USAGE);
+            }
+            // One line: clap's first line names the flag and the problem.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            eprintln!("tessera: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+    match cli.command {
+        Command::Vm(args) => vm_cmd::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}

@@ -1,0 +1,83 @@
+//! `tessera vm`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VmConfig};
+use vmm::{ExitReason, Vm};
+
+use crate::{EXIT_FAILURE, EXIT_USAGE};
+
+/// `tessera vm` options (Cloud Hypervisor style).
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Kernel image: a PVH ELF (vmlinux, the Tessera firmware) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs to load with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// vCPUs: boot=<n>[,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just <n>.
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    cpus: CpusConfig,
+    /// Guest RAM: size=<bytes>[K|M|G] or just <bytes>[K|M|G].
+    #[arg(long, value_name = "size=SIZE", default_value = "size=256M")]
+    memory: MemoryConfig,
+    /// COM1: stdio | file=<path> | off.
+    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    serial: SerialConfig,
+}
+
+/// The KVM device node; tests override it with `TESSERA_KVM_DEVICE`.
+fn kvm_path() -> PathBuf {
+    std::env::var_os("TESSERA_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}
+
+pub fn run(args: VmArgs) -> ExitCode {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        serial: args.serial,
+        kvm_path: kvm_path(),
+    };
+    let result = Vm::new(&config).and_then(Vm::run);
+    match result {
+        Ok(reason) => {
+            match &reason {
+                ExitReason::GuestCrash(why) => eprintln!("tessera: guest crashed: {why}"),
+                ExitReason::Failure(why) => eprintln!("tessera: {why}"),
+                ExitReason::DebugExit(v) => tracing::debug!("guest exited with status {v}"),
+                ExitReason::PowerOff => tracing::debug!("guest powered off"),
+            }
+            ExitCode::from(reason.status() as u8)
+        }
+        Err(e) => {
+            eprintln!("tessera: {}", error_chain(&e));
+            ExitCode::from(if e.is_usage() { EXIT_USAGE } else { EXIT_FAILURE })
+        }
+    }
+}
+
+/// `error: cause: cause`, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,280 @@
+//! VM configuration: typed values, parsed from Cloud Hypervisor-style `key=value` option
+//! strings at the edge (the CLI), validated once.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::cpuid::{Feature, UnknownFeature};
+use crate::memory::{MAX_MEMORY, MIN_MEMORY};
+
+/// A malformed or out-of-range option value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `key=value` syntax errors.
+    #[error("{option}: {message} (syntax: {syntax})")]
+    Syntax {
+        /// Option name.
+        option: &'static str,
+        /// What is wrong.
+        message: String,
+        /// Accepted syntax.
+        syntax: &'static str,
+    },
+    /// Unknown CPUID feature.
+    #[error("--cpus: {0}")]
+    Feature(#[from] UnknownFeature),
+}
+
+fn syntax(option: &'static str, syntax: &'static str, message: String) -> ConfigError {
+    ConfigError::Syntax {
+        option,
+        message,
+        syntax,
+    }
+}
+
+/// Splits `a=1,b=2` into pairs; a bare value (no `=`) is given the key `default_key`.
+fn pairs<'a>(
+    s: &'a str,
+    default_key: &'static str,
+    option: &'static str,
+    syn: &'static str,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    if s.trim().is_empty() {
+        return Err(syntax(option, syn, "empty value".into()));
+    }
+    s.split(',')
+        .enumerate()
+        .map(|(i, part)| match part.split_once('=') {
+            Some((k, v)) => Ok((k, v)),
+            None if i == 0 => Ok((default_key, part)),
+            None => Err(syntax(option, syn, format!("{part:?} is not key=value"))),
+        })
+        .collect()
+}
+
+/// Parses a size such as `256M`, `1G`, `65536K` or `1048576` (bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        (i, 'T' | 't') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// `--memory`: guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of RAM, a multiple of 4 KiB within [`MIN_MEMORY`, `MAX_MEMORY`].
+    pub size: u64,
+}
+
+impl MemoryConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str = "size=<bytes>[K|M|G] or just <bytes>[K|M|G], e.g. 256M";
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { size: 256 << 20 }
+    }
+}
+
+impl FromStr for MemoryConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |m: String| syntax("--memory", Self::SYNTAX, m);
+        let mut size = None;
+        for (k, v) in pairs(s, "size", "--memory", Self::SYNTAX)? {
+            match k {
+                "size" => {
+                    size = Some(parse_size(v).ok_or_else(|| err(format!("bad size {v:?}")))?)
+                }
+                other => return Err(err(format!("unknown key {other:?}"))),
+            }
+        }
+        let size = size.ok_or_else(|| err("size is missing".into()))?;
+        if size < MIN_MEMORY {
+            return Err(err(format!(
+                "{size} bytes is too small (at least {} MiB)",
+                MIN_MEMORY >> 20
+            )));
+        }
+        if size > MAX_MEMORY {
+            return Err(err(format!("{size} bytes is too large (at most 1T)")));
+        }
+        if size % 4096 != 0 {
+            return Err(err(format!("{size} bytes is not a multiple of 4 KiB")));
+        }
+        Ok(MemoryConfig { size })
+    }
+}
+
+/// `--cpus`: vCPU count and CPUID features to hide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpusConfig {
+    /// vCPUs, at least 1 (the upper bound is KVM's and is checked when the VM is built).
+    pub boot: u8,
+    /// Features hidden in addition to the host's defaults.
+    pub hide: Vec<Feature>,
+    /// Whether to hide, on PVM hosts, what PVM's emulator cannot run (default on).
+    pub pvm_defaults: bool,
+}
+
+impl CpusConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str =
+        "boot=<n>[,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just <n>";
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot: 1,
+            hide: Vec::new(),
+            pvm_defaults: true,
+        }
+    }
+}
+
+impl FromStr for CpusConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |m: String| syntax("--cpus", Self::SYNTAX, m);
+        let mut c = CpusConfig::default();
+        for (k, v) in pairs(s, "boot", "--cpus", Self::SYNTAX)? {
+            match k {
+                "boot" => {
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| err(format!("bad vCPU count {v:?}")))?;
+                    if n == 0 {
+                        return Err(err("a VM needs at least 1 vCPU".into()));
+                    }
+                    c.boot = u8::try_from(n)
+                        .ok()
+                        .filter(|&n| n <= crate::boot::mptable::MAX_CPUS)
+                        .ok_or_else(|| err(format!("{n} vCPUs is more than 254")))?;
+                }
+                "hide" => {
+                    for f in v.split(':').filter(|f| !f.is_empty()) {
+                        c.hide.push(f.parse()?);
+                    }
+                }
+                "pvm_hide" => {
+                    c.pvm_defaults = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(err(format!("pvm_hide takes on or off, not {v:?}"))),
+                    }
+                }
+                other => return Err(err(format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// `--serial`: where COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    /// The VMM's stdin/stdout.
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// No COM1 at all.
+    Off,
+}
+
+impl SerialConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str = "stdio | file=<path> | off";
+}
+
+impl FromStr for SerialConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            None if s == "stdio" => Ok(SerialConfig::Stdio),
+            None if s == "off" => Ok(SerialConfig::Off),
+            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(syntax(
+                "--serial",
+                Self::SYNTAX,
+                format!("unknown value {s:?}"),
+            )),
+        }
+    }
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image (PVH ELF or bzImage).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: CpusConfig,
+    /// RAM.
+    pub memory: MemoryConfig,
+    /// COM1.
+    pub serial: SerialConfig,
+    /// The KVM device node (tests point this elsewhere).
+    pub kvm_path: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_values() {
+        assert_eq!("256M".parse::<MemoryConfig>().unwrap().size, 256 << 20);
+        assert_eq!("size=1G".parse::<MemoryConfig>().unwrap().size, 1 << 30);
+        assert_eq!("65536K".parse::<MemoryConfig>().unwrap().size, 64 << 20);
+        for bad in [
+            "", "garbage", "size=", "size=12Q", "0", "4M", "size=64M,foo=1", "2T", "-1M",
+            "16777217", "99999999999999999999G",
+        ] {
+            assert!(bad.parse::<MemoryConfig>().is_err(), "{bad:?} must be rejected");
+        }
+        let e = "4M".parse::<MemoryConfig>().unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn cpus_values() {
+        assert_eq!("2".parse::<CpusConfig>().unwrap().boot, 2);
+        let c: CpusConfig = "boot=4,hide=avx:avx2,pvm_hide=off".parse().unwrap();
+        assert_eq!(c.boot, 4);
+        assert_eq!(c.hide.len(), 2);
+        assert!(!c.pvm_defaults);
+        for bad in ["0", "boot=0", "255", "x", "boot=2,hide=sse9", "boot=2,foo=1", "1,2"] {
+            assert!(bad.parse::<CpusConfig>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn serial_values() {
+        assert_eq!("stdio".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!("off".parse::<SerialConfig>().unwrap(), SerialConfig::Off);
+        assert_eq!(
+            "file=/tmp/x".parse::<SerialConfig>().unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        for bad in ["", "tty", "file=", "pty=1"] {
+            assert!(bad.parse::<SerialConfig>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+}

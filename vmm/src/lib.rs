@@ -1,0 +1,18 @@
+//! The Tessera VMM: a KVM virtual machine with guest RAM in a memfd, an in-kernel irqchip and
+//! PIT, N vCPU threads, a PIO/MMIO bus with legacy devices and a PCI root, and an event loop
+//! (event-manager) on the thread that calls [`Vm::run`].
+//!
+//! See docs/architecture.md for the threads and who owns what.
+
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+mod event_loop;
+pub mod memory;
+pub mod pvm;
+pub mod vcpu;
+mod vm;
+
+pub use config::{CpusConfig, MemoryConfig, SerialConfig, VmConfig};
+pub use devices::ExitReason;
+pub use vm::{Vm, VmError};

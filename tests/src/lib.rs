@@ -1,1 +1,215 @@
+//! Helpers for the integration tests: find the binaries and guest images, run `tessera` as a
+//! child process, read its serial console line by line with deadlines.
+//!
+//! Environment: `TESSERA_BIN` (default `target/debug/tessera`), `TESSERA_FIRMWARE` (default
+//! `target/firmware/tessera-fw.elf`), `TESSERA_GUEST_DIR` (default `target/guest`).
+//! With `TESSERA_REQUIRE_GUESTS=1` (set by `cargo xtask test`) a missing image fails the test
+//! instead of skipping it.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(default))
+}
+
+/// The `tessera` binary under test.
+pub fn tessera_bin() -> PathBuf {
+    let p = env_path("TESSERA_BIN", "target/debug/tessera");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p tessera` first (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// A guest image, or `None` (test skipped, with a message) when it was not built and images
+/// are not required.
+pub fn guest_image(p: PathBuf, how: &str) -> Option<PathBuf> {
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
+        "{} is missing ({how})",
+        p.display()
+    );
+    eprintln!("skipped: {} is missing ({how})", p.display());
+    None
+}
+
+/// The firmware guest.
+pub fn firmware() -> Option<PathBuf> {
+    guest_image(
+        env_path("TESSERA_FIRMWARE", "target/firmware/tessera-fw.elf"),
+        "build it with `cargo xtask firmware`",
+    )
+}
+
+/// A file in the guest image directory.
+pub fn guest_file(name: &str) -> Option<PathBuf> {
+    guest_image(
+        env_path("TESSERA_GUEST_DIR", "target/guest").join(name),
+        "build it with `cargo xtask guest-images`",
+    )
+}
+
+/// True on PVM hosts (no hardware virtualization).
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A running `tessera` process whose stdout is read line by line.
+pub struct Vmm {
+    child: Child,
+    lines: Receiver<String>,
+    stdin: Option<ChildStdin>,
+    /// Every line seen so far.
+    pub transcript: Vec<String>,
+    started: Instant,
+}
+
+impl Vmm {
+    /// Starts `tessera` with `args`; stdin is a pipe, stderr is discarded.
+    pub fn spawn(args: &[&str]) -> Vmm {
+        Self::spawn_with(Command::new(tessera_bin()).args(args))
+    }
+
+    /// Starts a prepared command.
+    pub fn spawn_with(cmd: &mut Command) -> Vmm {
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tessera");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Vmm {
+            child,
+            lines,
+            stdin,
+            transcript: Vec::new(),
+            started,
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns the time since spawn.
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> Duration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.transcript.push(line);
+                    if hit {
+                        return self.started.elapsed();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no line containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.transcript.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "output ended without {needle:?}; output:\n{}",
+                    self.transcript.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends `bytes` to the guest's serial input.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).expect("write to tessera stdin");
+        stdin.flush().expect("flush");
+    }
+
+    /// Waits for the process to exit, collecting the rest of its output.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.transcript.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "tessera did not exit within {timeout:?}; output:\n{}",
+                    self.transcript.join("\n")
+                ),
+            }
+        }
+        self.child.wait().expect("wait for tessera")
+    }
+
+    /// Whether any line so far contains `needle`.
+    pub fn saw(&self, needle: &str) -> bool {
+        self.transcript.iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tessera` to completion with a deadline; returns (status, stdout, stderr).
+pub fn run_tessera(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(tessera_bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    run_with_deadline(cmd, Duration::from_secs(60))
+}
+
+/// Runs `cmd` with a deadline, killing it when the deadline passes.
+pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -260,12 +260,10 @@ impl Vm {
                 max,
             });
         }
+        let pvm = crate::pvm::host_is_pvm();
         let mut hidden: Vec<Feature> = config.cpus.hide.clone();
-        if crate::pvm::host_is_pvm() {
-            if config.cpus.pvm_defaults {
-                hidden.extend(cpuid::PVM_HIDDEN.iter().filter_map(|n| n.parse::<Feature>().ok()));
-            }
-            log_pvm_once(config.cpus.pvm_defaults);
+        if pvm && config.cpus.pvm_defaults {
+            hidden.extend(cpuid::PVM_HIDDEN.iter().filter_map(|n| n.parse::<Feature>().ok()));
         }
 
         let vm_fd = kvm
@@ -378,6 +376,9 @@ impl Vm {
             });
         }
         tracing::debug!(?entry, cpus = config.cpus.boot, mem = ram.size, "VM built");
+        if pvm {
+            log_pvm_once(config.cpus.pvm_defaults);
+        }
 
         Ok(Vm {
             vm_fd,
@@ -514,7 +515,8 @@ fn log_pvm_once(hiding: bool) {
     ONCE.call_once(|| {
         tracing::info!(
             "host KVM is PVM (no hardware virtualization): guest ring-0 code is emulated and \
-             slow, ring-3 code runs natively; {}",
+             slow, ring-3 code runs natively, and CPUID executed by the guest may bypass KVM \
+             (also pass clearcpuid= to Linux guests); {}",
             if hiding {
                 format!(
                     "hiding CPUID features its emulator cannot run ({})",

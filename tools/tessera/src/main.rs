@@ -48,10 +48,14 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(EXIT_USAGE);
             }
-            // One line: clap's first line names the flag and the problem.
+            // One line: clap's first paragraph names the flag and the problem.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid usage");
-            eprintln!("tessera: {}", first.trim_start_matches("error: "));
+            let first: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("tessera: {}", first.join(" ").trim_start_matches("error: "));
             return ExitCode::from(EXIT_USAGE);
         }
     };

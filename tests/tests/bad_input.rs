@@ -1,0 +1,175 @@
+//! Bad input from the user: one clear line on stderr, status 2 (usage) or 1 (host), never a
+//! panic or a backtrace.
+
+use std::path::PathBuf;
+
+use tessera_tests::{firmware, run_tessera};
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tessera-bad-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, bytes).expect("write scratch file");
+        p.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `tessera vm` with `args` and checks the one-line error contract.
+fn expect_error(args: &[&str], envs: &[(&str, &str)], code: i32, needle: &str) {
+    let (status, out, err) = run_tessera(args, envs);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(status.code(), Some(code), "args {args:?}: stderr {err:?}");
+    assert_eq!(lines.len(), 1, "one line on stderr for {args:?}, got {err:?}");
+    assert!(lines[0].starts_with("tessera: "), "{err:?}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err:?}");
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!err.contains(bad), "{err:?}");
+    }
+    assert!(out.is_empty(), "no guest output expected: {out:?}");
+}
+
+fn fw() -> Option<String> {
+    firmware().map(|p| p.to_string_lossy().into_owned())
+}
+
+#[test]
+fn missing_unreadable_and_non_kernels() {
+    let s = Scratch::new("kernels");
+    expect_error(
+        &["vm", "--kernel", "/nonexistent/vmlinux"],
+        &[],
+        2,
+        "cannot open kernel /nonexistent/vmlinux: No such file or directory",
+    );
+    let dir = s.0.to_string_lossy().into_owned();
+    expect_error(&["vm", "--kernel", &dir], &[], 2, "cannot open kernel");
+    let text = s.file("notes.txt", &b"this is not a kernel\n".repeat(100));
+    expect_error(&["vm", "--kernel", &text], &[], 2, "is not a kernel");
+    let tiny = s.file("tiny", b"\x7fELF");
+    expect_error(&["vm", "--kernel", &tiny], &[], 2, "is not a kernel");
+    let empty = s.file("empty", b"");
+    expect_error(&["vm", "--kernel", &empty], &[], 2, "is not a kernel");
+}
+
+#[test]
+fn truncated_elf() {
+    let Some(fw) = fw() else { return };
+    let s = Scratch::new("truncated");
+    let bytes = std::fs::read(&fw).expect("firmware");
+    // Headers intact, segments cut off.
+    let cut = s.file("cut.elf", &bytes[..bytes.len().min(600)]);
+    expect_error(&["vm", "--kernel", &cut], &[], 2, "cannot load kernel");
+}
+
+#[test]
+fn initramfs_that_does_not_fit_or_is_missing() {
+    let Some(fw) = fw() else { return };
+    let s = Scratch::new("initramfs");
+    let big = s.0.join("huge.cpio");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(100 << 20).expect("sparse file");
+    let big = big.to_string_lossy().into_owned();
+    expect_error(
+        &["vm", "--kernel", &fw, "--memory", "64M", "--initramfs", &big],
+        &[],
+        2,
+        "does not fit",
+    );
+    expect_error(
+        &["vm", "--kernel", &fw, "--initramfs", "/nonexistent/initrd"],
+        &[],
+        2,
+        "cannot open initramfs",
+    );
+}
+
+#[test]
+fn bad_memory_cpus_and_serial_values() {
+    let fw = fw().unwrap_or_else(|| "/nonexistent".into());
+    for (flag, value, needle) in [
+        ("--memory", "garbage", "bad size"),
+        ("--memory", "size=", "bad size"),
+        ("--memory", "0", "too small"),
+        ("--memory", "1M", "too small"),
+        ("--memory", "size=64M,shared=maybe", "unknown key"),
+        ("--memory", "4T", "too large"),
+        ("--cpus", "0", "at least 1 vCPU"),
+        ("--cpus", "boot=0", "at least 1 vCPU"),
+        ("--cpus", "300", "more than 254"),
+        ("--cpus", "two", "bad vCPU count"),
+        ("--cpus", "boot=1,hide=warp-drive", "unknown CPUID feature"),
+        ("--serial", "pty", "unknown value"),
+        ("--serial", "file=", "unknown value"),
+    ] {
+        expect_error(&["vm", "--kernel", &fw, flag, value], &[], 2, needle);
+    }
+    expect_error(&["vm"], &[], 2, "--kernel");
+    expect_error(&["vm", "--kernel", &fw, "--bogus"], &[], 2, "--bogus");
+}
+
+#[test]
+fn kvm_absent_or_not_kvm() {
+    let Some(fw) = fw() else { return };
+    expect_error(
+        &["vm", "--kernel", &fw],
+        &[("TESSERA_KVM_DEVICE", "/nonexistent/kvm")],
+        1,
+        "cannot open /nonexistent/kvm",
+    );
+    expect_error(
+        &["vm", "--kernel", &fw],
+        &[("TESSERA_KVM_DEVICE", "/dev/null")],
+        1,
+        "/dev/null is not a KVM device",
+    );
+}
+
+#[test]
+fn kvm_not_accessible_to_an_unprivileged_user() {
+    let Some(fw) = fw() else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root and setpriv to run tessera as an unprivileged user");
+        return;
+    }
+    let bin = tessera_tests::tessera_bin();
+    let s = Scratch::new("nobody");
+    // Copies readable by anyone, outside a possibly private checkout.
+    let bin_copy = s.0.join("tessera");
+    std::fs::copy(&bin, &bin_copy).expect("copy binary");
+    let fw_copy = s.0.join("fw.elf");
+    std::fs::copy(&fw, &fw_copy).expect("copy firmware");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut cmd = std::process::Command::new("/usr/bin/setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin_copy)
+        .args(["vm", "--kernel"])
+        .arg(&fw_copy)
+        .stdin(std::process::Stdio::null());
+    let (status, _out, err) =
+        tessera_tests::run_with_deadline(cmd, std::time::Duration::from_secs(60));
+    if std::fs::metadata("/dev/kvm")
+        .map(|m| m.permissions().mode() & 0o006 == 0o006)
+        .unwrap_or(false)
+    {
+        eprintln!("skipped: /dev/kvm is world-accessible here");
+        return;
+    }
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot open /dev/kvm"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+}

@@ -141,10 +141,12 @@ impl Bus {
         let mut map = self.write_map();
         // The only candidates for overlap are the last range starting at or before our end.
         if let Some((existing, _)) = map
-            .range(..=BusRange {
-                base: range.last(),
-                len: u64::MAX,
-            })
+            .range(
+                ..=BusRange {
+                    base: range.last(),
+                    len: u64::MAX,
+                },
+            )
             .next_back()
             .filter(|(r, _)| r.overlaps(&range))
         {
@@ -172,7 +174,12 @@ impl Bus {
     fn resolve(&self, addr: u64) -> Option<(BusRange, Arc<Mutex<dyn BusDevice>>)> {
         let map = self.read_map();
         let (range, dev) = map
-            .range(..=BusRange { base: addr, len: u64::MAX })
+            .range(
+                ..=BusRange {
+                    base: addr,
+                    len: u64::MAX,
+                },
+            )
             .next_back()?;
         if !range.contains(addr) {
             return None;

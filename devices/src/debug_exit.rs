@@ -46,7 +46,11 @@ mod tests {
         let exit = ExitHandle::new().unwrap();
         let mut port = DebugExit::new(exit.clone());
         port.write(0, 1, &[9]);
-        assert_eq!(exit.reason(), None, "writes inside the range but not at its start are ignored");
+        assert_eq!(
+            exit.reason(),
+            None,
+            "writes inside the range but not at its start are ignored"
+        );
         port.write(0, 0, &[0x2a, 0x01, 0, 0]);
         assert_eq!(exit.reason(), Some(ExitReason::DebugExit(0x2a)));
     }

@@ -73,6 +73,7 @@ pub fn host_is_pvm() -> bool {
 }
 
 /// A running `tessera` process whose stdout is read line by line.
+#[derive(Debug)]
 pub struct Vmm {
     child: Child,
     lines: Receiver<String>,

@@ -31,7 +31,11 @@ fn expect_error(args: &[&str], envs: &[(&str, &str)], code: i32, needle: &str) {
     let (status, out, err) = run_tessera(args, envs);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(status.code(), Some(code), "args {args:?}: stderr {err:?}");
-    assert_eq!(lines.len(), 1, "one line on stderr for {args:?}, got {err:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line on stderr for {args:?}, got {err:?}"
+    );
     assert!(lines[0].starts_with("tessera: "), "{err:?}");
     assert!(lines[0].contains(needle), "{needle:?} not in {err:?}");
     for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
@@ -82,7 +86,15 @@ fn initramfs_that_does_not_fit_or_is_missing() {
     f.set_len(100 << 20).expect("sparse file");
     let big = big.to_string_lossy().into_owned();
     expect_error(
-        &["vm", "--kernel", &fw, "--memory", "64M", "--initramfs", &big],
+        &[
+            "vm",
+            "--kernel",
+            &fw,
+            "--memory",
+            "64M",
+            "--initramfs",
+            &big,
+        ],
         &[],
         2,
         "does not fit",

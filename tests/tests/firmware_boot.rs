@@ -12,7 +12,15 @@ fn boot(cpus: &str, extra: &str) -> Option<(i32, String)> {
     let cmdline = format!("run=info {extra}").trim().to_string();
     let (status, out, err) = run_tessera(
         &[
-            "vm", "--kernel", fw, "--cmdline", &cmdline, "--cpus", cpus, "--memory", "64M",
+            "vm",
+            "--kernel",
+            fw,
+            "--cmdline",
+            &cmdline,
+            "--cpus",
+            cpus,
+            "--memory",
+            "64M",
         ],
         &[],
     );
@@ -29,7 +37,10 @@ fn one_vcpu_64m_reports_cpus_memory_and_host_bridge() {
     assert!(out.contains("tessera-fw: boot"), "{out}");
     assert!(out.contains("tessera-fw: cpus 1\r\n"), "{out}");
     // 64 MiB minus the EBDA/BIOS holes below 1 MiB, rounded down.
-    assert!(out.contains("tessera-fw: memory 63 MiB in 2 ranges"), "{out}");
+    assert!(
+        out.contains("tessera-fw: memory 63 MiB in 2 ranges"),
+        "{out}"
+    );
     assert!(
         out.contains("tessera-fw: pci 00:00.0 vendor=1b36 device=0008 class=060000"),
         "{out}"
@@ -94,7 +105,17 @@ fn serial_to_file_and_off() {
     let log = dir.join("console.log");
     let log_arg = format!("file={}", log.display());
     let (status, out, _) = run_tessera(
-        &["vm", "--kernel", fw, "--cmdline", "exit=5", "--memory", "64M", "--serial", &log_arg],
+        &[
+            "vm",
+            "--kernel",
+            fw,
+            "--cmdline",
+            "exit=5",
+            "--memory",
+            "64M",
+            "--serial",
+            &log_arg,
+        ],
         &[],
     );
     assert_eq!(status.code(), Some(5));
@@ -103,7 +124,17 @@ fn serial_to_file_and_off() {
     assert!(text.contains("tessera-fw: exit 5"), "{text}");
 
     let (status, out, _) = run_tessera(
-        &["vm", "--kernel", fw, "--cmdline", "exit=6", "--memory", "64M", "--serial", "off"],
+        &[
+            "vm",
+            "--kernel",
+            fw,
+            "--cmdline",
+            "exit=6",
+            "--memory",
+            "64M",
+            "--serial",
+            "off",
+        ],
         &[],
     );
     assert_eq!(status.code(), Some(6), "the exit port works without a UART");

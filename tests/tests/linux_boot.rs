@@ -37,7 +37,10 @@ fn minimal_kernel_enumerates_pci() {
     vm.expect_line("Linux version", deadline);
     vm.expect_line("found SMP MP-table", deadline);
     vm.expect_line("PCI host bridge to bus 0000:00", deadline);
-    let t = vm.expect_line("pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000", deadline);
+    let t = vm.expect_line(
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        deadline,
+    );
     eprintln!("minimal kernel enumerated the host bridge after {t:?} (wall clock)");
     assert!(!vm.saw("Kernel panic"), "{}", vm.transcript.join("\n"));
 }
@@ -72,5 +75,10 @@ fn stock_debian_kernel_reaches_user_space() {
     ]);
     let deadline = Duration::from_secs(120);
     vm.expect_line("tessera-guest: ready", deadline);
-    assert_eq!(vm.wait(deadline).code(), Some(7), "{}", vm.transcript.join("\n"));
+    assert_eq!(
+        vm.wait(deadline).code(),
+        Some(7),
+        "{}",
+        vm.transcript.join("\n")
+    );
 }

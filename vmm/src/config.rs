@@ -94,9 +94,7 @@ impl FromStr for MemoryConfig {
         let mut size = None;
         for (k, v) in pairs(s, "size", "--memory", Self::SYNTAX)? {
             match k {
-                "size" => {
-                    size = Some(parse_size(v).ok_or_else(|| err(format!("bad size {v:?}")))?)
-                }
+                "size" => size = Some(parse_size(v).ok_or_else(|| err(format!("bad size {v:?}")))?),
                 other => return Err(err(format!("unknown key {other:?}"))),
             }
         }
@@ -244,10 +242,22 @@ mod tests {
         assert_eq!("size=1G".parse::<MemoryConfig>().unwrap().size, 1 << 30);
         assert_eq!("65536K".parse::<MemoryConfig>().unwrap().size, 64 << 20);
         for bad in [
-            "", "garbage", "size=", "size=12Q", "0", "4M", "size=64M,foo=1", "2T", "-1M",
-            "16777217", "99999999999999999999G",
+            "",
+            "garbage",
+            "size=",
+            "size=12Q",
+            "0",
+            "4M",
+            "size=64M,foo=1",
+            "2T",
+            "-1M",
+            "16777217",
+            "99999999999999999999G",
         ] {
-            assert!(bad.parse::<MemoryConfig>().is_err(), "{bad:?} must be rejected");
+            assert!(
+                bad.parse::<MemoryConfig>().is_err(),
+                "{bad:?} must be rejected"
+            );
         }
         let e = "4M".parse::<MemoryConfig>().unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");
@@ -260,21 +270,38 @@ mod tests {
         assert_eq!(c.boot, 4);
         assert_eq!(c.hide.len(), 2);
         assert!(!c.pvm_defaults);
-        for bad in ["0", "boot=0", "255", "x", "boot=2,hide=sse9", "boot=2,foo=1", "1,2"] {
-            assert!(bad.parse::<CpusConfig>().is_err(), "{bad:?} must be rejected");
+        for bad in [
+            "0",
+            "boot=0",
+            "255",
+            "x",
+            "boot=2,hide=sse9",
+            "boot=2,foo=1",
+            "1,2",
+        ] {
+            assert!(
+                bad.parse::<CpusConfig>().is_err(),
+                "{bad:?} must be rejected"
+            );
         }
     }
 
     #[test]
     fn serial_values() {
-        assert_eq!("stdio".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!(
+            "stdio".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Stdio
+        );
         assert_eq!("off".parse::<SerialConfig>().unwrap(), SerialConfig::Off);
         assert_eq!(
             "file=/tmp/x".parse::<SerialConfig>().unwrap(),
             SerialConfig::File("/tmp/x".into())
         );
         for bad in ["", "tty", "file=", "pty=1"] {
-            assert!(bad.parse::<SerialConfig>().is_err(), "{bad:?} must be rejected");
+            assert!(
+                bad.parse::<SerialConfig>().is_err(),
+                "{bad:?} must be rejected"
+            );
         }
     }
 }

@@ -54,7 +54,9 @@ features! {
 }
 
 /// What a PVM host's instruction emulator cannot run; hidden by default there.
-pub const PVM_HIDDEN: &[&str] = &["cx16", "xsave", "popcnt", "smap", "smep", "fsgsbase", "pcid"];
+pub const PVM_HIDDEN: &[&str] = &[
+    "cx16", "xsave", "popcnt", "smap", "smep", "fsgsbase", "pcid",
+];
 
 impl Feature {
     /// The feature's name as `--cpus hide=` takes it.
@@ -159,8 +161,8 @@ mod tests {
 
     #[test]
     fn hides_features_and_sets_topology() {
-        let base = CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 1), entry(0xd, 0)])
-            .unwrap();
+        let base =
+            CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 1), entry(0xd, 0)]).unwrap();
         let hidden: Vec<Feature> = PVM_HIDDEN.iter().map(|n| n.parse().unwrap()).collect();
         let c = vcpu_cpuid(&base, 1, 2, &hidden);
         let e = c.as_slice();

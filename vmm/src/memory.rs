@@ -111,10 +111,7 @@ mod tests {
     #[test]
     fn ranges_split_around_the_gap() {
         assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub fn configure_common(vcpu: &VcpuFd, cpu: u8, cpuid: &CpuId) -> Result<(), Vcp
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(kvm_err("set the FPU state", cpu))?;
+    vcpu.set_fpu(&fpu)
+        .map_err(kvm_err("set the FPU state", cpu))?;
     let msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: MSR_IA32_MISC_ENABLE,
         data: MISC_ENABLE_FAST_STRING,
@@ -96,7 +97,9 @@ pub fn configure_common(vcpu: &VcpuFd, cpu: u8, cpuid: &CpuId) -> Result<(), Vcp
     })?;
     vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs", cpu))?;
     // Local APIC virtual-wire mode: LINT0 takes the 8259's ExtINT, LINT1 takes NMIs.
-    let mut lapic = vcpu.get_lapic().map_err(kvm_err("read the local APIC", cpu))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(kvm_err("read the local APIC", cpu))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes = &mut lapic.regs[reg..reg + 4];
         let mut v = [0u8; 4];
@@ -252,9 +255,9 @@ impl VcpuRunner {
                     KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
                         self.exit.request(ExitReason::PowerOff)
                     }
-                    KVM_SYSTEM_EVENT_CRASH => self
-                        .exit
-                        .request(ExitReason::GuestCrash(format!("vCPU {cpu} reported a crash"))),
+                    KVM_SYSTEM_EVENT_CRASH => self.exit.request(ExitReason::GuestCrash(format!(
+                        "vCPU {cpu} reported a crash"
+                    ))),
                     other => tracing::debug!(cpu, other, "ignored system event"),
                 },
                 Ok(VcpuExit::FailEntry(reason, _)) => {

@@ -263,7 +263,11 @@ impl Vm {
         let pvm = crate::pvm::host_is_pvm();
         let mut hidden: Vec<Feature> = config.cpus.hide.clone();
         if pvm && config.cpus.pvm_defaults {
-            hidden.extend(cpuid::PVM_HIDDEN.iter().filter_map(|n| n.parse::<Feature>().ok()));
+            hidden.extend(
+                cpuid::PVM_HIDDEN
+                    .iter()
+                    .filter_map(|n| n.parse::<Feature>().ok()),
+            );
         }
 
         let vm_fd = kvm

@@ -45,8 +45,11 @@ impl BarAllocator {
     /// Windows `[base, base + size)` below and above 4 GiB.
     pub fn new(mmio32: (u64, u64), mmio64: (u64, u64)) -> Result<Self, AllocatorError> {
         let make = |(base, size): (u64, u64)| {
-            AddressAllocator::new(base, size)
-                .map_err(|source| AllocatorError::Window { base, size, source })
+            AddressAllocator::new(base, size).map_err(|source| AllocatorError::Window {
+                base,
+                size,
+                source,
+            })
         };
         Ok(BarAllocator {
             mmio32: make(mmio32)?,
@@ -77,7 +80,9 @@ mod tests {
     #[test]
     fn aligned_and_bounded() {
         let mut a = BarAllocator::new((0xc000_0000, 0x1000_0000), (1 << 40, 1 << 36)).unwrap();
-        let k32 = BarKind::Mmio32 { prefetchable: false };
+        let k32 = BarKind::Mmio32 {
+            prefetchable: false,
+        };
         let k64 = BarKind::Mmio64 { prefetchable: true };
         let x = a.allocate(0x1000, k32).unwrap();
         let y = a.allocate(0x10_0000, k32).unwrap();
@@ -86,8 +91,11 @@ mod tests {
         assert!(x >= 0xc000_0000 && y + 0x10_0000 <= 0xd000_0000);
         assert_ne!(x, y);
         let z = a.allocate(1 << 30, k64).unwrap();
-        assert!(z >= 1 << 40 && z % (1 << 30) == 0);
-        assert!(matches!(a.allocate(0x3000, k32), Err(AllocatorError::BadSize(_))));
+        assert!(z >= 1 << 40 && z.is_multiple_of(1 << 30));
+        assert!(matches!(
+            a.allocate(0x3000, k32),
+            Err(AllocatorError::BadSize(_))
+        ));
         assert!(matches!(
             a.allocate(0x2000_0000, k32),
             Err(AllocatorError::NoRoom { .. })

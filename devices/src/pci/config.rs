@@ -158,7 +158,12 @@ impl PciConfiguration {
     /// mask. Anything else (bad width, misaligned span, register out of range) is ignored.
     pub fn write_reg(&mut self, reg: usize, offset: u64, data: &[u8]) {
         let Some(shift) = lane_shift(offset, data.len()) else {
-            tracing::debug!(reg, offset, len = data.len(), "ignored malformed config write");
+            tracing::debug!(
+                reg,
+                offset,
+                len = data.len(),
+                "ignored malformed config write"
+            );
             return;
         };
         if reg >= NUM_REGS {
@@ -197,7 +202,9 @@ impl PciConfiguration {
         if !size.is_power_of_two() || size < 16 || (!wide && size > 1 << 31) {
             return Err(ConfigError::BarSize(size));
         }
-        if addr % size != 0 || (!wide && addr.checked_add(size).is_none_or(|e| e > 1 << 32)) {
+        if !addr.is_multiple_of(size)
+            || (!wide && addr.checked_add(size).is_none_or(|e| e > 1 << 32))
+        {
             return Err(ConfigError::BarAddress { addr, size });
         }
         self.bars[slot] = Some(Bar { size, kind });
@@ -354,10 +361,22 @@ mod tests {
     #[test]
     fn bar_sizing_32_and_64() {
         let mut c = PciConfiguration::new(header());
-        c.add_bar(0, 0xc000_0000, 0x1000, BarKind::Mmio32 { prefetchable: false })
-            .unwrap();
-        c.add_bar(2, 0x2_0000_0000, 1 << 33, BarKind::Mmio64 { prefetchable: true })
-            .unwrap();
+        c.add_bar(
+            0,
+            0xc000_0000,
+            0x1000,
+            BarKind::Mmio32 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        c.add_bar(
+            2,
+            0x2_0000_0000,
+            1 << 33,
+            BarKind::Mmio64 { prefetchable: true },
+        )
+        .unwrap();
         assert_eq!(c.read_reg(4), 0xc000_0000);
         assert_eq!(c.read_reg(6), 0x0000_000c);
         assert_eq!(c.read_reg(7), 0x2);
@@ -383,14 +402,26 @@ mod tests {
     #[test]
     fn bad_bars_rejected() {
         let mut c = PciConfiguration::new(header());
-        let k = BarKind::Mmio32 { prefetchable: false };
+        let k = BarKind::Mmio32 {
+            prefetchable: false,
+        };
         assert_eq!(c.add_bar(6, 0, 0x1000, k), Err(ConfigError::BarSlot(6)));
-        assert_eq!(c.add_bar(0, 0, 0x1001, k), Err(ConfigError::BarSize(0x1001)));
+        assert_eq!(
+            c.add_bar(0, 0, 0x1001, k),
+            Err(ConfigError::BarSize(0x1001))
+        );
         assert!(c.add_bar(0, 0x800, 0x1000, k).is_err());
         assert!(c.add_bar(0, 0xffff_f000, 0x2000, k).is_err());
         c.add_bar(5, 0x1000, 0x1000, k).unwrap();
         assert_eq!(
-            c.add_bar(5, 0, 0x1000, BarKind::Mmio64 { prefetchable: false }),
+            c.add_bar(
+                5,
+                0,
+                0x1000,
+                BarKind::Mmio64 {
+                    prefetchable: false
+                }
+            ),
             Err(ConfigError::BarSlot(5))
         );
     }
@@ -408,6 +439,9 @@ mod tests {
         c.write_reg(0x10, 0, &[0xff; 4]);
         assert_eq!(c.read_bytes::<4>(0x40), [0x09, 0x44, 4, 0xff]);
         assert!(c.add_capability(1, &[0; 250], &[0; 250]).is_err());
-        assert_eq!(c.add_capability(1, &[0; 2], &[0; 3]), Err(ConfigError::CapabilityMask));
+        assert_eq!(
+            c.add_capability(1, &[0; 2], &[0; 3]),
+            Err(ConfigError::CapabilityMask)
+        );
     }
 }

@@ -150,7 +150,11 @@ impl PciRoot {
         }
         let old = std::mem::take(&mut self.slots.get_mut(&slot).map(|s| &mut s.mapped)).cloned();
         let s = self.slots.get_mut(&slot).ok_or(PciRootError::Slot(slot))?;
-        for m in old.unwrap_or_default().iter().filter(|m| !wanted.contains(m)) {
+        for m in old
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| !wanted.contains(m))
+        {
             // Removal cannot fail for a range we inserted ourselves.
             let _ = self.mmio.remove(m.addr);
         }
@@ -305,8 +309,14 @@ mod tests {
         let mut d = [0u8; 4];
         root.read(0, 4, &mut d);
         assert_eq!(d, [0xff; 4]);
-        assert!(root.add_device(0, Arc::new(Mutex::new(HostBridge::new()))).is_err());
-        assert!(root.add_device(32, Arc::new(Mutex::new(HostBridge::new()))).is_err());
+        assert!(
+            root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
+                .is_err()
+        );
+        assert!(
+            root.add_device(32, Arc::new(Mutex::new(HostBridge::new())))
+                .is_err()
+        );
     }
 
     #[test]
@@ -324,7 +334,14 @@ mod tests {
             subsystem_id: 0,
         });
         config
-            .add_bar(0, 0xc000_0000, 0x1000, BarKind::Mmio32 { prefetchable: false })
+            .add_bar(
+                0,
+                0xc000_0000,
+                0x1000,
+                BarKind::Mmio32 {
+                    prefetchable: false,
+                },
+            )
             .unwrap();
         let gpu = Arc::new(Mutex::new(Gpu {
             config,

@@ -62,7 +62,11 @@ pub fn run(args: VmArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tessera: {}", error_chain(&e));
-            ExitCode::from(if e.is_usage() { EXIT_USAGE } else { EXIT_FAILURE })
+            ExitCode::from(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }

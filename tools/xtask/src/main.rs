@@ -1,8 +1,8 @@
 //! `cargo xtask …`: project automation.
 //!
-//! - `cargo xtask demo`   build what is needed and boot the firmware guest (what it finds).
-//! - `cargo xtask test`   everything CI runs: formatting, clippy, firmware and guest-kernel
-//!                        builds, the whole test suite.
+//! - `cargo xtask demo`: build what is needed and boot the firmware guest (what it finds).
+//! - `cargo xtask test`: everything CI runs: formatting, clippy, firmware and guest-kernel
+//!   builds, the whole test suite.
 //! - `cargo xtask firmware` / `cargo xtask guest-images`: the individual builds.
 //!
 //! Each installs what it needs (apt-get, rustup components) on a fresh Debian 12, idempotently.
@@ -82,7 +82,12 @@ fn firmware() -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {out_dir:?}: {e}"))?;
     let mut c = cargo();
     c.current_dir(root.join("firmware"))
-        .args(["build", "--release", "--target-dir", "../target/firmware-build"])
+        .args([
+            "build",
+            "--release",
+            "--target-dir",
+            "../target/firmware-build",
+        ])
         // The workspace's flags must not leak into the bare-metal build.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
@@ -127,7 +132,14 @@ fn test() -> Result<()> {
         .args(["fmt", "--", "--check"]))?;
     firmware()?;
     guest_images()?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -144,10 +156,14 @@ fn demo() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "tessera"]))?;
     let bin = root().join("target/release/tessera");
     eprintln!("xtask: booting the firmware guest (2 vCPUs, 64 MiB):");
-    run(Command::new(bin)
-        .args(["vm", "--kernel"])
-        .arg(fw)
-        .args(["--cmdline", "run=info", "--cpus", "2", "--memory", "64M"]))
+    run(Command::new(bin).args(["vm", "--kernel"]).arg(fw).args([
+        "--cmdline",
+        "run=info",
+        "--cpus",
+        "2",
+        "--memory",
+        "64M",
+    ]))
 }
 
 fn main() -> ExitCode {

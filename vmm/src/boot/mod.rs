@@ -79,7 +79,9 @@ pub enum BootError {
     #[error("cannot place the kernel command line")]
     CmdlineWrite(#[source] loader::Error),
     /// The initramfs does not fit between the kernel and the end of low memory.
-    #[error("initramfs {path} ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel (ends at {kernel_end:#x}); give the VM more memory")]
+    #[error(
+        "initramfs {path} ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel (ends at {kernel_end:#x}); give the VM more memory"
+    )]
     InitramfsTooLarge {
         /// Path.
         path: String,
@@ -164,8 +166,7 @@ pub fn load(
     src: BootSources<'_>,
 ) -> Result<BootEntry, BootError> {
     let (kernel, kpath) = src.kernel;
-    let cmdline =
-        Cmdline::try_from(src.cmdline, CMDLINE_MAX).map_err(BootError::Cmdline)?;
+    let cmdline = Cmdline::try_from(src.cmdline, CMDLINE_MAX).map_err(BootError::Cmdline)?;
     let himem = Some(GuestAddress(HIMEM_START));
     let read_err = |source| BootError::Read {
         path: kpath.to_string(),
@@ -210,7 +211,13 @@ pub fn load(
     let initrd = match src.initramfs {
         Some((file, path)) => {
             let limit = ram_size.min(MMIO_GAP_START);
-            Some(load_initramfs(mem, file, path, kernel_end.max(HIMEM_START), limit)?)
+            Some(load_initramfs(
+                mem,
+                file,
+                path,
+                kernel_end.max(HIMEM_START),
+                limit,
+            )?)
         }
         None => None,
     };
@@ -337,7 +344,10 @@ mod tests {
         let m = e820_map(64 << 20);
         assert_eq!(m[0], (0, EBDA_START, E820_RAM));
         assert!(m.contains(&(BIOS_START, 0x1_0000, E820_RESERVED)));
-        assert_eq!(*m.last().unwrap(), (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            *m.last().unwrap(),
+            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
+        );
         let big = e820_map(5 << 30);
         assert_eq!(*big.last().unwrap(), (MMIO_GAP_END, 2 << 30, E820_RAM));
     }

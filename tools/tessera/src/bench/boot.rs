@@ -154,7 +154,11 @@ pub fn run(args: BootArgs) -> Result<(), String> {
     let mut qemu = Vec::new();
     for i in 0..args.runs {
         // Alternate which VMM goes first so drift on a noisy machine hits both alike.
-        let order = if i % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for is_tessera in order {
             if is_tessera {
                 tessera.push(time_once(tessera_cmd(&fw, args.memory_mib)?, 0)?);
@@ -191,7 +195,10 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         println!("{:<24}{:>12}{:>12}{:>10}", "", "tessera", "qemu", "ratio");
         println!(
             "{:<24}{:>12.2}{:>12.2}{:>10.3}",
-            "start -> first line", r.tessera_first_line_ms, r.qemu_first_line_ms, r.first_line_ratio
+            "start -> first line",
+            r.tessera_first_line_ms,
+            r.qemu_first_line_ms,
+            r.first_line_ratio
         );
         println!(
             "{:<24}{:>12.2}{:>12.2}{:>10.3}",

@@ -39,10 +39,13 @@ impl Default for HostBridge {
 }
 
 impl PciDevice for HostBridge {
-    fn config(&self) -> &PciConfiguration {
-        &self.config
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
     }
-    fn config_mut(&mut self) -> &mut PciConfiguration {
-        &mut self.config
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write_reg(reg, offset, data);
+    }
+    fn bar_mappings(&self) -> Vec<super::BarMapping> {
+        self.config.bar_mappings()
     }
 }

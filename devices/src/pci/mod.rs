@@ -4,32 +4,51 @@
 pub mod allocator;
 pub mod config;
 pub mod host_bridge;
+pub mod msix;
 pub mod root;
 
 pub use allocator::{AllocatorError, BarAllocator};
 pub use config::{BarKind, BarMapping, PciConfiguration, PciHeader};
 pub use host_bridge::HostBridge;
+pub use msix::{MsiSink, MsixState};
 pub use root::{PciRoot, PciRootError};
+
+/// A range of host memory backing a BAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemory {
+    /// Start of the host mapping.
+    pub host_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Maps host memory into guest-physical space (for a KVM VMM: a memory slot).
+pub trait GuestMapper: Send + Sync {
+    /// Maps `mem` at guest-physical `gpa`.
+    fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String>;
+    /// Removes the mapping at `gpa`.
+    fn unmap(&self, gpa: u64, mem: HostMemory);
+}
 
 /// A PCI function: a configuration space plus the behaviour behind its BARs.
 ///
-/// The default methods give a function whose configuration space is entirely described by its
-/// [`PciConfiguration`]; devices with live capabilities (MSI-X) override the config write to
-/// observe it.
+/// Most functions keep a [`PciConfiguration`] and delegate the three configuration methods to
+/// it; devices with live capabilities (MSI-X) also observe the writes.
 pub trait PciDevice: Send {
-    /// The function's configuration space.
-    fn config(&self) -> &PciConfiguration;
-    /// The function's configuration space, mutably.
-    fn config_mut(&mut self) -> &mut PciConfiguration;
-
     /// Reads the 32-bit configuration register `reg` (0..64).
-    fn read_config_register(&mut self, reg: usize) -> u32 {
-        self.config().read_reg(reg)
-    }
+    fn read_config_register(&mut self, reg: usize) -> u32;
 
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` of configuration register `reg`.
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        self.config_mut().write_reg(reg, offset, data);
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]);
+
+    /// The BARs that decode right now ([`PciConfiguration::bar_mappings`]).
+    fn bar_mappings(&self) -> Vec<BarMapping>;
+
+    /// If BAR `bar` is plain memory (a VRAM aperture), its host mapping: the root then maps it
+    /// straight into the guest through its [`GuestMapper`] and guest accesses never exit.
+    fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
+        let _ = bar;
+        None
     }
 
     /// A guest read of `data.len()` bytes at `offset` inside BAR `bar`.

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::PciDevice;
 use super::config::{BarMapping, NUM_BARS, lane_shift};
+use super::{GuestMapper, PciDevice};
 use crate::bus::{Bus, BusDevice, BusError};
 
 /// The conf1 address port.
@@ -35,6 +35,16 @@ pub enum PciRootError {
         /// Why.
         #[source]
         source: BusError,
+    },
+    /// A memory BAR could not be mapped into the guest.
+    #[error("cannot map memory BAR {bar} of device {slot}: {reason}")]
+    MapMemory {
+        /// Slot.
+        slot: u8,
+        /// BAR.
+        bar: usize,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -70,6 +80,7 @@ pub struct PciRoot {
     slots: BTreeMap<u8, Slot>,
     mmio: Arc<Bus>,
     bar_windows: Vec<(u64, u64)>,
+    mapper: Option<Arc<dyn GuestMapper>>,
 }
 
 impl std::fmt::Debug for PciRoot {
@@ -90,7 +101,15 @@ impl PciRoot {
             slots: BTreeMap::new(),
             mmio,
             bar_windows,
+            mapper: None,
         }
+    }
+
+    /// Lets memory BARs ([`PciDevice::bar_memory`]) be mapped into the guest through `mapper`
+    /// instead of trapping on the MMIO bus.
+    pub fn with_guest_mapper(mut self, mapper: Arc<dyn GuestMapper>) -> Self {
+        self.mapper = Some(mapper);
+        self
     }
 
     /// Plugs `dev` into slot `slot` of bus 0 (function 0).
@@ -128,13 +147,13 @@ impl PciRoot {
         })
     }
 
-    /// Brings the MMIO bus in line with what `slot`'s BARs decode now.
+    /// Brings the MMIO bus (and the guest mapper) in line with what `slot`'s BARs decode now.
     fn sync_bars(&mut self, slot: u8) -> Result<(), PciRootError> {
         let Some(s) = self.slots.get(&slot) else {
             return Ok(());
         };
-        let wanted: Vec<BarMapping> = lock(&s.dev)
-            .config()
+        let dev = s.dev.clone();
+        let wanted: Vec<BarMapping> = lock(&dev)
             .bar_mappings()
             .into_iter()
             .filter(|m| {
@@ -145,39 +164,81 @@ impl PciRoot {
                 ok
             })
             .collect();
-        if wanted == s.mapped {
-            return Ok(());
+        let old = match self.slots.get_mut(&slot) {
+            Some(s) if s.mapped != wanted => std::mem::take(&mut s.mapped),
+            _ => return Ok(()),
+        };
+        for m in old.iter().filter(|m| !wanted.contains(m)) {
+            self.unmap_bar(&dev, m);
         }
-        let old = std::mem::take(&mut self.slots.get_mut(&slot).map(|s| &mut s.mapped)).cloned();
-        let s = self.slots.get_mut(&slot).ok_or(PciRootError::Slot(slot))?;
-        for m in old
-            .unwrap_or_default()
-            .iter()
-            .filter(|m| !wanted.contains(m))
-        {
-            // Removal cannot fail for a range we inserted ourselves.
-            let _ = self.mmio.remove(m.addr);
-        }
-        let mut mapped = Vec::new();
-        for m in wanted {
-            if s.mapped.contains(&m) {
-                mapped.push(m);
-                continue;
-            }
-            match self.mmio.insert(&s.windows[m.bar], m.addr, m.size) {
-                Ok(_) => mapped.push(m),
-                Err(source) => {
-                    s.mapped = mapped;
-                    return Err(PciRootError::MapBar {
-                        slot,
-                        bar: m.bar,
-                        source,
-                    });
+        let mut mapped: Vec<BarMapping> = old.into_iter().filter(|m| wanted.contains(m)).collect();
+        let mut result = Ok(());
+        let missing: Vec<BarMapping> = wanted.into_iter().filter(|m| !mapped.contains(m)).collect();
+        for m in missing {
+            match self.map_bar(slot, &dev, &m) {
+                Ok(()) => mapped.push(m),
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
         }
-        s.mapped = mapped;
-        Ok(())
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.mapped = mapped;
+        }
+        result
+    }
+
+    fn map_bar(
+        &self,
+        slot: u8,
+        dev: &Arc<Mutex<dyn PciDevice>>,
+        m: &BarMapping,
+    ) -> Result<(), PciRootError> {
+        let memory = lock(dev).bar_memory(m.bar);
+        if let (Some(mapper), Some(mem)) = (&self.mapper, memory) {
+            let mem = super::HostMemory {
+                len: mem.len.min(m.size),
+                ..mem
+            };
+            return mapper
+                .map(m.addr, mem)
+                .map_err(|reason| PciRootError::MapMemory {
+                    slot,
+                    bar: m.bar,
+                    reason,
+                });
+        }
+        let window = self
+            .slots
+            .get(&slot)
+            .map(|s| s.windows[m.bar].clone())
+            .ok_or(PciRootError::Slot(slot))?;
+        self.mmio
+            .insert(&window, m.addr, m.size)
+            .map(|_| ())
+            .map_err(|source| PciRootError::MapBar {
+                slot,
+                bar: m.bar,
+                source,
+            })
+    }
+
+    fn unmap_bar(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: &BarMapping) {
+        let memory = lock(dev).bar_memory(m.bar);
+        match (&self.mapper, memory) {
+            (Some(mapper), Some(mem)) => mapper.unmap(
+                m.addr,
+                super::HostMemory {
+                    len: mem.len.min(m.size),
+                    ..mem
+                },
+            ),
+            // Removal cannot fail for a range we inserted ourselves.
+            _ => {
+                let _ = self.mmio.remove(m.addr);
+            }
+        }
     }
 
     /// The enabled slot and register that the address port selects, if it selects a present
@@ -255,11 +316,14 @@ mod tests {
         last_write: Option<(usize, u64, Vec<u8>)>,
     }
     impl PciDevice for Gpu {
-        fn config(&self) -> &PciConfiguration {
-            &self.config
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
         }
-        fn config_mut(&mut self) -> &mut PciConfiguration {
-            &mut self.config
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg, offset, data);
+        }
+        fn bar_mappings(&self) -> Vec<BarMapping> {
+            self.config.bar_mappings()
         }
         fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
             data.fill((bar as u8) << 4 | offset as u8);

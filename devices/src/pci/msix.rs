@@ -1,0 +1,283 @@
+//! MSI-X: the capability in configuration space plus the vector table and pending-bit array
+//! that live in a BAR.
+//!
+//! The device calls [`MsixState::trigger`]; a vector whose entry is unmasked (and the function
+//! not masked) is sent through the [`MsiSink`], otherwise its pending bit is set and the
+//! message goes out when the guest unmasks it.
+
+use std::sync::Arc;
+
+use super::config::{ConfigError, PciConfiguration};
+
+/// PCI capability id of MSI-X.
+pub const CAP_ID_MSIX: u8 = 0x11;
+/// Bytes per table entry.
+pub const ENTRY_SIZE: u64 = 16;
+const CTRL_ENABLE: u16 = 1 << 15;
+const CTRL_FUNCTION_MASK: u16 = 1 << 14;
+const ENTRY_MASKED: u32 = 1;
+
+/// Where interrupts go: the VMM turns (address, data) into a guest interrupt.
+pub trait MsiSink: Send + Sync {
+    /// Delivers one MSI message.
+    fn send(&self, address: u64, data: u32);
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Entry {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    control: u32,
+}
+
+impl Entry {
+    const RESET: Entry = Entry {
+        addr_lo: 0,
+        addr_hi: 0,
+        data: 0,
+        control: ENTRY_MASKED,
+    };
+}
+
+/// MSI-X state of one function.
+pub struct MsixState {
+    entries: Vec<Entry>,
+    pending: Vec<u64>,
+    cap_offset: usize,
+    sink: Arc<dyn MsiSink>,
+}
+
+impl std::fmt::Debug for MsixState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsixState")
+            .field("vectors", &self.entries.len())
+            .field("cap_offset", &self.cap_offset)
+            .finish()
+    }
+}
+
+impl MsixState {
+    /// Adds an MSI-X capability for `vectors` vectors whose table is at `table_offset` and PBA
+    /// at `pba_offset` in BAR `bar`, and returns the state that serves them.
+    pub fn new(
+        config: &mut PciConfiguration,
+        vectors: u16,
+        bar: u8,
+        table_offset: u32,
+        pba_offset: u32,
+        sink: Arc<dyn MsiSink>,
+    ) -> Result<Self, ConfigError> {
+        let control = (vectors - 1) & 0x7ff;
+        let table = table_offset | u32::from(bar);
+        let pba = pba_offset | u32::from(bar);
+        let mut body = Vec::with_capacity(10);
+        body.extend_from_slice(&control.to_le_bytes());
+        body.extend_from_slice(&table.to_le_bytes());
+        body.extend_from_slice(&pba.to_le_bytes());
+        // Only the enable and function-mask bits of Message Control are writable.
+        let mut writable = vec![0u8; 10];
+        writable[1] = 0xc0;
+        let cap_offset = config.add_capability(CAP_ID_MSIX, &body, &writable)?;
+        Ok(MsixState {
+            entries: vec![Entry::RESET; usize::from(vectors)],
+            pending: vec![0; usize::from(vectors).div_ceil(64)],
+            cap_offset,
+            sink,
+        })
+    }
+
+    fn control(&self, config: &PciConfiguration) -> u16 {
+        u16::from_le_bytes(config.read_bytes::<2>(self.cap_offset + 2))
+    }
+
+    /// Whether MSI-X is enabled in the capability.
+    pub fn enabled(&self, config: &PciConfiguration) -> bool {
+        self.control(config) & CTRL_ENABLE != 0
+    }
+
+    fn deliverable(&self, config: &PciConfiguration, v: usize) -> bool {
+        let c = self.control(config);
+        c & CTRL_ENABLE != 0
+            && c & CTRL_FUNCTION_MASK == 0
+            && self.entries[v].control & ENTRY_MASKED == 0
+    }
+
+    /// Raises vector `v`: delivered now, or left pending while masked. Out-of-range vectors and
+    /// a disabled capability drop the interrupt (as hardware would with MSI-X off).
+    pub fn trigger(&mut self, config: &PciConfiguration, v: u16) {
+        let v = usize::from(v);
+        if v >= self.entries.len() || !self.enabled(config) {
+            return;
+        }
+        if self.deliverable(config, v) {
+            let e = self.entries[v];
+            self.sink
+                .send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
+        } else {
+            self.pending[v / 64] |= 1 << (v % 64);
+        }
+    }
+
+    /// Sends every pending vector that became deliverable (after an unmask or enable).
+    pub fn flush_pending(&mut self, config: &PciConfiguration) {
+        for v in 0..self.entries.len() {
+            if self.pending[v / 64] & (1 << (v % 64)) != 0 && self.deliverable(config, v) {
+                self.pending[v / 64] &= !(1 << (v % 64));
+                let e = self.entries[v];
+                self.sink
+                    .send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
+            }
+        }
+    }
+
+    /// A guest read of the table at `offset` (4-byte accesses; others read as zero).
+    pub fn read_table(&self, offset: u64, data: &mut [u8]) {
+        let v = (offset / ENTRY_SIZE) as usize;
+        let value = match (self.entries.get(v), data.len(), offset % 4) {
+            (Some(e), 4, 0) => match offset % ENTRY_SIZE {
+                0 => e.addr_lo,
+                4 => e.addr_hi,
+                8 => e.data,
+                _ => e.control,
+            },
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len().min(4)]);
+    }
+
+    /// A guest write of the table at `offset` (aligned 4-byte accesses only).
+    pub fn write_table(&mut self, config: &PciConfiguration, offset: u64, data: &[u8]) {
+        let v = (offset / ENTRY_SIZE) as usize;
+        let (Some(e), Ok(bytes)) = (self.entries.get_mut(v), <[u8; 4]>::try_from(data)) else {
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        let value = u32::from_le_bytes(bytes);
+        match offset % ENTRY_SIZE {
+            0 => e.addr_lo = value & !0x3,
+            4 => e.addr_hi = value,
+            8 => e.data = value,
+            _ => e.control = value & ENTRY_MASKED,
+        }
+        self.flush_pending(config);
+    }
+
+    /// A guest read of the pending-bit array.
+    pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        let word = self
+            .pending
+            .get((offset / 8) as usize)
+            .copied()
+            .unwrap_or(0);
+        let bytes = word.to_le_bytes();
+        let start = (offset % 8) as usize;
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = bytes.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    /// Whether vector `v` is pending.
+    pub fn is_pending(&self, v: u16) -> bool {
+        let v = usize::from(v);
+        v < self.entries.len() && self.pending[v / 64] & (1 << (v % 64)) != 0
+    }
+
+    /// Back to power-on state: every entry masked, nothing pending.
+    pub fn reset(&mut self) {
+        self.entries.fill(Entry::RESET);
+        self.pending.fill(0);
+    }
+
+    /// The capability's offset in configuration space.
+    pub fn cap_offset(&self) -> usize {
+        self.cap_offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::PciHeader;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, u32)>>);
+    impl MsiSink for Recorder {
+        fn send(&self, address: u64, data: u32) {
+            self.0.lock().unwrap().push((address, data));
+        }
+    }
+
+    fn setup() -> (PciConfiguration, MsixState, Arc<Recorder>) {
+        let mut c = PciConfiguration::new(PciHeader {
+            vendor_id: 1,
+            device_id: 2,
+            class: 3,
+            subclass: 2,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        });
+        let rec = Arc::new(Recorder::default());
+        let m = MsixState::new(&mut c, 4, 0, 0x4000, 0x5000, rec.clone()).unwrap();
+        (c, m, rec)
+    }
+
+    fn w32(m: &mut MsixState, c: &PciConfiguration, off: u64, v: u32) {
+        m.write_table(c, off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn capability_layout() {
+        let (c, m, _) = setup();
+        let off = m.cap_offset();
+        assert_eq!(c.read_bytes::<2>(off), [CAP_ID_MSIX, 0]);
+        assert_eq!(u16::from_le_bytes(c.read_bytes::<2>(off + 2)), 3);
+        assert_eq!(u32::from_le_bytes(c.read_bytes::<4>(off + 4)), 0x4000);
+        assert_eq!(u32::from_le_bytes(c.read_bytes::<4>(off + 8)), 0x5000);
+    }
+
+    #[test]
+    fn masked_vectors_pend_then_deliver() {
+        let (mut c, mut m, rec) = setup();
+        let off = m.cap_offset();
+        m.trigger(&c, 1);
+        assert!(!m.is_pending(1), "disabled MSI-X drops interrupts");
+        // Enable MSI-X (config register write of Message Control).
+        c.write_reg(off / 4, 2, &CTRL_ENABLE.to_le_bytes());
+        assert!(m.enabled(&c));
+        w32(&mut m, &c, 16, 0xfee0_0000);
+        w32(&mut m, &c, 24, 0x41);
+        m.trigger(&c, 1);
+        assert!(m.is_pending(1), "entries start masked");
+        let mut pba = [0u8; 8];
+        m.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0b10);
+        assert!(rec.0.lock().unwrap().is_empty());
+        w32(&mut m, &c, 28, 0);
+        assert_eq!(rec.0.lock().unwrap().as_slice(), &[(0xfee0_0000, 0x41)]);
+        assert!(!m.is_pending(1));
+        m.trigger(&c, 1);
+        assert_eq!(rec.0.lock().unwrap().len(), 2);
+        // Function mask holds everything back.
+        c.write_reg(
+            off / 4,
+            2,
+            &(CTRL_ENABLE | CTRL_FUNCTION_MASK).to_le_bytes(),
+        );
+        m.trigger(&c, 1);
+        assert!(m.is_pending(1));
+        m.trigger(&c, 99);
+        let mut d = [0u8; 4];
+        m.read_table(16, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xfee0_0000);
+        m.read_table(1000, &mut d);
+        assert_eq!(d, [0; 4]);
+        m.reset();
+        assert!(!m.is_pending(1));
+    }
+}

@@ -1,0 +1,338 @@
+//! Backends: where VRAM lives and where workgroups run. The software GPU keeps VRAM in one
+//! memfd and runs workgroups on E engine threads.
+
+use std::collections::VecDeque;
+use std::ffi::CStr;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::mem::Fault;
+
+/// One workgroup's work: called with the workgroup index.
+pub type WorkFn = Arc<dyn Fn(u64) -> Result<(), Fault> + Send + Sync>;
+
+/// Errors creating a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VRAM file could not be created or sized.
+    #[error("cannot create {size} bytes of VRAM")]
+    Vram {
+        /// Size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A partition does not fit in VRAM.
+    #[error("VRAM partition at {offset:#x} of {size:#x} bytes does not fit in {vram:#x} bytes")]
+    Partition {
+        /// Offset.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// VRAM size.
+        vram: u64,
+    },
+    /// Mapping VRAM failed.
+    #[error("cannot map VRAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    /// An engine thread could not start.
+    #[error("cannot start engine threads")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What the device model needs from a GPU.
+pub trait Backend: Send + Sync {
+    /// Runs workgroups `0..groups` of `work` on the engines and returns when all are done;
+    /// the first fault wins (remaining workgroups still run to keep accounting simple).
+    fn run(&self, groups: u64, work: WorkFn) -> Result<(), Fault>;
+    /// Number of engines.
+    fn engines(&self) -> usize;
+}
+
+/// A slice of a GPU's VRAM given to one vGPU, mapped on its own so that nothing outside it
+/// is addressable through it.
+#[derive(Debug, Clone)]
+pub struct VramPartition {
+    /// The partition, addressed from 0.
+    pub memory: GuestMemoryMmap,
+    /// The backing file (shared with whoever maps the BAR).
+    pub file: Arc<File>,
+    /// Offset of the partition in the file.
+    pub offset: u64,
+    /// Size.
+    pub size: u64,
+}
+
+impl VramPartition {
+    /// Host address of the partition's mapping.
+    pub fn host_addr(&self) -> u64 {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        self.memory
+            .iter()
+            .next()
+            .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+            .map_or(0, |p| p as u64)
+    }
+
+    /// Zeroes the partition and returns its pages to the host (FLR, reclaim).
+    pub fn scrub(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on our own memfd; the range lies inside the file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                self.offset as libc::off_t,
+                self.size as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // Punching holes is best; writing zeroes is always possible.
+            let zero = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < self.size {
+                let n = (self.size - at).min(zero.len() as u64) as usize;
+                use vm_memory::Bytes;
+                let _ = self.memory.write_slice(&zero[..n], GuestAddress(at));
+                at += n as u64;
+            }
+        }
+    }
+}
+
+struct Job {
+    work: WorkFn,
+    groups: u64,
+    next: AtomicU64,
+    state: Mutex<(u64, Option<Fault>)>,
+    done: Condvar,
+}
+
+struct Queue {
+    jobs: Mutex<(VecDeque<Arc<Job>>, bool)>,
+    ready: Condvar,
+}
+
+/// The software GPU: VRAM in a memfd and a pool of engine threads.
+pub struct SoftGpu {
+    vram: Arc<File>,
+    vram_size: u64,
+    queue: Arc<Queue>,
+    engines: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SoftGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftGpu")
+            .field("vram_size", &self.vram_size)
+            .field("engines", &self.engines.len())
+            .finish()
+    }
+}
+
+fn engine_loop(queue: Arc<Queue>) {
+    loop {
+        let job = {
+            let mut g = queue.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if g.1 {
+                    return;
+                }
+                // Drop jobs whose workgroups have all been claimed.
+                while g
+                    .0
+                    .front()
+                    .is_some_and(|j| j.next.load(Ordering::Relaxed) >= j.groups)
+                {
+                    g.0.pop_front();
+                }
+                if let Some(j) = g.0.front() {
+                    break j.clone();
+                }
+                g = queue.ready.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        loop {
+            let i = job.next.fetch_add(1, Ordering::Relaxed);
+            if i >= job.groups {
+                break;
+            }
+            let r = (job.work)(i);
+            let mut s = job.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 += 1;
+            if let (Err(f), None) = (r, s.1) {
+                s.1 = Some(f);
+            }
+            if s.0 == job.groups {
+                job.done.notify_all();
+            }
+        }
+    }
+}
+
+impl SoftGpu {
+    /// A software GPU with `vram_size` bytes of VRAM and `engines` engine threads.
+    pub fn new(vram_size: u64, engines: usize) -> Result<Self, BackendError> {
+        const NAME: &CStr = c"tessera-vram";
+        let vram_err = |source| BackendError::Vram {
+            size: vram_size,
+            source,
+        };
+        // SAFETY: NAME is NUL-terminated; flags are valid.
+        let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(vram_err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(vram_size).map_err(vram_err)?;
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new((VecDeque::new(), false)),
+            ready: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for i in 0..engines.max(1) {
+            let q = queue.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("gpu-engine{i}"))
+                    .spawn(move || engine_loop(q))
+                    .map_err(BackendError::Thread)?,
+            );
+        }
+        Ok(SoftGpu {
+            vram: Arc::new(file),
+            vram_size,
+            queue,
+            engines: threads,
+        })
+    }
+
+    /// VRAM size.
+    pub fn vram_size(&self) -> u64 {
+        self.vram_size
+    }
+
+    /// Maps `[offset, offset + size)` of VRAM as a partition.
+    pub fn partition(&self, offset: u64, size: u64) -> Result<VramPartition, BackendError> {
+        if size == 0 || offset.checked_add(size).is_none_or(|e| e > self.vram_size) {
+            return Err(BackendError::Partition {
+                offset,
+                size,
+                vram: self.vram_size,
+            });
+        }
+        let file = self
+            .vram
+            .try_clone()
+            .map_err(|source| BackendError::Vram { size, source })?;
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(file, offset)),
+        )])
+        .map_err(BackendError::Map)?;
+        Ok(VramPartition {
+            memory,
+            file: self.vram.clone(),
+            offset,
+            size,
+        })
+    }
+}
+
+impl Backend for SoftGpu {
+    fn run(&self, groups: u64, work: WorkFn) -> Result<(), Fault> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let job = Arc::new(Job {
+            work,
+            groups,
+            next: AtomicU64::new(0),
+            state: Mutex::new((0, None)),
+            done: Condvar::new(),
+        });
+        {
+            let mut g = self.queue.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            g.0.push_back(job.clone());
+        }
+        self.queue.ready.notify_all();
+        let mut s = job.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.0 < groups {
+            s = job.done.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        match s.1 {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    fn engines(&self) -> usize {
+        self.engines.len()
+    }
+}
+
+impl Drop for SoftGpu {
+    fn drop(&mut self) {
+        self.queue.jobs.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.queue.ready.notify_all();
+        for t in self.engines.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn runs_every_workgroup_once_in_parallel() {
+        let gpu = SoftGpu::new(1 << 20, 3).unwrap();
+        let hits = Arc::new((0..100).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let h = hits.clone();
+        gpu.run(
+            100,
+            Arc::new(move |i| {
+                h[i as usize].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }),
+        )
+        .unwrap();
+        assert!(hits.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        let r = gpu.run(
+            10,
+            Arc::new(|i| {
+                if i == 7 {
+                    Err(Fault::new(6, i))
+                } else {
+                    Ok(())
+                }
+            }),
+        );
+        assert_eq!(r, Err(Fault::new(6, 7)));
+        assert_eq!(gpu.engines(), 3);
+    }
+
+    #[test]
+    fn partitions_are_separate_windows_on_one_file() {
+        let gpu = SoftGpu::new(2 << 20, 1).unwrap();
+        let a = gpu.partition(0, 1 << 20).unwrap();
+        let b = gpu.partition(1 << 20, 1 << 20).unwrap();
+        b.memory.write_obj(0xabcdu32, GuestAddress(0)).unwrap();
+        assert_eq!(a.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0);
+        assert!(a.memory.read_obj::<u32>(GuestAddress(1 << 20)).is_err());
+        b.scrub();
+        assert_eq!(b.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0);
+        assert!(gpu.partition(1 << 20, 2 << 20).is_err());
+        assert_ne!(a.host_addr(), 0);
+    }
+}

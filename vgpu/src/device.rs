@@ -1,0 +1,891 @@
+//! The vGPU PCI function: configuration space with MSI-X, the BAR 0 register file, the VRAM
+//! BAR, and the command processor thread that executes each context's ring.
+//!
+//! Threads and locks: guest register accesses run on the VMM's vCPU threads and take the
+//! `State` mutex briefly (the blocking `WAIT` read waits on a condition variable, releasing
+//! it). The command processor thread snapshots a context under the lock, executes one packet
+//! without it (MMU walks, copies, kernels on the backend's engines), then commits the result
+//! under the lock only if the context was not reset meanwhile. Only the command processor
+//! writes VRAM on the device's behalf, which is what makes reset race-free: a reset is a
+//! request the processor carries out between packets.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::pci::config::{BarKind, BarMapping, ConfigError, PciConfiguration, PciHeader};
+use devices::pci::{HostMemory, MsiSink, MsixState, PciDevice};
+use vgpu_abi::{Packet, caps, ctx_control, ctx_status, fault, int, kernel, limits, packet};
+use vgpu_abi::{pci as abi_pci, regs, status, wait};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::backend::{Backend, VramPartition};
+use crate::command::Command;
+use crate::domain::DmaDomain;
+use crate::mem::{Fault, Spaces};
+use crate::mmu::{self, Root, Tlb};
+use crate::profile::Profile;
+
+/// How often the command processor polls tail shadows of `POLL` contexts.
+const POLL_INTERVAL_US: i32 = 200;
+/// Longest a reset waits for the command processor.
+const RESET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors creating a vGPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VgpuError {
+    /// Building configuration space failed.
+    #[error("cannot build the vGPU configuration space")]
+    Config(#[from] ConfigError),
+    /// eventfd/epoll/thread creation failed.
+    #[error("cannot {0}")]
+    Os(&'static str, #[source] std::io::Error),
+}
+
+/// Where the VMM placed the BARs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarAddresses {
+    /// BAR 0 (registers, 32-bit window).
+    pub regs: u64,
+    /// BAR 2 (VRAM, 64-bit).
+    pub vram: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Ctx {
+    control: u32,
+    pt_root: u64,
+    ring_base: u64,
+    ring_size: u32,
+    head: u32,
+    tail: u32,
+    tail_addr: u64,
+    irq_vector: u32,
+    fence: u64,
+    fault: Option<Fault>,
+    /// Bumped by reset: the processor drops results of packets started before.
+    generation: u64,
+    /// Bumped by reset, root changes and TLB invalidates.
+    tlb_epoch: u64,
+    doorbell: bool,
+}
+
+impl Ctx {
+    fn enabled(&self) -> bool {
+        self.control & ctx_control::ENABLE != 0
+    }
+    fn runnable(&self) -> bool {
+        self.enabled() && self.fault.is_none()
+    }
+    fn status(&self) -> u32 {
+        let mut s = 0;
+        if self.enabled() {
+            s |= ctx_status::ENABLED;
+        }
+        if self.runnable() && self.head != self.tail {
+            s |= ctx_status::BUSY;
+        }
+        if self.fault.is_some() {
+            s |= ctx_status::FAULTED;
+        }
+        s
+    }
+}
+
+struct State {
+    config: PciConfiguration,
+    msix: MsixState,
+    int_status: u32,
+    int_mask: u32,
+    last_fault: (u64, u32, u32),
+    fault_count: u32,
+    fault_vector: u32,
+    wait_ctx: u32,
+    wait_value: u32,
+    ts_hi_latch: u32,
+    ts_base: Instant,
+    ctx: Vec<Ctx>,
+    reset_pending: bool,
+    shutdown: bool,
+}
+
+impl State {
+    fn raise(&mut self, bit: u32, vector: u32) {
+        self.int_status |= bit;
+        if self.int_mask & bit == 0 {
+            self.msix.trigger(&self.config, vector as u16);
+        }
+    }
+
+    fn record_fault(&mut self, ctx: usize, f: Fault) {
+        tracing::debug!(ctx, code = f.code, addr = f.addr, "vGPU context fault");
+        if let Some(c) = self.ctx.get_mut(ctx) {
+            c.fault = Some(f);
+        }
+        self.last_fault = (f.addr, ctx as u32, f.code);
+        self.fault_count = self.fault_count.wrapping_add(1);
+        self.raise(int::FAULT, self.fault_vector);
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.ts_base.elapsed().as_nanos() as u64
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    progress: Condvar,
+    kick: EventFd,
+    doorbells: Vec<EventFd>,
+    spaces: Spaces,
+    vram: VramPartition,
+    backend: Arc<dyn Backend>,
+    cancel: Arc<AtomicBool>,
+    contexts: u32,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn wake(&self) {
+        if let Err(e) = self.kick.write(1) {
+            tracing::error!("cannot wake the vGPU command processor: {e}");
+        }
+    }
+}
+
+/// A vGPU PCI function. See the module documentation.
+pub struct Vgpu {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Vgpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vgpu")
+            .field("vram", &self.shared.vram.size)
+            .field("contexts", &self.shared.contexts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fresh_contexts(n: u32) -> Vec<Ctx> {
+    vec![Ctx::default(); n as usize]
+}
+
+/// Everything a vGPU is built from.
+pub struct VgpuSetup {
+    /// Contexts and VRAM size.
+    pub profile: Profile,
+    /// PCI subsystem id (the profile's number).
+    pub subsystem_id: u16,
+    /// Where the VMM placed the BARs.
+    pub bars: BarAddresses,
+    /// The guest's RAM.
+    pub sys: GuestMemoryMmap,
+    /// The part of it the device may reach.
+    pub domain: DmaDomain,
+    /// This vGPU's VRAM.
+    pub vram: VramPartition,
+    /// Where its work runs.
+    pub backend: Arc<dyn Backend>,
+    /// Where its interrupts go.
+    pub msi: Arc<dyn MsiSink>,
+}
+
+impl std::fmt::Debug for VgpuSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VgpuSetup")
+            .field("profile", &self.profile)
+            .field("bars", &self.bars)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vgpu {
+    /// Builds the function and starts its command processor.
+    pub fn new(setup: VgpuSetup) -> Result<Vgpu, VgpuError> {
+        let VgpuSetup {
+            profile,
+            subsystem_id,
+            bars,
+            sys,
+            domain,
+            vram,
+            backend,
+            msi,
+        } = setup;
+        let mut config = PciConfiguration::new(PciHeader {
+            vendor_id: abi_pci::VENDOR_ID,
+            device_id: abi_pci::DEVICE_ID,
+            class: abi_pci::CLASS,
+            subclass: abi_pci::SUBCLASS,
+            prog_if: abi_pci::PROG_IF,
+            revision: abi_pci::REVISION,
+            subsystem_vendor_id: abi_pci::SUBSYSTEM_VENDOR_ID,
+            subsystem_id,
+        });
+        config.add_bar(
+            abi_pci::BAR_REGS,
+            bars.regs,
+            abi_pci::BAR_REGS_SIZE,
+            BarKind::Mmio32 {
+                prefetchable: false,
+            },
+        )?;
+        config.add_bar(
+            abi_pci::BAR_VRAM,
+            bars.vram,
+            vram.size,
+            BarKind::Mmio64 { prefetchable: true },
+        )?;
+        let msix = MsixState::new(
+            &mut config,
+            abi_pci::MSIX_VECTORS,
+            abi_pci::BAR_REGS as u8,
+            abi_pci::MSIX_TABLE_OFFSET as u32,
+            abi_pci::MSIX_PBA_OFFSET as u32,
+            msi,
+        )?;
+        let contexts = profile.contexts.min(limits::MAX_CONTEXTS);
+        let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
+        let kick = evt("create the vGPU wake event")?;
+        let doorbells = (0..contexts)
+            .map(|_| evt("create a doorbell event"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                config,
+                msix,
+                int_status: 0,
+                int_mask: 0,
+                last_fault: (0, 0, 0),
+                fault_count: 0,
+                fault_vector: 0,
+                wait_ctx: 0,
+                wait_value: 0,
+                ts_hi_latch: 0,
+                ts_base: Instant::now(),
+                ctx: fresh_contexts(contexts),
+                reset_pending: false,
+                shutdown: false,
+            }),
+            progress: Condvar::new(),
+            kick,
+            doorbells,
+            spaces: Spaces {
+                sys,
+                domain,
+                vram: vram.memory.clone(),
+                vram_size: vram.size,
+            },
+            vram,
+            backend,
+            cancel: Arc::new(AtomicBool::new(false)),
+            contexts,
+        });
+        let epoll = Epoll::new().map_err(|e| VgpuError::Os("create the vGPU epoll", e))?;
+        let add = |fd: i32, data: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
+                .map_err(|e| VgpuError::Os("watch a vGPU event", e))
+        };
+        add(shared.kick.as_raw_fd(), 0)?;
+        for (i, d) in shared.doorbells.iter().enumerate() {
+            add(d.as_raw_fd(), i as u64 + 1)?;
+        }
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vgpu-cp".into())
+            .spawn(move || Processor::new(s2, epoll).run())
+            .map_err(|e| VgpuError::Os("start the vGPU command processor", e))?;
+        Ok(Vgpu {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The doorbell eventfd of context `ctx`: a VMM registers it as an ioeventfd on
+    /// `BAR0 + vgpu_abi::regs::doorbell(ctx)` so doorbell writes never reach user space.
+    pub fn doorbell_eventfd(&self, ctx: u32) -> Option<&EventFd> {
+        self.shared.doorbells.get(ctx as usize)
+    }
+
+    /// Number of contexts.
+    pub fn contexts(&self) -> u32 {
+        self.shared.contexts
+    }
+
+    /// The VRAM partition (for mapping the BAR, or sharing it with another process).
+    pub fn vram(&self) -> &VramPartition {
+        &self.shared.vram
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let vram = sh.vram.size;
+        match offset {
+            regs::MAGIC => regs::MAGIC_VALUE,
+            regs::VERSION => {
+                u32::from(vgpu_abi::VERSION_MAJOR) << 16 | u32::from(vgpu_abi::VERSION_MINOR)
+            }
+            regs::CAPS => {
+                caps::HUGE_PAGES | caps::SYSMEM | caps::TIMESTAMPS | caps::WAIT | caps::TAIL_SHADOW
+            }
+            regs::NUM_CONTEXTS => sh.contexts,
+            regs::VRAM_SIZE_LO => vram as u32,
+            regs::VRAM_SIZE_HI => (vram >> 32) as u32,
+            regs::KERNELS => kernel::ALL,
+            regs::MAX_RING_ENTRIES => limits::MAX_RING_ENTRIES,
+            regs::STATUS => {
+                let mut s = if st.reset_pending { 0 } else { status::READY };
+                if st.ctx.iter().any(|c| c.fault.is_some()) {
+                    s |= status::FAULTED;
+                }
+                s
+            }
+            regs::INT_STATUS => st.int_status,
+            regs::INT_MASK => st.int_mask,
+            regs::FAULT_ADDR_LO => st.last_fault.0 as u32,
+            regs::FAULT_ADDR_HI => (st.last_fault.0 >> 32) as u32,
+            regs::FAULT_CTX => st.last_fault.1,
+            regs::FAULT_CODE => st.last_fault.2,
+            regs::FAULT_COUNT => st.fault_count,
+            regs::FAULT_VECTOR => st.fault_vector,
+            regs::TIMESTAMP_LO => {
+                let t = st.now_ns();
+                st.ts_hi_latch = (t >> 32) as u32;
+                t as u32
+            }
+            regs::TIMESTAMP_HI => st.ts_hi_latch,
+            regs::WAIT_CTX => st.wait_ctx,
+            regs::WAIT_VALUE => st.wait_value,
+            regs::WAIT => self.wait(st),
+            o if (regs::CTX_BASE..regs::ctx_reg(sh.contexts, 0)).contains(&o) => {
+                let i = ((o - regs::CTX_BASE) / regs::CTX_STRIDE) as usize;
+                let c = &st.ctx[i];
+                match (o - regs::CTX_BASE) % regs::CTX_STRIDE {
+                    regs::CTX_CONTROL => c.control,
+                    regs::CTX_STATUS => c.status(),
+                    regs::CTX_PT_ROOT_LO => c.pt_root as u32,
+                    regs::CTX_PT_ROOT_HI => (c.pt_root >> 32) as u32,
+                    regs::CTX_RING_BASE_LO => c.ring_base as u32,
+                    regs::CTX_RING_BASE_HI => (c.ring_base >> 32) as u32,
+                    regs::CTX_RING_SIZE => c.ring_size,
+                    regs::CTX_RING_HEAD => c.head,
+                    regs::CTX_RING_TAIL => c.tail,
+                    regs::CTX_FENCE_LO => c.fence as u32,
+                    regs::CTX_FENCE_HI => (c.fence >> 32) as u32,
+                    regs::CTX_IRQ_VECTOR => c.irq_vector,
+                    regs::CTX_FAULT_CODE => c.fault.map_or(0, |f| f.code),
+                    regs::CTX_FAULT_ADDR_LO => c.fault.map_or(0, |f| f.addr as u32),
+                    regs::CTX_FAULT_ADDR_HI => c.fault.map_or(0, |f| (f.addr >> 32) as u32),
+                    regs::CTX_TAIL_ADDR_LO => c.tail_addr as u32,
+                    regs::CTX_TAIL_ADDR_HI => (c.tail_addr >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    /// The blocking `WAIT` read.
+    fn wait(&self, mut st: MutexGuard<'_, State>) -> u32 {
+        let i = st.wait_ctx as usize;
+        let target = st.wait_value;
+        let deadline = Instant::now() + Duration::from_millis(u64::from(limits::WAIT_TIMEOUT_MS));
+        loop {
+            let Some(c) = st.ctx.get(i).filter(|c| c.enabled()) else {
+                return wait::INVALID;
+            };
+            // Sequence-number comparison of the low 32 bits, so the value may wrap.
+            if (c.fence as u32).wrapping_sub(target) as i32 >= 0 {
+                return wait::DONE;
+            }
+            if c.fault.is_some() {
+                return wait::FAULTED;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return wait::TIMEOUT;
+            }
+            st = self
+                .shared
+                .progress
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn write_reg(&self, offset: u64, v: u32) {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        match offset {
+            regs::RESET if v == regs::RESET_VALUE => {
+                st.reset_pending = true;
+                sh.cancel.store(true, Ordering::Release);
+                sh.wake();
+                let deadline = Instant::now() + RESET_TIMEOUT;
+                while st.reset_pending && Instant::now() < deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    st = sh
+                        .progress
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                if st.reset_pending {
+                    tracing::error!("vGPU reset did not complete in {RESET_TIMEOUT:?}");
+                }
+            }
+            regs::INT_STATUS => st.int_status &= !v,
+            regs::INT_MASK => st.int_mask = v,
+            regs::FAULT_VECTOR => st.fault_vector = v,
+            regs::WAIT_CTX => st.wait_ctx = v,
+            regs::WAIT_VALUE => st.wait_value = v,
+            o if (regs::DOORBELL_BASE..regs::doorbell(sh.contexts)).contains(&o)
+                && (o - regs::DOORBELL_BASE).is_multiple_of(regs::DOORBELL_STRIDE) =>
+            {
+                let i = ((o - regs::DOORBELL_BASE) / regs::DOORBELL_STRIDE) as usize;
+                st.ctx[i].doorbell = true;
+                sh.wake();
+            }
+            o if (regs::CTX_BASE..regs::ctx_reg(sh.contexts, 0)).contains(&o) => {
+                let i = ((o - regs::CTX_BASE) / regs::CTX_STRIDE) as usize;
+                self.write_ctx(&mut st, i, (o - regs::CTX_BASE) % regs::CTX_STRIDE, v);
+            }
+            _ => tracing::trace!(offset, v, "write to a read-only or unknown vGPU register"),
+        }
+    }
+
+    fn write_ctx(&self, st: &mut State, i: usize, reg: u64, v: u32) {
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
+        let hi = |old: u64| (old & 0xffff_ffff) | u64::from(v) << 32;
+        let c = &mut st.ctx[i];
+        match reg {
+            regs::CTX_CONTROL => {
+                if v & ctx_control::RESET != 0 {
+                    let fence = c.fence;
+                    let (generation, tlb_epoch) = (c.generation + 1, c.tlb_epoch + 1);
+                    *c = Ctx {
+                        pt_root: c.pt_root,
+                        ring_base: c.ring_base,
+                        ring_size: c.ring_size,
+                        tail_addr: c.tail_addr,
+                        irq_vector: c.irq_vector,
+                        fence,
+                        generation,
+                        tlb_epoch,
+                        ..Ctx::default()
+                    };
+                    self.shared.progress.notify_all();
+                    return;
+                }
+                let was = c.enabled();
+                c.control = v & (ctx_control::ENABLE | ctx_control::POLL);
+                if c.enabled() && !was {
+                    let size_ok =
+                        c.ring_size.is_power_of_two() && c.ring_size <= limits::MAX_RING_ENTRIES;
+                    let base_ok = c.ring_base.is_multiple_of(vgpu_abi::pte::PAGE_SIZE)
+                        && c.ring_base < 1 << vgpu_abi::pte::VA_BITS;
+                    if !(size_ok && base_ok) {
+                        let base = c.ring_base;
+                        st.record_fault(i, Fault::new(fault::RING_CONFIG, base));
+                        self.shared.progress.notify_all();
+                        return;
+                    }
+                }
+                self.shared.wake();
+            }
+            regs::CTX_PT_ROOT_LO => {
+                c.pt_root = lo(c.pt_root);
+                c.tlb_epoch += 1;
+            }
+            regs::CTX_PT_ROOT_HI => {
+                c.pt_root = hi(c.pt_root);
+                c.tlb_epoch += 1;
+            }
+            regs::CTX_RING_BASE_LO => c.ring_base = lo(c.ring_base),
+            regs::CTX_RING_BASE_HI => c.ring_base = hi(c.ring_base),
+            regs::CTX_RING_SIZE => c.ring_size = v,
+            regs::CTX_RING_TAIL => {
+                c.tail = v;
+                self.shared.wake();
+            }
+            regs::CTX_TLB_INVALIDATE => c.tlb_epoch += 1,
+            regs::CTX_IRQ_VECTOR => c.irq_vector = v,
+            regs::CTX_TAIL_ADDR_LO => c.tail_addr = lo(c.tail_addr),
+            regs::CTX_TAIL_ADDR_HI => c.tail_addr = hi(c.tail_addr),
+            _ => {}
+        }
+    }
+}
+
+impl PciDevice for Vgpu {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.shared.lock().config.read_reg(reg)
+    }
+
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        let mut st = self.shared.lock();
+        st.config.write_reg(reg, offset, data);
+        // Enabling MSI-X or clearing the function mask releases pending vectors.
+        let State { config, msix, .. } = &mut *st;
+        msix.flush_pending(config);
+    }
+
+    fn bar_mappings(&self) -> Vec<BarMapping> {
+        self.shared.lock().config.bar_mappings()
+    }
+
+    fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
+        (bar == abi_pci::BAR_VRAM).then(|| HostMemory {
+            host_addr: self.shared.vram.host_addr(),
+            len: self.shared.vram.size,
+        })
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match bar {
+            abi_pci::BAR_REGS => {
+                let table = abi_pci::MSIX_TABLE_OFFSET..abi_pci::MSIX_PBA_OFFSET;
+                if table.contains(&offset) {
+                    let st = self.shared.lock();
+                    st.msix.read_table(offset - table.start, data);
+                } else if offset >= abi_pci::MSIX_PBA_OFFSET {
+                    let st = self.shared.lock();
+                    st.msix.read_pba(offset - abi_pci::MSIX_PBA_OFFSET, data);
+                } else if data.len() == 4 && offset.is_multiple_of(4) {
+                    data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+                }
+            }
+            abi_pci::BAR_VRAM => {
+                // Only reached when the VMM traps the aperture instead of mapping it.
+                let _ = self.shared.spaces.read(crate::mem::Loc::Vram, offset, data);
+            }
+            _ => {}
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match bar {
+            abi_pci::BAR_REGS => {
+                let table = abi_pci::MSIX_TABLE_OFFSET..abi_pci::MSIX_PBA_OFFSET;
+                if table.contains(&offset) {
+                    let mut st = self.shared.lock();
+                    let State { config, msix, .. } = &mut *st;
+                    msix.write_table(config, offset - table.start, data);
+                } else if let (Ok(b), 0) = (<[u8; 4]>::try_from(data), offset % 4)
+                    && offset < abi_pci::MSIX_TABLE_OFFSET
+                {
+                    self.write_reg(offset, u32::from_le_bytes(b));
+                }
+            }
+            abi_pci::BAR_VRAM => {
+                let _ = self
+                    .shared
+                    .spaces
+                    .write(crate::mem::Loc::Vram, offset, data);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Vgpu {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.cancel.store(true, Ordering::Release);
+        self.shared.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A context as the processor sees it for one packet.
+struct Snapshot {
+    root: Root,
+    ring_base: u64,
+    ring_size: u32,
+    head: u32,
+    tail: u32,
+    tail_addr: u64,
+    generation: u64,
+    tlb_epoch: u64,
+    refresh_tail: bool,
+}
+
+/// What executing a packet changes in the context's registers.
+enum Effect {
+    None,
+    Fence { value: u64, irq: bool },
+}
+
+/// The command processor thread.
+struct Processor {
+    sh: Arc<Shared>,
+    epoll: Epoll,
+    tlbs: Vec<(Tlb, u64)>,
+    next: usize,
+}
+
+impl Processor {
+    fn new(sh: Arc<Shared>, epoll: Epoll) -> Self {
+        let n = sh.contexts as usize;
+        Processor {
+            sh,
+            epoll,
+            tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
+            next: 0,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let polling = {
+                let mut st = self.sh.lock();
+                if st.shutdown {
+                    return;
+                }
+                if st.reset_pending {
+                    self.reset(&mut st);
+                }
+                st.ctx
+                    .iter()
+                    .any(|c| c.runnable() && c.control & ctx_control::POLL != 0)
+            };
+            if !self.round() {
+                self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
+            }
+        }
+    }
+
+    /// Function-level reset, carried out here between packets.
+    fn reset(&self, st: &mut State) {
+        self.sh.vram.scrub();
+        st.msix.reset();
+        st.int_status = 0;
+        st.int_mask = 0;
+        st.last_fault = (0, 0, 0);
+        st.fault_count = 0;
+        st.fault_vector = 0;
+        st.wait_ctx = 0;
+        st.wait_value = 0;
+        st.ts_base = Instant::now();
+        let gens: Vec<(u64, u64)> = st.ctx.iter().map(|c| (c.generation, c.tlb_epoch)).collect();
+        st.ctx = fresh_contexts(self.sh.contexts);
+        for (c, (g, t)) in st.ctx.iter_mut().zip(gens) {
+            c.generation = g + 1;
+            c.tlb_epoch = t + 1;
+        }
+        for d in &self.sh.doorbells {
+            let _ = d.read();
+        }
+        st.reset_pending = false;
+        self.sh.cancel.store(false, Ordering::Release);
+        self.sh.progress.notify_all();
+    }
+
+    fn sleep(&mut self, timeout_us: i32) {
+        let mut events = [EpollEvent::default(); 17];
+        let timeout_ms = if timeout_us < 0 {
+            -1
+        } else {
+            0.max(timeout_us / 1000)
+        };
+        let n = if timeout_us >= 0 && timeout_ms == 0 {
+            // epoll has millisecond resolution: nap briefly, then look at the events.
+            std::thread::sleep(Duration::from_micros(timeout_us as u64));
+            self.epoll.wait(0, &mut events)
+        } else {
+            self.epoll.wait(timeout_ms, &mut events)
+        };
+        let Ok(n) = n else { return };
+        for ev in &events[..n] {
+            match ev.data() {
+                0 => {
+                    let _ = self.sh.kick.read();
+                }
+                d => {
+                    let i = d as usize - 1;
+                    if let Some(evt) = self.sh.doorbells.get(i) {
+                        let _ = evt.read();
+                        if let Some(c) = self.sh.lock().ctx.get_mut(i) {
+                            c.doorbell = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs at most one packet of each runnable context; returns whether anything ran.
+    fn round(&mut self) -> bool {
+        let n = self.sh.contexts as usize;
+        let mut did = false;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            did |= self.step(i);
+        }
+        self.next = (self.next + 1) % n.max(1);
+        did
+    }
+
+    fn snapshot(&self, i: usize) -> Option<Snapshot> {
+        let mut st = self.sh.lock();
+        if st.reset_pending {
+            return None;
+        }
+        let c = st.ctx.get_mut(i)?;
+        if !c.runnable() {
+            return None;
+        }
+        let refresh_tail = c.tail_addr != 0
+            && (std::mem::take(&mut c.doorbell) || c.control & ctx_control::POLL != 0);
+        if !refresh_tail && c.head == c.tail {
+            return None;
+        }
+        Some(Snapshot {
+            root: Root(c.pt_root),
+            ring_base: c.ring_base,
+            ring_size: c.ring_size,
+            head: c.head,
+            tail: c.tail,
+            tail_addr: c.tail_addr,
+            generation: c.generation,
+            tlb_epoch: c.tlb_epoch,
+            refresh_tail,
+        })
+    }
+
+    fn step(&mut self, i: usize) -> bool {
+        let Some(mut s) = self.snapshot(i) else {
+            return false;
+        };
+        let spaces = self.sh.spaces.clone();
+        let (tlb, epoch) = &mut self.tlbs[i];
+        if *epoch != s.tlb_epoch {
+            tlb.invalidate();
+            *epoch = s.tlb_epoch;
+        }
+        if s.refresh_tail {
+            let mut b = [0u8; 4];
+            let read = mmu::resolve(&spaces, s.root, tlb, s.tail_addr, 4, false)
+                .and_then(|sl| sl.read(&spaces, 0, &mut b));
+            let mut st = self.sh.lock();
+            let Some(c) = st.ctx.get_mut(i).filter(|c| c.generation == s.generation) else {
+                return true;
+            };
+            match read {
+                Ok(()) => {
+                    c.tail = u32::from_le_bytes(b);
+                    s.tail = c.tail;
+                }
+                Err(f) => {
+                    st.record_fault(i, f);
+                    self.sh.progress.notify_all();
+                    return true;
+                }
+            }
+        }
+        if s.head == s.tail {
+            return false;
+        }
+        let slot = u64::from(s.head % s.ring_size.max(1));
+        let pkt_va = s.ring_base + slot * packet::PACKET_SIZE;
+        let result = self.execute(i, &s, pkt_va);
+        let mut st = self.sh.lock();
+        if st.reset_pending || st.ctx.get(i).is_none_or(|c| c.generation != s.generation) {
+            return true;
+        }
+        match result {
+            Ok(effect) => {
+                st.ctx[i].head = s.head.wrapping_add(1);
+                if let Effect::Fence { value, irq } = effect {
+                    st.ctx[i].fence = value;
+                    if irq {
+                        let vector = st.ctx[i].irq_vector;
+                        st.raise(int::fence(i as u32), vector);
+                    }
+                }
+            }
+            Err(f) => st.record_fault(i, f),
+        }
+        drop(st);
+        self.sh.progress.notify_all();
+        true
+    }
+
+    fn execute(&mut self, i: usize, s: &Snapshot, pkt_va: u64) -> Result<Effect, Fault> {
+        let sh = self.sh.clone();
+        let spaces = &sh.spaces;
+        let tlb = &mut self.tlbs[i].0;
+        let root = s.root;
+        let mut raw = [0u8; packet::PACKET_SIZE as usize];
+        mmu::resolve(spaces, root, tlb, pkt_va, packet::PACKET_SIZE, false)?
+            .read(spaces, 0, &mut raw)?;
+        let cmd =
+            Command::decode(&Packet::from_bytes(&raw)).map_err(|code| Fault::new(code, pkt_va))?;
+        let mut resolve =
+            |va: u64, len: u64, write: bool| mmu::resolve(spaces, root, tlb, va, len, write);
+        match cmd {
+            Command::Nop => Ok(Effect::None),
+            Command::Copy { src, dst, len } => {
+                let from = resolve(src, len, false)?;
+                let to = resolve(dst, len, true)?;
+                let mut buf = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    from.read(spaces, done, &mut buf[..n])?;
+                    to.write(spaces, done, &buf[..n])?;
+                    done += n as u64;
+                }
+                Ok(Effect::None)
+            }
+            Command::Fill { dst, len, pattern } => {
+                let to = resolve(dst, len, true)?;
+                let chunk: Vec<u8> = pattern
+                    .to_le_bytes()
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(len.min(1 << 20) as usize)
+                    .collect();
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(chunk.len() as u64) as usize;
+                    to.write(spaces, done, &chunk[..n])?;
+                    done += n as u64;
+                }
+                Ok(Effect::None)
+            }
+            Command::Dispatch(k) => {
+                crate::kernels::run(&k, &mut resolve, spaces, sh.backend.as_ref(), &sh.cancel)?;
+                Ok(Effect::None)
+            }
+            Command::Fence { va, value, irq } => {
+                resolve(va, 8, true)?.write(spaces, 0, &value.to_le_bytes())?;
+                Ok(Effect::Fence { value, irq })
+            }
+            Command::Timestamp { va } => {
+                let t = sh.lock().now_ns();
+                resolve(va, 8, true)?.write(spaces, 0, &t.to_le_bytes())?;
+                Ok(Effect::None)
+            }
+        }
+    }
+}

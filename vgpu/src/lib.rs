@@ -1,0 +1,26 @@
+//! The Tessera vGPU device model.
+//!
+//! A vGPU is a PCI function (`device`) whose guest drives it through trapped registers, a
+//! VRAM aperture mapped straight into the guest, and per-context command rings. A command
+//! processor thread fetches packets (`command`) through each context's GPU MMU (`mmu`), whose
+//! every access is checked against VRAM bounds and the VM's DMA domain (`domain`, `mem`),
+//! and runs them on a backend (`backend`: the software GPU's engine threads execute kernel
+//! workgroups, `kernels`).
+//!
+//! The crate does not depend on KVM: a VMM gives it guest memory (vm-memory), an MSI sink and
+//! (optionally) eventfds for doorbells, and maps the VRAM BAR where the guest programs it.
+
+pub mod backend;
+pub mod command;
+pub mod device;
+pub mod domain;
+pub mod kernels;
+pub mod mem;
+pub mod mmu;
+pub mod profile;
+#[cfg(test)]
+mod tests;
+
+pub use device::{BarAddresses, Vgpu, VgpuError, VgpuSetup};
+pub use domain::DmaDomain;
+pub use profile::{PROFILES, Profile};

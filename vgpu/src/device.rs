@@ -556,6 +556,18 @@ impl PciDevice for Vgpu {
         })
     }
 
+    fn ioeventfds(&self, bar: usize) -> Vec<(u64, EventFd)> {
+        if bar != abi_pci::BAR_REGS {
+            return Vec::new();
+        }
+        (0..self.shared.contexts)
+            .filter_map(|i| {
+                let evt = self.shared.doorbells[i as usize].try_clone().ok()?;
+                Some((regs::doorbell(i), evt))
+            })
+            .collect()
+    }
+
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match bar {

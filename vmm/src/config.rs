@@ -213,6 +213,46 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// `--vgpu`: an in-process vGPU on a private software GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgpuConfig {
+    /// The profile (VRAM size, contexts).
+    pub profile: &'static vgpu::Profile,
+}
+
+impl VgpuConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str = "profile=<name> or just <name>";
+}
+
+impl FromStr for VgpuConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let known = || {
+            vgpu::PROFILES
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let err = |m: String| syntax("--vgpu", Self::SYNTAX, m);
+        let mut profile = None;
+        for (k, v) in pairs(s, "profile", "--vgpu", Self::SYNTAX)? {
+            match k {
+                "profile" => {
+                    profile = Some(vgpu::profile::find(v).ok_or_else(|| {
+                        err(format!("unknown profile {v:?} (known: {})", known()))
+                    })?)
+                }
+                other => return Err(err(format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(VgpuConfig {
+            profile: profile.ok_or_else(|| err("profile is missing".into()))?,
+        })
+    }
+}
+
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -228,6 +268,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// COM1.
     pub serial: SerialConfig,
+    /// In-process vGPUs, one private software GPU each.
+    pub vgpus: Vec<VgpuConfig>,
     /// The KVM device node (tests point this elsewhere).
     pub kvm_path: PathBuf,
 }
@@ -281,6 +323,24 @@ mod tests {
         ] {
             assert!(
                 bad.parse::<CpusConfig>().is_err(),
+                "{bad:?} must be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn vgpu_values() {
+        assert_eq!(
+            "256M".parse::<VgpuConfig>().unwrap().profile.vram,
+            256 << 20
+        );
+        assert_eq!(
+            "profile=1G".parse::<VgpuConfig>().unwrap().profile.vram,
+            1 << 30
+        );
+        for bad in ["", "3G", "profile=", "profile=256M,x=1"] {
+            assert!(
+                bad.parse::<VgpuConfig>().is_err(),
                 "{bad:?} must be rejected"
             );
         }

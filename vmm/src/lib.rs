@@ -8,11 +8,12 @@ pub mod boot;
 pub mod config;
 pub mod cpuid;
 mod event_loop;
+mod kvm_glue;
 pub mod memory;
 pub mod pvm;
 pub mod vcpu;
 mod vm;
 
-pub use config::{CpusConfig, MemoryConfig, SerialConfig, VmConfig};
+pub use config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
 pub use devices::ExitReason;
 pub use vm::{Vm, VmError};

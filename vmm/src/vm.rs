@@ -12,21 +12,25 @@ use std::time::Duration;
 
 use devices::debug_exit::{DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, DebugExit};
 use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use devices::pci::config::BarKind;
 use devices::pci::root::{CONF1_BASE, CONF1_LEN};
-use devices::pci::{HostBridge, PciRoot};
+use devices::pci::{BarAllocator, HostBridge, PciRoot};
 use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
 use devices::{Bus, BusDevice, EventFdTrigger, ExitHandle, ExitReason};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
+use vgpu::backend::SoftGpu;
+use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::boot::{self, BootSources};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{SerialConfig, VgpuConfig, VmConfig};
 use crate::cpuid::{self, Feature};
 use crate::event_loop::{ExitWatcher, SerialInput};
+use crate::kvm_glue::{KvmMapper, KvmMsi};
 use crate::memory::{self, GuestRam, PCI_MMIO32, PCI_MMIO64};
 use crate::vcpu::{self, VcpuRunner};
 
@@ -140,7 +144,7 @@ fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     exit: ExitHandle,
     pio: Arc<Bus>,
@@ -270,9 +274,10 @@ impl Vm {
             );
         }
 
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("create the KVM VM", e))?;
+        let vm_fd = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::Kvm("create the KVM VM", e))?,
+        );
         vm_fd
             .set_tss_address(KVM_TSS_ADDR)
             .map_err(|e| VmError::Kvm("set the TSS address", e))?;
@@ -340,9 +345,18 @@ impl Vm {
             DEBUG_EXIT_PORT,
             DEBUG_EXIT_LEN,
         )?;
-        let mut root = PciRoot::new(mmio.clone(), vec![PCI_MMIO32, PCI_MMIO64]);
+        let ram_slots = ram.memory.num_regions() as u32;
+        let mut root = PciRoot::new(mmio.clone(), vec![PCI_MMIO32, PCI_MMIO64])
+            .with_guest_mapper(Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots)));
         root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
             .map_err(|e| VmError::Devices(e.to_string()))?;
+        let mut bars = BarAllocator::new(PCI_MMIO32, PCI_MMIO64)
+            .map_err(|e| VmError::Devices(e.to_string()))?;
+        for (n, vg) in config.vgpus.iter().enumerate() {
+            let dev = build_vgpu(vg, n, &ram, &vm_fd, &mut bars)?;
+            root.add_device(1 + n as u8, Arc::new(Mutex::new(dev)))
+                .map_err(|e| VmError::Devices(e.to_string()))?;
+        }
         add_pio(Arc::new(Mutex::new(root)), CONF1_BASE, CONF1_LEN)?;
 
         let entry = boot::load(
@@ -490,6 +504,58 @@ impl Vm {
             .reason()
             .unwrap_or(ExitReason::Failure("VM stopped without a reason".into())))
     }
+}
+
+/// An in-process vGPU on its own software GPU, with its BARs allocated.
+fn build_vgpu(
+    vg: &VgpuConfig,
+    n: usize,
+    ram: &GuestRam,
+    vm_fd: &Arc<VmFd>,
+    bars: &mut BarAllocator,
+) -> Result<Vgpu, VmError> {
+    let p = vg.profile;
+    let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(format!("vGPU {n}: {e}"));
+    let gpu = SoftGpu::new(p.vram, p.engines).map_err(|e| dev_err(&error_chain(&e)))?;
+    let vram = gpu.partition(0, p.vram).map_err(|e| dev_err(&e))?;
+    let regs = bars
+        .allocate(
+            vgpu_abi::pci::BAR_REGS_SIZE,
+            BarKind::Mmio32 {
+                prefetchable: false,
+            },
+        )
+        .map_err(|e| dev_err(&e))?;
+    let vram_bar = bars
+        .allocate(p.vram, BarKind::Mmio64 { prefetchable: true })
+        .map_err(|e| dev_err(&e))?;
+    let profile_index = vgpu::PROFILES.iter().position(|q| q == p).unwrap_or(0);
+    tracing::debug!(n, profile = p.name, regs, vram_bar, "vGPU");
+    Vgpu::new(VgpuSetup {
+        profile: *p,
+        subsystem_id: profile_index as u16 + 1,
+        bars: BarAddresses {
+            regs,
+            vram: vram_bar,
+        },
+        sys: ram.memory.clone(),
+        domain: DmaDomain::new(memory::ram_ranges(ram.size)),
+        vram,
+        backend: Arc::new(gpu),
+        msi: Arc::new(KvmMsi(vm_fd.clone())),
+    })
+    .map_err(|e| dev_err(&error_chain(&e)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, VmError> {

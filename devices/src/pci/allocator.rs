@@ -34,6 +34,9 @@ pub enum AllocatorError {
     BadSize(u64),
 }
 
+/// Largest 64-bit BAR placed below 4 GiB.
+pub const LOW_64BIT_MAX: u64 = 256 << 20;
+
 /// Allocates naturally aligned BAR addresses from a 32-bit and a 64-bit MMIO window.
 #[derive(Debug)]
 pub struct BarAllocator {
@@ -57,10 +60,18 @@ impl BarAllocator {
         })
     }
 
-    /// A naturally aligned address for a BAR of `size` bytes.
+    /// A naturally aligned address for a BAR of `size` bytes. A 64-bit BAR of at most
+    /// [`LOW_64BIT_MAX`] goes below 4 GiB when there is room (so 32-bit guest code can reach
+    /// it, as PC firmware does), above otherwise.
     pub fn allocate(&mut self, size: u64, kind: BarKind) -> Result<u64, AllocatorError> {
         if !size.is_power_of_two() || size < 16 {
             return Err(AllocatorError::BadSize(size));
+        }
+        if let BarKind::Mmio64 { .. } = kind
+            && size <= LOW_64BIT_MAX
+            && let Ok(r) = self.mmio32.allocate(size, size, AllocPolicy::FirstMatch)
+        {
+            return Ok(r.start());
         }
         let window = match kind {
             BarKind::Mmio32 { .. } => &mut self.mmio32,
@@ -92,6 +103,8 @@ mod tests {
         assert_ne!(x, y);
         let z = a.allocate(1 << 30, k64).unwrap();
         assert!(z >= 1 << 40 && z.is_multiple_of(1 << 30));
+        let low = a.allocate(1 << 20, k64).unwrap();
+        assert!(low < 1 << 32, "small 64-bit BARs go low");
         assert!(matches!(
             a.allocate(0x3000, k32),
             Err(AllocatorError::BadSize(_))

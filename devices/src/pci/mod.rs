@@ -28,6 +28,14 @@ pub trait GuestMapper: Send + Sync {
     fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String>;
     /// Removes the mapping at `gpa`.
     fn unmap(&self, gpa: u64, mem: HostMemory);
+    /// Makes guest writes at `gpa` signal `evt` instead of exiting to the VMM.
+    fn register_ioevent(
+        &self,
+        gpa: u64,
+        evt: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), String>;
+    /// Undoes [`GuestMapper::register_ioevent`].
+    fn unregister_ioevent(&self, gpa: u64, evt: &vmm_sys_util::eventfd::EventFd);
 }
 
 /// A PCI function: a configuration space plus the behaviour behind its BARs.
@@ -49,6 +57,14 @@ pub trait PciDevice: Send {
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
         let _ = bar;
         None
+    }
+
+    /// Eventfds that should fire on guest writes at `(offset, eventfd)` inside trapped BAR
+    /// `bar` (doorbells): the root registers them with its [`GuestMapper`] wherever the BAR
+    /// decodes, so those writes never reach the device through `write_bar`.
+    fn ioeventfds(&self, bar: usize) -> Vec<(u64, vmm_sys_util::eventfd::EventFd)> {
+        let _ = bar;
+        Vec::new()
     }
 
     /// A guest read of `data.len()` bytes at `offset` inside BAR `bar`.

@@ -216,12 +216,25 @@ impl PciRoot {
             .ok_or(PciRootError::Slot(slot))?;
         self.mmio
             .insert(&window, m.addr, m.size)
-            .map(|_| ())
             .map_err(|source| PciRootError::MapBar {
                 slot,
                 bar: m.bar,
                 source,
-            })
+            })?;
+        if let Some(mapper) = &self.mapper {
+            for (offset, evt) in lock(dev).ioeventfds(m.bar) {
+                if let Err(reason) = mapper.register_ioevent(m.addr + offset, &evt) {
+                    // The write still reaches the device through the trap: slower, not wrong.
+                    tracing::warn!(
+                        slot,
+                        bar = m.bar,
+                        offset,
+                        "ioeventfd not registered: {reason}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn unmap_bar(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: &BarMapping) {
@@ -237,6 +250,11 @@ impl PciRoot {
             // Removal cannot fail for a range we inserted ourselves.
             _ => {
                 let _ = self.mmio.remove(m.addr);
+                if let Some(mapper) = &self.mapper {
+                    for (offset, evt) in lock(dev).ioeventfds(m.bar) {
+                        mapper.unregister_ioevent(m.addr + offset, &evt);
+                    }
+                }
             }
         }
     }
@@ -427,5 +445,121 @@ mod tests {
         assert_eq!(lock(&gpu).last_write, Some((0, 4, vec![7])));
         write32(&mut root, 3, 1, 0);
         assert!(mmio.read(0xc800_0004, &mut d).is_err(), "decode off again");
+    }
+
+    #[derive(Default)]
+    struct FakeMapper {
+        log: Mutex<Vec<String>>,
+    }
+    impl GuestMapper for FakeMapper {
+        fn map(&self, gpa: u64, mem: crate::pci::HostMemory) -> Result<(), String> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("map {gpa:#x} {:#x}", mem.len));
+            Ok(())
+        }
+        fn unmap(&self, gpa: u64, _mem: crate::pci::HostMemory) {
+            self.log.lock().unwrap().push(format!("unmap {gpa:#x}"));
+        }
+        fn register_ioevent(
+            &self,
+            gpa: u64,
+            _evt: &vmm_sys_util::eventfd::EventFd,
+        ) -> Result<(), String> {
+            self.log.lock().unwrap().push(format!("ioevent {gpa:#x}"));
+            Ok(())
+        }
+        fn unregister_ioevent(&self, gpa: u64, _evt: &vmm_sys_util::eventfd::EventFd) {
+            self.log.lock().unwrap().push(format!("noioevent {gpa:#x}"));
+        }
+    }
+
+    struct Vram {
+        config: PciConfiguration,
+        doorbell: vmm_sys_util::eventfd::EventFd,
+    }
+    impl PciDevice for Vram {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg, offset, data);
+        }
+        fn bar_mappings(&self) -> Vec<BarMapping> {
+            self.config.bar_mappings()
+        }
+        fn bar_memory(&self, bar: usize) -> Option<crate::pci::HostMemory> {
+            (bar == 2).then_some(crate::pci::HostMemory {
+                host_addr: 0x7f00_0000_0000,
+                len: 0x10_0000,
+            })
+        }
+        fn ioeventfds(&self, bar: usize) -> Vec<(u64, vmm_sys_util::eventfd::EventFd)> {
+            if bar == 0 {
+                vec![(0x100, self.doorbell.try_clone().unwrap())]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    #[test]
+    fn memory_bars_and_ioevents_follow_the_guest() {
+        let mmio = Arc::new(Bus::new());
+        let mapper = Arc::new(FakeMapper::default());
+        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
+            .with_guest_mapper(mapper.clone());
+        let mut config = PciConfiguration::new(PciHeader {
+            vendor_id: 1,
+            device_id: 2,
+            class: 3,
+            subclass: 2,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        });
+        config
+            .add_bar(
+                0,
+                0xc000_0000,
+                0x1000,
+                BarKind::Mmio32 {
+                    prefetchable: false,
+                },
+            )
+            .unwrap();
+        config
+            .add_bar(
+                2,
+                0xc800_0000,
+                0x10_0000,
+                BarKind::Mmio64 { prefetchable: true },
+            )
+            .unwrap();
+        let dev = Arc::new(Mutex::new(Vram {
+            config,
+            doorbell: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        }));
+        root.add_device(1, dev).unwrap();
+        write32(&mut root, 1, 1, 0x2);
+        write32(&mut root, 1, 6, 0xc900_000c);
+        write32(&mut root, 1, 1, 0x0);
+        let log = mapper.log.lock().unwrap().clone();
+        let want = [
+            "ioevent 0xc0000100",
+            "map 0xc8000000 0x100000",
+            "unmap 0xc8000000",
+            "map 0xc9000000 0x100000",
+            "noioevent 0xc0000100",
+            "unmap 0xc9000000",
+        ];
+        assert_eq!(log, want);
+        let mut d = [0u8; 4];
+        assert!(
+            mmio.read(0xc800_0000, &mut d).is_err(),
+            "memory BARs never trap"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VmConfig};
+use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
 use vmm::{ExitReason, Vm};
 
 use crate::{EXIT_FAILURE, EXIT_USAGE};
@@ -30,6 +30,10 @@ pub struct VmArgs {
     /// COM1: stdio | file=<path> | off.
     #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
     serial: SerialConfig,
+    /// An in-process vGPU on a private software GPU: profile=<name> (64M, 256M, 1G).
+    /// Repeat for more.
+    #[arg(long, value_name = "profile=NAME")]
+    vgpu: Vec<VgpuConfig>,
 }
 
 /// The KVM device node; tests override it with `TESSERA_KVM_DEVICE`.
@@ -47,6 +51,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         cpus: args.cpus,
         memory: args.memory,
         serial: args.serial,
+        vgpus: args.vgpu,
         kvm_path: kvm_path(),
     };
     let result = Vm::new(&config).and_then(Vm::run);

@@ -1,7 +1,7 @@
 //! Linux guests.
 //!
 //! - The minimal kernel (guest-images/minimal-kernel.sh) boots in Tessera until the kernel has
-//!   enumerated PCI; the test stops the VM once the log shows the host bridge. On PVM hosts the
+//!   enumerated PCI (host bridge and vGPU with its BARs); the test then stops the VM. On PVM hosts the
 //!   kernel's ring-0 code is emulated: measured there, the host bridge line appears after
 //!   ~8 s of guest time (~10 s wall) on an idle machine; the deadline is 240 s to absorb a
 //!   loaded CI machine.

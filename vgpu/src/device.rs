@@ -670,6 +670,7 @@ impl Processor {
     }
 
     fn run(mut self) {
+        let mut last_work: Option<Instant> = None;
         loop {
             let polling = {
                 let mut st = self.sh.lock();
@@ -683,7 +684,14 @@ impl Processor {
                     .iter()
                     .any(|c| c.runnable() && c.control & ctx_control::POLL != 0)
             };
-            if !self.round() {
+            if self.round() {
+                last_work = Some(Instant::now());
+            } else if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
+                // Busy a moment ago: pick up doorbells without blocking.
+                self.drain_events(0);
+                std::hint::spin_loop();
+            } else {
+                last_work = None;
                 self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
             }
         }
@@ -716,20 +724,25 @@ impl Processor {
     }
 
     fn sleep(&mut self, timeout_us: i32) {
-        let mut events = [EpollEvent::default(); 17];
-        let timeout_ms = if timeout_us < 0 {
-            -1
-        } else {
-            0.max(timeout_us / 1000)
-        };
-        let n = if timeout_us >= 0 && timeout_ms == 0 {
+        if (0..1000).contains(&timeout_us) {
             // epoll has millisecond resolution: nap briefly, then look at the events.
             std::thread::sleep(Duration::from_micros(timeout_us as u64));
-            self.epoll.wait(0, &mut events)
+            self.drain_events(0);
         } else {
-            self.epoll.wait(timeout_ms, &mut events)
+            self.drain_events(if timeout_us < 0 {
+                -1
+            } else {
+                timeout_us / 1000
+            });
+        }
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for the kick or doorbells and records them.
+    fn drain_events(&mut self, timeout_ms: i32) {
+        let mut events = [EpollEvent::default(); 17];
+        let Ok(n) = self.epoll.wait(timeout_ms, &mut events) else {
+            return;
         };
-        let Ok(n) = n else { return };
         for ev in &events[..n] {
             match ev.data() {
                 0 => {

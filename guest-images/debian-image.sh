@@ -41,7 +41,7 @@ set -euo pipefail
 
 GI_TAG=debian-image
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 
 [ $# -eq 1 ] || { echo "usage: [EXTRA_DIR=dir] $0 OUTDIR" >&2; exit 2; }
@@ -177,7 +177,7 @@ mv -f "$OUT_VERSION.tmp" "$OUT_VERSION"
 echo "$KEY" > "$KEYFILE"
 rm -rf "$WORK/deb"
 
-log "kernel:    $OUT_KERNEL ($KPKG $KPKG_VERSION, $(du -h "$OUT_KERNEL" | cut -f1))"
-log "initramfs: $OUT_INITRAMFS ($(du -h "$OUT_INITRAMFS" | cut -f1), $(find "$R" -mindepth 1 | wc -l) entries)"
+log "kernel:    $OUT_KERNEL ($KPKG $KPKG_VERSION, $(du -h --apparent-size "$OUT_KERNEL" | cut -f1))"
+log "initramfs: $OUT_INITRAMFS ($(du -h --apparent-size "$OUT_INITRAMFS" | cut -f1), $(find "$R" -mindepth 1 | wc -l) entries)"
 log "headers:   linux-headers-$KREL (release in $OUT_VERSION)"
 log "took $(fmt_duration $(( $(date +%s) - START )))"

@@ -25,7 +25,7 @@ set -euo pipefail
 
 GI_TAG=minimal-kernel
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
@@ -66,7 +66,7 @@ tarball_version() {
 TARBALL=$(find_tarball)
 if [ -z "$TARBALL" ]; then
     log "no /usr/src/linux-source-*.tar.xz: installing Debian's linux-source package"
-    ensure_packages linux-source
+    ensure_packages linux-source "${BUILD_DEPS[@]}"
     TARBALL=$(find_tarball)
     [ -n "$TARBALL" ] || die "linux-source is installed but no /usr/src/linux-source-*.tar.xz was found"
 fi
@@ -149,5 +149,5 @@ cp "$SRCDIR/.config" "$OUTDIR/vmlinux-minimal.config"
 echo "$KEY" > "$KEYFILE"
 
 ELAPSED=$(( $(date +%s) - START ))
-log "built $OUT: Linux $KREL, $(du -h "$OUT" | cut -f1) (config: $OUTDIR/vmlinux-minimal.config)"
+log "built $OUT: Linux $KREL, $(du -h --apparent-size "$OUT" | cut -f1) (config: $OUTDIR/vmlinux-minimal.config)"
 log "build took $(fmt_duration "$ELAPSED")"

@@ -2,14 +2,17 @@
 //! 64-bit long mode, then `iretq` to CPL3 where all Rust code runs.
 //!
 //! Under PVM every ring-0 instruction is emulated (~0.6 µs each), so this path
-//! is kept to 27 instructions: the page tables, GDT, TSS (with its I/O
+//! is kept to 30 instructions: the page tables, GDT, TSS (with its I/O
 //! bitmap), IDT and the `iretq` frame are complete at link time (see
 //! `link.ld` for the descriptor fields the linker computes) and the code only
 //! loads them.
 //!
 //! Machine state handed to Rust (`main(start_info)` in `main.rs`):
 //! - 64-bit mode, CPL3, CS = 0x33, SS = DS = ES = FS = GS = 0x2b.
-//! - RFLAGS = 0x3002: IOPL 3, IF = 0, DF = 0.
+//! - RFLAGS = 0x3202: IOPL 3, IF = 1, DF = 0. Interrupts are taken at CPL3
+//!   (checked under PVM: a self-IPI reached the ring-0 stub and the guest went
+//!   on), but nothing raises one until Rust code enables the local APIC: both
+//!   8259 PICs are masked here, and the APIC starts software-disabled.
 //! - Port I/O at CPL3 is allowed twice over: by IOPL 3 and by an all-zero
 //!   I/O permission bitmap in the TSS. PVM needs the bitmap: it runs CPL3
 //!   code with the hardware IOPL at 0 (`pushfq` there shows IOPL 0) and
@@ -21,7 +24,11 @@
 //! - TSS.rsp0 = top of a 16 KiB ring-0 stack; IDT vectors 0–31 write
 //!   128 + vector to the debug-exit port 0xf4 and halt. (PVM was expected to
 //!   kill the guest on any exception at CPL3; on our hosts #UD, #PF, #DE, #BP
-//!   and #GP taken at CPL3 did reach these stubs.)
+//!   and #GP taken at CPL3 did reach these stubs.) Vectors 32–255 count the
+//!   interrupt in `boot_irq_counts[vector]` (u32, readable at CPL3), write the
+//!   local APIC EOI register and `iretq`: 7 plain integer instructions.
+//! - All gates have DPL 0: under PVM `int n` at CPL3 raises #UD whatever the
+//!   gate's DPL, so there is no software entry to ring 0.
 //! - `.bss` zeroed (by the CPL3 entry stub, natively), 64 KiB user stack.
 //!
 //! GDT selectors: the Linux x86-64 layout, which is also SYSCALL/SYSRET
@@ -91,6 +98,9 @@ boot_start64:
     xorl %eax, %eax
     movl $0x00230010, %edx
     wrmsr
+    movb $0xff, %al             /* mask every line of both 8259 PICs: */
+    outb %al, $0x21             /* user code runs with IF = 1 and an */
+    outb %al, $0xa1             /* unprogrammed PIC would use vectors 0-15 */
     movl %ebx, %edi             /* start_info (zero-extended) for main */
     movl $boot_iret_frame, %esp
     iretq                       /* to boot_user_entry at CPL3 */
@@ -113,22 +123,35 @@ boot_user_entry:
     .popsection
 
 /* ------------------------------------------------------------------ */
-/* Exception stubs for vectors 0-31: one 16-byte stub per vector.      */
-/* Each writes 128 + vector to the debug-exit port and halts.          */
+/* Interrupt stubs: one 16-byte slot per vector 0-255.                 */
+/* 0-31 (exceptions): write 128 + vector to the debug-exit port, halt. */
+/* 32-255: count the interrupt, EOI the local APIC, return.            */
 /* ------------------------------------------------------------------ */
     .pushsection .text.boot.isr, "ax"
-    .balign 512
+    .balign 4096
     .globl boot_isr_stubs
 boot_isr_stubs:
     .set boot_vec, 0
-    .rept 32
-    .balign 16
+    .rept 256
+    .org boot_isr_stubs + boot_vec * 16
+    .if boot_vec < 32
     movb $(128 + boot_vec), %al
     outb %al, $0xf4
 2:  hlt
     jmp 2b
+    .else
+    incl boot_irq_counts + 4 * boot_vec(%rip)
+    jmp boot_irq_common
+    .endif
     .set boot_vec, boot_vec + 1
     .endr
+    .org boot_isr_stubs + 256 * 16
+boot_irq_common:
+    pushq %rax
+    movl $0xfee000b0, %eax      /* local APIC EOI register */
+    movl $0, (%rax)
+    popq %rax
+    iretq
     .popsection
 
 /* ------------------------------------------------------------------ */
@@ -188,7 +211,7 @@ boot_gdt_ptr:
     .balign 8
     .word 0, 0, 0
 boot_idt_ptr:
-    .word 32 * 16 - 1
+    .word 256 * 16 - 1
     .quad boot_idt
 
     .balign 16
@@ -208,7 +231,7 @@ boot_tss:
     .balign 16
 boot_idt:
     .set boot_vec, 0
-    .rept 32
+    .rept 256
     .word __isr_stubs_15_0 + boot_vec * 16
     .word 0x10                  /* kernel code64 */
     .byte 0                     /* no IST */
@@ -226,7 +249,7 @@ boot_idt:
 boot_iret_frame:
     .quad boot_user_entry       /* RIP */
     .quad 0x33                  /* CS: user code64 | RPL 3 */
-    .quad 0x3002                /* RFLAGS: IOPL 3, IF 0, bit 1 */
+    .quad 0x3202                /* RFLAGS: IOPL 3, IF 1, bit 1 */
     .quad boot_user_stack_top   /* RSP (16-byte aligned) */
     .quad 0x2b                  /* SS: user data | RPL 3 */
     .popsection
@@ -239,6 +262,9 @@ boot_iret_frame:
 boot_ring0_stack:
     .skip 16384
 boot_ring0_stack_top:
+    .globl boot_irq_counts
+boot_irq_counts:                /* u32 per vector, written by the stubs */
+    .skip 1024
     .globl boot_user_stack
 boot_user_stack:
     .skip 65536

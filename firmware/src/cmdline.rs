@@ -2,7 +2,7 @@
 //!
 //! | key    | values          | default |
 //! |--------|-----------------|---------|
-//! | `run`  | `info`, `echo`, `panic`, `fault` | `info` |
+//! | `run`  | `info`, `echo`, `panic`, `fault`, `conformance` | `info` |
 //! | `exit` | `0`..=`255`     | `0`     |
 //!
 //! Unknown keys (and tokens without `=`) are reported and ignored; a known
@@ -21,6 +21,8 @@ pub enum RunMode {
     /// Self-test of the exception path: execute `ud2` at CPL3 (#UD, exit
     /// status 128 + 6 = 134 through the ring-0 handler).
     Fault,
+    /// Run the vGPU conformance suite.
+    Conformance,
 }
 
 /// Parsed options.
@@ -80,6 +82,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
                 b"echo" => opts.run = RunMode::Echo,
                 b"panic" => opts.run = RunMode::Panic,
                 b"fault" => opts.run = RunMode::Fault,
+                b"conformance" => opts.run = RunMode::Conformance,
                 _ => ignored(Ignored::InvalidValue(token)),
             },
             b"exit" => match parse_u8(value) {

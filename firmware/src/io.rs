@@ -66,7 +66,7 @@ pub unsafe fn outl(port: u16, value: u32) {
 }
 
 /// Physical addresses below this limit are identity-mapped by the boot page
-/// tables; anything above would page-fault (fatal at CPL3 under PVM).
+/// tables; anything above would page-fault unless [`crate::pages`] mapped it.
 pub const MAPPED_LIMIT: u64 = 1 << 32;
 
 /// Whether `[paddr, paddr + len)` is mapped, non-null memory.
@@ -74,7 +74,7 @@ pub fn phys_range_ok(paddr: u64, len: u64) -> bool {
     paddr != 0
         && paddr
             .checked_add(len)
-            .is_some_and(|end| end <= MAPPED_LIMIT)
+            .is_some_and(|end| end <= MAPPED_LIMIT || crate::pages::is_mapped(paddr, len))
 }
 
 fn phys_ptr<T>(paddr: u64) -> *const T {
@@ -114,4 +114,45 @@ pub fn phys_bytes(paddr: u64, len: usize) -> &'static [u8] {
     // boot information or firmware tables written by the VMM before boot and
     // never written by the firmware, so a shared `'static` view is sound.
     unsafe { core::slice::from_raw_parts(core::ptr::with_exposed_provenance(paddr as usize), len) }
+}
+
+/// Read a 32-bit device register at a mapped physical address.
+///
+/// Also a full compiler barrier ([`barrier`]): data written for a device
+/// before a register access (or read from it after one) is really in memory
+/// at that point. x86 keeps the order at run time.
+///
+/// Panics if the address is not mapped.
+pub fn mmio_read32(paddr: u64) -> u32 {
+    let ptr = phys_ptr::<u32>(paddr);
+    barrier();
+    // SAFETY: `ptr` is mapped (checked by `phys_ptr`); a volatile 32-bit
+    // load is how device registers are read; side effects of reading a
+    // register are the caller's business.
+    let v = unsafe { core::ptr::read_volatile(ptr) };
+    barrier();
+    v
+}
+
+/// Write a 32-bit device register at a mapped physical address; a full
+/// compiler barrier like [`mmio_read32`].
+///
+/// Panics if the address is not mapped.
+pub fn mmio_write32(paddr: u64, value: u32) {
+    let ptr = phys_ptr::<u32>(paddr).cast_mut();
+    barrier();
+    // SAFETY: as for `mmio_read32`: mapped, volatile, 32-bit; what the
+    // register does is the caller's business.
+    unsafe { core::ptr::write_volatile(ptr, value) };
+    barrier();
+}
+
+/// A compiler barrier: the compiler must assume any memory (including memory
+/// a device shares with the guest) was read and written here, so it neither
+/// moves memory accesses across it nor reuses values loaded before it.
+#[inline(always)]
+pub fn barrier() {
+    // SAFETY: an empty asm block executes nothing; without `nomem` it only
+    // tells the compiler that memory may have changed.
+    unsafe { asm!("", options(nostack, preserves_flags)) };
 }

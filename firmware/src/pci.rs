@@ -13,8 +13,29 @@ const CONFIG_ENABLE: u32 = 1 << 31;
 
 /// Register offsets in the common configuration header.
 pub const REG_ID: u8 = 0x00; // vendor id (15:0), device id (31:16)
+pub const REG_COMMAND: u8 = 0x04; // command (15:0), status (31:16)
 pub const REG_CLASS: u8 = 0x08; // revision (7:0), class code (31:8)
 pub const REG_HEADER: u8 = 0x0c; // header type in bits 23:16
+pub const REG_BAR0: u8 = 0x10; // BARs 0-5 at 0x10 + 4 * n
+pub const REG_SUBSYSTEM: u8 = 0x2c; // subsystem vendor (15:0), subsystem (31:16)
+pub const REG_CAP_PTR: u8 = 0x34;
+
+/// Command register bits.
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Status register bit: a capability list is present.
+const STATUS_CAP_LIST: u32 = 1 << 4;
+
+/// BAR low bits.
+pub const BAR_IO: u32 = 1 << 0;
+pub const BAR_TYPE_MASK: u32 = 0x6;
+pub const BAR_TYPE_64: u32 = 0x4;
+pub const BAR_PREFETCHABLE: u32 = 1 << 3;
+pub const BAR_MEM_FLAGS: u32 = 0xf;
+
+/// Capability ids.
+pub const CAP_MSIX: u8 = 0x11;
 const HEADER_TYPE_MULTIFUNCTION: u8 = 0x80;
 
 pub const DEVICES_PER_BUS: u8 = 32;
@@ -54,6 +75,48 @@ impl Bdf {
             outl(CONFIG_ADDRESS, self.config_address(offset));
             inl(CONFIG_DATA)
         }
+    }
+
+    /// Write the aligned 32-bit configuration register at `offset`.
+    pub fn write_u32(self, offset: u8, value: u32) {
+        // SAFETY: as for `read_u32`; what the write does to the function is
+        // the caller's business (the firmware only programs functions it
+        // drives).
+        unsafe {
+            outl(CONFIG_ADDRESS, self.config_address(offset));
+            outl(CONFIG_DATA, value);
+        }
+    }
+
+    /// The command register.
+    pub fn command(self) -> u16 {
+        self.read_u32(REG_COMMAND) as u16
+    }
+
+    /// Write the command register. The status half is written as zeros,
+    /// which leaves its write-1-to-clear bits alone.
+    pub fn set_command(self, command: u16) {
+        self.write_u32(REG_COMMAND, u32::from(command));
+    }
+
+    /// Offset of the first capability with id `id`, if any.
+    pub fn find_capability(self, id: u8) -> Option<u8> {
+        if self.read_u32(REG_COMMAND) >> 16 & STATUS_CAP_LIST == 0 {
+            return None;
+        }
+        let mut at = self.read_u32(REG_CAP_PTR) as u8 & 0xfc;
+        // At most 48 capabilities fit in 192 bytes: stop on a loop.
+        for _ in 0..48 {
+            if at < 0x40 {
+                return None;
+            }
+            let head = self.read_u32(at);
+            if head as u8 == id {
+                return Some(at);
+            }
+            at = (head >> 8) as u8 & 0xfc;
+        }
+        None
     }
 }
 

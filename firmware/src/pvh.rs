@@ -44,9 +44,10 @@ pub struct StartInfo {
     memmap_entries: u32,
 }
 
-/// One entry of the PVH memory map (its `addr` field is not needed yet).
+/// One entry of the PVH memory map.
 #[derive(Clone, Copy, Debug)]
 pub struct MemmapEntry {
+    pub addr: u64,
     pub size: u64,
     pub kind: u32,
 }
@@ -111,6 +112,7 @@ impl StartInfo {
         Some((0..u64::from(n)).map(move |i| {
             let e = base + i * MEMMAP_ENTRY_SIZE;
             MemmapEntry {
+                addr: phys_read(e),
                 size: phys_read(e + 8),
                 kind: phys_read(e + 16),
             }

@@ -120,8 +120,8 @@ pub mod regs {
     pub const CTX_CONTROL: u64 = 0x00;
     /// [`ctx_status`](super::ctx_status) bits (read-only).
     pub const CTX_STATUS: u64 = 0x04;
-    /// Page-table root, low 32 bits: bit 0 = [`pte::VRAM`](super::pte::VRAM) location bit,
-    /// bits 12.. = address (4 KiB aligned).
+    /// Page-table root, low 32 bits: bit 2 = [`pte::VRAM`](super::pte::VRAM) location bit (as
+    /// in a page-table entry), bits 12.. = address (4 KiB aligned); other bits must be zero.
     pub const CTX_PT_ROOT_LO: u64 = 0x08;
     /// Page-table root, high 32 bits.
     pub const CTX_PT_ROOT_HI: u64 = 0x0c;

@@ -1,6 +1,7 @@
 //! `tessera bench …`: side-by-side benchmarks that print medians and ratios from one run.
 
 mod boot;
+mod vgpu;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,11 +13,14 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Firmware boot time: Tessera vs QEMU microvm booting the same PVH ELF.
     Boot(boot::BootArgs),
+    /// vGPU fast paths, guest vs native throughput, start to first fence.
+    Vgpu(vgpu::VgpuArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
     let result = match cmd {
         BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Vgpu(args) => vgpu::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

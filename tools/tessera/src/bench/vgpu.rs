@@ -1,0 +1,276 @@
+//! `tessera bench vgpu`: the vGPU's fast paths measured from the firmware guest, and guest
+//! throughput against the same device model driven by this process directly.
+//!
+//! The firmware prints one result line per benchmark (see firmware/README.md):
+//! `tessera-fw: bench latency mode=M iters=N p50_ns=X p99_ns=Y`,
+//! `tessera-fw: bench throughput kernel=K size=S batch=B ns=T` and `tessera-fw: first-fence`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use vgpu::backend::SoftGpu;
+use vgpu::host::HostClient;
+use vgpu_abi::{Packet, kernel, packet};
+
+use super::{default_firmware, median};
+
+/// Options.
+#[derive(Debug, Args)]
+pub struct VgpuArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Firmware PVH ELF (default: target/firmware/tessera-fw.elf).
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+    /// Round trips per latency run.
+    #[arg(long, default_value_t = 2000)]
+    iters: u32,
+    /// Runs of each measurement (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// vGPU profile.
+    #[arg(long, default_value = "64M")]
+    profile: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    fast_p50_us: f64,
+    fast_p99_us: f64,
+    poll_p50_us: f64,
+    poll_p99_us: f64,
+    trapped_p50_us: f64,
+    trapped_p99_us: f64,
+    fast_over_trapped: f64,
+    poll_over_trapped: f64,
+    sgemm_guest_ms: f64,
+    sgemm_native_ms: f64,
+    saxpy_guest_ms: f64,
+    saxpy_native_ms: f64,
+    guest_over_native: f64,
+    start_to_first_fence_ms: f64,
+}
+
+/// Throughput workloads: (kernel, size, batch).
+const SGEMM: (&str, u64, u64) = ("sgemm", 256, 8);
+const SAXPY: (&str, u64, u64) = ("saxpy", 1 << 22, 8);
+
+/// Boots the firmware with `cmdline`; returns the `key=value` fields of the first line
+/// containing `needle`, and the time from spawn to that line.
+fn firmware_line(
+    fw: &Path,
+    profile: &str,
+    cmdline: &str,
+    needle: &str,
+) -> Result<(HashMap<String, String>, Duration), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args(["--log-level", "warn", "vm", "--kernel"])
+        .arg(fw)
+        .args(["--memory", "256M", "--vgpu", profile, "--cmdline", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start tessera vm: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut transcript = String::new();
+    let mut found = None;
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if found.is_none() && line.contains(needle) {
+            let fields = line
+                .split_whitespace()
+                .filter_map(|t| t.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            found = Some((fields, start.elapsed()));
+        }
+        transcript.push_str(&line);
+        transcript.push('\n');
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    match found {
+        Some(f) if status.success() => Ok(f),
+        _ => Err(format!(
+            "firmware `{cmdline}` did not report {needle:?} (status {status}); output:\n{transcript}"
+        )),
+    }
+}
+
+fn field(f: &HashMap<String, String>, k: &str) -> Result<f64, String> {
+    f.get(k)
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("missing field {k} in {f:?}"))
+}
+
+/// The same kernels as the firmware's throughput mode, submitted by this process.
+fn native_ms(
+    profile: &vgpu::Profile,
+    (name, size, batch): (&str, u64, u64),
+) -> Result<f64, String> {
+    let gpu = Arc::new(SoftGpu::new(profile.vram, profile.engines).map_err(|e| e.to_string())?);
+    let vram = gpu.partition(0, profile.vram).map_err(|e| e.to_string())?;
+    let mut c =
+        HostClient::new(*profile, vram, gpu.clone(), 256 << 20).map_err(|e| e.to_string())?;
+    let e = |e: vgpu::host::HostError| e.to_string();
+    let pkts: Vec<Packet> = match name {
+        "sgemm" => {
+            let bytes = size * size * 4;
+            let (a, b, cc) = (
+                c.alloc(bytes).map_err(e)?,
+                c.alloc(bytes).map_err(e)?,
+                c.alloc(bytes).map_err(e)?,
+            );
+            let init: Vec<u8> = (0..size * size)
+                .flat_map(|i| ((i % 7) as f32).to_le_bytes())
+                .collect();
+            c.write(a, &init).map_err(e)?;
+            c.write(b, &init).map_err(e)?;
+            (0..batch)
+                .map(|_| Packet {
+                    opcode: packet::OP_DISPATCH,
+                    flags: kernel::SGEMM,
+                    args: [size, size, size, a, b, cc, 0],
+                })
+                .collect()
+        }
+        _ => {
+            let bytes = size * 4;
+            let (x, y) = (c.alloc(bytes).map_err(e)?, c.alloc(bytes).map_err(e)?);
+            let init: Vec<u8> = (0..size)
+                .flat_map(|i| ((i % 7) as f32).to_le_bytes())
+                .collect();
+            c.write(x, &init).map_err(e)?;
+            c.write(y, &init).map_err(e)?;
+            (0..batch)
+                .map(|_| Packet {
+                    opcode: packet::OP_DISPATCH,
+                    flags: kernel::SAXPY,
+                    args: [size, 2.0f32.to_bits() as u64, x, y, 0, 0, 0],
+                })
+                .collect()
+        }
+    };
+    c.run(&pkts[..1]).map_err(e)?; // warm up
+    let t = Instant::now();
+    c.run(&pkts).map_err(e)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+pub fn run(args: VgpuArgs) -> Result<(), String> {
+    let fw = args.firmware.unwrap_or_else(default_firmware);
+    if !fw.exists() {
+        return Err(format!(
+            "firmware {} not found (cargo xtask firmware)",
+            fw.display()
+        ));
+    }
+    let profile = vgpu::profile::find(&args.profile)
+        .ok_or_else(|| format!("unknown vGPU profile {:?}", args.profile))?;
+    let prof = format!("profile={}", profile.name);
+    let mut lat: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    let mut guest: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut native: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut first = Vec::new();
+    for _ in 0..args.runs {
+        for mode in ["fast", "poll", "trapped"] {
+            let (f, _) = firmware_line(
+                &fw,
+                &prof,
+                &format!("run=bench-latency mode={mode} iters={}", args.iters),
+                "bench latency",
+            )?;
+            let e = lat.entry(mode).or_default();
+            e.0.push(field(&f, "p50_ns")? / 1e3);
+            e.1.push(field(&f, "p99_ns")? / 1e3);
+        }
+        for w in [SGEMM, SAXPY] {
+            let (f, _) = firmware_line(
+                &fw,
+                &prof,
+                &format!(
+                    "run=bench-throughput kernel={} size={} batch={}",
+                    w.0, w.1, w.2
+                ),
+                "bench throughput",
+            )?;
+            guest.entry(w.0).or_default().push(field(&f, "ns")? / 1e6);
+            native.entry(w.0).or_default().push(native_ms(profile, w)?);
+        }
+        let (_, t) = firmware_line(&fw, &prof, "run=first-fence", "tessera-fw: first-fence")?;
+        first.push(t.as_secs_f64() * 1e3);
+    }
+    let m = |v: &[f64]| median(v);
+    let l = |k: &str| {
+        lat.get(k)
+            .map(|(a, b)| (m(a), m(b)))
+            .unwrap_or((f64::NAN, f64::NAN))
+    };
+    let g = |k: &str| guest.get(k).map_or(f64::NAN, |v| m(v));
+    let n = |k: &str| native.get(k).map_or(f64::NAN, |v| m(v));
+    let (fast, poll, trapped) = (l("fast"), l("poll"), l("trapped"));
+    let r = Report {
+        fast_p50_us: fast.0,
+        fast_p99_us: fast.1,
+        poll_p50_us: poll.0,
+        poll_p99_us: poll.1,
+        trapped_p50_us: trapped.0,
+        trapped_p99_us: trapped.1,
+        fast_over_trapped: fast.0 / trapped.0,
+        poll_over_trapped: poll.0 / trapped.0,
+        sgemm_guest_ms: g("sgemm"),
+        sgemm_native_ms: n("sgemm"),
+        saxpy_guest_ms: g("saxpy"),
+        saxpy_native_ms: n("saxpy"),
+        // Throughput ratio: native time over guest time, over both workloads.
+        guest_over_native: (n("sgemm") + n("saxpy")) / (g("sgemm") + g("saxpy")),
+        start_to_first_fence_ms: m(&first),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "vGPU benchmarks, profile {}, {} runs, medians",
+            profile.name, args.runs
+        );
+        println!("submit → fence round trip (µs):   p50      p99");
+        for (name, v) in [
+            ("  fast (ioeventfd doorbell)", fast),
+            ("  host polling (no exit)", poll),
+            ("  trapped (BAR0 tail write)", trapped),
+        ] {
+            println!("{name:<32}{:>8.1}{:>9.1}", v.0, v.1);
+        }
+        println!(
+            "  fast ÷ trapped {:.3}, polling ÷ trapped {:.3}",
+            r.fast_over_trapped, r.poll_over_trapped
+        );
+        println!("throughput (ms per batch):        guest   native");
+        println!(
+            "  sgemm {}³ ×{}{:>22.2}{:>9.2}",
+            SGEMM.1, SGEMM.2, r.sgemm_guest_ms, r.sgemm_native_ms
+        );
+        println!(
+            "  saxpy {} ×{}{:>20.2}{:>9.2}",
+            SAXPY.1, SAXPY.2, r.saxpy_guest_ms, r.saxpy_native_ms
+        );
+        println!("  guest ÷ native throughput {:.3}", r.guest_over_native);
+        println!(
+            "VM start → first fence: {:.2} ms",
+            r.start_to_first_fence_ms
+        );
+    }
+    Ok(())
+}

@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -15,6 +14,9 @@ use crate::mem::Fault;
 
 /// One workgroup's work: called with the workgroup index.
 pub type WorkFn = Arc<dyn Fn(u64) -> Result<(), Fault> + Send + Sync>;
+
+/// Asked before each workgroup starts: `true` stops the dispatch there (a preemption point).
+pub type StopFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Errors creating a backend.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +50,17 @@ pub enum BackendError {
 
 /// What the device model needs from a GPU.
 pub trait Backend: Send + Sync {
-    /// Runs workgroups `0..groups` of `work` on the engines and returns when all are done;
-    /// the first fault wins (remaining workgroups still run to keep accounting simple).
-    fn run(&self, groups: u64, work: WorkFn) -> Result<(), Fault>;
+    /// Runs workgroups `start..end` of `work` on the engines until they are done or `stop`
+    /// says to stop before a workgroup; returns `n` such that exactly `start..n` ran (so the
+    /// dispatch resumes at `n`). The first fault wins; workgroups already started finish.
+    fn run_range(&self, start: u64, end: u64, work: WorkFn, stop: StopFn) -> Result<u64, Fault>;
+
+    /// Runs workgroups `0..groups` to completion.
+    fn run(&self, groups: u64, work: WorkFn) -> Result<(), Fault> {
+        self.run_range(0, groups, work, Arc::new(|| false))
+            .map(|_| ())
+    }
+
     /// Number of engines.
     fn engines(&self) -> usize;
 }
@@ -108,10 +118,35 @@ impl VramPartition {
 
 struct Job {
     work: WorkFn,
-    groups: u64,
-    next: AtomicU64,
+    stop: StopFn,
+    end: u64,
+    /// Next workgroup to claim, and whether the dispatch was stopped. Claiming under a lock
+    /// makes "stopped" and "claimed" one decision, so the workgroups that ran are exactly a
+    /// prefix of the range.
+    claim: Mutex<(u64, bool)>,
+    /// Workgroups finished, first fault.
     state: Mutex<(u64, Option<Fault>)>,
     done: Condvar,
+}
+
+impl Job {
+    fn claim(&self) -> Option<u64> {
+        let mut c = self.claim.lock().unwrap_or_else(|e| e.into_inner());
+        if c.1 || c.0 >= self.end {
+            return None;
+        }
+        if (self.stop)() {
+            c.1 = true;
+            return None;
+        }
+        c.0 += 1;
+        Some(c.0 - 1)
+    }
+
+    fn exhausted(&self) -> bool {
+        let c = self.claim.lock().unwrap_or_else(|e| e.into_inner());
+        c.1 || c.0 >= self.end
+    }
 }
 
 struct Queue {
@@ -145,11 +180,7 @@ fn engine_loop(queue: Arc<Queue>) {
                     return;
                 }
                 // Drop jobs whose workgroups have all been claimed.
-                while g
-                    .0
-                    .front()
-                    .is_some_and(|j| j.next.load(Ordering::Relaxed) >= j.groups)
-                {
+                while g.0.front().is_some_and(|j| j.exhausted()) {
                     g.0.pop_front();
                 }
                 if let Some(j) = g.0.front() {
@@ -158,21 +189,19 @@ fn engine_loop(queue: Arc<Queue>) {
                 g = queue.ready.wait(g).unwrap_or_else(|e| e.into_inner());
             }
         };
-        loop {
-            let i = job.next.fetch_add(1, Ordering::Relaxed);
-            if i >= job.groups {
-                break;
-            }
+        while let Some(i) = job.claim() {
             let r = (job.work)(i);
             let mut s = job.state.lock().unwrap_or_else(|e| e.into_inner());
             s.0 += 1;
             if let (Err(f), None) = (r, s.1) {
                 s.1 = Some(f);
             }
-            if s.0 == job.groups {
-                job.done.notify_all();
-            }
+            job.done.notify_all();
         }
+        // The claim loop ended (range exhausted or stopped): wake the submitter, under the
+        // state lock so the wake-up cannot slip between its check and its wait.
+        let _s = job.state.lock().unwrap_or_else(|e| e.into_inner());
+        job.done.notify_all();
     }
 }
 
@@ -248,14 +277,15 @@ impl SoftGpu {
 }
 
 impl Backend for SoftGpu {
-    fn run(&self, groups: u64, work: WorkFn) -> Result<(), Fault> {
-        if groups == 0 {
-            return Ok(());
+    fn run_range(&self, start: u64, end: u64, work: WorkFn, stop: StopFn) -> Result<u64, Fault> {
+        if start >= end {
+            return Ok(start);
         }
         let job = Arc::new(Job {
             work,
-            groups,
-            next: AtomicU64::new(0),
+            stop,
+            end,
+            claim: Mutex::new((start, false)),
             state: Mutex::new((0, None)),
             done: Condvar::new(),
         });
@@ -265,12 +295,27 @@ impl Backend for SoftGpu {
         }
         self.queue.ready.notify_all();
         let mut s = job.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.0 < groups {
-            s = job.done.wait(s).unwrap_or_else(|e| e.into_inner());
+        loop {
+            let claimed = {
+                let c = job.claim.lock().unwrap_or_else(|e| e.into_inner());
+                (c.0, c.1 || c.0 >= end)
+            };
+            // Done when no more claims will happen and every claimed workgroup finished.
+            if claimed.1 && s.0 == claimed.0 - start {
+                break;
+            }
+            s = job
+                .done
+                .wait_timeout(s, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         match s.1 {
             Some(f) => Err(f),
-            None => Ok(()),
+            None => {
+                let next = job.claim.lock().unwrap_or_else(|e| e.into_inner()).0;
+                Ok(next)
+            }
         }
     }
 
@@ -292,6 +337,7 @@ impl Drop for SoftGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use vm_memory::Bytes;
 
     #[test]
@@ -320,6 +366,35 @@ mod tests {
         );
         assert_eq!(r, Err(Fault::new(6, 7)));
         assert_eq!(gpu.engines(), 3);
+    }
+
+    #[test]
+    fn stopped_dispatches_resume_exactly_where_they_stopped() {
+        let gpu = SoftGpu::new(1 << 20, 2).unwrap();
+        let hits = Arc::new((0..1000).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let h = hits.clone();
+        let work: WorkFn = Arc::new(move |i| {
+            h[i as usize].fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        let budget = Arc::new(AtomicU64::new(0));
+        let mut next = 0;
+        let mut rounds = 0;
+        while next < 1000 {
+            budget.store(0, Ordering::Relaxed);
+            let b = budget.clone();
+            // Stop after roughly 37 claims.
+            let stop: StopFn = Arc::new(move || b.fetch_add(1, Ordering::Relaxed) >= 37);
+            let n = gpu.run_range(next, 1000, work.clone(), stop).unwrap();
+            assert!(n > next);
+            next = n;
+            rounds += 1;
+        }
+        assert!(rounds > 10);
+        assert!(
+            hits.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+            "each ran once"
+        );
     }
 
     #[test]

@@ -23,12 +23,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::backend::{Backend, VramPartition};
+use crate::backend::{Backend, StopFn, VramPartition, WorkFn};
 use crate::command::Command;
 use crate::domain::DmaDomain;
 use crate::mem::{Fault, Spaces};
 use crate::mmu::{self, Root, Tlb};
 use crate::profile::Profile;
+use crate::sched::{Grant, MemberId, Params, Scheduler};
 
 /// How often the command processor polls tail shadows of `POLL` contexts when idle.
 const POLL_INTERVAL_US: i32 = 200;
@@ -150,6 +151,11 @@ struct Shared {
     backend: Arc<dyn Backend>,
     cancel: Arc<AtomicBool>,
     contexts: u32,
+    sched: Arc<Scheduler>,
+    member: MemberId,
+    watchdog: Duration,
+    /// Watchdog resets so far.
+    tdr_resets: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -200,7 +206,16 @@ pub struct VgpuSetup {
     pub backend: Arc<dyn Backend>,
     /// Where its interrupts go.
     pub msi: Arc<dyn MsiSink>,
+    /// The scheduler of the GPU (or partition) it shares, and its parameters there.
+    pub sched: Arc<Scheduler>,
+    /// Weight and cap.
+    pub sched_params: Params,
+    /// Watchdog: a packet that uses more GPU time than this resets the vGPU (TDR).
+    pub watchdog: Duration,
 }
+
+/// Default watchdog limit per packet.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(4);
 
 impl std::fmt::Debug for VgpuSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,7 +238,11 @@ impl Vgpu {
             vram,
             backend,
             msi,
+            sched,
+            sched_params,
+            watchdog,
         } = setup;
+        let member = sched.register(sched_params);
         let mut config = PciConfiguration::new(PciHeader {
             vendor_id: abi_pci::VENDOR_ID,
             device_id: abi_pci::DEVICE_ID,
@@ -292,6 +311,10 @@ impl Vgpu {
             backend,
             cancel: Arc::new(AtomicBool::new(false)),
             contexts,
+            sched,
+            member,
+            watchdog,
+            tdr_resets: std::sync::atomic::AtomicU64::new(0),
         });
         let epoll = Epoll::new().map_err(|e| VgpuError::Os("create the vGPU epoll", e))?;
         let add = |fd: i32, data: u64| {
@@ -628,6 +651,7 @@ impl Drop for Vgpu {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.shared.sched.unregister(self.shared.member);
     }
 }
 
@@ -656,6 +680,35 @@ struct Processor {
     epoll: Epoll,
     tlbs: Vec<(Tlb, u64)>,
     next: usize,
+    /// The GPU, while this vGPU holds it.
+    grant: Option<Arc<Grant>>,
+}
+
+/// Gets the GPU from the scheduler unless already held; `false` if cancelled (reset).
+fn hold(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
+    if grant.is_none() {
+        *grant = sh.sched.acquire(sh.member, &sh.cancel).map(Arc::new);
+    }
+    grant.is_some()
+}
+
+/// Gives the GPU back.
+fn give_back(sh: &Shared, grant: &mut Option<Arc<Grant>>) {
+    if let Some(g) = grant.take() {
+        match Arc::try_unwrap(g) {
+            Ok(g) => sh.sched.release(g),
+            Err(g) => *grant = Some(g),
+        }
+    }
+}
+
+/// A preemption point: gives the GPU back if the slice is over and someone else waits, then
+/// waits for it again. `false` if cancelled meanwhile.
+fn preempt_point(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
+    if grant.as_ref().is_some_and(|g| g.should_yield()) {
+        give_back(sh, grant);
+    }
+    hold(sh, grant)
 }
 
 impl Processor {
@@ -666,6 +719,7 @@ impl Processor {
             epoll,
             tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
             next: 0,
+            grant: None,
         }
     }
 
@@ -686,7 +740,11 @@ impl Processor {
             };
             if self.round() {
                 last_work = Some(Instant::now());
-            } else if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
+                continue;
+            }
+            // Out of work: the GPU goes to someone else.
+            give_back(&self.sh, &mut self.grant);
+            if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
                 // Busy a moment ago: pick up doorbells without blocking.
                 self.drain_events(0);
                 std::hint::spin_loop();
@@ -835,6 +893,9 @@ impl Processor {
         }
         let slot = u64::from(s.head % s.ring_size.max(1));
         let pkt_va = s.ring_base + slot * packet::PACKET_SIZE;
+        if !hold(&self.sh, &mut self.grant) {
+            return true;
+        }
         let result = self.execute(i, &s, pkt_va);
         let mut st = self.sh.lock();
         if st.reset_pending || st.ctx.get(i).is_none_or(|c| c.generation != s.generation) {
@@ -851,17 +912,42 @@ impl Processor {
                     }
                 }
             }
+            Err(f) if f.code == fault::TIMEOUT => {
+                // TDR: the watchdog resets this vGPU alone; its guest sees the fault.
+                tracing::warn!(
+                    ctx = i,
+                    "vGPU watchdog: packet overran {:?}, resetting",
+                    self.sh.watchdog
+                );
+                self.reset(&mut st);
+                self.sh.tdr_resets.fetch_add(1, Ordering::Relaxed);
+                st.record_fault(i, f);
+            }
             Err(f) => st.record_fault(i, f),
         }
         drop(st);
         self.sh.progress.notify_all();
+        if self.grant.as_ref().is_some_and(|g| g.should_yield()) {
+            give_back(&self.sh, &mut self.grant);
+        }
         true
     }
 
     fn execute(&mut self, i: usize, s: &Snapshot, pkt_va: u64) -> Result<Effect, Fault> {
         let sh = self.sh.clone();
         let spaces = &sh.spaces;
-        let tlb = &mut self.tlbs[i].0;
+        let Processor { tlbs, grant, .. } = self;
+        let tlb = &mut tlbs[i].0;
+        let watchdog = sh.watchdog;
+        // GPU time this packet used, excluding time spent waiting for the GPU.
+        let mut used = Duration::ZERO;
+        let over = |used: Duration| {
+            if used > watchdog {
+                Err(Fault::new(fault::TIMEOUT, pkt_va))
+            } else {
+                Ok(())
+            }
+        };
         let root = s.root;
         let mut raw = [0u8; packet::PACKET_SIZE as usize];
         mmu::resolve(spaces, root, tlb, pkt_va, packet::PACKET_SIZE, false)?
@@ -878,10 +964,16 @@ impl Processor {
                 let mut buf = vec![0u8; len.min(1 << 20) as usize];
                 let mut done = 0;
                 while done < len {
+                    let t = Instant::now();
                     let n = (len - done).min(buf.len() as u64) as usize;
                     from.read(spaces, done, &mut buf[..n])?;
                     to.write(spaces, done, &buf[..n])?;
                     done += n as u64;
+                    used += t.elapsed();
+                    over(used)?;
+                    if !preempt_point(&sh, grant) {
+                        break;
+                    }
                 }
                 Ok(Effect::None)
             }
@@ -896,14 +988,45 @@ impl Processor {
                     .collect();
                 let mut done = 0;
                 while done < len {
+                    let t = Instant::now();
                     let n = (len - done).min(chunk.len() as u64) as usize;
                     to.write(spaces, done, &chunk[..n])?;
                     done += n as u64;
+                    used += t.elapsed();
+                    over(used)?;
+                    if !preempt_point(&sh, grant) {
+                        break;
+                    }
                 }
                 Ok(Effect::None)
             }
             Command::Dispatch(k) => {
-                crate::kernels::run(&k, &mut resolve, spaces, sh.backend.as_ref(), &sh.cancel)?;
+                let cancel = sh.cancel.clone();
+                let mut runner = |groups: u64, work: WorkFn| -> Result<(), Fault> {
+                    let mut next = 0;
+                    while next < groups {
+                        if !hold(&sh, grant) {
+                            return Ok(());
+                        }
+                        let (g, c) = (grant.clone(), cancel.clone());
+                        let stop: StopFn = Arc::new(move || {
+                            c.load(Ordering::Relaxed)
+                                || g.as_ref().is_some_and(|g| g.should_yield())
+                        });
+                        let t = Instant::now();
+                        next = sh.backend.run_range(next, groups, work.clone(), stop)?;
+                        used += t.elapsed();
+                        over(used)?;
+                        if cancel.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if next < groups {
+                            give_back(&sh, grant);
+                        }
+                    }
+                    Ok(())
+                };
+                crate::kernels::run(&k, &mut resolve, spaces, &mut runner, &sh.cancel)?;
                 Ok(Effect::None)
             }
             Command::Fence { va, value, irq } => {

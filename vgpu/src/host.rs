@@ -14,6 +14,7 @@ use crate::backend::{Backend, VramPartition};
 use crate::device::{BarAddresses, Vgpu, VgpuError, VgpuSetup};
 use crate::domain::DmaDomain;
 use crate::profile::Profile;
+use crate::sched::{Params, Scheduler};
 
 /// GPU VA where VRAM is mapped in the host client's context.
 pub const VRAM_VA: u64 = 1 << 40;
@@ -78,11 +79,12 @@ fn mem_err(e: impl std::fmt::Display) -> HostError {
 
 impl HostClient {
     /// A client with `sys_size` bytes of private memory (a multiple of 2 MiB, ≤ 512 GiB) on a
-    /// vGPU with `profile`'s contexts, `vram` and `backend`.
+    /// vGPU with `profile`'s contexts, `vram` and `backend`, scheduled by `sched`.
     pub fn new(
         profile: Profile,
         vram: VramPartition,
         backend: Arc<dyn Backend>,
+        sched: (Arc<Scheduler>, Params),
         sys_size: u64,
     ) -> Result<Self, HostError> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), sys_size as usize)])
@@ -100,6 +102,9 @@ impl HostClient {
             vram,
             backend,
             msi: Arc::new(NoMsi),
+            sched: sched.0,
+            sched_params: sched.1,
+            watchdog: crate::device::DEFAULT_WATCHDOG,
         })?;
         let w = |at: u64, v: u64| mem.write_obj(v, GuestAddress(at)).map_err(mem_err);
         // Identity map of sysmem and VRAM at VRAM_VA, 2 MiB pages.
@@ -232,6 +237,7 @@ mod tests {
             profile,
             gpu.partition(0, 4 << 20).unwrap(),
             gpu.clone(),
+            (Scheduler::private(), Params::default()),
             16 << 20,
         )
         .unwrap();

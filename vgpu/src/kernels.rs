@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 
 use vgpu_abi::kernel;
 
-use crate::backend::{Backend, WorkFn};
+use crate::backend::WorkFn;
 use crate::command::Kernel;
 use crate::mem::{Fault, ScatterList, Spaces};
 
 /// Resolves `(va, len, write)` through the context's MMU.
 pub type Resolver<'a> = dyn FnMut(u64, u64, bool) -> Result<ScatterList, Fault> + 'a;
+
+/// Runs `groups` workgroups of a dispatch to completion (the caller decides how: straight on
+/// a backend, or in slices with preemption in between).
+pub type Runner<'a> = dyn FnMut(u64, WorkFn) -> Result<(), Fault> + 'a;
 
 /// Bytes per CRC-32 workgroup.
 const CRC_GROUP: u64 = 1 << 20;
@@ -30,7 +34,7 @@ pub fn run(
     k: &Kernel,
     resolve: &mut Resolver<'_>,
     spaces: &Spaces,
-    backend: &dyn Backend,
+    runner: &mut Runner<'_>,
     cancel: &Arc<AtomicBool>,
 ) -> Result<(), Fault> {
     let sp = spaces.clone();
@@ -57,7 +61,7 @@ pub fn run(
                 }
                 ys.write(&sp, start * 4, &yb)
             });
-            backend.run(groups, work)
+            runner(groups, work)
         }
         Kernel::Sgemm {
             m,
@@ -98,7 +102,7 @@ pub fn run(
                 let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
                 cm.write(&sp, r0 * n * 4, &bytes)
             });
-            backend.run(groups, work)
+            runner(groups, work)
         }
         Kernel::ReduceSum { n, x, out } => {
             let xs = resolve(x, n * 4, false)?;
@@ -120,7 +124,7 @@ pub fn run(
                 s2.fetch_add(part, Ordering::Relaxed);
                 Ok(())
             });
-            backend.run(groups, work)?;
+            runner(groups, work)?;
             os.write(spaces, 0, &sum.load(Ordering::Relaxed).to_le_bytes())
         }
         Kernel::Crc32 { len, src, out } => {
@@ -144,7 +148,7 @@ pub fn run(
                 }
                 Ok(())
             });
-            backend.run(groups, work)?;
+            runner(groups, work)?;
             let mut total = crc32fast::Hasher::new();
             for p in parts.iter() {
                 if let Some(h) = p.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -161,7 +165,7 @@ pub fn run(
                 }
                 Ok(())
             });
-            backend.run(groups, work)
+            runner(groups, work)
         }
     }
 }

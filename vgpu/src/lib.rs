@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod mem;
 pub mod mmu;
 pub mod profile;
+pub mod sched;
 #[cfg(test)]
 mod tests;
 

@@ -70,6 +70,9 @@ impl Gpu {
             vram,
             backend: soft.clone(),
             msi: msis.clone(),
+            sched: crate::sched::Scheduler::private(),
+            sched_params: crate::sched::Params::default(),
+            watchdog: crate::device::DEFAULT_WATCHDOG,
         })
         .unwrap();
         Gpu {

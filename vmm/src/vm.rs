@@ -543,6 +543,9 @@ fn build_vgpu(
         vram,
         backend: Arc::new(gpu),
         msi: Arc::new(KvmMsi(vm_fd.clone())),
+        sched: vgpu::sched::Scheduler::private(),
+        sched_params: vgpu::sched::Params::default(),
+        watchdog: vgpu::device::DEFAULT_WATCHDOG,
     })
     .map_err(|e| dev_err(&error_chain(&e)))
 }

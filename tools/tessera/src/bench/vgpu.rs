@@ -119,8 +119,12 @@ fn native_ms(
 ) -> Result<f64, String> {
     let gpu = Arc::new(SoftGpu::new(profile.vram, profile.engines).map_err(|e| e.to_string())?);
     let vram = gpu.partition(0, profile.vram).map_err(|e| e.to_string())?;
-    let mut c =
-        HostClient::new(*profile, vram, gpu.clone(), 256 << 20).map_err(|e| e.to_string())?;
+    let sched = (
+        vgpu::sched::Scheduler::private(),
+        vgpu::sched::Params::default(),
+    );
+    let mut c = HostClient::new(*profile, vram, gpu.clone(), sched, 256 << 20)
+        .map_err(|e| e.to_string())?;
     let e = |e: vgpu::host::HostError| e.to_string();
     let pkts: Vec<Packet> = match name {
         "sgemm" => {

@@ -1,0 +1,697 @@
+//! The time-slice scheduler that shares one GPU (or one spatial partition of it) among vGPUs.
+//!
+//! Each vGPU's command processor asks for the GPU ([`Scheduler::acquire`]) before it executes
+//! work, checks [`Grant::should_yield`] between packets and between workgroups (the preemption
+//! points), and gives the GPU back ([`Scheduler::release`]) when its slice ends or it runs out
+//! of work. The decision of who runs next ([`Policy`]) is a pure function of the accounting,
+//! so the policies are tested with a simulated clock (`SimClock`) and run for real with
+//! [`MonotonicClock`]. Accounting is in GPU-busy nanoseconds: the time a vGPU held the GPU.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Time source in nanoseconds.
+pub trait Clock: Send + Sync {
+    /// Nanoseconds since an arbitrary origin, monotonic.
+    fn now_ns(&self) -> u64;
+}
+
+/// The host's monotonic clock.
+#[derive(Debug)]
+pub struct MonotonicClock(Instant);
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// How the GPU's time is divided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Work-conserving round robin: every vGPU with work gets a slice in turn.
+    BestEffort,
+    /// Equal GPU time for every vGPU with work (fair queuing on busy time).
+    EqualShare,
+    /// GPU time in proportion to each vGPU's weight.
+    FixedShare,
+    /// MxGPU-like world switch: strict round robin of fixed quanta among active vGPUs; a vGPU
+    /// keeps its whole quantum even when it runs out of work.
+    FixedQuantum,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "best-effort" => Ok(Policy::BestEffort),
+            "equal-share" => Ok(Policy::EqualShare),
+            "fixed-share" => Ok(Policy::FixedShare),
+            "fixed-quantum" => Ok(Policy::FixedQuantum),
+            _ => Err(format!(
+                "unknown policy {s:?} (best-effort, equal-share, fixed-share, fixed-quantum)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::BestEffort => "best-effort",
+            Policy::EqualShare => "equal-share",
+            Policy::FixedShare => "fixed-share",
+            Policy::FixedQuantum => "fixed-quantum",
+        })
+    }
+}
+
+/// Slice limits.
+pub const MIN_SLICE: Duration = Duration::from_millis(1);
+/// Longest slice.
+pub const MAX_SLICE: Duration = Duration::from_millis(30);
+/// Default slice.
+pub const DEFAULT_SLICE: Duration = Duration::from_millis(2);
+/// The window over which caps and live shares are computed.
+pub const WINDOW_NS: u64 = 100_000_000;
+
+/// Per-vGPU scheduling parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// Relative weight for `FixedShare` (1..=1000).
+    pub weight: u32,
+    /// At most this percentage of GPU time over any window (1..=100; 100 = no cap).
+    pub cap_percent: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            weight: 1,
+            cap_percent: 100,
+        }
+    }
+}
+
+/// A member's id.
+pub type MemberId = usize;
+
+/// Live statistics of one member.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemberStats {
+    /// Total GPU-busy ns.
+    pub busy_ns: u64,
+    /// Share of GPU time over the last window (0..1).
+    pub window_share: f64,
+    /// Times it was given the GPU.
+    pub switches: u64,
+    /// Whether it is waiting for the GPU now.
+    pub waiting: bool,
+    /// Whether it holds the GPU now.
+    pub running: bool,
+}
+
+#[derive(Debug)]
+struct Member {
+    params: Params,
+    busy_ns: u64,
+    /// Fair-queuing virtual time: busy_ns / weight, with catch-up on wake.
+    vtime: f64,
+    waiting: bool,
+    since: u64,
+    /// (start, end) of recent busy intervals, for windowed share and caps.
+    recent: VecDeque<(u64, u64)>,
+    switches: u64,
+    alive: bool,
+    /// When it last gave the GPU back (to tell "still busy" from "back from idle").
+    last_release: Option<u64>,
+}
+
+impl Member {
+    fn busy_in_window(&self, now: u64, window: u64) -> u64 {
+        let from = now.saturating_sub(window);
+        self.recent
+            .iter()
+            .map(|&(s, e)| e.min(now).saturating_sub(s.max(from)))
+            .sum()
+    }
+}
+
+/// The scheduler's state, pure: `pick` decides, `grant`/`charge` account.
+#[derive(Debug)]
+pub struct State {
+    /// Policy in force.
+    pub policy: Policy,
+    /// Slice length in ns.
+    pub slice_ns: u64,
+    members: Vec<Member>,
+    owner: Option<(MemberId, u64)>,
+    rr_next: usize,
+    /// Handoff latencies (release → next grant), ns, most recent last.
+    pub handoffs: VecDeque<u64>,
+    released_at: Option<u64>,
+}
+
+impl State {
+    fn new(policy: Policy, slice: Duration) -> Self {
+        State {
+            policy,
+            slice_ns: slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64,
+            members: Vec::new(),
+            owner: None,
+            rr_next: 0,
+            handoffs: VecDeque::new(),
+            released_at: None,
+        }
+    }
+
+    fn add(&mut self, params: Params) -> MemberId {
+        self.members.push(Member {
+            params,
+            busy_ns: 0,
+            vtime: 0.0,
+            waiting: false,
+            since: 0,
+            recent: VecDeque::new(),
+            switches: 0,
+            alive: true,
+            last_release: None,
+        });
+        self.members.len() - 1
+    }
+
+    fn weight(&self, m: &Member) -> f64 {
+        match self.policy {
+            Policy::FixedShare => f64::from(m.params.weight.max(1)),
+            _ => 1.0,
+        }
+    }
+
+    /// Whether `id` is under its cap right now.
+    fn under_cap(&self, id: MemberId, now: u64) -> bool {
+        let m = &self.members[id];
+        m.params.cap_percent >= 100
+            || m.busy_in_window(now, WINDOW_NS) * 100 < u64::from(m.params.cap_percent) * WINDOW_NS
+    }
+
+    /// Marks `id` as wanting the GPU.
+    fn wait(&mut self, id: MemberId, now: u64) {
+        if self.members[id].waiting {
+            return;
+        }
+        // A vGPU coming back from idle starts at the active vGPUs' virtual time, so it gets
+        // its share from now on instead of a burst to make up for its idle past. One that
+        // just used its slice and still has work keeps its own virtual time.
+        let slice = self.slice_ns;
+        if self.members[id]
+            .last_release
+            .is_some_and(|r| now.saturating_sub(r) <= slice)
+        {
+            let m = &mut self.members[id];
+            m.waiting = true;
+            m.since = now;
+            return;
+        }
+        let floor = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                *i != id && m.alive && (m.waiting || self.owner.is_some_and(|o| o.0 == *i))
+            })
+            .map(|(_, m)| m.vtime)
+            .fold(f64::INFINITY, f64::min);
+        let m = &mut self.members[id];
+        if floor.is_finite() && m.vtime < floor {
+            m.vtime = floor;
+        }
+        m.waiting = true;
+        m.since = now;
+    }
+
+    /// Who gets the GPU next among the waiting, eligible members.
+    pub fn pick(&mut self, now: u64) -> Option<MemberId> {
+        let n = self.members.len();
+        let eligible =
+            |s: &State, i: usize| s.members[i].alive && s.members[i].waiting && s.under_cap(i, now);
+        match self.policy {
+            Policy::BestEffort | Policy::FixedQuantum => {
+                let pick = (0..n)
+                    .map(|k| (self.rr_next + k) % n)
+                    .find(|&i| eligible(self, i))?;
+                self.rr_next = (pick + 1) % n;
+                Some(pick)
+            }
+            Policy::EqualShare | Policy::FixedShare => {
+                (0..n).filter(|&i| eligible(self, i)).min_by(|&a, &b| {
+                    self.members[a]
+                        .vtime
+                        .total_cmp(&self.members[b].vtime)
+                        .then(self.members[a].since.cmp(&self.members[b].since))
+                })
+            }
+        }
+    }
+
+    /// Gives the GPU to `id` at `now`.
+    fn grant(&mut self, id: MemberId, now: u64) {
+        if let Some(r) = self.released_at.take() {
+            if self.handoffs.len() >= 4096 {
+                self.handoffs.pop_front();
+            }
+            self.handoffs.push_back(now.saturating_sub(r));
+        }
+        let m = &mut self.members[id];
+        m.waiting = false;
+        m.switches += 1;
+        self.owner = Some((id, now));
+    }
+
+    /// Charges the owner for its time and frees the GPU.
+    fn charge(&mut self, now: u64) -> Option<MemberId> {
+        let (id, start) = self.owner.take()?;
+        let busy = now.saturating_sub(start);
+        let w = self.weight(&self.members[id]);
+        let m = &mut self.members[id];
+        m.busy_ns += busy;
+        m.vtime += busy as f64 / w;
+        m.recent.push_back((start, now));
+        m.last_release = Some(now);
+        while m.recent.front().is_some_and(|&(_, e)| e + WINDOW_NS < now) {
+            m.recent.pop_front();
+        }
+        self.released_at = Some(now);
+        Some(id)
+    }
+
+    /// Statistics of member `id` at `now`.
+    pub fn stats(&self, id: MemberId, now: u64) -> MemberStats {
+        let m = &self.members[id];
+        let running = self.owner.is_some_and(|o| o.0 == id);
+        let extra = match self.owner {
+            Some((o, start)) if o == id => now.saturating_sub(start),
+            _ => 0,
+        };
+        let window = m.busy_in_window(now, WINDOW_NS)
+            + match self.owner {
+                Some((o, start)) if o == id => {
+                    now.saturating_sub(start.max(now.saturating_sub(WINDOW_NS)))
+                }
+                _ => 0,
+            };
+        MemberStats {
+            busy_ns: m.busy_ns + extra,
+            window_share: window as f64 / WINDOW_NS.min(now.max(1)) as f64,
+            switches: m.switches,
+            waiting: m.waiting,
+            running,
+        }
+    }
+}
+
+/// A grant of the GPU to one member for one slice.
+#[derive(Debug)]
+pub struct Grant {
+    sched: Arc<Scheduler>,
+    id: MemberId,
+    deadline: AtomicU64,
+}
+
+impl Grant {
+    /// The member holding this grant.
+    pub fn member(&self) -> MemberId {
+        self.id
+    }
+
+    /// Whether the holder should stop at the next preemption point: its slice is over and
+    /// someone else is waiting (or the policy does not extend slices).
+    pub fn should_yield(&self) -> bool {
+        let now = self.sched.clock.now_ns();
+        if now < self.deadline.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.sched.contended.load(Ordering::Relaxed) {
+            let st = self.sched.lock();
+            let forced = st.policy == Policy::FixedQuantum || !st.under_cap(self.id, now);
+            if !forced {
+                // Alone on the GPU: extend the slice (work-conserving).
+                self.deadline.store(now + st.slice_ns, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// See the module documentation.
+pub struct Scheduler {
+    state: Mutex<State>,
+    cv: Condvar,
+    clock: Arc<dyn Clock>,
+    contended: AtomicBool,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("state", &*self.lock())
+            .finish()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler with `policy` and `slice` (clamped to 1–30 ms).
+    pub fn new(policy: Policy, slice: Duration, clock: Arc<dyn Clock>) -> Arc<Self> {
+        Arc::new(Scheduler {
+            state: Mutex::new(State::new(policy, slice)),
+            cv: Condvar::new(),
+            clock,
+            contended: AtomicBool::new(false),
+        })
+    }
+
+    /// A best-effort scheduler for a GPU that only one vGPU uses.
+    pub fn private() -> Arc<Self> {
+        Scheduler::new(
+            Policy::BestEffort,
+            DEFAULT_SLICE,
+            Arc::new(MonotonicClock::default()),
+        )
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a member.
+    pub fn register(&self, params: Params) -> MemberId {
+        self.lock().add(params)
+    }
+
+    /// Removes a member (its vGPU is gone); it never runs again.
+    pub fn unregister(&self, id: MemberId) {
+        let mut st = self.lock();
+        if let Some(m) = st.members.get_mut(id) {
+            m.alive = false;
+            m.waiting = false;
+        }
+        if st.owner.is_some_and(|o| o.0 == id) {
+            let now = self.clock.now_ns();
+            st.charge(now);
+        }
+        self.update_contention(&st);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Changes the policy and slice at run time.
+    pub fn set_policy(&self, policy: Policy, slice: Duration) {
+        let mut st = self.lock();
+        st.policy = policy;
+        st.slice_ns = slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64;
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Changes a member's weight and cap.
+    pub fn set_params(&self, id: MemberId, params: Params) {
+        if let Some(m) = self.lock().members.get_mut(id) {
+            m.params = params;
+        }
+        self.cv.notify_all();
+    }
+
+    fn update_contention(&self, st: &State) {
+        let waiting = st.members.iter().any(|m| m.alive && m.waiting);
+        self.contended.store(waiting, Ordering::Relaxed);
+    }
+
+    /// Blocks until member `id` holds the GPU (or `cancel` becomes true: then `None`).
+    pub fn acquire(self: &Arc<Self>, id: MemberId, cancel: &AtomicBool) -> Option<Grant> {
+        let mut st = self.lock();
+        st.wait(id, self.clock.now_ns());
+        self.update_contention(&st);
+        loop {
+            if cancel.load(Ordering::Acquire) || !st.members.get(id).is_some_and(|m| m.alive) {
+                if let Some(m) = st.members.get_mut(id) {
+                    m.waiting = false;
+                }
+                self.update_contention(&st);
+                return None;
+            }
+            if st.owner.is_none() {
+                let now = self.clock.now_ns();
+                if st.pick(now) == Some(id) {
+                    st.grant(id, now);
+                    self.update_contention(&st);
+                    let deadline = now + st.slice_ns;
+                    return Some(Grant {
+                        sched: self.clone(),
+                        id,
+                        deadline: AtomicU64::new(deadline),
+                    });
+                }
+                if st.pick_peek_none(now) {
+                    // Everyone waiting is over its cap: wait for the window to move.
+                    st = self
+                        .cv
+                        .wait_timeout(st, Duration::from_millis(1))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
+                // Someone else was picked: let them take it.
+                self.cv.notify_all();
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Gives the GPU back. With `FixedQuantum` the holder keeps it until its quantum ends
+    /// even when it has no more work (the world switch happens on the quantum boundary).
+    pub fn release(&self, grant: Grant) {
+        let mut st = self.lock();
+        if st.policy == Policy::FixedQuantum {
+            let end = grant.deadline.load(Ordering::Relaxed);
+            while self.clock.now_ns() < end && self.contended.load(Ordering::Relaxed) {
+                let left = end.saturating_sub(self.clock.now_ns());
+                st = self
+                    .cv
+                    .wait_timeout(st, Duration::from_nanos(left))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        if st.owner.is_some_and(|o| o.0 == grant.id) {
+            let now = self.clock.now_ns();
+            st.charge(now);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Statistics of member `id`.
+    pub fn stats(&self, id: MemberId) -> MemberStats {
+        let now = self.clock.now_ns();
+        self.lock().stats(id, now)
+    }
+
+    /// The policy and slice in force.
+    pub fn policy(&self) -> (Policy, Duration) {
+        let st = self.lock();
+        (st.policy, Duration::from_nanos(st.slice_ns))
+    }
+
+    /// Recent handoff latencies (release → next grant) in ns.
+    pub fn handoffs(&self) -> Vec<u64> {
+        self.lock().handoffs.iter().copied().collect()
+    }
+}
+
+impl State {
+    fn pick_peek_none(&self, now: u64) -> bool {
+        !(0..self.members.len())
+            .any(|i| self.members[i].alive && self.members[i].waiting && self.under_cap(i, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Simulates `demand` (true = always has work) members for `total_ms` with the pure
+    /// state machine, a slice at a time; returns busy ns per member.
+    fn simulate(policy: Policy, params: &[Params], demand: &[bool], total_ms: u64) -> Vec<u64> {
+        let mut st = State::new(policy, DEFAULT_SLICE);
+        let ids: Vec<_> = params.iter().map(|p| st.add(*p)).collect();
+        let mut now = 0u64;
+        let end = total_ms * 1_000_000;
+        for (&id, &d) in ids.iter().zip(demand) {
+            if d {
+                st.wait(id, now);
+            }
+        }
+        while now < end {
+            match st.pick(now) {
+                Some(id) => {
+                    st.grant(id, now);
+                    now += st.slice_ns;
+                    st.charge(now);
+                    st.wait(id, now);
+                }
+                None => now += 100_000, // idle: everyone capped
+            }
+        }
+        ids.iter().map(|&i| st.members[i].busy_ns).collect()
+    }
+
+    fn jain(x: &[f64]) -> f64 {
+        let s: f64 = x.iter().sum();
+        let q: f64 = x.iter().map(|v| v * v).sum();
+        s * s / (x.len() as f64 * q)
+    }
+
+    #[test]
+    fn equal_share_is_fair() {
+        let busy = simulate(
+            Policy::EqualShare,
+            &[Params::default(); 8],
+            &[true; 8],
+            1000,
+        );
+        let v: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
+        assert!(jain(&v) > 0.999, "{busy:?}");
+    }
+
+    #[test]
+    fn weights_give_proportional_shares() {
+        let params: Vec<Params> = [1, 2, 4, 8]
+            .iter()
+            .map(|&w| Params {
+                weight: w,
+                cap_percent: 100,
+            })
+            .collect();
+        let busy = simulate(Policy::FixedShare, &params, &[true; 4], 2000);
+        let total: u64 = busy.iter().sum();
+        for (b, w) in busy.iter().zip([1.0, 2.0, 4.0, 8.0]) {
+            let share = *b as f64 / total as f64;
+            assert!(
+                (share - w / 15.0).abs() < 0.01,
+                "share {share} for weight {w}: {busy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn caps_hold_and_idle_members_get_nothing() {
+        let params = [
+            Params {
+                weight: 1,
+                cap_percent: 25,
+            },
+            Params::default(),
+            Params::default(),
+        ];
+        let busy = simulate(Policy::EqualShare, &params, &[true, true, false], 1000);
+        let total = 1_000_000_000u64;
+        assert!(busy[0] as f64 / total as f64 <= 0.26, "{busy:?}");
+        assert_eq!(busy[2], 0);
+        assert!(busy[1] > busy[0]);
+        // A capped member alone leaves the GPU idle for the rest of the window.
+        let busy = simulate(Policy::BestEffort, &params[..1], &[true], 1000);
+        assert!((busy[0] as f64 / total as f64) <= 0.26, "{busy:?}");
+    }
+
+    #[test]
+    fn best_effort_round_robin_and_returning_members() {
+        let busy = simulate(Policy::BestEffort, &[Params::default(); 3], &[true; 3], 300);
+        assert!(busy.iter().all(|&b| b == busy[0]), "{busy:?}");
+        // A member waking after idling does not get a burst: vtime catch-up.
+        let mut st = State::new(Policy::EqualShare, DEFAULT_SLICE);
+        let a = st.add(Params::default());
+        let b = st.add(Params::default());
+        let mut now = 0;
+        st.wait(a, now);
+        for _ in 0..100 {
+            let id = st.pick(now).unwrap();
+            st.grant(id, now);
+            now += st.slice_ns;
+            st.charge(now);
+            st.wait(id, now);
+        }
+        st.wait(b, now);
+        let mut run_of_b = 0;
+        for _ in 0..10 {
+            let id = st.pick(now).unwrap();
+            if id == b {
+                run_of_b += 1;
+            }
+            st.grant(id, now);
+            now += st.slice_ns;
+            st.charge(now);
+            st.wait(id, now);
+        }
+        assert!((4..=6).contains(&run_of_b), "b ran {run_of_b} of 10 slices");
+    }
+
+    #[test]
+    fn policies_parse() {
+        for p in [
+            Policy::BestEffort,
+            Policy::EqualShare,
+            Policy::FixedShare,
+            Policy::FixedQuantum,
+        ] {
+            assert_eq!(p.to_string().parse::<Policy>().unwrap(), p);
+        }
+        assert!("fastest".parse::<Policy>().is_err());
+    }
+
+    #[test]
+    fn real_threads_share_and_preempt() {
+        let s = Scheduler::new(
+            Policy::EqualShare,
+            Duration::from_millis(2),
+            Arc::new(MonotonicClock::default()),
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ids: Vec<_> = (0..3).map(|_| s.register(Params::default())).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let (s, c, stop) = (s.clone(), cancel.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(g) = s.acquire(id, &c) else { break };
+                        while !g.should_yield() && !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                        s.release(g);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let busy: Vec<f64> = ids.iter().map(|&i| s.stats(i).busy_ns as f64).collect();
+        assert!(jain(&busy) > 0.95, "{busy:?}");
+        assert!(ids.iter().all(|&i| s.stats(i).switches > 10));
+    }
+}

@@ -1,13 +1,19 @@
 //! Command line options: whitespace-separated `key=value` tokens.
 //!
-//! | key    | values          | default |
-//! |--------|-----------------|---------|
-//! | `run`  | `info`, `echo`, `panic`, `fault`, `conformance` | `info` |
-//! | `exit` | `0`..=`255`     | `0`     |
+//! | key      | values          | default |
+//! |----------|-----------------|---------|
+//! | `run`    | `info`, `echo`, `panic`, `fault`, `conformance`, `bench-latency`, `bench-throughput`, `first-fence` | `info` |
+//! | `exit`   | `0`..=`255`     | `0`     |
+//! | `mode`   | `fast`, `poll`, `trapped` (`run=bench-latency`) | `fast` |
+//! | `iters`  | `1`..=`100000` (`run=bench-latency`) | `1000` |
+//! | `kernel` | `sgemm`, `saxpy` (`run=bench-throughput`) | `sgemm` |
+//! | `size`   | `1`..=`268435456` (`run=bench-throughput`; sgemm: at most 4096) | `256` |
+//! | `batch`  | `1`..=`4095` (`run=bench-throughput`) | `8` |
 //!
 //! Unknown keys (and tokens without `=`) are reported and ignored; a known
 //! key with a bad value is reported and ignored. A repeated key: the last
-//! one wins.
+//! one wins. The benchmark keys are accepted with any `run=` and only used
+//! by the benchmark modes.
 
 /// What to do after the information lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +29,66 @@ pub enum RunMode {
     Fault,
     /// Run the vGPU conformance suite.
     Conformance,
+    /// Submit-to-fence round trips, one FENCE at a time.
+    BenchLatency,
+    /// A batch of kernel dispatches timed with the GPU clock.
+    BenchThroughput,
+    /// One fence as soon as possible after boot (no information lines).
+    FirstFence,
+}
+
+/// How `run=bench-latency` publishes the ring tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submit {
+    /// Tail shadow + doorbell write (an ioeventfd in the VMM).
+    Fast,
+    /// Tail shadow only; the GPU polls it (`CTX_CONTROL.POLL`).
+    Poll,
+    /// `CTX_RING_TAIL` write (trapped MMIO, handled by the VMM).
+    Trapped,
+}
+
+impl Submit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Poll => "poll",
+            Self::Trapped => "trapped",
+        }
+    }
+}
+
+/// The kernel `run=bench-throughput` dispatches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Sgemm,
+    Saxpy,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sgemm => "sgemm",
+            Self::Saxpy => "saxpy",
+        }
+    }
+}
+
+/// Most round trips `run=bench-latency` measures.
+pub const MAX_ITERS: u32 = 100_000;
+/// Largest `size=` (saxpy elements; 4 bytes each, so one buffer is at most 1 GiB).
+pub const MAX_SIZE: u64 = 1 << 28;
+/// Largest `batch=` (the dispatches and a fence fill a ring of 4096 packets).
+pub const MAX_BATCH: u32 = 4095;
+
+/// Options of the benchmark modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
+    pub submit: Submit,
+    pub iters: u32,
+    pub kernel: Kernel,
+    pub size: u64,
+    pub batch: u32,
 }
 
 /// Parsed options.
@@ -30,6 +96,7 @@ pub enum RunMode {
 pub struct Options {
     pub run: RunMode,
     pub exit_status: u8,
+    pub bench: BenchOptions,
 }
 
 impl Default for Options {
@@ -37,6 +104,13 @@ impl Default for Options {
         Self {
             run: RunMode::Info,
             exit_status: 0,
+            bench: BenchOptions {
+                submit: Submit::Fast,
+                iters: 1000,
+                kernel: Kernel::Sgemm,
+                size: 256,
+                batch: 8,
+            },
         }
     }
 }
@@ -50,18 +124,26 @@ pub enum Ignored<'a> {
     InvalidValue(&'a [u8]),
 }
 
-fn parse_u8(digits: &[u8]) -> Option<u8> {
-    if digits.is_empty() || digits.len() > 3 {
+/// A decimal number in `[min, max]` (at most 20 digits, no sign).
+fn parse_dec(digits: &[u8], min: u64, max: u64) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
         return None;
     }
-    let mut value: u32 = 0;
+    let mut value: u64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
-        value = value * 10 + u32::from(d - b'0');
+        value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
     }
-    u8::try_from(value).ok()
+    (min..=max).contains(&value).then_some(value)
+}
+
+fn parse_u8(digits: &[u8]) -> Option<u8> {
+    if digits.len() > 3 {
+        return None;
+    }
+    parse_dec(digits, 0, u64::from(u8::MAX)).map(|v| v as u8)
 }
 
 /// Parse `cmdline`, calling `ignored` for every token that has no effect.
@@ -76,20 +158,54 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             continue;
         };
         let (key, value) = (&token[..eq], &token[eq + 1..]);
-        match key {
-            b"run" => match value {
-                b"info" => opts.run = RunMode::Info,
-                b"echo" => opts.run = RunMode::Echo,
-                b"panic" => opts.run = RunMode::Panic,
-                b"fault" => opts.run = RunMode::Fault,
-                b"conformance" => opts.run = RunMode::Conformance,
-                _ => ignored(Ignored::InvalidValue(token)),
-            },
-            b"exit" => match parse_u8(value) {
-                Some(status) => opts.exit_status = status,
-                None => ignored(Ignored::InvalidValue(token)),
-            },
-            _ => ignored(Ignored::UnknownOption(token)),
+        let b = &mut opts.bench;
+        let ok = match key {
+            b"run" => {
+                let run = match value {
+                    b"info" => Some(RunMode::Info),
+                    b"echo" => Some(RunMode::Echo),
+                    b"panic" => Some(RunMode::Panic),
+                    b"fault" => Some(RunMode::Fault),
+                    b"conformance" => Some(RunMode::Conformance),
+                    b"bench-latency" => Some(RunMode::BenchLatency),
+                    b"bench-throughput" => Some(RunMode::BenchThroughput),
+                    b"first-fence" => Some(RunMode::FirstFence),
+                    _ => None,
+                };
+                run.map(|r| opts.run = r).is_some()
+            }
+            b"exit" => parse_u8(value).map(|s| opts.exit_status = s).is_some(),
+            b"mode" => {
+                let submit = match value {
+                    b"fast" => Some(Submit::Fast),
+                    b"poll" => Some(Submit::Poll),
+                    b"trapped" => Some(Submit::Trapped),
+                    _ => None,
+                };
+                submit.map(|s| b.submit = s).is_some()
+            }
+            b"iters" => parse_dec(value, 1, u64::from(MAX_ITERS))
+                .map(|n| b.iters = n as u32)
+                .is_some(),
+            b"kernel" => {
+                let kernel = match value {
+                    b"sgemm" => Some(Kernel::Sgemm),
+                    b"saxpy" => Some(Kernel::Saxpy),
+                    _ => None,
+                };
+                kernel.map(|k| b.kernel = k).is_some()
+            }
+            b"size" => parse_dec(value, 1, MAX_SIZE).map(|n| b.size = n).is_some(),
+            b"batch" => parse_dec(value, 1, u64::from(MAX_BATCH))
+                .map(|n| b.batch = n as u32)
+                .is_some(),
+            _ => {
+                ignored(Ignored::UnknownOption(token));
+                continue;
+            }
+        };
+        if !ok {
+            ignored(Ignored::InvalidValue(token));
         }
     }
     opts

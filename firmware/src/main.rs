@@ -8,6 +8,7 @@
 #![no_main]
 
 mod arena;
+mod bench;
 mod boot;
 mod cmdline;
 mod conformance;
@@ -48,6 +49,11 @@ pub extern "C" fn main(start_info: u64) -> ! {
             &[]
         }
     };
+    // `run=first-fence` races to its fence: no information lines (every
+    // serial byte is a VM exit), and ignored options are not reported.
+    if cmdline::parse(cmdline, |_| {}).run == RunMode::FirstFence {
+        exit(bench::first_fence())
+    }
     serial::print_line(format_args!("cmdline \""), &[cmdline, b"\""]);
     report_memory(info.as_ref().ok());
     report_cpus();
@@ -67,6 +73,10 @@ pub extern "C" fn main(start_info: u64) -> ! {
             // The suite decides the status: 0 only if every case passed.
             exit(conformance::run(info.as_ref().ok()))
         }
+        // The benchmarks decide the status too: 0 when they measured.
+        RunMode::BenchLatency => exit(bench::latency(&opts.bench)),
+        RunMode::BenchThroughput => exit(bench::throughput(info.as_ref().ok(), &opts.bench)),
+        RunMode::FirstFence => exit(bench::first_fence()),
     }
     exit(opts.exit_status)
 }

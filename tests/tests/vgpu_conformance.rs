@@ -28,7 +28,10 @@ fn conformance(profile: &str, memory: &str) {
     assert!(cases.len() >= 20, "expected the full suite, got:\n{out}");
     let failed: Vec<&&String> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
     assert!(failed.is_empty(), "failed cases: {failed:?}\n{out}");
-    assert!(vm.saw(&format!("conformance {0}/{0} passed", cases.len())), "{out}");
+    assert!(
+        vm.saw(&format!("conformance {0}/{0} passed", cases.len())),
+        "{out}"
+    );
     assert_eq!(status.code(), Some(0), "{out}");
 }
 

@@ -347,6 +347,28 @@ impl Vgpu {
         self.shared.doorbells.get(ctx as usize)
     }
 
+    /// Device counters for statistics: (packets queued in all contexts, faults since reset,
+    /// watchdog resets).
+    pub fn counters(&self) -> (u64, u64, u64) {
+        let st = self.shared.lock();
+        let queued = st
+            .ctx
+            .iter()
+            .filter(|c| c.runnable())
+            .map(|c| u64::from(c.tail.wrapping_sub(c.head)))
+            .sum();
+        (
+            queued,
+            u64::from(st.fault_count),
+            self.shared.tdr_resets.load(Ordering::Relaxed),
+        )
+    }
+
+    /// This vGPU's scheduler statistics.
+    pub fn sched_stats(&self) -> crate::sched::MemberStats {
+        self.shared.sched.stats(self.shared.member)
+    }
+
     /// Number of contexts.
     pub fn contexts(&self) -> u32 {
         self.shared.contexts

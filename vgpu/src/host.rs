@@ -170,6 +170,14 @@ impl HostClient {
 
     /// Queues `pkts`, then a fence, and blocks until the fence signals.
     pub fn run(&mut self, pkts: &[Packet]) -> Result<(), HostError> {
+        let fence = self.submit(pkts)?;
+        self.wait(fence)
+    }
+
+    /// Queues `pkts` and a fence without waiting; returns the fence value to [`wait`] for.
+    ///
+    /// [`wait`]: HostClient::wait
+    pub fn submit(&mut self, pkts: &[Packet]) -> Result<u64, HostError> {
         self.fence += 1;
         let fence = Packet {
             opcode: packet::OP_FENCE,
@@ -191,7 +199,12 @@ impl HostClient {
             self.tail = self.tail.wrapping_add(1);
             self.set_reg(regs::ctx_reg(0, regs::CTX_RING_TAIL), self.tail);
         }
-        self.wait_fence(self.fence)
+        Ok(self.fence)
+    }
+
+    /// Blocks until fence `value` (from [`HostClient::submit`]) signalled.
+    pub fn wait(&mut self, value: u64) -> Result<(), HostError> {
+        self.wait_fence(value)
     }
 
     fn wait_fence(&mut self, value: u64) -> Result<(), HostError> {

@@ -18,6 +18,7 @@ pub mod host;
 pub mod kernels;
 pub mod mem;
 pub mod mmu;
+pub mod physical;
 pub mod profile;
 pub mod sched;
 #[cfg(test)]

@@ -133,6 +133,8 @@ struct Member {
     alive: bool,
     /// When it last gave the GPU back (to tell "still busy" from "back from idle").
     last_release: Option<u64>,
+    /// Signalled when the GPU is handed to this member (no thundering herd).
+    cv: Arc<Condvar>,
 }
 
 impl Member {
@@ -154,9 +156,15 @@ pub struct State {
     pub slice_ns: u64,
     members: Vec<Member>,
     owner: Option<(MemberId, u64)>,
+    /// End of the owner's slice.
+    deadline: u64,
+    /// When the owner was first told to yield in this grant (for overrun accounting).
+    yield_at: Option<u64>,
     rr_next: usize,
     /// Handoff latencies (release → next grant), ns, most recent last.
     pub handoffs: VecDeque<u64>,
+    /// How far contended slices ran past their end, ns, most recent last.
+    pub overruns: VecDeque<u64>,
     released_at: Option<u64>,
 }
 
@@ -167,8 +175,11 @@ impl State {
             slice_ns: slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64,
             members: Vec::new(),
             owner: None,
+            deadline: 0,
+            yield_at: None,
             rr_next: 0,
             handoffs: VecDeque::new(),
+            overruns: VecDeque::new(),
             released_at: None,
         }
     }
@@ -184,6 +195,7 @@ impl State {
             switches: 0,
             alive: true,
             last_release: None,
+            cv: Arc::new(Condvar::new()),
         });
         self.members.len() - 1
     }
@@ -237,6 +249,21 @@ impl State {
         m.since = now;
     }
 
+    /// Whether the owner `id`, charged for its time so far, would still be picked next.
+    fn owner_still_first(&self, id: MemberId, now: u64) -> bool {
+        if !matches!(self.policy, Policy::EqualShare | Policy::FixedShare) {
+            return false;
+        }
+        let Some((o, start)) = self.owner.filter(|o| o.0 == id) else {
+            return false;
+        };
+        let m = &self.members[o];
+        let mine = m.vtime + now.saturating_sub(start) as f64 / self.weight(m);
+        self.members.iter().enumerate().all(|(i, w)| {
+            i == o || !(w.alive && w.waiting && self.under_cap(i, now)) || w.vtime > mine
+        })
+    }
+
     /// Who gets the GPU next among the waiting, eligible members.
     pub fn pick(&mut self, now: u64) -> Option<MemberId> {
         let n = self.members.len();
@@ -263,22 +290,37 @@ impl State {
 
     /// Gives the GPU to `id` at `now`.
     fn grant(&mut self, id: MemberId, now: u64) {
-        if let Some(r) = self.released_at.take() {
-            if self.handoffs.len() >= 4096 {
-                self.handoffs.pop_front();
-            }
-            self.handoffs.push_back(now.saturating_sub(r));
-        }
         let m = &mut self.members[id];
         m.waiting = false;
         m.switches += 1;
         self.owner = Some((id, now));
+        self.deadline = now + self.slice_ns;
+        self.yield_at = None;
+    }
+
+    /// Hands a free GPU to the next eligible waiter, if any, and wakes exactly that waiter.
+    fn hand_off(&mut self, now: u64) {
+        if self.owner.is_some() {
+            return;
+        }
+        if let Some(next) = self.pick(now) {
+            self.grant(next, now);
+            self.members[next].cv.notify_one();
+        }
     }
 
     /// Charges the owner for its time and frees the GPU.
     fn charge(&mut self, now: u64) -> Option<MemberId> {
         let (id, start) = self.owner.take()?;
         let busy = now.saturating_sub(start);
+        // Overrun: how long the owner kept the GPU after being told to yield (the work in
+        // flight at the preemption point).
+        if let Some(t) = self.yield_at.take() {
+            if self.overruns.len() >= 4096 {
+                self.overruns.pop_front();
+            }
+            self.overruns.push_back(now.saturating_sub(t));
+        }
         let w = self.weight(&self.members[id]);
         let m = &mut self.members[id];
         m.busy_ns += busy;
@@ -338,14 +380,17 @@ impl Grant {
         if now < self.deadline.load(Ordering::Relaxed) {
             return false;
         }
-        if !self.sched.contended.load(Ordering::Relaxed) {
-            let st = self.sched.lock();
-            let forced = st.policy == Policy::FixedQuantum || !st.under_cap(self.id, now);
-            if !forced {
-                // Alone on the GPU: extend the slice (work-conserving).
-                self.deadline.store(now + st.slice_ns, Ordering::Relaxed);
-                return false;
-            }
+        let mut st = self.sched.lock();
+        let forced = st.policy == Policy::FixedQuantum || !st.under_cap(self.id, now);
+        let contended = self.sched.contended.load(Ordering::Relaxed);
+        if !forced && (!contended || st.owner_still_first(self.id, now)) {
+            // Alone on the GPU, or still the one fair queuing would pick next: keep going
+            // for another slice instead of paying for a switch.
+            self.deadline.store(now + st.slice_ns, Ordering::Relaxed);
+            return false;
+        }
+        if st.owner.is_some_and(|o| o.0 == self.id) && st.yield_at.is_none() {
+            st.yield_at = Some(now);
         }
         true
     }
@@ -354,7 +399,6 @@ impl Grant {
 /// See the module documentation.
 pub struct Scheduler {
     state: Mutex<State>,
-    cv: Condvar,
     clock: Arc<dyn Clock>,
     contended: AtomicBool,
 }
@@ -372,7 +416,6 @@ impl Scheduler {
     pub fn new(policy: Policy, slice: Duration, clock: Arc<dyn Clock>) -> Arc<Self> {
         Arc::new(Scheduler {
             state: Mutex::new(State::new(policy, slice)),
-            cv: Condvar::new(),
             clock,
             contended: AtomicBool::new(false),
         })
@@ -403,13 +446,12 @@ impl Scheduler {
             m.alive = false;
             m.waiting = false;
         }
+        let now = self.clock.now_ns();
         if st.owner.is_some_and(|o| o.0 == id) {
-            let now = self.clock.now_ns();
             st.charge(now);
         }
+        st.hand_off(now);
         self.update_contention(&st);
-        drop(st);
-        self.cv.notify_all();
     }
 
     /// Changes the policy and slice at run time.
@@ -417,8 +459,6 @@ impl Scheduler {
         let mut st = self.lock();
         st.policy = policy;
         st.slice_ns = slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64;
-        drop(st);
-        self.cv.notify_all();
     }
 
     /// Changes a member's weight and cap.
@@ -426,7 +466,6 @@ impl Scheduler {
         if let Some(m) = self.lock().members.get_mut(id) {
             m.params = params;
         }
-        self.cv.notify_all();
     }
 
     fn update_contention(&self, st: &State) {
@@ -437,69 +476,67 @@ impl Scheduler {
     /// Blocks until member `id` holds the GPU (or `cancel` becomes true: then `None`).
     pub fn acquire(self: &Arc<Self>, id: MemberId, cancel: &AtomicBool) -> Option<Grant> {
         let mut st = self.lock();
+        let cv = st.members.get(id)?.cv.clone();
         st.wait(id, self.clock.now_ns());
+        st.hand_off(self.clock.now_ns());
         self.update_contention(&st);
         loop {
-            if cancel.load(Ordering::Acquire) || !st.members.get(id).is_some_and(|m| m.alive) {
-                if let Some(m) = st.members.get_mut(id) {
-                    m.waiting = false;
+            if let Some((o, granted)) = st.owner
+                && o == id
+            {
+                // Context switch cost: from the previous owner's release (the grant happens
+                // then) to this thread running again.
+                if st.released_at.take().is_some() {
+                    let now = self.clock.now_ns();
+                    if st.handoffs.len() >= 4096 {
+                        st.handoffs.pop_front();
+                    }
+                    st.handoffs.push_back(now.saturating_sub(granted));
                 }
+                let deadline = st.deadline;
+                self.update_contention(&st);
+                return Some(Grant {
+                    sched: self.clone(),
+                    id,
+                    deadline: AtomicU64::new(deadline),
+                });
+            }
+            if cancel.load(Ordering::Acquire) || !st.members[id].alive {
+                st.members[id].waiting = false;
                 self.update_contention(&st);
                 return None;
             }
-            if st.owner.is_none() {
-                let now = self.clock.now_ns();
-                if st.pick(now) == Some(id) {
-                    st.grant(id, now);
-                    self.update_contention(&st);
-                    let deadline = now + st.slice_ns;
-                    return Some(Grant {
-                        sched: self.clone(),
-                        id,
-                        deadline: AtomicU64::new(deadline),
-                    });
-                }
-                if st.pick_peek_none(now) {
-                    // Everyone waiting is over its cap: wait for the window to move.
-                    st = self
-                        .cv
-                        .wait_timeout(st, Duration::from_millis(1))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                    continue;
-                }
-                // Someone else was picked: let them take it.
-                self.cv.notify_all();
-            }
-            st = self
-                .cv
-                .wait_timeout(st, Duration::from_millis(5))
+            // The timeout re-checks caps (the window moves) and cancellation.
+            st = cv
+                .wait_timeout(st, Duration::from_millis(1))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.hand_off(self.clock.now_ns());
         }
     }
 
-    /// Gives the GPU back. With `FixedQuantum` the holder keeps it until its quantum ends
-    /// even when it has no more work (the world switch happens on the quantum boundary).
+    /// Gives the GPU back and hands it to the next waiter. With `FixedQuantum` the holder
+    /// keeps it until its quantum ends even when it has no more work (the world switch
+    /// happens on the quantum boundary).
     pub fn release(&self, grant: Grant) {
         let mut st = self.lock();
         if st.policy == Policy::FixedQuantum {
             let end = grant.deadline.load(Ordering::Relaxed);
+            let cv = st.members[grant.id].cv.clone();
             while self.clock.now_ns() < end && self.contended.load(Ordering::Relaxed) {
                 let left = end.saturating_sub(self.clock.now_ns());
-                st = self
-                    .cv
+                st = cv
                     .wait_timeout(st, Duration::from_nanos(left))
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
         }
+        let now = self.clock.now_ns();
         if st.owner.is_some_and(|o| o.0 == grant.id) {
-            let now = self.clock.now_ns();
             st.charge(now);
         }
-        drop(st);
-        self.cv.notify_all();
+        st.hand_off(now);
+        self.update_contention(&st);
     }
 
     /// Statistics of member `id`.
@@ -518,12 +555,17 @@ impl Scheduler {
     pub fn handoffs(&self) -> Vec<u64> {
         self.lock().handoffs.iter().copied().collect()
     }
-}
 
-impl State {
-    fn pick_peek_none(&self, now: u64) -> bool {
-        !(0..self.members.len())
-            .any(|i| self.members[i].alive && self.members[i].waiting && self.under_cap(i, now))
+    /// Recent slice overruns (how far a slice ran past its end while others waited) in ns.
+    pub fn overruns(&self) -> Vec<u64> {
+        self.lock().overruns.iter().copied().collect()
+    }
+
+    /// Forgets recorded handoffs and overruns (between benchmark phases).
+    pub fn clear_samples(&self) {
+        let mut st = self.lock();
+        st.handoffs.clear();
+        st.overruns.clear();
     }
 }
 

@@ -15,7 +15,7 @@
 // only built on the failure path, so its size costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
-mod driver;
+pub(crate) mod driver;
 mod fault_cases;
 mod irq_cases;
 mod mmu_cases;
@@ -273,7 +273,7 @@ pub fn size_bar(bdf: Bdf, bar: u8) -> (u64, u64, u32) {
 }
 
 /// Collect the RAM ranges of the PVH memory map.
-fn ram_map(info: Option<&StartInfo>) -> Ram {
+pub(crate) fn ram_map(info: Option<&StartInfo>) -> Ram {
     let mut ram = Ram {
         ranges: [Range::default(); 8],
         count: 0,

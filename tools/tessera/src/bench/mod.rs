@@ -1,6 +1,7 @@
 //! `tessera bench …`: side-by-side benchmarks that print medians and ratios from one run.
 
 mod boot;
+mod sched;
 mod vgpu;
 
 use std::path::PathBuf;
@@ -15,12 +16,15 @@ pub enum BenchCommand {
     Boot(boot::BootArgs),
     /// vGPU fast paths, guest vs native throughput, start to first fence.
     Vgpu(vgpu::VgpuArgs),
+    /// Many vGPUs on one GPU: fairness, weights, utilization, preemption, scale, switch cost.
+    Sched(sched::SchedArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
     let result = match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Vgpu(args) => vgpu::run(args),
+        BenchCommand::Sched(args) => sched::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,472 @@
+//! One physical GPU shared by many vGPUs: its backend(s), VRAM allocation, spatial partitions
+//! and their schedulers.
+//!
+//! A GPU is one or more partitions (MIG-like). Each partition has its own engines and VRAM
+//! range (a separate software GPU) and its own time-slice scheduler; vGPUs are created in a
+//! partition and share only its engines. Without partitions the GPU is one partition.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+
+use crate::backend::{BackendError, SoftGpu, VramPartition};
+use crate::profile::Profile;
+use crate::sched::{Clock, MemberStats, MonotonicClock, Policy, Scheduler};
+
+/// One spatial partition's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PartitionSpec {
+    /// Engines (software GPU threads).
+    pub engines: usize,
+    /// VRAM bytes.
+    pub vram: u64,
+}
+
+/// A physical GPU's shape and scheduling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuSpec {
+    /// The partitions (one for an unpartitioned GPU).
+    pub partitions: Vec<PartitionSpec>,
+    /// Policy of every partition's scheduler.
+    pub policy: Policy,
+    /// Time slice.
+    pub slice: Duration,
+}
+
+impl GpuSpec {
+    /// An unpartitioned GPU.
+    pub fn whole(vram: u64, engines: usize) -> Self {
+        GpuSpec {
+            partitions: vec![PartitionSpec { engines, vram }],
+            policy: Policy::EqualShare,
+            slice: crate::sched::DEFAULT_SLICE,
+        }
+    }
+}
+
+/// Errors of the physical GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum PhysicalError {
+    /// Building a backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// No partition has room for the profile.
+    #[error("no room for a {profile} vGPU ({vram} bytes of VRAM){where_}")]
+    NoRoom {
+        /// Profile name.
+        profile: &'static str,
+        /// Its VRAM.
+        vram: u64,
+        /// " in partition N" when one was asked for.
+        where_: String,
+    },
+    /// No such partition.
+    #[error("partition {0} does not exist")]
+    NoPartition(usize),
+    /// Invalid shape.
+    #[error("invalid GPU shape: {0}")]
+    Shape(String),
+}
+
+struct Partition {
+    gpu: Arc<SoftGpu>,
+    sched: Arc<Scheduler>,
+    vram: Mutex<AddressAllocator>,
+    spec: PartitionSpec,
+}
+
+/// See the module documentation.
+pub struct PhysicalGpu {
+    partitions: Vec<Partition>,
+}
+
+impl std::fmt::Debug for PhysicalGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhysicalGpu")
+            .field(
+                "partitions",
+                &self.partitions.iter().map(|p| p.spec).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// VRAM and scheduling resources of one vGPU instance; returning them (drop) scrubs its VRAM
+/// and frees the range for the next instance.
+pub struct Lease {
+    gpu: Arc<PhysicalGpu>,
+    partition: usize,
+    range: RangeInclusive,
+    vram: VramPartition,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("partition", &self.partition)
+            .field("range", &self.range)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The instance's VRAM.
+    pub fn vram(&self) -> &VramPartition {
+        &self.vram
+    }
+    /// The backend to run on.
+    pub fn backend(&self) -> Arc<SoftGpu> {
+        self.gpu.partitions[self.partition].gpu.clone()
+    }
+    /// The scheduler to register with.
+    pub fn scheduler(&self) -> Arc<Scheduler> {
+        self.gpu.partitions[self.partition].sched.clone()
+    }
+    /// The partition it lives in.
+    pub fn partition(&self) -> usize {
+        self.partition
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.vram.scrub();
+        if let Some(p) = self.gpu.partitions.get(self.partition) {
+            let mut a = p.vram.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = a.free(&self.range) {
+                tracing::error!("cannot return VRAM {:?}: {e}", self.range);
+            }
+        }
+    }
+}
+
+/// Scheduler statistics of one partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionInfo {
+    /// Index.
+    pub index: usize,
+    /// Shape.
+    pub spec: PartitionSpec,
+    /// Free VRAM bytes.
+    pub vram_free: u64,
+    /// Policy.
+    pub policy: String,
+    /// Slice in µs.
+    pub slice_us: u64,
+}
+
+impl PhysicalGpu {
+    /// A software GPU of `spec`'s shape with the monotonic clock.
+    pub fn new(spec: &GpuSpec) -> Result<Arc<Self>, PhysicalError> {
+        Self::with_clock(spec, Arc::new(MonotonicClock::default()))
+    }
+
+    /// A software GPU of `spec`'s shape whose schedulers use `clock`.
+    pub fn with_clock(spec: &GpuSpec, clock: Arc<dyn Clock>) -> Result<Arc<Self>, PhysicalError> {
+        if spec.partitions.is_empty()
+            || spec
+                .partitions
+                .iter()
+                .any(|p| p.engines == 0 || p.vram == 0)
+        {
+            return Err(PhysicalError::Shape(
+                "every partition needs at least one engine and some VRAM".into(),
+            ));
+        }
+        let mut partitions = Vec::new();
+        for p in &spec.partitions {
+            let vram = AddressAllocator::new(0, p.vram)
+                .map_err(|e| PhysicalError::Shape(format!("VRAM of {} bytes: {e}", p.vram)))?;
+            partitions.push(Partition {
+                gpu: Arc::new(SoftGpu::new(p.vram, p.engines)?),
+                sched: Scheduler::new(spec.policy, spec.slice, clock.clone()),
+                vram: Mutex::new(vram),
+                spec: *p,
+            });
+        }
+        Ok(Arc::new(PhysicalGpu { partitions }))
+    }
+
+    /// How many more instances of `profile` fit (over all partitions), like mdev's
+    /// `available_instances`.
+    pub fn available_instances(&self, profile: &Profile) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| {
+                let a = p.vram.lock().unwrap_or_else(|e| e.into_inner());
+                // Probe with a clone: allocate as many as fit.
+                let mut probe = a.clone();
+                let mut n = 0;
+                while probe
+                    .allocate(profile.vram, profile.vram, AllocPolicy::FirstMatch)
+                    .is_ok()
+                {
+                    n += 1;
+                }
+                n
+            })
+            .sum()
+    }
+
+    /// Reserves VRAM for an instance of `profile`, in `partition` or wherever it fits.
+    pub fn lease(
+        self: &Arc<Self>,
+        profile: &Profile,
+        partition: Option<usize>,
+    ) -> Result<Lease, PhysicalError> {
+        let candidates: Vec<usize> = match partition {
+            Some(i) if i < self.partitions.len() => vec![i],
+            Some(i) => return Err(PhysicalError::NoPartition(i)),
+            None => (0..self.partitions.len()).collect(),
+        };
+        for i in candidates {
+            let p = &self.partitions[i];
+            let range = {
+                let mut a = p.vram.lock().unwrap_or_else(|e| e.into_inner());
+                match a.allocate(profile.vram, profile.vram, AllocPolicy::FirstMatch) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            };
+            let vram = match p.gpu.partition(range.start(), profile.vram) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = p
+                        .vram
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .free(&range);
+                    return Err(e.into());
+                }
+            };
+            return Ok(Lease {
+                gpu: self.clone(),
+                partition: i,
+                range,
+                vram,
+            });
+        }
+        Err(PhysicalError::NoRoom {
+            profile: profile.name,
+            vram: profile.vram,
+            where_: partition
+                .map(|i| format!(" in partition {i}"))
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Switches every partition's policy and slice at run time.
+    pub fn set_policy(&self, policy: Policy, slice: Duration) {
+        for p in &self.partitions {
+            p.sched.set_policy(policy, slice);
+        }
+    }
+
+    /// The partitions and their state.
+    pub fn partitions(&self) -> Vec<PartitionInfo> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .map(|(index, p)| {
+                let (policy, slice) = p.sched.policy();
+                let a = p.vram.lock().unwrap_or_else(|e| e.into_inner());
+                let mut probe = a.clone();
+                let mut free = 0;
+                let mut size = p.spec.vram.next_power_of_two();
+                while size >= 4096 {
+                    while probe.allocate(size, size, AllocPolicy::FirstMatch).is_ok() {
+                        free += size;
+                    }
+                    size /= 2;
+                }
+                PartitionInfo {
+                    index,
+                    spec: p.spec,
+                    vram_free: free,
+                    policy: policy.to_string(),
+                    slice_us: slice.as_micros() as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// The scheduler of `partition`.
+    pub fn scheduler(&self, partition: usize) -> Option<Arc<Scheduler>> {
+        self.partitions.get(partition).map(|p| p.sched.clone())
+    }
+}
+
+/// Live statistics of one vGPU instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct VgpuStats {
+    /// Instance name.
+    pub name: String,
+    /// Partition.
+    pub partition: usize,
+    /// GPU-busy ns since creation.
+    pub busy_ns: u64,
+    /// Share of GPU time over the last 100 ms.
+    pub share: f64,
+    /// Packets queued in all contexts.
+    pub queue_depth: u64,
+    /// Times it was given the GPU.
+    pub context_switches: u64,
+    /// Faults.
+    pub faults: u64,
+    /// Watchdog resets.
+    pub resets: u64,
+}
+
+impl VgpuStats {
+    /// Combines scheduler and device counters.
+    pub fn new(name: &str, partition: usize, s: MemberStats, dev: (u64, u64, u64)) -> Self {
+        VgpuStats {
+            name: name.to_string(),
+            partition,
+            busy_ns: s.busy_ns,
+            share: s.window_share,
+            queue_depth: dev.0,
+            context_switches: s.switches,
+            faults: dev.1,
+            resets: dev.2,
+        }
+    }
+}
+
+/// Prometheus text exposition of `stats`.
+pub fn prometheus(stats: &[VgpuStats]) -> String {
+    let mut out = String::new();
+    type Metric = (&'static str, &'static str, fn(&VgpuStats) -> f64);
+    let metrics: [Metric; 6] = [
+        ("tessera_vgpu_busy_seconds_total", "counter", |s| {
+            s.busy_ns as f64 / 1e9
+        }),
+        ("tessera_vgpu_share", "gauge", |s| s.share),
+        ("tessera_vgpu_queue_depth", "gauge", |s| {
+            s.queue_depth as f64
+        }),
+        ("tessera_vgpu_context_switches_total", "counter", |s| {
+            s.context_switches as f64
+        }),
+        ("tessera_vgpu_faults_total", "counter", |s| s.faults as f64),
+        ("tessera_vgpu_resets_total", "counter", |s| s.resets as f64),
+    ];
+    for (name, kind, get) in metrics {
+        out.push_str(&format!("# TYPE {name} {kind}\n"));
+        for s in stats {
+            out.push_str(&format!(
+                "{name}{{vgpu=\"{}\",partition=\"{}\"}} {}\n",
+                s.name.replace('"', "'"),
+                s.partition,
+                get(s)
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+
+    fn profile(vram: u64) -> Profile {
+        Profile {
+            name: "t",
+            vram,
+            contexts: 2,
+            engines: 1,
+        }
+    }
+
+    #[test]
+    fn leases_follow_vram_and_are_reclaimed() {
+        let g = PhysicalGpu::new(&GpuSpec::whole(8 << 20, 1)).unwrap();
+        let p = profile(2 << 20);
+        assert_eq!(g.available_instances(&p), 4);
+        let a = g.lease(&p, None).unwrap();
+        let b = g.lease(&p, None).unwrap();
+        assert_eq!(g.available_instances(&p), 2);
+        use vm_memory::Bytes;
+        a.vram()
+            .memory
+            .write_obj(0xfeedu32, vm_memory::GuestAddress(0))
+            .unwrap();
+        drop(a);
+        assert_eq!(g.available_instances(&p), 3);
+        let c = g.lease(&p, None).unwrap();
+        assert_eq!(
+            c.vram()
+                .memory
+                .read_obj::<u32>(vm_memory::GuestAddress(0))
+                .unwrap(),
+            0,
+            "a new instance never sees the previous one's data"
+        );
+        let _d = g.lease(&p, None).unwrap();
+        let _e = g.lease(&p, None).unwrap();
+        assert!(matches!(
+            g.lease(&p, None),
+            Err(PhysicalError::NoRoom { .. })
+        ));
+        drop(b);
+        assert_eq!(g.partitions()[0].vram_free, 2 << 20);
+    }
+
+    #[test]
+    fn partitions_are_separate() {
+        let spec = GpuSpec {
+            partitions: vec![
+                PartitionSpec {
+                    engines: 1,
+                    vram: 4 << 20,
+                },
+                PartitionSpec {
+                    engines: 2,
+                    vram: 8 << 20,
+                },
+            ],
+            policy: Policy::BestEffort,
+            slice: Duration::from_millis(2),
+        };
+        let g = PhysicalGpu::new(&spec).unwrap();
+        let p = profile(4 << 20);
+        assert_eq!(g.available_instances(&p), 3);
+        let a = g.lease(&p, Some(0)).unwrap();
+        assert!(matches!(
+            g.lease(&p, Some(0)),
+            Err(PhysicalError::NoRoom { .. })
+        ));
+        let b = g.lease(&p, Some(1)).unwrap();
+        assert_ne!(Arc::as_ptr(&a.scheduler()), Arc::as_ptr(&b.scheduler()));
+        assert_eq!(b.backend().engines(), 2);
+        assert!(matches!(
+            g.lease(&p, Some(5)),
+            Err(PhysicalError::NoPartition(5))
+        ));
+        g.set_policy(Policy::FixedQuantum, Duration::from_millis(6));
+        assert_eq!(g.partitions()[1].policy, "fixed-quantum");
+        assert_eq!(g.partitions()[1].slice_us, 6000);
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let s = VgpuStats::new(
+            "vm1",
+            0,
+            MemberStats {
+                busy_ns: 2_000_000_000,
+                ..Default::default()
+            },
+            (3, 1, 0),
+        );
+        let t = prometheus(&[s]);
+        assert!(
+            t.contains("tessera_vgpu_busy_seconds_total{vgpu=\"vm1\",partition=\"0\"} 2\n"),
+            "{t}"
+        );
+        assert!(t.contains("tessera_vgpu_queue_depth{vgpu=\"vm1\",partition=\"0\"} 3\n"));
+    }
+}

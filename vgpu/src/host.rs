@@ -87,6 +87,25 @@ impl HostClient {
         sched: (Arc<Scheduler>, Params),
         sys_size: u64,
     ) -> Result<Self, HostError> {
+        Self::with_watchdog(
+            profile,
+            vram,
+            backend,
+            sched,
+            sys_size,
+            crate::device::DEFAULT_WATCHDOG,
+        )
+    }
+
+    /// Like [`HostClient::new`], with the vGPU's watchdog limit per packet.
+    pub fn with_watchdog(
+        profile: Profile,
+        vram: VramPartition,
+        backend: Arc<dyn Backend>,
+        sched: (Arc<Scheduler>, Params),
+        sys_size: u64,
+        watchdog: std::time::Duration,
+    ) -> Result<Self, HostError> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), sys_size as usize)])
             .map_err(mem_err)?;
         let vram_size = vram.size;
@@ -104,7 +123,7 @@ impl HostClient {
             msi: Arc::new(NoMsi),
             sched: sched.0,
             sched_params: sched.1,
-            watchdog: crate::device::DEFAULT_WATCHDOG,
+            watchdog,
         })?;
         let w = |at: u64, v: u64| mem.write_obj(v, GuestAddress(at)).map_err(mem_err);
         // Identity map of sysmem and VRAM at VRAM_VA, 2 MiB pages.
@@ -205,6 +224,11 @@ impl HostClient {
     /// Blocks until fence `value` (from [`HostClient::submit`]) signalled.
     pub fn wait(&mut self, value: u64) -> Result<(), HostError> {
         self.wait_fence(value)
+    }
+
+    /// The device underneath (for statistics).
+    pub fn device(&self) -> &Vgpu {
+        &self.dev
     }
 
     fn wait_fence(&mut self, value: u64) -> Result<(), HostError> {

@@ -218,11 +218,18 @@ impl FromStr for SerialConfig {
 pub struct VgpuConfig {
     /// The profile (VRAM size, contexts).
     pub profile: &'static vgpu::Profile,
+    /// Scheduler weight (1..=1000) on a shared GPU.
+    pub weight: u32,
+    /// Cap in percent of GPU time (1..=100).
+    pub cap: u32,
+    /// Spatial partition of a shared GPU (any that fits when absent).
+    pub partition: Option<usize>,
 }
 
 impl VgpuConfig {
     /// Accepted syntax.
-    pub const SYNTAX: &'static str = "profile=<name> or just <name>";
+    pub const SYNTAX: &'static str =
+        "profile=<name>[,weight=<1-1000>][,cap=<1-100>][,partition=<n>] or just <name>";
 }
 
 impl FromStr for VgpuConfig {
@@ -237,8 +244,18 @@ impl FromStr for VgpuConfig {
         };
         let err = |m: String| syntax("--vgpu", Self::SYNTAX, m);
         let mut profile = None;
+        let (mut weight, mut cap, mut partition) = (1, 100, None);
+        let num = |k: &str, v: &str, lo: u32, hi: u32| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| (lo..=hi).contains(n))
+                .ok_or_else(|| err(format!("{k} takes {lo}..={hi}, not {v:?}")))
+        };
         for (k, v) in pairs(s, "profile", "--vgpu", Self::SYNTAX)? {
             match k {
+                "weight" => weight = num(k, v, 1, 1000)?,
+                "cap" => cap = num(k, v, 1, 100)?,
+                "partition" => partition = Some(num(k, v, 0, 63)? as usize),
                 "profile" => {
                     profile = Some(vgpu::profile::find(v).ok_or_else(|| {
                         err(format!("unknown profile {v:?} (known: {})", known()))
@@ -249,6 +266,9 @@ impl FromStr for VgpuConfig {
         }
         Ok(VgpuConfig {
             profile: profile.ok_or_else(|| err("profile is missing".into()))?,
+            weight,
+            cap,
+            partition,
         })
     }
 }
@@ -338,7 +358,17 @@ mod tests {
             "profile=1G".parse::<VgpuConfig>().unwrap().profile.vram,
             1 << 30
         );
-        for bad in ["", "3G", "profile=", "profile=256M,x=1"] {
+        let v: VgpuConfig = "profile=64M,weight=4,cap=50,partition=1".parse().unwrap();
+        assert_eq!((v.weight, v.cap, v.partition), (4, 50, Some(1)));
+        for bad in [
+            "",
+            "3G",
+            "profile=",
+            "profile=256M,x=1",
+            "256M,weight=0",
+            "256M,cap=101",
+            "256M,weight=x",
+        ] {
             assert!(
                 bad.parse::<VgpuConfig>().is_err(),
                 "{bad:?} must be rejected"

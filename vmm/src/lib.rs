@@ -16,4 +16,4 @@ mod vm;
 
 pub use config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
 pub use devices::ExitReason;
-pub use vm::{Vm, VmError};
+pub use vm::{VgpuProbe, Vm, VmError};

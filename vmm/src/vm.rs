@@ -20,7 +20,8 @@ use devices::{Bus, BusDevice, EventFdTrigger, ExitHandle, ExitReason};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
-use vgpu::backend::SoftGpu;
+use vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
+use vgpu::sched::Params;
 use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -154,6 +155,26 @@ pub struct Vm {
     stdin_input: bool,
     /// Devices the buses refer to weakly.
     _devices: Vec<Arc<Mutex<dyn BusDevice>>>,
+    /// VRAM and scheduling leases of the vGPUs, returned after the devices are gone.
+    _leases: Vec<vgpu::physical::Lease>,
+    vgpus: Vec<Arc<Mutex<Vgpu>>>,
+}
+
+/// Live statistics of a VM's vGPUs, usable from another thread while the VM runs.
+#[derive(Debug, Clone)]
+pub struct VgpuProbe(Vec<Arc<Mutex<Vgpu>>>);
+
+impl VgpuProbe {
+    /// Per vGPU: scheduler statistics and device counters (queued packets, faults, resets).
+    pub fn stats(&self) -> Vec<(vgpu::sched::MemberStats, (u64, u64, u64))> {
+        self.0
+            .iter()
+            .map(|v| {
+                let v = v.lock().unwrap_or_else(|e| e.into_inner());
+                (v.sched_stats(), v.counters())
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -218,8 +239,17 @@ fn dup_fd(fd: libc::c_int, what: &'static str) -> Result<File, VmError> {
 
 impl Vm {
     /// Builds a VM from `config`: opens the files, creates the KVM VM and its devices, loads
-    /// the kernel and configures the vCPUs. Nothing runs until [`Vm::run`].
+    /// the kernel and configures the vCPUs. Nothing runs until [`Vm::run`]. Each vGPU gets a
+    /// private GPU.
     pub fn new(config: &VmConfig) -> Result<Vm, VmError> {
+        Self::with_gpu(config, None)
+    }
+
+    /// Like [`Vm::new`], with the vGPUs placed on `shared_gpu` (many VMs, one GPU).
+    pub fn with_gpu(
+        config: &VmConfig,
+        shared_gpu: Option<Arc<PhysicalGpu>>,
+    ) -> Result<Vm, VmError> {
         let kpath = config.kernel.display().to_string();
         let mut kernel = File::open(&config.kernel).map_err(|source| VmError::KernelOpen {
             path: kpath.clone(),
@@ -352,9 +382,14 @@ impl Vm {
             .map_err(|e| VmError::Devices(e.to_string()))?;
         let mut bars = BarAllocator::new(PCI_MMIO32, PCI_MMIO64)
             .map_err(|e| VmError::Devices(e.to_string()))?;
+        let mut leases = Vec::new();
+        let mut vgpus = Vec::new();
         for (n, vg) in config.vgpus.iter().enumerate() {
-            let dev = build_vgpu(vg, n, &ram, &vm_fd, &mut bars)?;
-            root.add_device(1 + n as u8, Arc::new(Mutex::new(dev)))
+            let (dev, lease) = build_vgpu(vg, n, &ram, &vm_fd, &mut bars, shared_gpu.as_ref())?;
+            leases.push(lease);
+            let dev = Arc::new(Mutex::new(dev));
+            vgpus.push(dev.clone());
+            root.add_device(1 + n as u8, dev)
                 .map_err(|e| VmError::Devices(e.to_string()))?;
         }
         add_pio(Arc::new(Mutex::new(root)), CONF1_BASE, CONF1_LEN)?;
@@ -408,7 +443,14 @@ impl Vm {
             stdin_input: matches!(config.serial, SerialConfig::Stdio),
             serial,
             _devices: devs,
+            _leases: leases,
+            vgpus,
         })
+    }
+
+    /// A handle on the vGPUs' live statistics.
+    pub fn vgpu_probe(&self) -> VgpuProbe {
+        VgpuProbe(self.vgpus.clone())
     }
 
     /// The memfd backing guest RAM (for sharing it with another process).
@@ -506,18 +548,25 @@ impl Vm {
     }
 }
 
-/// An in-process vGPU on its own software GPU, with its BARs allocated.
+/// An in-process vGPU on `shared` (or on a private GPU of its own), with its BARs allocated.
 fn build_vgpu(
     vg: &VgpuConfig,
     n: usize,
     ram: &GuestRam,
     vm_fd: &Arc<VmFd>,
     bars: &mut BarAllocator,
-) -> Result<Vgpu, VmError> {
+    shared: Option<&Arc<PhysicalGpu>>,
+) -> Result<(Vgpu, Lease), VmError> {
     let p = vg.profile;
     let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(format!("vGPU {n}: {e}"));
-    let gpu = SoftGpu::new(p.vram, p.engines).map_err(|e| dev_err(&error_chain(&e)))?;
-    let vram = gpu.partition(0, p.vram).map_err(|e| dev_err(&e))?;
+    let gpu = match shared {
+        Some(g) => g.clone(),
+        None => PhysicalGpu::new(&GpuSpec::whole(p.vram, p.engines))
+            .map_err(|e| dev_err(&error_chain(&e)))?,
+    };
+    let lease = gpu
+        .lease(p, vg.partition)
+        .map_err(|e| dev_err(&error_chain(&e)))?;
     let regs = bars
         .allocate(
             vgpu_abi::pci::BAR_REGS_SIZE,
@@ -531,7 +580,7 @@ fn build_vgpu(
         .map_err(|e| dev_err(&e))?;
     let profile_index = vgpu::PROFILES.iter().position(|q| q == p).unwrap_or(0);
     tracing::debug!(n, profile = p.name, regs, vram_bar, "vGPU");
-    Vgpu::new(VgpuSetup {
+    let dev = Vgpu::new(VgpuSetup {
         profile: *p,
         subsystem_id: profile_index as u16 + 1,
         bars: BarAddresses {
@@ -540,14 +589,18 @@ fn build_vgpu(
         },
         sys: ram.memory.clone(),
         domain: DmaDomain::new(memory::ram_ranges(ram.size)),
-        vram,
-        backend: Arc::new(gpu),
+        vram: lease.vram().clone(),
+        backend: lease.backend(),
         msi: Arc::new(KvmMsi(vm_fd.clone())),
-        sched: vgpu::sched::Scheduler::private(),
-        sched_params: vgpu::sched::Params::default(),
+        sched: lease.scheduler(),
+        sched_params: Params {
+            weight: vg.weight,
+            cap_percent: vg.cap,
+        },
         watchdog: vgpu::device::DEFAULT_WATCHDOG,
     })
-    .map_err(|e| dev_err(&error_chain(&e)))
+    .map_err(|e| dev_err(&error_chain(&e)))?;
+    Ok((dev, lease))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

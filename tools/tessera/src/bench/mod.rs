@@ -3,6 +3,7 @@
 mod boot;
 mod sched;
 mod vgpu;
+mod vms;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Vgpu(vgpu::VgpuArgs),
     /// Many vGPUs on one GPU: fairness, weights, utilization, preemption, scale, switch cost.
     Sched(sched::SchedArgs),
+    /// N firmware VMs sharing one GPU, each running a load.
+    Vms(vms::VmsArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -25,6 +28,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Vgpu(args) => vgpu::run(args),
         BenchCommand::Sched(args) => sched::run(args),
+        BenchCommand::Vms(args) => vms::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,206 @@
+//! `tessera bench vms`: N firmware VMs (each its own KVM VM, in this process) sharing one
+//! physical GPU, each running a load; GPU-time shares from the scheduler.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use vgpu::physical::{GpuSpec, PhysicalGpu};
+use vgpu::sched::Policy;
+use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
+use vmm::{ExitReason, Vm};
+
+use super::default_firmware;
+
+/// Options.
+#[derive(Debug, Args)]
+pub struct VmsArgs {
+    /// Loads, one per VM: busy, bursty, long, idle (comma-separated).
+    #[arg(long, default_value = "busy,busy,busy,busy", value_delimiter = ',')]
+    loads: Vec<String>,
+    /// Weights, one per VM (default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<u32>,
+    /// Scheduling policy.
+    #[arg(long, default_value = "equal-share")]
+    policy: Policy,
+    /// Time slice in ms (1–30).
+    #[arg(long, default_value_t = 2)]
+    slice_ms: u64,
+    /// Seconds each VM runs its load.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Firmware PVH ELF (default: target/firmware/tessera-fw.elf).
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct VmReport {
+    load: String,
+    weight: u32,
+    share: f64,
+    busy_ms: f64,
+    jobs: u64,
+    exit: i32,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    policy: String,
+    vms: Vec<VmReport>,
+    /// Jain index over the busy VMs' GPU time divided by weight.
+    jain_busy: f64,
+    /// GPU-busy time over the measured wall time.
+    utilization: f64,
+}
+
+const VM_PROFILE: &str = "64M";
+
+pub fn run(args: VmsArgs) -> Result<(), String> {
+    let fw = args.firmware.unwrap_or_else(default_firmware);
+    if !fw.exists() {
+        return Err(format!(
+            "firmware {} not found (cargo xtask firmware)",
+            fw.display()
+        ));
+    }
+    let n = args.loads.len();
+    if n == 0 || n > 64 {
+        return Err("between 1 and 64 VMs".into());
+    }
+    let profile = vgpu::profile::find(VM_PROFILE).ok_or("no 64M profile")?;
+    let gpu = PhysicalGpu::new(&GpuSpec {
+        policy: args.policy,
+        slice: Duration::from_millis(args.slice_ms),
+        ..GpuSpec::whole(profile.vram * n as u64, profile.engines)
+    })
+    .map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("tessera-bench-vms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (probe_tx, probe_rx) = mpsc::channel();
+    let mut threads = Vec::new();
+    for (i, load) in args.loads.iter().enumerate() {
+        let weight = args.weights.get(i).copied().unwrap_or(1);
+        let config = VmConfig {
+            kernel: fw.clone(),
+            initramfs: None,
+            cmdline: format!("run=load kind={load} seconds={}", args.seconds),
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig { size: 64 << 20 },
+            serial: SerialConfig::File(dir.join(format!("vm{i}.log"))),
+            vgpus: vec![VgpuConfig {
+                profile,
+                weight,
+                cap: 100,
+                partition: None,
+            }],
+            kvm_path: PathBuf::from("/dev/kvm"),
+        };
+        let (gpu, tx) = (gpu.clone(), probe_tx.clone());
+        threads.push(std::thread::spawn(move || -> Result<ExitReason, String> {
+            let vm = Vm::with_gpu(&config, Some(gpu)).map_err(|e| format!("VM {i}: {e}"))?;
+            let _ = tx.send((i, vm.vgpu_probe()));
+            vm.run().map_err(|e| format!("VM {i}: {e}"))
+        }));
+    }
+    drop(probe_tx);
+    let mut probes: Vec<Option<vmm::VgpuProbe>> = vec![None; n];
+    for (i, p) in probe_rx.iter().take(n) {
+        probes[i] = Some(p);
+    }
+    let busy = |probes: &[Option<vmm::VgpuProbe>]| -> Vec<u64> {
+        probes
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map_or(0, |p| p.stats().iter().map(|s| s.0.busy_ns).sum())
+            })
+            .collect()
+    };
+    // Measure the middle of the run: boots and shutdowns are not sharing.
+    let margin = Duration::from_millis(400);
+    std::thread::sleep(margin);
+    let (b0, t0) = (busy(&probes), Instant::now());
+    std::thread::sleep(Duration::from_secs(args.seconds).saturating_sub(2 * margin));
+    let (b1, wall) = (busy(&probes), t0.elapsed());
+    let mut exits = Vec::new();
+    for t in threads {
+        exits.push(match t.join() {
+            Ok(Ok(r)) => r.status(),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a VM thread panicked".into()),
+        });
+    }
+    let delta: Vec<f64> = b1.iter().zip(&b0).map(|(a, b)| (a - b) as f64).collect();
+    let total: f64 = delta.iter().sum();
+    let mut vms = Vec::new();
+    for i in 0..n {
+        let log = std::fs::read_to_string(dir.join(format!("vm{i}.log"))).unwrap_or_default();
+        let jobs = log
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("jobs="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        vms.push(VmReport {
+            load: args.loads[i].clone(),
+            weight: args.weights.get(i).copied().unwrap_or(1),
+            share: if total > 0.0 { delta[i] / total } else { 0.0 },
+            busy_ms: delta[i] / 1e6,
+            jobs,
+            exit: exits[i],
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let norm: Vec<f64> = vms
+        .iter()
+        .filter(|v| v.load == "busy")
+        .map(|v| v.busy_ms / f64::from(v.weight.max(1)))
+        .collect();
+    let (s, q) = (
+        norm.iter().sum::<f64>(),
+        norm.iter().map(|x| x * x).sum::<f64>(),
+    );
+    let r = Report {
+        policy: args.policy.to_string(),
+        jain_busy: if q > 0.0 {
+            s * s / (norm.len() as f64 * q)
+        } else {
+            0.0
+        },
+        utilization: total / wall.as_nanos() as f64,
+        vms,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "{n} firmware VMs on one GPU, {}, {} ms slices",
+            r.policy, args.slice_ms
+        );
+        println!("  vm  load     weight  share   busy ms   jobs  exit");
+        for (i, v) in r.vms.iter().enumerate() {
+            println!(
+                "  {i:<3} {:<8} {:>6} {:>6.3} {:>9.1} {:>6} {:>5}",
+                v.load, v.weight, v.share, v.busy_ms, v.jobs, v.exit
+            );
+        }
+        println!(
+            "  Jain (busy VMs, per weight) {:.4}; GPU busy {:.1} %",
+            r.jain_busy,
+            r.utilization * 100.0
+        );
+    }
+    if r.vms.iter().any(|v| v.exit != 0) {
+        return Err("a VM did not exit with status 0".into());
+    }
+    Ok(())
+}

@@ -2,18 +2,24 @@
 //!
 //! | key      | values          | default |
 //! |----------|-----------------|---------|
-//! | `run`    | `info`, `echo`, `panic`, `fault`, `conformance`, `bench-latency`, `bench-throughput`, `first-fence` | `info` |
+//! | `run`    | `info`, `echo`, `panic`, `fault`, `conformance`, `bench-latency`, `bench-throughput`, `first-fence`, `load` | `info` |
 //! | `exit`   | `0`..=`255`     | `0`     |
 //! | `mode`   | `fast`, `poll`, `trapped` (`run=bench-latency`) | `fast` |
 //! | `iters`  | `1`..=`100000` (`run=bench-latency`) | `1000` |
 //! | `kernel` | `sgemm`, `saxpy` (`run=bench-throughput`) | `sgemm` |
 //! | `size`   | `1`..=`268435456` (`run=bench-throughput`; sgemm: at most 4096) | `256` |
 //! | `batch`  | `1`..=`4095` (`run=bench-throughput`) | `8` |
+//! | `kind`   | `busy`, `bursty`, `long`, `idle` (`run=load`) | `busy` |
+//! | `seconds` | `1`..=`600` (`run=load`) | `2` |
+//! | `us`     | `1`..=`1000000` (`run=load`: SPIN_US µs per workgroup) | `250` |
+//! | `groups` | `1`..=`65536` (`run=load`: SPIN_US workgroups) | `8` (`kind=long`: `4000` for the first dispatch) |
 //!
 //! Unknown keys (and tokens without `=`) are reported and ignored; a known
 //! key with a bad value is reported and ignored. A repeated key: the last
-//! one wins. The benchmark keys are accepted with any `run=` and only used
-//! by the benchmark modes.
+//! one wins. The benchmark and load keys are accepted with any `run=` and
+//! only used by the benchmark modes and `run=load`.
+
+use vgpu_abi::limits;
 
 /// What to do after the information lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +41,8 @@ pub enum RunMode {
     BenchThroughput,
     /// One fence as soon as possible after boot (no information lines).
     FirstFence,
+    /// A GPU load for the multi-VM scheduler harness (no information lines).
+    Load,
 }
 
 /// How `run=bench-latency` publishes the ring tail.
@@ -74,6 +82,44 @@ impl Kernel {
     }
 }
 
+/// The load `run=load` generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadKind {
+    /// The queue kept non-empty for the whole run.
+    Busy,
+    /// Alternating busy and idle phases.
+    Bursty,
+    /// One long dispatch, then busy.
+    Long,
+    /// No GPU work at all.
+    Idle,
+}
+
+impl LoadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::Bursty => "bursty",
+            Self::Long => "long",
+            Self::Idle => "idle",
+        }
+    }
+}
+
+/// Longest `run=load` (`seconds=`).
+pub const MAX_LOAD_SECONDS: u32 = 600;
+
+/// Options of `run=load`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub kind: LoadKind,
+    pub seconds: u32,
+    /// SPIN_US microseconds per workgroup.
+    pub us: u64,
+    /// SPIN_US workgroups (`None`: the kind's default).
+    pub groups: Option<u64>,
+}
+
 /// Most round trips `run=bench-latency` measures.
 pub const MAX_ITERS: u32 = 100_000;
 /// Largest `size=` (saxpy elements; 4 bytes each, so one buffer is at most 1 GiB).
@@ -97,6 +143,7 @@ pub struct Options {
     pub run: RunMode,
     pub exit_status: u8,
     pub bench: BenchOptions,
+    pub load: LoadOptions,
 }
 
 impl Default for Options {
@@ -110,6 +157,12 @@ impl Default for Options {
                 kernel: Kernel::Sgemm,
                 size: 256,
                 batch: 8,
+            },
+            load: LoadOptions {
+                kind: LoadKind::Busy,
+                seconds: 2,
+                us: 250,
+                groups: None,
             },
         }
     }
@@ -170,6 +223,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
                     b"bench-latency" => Some(RunMode::BenchLatency),
                     b"bench-throughput" => Some(RunMode::BenchThroughput),
                     b"first-fence" => Some(RunMode::FirstFence),
+                    b"load" => Some(RunMode::Load),
                     _ => None,
                 };
                 run.map(|r| opts.run = r).is_some()
@@ -198,6 +252,25 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             b"size" => parse_dec(value, 1, MAX_SIZE).map(|n| b.size = n).is_some(),
             b"batch" => parse_dec(value, 1, u64::from(MAX_BATCH))
                 .map(|n| b.batch = n as u32)
+                .is_some(),
+            b"kind" => {
+                let kind = match value {
+                    b"busy" => Some(LoadKind::Busy),
+                    b"bursty" => Some(LoadKind::Bursty),
+                    b"long" => Some(LoadKind::Long),
+                    b"idle" => Some(LoadKind::Idle),
+                    _ => None,
+                };
+                kind.map(|k| opts.load.kind = k).is_some()
+            }
+            b"seconds" => parse_dec(value, 1, u64::from(MAX_LOAD_SECONDS))
+                .map(|n| opts.load.seconds = n as u32)
+                .is_some(),
+            b"us" => parse_dec(value, 1, limits::MAX_SPIN_US)
+                .map(|n| opts.load.us = n)
+                .is_some(),
+            b"groups" => parse_dec(value, 1, limits::MAX_SPIN_GROUPS)
+                .map(|n| opts.load.groups = Some(n))
                 .is_some(),
             _ => {
                 ignored(Ignored::UnknownOption(token));

@@ -51,18 +51,19 @@ pub extern "C" fn main(start_info: u64) -> ! {
     };
     // `run=first-fence` races to its fence: no information lines (every
     // serial byte is a VM exit), and ignored options are not reported.
-    if cmdline::parse(cmdline, |_| {}).run == RunMode::FirstFence {
-        exit(bench::first_fence())
+    // `run=load` skips the information lines too (many VMs boot at once) but
+    // reports ignored options: a wrong `seconds=` should not pass unnoticed.
+    match cmdline::parse(cmdline, |_| {}).run {
+        RunMode::FirstFence => exit(bench::first_fence()),
+        RunMode::Load => exit(bench::load(&cmdline::parse(cmdline, report_ignored).load)),
+        _ => {}
     }
     serial::print_line(format_args!("cmdline \""), &[cmdline, b"\""]);
     report_memory(info.as_ref().ok());
     report_cpus();
     report_pci();
 
-    let opts = cmdline::parse(cmdline, |ignored| match ignored {
-        Ignored::UnknownOption(tok) => serial::print_line(format_args!("unknown option "), &[tok]),
-        Ignored::InvalidValue(tok) => serial::print_line(format_args!("invalid option "), &[tok]),
-    });
+    let opts = cmdline::parse(cmdline, report_ignored);
 
     match opts.run {
         RunMode::Info => {}
@@ -77,8 +78,17 @@ pub extern "C" fn main(start_info: u64) -> ! {
         RunMode::BenchLatency => exit(bench::latency(&opts.bench)),
         RunMode::BenchThroughput => exit(bench::throughput(info.as_ref().ok(), &opts.bench)),
         RunMode::FirstFence => exit(bench::first_fence()),
+        RunMode::Load => exit(bench::load(&opts.load)),
     }
     exit(opts.exit_status)
+}
+
+/// Print a command-line token the parser ignored.
+fn report_ignored(ignored: Ignored<'_>) {
+    match ignored {
+        Ignored::UnknownOption(tok) => serial::print_line(format_args!("unknown option "), &[tok]),
+        Ignored::InvalidValue(tok) => serial::print_line(format_args!("invalid option "), &[tok]),
+    }
 }
 
 fn report_memory(info: Option<&pvh::StartInfo>) {

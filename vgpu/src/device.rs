@@ -714,13 +714,11 @@ fn hold(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
     grant.is_some()
 }
 
-/// Gives the GPU back.
+/// Gives the GPU back. (Clones of the grant may outlive this in finished engine jobs'
+/// stop checks; they are inert once the scheduler has moved on.)
 fn give_back(sh: &Shared, grant: &mut Option<Arc<Grant>>) {
     if let Some(g) = grant.take() {
-        match Arc::try_unwrap(g) {
-            Ok(g) => sh.sched.release(g),
-            Err(g) => *grant = Some(g),
-        }
+        sh.sched.release(&g);
     }
 }
 

@@ -518,7 +518,7 @@ impl Scheduler {
     /// Gives the GPU back and hands it to the next waiter. With `FixedQuantum` the holder
     /// keeps it until its quantum ends even when it has no more work (the world switch
     /// happens on the quantum boundary).
-    pub fn release(&self, grant: Grant) {
+    pub fn release(&self, grant: &Grant) {
         let mut st = self.lock();
         if st.policy == Policy::FixedQuantum {
             let end = grant.deadline.load(Ordering::Relaxed);
@@ -722,7 +722,7 @@ mod tests {
                         while !g.should_yield() && !stop.load(Ordering::Relaxed) {
                             std::hint::spin_loop();
                         }
-                        s.release(g);
+                        s.release(&g);
                     }
                 })
             })

@@ -1,7 +1,8 @@
 //! Benchmark modes, read by `tessera bench vgpu`: `run=bench-latency`
 //! (submit → fence round trips per submission path), `run=bench-throughput`
-//! (a batch of kernel dispatches timed with the GPU clock) and
-//! `run=first-fence` (one fence as early after boot as possible).
+//! (a batch of kernel dispatches timed with the GPU clock),
+//! `run=first-fence` (one fence as early after boot as possible), and the
+//! GPU load generator `run=load` for the multi-VM scheduler harness.
 //!
 //! They share a deliberately small driver: the vGPU is found with a silent
 //! PCI scan that stops at the first match, context 0 gets identity GPU page
@@ -19,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 mod latency;
+mod load;
 mod throughput;
 
 use core::cell::UnsafeCell;
@@ -32,6 +34,7 @@ use crate::pci::{self, Bdf};
 use crate::serial::fw_println;
 
 pub use latency::latency;
+pub use load::load;
 pub use throughput::throughput;
 
 /// The context every benchmark uses.

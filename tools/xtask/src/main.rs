@@ -114,9 +114,14 @@ fn guest_images() -> Result<()> {
              image is not built (its test is skipped)"
         );
     } else {
+        // The tessera_vgpu module, libtessera and the guest tools go into the image.
+        run(Command::new("bash")
+            .arg(root.join("guest-images/guest-tools.sh"))
+            .arg(&out))?;
         run(Command::new("bash")
             .arg(root.join("guest-images/debian-image.sh"))
-            .arg(&out))?;
+            .arg(&out)
+            .env("EXTRA_DIR", out.join("extra")))?;
     }
     Ok(())
 }

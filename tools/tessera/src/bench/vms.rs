@@ -140,8 +140,10 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     let delta: Vec<f64> = b1.iter().zip(&b0).map(|(a, b)| (a - b) as f64).collect();
     let total: f64 = delta.iter().sum();
     let mut vms = Vec::new();
-    for i in 0..n {
-        let log = std::fs::read_to_string(dir.join(format!("vm{i}.log"))).unwrap_or_default();
+    let logs: Vec<String> = (0..n)
+        .map(|i| std::fs::read_to_string(dir.join(format!("vm{i}.log"))).unwrap_or_default())
+        .collect();
+    for (i, log) in logs.iter().enumerate() {
         let jobs = log
             .split_whitespace()
             .find_map(|t| t.strip_prefix("jobs="))
@@ -199,8 +201,11 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
             r.utilization * 100.0
         );
     }
-    if r.vms.iter().any(|v| v.exit != 0) {
-        return Err("a VM did not exit with status 0".into());
+    if let Some((i, _)) = r.vms.iter().enumerate().find(|(_, v)| v.exit != 0) {
+        return Err(format!(
+            "VM {i} did not exit with status 0; its console:\n{}",
+            logs[i]
+        ));
     }
     Ok(())
 }

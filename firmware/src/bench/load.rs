@@ -1,0 +1,231 @@
+//! `run=load kind=busy|bursty|long|idle seconds=S [us=U] [groups=G]`: a GPU
+//! load for the multi-VM scheduler harness, where many firmware VMs share one
+//! GPU and the host measures the GPU time the scheduler gives each.
+//!
+//! The load is SPIN_US dispatches on context 0, each followed by a FENCE
+//! whose value counts the dispatches (fence n completes dispatch n), so the
+//! fence word in memory is the number of completed dispatches. Up to
+//! [`IN_FLIGHT`] dispatches are queued; the vCPU never spins: it blocks in the
+//! `WAIT` register, for the oldest fence when the queue is full, or for a
+//! fence value nothing will reach when it has nothing to do (each such read
+//! returns TIMEOUT after `WAIT_TIMEOUT_MS`, having burnt no guest CPU). On a
+//! host with few cores the GPU's engine threads need that CPU.
+//!
+//! Time is the GPU clock (`TIMESTAMP`, ns). Output:
+//! `load kind=K jobs=N gpu_ns=T faults=0|1`.
+
+// Errors are the conformance suite's `Fail` (see `bench/mod.rs`).
+#![allow(clippy::result_large_err)]
+
+use vgpu_abi::{ctx_control, ctx_status, kernel, regs, wait};
+
+use super::{
+    CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, gpu_map_statics,
+    open_gpu, page, peek64, poke32, start_ctx,
+};
+use crate::cmdline::{LoadKind, LoadOptions};
+use crate::conformance::Fail;
+use crate::conformance::driver::{Gpu, dispatch, fence};
+use crate::io::barrier;
+use crate::serial::fw_println;
+
+/// Dispatches (each with its fence) queued at most.
+const IN_FLIGHT: u64 = 4;
+/// SPIN_US workgroups per dispatch of the busy load (default of `groups=`).
+const BUSY_GROUPS: u64 = 8;
+/// Workgroups of `kind=long`'s first dispatch (default of `groups=`).
+const LONG_GROUPS: u64 = 4000;
+/// `kind=bursty`: length of a busy phase.
+const BURST_NS: u64 = 50_000_000;
+/// `kind=bursty`: least length of an idle phase. It is made of whole `WAIT`
+/// reads, each `WAIT_TIMEOUT_MS` long, so in practice one read: 100 ms.
+const PAUSE_NS: u64 = 50_000_000;
+const NS_PER_S: u64 = 1_000_000_000;
+/// A fence not completed this long after the planned end of the run is taken
+/// for a hung device.
+const GRACE_NS: u64 = 60 * NS_PER_S;
+
+// Packets in flight must fit in the static ring.
+const _: () = assert!(2 * IN_FLIGHT <= STATIC_RING_ENTRIES as u64);
+
+/// `run=load`; returns the exit status (0: the load ran without a fault).
+pub fn load(o: &LoadOptions) -> u8 {
+    let gpu = match open_gpu() {
+        Ok(gpu) => gpu,
+        Err(why) => return failed(why),
+    };
+    if let Err(why) = gpu_map_statics() {
+        return failed(why);
+    }
+    let mut l = Load::start(&gpu, o.seconds);
+    let outcome = l.run(o);
+    let gpu_ns = gpu.timestamp().saturating_sub(l.t0);
+    let faulted = gpu.ctx_rd(CTX, regs::CTX_STATUS) & ctx_status::FAULTED != 0;
+    fw_println!(
+        "load kind={} jobs={} gpu_ns={gpu_ns} faults={}",
+        o.kind.name(),
+        l.completed(),
+        u8::from(faulted)
+    );
+    match outcome {
+        Ok(()) if faulted => failed(Fail::new(format_args!(
+            "context faulted ({})",
+            gpu.ctx_state(CTX)
+        ))),
+        Ok(()) => 0,
+        Err(why) => failed(why),
+    }
+}
+
+fn failed(why: Fail) -> u8 {
+    fw_println!("load failed: {why}");
+    1
+}
+
+/// Context [`CTX`] running the load, and the time frame.
+struct Load<'g> {
+    gpu: &'g Gpu,
+    ring: Ring,
+    fence_va: u64,
+    shadow: u64,
+    /// Dispatches submitted (= the last fence value submitted).
+    submitted: u64,
+    /// GPU time at the start.
+    t0: u64,
+    /// Planned end of the run (GPU time).
+    end: u64,
+}
+
+impl<'g> Load<'g> {
+    /// Enable context [`CTX`] with the static ring (empty) and a tail shadow,
+    /// point `WAIT` at it, and start the clock.
+    fn start(gpu: &'g Gpu, seconds: u32) -> Self {
+        let fence_va = page(FENCE_PAGE);
+        let shadow = fence_va + SHADOW_OFFSET;
+        let ring = Ring {
+            base: page(RING_PAGE),
+            size: STATIC_RING_ENTRIES,
+            tail: 0,
+        };
+        start_ctx(gpu, &ring, Some(shadow), ctx_control::ENABLE);
+        // Only context 0 is ever waited for: WAIT_CTX is written once.
+        gpu.wr(regs::WAIT_CTX, CTX);
+        let t0 = gpu.timestamp();
+        Self {
+            gpu,
+            ring,
+            fence_va,
+            shadow,
+            submitted: 0,
+            t0,
+            end: t0 + u64::from(seconds) * NS_PER_S,
+        }
+    }
+
+    fn run(&mut self, o: &LoadOptions) -> Result<(), Fail> {
+        let groups = o.groups.unwrap_or(BUSY_GROUPS);
+        match o.kind {
+            LoadKind::Busy => self.busy_until(self.end, o.us, groups)?,
+            LoadKind::Long => {
+                self.submit(o.us, o.groups.unwrap_or(LONG_GROUPS));
+                self.busy_until(self.end, o.us, BUSY_GROUPS)?;
+            }
+            LoadKind::Bursty => {
+                let mut phase = self.t0;
+                while phase < self.end {
+                    self.busy_until((phase + BURST_NS).min(self.end), o.us, groups)?;
+                    self.pause_until((phase + BURST_NS + PAUSE_NS).min(self.end))?;
+                    phase = self.gpu.timestamp();
+                }
+            }
+            LoadKind::Idle => self.pause_until(self.end)?,
+        }
+        // Let the queued work finish: `jobs` counts completed dispatches.
+        if self.completed() != self.submitted {
+            self.wait_for(self.submitted)?;
+        }
+        Ok(())
+    }
+
+    /// Dispatches completed: the fence word in memory.
+    fn completed(&self) -> u64 {
+        peek64(self.fence_va)
+    }
+
+    /// Queue SPIN_US `[us, groups]` and its fence; publish the tail through
+    /// the tail shadow and the doorbell (an ioeventfd: no exit to the VMM's
+    /// user space).
+    fn submit(&mut self, us: u64, groups: u64) {
+        self.submitted += 1;
+        self.ring.push(&dispatch(kernel::SPIN_US, &[us, groups]));
+        self.ring.push(&fence(self.fence_va, self.submitted, 0));
+        // The packets are plain stores; the shadow store is volatile after them.
+        barrier();
+        poke32(self.shadow, self.ring.tail);
+        self.gpu.wr(regs::doorbell(CTX), 1);
+    }
+
+    /// Keep [`IN_FLIGHT`] dispatches queued until GPU time `until`: submit
+    /// while fewer are queued, else block in `WAIT` for the oldest. Returns
+    /// with up to [`IN_FLIGHT`] dispatches still queued.
+    fn busy_until(&mut self, until: u64, us: u64, groups: u64) -> Result<(), Fail> {
+        loop {
+            let done = self.completed();
+            if self.submitted - done >= IN_FLIGHT {
+                self.wait_for(done + 1)?;
+            } else if self.gpu.timestamp() >= until {
+                return Ok(());
+            } else {
+                self.submit(us, groups);
+            }
+        }
+    }
+
+    /// Submit nothing until GPU time `until`: block in `WAIT` reads for a
+    /// fence value that nothing queued will reach (each read returns TIMEOUT
+    /// after `WAIT_TIMEOUT_MS`). Work already queued goes on meanwhile.
+    fn pause_until(&self, until: u64) -> Result<(), Fail> {
+        let never = self.submitted + 1;
+        self.gpu.wr(regs::WAIT_VALUE, never as u32);
+        while self.gpu.timestamp() < until {
+            match self.gpu.rd(regs::WAIT) {
+                wait::TIMEOUT => {}
+                r => return Err(self.wait_error(never, r)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Block in `WAIT` until fence `value` completed, reading it again while
+    /// it times out; a fault, a stopped context or no progress by
+    /// [`GRACE_NS`] after the planned end is an error.
+    fn wait_for(&self, value: u64) -> Result<(), Fail> {
+        self.gpu.wr(regs::WAIT_VALUE, value as u32);
+        loop {
+            match self.gpu.rd(regs::WAIT) {
+                wait::DONE => return Ok(()),
+                wait::TIMEOUT if self.gpu.timestamp() <= self.end + GRACE_NS => {}
+                wait::TIMEOUT => {
+                    return Err(Fail::new(format_args!(
+                        "fence {value} not done {} s after the planned end ({})",
+                        GRACE_NS / NS_PER_S,
+                        self.gpu.ctx_state(CTX)
+                    )));
+                }
+                r => return Err(self.wait_error(value, r)),
+            }
+        }
+    }
+
+    fn wait_error(&self, value: u64, r: u32) -> Fail {
+        let what = match r {
+            wait::FAULTED => "the context faulted",
+            wait::INVALID => "the context is not enabled",
+            _ => "unexpected WAIT result",
+        };
+        Fail::new(format_args!(
+            "waiting for fence {value}: {what} (WAIT {r}, {})",
+            self.gpu.ctx_state(CTX)
+        ))
+    }
+}

@@ -1,0 +1,65 @@
+//! Firmware VMs (each its own KVM VM, in one `tessera` process) sharing one physical GPU:
+//! the scheduler's shares as the VMs see them.
+
+use std::time::Duration;
+
+use tessera_tests::{firmware, run_with_deadline, tessera_bin};
+
+fn bench_vms(args: &[&str]) -> Option<String> {
+    let fw = firmware()?;
+    let mut cmd = std::process::Command::new(tessera_bin());
+    cmd.args([
+        "--log-level",
+        "warn",
+        "bench",
+        "vms",
+        "--json",
+        "--firmware",
+    ])
+    .arg(fw)
+    .args(args);
+    let (status, out, err) = run_with_deadline(cmd, Duration::from_secs(120));
+    assert!(status.success(), "bench vms failed: {err}\n{out}");
+    Some(out)
+}
+
+fn field(json: &str, key: &str) -> Vec<f64> {
+    json.lines()
+        .filter_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
+        .filter_map(|v| v.trim_end_matches(',').parse().ok())
+        .collect()
+}
+
+#[test]
+fn four_busy_vms_share_equally() {
+    let Some(out) = bench_vms(&["--loads", "busy,busy,busy,busy", "--seconds", "3"]) else {
+        return;
+    };
+    let jain = field(&out, "jain_busy");
+    assert!(jain[0] >= 0.99, "{out}");
+    for share in field(&out, "share") {
+        assert!((share - 0.25).abs() < 0.03, "{out}");
+    }
+}
+
+#[test]
+fn weighted_vms_get_proportional_time() {
+    let Some(out) = bench_vms(&[
+        "--loads",
+        "busy,busy,busy,busy",
+        "--weights",
+        "1,2,4,8",
+        "--policy",
+        "fixed-share",
+        "--seconds",
+        "3",
+    ]) else {
+        return;
+    };
+    for (share, w) in field(&out, "share").iter().zip([1.0, 2.0, 4.0, 8.0]) {
+        assert!(
+            (share - w / 15.0).abs() < 0.02,
+            "share {share} for weight {w}: {out}"
+        );
+    }
+}

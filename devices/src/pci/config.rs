@@ -47,6 +47,23 @@ pub struct PciHeader {
     pub subsystem_id: u16,
 }
 
+#[cfg(test)]
+impl PciHeader {
+    /// A 3D controller identity for tests.
+    pub(crate) fn for_tests() -> Self {
+        PciHeader {
+            vendor_id: 1,
+            device_id: 2,
+            class: 3,
+            subclass: 2,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        }
+    }
+}
+
 /// The kind of a memory BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BarKind {

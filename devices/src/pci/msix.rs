@@ -212,16 +212,7 @@ mod tests {
     }
 
     fn setup() -> (PciConfiguration, MsixState, Arc<Recorder>) {
-        let mut c = PciConfiguration::new(PciHeader {
-            vendor_id: 1,
-            device_id: 2,
-            class: 3,
-            subclass: 2,
-            prog_if: 0,
-            revision: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-        });
+        let mut c = PciConfiguration::new(PciHeader::for_tests());
         let rec = Arc::new(Recorder::default());
         let m = MsixState::new(&mut c, 4, 0, 0x4000, 0x5000, rec.clone()).unwrap();
         (c, m, rec)

@@ -405,16 +405,7 @@ mod tests {
     fn bars_follow_guest_programming() {
         let mmio = Arc::new(Bus::new());
         let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)]);
-        let mut config = PciConfiguration::new(PciHeader {
-            vendor_id: 1,
-            device_id: 2,
-            class: 3,
-            subclass: 2,
-            prog_if: 0,
-            revision: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-        });
+        let mut config = PciConfiguration::new(PciHeader::for_tests());
         config
             .add_bar(
                 0,
@@ -510,16 +501,7 @@ mod tests {
         let mapper = Arc::new(FakeMapper::default());
         let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
             .with_guest_mapper(mapper.clone());
-        let mut config = PciConfiguration::new(PciHeader {
-            vendor_id: 1,
-            device_id: 2,
-            class: 3,
-            subclass: 2,
-            prog_if: 0,
-            revision: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-        });
+        let mut config = PciConfiguration::new(PciHeader::for_tests());
         config
             .add_bar(
                 0,

@@ -14,9 +14,15 @@
 # allnoconfig, so nothing default-y sneaks in; every line of the fragment is checked), and
 # `make -j$(nproc) vmlinux`.
 #
+# The tessera_vgpu driver (guest-images/driver/, plus the device-contract header
+# vgpu/abi/include/tessera_vgpu.h) is built in: its sources are copied to
+# drivers/gpu/tessera/ of the tree, drivers/gpu/Makefile and drivers/Kconfig get one line each
+# pointing there, and the fragment turns on CONFIG_TESSERA_VGPU.
+#
 # Idempotent: OUTDIR/vmlinux-minimal.key holds a hash of this script, lib.sh, the fragment, the
-# patches and the linux-source version; when it matches, nothing is done. The extracted tree is
-# reused (incremental make) unless the source version or the patches changed.
+# patches, the driver sources and the linux-source version; when it matches, nothing is done.
+# The extracted tree is reused (incremental make) unless the source version or the patches
+# changed.
 # Missing build dependencies are installed with apt-get (root needed only then).
 #
 # Environment: FORCE=1 rebuilds even when up to date; JOBS=N overrides $(nproc);
@@ -40,6 +46,8 @@ BUILD_DEPS=(bc bison flex gcc libc6-dev libelf-dev make patch xz-utils)
 
 shopt -s nullglob
 PATCHES=("$HERE"/patches/*.patch)
+DRIVER_SOURCES=("$HERE"/driver/*.c "$HERE"/driver/*.h "$HERE/driver/Kbuild" "$HERE/driver/Kconfig"
+                "$HERE/../vgpu/abi/include/tessera_vgpu.h")
 shopt -u nullglob
 
 # The newest /usr/src/linux-source-*.tar.xz (or $LINUX_SOURCE_TARBALL); empty when none.
@@ -77,7 +85,8 @@ take_lock "$OUTDIR/build/.minimal-kernel.lock"
 
 # Key of the extracted+patched tree, and of the whole output.
 SRC_KEY=$( { echo "$SRC_VERSION"; hash_paths "${PATCHES[@]}"; } | sha256sum | cut -d' ' -f1)
-KEY=$( { echo "src $SRC_KEY"; hash_paths "$HERE/minimal-kernel.sh" "$HERE/lib.sh" "$FRAGMENT"; } | sha256sum | cut -d' ' -f1)
+KEY=$( { echo "src $SRC_KEY"; hash_paths "$HERE/minimal-kernel.sh" "$HERE/lib.sh" "$FRAGMENT"
+         hash_paths "${DRIVER_SOURCES[@]}"; } | sha256sum | cut -d' ' -f1)
 
 if [ "${FORCE:-0}" != 1 ] && [ -f "$OUT" ] && [ "$(cat "$KEYFILE" 2>/dev/null || true)" = "$KEY" ]; then
     log "up to date: $OUT ($SRC_VERSION)"
@@ -106,6 +115,26 @@ else
 fi
 SRCDIR=$(find "$BUILD_PARENT" -mindepth 1 -maxdepth 1 -type d | head -n 1)
 [ -f "$SRCDIR/Makefile" ] || die "no kernel tree in $BUILD_PARENT (delete it and retry)"
+
+# --- the tessera_vgpu driver: drivers/gpu/tessera/ (copy only what changed: make stays incremental) ---
+DRV_DST="$SRCDIR/drivers/gpu/tessera"
+mkdir -p "$DRV_DST"
+for f in "${DRIVER_SOURCES[@]}"; do
+    [ -f "$f" ] || die "missing driver source $f"
+    cmp -s "$f" "$DRV_DST/$(basename "$f")" || cp "$f" "$DRV_DST/"
+done
+for f in "$DRV_DST"/*; do     # sources since removed from guest-images/driver/
+    keep=0
+    for g in "${DRIVER_SOURCES[@]}"; do [ "$(basename "$g")" = "$(basename "$f")" ] && keep=1; done
+    case "$f" in *.o|*.a|*.cmd|*.order|*.mod*) keep=1 ;; esac
+    [ $keep = 1 ] || rm -f "$f"
+done
+# shellcheck disable=SC2016 # a make variable, not a shell one
+grep -q 'tessera/' "$SRCDIR/drivers/gpu/Makefile" \
+    || echo 'obj-$(CONFIG_TESSERA_VGPU)		+= tessera/' >> "$SRCDIR/drivers/gpu/Makefile"
+grep -q 'drivers/gpu/tessera/Kconfig' "$SRCDIR/drivers/Kconfig" \
+    || sed -i 's|^source "drivers/gpu/trace/Kconfig"$|&\nsource "drivers/gpu/tessera/Kconfig"|' "$SRCDIR/drivers/Kconfig"
+grep -q 'drivers/gpu/tessera/Kconfig' "$SRCDIR/drivers/Kconfig" || die "cannot hook the driver into drivers/Kconfig"
 
 KMAKE=(make -C "$SRCDIR" ARCH=x86_64 -s)
 BUILDLOG="$BUILD_PARENT/build.log"
@@ -136,6 +165,10 @@ done < "$FRAGMENT"
 log "make -j$JOBS vmlinux (log: $BUILDLOG)"
 "${KMAKE[@]}" -j"$JOBS" vmlinux >> "$BUILDLOG" 2>&1 \
     || { tail -n 40 "$BUILDLOG" >&2; die "kernel build failed (log: $BUILDLOG)"; }
+# The built-in driver compiles without warnings (driver/build-module.sh checks W=1 as well).
+if grep -E '^drivers/gpu/tessera/.*(warning|error):' "$BUILDLOG" >&2; then
+    die "the built-in tessera_vgpu driver has warnings (log: $BUILDLOG)"
+fi
 
 # The PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY = 18) must be there, or no VMM can boot it.
 readelf -n "$SRCDIR/vmlinux" | grep -q 'Xen.*0x00000012' \

@@ -1,0 +1,241 @@
+//! `tessera-run`: runs jobs on a vGPU and checks every result against the CPU.
+//!
+//! ```text
+//! tessera-run [-d N] [--sysmem] [JOB...]
+//!   JOB: saxpy | sgemm | reduce | crc32 | fault | all (default: all)
+//!   --sysmem   buffers in guest RAM instead of VRAM
+//! ```
+//! One line per job, `tessera-run: <job> ok (...)` or `tessera-run: <job> FAIL: ...`.
+//! `fault` submits a job that reads an unmapped address: the wait must fail with EIO, the
+//! context must report a not-present fault at that address, and after recovery it works.
+//! Exit status: 0 when every job passed, 1 otherwise, 2 on bad usage.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tessera_guest_tools::reference as cpu;
+use tessera_guest_tools::{Device, Placement, STATE_FAULTED, fault, fault_name, pkt};
+
+type Outcome = Result<String, String>;
+
+fn err(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn f32s_to_u32(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+fn saxpy(d: &Device, place: Placement) -> Outcome {
+    let n = 1usize << 16;
+    let a = 1.5f32;
+    let x = cpu::floats(1, n);
+    let mut y = cpu::floats(2, n);
+    let mut bx = d
+        .buffer((n * 4) as u64, place, false)
+        .map_err(err("x buffer"))?;
+    let mut by = d
+        .buffer((n * 4) as u64, place, true)
+        .map_err(err("y buffer"))?;
+    bx.write_u32s(0, &f32s_to_u32(&x));
+    by.write_u32s(0, &f32s_to_u32(&y));
+    d.run(&[pkt::saxpy(n as u64, a, bx.va(), by.va())])
+        .map_err(err("saxpy"))?;
+    cpu::saxpy(a, &x, &mut y);
+    let got = by.read_u32s(0, n);
+    match got.iter().zip(f32s_to_u32(&y)).position(|(g, w)| *g != w) {
+        None => Ok(format!("n={n}")),
+        Some(i) => Err(format!(
+            "y[{i}] = {} , CPU says {}",
+            f32::from_bits(got[i]),
+            y[i]
+        )),
+    }
+}
+
+fn sgemm(d: &Device, place: Placement) -> Outcome {
+    let (m, n, k) = (64usize, 48usize, 32usize);
+    let a = cpu::floats(3, m * k);
+    let b = cpu::floats(4, k * n);
+    let mut ba = d
+        .buffer((m * k * 4) as u64, place, false)
+        .map_err(err("A buffer"))?;
+    let mut bb = d
+        .buffer((k * n * 4) as u64, place, false)
+        .map_err(err("B buffer"))?;
+    let bc = d
+        .buffer((m * n * 4) as u64, place, true)
+        .map_err(err("C buffer"))?;
+    ba.write_u32s(0, &f32s_to_u32(&a));
+    bb.write_u32s(0, &f32s_to_u32(&b));
+    d.run(&[pkt::sgemm(
+        m as u64,
+        n as u64,
+        k as u64,
+        ba.va(),
+        bb.va(),
+        bc.va(),
+    )])
+    .map_err(err("sgemm"))?;
+    let want = f32s_to_u32(&cpu::sgemm(m, n, k, &a, &b));
+    let got = bc.read_u32s(0, m * n);
+    match got.iter().zip(&want).position(|(g, w)| g != w) {
+        None => Ok(format!("{m}x{k} * {k}x{n}")),
+        Some(i) => Err(format!(
+            "C[{}][{}] = {}, CPU says {}",
+            i / n,
+            i % n,
+            f32::from_bits(got[i]),
+            f32::from_bits(want[i])
+        )),
+    }
+}
+
+fn reduce(d: &Device, place: Placement) -> Outcome {
+    let n = 1usize << 17;
+    let x = cpu::xorshift(5, n);
+    let mut bx = d
+        .buffer((n * 4) as u64, place, false)
+        .map_err(err("x buffer"))?;
+    let out = d.buffer(4096, place, true).map_err(err("out buffer"))?;
+    bx.write_u32s(0, &x);
+    d.run(&[pkt::reduce_sum(n as u64, bx.va(), out.va())])
+        .map_err(err("reduce_sum"))?;
+    let mut b = [0u8; 8];
+    out.read(0, &mut b);
+    let (got, want) = (u64::from_le_bytes(b), cpu::reduce_sum(&x));
+    if got == want {
+        Ok(format!("n={n}"))
+    } else {
+        Err(format!("sum {got:#x}, CPU says {want:#x}"))
+    }
+}
+
+fn crc32(d: &Device, place: Placement) -> Outcome {
+    let len = 256usize << 10;
+    let data: Vec<u8> = cpu::xorshift(6, len / 4)
+        .into_iter()
+        .flat_map(u32::to_le_bytes)
+        .collect();
+    let mut src = d
+        .buffer(len as u64, place, false)
+        .map_err(err("source buffer"))?;
+    let out = d.buffer(4096, place, true).map_err(err("out buffer"))?;
+    src.write(0, &data);
+    d.run(&[pkt::crc32(len as u64, src.va(), out.va())])
+        .map_err(err("crc32"))?;
+    let got = out.read_u32s(0, 1)[0];
+    let want = cpu::crc32(&data);
+    if got == want {
+        Ok(format!("{} KiB, {got:#010x}", len >> 10))
+    } else {
+        Err(format!("crc {got:#010x}, CPU says {want:#010x}"))
+    }
+}
+
+fn fault_job(d: &Device, place: Placement) -> Outcome {
+    let buf = d.buffer(4096, place, true).map_err(err("buffer"))?;
+    // The page after a buffer is never mapped (the driver leaves a guard page).
+    let bad = buf.va() + buf.size();
+    let s = d
+        .submit(&[pkt::copy(bad, buf.va(), 64)])
+        .map_err(err("submit"))?;
+    match d.wait(s, 10_000_000_000) {
+        Err(e) if e.raw_os_error() == Some(EIO) => {}
+        other => {
+            return Err(format!(
+                "faulting job: wait returned {other:?}, expected EIO"
+            ));
+        }
+    }
+    let st = d.ctx_state().map_err(err("state"))?;
+    if st.flags & STATE_FAULTED == 0 || st.fault_code != fault::NOT_PRESENT || st.fault_addr != bad
+    {
+        return Err(format!(
+            "context state {st:?}, expected a not-present fault at {bad:#x}"
+        ));
+    }
+    d.recover().map_err(err("recover"))?;
+    d.run(&[pkt::fill(buf.va(), 64, 0x600d)])
+        .map_err(err("after recovery"))?;
+    if buf.read_u32s(0, 1)[0] != 0x600d {
+        return Err("fill after recovery did not land".into());
+    }
+    Ok(format!(
+        "{} at {bad:#x}, recovered",
+        fault_name(st.fault_code)
+    ))
+}
+
+/// errno EIO: the context stopped on a fault.
+const EIO: i32 = 5;
+
+type Job = fn(&Device, Placement) -> Outcome;
+
+const JOBS: &[(&str, Job)] = &[
+    ("saxpy", saxpy),
+    ("sgemm", sgemm),
+    ("reduce", reduce),
+    ("crc32", crc32),
+    ("fault", fault_job),
+];
+
+fn main() -> ExitCode {
+    let mut device = 0usize;
+    let mut place = Placement::Vram;
+    let mut jobs: Vec<&str> = Vec::new();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-d" => match it.next().and_then(|n| n.parse().ok()) {
+                Some(n) => device = n,
+                None => {
+                    eprintln!("tessera-run: -d needs a device number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--sysmem" => place = Placement::Sysmem,
+            "all" => jobs.extend(JOBS.iter().map(|(n, _)| *n)),
+            j if JOBS.iter().any(|(n, _)| *n == j) => jobs.push(j),
+            other => {
+                eprintln!(
+                    "tessera-run: unknown job {other:?}\nusage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|fault|all]..."
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if jobs.is_empty() {
+        jobs.extend(JOBS.iter().map(|(n, _)| *n));
+    }
+    let dev = match Device::open(device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tessera-run: /dev/tessera/vgpu{device}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    for name in jobs {
+        let Some((_, job)) = JOBS.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let t = Instant::now();
+        match job(&dev, place) {
+            Ok(what) => println!(
+                "tessera-run: {name} ok ({what}, {:.1} ms)",
+                t.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(why) => {
+                println!("tessera-run: {name} FAIL: {why}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -912,7 +912,9 @@ impl Processor {
             return false;
         }
         let slot = u64::from(s.head % s.ring_size.max(1));
-        let pkt_va = s.ring_base + slot * packet::PACKET_SIZE;
+        // The ring may have been reprogrammed while enabled: a base that overflows becomes a
+        // VA_RANGE fault like any other address past 2^48.
+        let pkt_va = s.ring_base.saturating_add(slot * packet::PACKET_SIZE);
         if !hold(&self.sh, &mut self.grant) {
             return true;
         }

@@ -131,19 +131,20 @@ impl MsixState {
         }
     }
 
-    /// A guest read of the table at `offset` (4-byte accesses; others read as zero).
+    /// A guest read of the table at `offset` (aligned 4-byte accesses; anything else reads as
+    /// zero).
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
         let v = (offset / ENTRY_SIZE) as usize;
-        let value = match (self.entries.get(v), data.len(), offset % 4) {
-            (Some(e), 4, 0) => match offset % ENTRY_SIZE {
+        if let (Some(e), 4, 0) = (self.entries.get(v), data.len(), offset % 4) {
+            let value = match offset % ENTRY_SIZE {
                 0 => e.addr_lo,
                 4 => e.addr_hi,
                 8 => e.data,
                 _ => e.control,
-            },
-            _ => 0,
-        };
-        data.copy_from_slice(&value.to_le_bytes()[..data.len().min(4)]);
+            };
+            data.copy_from_slice(&value.to_le_bytes());
+        }
     }
 
     /// A guest write of the table at `offset` (aligned 4-byte accesses only).
@@ -268,6 +269,9 @@ mod tests {
         assert_eq!(u32::from_le_bytes(d), 0xfee0_0000);
         m.read_table(1000, &mut d);
         assert_eq!(d, [0; 4]);
+        let mut wide = [0xffu8; 8];
+        m.read_table(16, &mut wide);
+        assert_eq!(wide, [0; 8], "8-byte reads are not supported and read as zero");
         m.reset();
         assert!(!m.is_pending(1));
     }

@@ -121,8 +121,11 @@ struct State {
 impl State {
     fn raise(&mut self, bit: u32, vector: u32) {
         self.int_status |= bit;
-        if self.int_mask & bit == 0 {
-            self.msix.trigger(&self.config, vector as u16);
+        // A vector number past the table is dropped, like one past MSIX_VECTORS.
+        if self.int_mask & bit == 0
+            && let Ok(v) = u16::try_from(vector)
+        {
+            self.msix.trigger(&self.config, v);
         }
     }
 

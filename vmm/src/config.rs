@@ -292,6 +292,8 @@ pub struct VmConfig {
     pub vgpus: Vec<VgpuConfig>,
     /// The KVM device node (tests point this elsewhere).
     pub kvm_path: PathBuf,
+    /// Install seccomp filters on the VMM's threads (`vmm::seccomp`); off only for debugging.
+    pub seccomp: bool,
 }
 
 #[cfg(test)]

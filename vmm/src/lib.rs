@@ -11,6 +11,7 @@ mod event_loop;
 mod kvm_glue;
 pub mod memory;
 pub mod pvm;
+pub mod seccomp;
 pub mod vcpu;
 mod vm;
 

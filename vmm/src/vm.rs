@@ -116,6 +116,9 @@ pub enum VmError {
     /// Threads or descriptors.
     #[error("cannot {0}")]
     Os(&'static str, #[source] std::io::Error),
+    /// Sandboxing.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl VmError {
@@ -153,6 +156,8 @@ pub struct Vm {
     vcpus: Vec<VcpuRunner>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     stdin_input: bool,
+    /// Install seccomp filters on the VMM's threads.
+    seccomp: bool,
     /// Devices the buses refer to weakly.
     _devices: Vec<Arc<Mutex<dyn BusDevice>>>,
     /// VRAM and scheduling leases of the vGPUs, returned after the devices are gone.
@@ -385,7 +390,13 @@ impl Vm {
         let mut leases = Vec::new();
         let mut vgpus = Vec::new();
         for (n, vg) in config.vgpus.iter().enumerate() {
-            let (dev, lease) = build_vgpu(vg, n, &ram, &vm_fd, &mut bars, shared_gpu.as_ref())?;
+            let mut build = || build_vgpu(vg, n, &ram, &vm_fd, &mut bars, shared_gpu.as_ref());
+            let (dev, lease) = if config.seccomp {
+                // Built on a filtered thread: the vGPU's own threads inherit the device filter.
+                crate::seccomp::on_device_thread(build)??
+            } else {
+                build()?
+            };
             leases.push(lease);
             let dev = Arc::new(Mutex::new(dev));
             vgpus.push(dev.clone());
@@ -443,6 +454,7 @@ impl Vm {
             stdin_input: matches!(config.serial, SerialConfig::Stdio),
             serial,
             _devices: devs,
+            seccomp: config.seccomp,
             _leases: leases,
             vgpus,
         })
@@ -481,6 +493,10 @@ impl Vm {
             _ => None,
         };
 
+        if self.seccomp {
+            crate::seccomp::install_sigsys_reporter()
+                .map_err(|e| VmError::Os("install the seccomp violation reporter", e))?;
+        }
         let (done_tx, done_rx) = mpsc::channel::<u8>();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let stop = self.vcpus.first().map(|v| v.stop.clone());
@@ -488,10 +504,14 @@ impl Vm {
             let done = done_tx.clone();
             let cpu = runner.cpu;
             let exit = self.exit.clone();
+            let (seccomp, vcpu_exit) = (self.seccomp, self.exit.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
-                    runner.run();
+                    match seccomp.then(|| crate::seccomp::apply(crate::seccomp::Thread::Vcpu)) {
+                        Some(Err(e)) => vcpu_exit.request(ExitReason::Failure(error_chain(&e))),
+                        _ => runner.run(),
+                    }
                     let _ = done.send(cpu);
                 });
             match spawned {
@@ -505,6 +525,11 @@ impl Vm {
             }
         }
         drop(done_tx);
+        if self.seccomp
+            && let Err(e) = crate::seccomp::apply(crate::seccomp::Thread::Main)
+        {
+            self.exit.request(ExitReason::Failure(error_chain(&e)));
+        }
 
         let mut loop_error = None;
         while self.exit.reason().is_none() {

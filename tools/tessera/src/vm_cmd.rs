@@ -34,6 +34,9 @@ pub struct VmArgs {
     /// Repeat for more.
     #[arg(long, value_name = "profile=NAME")]
     vgpu: Vec<VgpuConfig>,
+    /// Sandbox the VMM's threads with seccomp filters (false: for debugging only).
+    #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
+    seccomp: bool,
 }
 
 /// The KVM device node; tests override it with `TESSERA_KVM_DEVICE`.
@@ -53,6 +56,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         serial: args.serial,
         vgpus: args.vgpu,
         kvm_path: kvm_path(),
+        seccomp: args.seccomp,
     };
     let result = Vm::new(&config).and_then(Vm::run);
     match result {

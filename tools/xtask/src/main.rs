@@ -4,6 +4,7 @@
 //! - `cargo xtask test`: everything CI runs: formatting, clippy, firmware and guest-kernel
 //!   builds, the whole test suite.
 //! - `cargo xtask firmware` / `cargo xtask guest-images`: the individual builds.
+//! - `cargo xtask fuzz [TARGET] [--time S]`: the libFuzzer targets under `fuzz/`.
 //!
 //! Each installs what it needs (apt-get, rustup components) on a fresh Debian 12, idempotently.
 
@@ -171,6 +172,156 @@ fn demo() -> Result<()> {
     ]))
 }
 
+/// The cargo-fuzz targets under `fuzz/`.
+const FUZZ_TARGETS: [&str; 4] = [
+    "bar0_registers",
+    "command_stream",
+    "page_tables",
+    "pci_config",
+];
+
+/// `cargo xtask fuzz [TARGET] [--time S]`: runs every fuzz target (or one) for S seconds
+/// (default 60) with libFuzzer on nightly, installing nightly and cargo-fuzz when missing.
+/// New inputs go to `target/fuzz/corpus/<target>` (the checked-in seeds in
+/// `fuzz/corpus/<target>` are read, never written), crashes to `target/fuzz/artifacts`, each
+/// run's output to `target/fuzz/<target>.log`. Sanitizer: none (safe Rust; debug assertions and
+/// the targets' invariants are the oracle), `TESSERA_FUZZ_SANITIZER=address` to change it.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut time = 60u64;
+    let mut targets: Vec<&str> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--time" => {
+                let v = it.next().ok_or("--time needs a number of seconds")?;
+                time = v
+                    .parse()
+                    .ok()
+                    .filter(|&t| t > 0)
+                    .ok_or(format!("--time: {v:?} is not a positive number of seconds"))?;
+            }
+            t => match FUZZ_TARGETS.iter().find(|&&k| k == t) {
+                Some(k) => targets.push(k),
+                None => {
+                    return Err(format!(
+                        "unknown fuzz target {t:?}; targets: {}",
+                        FUZZ_TARGETS.join(", ")
+                    ));
+                }
+            },
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let nightly = || {
+        Command::new("rustup")
+            .args(["run", "nightly", "rustc", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !nightly() {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    // Through rustup's `cargo` proxy (`CARGO` is this stable toolchain's own binary, which
+    // knows no `+nightly`), without the outer build's flags.
+    let nightly_cargo = || {
+        let mut c = Command::new("cargo");
+        c.arg("+nightly")
+            .current_dir(root())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        c
+    };
+    let have_fuzz = nightly_cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        run(nightly_cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let sanitizer = std::env::var("TESSERA_FUZZ_SANITIZER").unwrap_or_else(|_| "none".into());
+    let root = root();
+    let work = root.join("target/fuzz");
+    run(nightly_cargo().args(["fuzz", "build", "-s", &sanitizer]))?;
+    let mut results = Vec::new();
+    let mut failed = Vec::new();
+    for t in targets {
+        let corpus = work.join("corpus").join(t);
+        let artifacts = work.join("artifacts").join(t);
+        for d in [&corpus, &artifacts] {
+            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {d:?}: {e}"))?;
+        }
+        let log_path = work.join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {log_path:?}: {e}"))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the log file: {e}"))?;
+        eprintln!(
+            "xtask: fuzz {t} for {time} s (output: {})",
+            log_path.display()
+        );
+        let started = Instant::now();
+        let status = nightly_cargo()
+            .args(["fuzz", "run", "-s", &sanitizer, t])
+            .arg(&corpus)
+            .arg(root.join("fuzz/corpus").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={time}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .args(["-timeout=60", "-print_final_stats=1"])
+            .stdout(log)
+            .stderr(err_log)
+            .status()
+            .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let stat = |key: &str| {
+            text.lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let execs = stat("stat::number_of_executed_units:").unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = stat("stat::average_exec_per_sec:").unwrap_or((execs as f64 / secs) as u64);
+        let corpus_size = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        let outcome = if status.success() {
+            "ok".to_string()
+        } else {
+            let crash = text
+                .lines()
+                .find_map(|l| l.split("Test unit written to ").nth(1))
+                .unwrap_or("see the log");
+            failed.push(t);
+            format!("FAILED ({status}): {crash}")
+        };
+        eprintln!(
+            "xtask: fuzz {t}: {execs} executions in {secs:.0} s ({rate} exec/s), corpus {corpus_size}, {outcome}"
+        );
+        results.push((t, execs, rate, outcome));
+    }
+    println!(
+        "{:<16} {:>12} {:>8}  result",
+        "target", "executions", "exec/s"
+    );
+    for (t, execs, rate, outcome) in &results {
+        println!("{t:<16} {execs:>12} {rate:>8}  {outcome}");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("fuzzing found problems in: {}", failed.join(", ")))
+    }
+}
+
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
@@ -179,8 +330,9 @@ fn main() -> ExitCode {
         "firmware" => firmware().map(|p| eprintln!("xtask: built {}", p.display())),
         "guest-images" => guest_images(),
         "deps" => apt_install(&["qemu-system-x86"]),
+        "fuzz" => fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => Err(format!(
-            "unknown task {task:?}; tasks: demo, test, firmware, guest-images, deps"
+            "unknown task {task:?}; tasks: demo, test, firmware, guest-images, deps, fuzz"
         )),
     };
     match result {

@@ -101,6 +101,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
                 partition: None,
             }],
             kvm_path: PathBuf::from("/dev/kvm"),
+            seccomp: false,
         };
         let (gpu, tx) = (gpu.clone(), probe_tx.clone());
         threads.push(std::thread::spawn(move || -> Result<ExitReason, String> {

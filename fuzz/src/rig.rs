@@ -1,0 +1,473 @@
+//! A vGPU on an in-memory guest, fenced in by canaries.
+//!
+//! Guest-physical layout:
+//!
+//! ```text
+//! [0, DMA_END)              guest RAM in the DMA domain (wiped between inputs)
+//! [DMA_END, RAM_SIZE)       same mapping, NOT in the domain: host canary next to guest RAM
+//! [HIGH_BASE, +HIGH_LEN)    a second region above the PCI hole, NOT in the domain: canary
+//! ```
+//!
+//! VRAM: one software GPU with two adjacent partitions of `VRAM_SIZE`; the vGPU gets the
+//! first, the second (the "neighbour", as another vGPU would own it) is a canary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use devices::pci::{MsiSink, PciDevice};
+use vgpu::backend::{SoftGpu, VramPartition};
+use vgpu::device::DEFAULT_WATCHDOG;
+use vgpu::mem::{Loc, Spaces};
+use vgpu::profile::Profile;
+use vgpu::sched::{Params, Scheduler};
+use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
+use vgpu_abi::{limits, pci, regs, status};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest RAM mapping (the part past [`DMA_END`] is a canary).
+pub const RAM_SIZE: u64 = 4 << 20;
+/// Bytes of host canary right after the DMA domain.
+pub const CANARY_LEN: u64 = 64 << 10;
+/// End of the DMA domain.
+pub const DMA_END: u64 = RAM_SIZE - CANARY_LEN;
+/// A second guest-memory region above the PCI hole, outside the domain.
+pub const HIGH_BASE: u64 = 1 << 32;
+/// Its length.
+pub const HIGH_LEN: u64 = 64 << 10;
+/// The vGPU's VRAM partition (and the neighbour's).
+pub const VRAM_SIZE: u64 = 1 << 20;
+/// Contexts of the fuzzed vGPU.
+pub const CONTEXTS: u32 = 4;
+/// Where the BARs are said to be.
+pub const BARS: BarAddresses = BarAddresses {
+    regs: 0xc000_0000,
+    vram: 0x80_0000_0000,
+};
+/// A RESET must complete within this (the device's own limit is 10 s).
+pub const RESET_BOUND: Duration = Duration::from_secs(5);
+
+const RAM_CANARY: u8 = 0xc5;
+const HIGH_CANARY: u8 = 0x3c;
+const VRAM_CANARY: u8 = 0x96;
+
+/// Counts MSI messages.
+#[derive(Debug, Default)]
+pub struct MsiLog {
+    /// Messages sent.
+    pub count: AtomicU64,
+}
+
+impl MsiSink for MsiLog {
+    fn send(&self, _address: u64, _data: u32) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The profile of fuzzed vGPUs.
+pub fn profile() -> Profile {
+    Profile {
+        name: "fuzz",
+        vram: VRAM_SIZE,
+        contexts: CONTEXTS,
+        engines: 2,
+    }
+}
+
+/// Guest memory: RAM (with its canary tail) and the high canary region.
+pub fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), RAM_SIZE as usize),
+        (GuestAddress(HIGH_BASE), HIGH_LEN as usize),
+    ])
+    .expect("guest memory")
+}
+
+/// The DMA domain: RAM minus its canary tail.
+pub fn domain() -> DmaDomain {
+    DmaDomain::new([(0, DMA_END)])
+}
+
+/// Builds a vGPU on `sys` with partition `vram` of `gpu`.
+pub fn vgpu(
+    gpu: &Arc<SoftGpu>,
+    sys: &GuestMemoryMmap,
+    vram: VramPartition,
+    msi: Arc<dyn MsiSink>,
+) -> Vgpu {
+    Vgpu::new(VgpuSetup {
+        profile: profile(),
+        subsystem_id: 1,
+        bars: BARS,
+        sys: sys.clone(),
+        domain: domain(),
+        vram,
+        backend: gpu.clone(),
+        msi,
+        sched: Scheduler::private(),
+        sched_params: Params::default(),
+        watchdog: DEFAULT_WATCHDOG,
+    })
+    .expect("vGPU")
+}
+
+/// Every BAR 0 dword whose value is defined right after a reset (not the timestamp, not the
+/// blocking WAIT).
+pub fn observable_registers() -> Vec<u64> {
+    let mut v = vec![
+        regs::MAGIC,
+        regs::VERSION,
+        regs::CAPS,
+        regs::NUM_CONTEXTS,
+        regs::VRAM_SIZE_LO,
+        regs::VRAM_SIZE_HI,
+        regs::KERNELS,
+        regs::MAX_RING_ENTRIES,
+        regs::STATUS,
+        regs::INT_STATUS,
+        regs::INT_MASK,
+        regs::FAULT_ADDR_LO,
+        regs::FAULT_ADDR_HI,
+        regs::FAULT_CTX,
+        regs::FAULT_CODE,
+        regs::FAULT_COUNT,
+        regs::FAULT_VECTOR,
+        regs::WAIT_CTX,
+        regs::WAIT_VALUE,
+    ];
+    for ctx in 0..=CONTEXTS {
+        v.extend(
+            (0..=regs::CTX_TAIL_ADDR_HI)
+                .step_by(4)
+                .map(|r| regs::ctx_reg(ctx, r)),
+        );
+        v.push(regs::doorbell(ctx));
+    }
+    let table = pci::MSIX_TABLE_OFFSET;
+    v.extend(
+        (0..u64::from(pci::MSIX_VECTORS) * 16)
+            .step_by(4)
+            .map(|o| table + o),
+    );
+    v.extend([pci::MSIX_PBA_OFFSET, pci::MSIX_PBA_OFFSET + 4]);
+    v
+}
+
+/// A vGPU and its canaries. See the module documentation.
+pub struct Rig {
+    /// The device.
+    pub dev: Vgpu,
+    /// Guest memory.
+    pub sys: GuestMemoryMmap,
+    /// The device's VRAM partition (host view).
+    pub vram: VramPartition,
+    /// The neighbouring partition (canary).
+    pub neighbour: VramPartition,
+    /// Interrupts sent.
+    pub msis: Arc<MsiLog>,
+    /// The software GPU.
+    pub gpu: Arc<SoftGpu>,
+    power_on: Vec<(u64, u32)>,
+    wipe_with_madvise: bool,
+}
+
+impl std::fmt::Debug for Rig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rig").finish_non_exhaustive()
+    }
+}
+
+fn fill(mem: &GuestMemoryMmap, at: u64, len: u64, byte: u8) {
+    mem.write_slice(&vec![byte; len as usize], GuestAddress(at))
+        .expect("fill");
+}
+
+/// Panics unless `[at, at + len)` of `mem` holds only `byte`.
+pub fn check_filled(mem: &GuestMemoryMmap, at: u64, len: u64, byte: u8, what: &str) {
+    const CHUNK: usize = 64 << 10;
+    let want = vec![byte; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK as u64) as usize;
+        mem.read_slice(&mut buf[..n], GuestAddress(at + done))
+            .expect("read canary");
+        // A plain slice comparison (memcmp) first: this runs for every fuzz input.
+        if buf[..n] != want[..n] {
+            let i = buf[..n].iter().position(|&b| b != byte).unwrap_or(0);
+            panic!(
+                "{what}: byte at {:#x} is {:#04x}, expected {byte:#04x}",
+                at + done + i as u64,
+                buf[i]
+            );
+        }
+        done += n as u64;
+    }
+}
+
+impl Rig {
+    /// A fresh vGPU with canaries in place.
+    pub fn new() -> Rig {
+        let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 2).expect("software GPU"));
+        let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
+        let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
+        let sys = guest_memory();
+        let msis = Arc::new(MsiLog::default());
+        let mut dev = vgpu(&gpu, &sys, vram.clone(), msis.clone());
+        fill(&sys, DMA_END, CANARY_LEN, RAM_CANARY);
+        fill(&sys, HIGH_BASE, HIGH_LEN, HIGH_CANARY);
+        fill(&neighbour.memory, 0, VRAM_SIZE, VRAM_CANARY);
+        let power_on = observable_registers()
+            .into_iter()
+            .map(|o| (o, read32(&mut dev, o)))
+            .collect();
+        let mut rig = Rig {
+            dev,
+            sys,
+            vram,
+            neighbour,
+            msis,
+            gpu,
+            power_on,
+            wipe_with_madvise: true,
+        };
+        // Check once that MADV_DONTNEED zeroes this mapping; otherwise wipe by writing.
+        rig.sys.write_obj(0xffu8, GuestAddress(0)).expect("write");
+        rig.wipe_ram();
+        if rig.sys.read_obj::<u8>(GuestAddress(0)).expect("read") != 0 {
+            rig.wipe_with_madvise = false;
+            rig.wipe_ram();
+        }
+        rig
+    }
+
+    /// The memories as the device sees them.
+    pub fn spaces(&self) -> Spaces {
+        Spaces {
+            sys: self.sys.clone(),
+            domain: domain(),
+            vram: self.vram.memory.clone(),
+            vram_size: VRAM_SIZE,
+        }
+    }
+
+    /// Reads a BAR 0 register.
+    pub fn r(&mut self, off: u64) -> u32 {
+        read32(&mut self.dev, off)
+    }
+
+    /// Writes a BAR 0 register.
+    pub fn w(&mut self, off: u64, v: u32) {
+        self.dev.write_bar(pci::BAR_REGS, off, &v.to_le_bytes());
+    }
+
+    /// Reads a context register.
+    pub fn cr(&mut self, ctx: u32, reg: u64) -> u32 {
+        self.r(regs::ctx_reg(ctx, reg))
+    }
+
+    /// Writes a context register.
+    pub fn cw(&mut self, ctx: u32, reg: u64, v: u32) {
+        self.w(regs::ctx_reg(ctx, reg), v)
+    }
+
+    /// Writes a u64 into guest RAM or VRAM (host side: no domain check).
+    pub fn put(&self, loc: Loc, addr: u64, v: u64) {
+        let mem = match loc {
+            Loc::Sys => &self.sys,
+            Loc::Vram => &self.vram.memory,
+        };
+        mem.write_obj(v, GuestAddress(addr)).expect("put");
+    }
+
+    /// Writes bytes into guest RAM or VRAM (host side).
+    pub fn put_bytes(&self, loc: Loc, addr: u64, b: &[u8]) {
+        let mem = match loc {
+            Loc::Sys => &self.sys,
+            Loc::Vram => &self.vram.memory,
+        };
+        mem.write_slice(b, GuestAddress(addr)).expect("put");
+    }
+
+    /// Reads bytes from guest RAM or VRAM (host side).
+    pub fn get_bytes(&self, loc: Loc, addr: u64, b: &mut [u8]) {
+        let mem = match loc {
+            Loc::Sys => &self.sys,
+            Loc::Vram => &self.vram.memory,
+        };
+        mem.read_slice(b, GuestAddress(addr)).expect("get");
+    }
+
+    /// Function-level reset; panics if it is slow or leaves the device not ready.
+    pub fn reset(&mut self) -> Duration {
+        let t = Instant::now();
+        self.w(regs::RESET, regs::RESET_VALUE);
+        let took = t.elapsed();
+        assert!(took < RESET_BOUND, "RESET took {took:?}");
+        assert_eq!(self.r(regs::STATUS), status::READY, "not ready after RESET");
+        took
+    }
+
+    /// The power-on value of an observable register.
+    pub fn power_on_value(&self, off: u64) -> Option<u32> {
+        self.power_on.iter().find(|p| p.0 == off).map(|p| p.1)
+    }
+
+    /// Panics unless every observable register reads its power-on value and VRAM is zero.
+    pub fn check_power_on(&mut self) {
+        for i in 0..self.power_on.len() {
+            let (off, want) = self.power_on[i];
+            let got = self.r(off);
+            assert_eq!(
+                got, want,
+                "BAR0 {off:#x} reads {got:#x} after RESET, power-on value {want:#x}"
+            );
+        }
+        check_vram_zero(&self.vram);
+    }
+
+    /// Zeroes the DMA-domain part of guest RAM (the device must be idle: after a reset).
+    pub fn wipe_ram(&mut self) {
+        if self.wipe_with_madvise {
+            let host = self
+                .sys
+                .get_host_address(GuestAddress(0))
+                .expect("RAM host address");
+            // SAFETY: [host, host + DMA_END) lies inside region 0, a private anonymous mapping
+            // of RAM_SIZE bytes owned by `self.sys`; nothing holds a Rust reference into it
+            // (all access is through vm-memory's copies) and the device is idle. DONTNEED
+            // only replaces the pages with zero-filled ones.
+            let rc = unsafe { libc::madvise(host.cast(), DMA_END as usize, libc::MADV_DONTNEED) };
+            if rc == 0 {
+                return;
+            }
+            self.wipe_with_madvise = false;
+        }
+        fill(&self.sys, 0, DMA_END, 0);
+    }
+
+    /// Panics unless every canary is intact.
+    pub fn check_canaries(&self) {
+        check_filled(
+            &self.sys,
+            DMA_END,
+            CANARY_LEN,
+            RAM_CANARY,
+            "host canary after RAM",
+        );
+        check_filled(
+            &self.sys,
+            HIGH_BASE,
+            HIGH_LEN,
+            HIGH_CANARY,
+            "high canary region",
+        );
+        check_filled(
+            &self.neighbour.memory,
+            0,
+            VRAM_SIZE,
+            VRAM_CANARY,
+            "neighbouring VRAM partition",
+        );
+    }
+
+    /// The start of every input: zeroes RAM. Every input ends with a checked RESET, and
+    /// [`Rig::new`] starts from one, so the device is idle and in power-on state here.
+    pub fn fresh(&mut self) {
+        self.wipe_ram();
+    }
+}
+
+impl Default for Rig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Panics unless the partition's VRAM is all zero (read through the file, so that punched
+/// holes stay holes).
+pub fn check_vram_zero(vram: &VramPartition) {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 64 << 10;
+    let zero = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0;
+    while done < vram.size {
+        let n = (vram.size - done).min(CHUNK as u64) as usize;
+        vram.file
+            .read_exact_at(&mut buf[..n], vram.offset + done)
+            .expect("read VRAM");
+        if buf[..n] != zero[..n] {
+            let i = buf[..n].iter().position(|&b| b != 0).unwrap_or(0);
+            panic!(
+                "VRAM not scrubbed by RESET: byte {:#x} is {:#04x}",
+                done + i as u64,
+                buf[i]
+            );
+        }
+        done += n as u64;
+    }
+}
+
+/// A 32-bit BAR 0 read.
+pub fn read32(dev: &mut Vgpu, off: u64) -> u32 {
+    let mut d = [0u8; 4];
+    dev.read_bar(pci::BAR_REGS, off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+/// Valid fault codes (0 = none).
+pub fn valid_fault_code(code: u32) -> bool {
+    code <= vgpu_abi::fault::TIMEOUT
+}
+
+/// Whether reading `WAIT` now would block (the waited-for context is enabled, not faulted and
+/// behind the value): fuzzers skip such reads, they only cost time.
+pub fn wait_would_block(rig: &mut Rig) -> bool {
+    let ctx = rig.r(regs::WAIT_CTX);
+    if ctx >= CONTEXTS {
+        return false;
+    }
+    let st = rig.cr(ctx, regs::CTX_STATUS);
+    let enabled = st & vgpu_abi::ctx_status::ENABLED != 0;
+    let faulted = st & vgpu_abi::ctx_status::FAULTED != 0;
+    let fence = rig.cr(ctx, regs::CTX_FENCE_LO);
+    let value = rig.r(regs::WAIT_VALUE);
+    enabled && !faulted && (fence.wrapping_sub(value) as i32) < 0
+}
+
+/// Prints what the device says about itself before a hang is reported; with
+/// `TESSERA_FUZZ_HANG_WAIT=S` also waits S seconds (to attach a debugger to the process).
+pub fn hang_diagnostics(rig: &mut Rig) {
+    let (queued, faults, tdr) = rig.dev.counters();
+    eprintln!(
+        "hang: pid {} STATUS {:#x}, queued {queued}, faults {faults}, watchdog resets {tdr}, {:?}",
+        std::process::id(),
+        rig.r(regs::STATUS),
+        rig.dev.sched_stats()
+    );
+    for ctx in 0..CONTEXTS {
+        eprintln!(
+            "hang: ctx {ctx}: control {:#x} status {:#x} head {} tail {} fence {} fault {}",
+            rig.cr(ctx, regs::CTX_CONTROL),
+            rig.cr(ctx, regs::CTX_STATUS),
+            rig.cr(ctx, regs::CTX_RING_HEAD),
+            rig.cr(ctx, regs::CTX_RING_TAIL),
+            rig.cr(ctx, regs::CTX_FENCE_LO),
+            rig.cr(ctx, regs::CTX_FAULT_CODE),
+        );
+    }
+    if let Some(s) = std::env::var("TESSERA_FUZZ_HANG_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_secs(s));
+    }
+}
+
+/// The longest a bounded command stream may take before the device counts as hung.
+pub const HANG_BOUND: Duration = Duration::from_secs(20);
+
+/// The ring size fuzzers use.
+pub const RING_ENTRIES: u32 = 64;
+const _: () = assert!(RING_ENTRIES <= limits::MAX_RING_ENTRIES);

@@ -1,0 +1,494 @@
+//! seccomp-bpf sandboxing of the VMM's threads, Firecracker style: one allow-list per thread
+//! role, compiled with seccompiler and installed on the thread itself (filters are inherited
+//! by the threads it creates afterwards).
+//!
+//! | role | thread(s) | installed |
+//! |---|---|---|
+//! | [`Thread::Vcpu`] | `vcpuN`: `KVM_RUN` and the device emulation behind exits | at the start of each vCPU thread |
+//! | [`Thread::Main`] | the thread in [`Vm::run`](crate::Vm::run): event loop, vCPU kicks, teardown | after the vCPU threads started |
+//! | [`Thread::Device`] | `vgpu-cp`, `gpu-engineN` | on a short-lived thread that builds the vGPU ([`on_device_thread`]); the device's threads inherit it |
+//!
+//! The lists hold what the threads were seen to use (`strace -f` of the firmware guest's
+//! conformance suite and of the test suite), nothing more: memory management for the
+//! allocator, futexes, eventfd/epoll I/O, the handful of KVM ioctls each role issues (by
+//! request number), and the calls a new thread makes while starting (device role only).
+//! Anything else raises `SIGSYS`; [`install_sigsys_reporter`] turns it into a one-line
+//! message and exit status 1. `tessera vm --seccomp false` turns all of this off for
+//! debugging.
+
+use std::collections::BTreeMap;
+use std::sync::Once;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter could not be compiled.
+    #[error("cannot build the {0:?} seccomp filter")]
+    Build(Thread, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the {0:?} seccomp filter")]
+    Install(Thread, #[source] seccompiler::Error),
+    /// The filtered setup thread could not be started.
+    #[error("cannot start the filtered device setup thread")]
+    Thread(#[source] std::io::Error),
+    /// The filtered setup thread panicked.
+    #[error("the filtered device setup thread panicked")]
+    Panicked,
+}
+
+/// A thread role, each with its own allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thread {
+    /// The thread that runs the event loop and stops the VM.
+    Main,
+    /// A vCPU thread.
+    Vcpu,
+    /// A device thread (vGPU command processor, software GPU engines) and the thread that
+    /// builds the device.
+    Device,
+}
+
+/// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl request number.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    dir << 30 | (size as u64) << 16 | 0xae << 8 | nr
+}
+const IOC_NONE: u64 = 0;
+const IOC_WRITE: u64 = 1;
+
+/// `KVM_RUN`.
+pub const KVM_RUN: u64 = kvm_ioc(IOC_NONE, 0x80, 0);
+/// `KVM_SET_USER_MEMORY_REGION`: a guest moves a memory BAR (VRAM).
+pub const KVM_SET_USER_MEMORY_REGION: u64 = kvm_ioc(
+    IOC_WRITE,
+    0x46,
+    size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+);
+/// `KVM_IOEVENTFD`: a guest moves the doorbell BAR.
+pub const KVM_IOEVENTFD: u64 = kvm_ioc(IOC_WRITE, 0x79, size_of::<kvm_bindings::kvm_ioeventfd>());
+/// `KVM_SIGNAL_MSI`: an MSI-X message.
+pub const KVM_SIGNAL_MSI: u64 = kvm_ioc(IOC_WRITE, 0xa5, size_of::<kvm_bindings::kvm_msi>());
+
+const TCGETS: u64 = 0x5401;
+const TCSETS: u64 = 0x5402;
+const F_GETFD: u64 = 1;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+const PR_SET_NAME: u64 = 15;
+/// The flags glibc's `pthread_create` passes to `clone`.
+const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// `arg` (32 bits) equals one of `values`.
+fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    values
+        .iter()
+        .map(|&v| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                v,
+            )?])
+        })
+        .collect()
+}
+
+fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
+    for &c in calls {
+        rules.insert(c, Vec::new());
+    }
+}
+
+/// What every thread of the process needs: the allocator, futexes, plain reads and writes of
+/// descriptors it already has (eventfds, the serial output, stderr), signals returning, and
+/// exiting.
+fn common() -> Result<Rules, seccompiler::BackendError> {
+    let mut r = Rules::new();
+    allow(
+        &mut r,
+        &[
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_close,
+            libc::SYS_futex,
+            libc::SYS_mmap,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_mprotect,
+            libc::SYS_madvise,
+            libc::SYS_brk,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_sigaltstack,
+            libc::SYS_sched_yield,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_getrandom,
+            libc::SYS_clock_gettime,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+            libc::SYS_restart_syscall,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+        ],
+    );
+    // Duplicating an eventfd (doorbells handed to the BAR mapper) and std's descriptor checks.
+    r.insert(libc::SYS_fcntl, any_of(1, &[F_GETFD, F_DUPFD_CLOEXEC])?);
+    Ok(r)
+}
+
+fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
+    let mut r = common()?;
+    match thread {
+        Thread::Vcpu => {
+            // KVM_RUN; a guest moving the vGPU's BARs (VRAM memory slot, doorbell
+            // ioeventfds); MSI-X messages released by configuration or table writes.
+            r.insert(
+                libc::SYS_ioctl,
+                any_of(
+                    1,
+                    &[
+                        KVM_RUN,
+                        KVM_SET_USER_MEMORY_REGION,
+                        KVM_IOEVENTFD,
+                        KVM_SIGNAL_MSI,
+                    ],
+                )?,
+            );
+        }
+        Thread::Main => {
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_ctl,
+                    // Kicking vCPU threads out of KVM_RUN.
+                    libc::SYS_tgkill,
+                    // Tearing down: returning VRAM (hole punching) and unmapping.
+                    libc::SYS_fallocate,
+                ],
+            );
+            // Restoring the terminal.
+            r.insert(libc::SYS_ioctl, any_of(1, &[TCGETS, TCSETS])?);
+        }
+        Thread::Device => {
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    // Reset scrubs VRAM by punching holes.
+                    libc::SYS_fallocate,
+                    // Building the device on the setup thread: VRAM memfd, eventfds, epoll.
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                    libc::SYS_eventfd2,
+                    libc::SYS_epoll_create1,
+                    libc::SYS_epoll_ctl,
+                    // Starting its threads (clone3 is refused with ENOSYS by a second filter,
+                    // see `device_clone3`, so that glibc uses clone, whose flags are checked).
+                    libc::SYS_clone3,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                ],
+            );
+            r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
+            r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
+            r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
+        }
+    }
+    Ok(r)
+}
+
+fn arch() -> TargetArch {
+    #[cfg(target_arch = "x86_64")]
+    let a = TargetArch::x86_64;
+    #[cfg(target_arch = "aarch64")]
+    let a = TargetArch::aarch64;
+    a
+}
+
+/// The compiled allow-list of `thread`: allowed calls pass, anything else raises `SIGSYS`.
+pub fn filter(thread: Thread) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(thread, e);
+    let f = SeccompFilter::new(
+        rules(thread).map_err(build)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        arch(),
+    )
+    .map_err(build)?;
+    f.try_into().map_err(build)
+}
+
+/// A second device filter: `clone3` fails with `ENOSYS` (its flags live in memory, out of a
+/// filter's reach), so thread creation falls back to `clone`, whose flags the allow-list
+/// checks. Stacked filters: the stricter verdict wins.
+fn device_clone3() -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(Thread::Device, e);
+    let mut r = Rules::new();
+    r.insert(libc::SYS_clone3, Vec::new());
+    let f = SeccompFilter::new(
+        r,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )
+    .map_err(build)?;
+    f.try_into().map_err(build)
+}
+
+/// Installs `thread`'s filter on the calling thread.
+pub fn apply(thread: Thread) -> Result<(), SeccompError> {
+    let prog = filter(thread)?;
+    let extra = match thread {
+        Thread::Device => Some(device_clone3()?),
+        _ => None,
+    };
+    // The allow-list goes last: it forbids seccomp(2) itself.
+    if let Some(p) = extra {
+        seccompiler::apply_filter(&p).map_err(|e| SeccompError::Install(thread, e))?;
+    }
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(thread, e))
+}
+
+/// Runs `build` on a new thread under the device filter and returns its result: every thread
+/// `build` starts (a vGPU's command processor, a software GPU's engines) inherits the filter.
+/// The calling thread stays unfiltered.
+pub fn on_device_thread<T: Send>(build: impl FnOnce() -> T + Send) -> Result<T, SeccompError> {
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("device-setup".into())
+            .spawn_scoped(s, || apply(Thread::Device).map(|()| build()))
+            .map_err(SeccompError::Thread)?;
+        h.join().map_err(|_| SeccompError::Panicked)?
+    })
+}
+
+/// Writes `n` in decimal into `buf`; returns the digits.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // `siginfo_t` for SIGSYS (x86_64 and aarch64): `si_call_addr` at byte 16, `si_syscall`
+    // (int) at byte 24.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t of at least 128 bytes.
+        let at = unsafe { info.cast::<u8>().add(24) };
+        // SAFETY: for SIGSYS the int at byte 24 of siginfo_t is the system call number.
+        unsafe { at.cast::<libc::c_int>().read_unaligned() }
+    };
+    let mut buf = [0u8; 20];
+    let mut msg = [0u8; 160];
+    let mut len = 0;
+    for part in [
+        b"tessera: seccomp: forbidden system call ".as_slice(),
+        decimal(nr.max(0) as u64, &mut buf),
+        b" (run with --seccomp false to debug)\n",
+    ] {
+        msg[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    // SAFETY: write(2) is async-signal-safe and allowed by every filter; the buffer is valid
+    // for `len` bytes.
+    unsafe { libc::write(2, msg.as_ptr().cast(), len) };
+    // SAFETY: _exit(2) is async-signal-safe and allowed by every filter.
+    unsafe { libc::_exit(1) }
+}
+
+/// Reports a filter violation on stderr and exits with status 1 (instead of dying silently
+/// from `SIGSYS`). Installed once per process.
+pub fn install_sigsys_reporter() -> Result<(), std::io::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        // SAFETY: sigaction is plain data; all zeroes is a valid (empty) value.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = sigsys_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: a valid sigset_t to clear.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: a valid sigaction whose handler only calls async-signal-safe functions.
+        let rc = unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) };
+        if rc != 0 {
+            result = Err(std::io::Error::last_os_error());
+        }
+    });
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, ExitStatus};
+
+    use super::*;
+
+    const CHILD_ENV: &str = "TESSERA_SECCOMP_CHILD";
+
+    /// Runs `case` of [`child`] in a fresh process (this test binary again): filters stay
+    /// out of the test runner, and nothing forks a multi-threaded process.
+    fn run_child(case: &str) -> ExitStatus {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "seccomp::tests::child", "--nocapture"])
+            .env(CHILD_ENV, case)
+            .status()
+            .expect("run the child")
+    }
+
+    fn role(name: &str) -> Thread {
+        match name {
+            "main" => Thread::Main,
+            "vcpu" => Thread::Vcpu,
+            _ => Thread::Device,
+        }
+    }
+
+    /// The child side: does nothing unless started by [`run_child`]; then runs the case and
+    /// leaves with `_exit` (never returning into the test runner under a filter).
+    #[test]
+    fn child() {
+        let Ok(case) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let (what, name) = case.split_once(':').unwrap_or((case.as_str(), "device"));
+        let code = match what {
+            // Allowed calls keep working under the filter.
+            "allowed" => {
+                apply(role(name)).expect("install");
+                // SAFETY: writing from a valid buffer to stderr.
+                let n = unsafe { libc::write(2, b"allowed\n".as_ptr().cast(), 8) };
+                if n == 8 { 0 } else { 10 }
+            }
+            // No role opens sockets.
+            "socket" => {
+                apply(role(name)).expect("install");
+                // SAFETY: a plain system call with constant arguments.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                11
+            }
+            // KVM_RUN belongs to vCPU threads only.
+            "kvm_run" => {
+                apply(role(name)).expect("install");
+                // SAFETY: an ioctl on an invalid descriptor; the filter decides first.
+                unsafe { libc::ioctl(-1, KVM_RUN as libc::c_ulong) };
+                12
+            }
+            "report" => {
+                install_sigsys_reporter().expect("handler");
+                apply(role(name)).expect("install");
+                // SAFETY: as above.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                13
+            }
+            // Threads started under the device filter inherit it, and starting them works.
+            "device_threads" => {
+                let r = on_device_thread(|| {
+                    let t = std::thread::Builder::new()
+                        .name("engine".into())
+                        .spawn(|| {
+                            // SAFETY: as above; inherited filter must stop it.
+                            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+                        })
+                        .expect("spawn under the filter");
+                    t.join().ok()
+                });
+                match r {
+                    Ok(Some(_)) => 14,
+                    _ => 15,
+                }
+            }
+            "device_spawn" => {
+                let r = on_device_thread(|| {
+                    std::thread::Builder::new()
+                        .name("engine".into())
+                        .spawn(|| 7)
+                        .ok()
+                        .and_then(|t| t.join().ok())
+                });
+                if matches!(r, Ok(Some(7))) { 0 } else { 16 }
+            }
+            _ => 17,
+        };
+        // SAFETY: leaving the child process without unwinding into the runner.
+        unsafe { libc::_exit(code) };
+    }
+
+    #[test]
+    fn every_role_allows_what_it_needs() {
+        for r in ["main", "vcpu", "device"] {
+            let st = run_child(&format!("allowed:{r}"));
+            assert_eq!(st.code(), Some(0), "{r}: {st:?}");
+        }
+        let st = run_child("device_spawn");
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "threads start under the device filter: {st:?}"
+        );
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_process_with_sigsys() {
+        for r in ["main", "vcpu", "device"] {
+            let st = run_child(&format!("socket:{r}"));
+            assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
+        }
+    }
+
+    #[test]
+    fn ioctls_are_filtered_by_request_number() {
+        for r in ["main", "device"] {
+            let st = run_child(&format!("kvm_run:{r}"));
+            assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
+        }
+        // A vCPU may: the call itself fails (bad descriptor) and the child goes on.
+        assert_eq!(run_child("kvm_run:vcpu").code(), Some(12));
+    }
+
+    #[test]
+    fn device_filter_is_inherited_by_device_threads() {
+        let st = run_child("device_threads");
+        assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
+    }
+
+    #[test]
+    fn the_reporter_exits_with_status_1() {
+        let st = run_child("report:vcpu");
+        assert_eq!(st.code(), Some(1), "{st:?}");
+    }
+
+    #[test]
+    fn kvm_request_numbers() {
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_SIGNAL_MSI, 0x4020_aea5);
+    }
+}

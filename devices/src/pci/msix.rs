@@ -271,7 +271,10 @@ mod tests {
         assert_eq!(d, [0; 4]);
         let mut wide = [0xffu8; 8];
         m.read_table(16, &mut wide);
-        assert_eq!(wide, [0; 8], "8-byte reads are not supported and read as zero");
+        assert_eq!(
+            wide, [0; 8],
+            "8-byte reads are not supported and read as zero"
+        );
         m.reset();
         assert!(!m.is_pending(1));
     }

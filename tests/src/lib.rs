@@ -67,6 +67,36 @@ pub fn guest_file(name: &str) -> Option<PathBuf> {
     )
 }
 
+/// Boots the stock Debian kernel and initramfs with `tessera.run=<run>` and `extra` flags, on
+/// hardware KVM only: `None` (the test is skipped, saying `why_pvm`) on a PVM host, or when the
+/// image (or any of `needs`, files in the guest directory) was not built.
+pub fn spawn_debian(run: &str, extra: &[&str], needs: &[&str], why_pvm: &str) -> Option<Vmm> {
+    if host_is_pvm() {
+        eprintln!(
+            "skipped: host KVM is PVM (no VMX/SVM); guest ring-0 code is emulated and Linux \
+             user space cannot start, so {why_pvm}"
+        );
+        return None;
+    }
+    let kernel = guest_file("debian-vmlinuz")?;
+    let initramfs = guest_file("debian-initramfs.cpio.gz")?;
+    for n in needs {
+        guest_file(n)?;
+    }
+    let cmdline = format!("console=ttyS0 tessera.run={run}");
+    let mut args = vec![
+        "vm",
+        "--kernel",
+        kernel.to_str()?,
+        "--initramfs",
+        initramfs.to_str()?,
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    Some(Vmm::spawn(&args))
+}
+
 /// True on PVM hosts (no hardware virtualization).
 pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use tessera_tests::{Vmm, guest_file, host_is_pvm};
+use tessera_tests::{Vmm, guest_file, spawn_debian};
 
 /// The command line for the minimal kernel on PVM hosts: features the emulator cannot run are
 /// cleared in the guest too, because CPUID executed by the guest kernel can bypass KVM there.
@@ -47,32 +47,14 @@ fn minimal_kernel_enumerates_pci() {
 
 #[test]
 fn stock_debian_kernel_reaches_user_space() {
-    if host_is_pvm() {
-        eprintln!(
-            "skipped: host KVM is PVM (no VMX/SVM); guest ring-0 code is emulated and Linux \
-             user space cannot start, so the stock Debian image runs only on hardware KVM"
-        );
-        return;
-    }
-    let (Some(kernel), Some(initramfs)) = (
-        guest_file("debian-vmlinuz"),
-        guest_file("debian-initramfs.cpio.gz"),
+    let Some(mut vm) = spawn_debian(
+        "exit,7",
+        &["--cpus", "2", "--memory", "512M"],
+        &[],
+        "the stock Debian image runs only on hardware KVM",
     ) else {
         return;
     };
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initramfs",
-        initramfs.to_str().expect("utf-8"),
-        "--cmdline",
-        "console=ttyS0 tessera.run=exit,7",
-        "--cpus",
-        "2",
-        "--memory",
-        "512M",
-    ]);
     let deadline = Duration::from_secs(120);
     vm.expect_line("tessera-guest: ready", deadline);
     assert_eq!(

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::{Vmm, guest_file, host_is_pvm, run_with_deadline};
+use tessera_tests::{Vmm, guest_file, run_with_deadline, spawn_debian};
 
 /// The PVM command line of the minimal kernel (see linux_boot.rs) plus the self-test.
 const SELFTEST_CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid nopti tessera_vgpu.selftest=1";
@@ -265,38 +265,17 @@ fn guest_tools_build() {
 
 #[test]
 fn stock_debian_kernel_loads_module() {
-    if host_is_pvm() {
-        eprintln!(
-            "skipped: host KVM is PVM (no VMX/SVM); Linux user space cannot start there, so the \
-             stock Debian kernel cannot load the module and run the guest tools (the minimal \
-             kernel's in-kernel self-test covers the driver on this host)"
-        );
-        return;
-    }
     // The image must carry the extras (`cargo xtask guest-images` builds it with
     // EXTRA_DIR=target/guest/extra).
-    let (Some(kernel), Some(initramfs), Some(_extras)) = (
-        guest_file("debian-vmlinuz"),
-        guest_file("debian-initramfs.cpio.gz"),
-        guest_file("extra/usr/bin/tessera-vgpu-check"),
+    let Some(mut vm) = spawn_debian(
+        "tessera-vgpu-check",
+        &["--cpus", "2", "--memory", "1G", "--vgpu", "profile=256M"],
+        &["extra/usr/bin/tessera-vgpu-check"],
+        "the stock Debian kernel cannot load the module and run the guest tools (the minimal \
+         kernel's in-kernel self-test covers the driver on this host)",
     ) else {
         return;
     };
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initramfs",
-        initramfs.to_str().expect("utf-8"),
-        "--cmdline",
-        "console=ttyS0 tessera.run=tessera-vgpu-check",
-        "--cpus",
-        "2",
-        "--memory",
-        "1G",
-        "--vgpu",
-        "profile=256M",
-    ]);
     let deadline = Duration::from_secs(300);
     vm.expect_line("tessera-guest: ready", deadline);
     vm.expect_line("tessera-vgpu-check: loaded", deadline);

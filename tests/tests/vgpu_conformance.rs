@@ -39,3 +39,29 @@ fn conformance(profile: &str, memory: &str) {
 fn conformance_suite_passes_in_process() {
     conformance("profile=256M", "256M");
 }
+
+/// Large kernels allocate and free big host buffers on the GPU's threads; under the seccomp
+/// filters (on by default) glibc then tries to open /proc/sys/vm/overcommit_memory, which must
+/// fail harmlessly rather than kill the VM.
+#[test]
+fn large_kernels_run_under_seccomp() {
+    let Some(fw) = firmware() else { return };
+    for cmdline in [
+        "run=bench-throughput kernel=sgemm size=256 batch=2",
+        "run=bench-throughput kernel=saxpy size=4194304 batch=2",
+    ] {
+        let mut vm = Vmm::spawn(&[
+            "vm",
+            "--kernel",
+            fw.to_str().expect("utf-8"),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "256M",
+            "--vgpu",
+            "profile=64M",
+        ]);
+        vm.expect_line("tessera-fw: bench throughput", Duration::from_secs(60));
+        assert_eq!(vm.wait(Duration::from_secs(60)).code(), Some(0));
+    }
+}

@@ -144,6 +144,9 @@ fn common() -> Result<Rules, seccompiler::BackendError> {
             libc::SYS_restart_syscall,
             libc::SYS_exit,
             libc::SYS_exit_group,
+            // Passed by the allow-list only to be refused by `denials` with EACCES (glibc's
+            // malloc opens /proc/sys/vm/overcommit_memory when it trims a thread's arena).
+            libc::SYS_openat,
         ],
     );
     // Duplicating an eventfd (doorbells handed to the BAR mapper) and std's descriptor checks.
@@ -253,16 +256,34 @@ fn device_clone3() -> Result<BpfProgram, SeccompError> {
     f.try_into().map_err(build)
 }
 
+/// A filter stacked on every thread: opening files fails with `EACCES` instead of killing
+/// the VM (the allow-list lets `openat` through to this verdict). No thread needs a file once
+/// the VM runs; glibc's malloc tries to read /proc/sys/vm/overcommit_memory when it trims a
+/// thread's arena and copes with the failure.
+fn denials(thread: Thread) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(thread, e);
+    let mut r = Rules::new();
+    r.insert(libc::SYS_openat, Vec::new());
+    let f = SeccompFilter::new(
+        r,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch(),
+    )
+    .map_err(build)?;
+    f.try_into().map_err(build)
+}
+
 /// Installs `thread`'s filter on the calling thread.
 pub fn apply(thread: Thread) -> Result<(), SeccompError> {
     let prog = filter(thread)?;
-    let extra = match thread {
-        Thread::Device => Some(device_clone3()?),
-        _ => None,
-    };
+    let mut extra = vec![denials(thread)?];
+    if let Thread::Device = thread {
+        extra.push(device_clone3()?);
+    }
     // The allow-list goes last: it forbids seccomp(2) itself.
-    if let Some(p) = extra {
-        seccompiler::apply_filter(&p).map_err(|e| SeccompError::Install(thread, e))?;
+    for p in &extra {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(thread, e))?;
     }
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(thread, e))
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: project automation.
 //!
-//! - `cargo xtask demo`: build what is needed and boot the firmware guest (what it finds).
+//! - `cargo xtask demo`: build what is needed, run the vGPU conformance suite in the firmware
+//!   guest, then four firmware VMs sharing one GPU.
 //! - `cargo xtask test`: everything CI runs: formatting, clippy, firmware and guest-kernel
 //!   builds, the whole test suite.
 //! - `cargo xtask firmware` / `cargo xtask guest-images`: the individual builds.
@@ -161,15 +162,27 @@ fn demo() -> Result<()> {
     let fw = firmware()?;
     run(cargo().args(["build", "--release", "-p", "tessera"]))?;
     let bin = root().join("target/release/tessera");
-    eprintln!("xtask: booting the firmware guest (2 vCPUs, 64 MiB):");
-    run(Command::new(bin).args(["vm", "--kernel"]).arg(fw).args([
-        "--cmdline",
-        "run=info",
-        "--cpus",
-        "2",
-        "--memory",
-        "64M",
-    ]))
+    eprintln!(
+        "xtask: the firmware guest with a vGPU runs the conformance suite (2 vCPUs, 256 MiB):"
+    );
+    run(Command::new(&bin)
+        .args(["vm", "--kernel"])
+        .arg(&fw)
+        .args([
+            "--cmdline",
+            "run=conformance",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+        ])
+        .args(["--vgpu", "profile=256M"]))?;
+    eprintln!("xtask: four firmware VMs share one GPU, weights 1:2:4:8:");
+    run(Command::new(&bin)
+        .args(["--log-level", "warn", "bench", "vms", "--firmware"])
+        .arg(&fw)
+        .args(["--loads", "busy,busy,busy,busy", "--weights", "1,2,4,8"])
+        .args(["--policy", "fixed-share", "--seconds", "2"]))
 }
 
 /// The cargo-fuzz targets under `fuzz/`.

@@ -28,6 +28,10 @@ pub struct SchedArgs {
     /// Policy for the fairness run (best-effort, equal-share, fixed-share, fixed-quantum).
     #[arg(long, default_value = "equal-share")]
     policy: Policy,
+    /// Time slice of the fairness phase, ms (1–30). With 2 ms slices, 8 vGPUs and 100 ms
+    /// windows, whole slices alone bound Jain at 0.9952 (50 slices: six vGPUs get 6, two get 7).
+    #[arg(long, default_value_t = 2)]
+    slice_ms: u64,
     /// Seconds per phase.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -60,6 +64,12 @@ struct Report {
     scale64_ratio: f64,
     mem_per_vgpu_kib: f64,
     switch_us: SwitchUs,
+    /// Neighbours' GPU share while a fifth vGPU hung, over their fair share (4/5).
+    tdr_neighbour_share_ratio: f64,
+    /// Neighbours' jobs/s over the hung phase vs the same four alone.
+    tdr_neighbour_rate_ratio: f64,
+    /// GPU time the hung vGPU held past its watchdog limit (reset plus in-flight workgroups).
+    tdr_reset_ms: f64,
 }
 
 const ENGINES: usize = 2;
@@ -82,7 +92,12 @@ enum Load {
     Idle,
     /// One long dispatch of `groups` × `us`, then busy.
     Long { us: u64, groups: u64 },
+    /// A job far past the vGPU's watchdog (150 ms of GPU time); it must fault and reset.
+    Hung,
 }
+
+/// Watchdog of the `Hung` load's vGPU.
+const HUNG_WATCHDOG: Duration = Duration::from_millis(150);
 
 fn spin(us: u64, groups: u64) -> Packet {
     Packet {
@@ -111,12 +126,17 @@ impl Fleet {
         for (i, &(load, params)) in loads.iter().enumerate() {
             let lease = gpu.lease(&PROFILE, None).map_err(|e| e.to_string())?;
             let sched = lease.scheduler();
-            let client = HostClient::new(
+            let watchdog = match load {
+                Load::Hung => HUNG_WATCHDOG,
+                _ => vgpu::device::DEFAULT_WATCHDOG,
+            };
+            let client = HostClient::with_watchdog(
                 PROFILE,
                 lease.vram().clone(),
                 lease.backend(),
                 (sched, params),
                 CLIENT_MEM,
+                watchdog,
             )
             .map_err(|e| e.to_string())?;
             members.push((lease.partition(), i));
@@ -133,9 +153,24 @@ impl Fleet {
                 let mut inflight = std::collections::VecDeque::new();
                 while !stop.load(Ordering::Relaxed) {
                     let pkt = match (load, first) {
-                        (Load::Idle, _) => {
+                        (Load::Idle, _) | (Load::Hung, false) => {
                             std::thread::sleep(Duration::from_millis(5));
                             continue;
+                        }
+                        (Load::Hung, true) => {
+                            first = false;
+                            // 60 s of work: only the watchdog ends it.
+                            match client.run(&[spin(1000, 60_000)]) {
+                                Err(vgpu::host::HostError::Fault { code, .. })
+                                    if code == vgpu_abi::fault::TIMEOUT =>
+                                {
+                                    counter.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                other => {
+                                    return Err(format!("the hung vGPU ended with {other:?}"));
+                                }
+                            }
                         }
                         (Load::Long { us, groups }, true) => spin(us, groups),
                         (Load::Long { .. }, false) => spin(200, 4),
@@ -274,7 +309,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 1. N busy vGPUs, the chosen policy (equal share by default): Jain over 100 ms windows.
     let f = Fleet::start(
-        &spec(args.policy, 2),
+        &spec(args.policy, args.slice_ms),
         &vec![(busy, Params::default()); args.vgpus],
     )?;
     std::thread::sleep(Duration::from_millis(200));
@@ -404,7 +439,32 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         sw.push(median(&h));
     }
 
+    // 7. A hung vGPU among 4 busy ones: its watchdog (150 ms of GPU time) resets it alone.
+    let four = [(busy, Params::default()); 4];
+    let f = Fleet::start(&spec(Policy::EqualShare, 2), &four)?;
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let alone: u64 = f.finish()?.iter().sum();
+    let mut loads = four.to_vec();
+    loads.push((Load::Hung, Params::default()));
+    let f = Fleet::start(&spec(Policy::EqualShare, 2), &loads)?;
+    let t0 = Instant::now();
+    while f.done[4].load(Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let hung_wall = t0.elapsed();
+    let busy_all = f.busy();
+    let hung_held = Duration::from_nanos(busy_all[4]);
+    let neighbours_busy: u64 = busy_all[..4].iter().sum();
+    let neighbour_share = neighbours_busy as f64 / (neighbours_busy + busy_all[4]).max(1) as f64;
+    let phase = hung_wall.max(Duration::from_secs_f64(secs));
+    std::thread::sleep(phase.saturating_sub(hung_wall));
+    let with_hung: u64 = f.finish()?[..4].iter().sum();
+    let tdr_rate = (with_hung as f64 / phase.as_secs_f64()) / (alone as f64 / secs);
+
     let r = Report {
+        tdr_neighbour_share_ratio: neighbour_share / 0.8,
+        tdr_neighbour_rate_ratio: tdr_rate,
+        tdr_reset_ms: hung_held.saturating_sub(HUNG_WATCHDOG).as_secs_f64() * 1e3,
         jain: jain_mean,
         jain_min,
         weighted_shares: shares,
@@ -449,6 +509,11 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         println!(
             "  switch (handoff) median µs: 1 ms {:.1}, 2 ms {:.1}, 10 ms {:.1}",
             sw[0], sw[1], sw[2]
+        );
+        println!(
+            "  a hung vGPU among 4 busy: neighbours' share {:.3} of fair, their jobs/s {:.3} \
+             of alone, reset {:.2} ms past the watchdog",
+            r.tdr_neighbour_share_ratio, r.tdr_neighbour_rate_ratio, r.tdr_reset_ms
         );
     }
     Ok(())

@@ -116,6 +116,12 @@ struct State {
     ctx: Vec<Ctx>,
     reset_pending: bool,
     shutdown: bool,
+    /// The memories the device reaches; replaced whole by `Vgpu::set_dma`.
+    spaces: Arc<Spaces>,
+    /// Bumped by every `set_dma`.
+    dma_epoch: u64,
+    /// The DMA epoch of the packet the command processor is executing, if any.
+    dma_in_use: Option<u64>,
 }
 
 impl State {
@@ -149,7 +155,6 @@ struct Shared {
     progress: Condvar,
     kick: EventFd,
     doorbells: Vec<EventFd>,
-    spaces: Spaces,
     vram: VramPartition,
     backend: Arc<dyn Backend>,
     cancel: Arc<AtomicBool>,
@@ -300,16 +305,18 @@ impl Vgpu {
                 ctx: fresh_contexts(contexts),
                 reset_pending: false,
                 shutdown: false,
+                spaces: Arc::new(Spaces {
+                    sys,
+                    domain,
+                    vram: vram.memory.clone(),
+                    vram_size: vram.size,
+                }),
+                dma_epoch: 0,
+                dma_in_use: None,
             }),
             progress: Condvar::new(),
             kick,
             doorbells,
-            spaces: Spaces {
-                sys,
-                domain,
-                vram: vram.memory.clone(),
-                vram_size: vram.size,
-            },
             vram,
             backend,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -365,6 +372,33 @@ impl Vgpu {
             u64::from(st.fault_count),
             self.shared.tdr_resets.load(Ordering::Relaxed),
         )
+    }
+
+    /// Replaces the guest memory and DMA domain the device reaches (a vfio-user client mapping
+    /// or unmapping guest RAM). Returns once no packet started under the old mapping is still
+    /// executing, so the caller may then tear the old memory down.
+    pub fn set_dma(&self, sys: GuestMemoryMmap, domain: DmaDomain) {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let old = st.dma_epoch;
+        st.dma_epoch += 1;
+        st.spaces = Arc::new(Spaces {
+            sys,
+            domain,
+            vram: sh.vram.memory.clone(),
+            vram_size: sh.vram.size,
+        });
+        // Cached translations may point into memory that is gone.
+        for c in st.ctx.iter_mut() {
+            c.tlb_epoch += 1;
+        }
+        while st.dma_in_use == Some(old) {
+            st = sh
+                .progress
+                .wait_timeout(st, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// This vGPU's scheduler statistics.
@@ -637,7 +671,8 @@ impl PciDevice for Vgpu {
             }
             abi_pci::BAR_VRAM => {
                 // Only reached when the VMM traps the aperture instead of mapping it.
-                let _ = self.shared.spaces.read(crate::mem::Loc::Vram, offset, data);
+                let spaces = self.shared.lock().spaces.clone();
+                let _ = spaces.read(crate::mem::Loc::Vram, offset, data);
             }
             _ => {}
         }
@@ -658,10 +693,8 @@ impl PciDevice for Vgpu {
                 }
             }
             abi_pci::BAR_VRAM => {
-                let _ = self
-                    .shared
-                    .spaces
-                    .write(crate::mem::Loc::Vram, offset, data);
+                let spaces = self.shared.lock().spaces.clone();
+                let _ = spaces.write(crate::mem::Loc::Vram, offset, data);
             }
             _ => {}
         }
@@ -682,6 +715,8 @@ impl Drop for Vgpu {
 
 /// A context as the processor sees it for one packet.
 struct Snapshot {
+    /// The memories as of this packet (see `DmaGuard`).
+    spaces: Arc<Spaces>,
     root: Root,
     ring_base: u64,
     ring_size: u32,
@@ -691,6 +726,17 @@ struct Snapshot {
     generation: u64,
     tlb_epoch: u64,
     refresh_tail: bool,
+}
+
+/// Marks the end of a packet's use of its DMA mapping (whichever way `step` returns), so a
+/// waiting `set_dma` can go on.
+struct DmaGuard(Arc<Shared>);
+
+impl Drop for DmaGuard {
+    fn drop(&mut self) {
+        self.0.lock().dma_in_use = None;
+        self.0.progress.notify_all();
+    }
 }
 
 /// What executing a packet changes in the context's registers.
@@ -859,6 +905,7 @@ impl Processor {
         if st.reset_pending {
             return None;
         }
+        let spaces = st.spaces.clone();
         let c = st.ctx.get_mut(i)?;
         if !c.runnable() {
             return None;
@@ -868,7 +915,8 @@ impl Processor {
         if !refresh_tail && c.head == c.tail {
             return None;
         }
-        Some(Snapshot {
+        let snap = Snapshot {
+            spaces,
             root: Root(c.pt_root),
             ring_base: c.ring_base,
             ring_size: c.ring_size,
@@ -878,14 +926,17 @@ impl Processor {
             generation: c.generation,
             tlb_epoch: c.tlb_epoch,
             refresh_tail,
-        })
+        };
+        st.dma_in_use = Some(st.dma_epoch);
+        Some(snap)
     }
 
     fn step(&mut self, i: usize) -> bool {
         let Some(mut s) = self.snapshot(i) else {
             return false;
         };
-        let spaces = self.sh.spaces.clone();
+        let _in_use = DmaGuard(self.sh.clone());
+        let spaces = s.spaces.clone();
         let (tlb, epoch) = &mut self.tlbs[i];
         if *epoch != s.tlb_epoch {
             tlb.invalidate();
@@ -960,7 +1011,7 @@ impl Processor {
 
     fn execute(&mut self, i: usize, s: &Snapshot, pkt_va: u64) -> Result<Effect, Fault> {
         let sh = self.sh.clone();
-        let spaces = &sh.spaces;
+        let spaces = &*s.spaces;
         let Processor { tlbs, grant, .. } = self;
         let tlb = &mut tlbs[i].0;
         let watchdog = sh.watchdog;

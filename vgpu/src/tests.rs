@@ -754,3 +754,23 @@ fn garbage_never_panics() {
     }
     assert_eq!(g.r(regs::MAGIC), regs::MAGIC_VALUE);
 }
+
+#[test]
+fn dma_mapping_can_change_between_packets() {
+    let mut g = Gpu::new();
+    g.setup_ctx(0, T0, B0, 8);
+    let copy = pkt(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 8]);
+    assert_eq!(g.run(0, T0, &[copy], 1), wait::DONE);
+    // The client unmaps everything from B0 up (buffers and page tables).
+    g.dev
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, B0)]));
+    g.submit(0, T0, &[copy]);
+    assert_eq!(g.wait(0, 2), wait::FAULTED);
+    assert_eq!(g.cr(0, regs::CTX_FAULT_CODE), fault::DMA_DOMAIN);
+    // Mapped again: the context recovers.
+    g.dev
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]));
+    g.cw(0, regs::CTX_CONTROL, ctx_control::RESET);
+    g.cw(0, regs::CTX_CONTROL, ctx_control::ENABLE);
+    assert_eq!(g.run(0, T0, &[copy], 3), wait::DONE);
+}

@@ -67,6 +67,31 @@ pub fn guest_file(name: &str) -> Option<PathBuf> {
     )
 }
 
+/// The minimal kernel's command line on PVM hosts: features the emulator cannot run are cleared
+/// in the guest too, because CPUID executed by the guest kernel can bypass KVM there.
+pub const MINIMAL_CMDLINE: &str =
+    "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid nopti";
+
+/// Boots the minimal kernel (1 vCPU, 128 MiB, a 256M vGPU) with `extra` appended to
+/// [`MINIMAL_CMDLINE`]; `None` (skipped, with a message) when the kernel was not built.
+pub fn spawn_minimal(extra: &str) -> Option<Vmm> {
+    let kernel = guest_file("vmlinux-minimal")?;
+    let cmdline = format!("{MINIMAL_CMDLINE} {extra}");
+    Some(Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        kernel.to_str()?,
+        "--cmdline",
+        cmdline.trim_end(),
+        "--cpus",
+        "1",
+        "--memory",
+        "128M",
+        "--vgpu",
+        "profile=256M",
+    ]))
+}
+
 /// Boots the stock Debian kernel and initramfs with `tessera.run=<run>` and `extra` flags, on
 /// hardware KVM only: `None` (the test is skipped, saying `why_pvm`) on a PVM host, or when the
 /// image (or any of `needs`, files in the guest directory) was not built.

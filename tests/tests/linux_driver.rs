@@ -27,10 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::{Vmm, guest_file, run_with_deadline, spawn_debian};
-
-/// The PVM command line of the minimal kernel (see linux_boot.rs) plus the self-test.
-const SELFTEST_CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid nopti tessera_vgpu.selftest=1";
+use tessera_tests::{Vmm, run_with_deadline, spawn_debian, spawn_minimal};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -69,22 +66,9 @@ fn bar_line(vm: &Vmm, bar: u32) -> Option<String> {
 
 #[test]
 fn minimal_kernel_driver_selftest() {
-    let Some(kernel) = guest_file("vmlinux-minimal") else {
+    let Some(mut vm) = spawn_minimal("tessera_vgpu.selftest=1") else {
         return;
     };
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--cmdline",
-        SELFTEST_CMDLINE,
-        "--cpus",
-        "1",
-        "--memory",
-        "128M",
-        "--vgpu",
-        "profile=256M",
-    ]);
     let deadline = Duration::from_secs(300);
     vm.expect_line("Linux version", deadline);
     let t_pci = vm.expect_line(

@@ -17,4 +17,4 @@ mod vm;
 
 pub use config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
 pub use devices::ExitReason;
-pub use vm::{VgpuProbe, Vm, VmError};
+pub use vm::{VgpuProbe, Vm, VmError, error_chain};

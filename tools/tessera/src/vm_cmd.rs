@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
-use vmm::{ExitReason, Vm};
+use vmm::{ExitReason, Vm, error_chain};
 
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
@@ -78,19 +78,4 @@ pub fn run(args: VmArgs) -> ExitCode {
             })
         }
     }
-}
-
-/// `error: cause: cause`, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }

@@ -15,3 +15,19 @@ mod trigger;
 pub use bus::{Bus, BusDevice, BusError, BusRange};
 pub use exit::{ExitHandle, ExitReason};
 pub use trigger::EventFdTrigger;
+
+/// An error and its causes on one line (`error: cause: cause`), leaving out causes whose text
+/// the message already contains.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}

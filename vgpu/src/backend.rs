@@ -1,5 +1,5 @@
-//! Backends: where VRAM lives and where workgroups run. The software GPU keeps VRAM in one
-//! memfd and runs workgroups on E engine threads.
+//! Backends: where VRAM lives and where workgroups run. The software GPU gives each VRAM
+//! partition its own sealed memfd and runs workgroups on E engine threads.
 
 use std::collections::VecDeque;
 use std::ffi::CStr;
@@ -65,15 +65,17 @@ pub trait Backend: Send + Sync {
     fn engines(&self) -> usize;
 }
 
-/// A slice of a GPU's VRAM given to one vGPU, mapped on its own so that nothing outside it
-/// is addressable through it.
+/// A slice of a GPU's VRAM given to one vGPU. It is backed by a memfd of its own, so the
+/// file can be handed to another process (a vfio-user client mapping the BAR) without
+/// exposing any other partition; the file is sealed against shrinking and growing, so no
+/// holder of it can truncate it under the engines.
 #[derive(Debug, Clone)]
 pub struct VramPartition {
     /// The partition, addressed from 0.
     pub memory: GuestMemoryMmap,
-    /// The backing file (shared with whoever maps the BAR).
+    /// The backing file, exactly `size` bytes (shared with whoever maps the BAR).
     pub file: Arc<File>,
-    /// Offset of the partition in the file.
+    /// Where the partition sits in the GPU's VRAM address space (for accounting).
     pub offset: u64,
     /// Size.
     pub size: u64,
@@ -98,7 +100,7 @@ impl VramPartition {
             libc::fallocate(
                 self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                self.offset as libc::off_t,
+                0,
                 self.size as libc::off_t,
             )
         };
@@ -154,9 +156,8 @@ struct Queue {
     ready: Condvar,
 }
 
-/// The software GPU: VRAM in a memfd and a pool of engine threads.
+/// The software GPU: VRAM partitions in memfds and a pool of engine threads.
 pub struct SoftGpu {
-    vram: Arc<File>,
     vram_size: u64,
     queue: Arc<Queue>,
     engines: Vec<JoinHandle<()>>,
@@ -208,19 +209,6 @@ fn engine_loop(queue: Arc<Queue>) {
 impl SoftGpu {
     /// A software GPU with `vram_size` bytes of VRAM and `engines` engine threads.
     pub fn new(vram_size: u64, engines: usize) -> Result<Self, BackendError> {
-        const NAME: &CStr = c"tessera-vram";
-        let vram_err = |source| BackendError::Vram {
-            size: vram_size,
-            source,
-        };
-        // SAFETY: NAME is NUL-terminated; flags are valid.
-        let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(vram_err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(vram_size).map_err(vram_err)?;
         let queue = Arc::new(Queue {
             jobs: Mutex::new((VecDeque::new(), false)),
             ready: Condvar::new(),
@@ -236,7 +224,6 @@ impl SoftGpu {
             );
         }
         Ok(SoftGpu {
-            vram: Arc::new(file),
             vram_size,
             queue,
             engines: threads,
@@ -257,23 +244,45 @@ impl SoftGpu {
                 vram: self.vram_size,
             });
         }
-        let file = self
-            .vram
-            .try_clone()
-            .map_err(|source| BackendError::Vram { size, source })?;
+        let file = sealed_memfd(size)?;
         let memory = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             size as usize,
-            Some(FileOffset::new(file, offset)),
+            Some(FileOffset::new(
+                file.try_clone()
+                    .map_err(|source| BackendError::Vram { size, source })?,
+                0,
+            )),
         )])
         .map_err(BackendError::Map)?;
         Ok(VramPartition {
             memory,
-            file: self.vram.clone(),
+            file: Arc::new(file),
             offset,
             size,
         })
     }
+}
+
+/// A memfd of `size` bytes whose size can no longer change.
+fn sealed_memfd(size: u64) -> Result<File, BackendError> {
+    const NAME: &CStr = c"tessera-vram";
+    let err = |source| BackendError::Vram { size, source };
+    // SAFETY: NAME is NUL-terminated; flags are valid.
+    let fd =
+        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(err)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own fd with a valid command and argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 impl Backend for SoftGpu {
@@ -341,6 +350,30 @@ mod tests {
     use vm_memory::Bytes;
 
     #[test]
+    fn partitions_have_their_own_sealed_files() {
+        let gpu = SoftGpu::new(8 << 20, 1).unwrap();
+        let a = gpu.partition(0, 4 << 20).unwrap();
+        let b = gpu.partition(4 << 20, 4 << 20).unwrap();
+        a.memory.write_obj(0xaaaa_u32, GuestAddress(0)).unwrap();
+        b.memory.write_obj(0xbbbb_u32, GuestAddress(0)).unwrap();
+        // Each file holds exactly its partition: nothing of the other is reachable through it.
+        for (p, v) in [(&a, 0xaaaa_u32), (&b, 0xbbbb)] {
+            assert_eq!(p.file.metadata().unwrap().len(), 4 << 20);
+            let mut word = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&*p.file, &mut word, 0).unwrap();
+            assert_eq!(u32::from_le_bytes(word), v);
+            // A holder of the fd (a vfio-user client) cannot truncate it under the engines.
+            assert!(p.file.set_len(0).is_err(), "shrink is sealed");
+            assert!(p.file.set_len(8 << 20).is_err(), "grow is sealed");
+        }
+        a.scrub();
+        assert_eq!(a.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0);
+        assert_eq!(b.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0xbbbb);
+        assert!(gpu.partition(6 << 20, 4 << 20).is_err(), "past the end");
+        assert_ne!(a.host_addr(), 0);
+    }
+
+    #[test]
     fn runs_every_workgroup_once_in_parallel() {
         let gpu = SoftGpu::new(1 << 20, 3).unwrap();
         let hits = Arc::new((0..100).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
@@ -395,19 +428,5 @@ mod tests {
             hits.iter().all(|c| c.load(Ordering::Relaxed) == 1),
             "each ran once"
         );
-    }
-
-    #[test]
-    fn partitions_are_separate_windows_on_one_file() {
-        let gpu = SoftGpu::new(2 << 20, 1).unwrap();
-        let a = gpu.partition(0, 1 << 20).unwrap();
-        let b = gpu.partition(1 << 20, 1 << 20).unwrap();
-        b.memory.write_obj(0xabcdu32, GuestAddress(0)).unwrap();
-        assert_eq!(a.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0);
-        assert!(a.memory.read_obj::<u32>(GuestAddress(1 << 20)).is_err());
-        b.scrub();
-        assert_eq!(b.memory.read_obj::<u32>(GuestAddress(0)).unwrap(), 0);
-        assert!(gpu.partition(1 << 20, 2 << 20).is_err());
-        assert_ne!(a.host_addr(), 0);
     }
 }

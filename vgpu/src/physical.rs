@@ -128,6 +128,15 @@ impl Lease {
     pub fn partition(&self) -> usize {
         self.partition
     }
+
+    /// A new, zeroed VRAM file for the lease's range. A vfio-user server gives each client its
+    /// own (and scrubs it when the client leaves), so a mapping a client keeps after it
+    /// leaves never shows the next client's data.
+    pub fn fresh_vram(&self) -> Result<VramPartition, BackendError> {
+        self.gpu.partitions[self.partition]
+            .gpu
+            .partition(self.range.start(), self.vram.size)
+    }
 }
 
 impl Drop for Lease {

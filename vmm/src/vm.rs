@@ -616,7 +616,7 @@ fn build_vgpu(
         domain: DmaDomain::new(memory::ram_ranges(ram.size)),
         vram: lease.vram().clone(),
         backend: lease.backend(),
-        msi: Arc::new(KvmMsi(vm_fd.clone())),
+        interrupts: vgpu::Interrupts::Msi(Arc::new(KvmMsi(vm_fd.clone()))),
         sched: lease.scheduler(),
         sched_params: Params {
             weight: vg.weight,
@@ -628,21 +628,7 @@ fn build_vgpu(
     Ok((dev, lease))
 }
 
-/// An error and its causes on one line (`error: cause: cause`), leaving out causes whose text
-/// the message already contains.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
-}
+pub use devices::error_chain;
 
 fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let shown = path.display().to_string();

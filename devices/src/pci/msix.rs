@@ -4,6 +4,10 @@
 //! The device calls [`MsixState::trigger`]; a vector whose entry is unmasked (and the function
 //! not masked) is sent through the [`MsiSink`], otherwise its pending bit is set and the
 //! message goes out when the guest unmasks it.
+//!
+//! A device served to another process (vfio-user) does not see its table: the client VMM
+//! emulates table and PBA and hands over one eventfd per vector. Such a device's state is
+//! built with [`MsixState::external`] and triggers go straight to a [`VectorSink`].
 
 use std::sync::Arc;
 
@@ -21,6 +25,17 @@ const ENTRY_MASKED: u32 = 1;
 pub trait MsiSink: Send + Sync {
     /// Delivers one MSI message.
     fn send(&self, address: u64, data: u32);
+}
+
+/// Where interrupts of a function whose table lives elsewhere (in a vfio-user client) go.
+pub trait VectorSink: Send + Sync {
+    /// Signals vector `v`; the sink drops it if the client gave it no route.
+    fn trigger(&self, v: u16);
+}
+
+enum Delivery {
+    Table(Arc<dyn MsiSink>),
+    External(Arc<dyn VectorSink>),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,7 +60,7 @@ pub struct MsixState {
     entries: Vec<Entry>,
     pending: Vec<u64>,
     cap_offset: usize,
-    sink: Arc<dyn MsiSink>,
+    delivery: Delivery,
 }
 
 impl std::fmt::Debug for MsixState {
@@ -68,6 +83,39 @@ impl MsixState {
         pba_offset: u32,
         sink: Arc<dyn MsiSink>,
     ) -> Result<Self, ConfigError> {
+        Self::build(
+            config,
+            vectors,
+            (bar, table_offset, pba_offset),
+            Delivery::Table(sink),
+        )
+    }
+
+    /// Like [`MsixState::new`], for a function whose table and PBA are emulated by someone
+    /// else: `trigger` hands the vector to `sink`, which knows the routes (masking and
+    /// pending bits are the client's business).
+    pub fn external(
+        config: &mut PciConfiguration,
+        vectors: u16,
+        bar: u8,
+        table_offset: u32,
+        pba_offset: u32,
+        sink: Arc<dyn VectorSink>,
+    ) -> Result<Self, ConfigError> {
+        Self::build(
+            config,
+            vectors,
+            (bar, table_offset, pba_offset),
+            Delivery::External(sink),
+        )
+    }
+
+    fn build(
+        config: &mut PciConfiguration,
+        vectors: u16,
+        (bar, table_offset, pba_offset): (u8, u32, u32),
+        delivery: Delivery,
+    ) -> Result<Self, ConfigError> {
         let control = (vectors - 1) & 0x7ff;
         let table = table_offset | u32::from(bar);
         let pba = pba_offset | u32::from(bar);
@@ -83,7 +131,7 @@ impl MsixState {
             entries: vec![Entry::RESET; usize::from(vectors)],
             pending: vec![0; usize::from(vectors).div_ceil(64)],
             cap_offset,
-            sink,
+            delivery,
         })
     }
 
@@ -106,14 +154,18 @@ impl MsixState {
     /// Raises vector `v`: delivered now, or left pending while masked. Out-of-range vectors and
     /// a disabled capability drop the interrupt (as hardware would with MSI-X off).
     pub fn trigger(&mut self, config: &PciConfiguration, v: u16) {
+        if let Delivery::External(sink) = &self.delivery {
+            if usize::from(v) < self.entries.len() {
+                sink.trigger(v);
+            }
+            return;
+        }
         let v = usize::from(v);
         if v >= self.entries.len() || !self.enabled(config) {
             return;
         }
         if self.deliverable(config, v) {
-            let e = self.entries[v];
-            self.sink
-                .send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
+            self.send(v);
         } else {
             self.pending[v / 64] |= 1 << (v % 64);
         }
@@ -124,10 +176,15 @@ impl MsixState {
         for v in 0..self.entries.len() {
             if self.pending[v / 64] & (1 << (v % 64)) != 0 && self.deliverable(config, v) {
                 self.pending[v / 64] &= !(1 << (v % 64));
-                let e = self.entries[v];
-                self.sink
-                    .send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
+                self.send(v);
             }
+        }
+    }
+
+    fn send(&self, v: usize) {
+        if let Delivery::Table(sink) = &self.delivery {
+            let e = self.entries[v];
+            sink.send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
         }
     }
 
@@ -221,6 +278,28 @@ mod tests {
 
     fn w32(m: &mut MsixState, c: &PciConfiguration, off: u64, v: u32) {
         m.write_table(c, off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn external_delivery_goes_to_the_vector_sink() {
+        #[derive(Default)]
+        struct Vectors(Mutex<Vec<u16>>);
+        impl VectorSink for Vectors {
+            fn trigger(&self, v: u16) {
+                self.0.lock().unwrap().push(v);
+            }
+        }
+        let mut c = PciConfiguration::new(PciHeader::for_tests());
+        let sink = Arc::new(Vectors::default());
+        let mut m = MsixState::external(&mut c, 4, 0, 0x4000, 0x5000, sink.clone()).unwrap();
+        // The client owns enable and masks: the state only forwards in-range vectors.
+        m.trigger(&c, 2);
+        m.trigger(&c, 4);
+        m.flush_pending(&c);
+        assert_eq!(sink.0.lock().unwrap().as_slice(), &[2]);
+        assert!(!m.is_pending(2));
+        let off = m.cap_offset();
+        assert_eq!(u16::from_le_bytes(c.read_bytes::<2>(off + 2)), 3);
     }
 
     #[test]

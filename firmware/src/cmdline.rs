@@ -13,6 +13,7 @@
 //! | `seconds` | `1`..=`600` (`run=load`) | `2` |
 //! | `us`     | `1`..=`1000000` (`run=load`: SPIN_US µs per workgroup) | `250` |
 //! | `groups` | `1`..=`65536` (`run=load`: SPIN_US workgroups) | `8` (`kind=long`: `4000` for the first dispatch) |
+//! | `pci`    | `own`, `external` (`run=conformance`: `external` when the VMM's PCI emulation is not Tessera's, e.g. Cloud Hypervisor over vfio-user; checks of what that VMM owns are reported as skipped) | `own` |
 //!
 //! Unknown keys (and tokens without `=`) are reported and ignored; a known
 //! key with a bad value is reported and ignored. A repeated key: the last
@@ -142,6 +143,9 @@ pub struct BenchOptions {
 pub struct Options {
     pub run: RunMode,
     pub exit_status: u8,
+    /// `pci=external`: configuration space, BAR decoding and the MSI-X table are emulated
+    /// by a VMM other than Tessera.
+    pub external_pci: bool,
     pub bench: BenchOptions,
     pub load: LoadOptions,
 }
@@ -151,6 +155,7 @@ impl Default for Options {
         Self {
             run: RunMode::Info,
             exit_status: 0,
+            external_pci: false,
             bench: BenchOptions {
                 submit: Submit::Fast,
                 iters: 1000,
@@ -229,6 +234,13 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
                 run.map(|r| opts.run = r).is_some()
             }
             b"exit" => parse_u8(value).map(|s| opts.exit_status = s).is_some(),
+            b"pci" => match value {
+                b"own" | b"external" => {
+                    opts.external_pci = value == b"external";
+                    true
+                }
+                _ => false,
+            },
             b"mode" => {
                 let submit = match value {
                     b"fast" => Some(Submit::Fast),

@@ -72,7 +72,7 @@ pub extern "C" fn main(start_info: u64) -> ! {
         RunMode::Fault => fault(),
         RunMode::Conformance => {
             // The suite decides the status: 0 only if every case passed.
-            exit(conformance::run(info.as_ref().ok()))
+            exit(conformance::run(info.as_ref().ok(), opts.external_pci))
         }
         // The benchmarks decide the status too: 0 when they measured.
         RunMode::BenchLatency => exit(bench::latency(&opts.bench)),

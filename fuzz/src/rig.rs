@@ -103,7 +103,7 @@ pub fn vgpu(
         domain: domain(),
         vram,
         backend: gpu.clone(),
-        msi,
+        interrupts: vgpu::Interrupts::Msi(msi),
         sched: Scheduler::private(),
         sched_params: Params::default(),
         watchdog: DEFAULT_WATCHDOG,

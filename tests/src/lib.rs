@@ -269,3 +269,121 @@ pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> (ExitStatus, St
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A `tessera serve` child process with its own socket directory; killed and cleaned up on
+/// drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    /// The socket directory.
+    pub dir: PathBuf,
+    root: PathBuf,
+}
+
+impl Server {
+    /// Starts `tessera serve` with `extra` flags and waits until its control socket answers.
+    pub fn start(name: &str, extra: &[&str]) -> Server {
+        let root = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("scratch dir");
+        let dir = root.join("run");
+        let log = std::fs::File::create(root.join("serve.log")).expect("log file");
+        let child = Command::new(tessera_bin())
+            .arg("serve")
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tessera serve");
+        let mut s = Server { child, dir, root };
+        s.wait_ready(Duration::from_secs(10));
+        s
+    }
+
+    /// Waits until the control socket accepts connections (the server is ready) or the
+    /// server exits.
+    fn wait_ready(&mut self, timeout: Duration) {
+        let sock = self.dir.join("control.sock");
+        let deadline = Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tessera serve exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera serve not ready in {timeout:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("serve.log")).unwrap_or_default()
+    }
+
+    /// Runs a `tessera` client command against this server (`--dir` added).
+    pub fn client(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let mut cmd = Command::new(tessera_bin());
+        cmd.args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null());
+        run_with_deadline(cmd, Duration::from_secs(30))
+    }
+
+    /// Runs a client command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (status, out, err) = self.client(args);
+        assert!(status.success(), "tessera {args:?} failed: {err}");
+        out
+    }
+
+    /// Runs a client command with `--json` that must succeed; returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("JSON output")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().expect("wait for tessera serve")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The Cloud Hypervisor binary for interop tests: `CLOUD_HYPERVISOR`, else the one in
+/// `../shared/bin`; `None` (the test says it is skipped) when neither exists.
+pub fn cloud_hypervisor() -> Option<PathBuf> {
+    let p = std::env::var_os("CLOUD_HYPERVISOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/bin/cloud-hypervisor"));
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: no Cloud Hypervisor at {} (set CLOUD_HYPERVISOR=/path)",
+            p.display()
+        );
+        None
+    }
+}

@@ -147,7 +147,7 @@ impl Side {
             domain,
             vram: lease.vram().clone(),
             backend: lease.backend(),
-            msi: msis.clone(),
+            interrupts: vgpu::Interrupts::Msi(msis.clone()),
             sched: lease.scheduler(),
             sched_params: Params::default(),
             watchdog,

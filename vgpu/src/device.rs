@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::pci::config::{BarKind, BarMapping, ConfigError, PciConfiguration, PciHeader};
-use devices::pci::{HostMemory, MsiSink, MsixState, PciDevice};
+use devices::pci::{HostMemory, MsiSink, MsixState, PciDevice, VectorSink};
 use vgpu_abi::{Packet, caps, ctx_control, ctx_status, fault, int, kernel, limits, packet};
 use vgpu_abi::{pci as abi_pci, regs, status, wait};
 use vm_memory::GuestMemoryMmap;
@@ -213,13 +213,31 @@ pub struct VgpuSetup {
     /// Where its work runs.
     pub backend: Arc<dyn Backend>,
     /// Where its interrupts go.
-    pub msi: Arc<dyn MsiSink>,
+    pub interrupts: Interrupts,
     /// The scheduler of the GPU (or partition) it shares, and its parameters there.
     pub sched: Arc<Scheduler>,
     /// Weight and cap.
     pub sched_params: Params,
     /// Watchdog: a packet that uses more GPU time than this resets the vGPU (TDR).
     pub watchdog: Duration,
+}
+
+/// Where a vGPU's MSI-X interrupts go.
+pub enum Interrupts {
+    /// The device emulates the MSI-X table; unmasked vectors become MSI messages (in-process
+    /// VMM: KVM's `signal_msi`).
+    Msi(Arc<dyn MsiSink>),
+    /// The client emulates table and PBA and gave one route per vector (vfio-user).
+    Vectors(Arc<dyn VectorSink>),
+}
+
+impl std::fmt::Debug for Interrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interrupts::Msi(_) => "Interrupts::Msi",
+            Interrupts::Vectors(_) => "Interrupts::Vectors",
+        })
+    }
 }
 
 /// Default watchdog limit per packet.
@@ -245,7 +263,7 @@ impl Vgpu {
             domain,
             vram,
             backend,
-            msi,
+            interrupts,
             sched,
             sched_params,
             watchdog,
@@ -275,14 +293,17 @@ impl Vgpu {
             vram.size,
             BarKind::Mmio64 { prefetchable: true },
         )?;
-        let msix = MsixState::new(
-            &mut config,
-            abi_pci::MSIX_VECTORS,
-            abi_pci::BAR_REGS as u8,
+        let (vectors, bar) = (abi_pci::MSIX_VECTORS, abi_pci::BAR_REGS as u8);
+        let (table, pba) = (
             abi_pci::MSIX_TABLE_OFFSET as u32,
             abi_pci::MSIX_PBA_OFFSET as u32,
-            msi,
-        )?;
+        );
+        let msix = match interrupts {
+            Interrupts::Msi(sink) => MsixState::new(&mut config, vectors, bar, table, pba, sink)?,
+            Interrupts::Vectors(sink) => {
+                MsixState::external(&mut config, vectors, bar, table, pba, sink)?
+            }
+        };
         let contexts = profile.contexts.min(limits::MAX_CONTEXTS);
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
         let kick = evt("create the vGPU wake event")?;
@@ -360,18 +381,12 @@ impl Vgpu {
     /// Device counters for statistics: (packets queued in all contexts, faults since reset,
     /// watchdog resets).
     pub fn counters(&self) -> (u64, u64, u64) {
-        let st = self.shared.lock();
-        let queued = st
-            .ctx
-            .iter()
-            .filter(|c| c.runnable())
-            .map(|c| u64::from(c.tail.wrapping_sub(c.head)))
-            .sum();
-        (
-            queued,
-            u64::from(st.fault_count),
-            self.shared.tdr_resets.load(Ordering::Relaxed),
-        )
+        self.monitor().counters()
+    }
+
+    /// A handle that reads this vGPU's statistics from another thread without borrowing it.
+    pub fn monitor(&self) -> VgpuMonitor {
+        VgpuMonitor(self.shared.clone())
     }
 
     /// Replaces the guest memory and DMA domain the device reaches (a vfio-user client mapping
@@ -403,7 +418,7 @@ impl Vgpu {
 
     /// This vGPU's scheduler statistics.
     pub fn sched_stats(&self) -> crate::sched::MemberStats {
-        self.shared.sched.stats(self.shared.member)
+        self.monitor().sched_stats()
     }
 
     /// Number of contexts.
@@ -615,6 +630,39 @@ impl Vgpu {
             regs::CTX_TAIL_ADDR_HI => c.tail_addr = hi(c.tail_addr),
             _ => {}
         }
+    }
+}
+
+/// Reads a vGPU's statistics (see [`Vgpu::monitor`]); valid while the vGPU lives, zeros after.
+#[derive(Clone)]
+pub struct VgpuMonitor(Arc<Shared>);
+
+impl std::fmt::Debug for VgpuMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VgpuMonitor").finish_non_exhaustive()
+    }
+}
+
+impl VgpuMonitor {
+    /// See [`Vgpu::counters`].
+    pub fn counters(&self) -> (u64, u64, u64) {
+        let st = self.0.lock();
+        let queued = st
+            .ctx
+            .iter()
+            .filter(|c| c.runnable())
+            .map(|c| u64::from(c.tail.wrapping_sub(c.head)))
+            .sum();
+        (
+            queued,
+            u64::from(st.fault_count),
+            self.0.tdr_resets.load(Ordering::Relaxed),
+        )
+    }
+
+    /// See [`Vgpu::sched_stats`].
+    pub fn sched_stats(&self) -> crate::sched::MemberStats {
+        self.0.sched.stats(self.0.member)
     }
 }
 

@@ -120,7 +120,7 @@ impl HostClient {
             domain: DmaDomain::new([(0, sys_size)]),
             vram,
             backend,
-            msi: Arc::new(NoMsi),
+            interrupts: crate::Interrupts::Msi(Arc::new(NoMsi)),
             sched: sched.0,
             sched_params: sched.1,
             watchdog,

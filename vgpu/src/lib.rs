@@ -21,9 +21,10 @@ pub mod mmu;
 pub mod physical;
 pub mod profile;
 pub mod sched;
+pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use device::{BarAddresses, Vgpu, VgpuError, VgpuSetup};
+pub use device::{BarAddresses, Interrupts, Vgpu, VgpuError, VgpuSetup};
 pub use domain::DmaDomain;
 pub use profile::{PROFILES, Profile};

@@ -69,7 +69,7 @@ impl Gpu {
             domain,
             vram,
             backend: soft.clone(),
-            msi: msis.clone(),
+            interrupts: crate::Interrupts::Msi(msis.clone()),
             sched: crate::sched::Scheduler::private(),
             sched_params: crate::sched::Params::default(),
             watchdog: crate::device::DEFAULT_WATCHDOG,

@@ -4,6 +4,7 @@
 //! debug-exit port, 1 on a runtime failure, 2 on bad usage (flags, files).
 
 mod bench;
+mod serve_cmd;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -28,6 +29,12 @@ enum Command {
     /// Benchmarks that compare Tessera with other VMMs side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Own one (software) GPU and serve its vGPUs to other VMMs over vfio-user.
+    Serve(serve_cmd::ServeArgs),
+    /// Manage the vGPU instances of a running `tessera serve`: types, create, list, remove.
+    Vgpu(serve_cmd::VgpuArgs),
+    /// Live per-vGPU statistics of a running `tessera serve`.
+    Top(serve_cmd::TopArgs),
 }
 
 /// Status for bad usage.
@@ -71,5 +78,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Vm(args) => vm_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => serve_cmd::serve(args),
+        Command::Vgpu(args) => serve_cmd::vgpu(args),
+        Command::Top(args) => serve_cmd::top(args),
     }
 }

@@ -1,0 +1,244 @@
+//! The vGPU server (`tessera serve`) and its vfio-user sockets: management through the CLI,
+//! hostile clients, and an unmodified Cloud Hypervisor running the conformance suite against a
+//! Tessera vGPU.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_tests::{Server, Vmm, cloud_hypervisor, firmware};
+
+/// Waits until instance `name` reports `attached == want`.
+fn wait_attached(server: &Server, name: &str, want: bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = server.json(&["vgpu", "list"]);
+        let inst = list["instances"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no instance {name} in {list}"));
+        if inst["attached"] == want {
+            return inst;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became attached={want}: {inst}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn available(server: &Server, ty: &str) -> u64 {
+    let types = server.json(&["vgpu", "types"]);
+    types["types"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == ty))
+        .and_then(|t| t["available_instances"].as_u64())
+        .unwrap_or_else(|| panic!("no type {ty} in {types}"))
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+}
+
+/// Asserts the one-line error contract of a refused client command.
+fn refused(server: &Server, args: &[&str], needle: &str) {
+    let (status, _, err) = server.client(args);
+    assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    assert!(
+        err.starts_with("tessera: ") && err.contains(needle),
+        "{needle:?} not in {err:?}"
+    );
+}
+
+#[test]
+fn instances_are_managed_like_mdev_types() {
+    let server = Server::start("mgmt", &["--gpu", "soft,vram=1G,engines=2"]);
+    assert_eq!(mode(&server.dir), 0o700);
+    assert_eq!(mode(&server.dir.join("control.sock")), 0o600);
+    assert_eq!(
+        (
+            available(&server, "64M"),
+            available(&server, "256M"),
+            available(&server, "1G")
+        ),
+        (16, 4, 1)
+    );
+
+    let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "a"]);
+    let sock = Path::new(sock.trim()).to_path_buf();
+    assert_eq!(mode(&sock), 0o600, "{}", sock.display());
+    let b = server.json(&["vgpu", "create", "--type", "64M", "--weight", "4"]);
+    let b_name = b["instance"]["name"].as_str().expect("name").to_string();
+    assert_eq!(b["instance"]["weight"], 4);
+    assert_eq!(available(&server, "1G"), 0, "VRAM is leased");
+    assert_eq!(available(&server, "256M"), 2);
+
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "256M", "--name", "a"],
+        "already exists",
+    );
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "3G"],
+        "unknown vGPU type",
+    );
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "64M", "--name", "../x"],
+        "instance name",
+    );
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "64M", "--weight", "0"],
+        "weight",
+    );
+    refused(&server, &["vgpu", "create", "--type", "1G"], "no room");
+    refused(&server, &["vgpu", "remove", "nope"], "no instance");
+
+    // A vfio-user client attached: the instance is busy and cannot be removed.
+    let client = vfio_user::Client::new(&sock).expect("vfio-user connect");
+    let region = client.region(2).expect("VRAM region");
+    assert_eq!(region.size, 256 << 20);
+    assert!(
+        region.file_offset.is_some(),
+        "VRAM comes with an mmap-able fd"
+    );
+    wait_attached(&server, "a", true);
+    refused(&server, &["vgpu", "remove", "a"], "EBUSY");
+    let mut client = client;
+    let mut id = [0u8; 4];
+    client.region_read(7, 0, &mut id).expect("config read");
+    assert_eq!(u32::from_le_bytes(id), 0x0001_7e55, "vendor and device id");
+    drop(client);
+    let a = wait_attached(&server, "a", false);
+    assert_eq!(a["attachments"], 1);
+
+    server.ok(&["vgpu", "remove", "a"]);
+    server.ok(&["vgpu", "remove", &b_name]);
+    assert!(!sock.exists(), "socket removed with the instance");
+    assert_eq!(available(&server, "1G"), 1, "VRAM returned");
+    let list = server.json(&["vgpu", "list"]);
+    assert_eq!(list["instances"].as_array().map(Vec::len), Some(0));
+
+    // Run-time policy switch and the statistics readers.
+    let out = server.ok(&["vgpu", "policy", "fixed-share", "--slice", "1ms"]);
+    assert!(out.contains("fixed-share 1000 µs"), "{out}");
+    let top = server.ok(&["top", "-n", "1", "--prometheus"]);
+    assert!(top.is_empty() || top.contains("tessera_vgpu"), "{top}");
+
+    let dir = server.dir.clone();
+    let status = server.stop();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    assert!(!dir.join("control.sock").exists());
+}
+
+#[test]
+fn malformed_vfio_user_messages_do_not_take_the_server_down() {
+    let server = Server::start("malformed", &["--gpu", "soft,vram=512M,engines=1"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "64M", "--name", "m"]);
+    let sock = sock.trim();
+    // Header: id, command, message_size, flags, error.
+    let header = |cmd: u16, size: u32| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&cmd.to_le_bytes());
+        h.extend_from_slice(&size.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h
+    };
+    let mut attacks: Vec<Vec<u8>> = vec![
+        // A version message shorter than its own header.
+        [header(1, 8), vec![0, 0, 1, 0]].concat(),
+        // A version string without its NUL.
+        [header(1, 24), vec![0, 0, 1, 0], b"{}{}".to_vec()].concat(),
+        // An unknown command, then garbage.
+        [header(0x7777, 16), vec![0xff; 64]].concat(),
+        // A region read of 1 GiB at a huge offset of a region that does not exist.
+        [
+            header(9, 32),
+            99u32.to_le_bytes().to_vec(),
+            u64::MAX.to_le_bytes().to_vec(),
+            (1u32 << 30).to_le_bytes().to_vec(),
+        ]
+        .concat(),
+    ];
+    attacks.push(vec![0x42; 7]);
+    for (i, bytes) in attacks.iter().enumerate() {
+        let mut s = UnixStream::connect(sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+        drop(s);
+        wait_attached(&server, "m", false);
+        // Still serving: a well-formed client gets the device.
+        let mut c = vfio_user::Client::new(Path::new(sock))
+            .unwrap_or_else(|e| panic!("attack {i} broke the instance: {e}\n{}", server.log()));
+        let mut id = [0u8; 4];
+        c.region_read(7, 0, &mut id).expect("config read");
+        assert_eq!(u32::from_le_bytes(id), 0x0001_7e55, "after attack {i}");
+        // Reads past a region are all ones, never an error reply (which would hang the
+        // crate's client).
+        let mut far = [0u8; 8];
+        c.region_read(0, 1 << 40, &mut far).expect("far read");
+        assert_eq!(far, [0xff; 8]);
+    }
+    let status = server.stop();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn cloud_hypervisor_passes_the_conformance_suite_over_vfio_user() {
+    let (Some(ch), Some(fw)) = (cloud_hypervisor(), firmware()) else {
+        return;
+    };
+    let server = Server::start("ch", &["--gpu", "soft,vram=1G,engines=2"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "ch"]);
+    let sock = sock.trim().to_string();
+    // Twice: the instance can be attached again after a VMM goes away.
+    for round in 1..=2 {
+        let mut cmd = Command::new(&ch);
+        cmd.args(["--kernel", fw.to_str().expect("utf-8")])
+            .args(["--cmdline", "run=conformance pci=external"])
+            .args(["--cpus", "boot=1", "--memory", "size=128M,shared=on"])
+            .args(["--user-device", &format!("socket={sock}")])
+            .args(["--serial", "tty", "--console", "off"]);
+        let mut vm = Vmm::spawn_with(&mut cmd);
+        vm.expect_line(" passed", Duration::from_secs(120));
+        let out = vm.transcript.join("\n");
+        let cases: Vec<&String> = vm
+            .transcript
+            .iter()
+            .filter(|l| l.starts_with("tessera-fw: case "))
+            .collect();
+        assert!(cases.len() >= 40, "round {round}: the full suite:\n{out}");
+        let failed: Vec<&&String> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
+        assert!(failed.is_empty(), "round {round}: failed {failed:?}\n{out}");
+        assert!(
+            vm.saw(&format!("conformance {0}/{0} passed", cases.len())),
+            "{out}"
+        );
+        // Cloud Hypervisor has no debug-exit port: the firmware halts, and we stop the VMM.
+        drop(vm);
+        let inst = wait_attached(&server, "ch", false);
+        assert_eq!(inst["attachments"], round);
+    }
+    let stats = server.json(&["top", "-n", "1"]);
+    let ch = &stats["vgpus"][0];
+    assert_eq!(ch["name"], "ch", "{stats}");
+    assert!(ch["busy_ns"].as_u64().unwrap_or(0) > 0, "GPU time: {stats}");
+    assert!(
+        ch["context_switches"].as_u64().unwrap_or(0) > 0,
+        "scheduled: {stats}"
+    );
+}

@@ -1,0 +1,473 @@
+//! One vfio-user connection to one vGPU instance: the crate's `ServerBackend` over a fresh
+//! [`Vgpu`], its DMA mappings and interrupt routes.
+//!
+//! Every value here comes from an untrusted client. The crate hangs its own client when a
+//! region access or `dma_unmap` gets an error reply (it reads a full reply struct after a
+//! bare header), so those never fail: bad reads return all-ones, bad writes are dropped and
+//! counted. Only `dma_map` and `set_irqs`, whose replies are a bare header anyway, return
+//! errors.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{PciDevice, VectorSink};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, vfio_region_info,
+    vfio_region_sparse_mmap_area,
+};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
+use vgpu_abi::{pci as abi_pci, regs};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::device::Vgpu;
+use crate::domain::DmaDomain;
+
+/// Size of the configuration region (PCI, not PCIe: 256 bytes).
+const CONFIG_SIZE: u64 = 256;
+/// Largest single region access served; the crate allocates `count` bytes before asking us,
+/// so this only bounds what we touch.
+const MAX_ACCESS: usize = 1 << 20;
+/// Most DMA regions one client may map.
+const MAX_DMA_REGIONS: usize = 512;
+
+/// The vGPU's interrupt routes, as the client handed them over: one eventfd per MSI-X vector
+/// (kept as a plain file: a client that sends something else only makes our writes fail).
+#[derive(Debug, Default)]
+pub struct EventVectors(Mutex<Vec<Option<File>>>);
+
+impl EventVectors {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<File>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl VectorSink for EventVectors {
+    fn trigger(&self, v: u16) {
+        if let Some(Some(evt)) = self.lock().get(usize::from(v))
+            && let Err(e) = (&*evt).write_all(&1u64.to_ne_bytes())
+        {
+            tracing::warn!("cannot signal MSI-X vector {v}: {e}");
+        }
+    }
+}
+
+/// The regions a vGPU instance offers: BAR0 (trapped registers), BAR2 (VRAM, mmap-able from
+/// `vram_fd`) and configuration space; every other index is empty.
+pub fn regions(vram_size: u64, vram_fd: RawFd) -> Vec<ServerRegion> {
+    (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+            let (size, flags) = match index {
+                VFIO_PCI_BAR0_REGION_INDEX => (abi_pci::BAR_REGS_SIZE, rw),
+                VFIO_PCI_BAR2_REGION_INDEX => (vram_size, rw | VFIO_REGION_INFO_FLAG_MMAP),
+                VFIO_PCI_CONFIG_REGION_INDEX => (CONFIG_SIZE, rw),
+                _ => (0, 0),
+            };
+            let vram = index == VFIO_PCI_BAR2_REGION_INDEX;
+            ServerRegion {
+                region_info: vfio_region_info {
+                    argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                    flags,
+                    index,
+                    cap_offset: 0,
+                    size,
+                    // Offset of the region in `mmap_fd`: each attachment's VRAM file holds
+                    // exactly its partition.
+                    offset: 0,
+                },
+                // The crate sends the fd only with the sparse-mmap capability, so the whole
+                // BAR is one sparse area.
+                sparse_areas: if vram {
+                    vec![SparseArea {
+                        area: vfio_region_sparse_mmap_area {
+                            offset: 0,
+                            size: vram_size,
+                        },
+                    }]
+                } else {
+                    Vec::new()
+                },
+                mmap_fd: vram.then_some(vram_fd),
+            }
+        })
+        .collect()
+}
+
+/// The interrupt indices: only MSI-X has vectors (INTx, MSI, ERR and REQ have none).
+pub fn irqs() -> Vec<IrqInfo> {
+    (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| IrqInfo {
+            index,
+            flags: if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE
+            } else {
+                0
+            },
+            count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                u32::from(abi_pci::MSIX_VECTORS)
+            } else {
+                0
+            },
+        })
+        .collect()
+}
+
+struct DmaRegion {
+    iova: u64,
+    size: u64,
+    region: Arc<GuestRegionMmap>,
+}
+
+/// What one connection may change about its vGPU.
+pub struct Attachment {
+    vgpu: Vgpu,
+    vectors: Arc<EventVectors>,
+    dma: Vec<DmaRegion>,
+    require_sealed: bool,
+    /// Accesses dropped because they were malformed (wrong region, size or offset).
+    pub ignored: u64,
+    warned_unsealed: bool,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("dma_regions", &self.dma.len())
+            .field("ignored", &self.ignored)
+            .finish_non_exhaustive()
+    }
+}
+
+fn einval(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
+}
+
+impl Attachment {
+    /// Serves `vgpu`, whose interrupts go to `vectors`. With `require_sealed`, DMA files a
+    /// client could shrink under the device (no `F_SEAL_SHRINK`) are refused; otherwise
+    /// they are accepted with a warning.
+    pub fn new(vgpu: Vgpu, vectors: Arc<EventVectors>, require_sealed: bool) -> Self {
+        Attachment {
+            vgpu,
+            vectors,
+            dma: Vec::new(),
+            require_sealed,
+            ignored: 0,
+            warned_unsealed: false,
+        }
+    }
+
+    /// The vGPU.
+    pub fn vgpu(&self) -> &Vgpu {
+        &self.vgpu
+    }
+
+    fn apply_dma(&self) {
+        let regions: Vec<Arc<GuestRegionMmap>> =
+            self.dma.iter().map(|d| d.region.clone()).collect();
+        let sys = if regions.is_empty() {
+            GuestMemoryMmap::new()
+        } else {
+            // Sorted and disjoint by construction (`dma_map` keeps `dma` so).
+            GuestMemoryMmap::from_arc_regions(regions).unwrap_or_default()
+        };
+        let domain = DmaDomain::new(self.dma.iter().map(|d| (d.iova, d.size)));
+        self.vgpu.set_dma(sys, domain);
+    }
+
+    fn ignore(&mut self, what: &str, region: u32, offset: u64, len: usize) {
+        self.ignored += 1;
+        tracing::debug!(region, offset, len, "ignored vfio-user {what}");
+    }
+
+    fn check_sealed(&mut self, fd: &File) -> std::io::Result<()> {
+        // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            return Ok(());
+        }
+        if self.require_sealed {
+            return Err(einval(
+                "DMA file is not sealed against shrinking (server runs with --require-sealed)",
+            ));
+        }
+        if !self.warned_unsealed {
+            self.warned_unsealed = true;
+            tracing::warn!(
+                "the client's guest RAM is not sealed against shrinking; a client that \
+                 truncates it can crash this server"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `f` is an eventfd (a write to it never blocks).
+fn is_eventfd(f: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Splits an access at `offset` of `len` bytes into aligned dwords of configuration space:
+/// (register, byte offset in it, range in the caller's buffer).
+fn config_dwords(offset: u64, len: usize) -> Option<Vec<(usize, u64, std::ops::Range<usize>)>> {
+    let end = offset.checked_add(len as u64)?;
+    if end > CONFIG_SIZE {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let reg_end = (at / 4 + 1) * 4;
+        let n = (reg_end.min(end) - at) as usize;
+        let buf = (at - offset) as usize;
+        out.push(((at / 4) as usize, at % 4, buf..buf + n));
+        at += n as u64;
+    }
+    Some(out)
+}
+
+impl ServerBackend for Attachment {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        data.fill(0xff);
+        let fits = |size: u64| {
+            data.len() <= MAX_ACCESS
+                && offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|e| e <= size)
+        };
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => match config_dwords(offset, data.len()) {
+                Some(parts) => {
+                    for (reg, at, range) in parts {
+                        let v = self.vgpu.read_config_register(reg).to_le_bytes();
+                        let at = at as usize;
+                        let n = range.len();
+                        data[range].copy_from_slice(&v[at..at + n]);
+                    }
+                }
+                None => self.ignore("config read", region, offset, data.len()),
+            },
+            VFIO_PCI_BAR0_REGION_INDEX if fits(abi_pci::BAR_REGS_SIZE) => {
+                self.vgpu.read_bar(abi_pci::BAR_REGS, offset, data)
+            }
+            VFIO_PCI_BAR2_REGION_INDEX if fits(self.vgpu.vram().size) => {
+                self.vgpu.read_bar(abi_pci::BAR_VRAM, offset, data)
+            }
+            _ => self.ignore("read", region, offset, data.len()),
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let fits = |size: u64| {
+            data.len() <= MAX_ACCESS
+                && offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|e| e <= size)
+        };
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => match config_dwords(offset, data.len()) {
+                Some(parts) => {
+                    for (reg, at, range) in parts {
+                        self.vgpu.write_config_register(reg, at, &data[range]);
+                    }
+                }
+                None => self.ignore("config write", region, offset, data.len()),
+            },
+            VFIO_PCI_BAR0_REGION_INDEX if fits(abi_pci::BAR_REGS_SIZE) => {
+                self.vgpu.write_bar(abi_pci::BAR_REGS, offset, data)
+            }
+            VFIO_PCI_BAR2_REGION_INDEX if fits(self.vgpu.vram().size) => {
+                self.vgpu.write_bar(abi_pci::BAR_VRAM, offset, data)
+            }
+            _ => self.ignore("write", region, offset, data.len()),
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        let fd = fd.ok_or_else(|| {
+            einval("DMA regions need a file descriptor (guest RAM must be shared memory)")
+        })?;
+        let end = address
+            .checked_add(size)
+            .filter(|_| size > 0 && size <= isize::MAX as u64)
+            .ok_or_else(|| einval(format_args!("bad DMA range {address:#x}+{size:#x}")))?;
+        let file_len = fd.metadata()?.len();
+        if offset.checked_add(size).is_none_or(|e| e > file_len) {
+            return Err(einval(format_args!(
+                "DMA region {offset:#x}+{size:#x} lies past the end of its file ({file_len:#x})"
+            )));
+        }
+        if self
+            .dma
+            .iter()
+            .any(|d| address < d.iova + d.size && d.iova < end)
+        {
+            return Err(einval(format_args!(
+                "DMA region {address:#x}+{size:#x} overlaps a mapped one"
+            )));
+        }
+        if self.dma.len() >= MAX_DMA_REGIONS {
+            return Err(einval("too many DMA regions"));
+        }
+        self.check_sealed(&fd)?;
+        let region = GuestRegionMmap::from_range(
+            GuestAddress(address),
+            size as usize,
+            Some(FileOffset::new(fd, offset)),
+        )
+        .map_err(|e| einval(format_args!("cannot map DMA region {address:#x}: {e}")))?;
+        tracing::debug!(address, size, ?flags, "DMA map");
+        let at = self.dma.partition_point(|d| d.iova < address);
+        self.dma.insert(
+            at,
+            DmaRegion {
+                iova: address,
+                size,
+                region: Arc::new(region),
+            },
+        );
+        self.apply_dma();
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
+        let before = self.dma.len();
+        if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
+            self.dma.clear();
+        } else {
+            self.dma.retain(|d| !(d.iova == address && d.size == size));
+        }
+        if self.dma.len() == before {
+            tracing::debug!(address, size, "DMA unmap of nothing mapped");
+            self.ignored += 1;
+            return Ok(());
+        }
+        // Returns once no packet uses the old mappings; they are unmapped when dropped here.
+        self.apply_dma();
+        Ok(())
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.vgpu.write_bar(
+            abi_pci::BAR_REGS,
+            regs::RESET,
+            &regs::RESET_VALUE.to_le_bytes(),
+        );
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        if index != VFIO_PCI_MSIX_IRQ_INDEX {
+            // No vectors at the other indices: only "none" requests make sense there.
+            return if count == 0 {
+                Ok(())
+            } else {
+                Err(einval(format_args!("IRQ index {index} has no vectors")))
+            };
+        }
+        let vectors = usize::from(abi_pci::MSIX_VECTORS);
+        let (start, count) = (start as usize, count as usize);
+        let mut routes = self.vectors.lock();
+        routes.resize_with(vectors, || None);
+        if flags & VFIO_IRQ_SET_DATA_NONE != 0 && count == 0 {
+            // Disable: drop every route.
+            routes.iter_mut().for_each(|r| *r = None);
+            return Ok(());
+        }
+        if start.checked_add(count).is_none_or(|e| e > vectors) {
+            return Err(einval(format_args!(
+                "MSI-X vectors {start}+{count} past the {vectors} the device has"
+            )));
+        }
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 && flags & VFIO_IRQ_SET_ACTION_TRIGGER != 0 {
+            if !fds.iter().all(is_eventfd) {
+                // A pipe or socket could block the command processor when signalled.
+                return Err(einval("MSI-X routes must be eventfds"));
+            }
+            if fds.len() != count {
+                return Err(einval(format_args!(
+                    "{count} vectors but {} file descriptors",
+                    fds.len()
+                )));
+            }
+            for (route, fd) in routes[start..start + count].iter_mut().zip(fds) {
+                *route = Some(fd);
+            }
+            return Ok(());
+        }
+        if flags & VFIO_IRQ_SET_DATA_NONE != 0 {
+            routes[start..start + count]
+                .iter_mut()
+                .for_each(|r| *r = None);
+            return Ok(());
+        }
+        Err(einval(format_args!(
+            "unsupported set_irqs flags {flags:#x}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_accesses_split_into_dwords() {
+        assert_eq!(config_dwords(0, 4), Some(vec![(0, 0, 0..4)]));
+        assert_eq!(config_dwords(2, 4), Some(vec![(0, 2, 0..2), (1, 0, 2..4)]));
+        assert_eq!(config_dwords(0x3e, 2), Some(vec![(15, 2, 0..2)]));
+        assert_eq!(config_dwords(254, 4), None);
+        assert_eq!(config_dwords(u64::MAX - 1, 4), None);
+        assert_eq!(config_dwords(8, 0), Some(vec![]));
+    }
+
+    #[test]
+    fn only_eventfds_are_routes() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(evt);
+        // SAFETY: `raw` was just released by the EventFd and is owned by nothing else.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        assert!(is_eventfd(&f));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!is_eventfd(&File::from(std::os::fd::OwnedFd::from(a))));
+        assert!(!is_eventfd(&File::open("/dev/null").unwrap()));
+    }
+
+    #[test]
+    fn region_table_matches_the_bars() {
+        let r = regions(64 << 20, 7);
+        assert_eq!(r.len(), VFIO_PCI_NUM_REGIONS as usize);
+        for (i, region) in r.iter().enumerate() {
+            assert_eq!(region.region_info.index as usize, i);
+        }
+        assert_eq!(r[2].region_info.size, 64 << 20);
+        assert_eq!(r[2].mmap_fd, Some(7));
+        assert_eq!(r[2].sparse_areas.len(), 1);
+        assert_eq!(r[0].region_info.size, abi_pci::BAR_REGS_SIZE);
+        assert!(r[0].mmap_fd.is_none() && r[1].region_info.size == 0);
+        assert_eq!(irqs()[VFIO_PCI_MSIX_IRQ_INDEX as usize].count, 16);
+    }
+}

@@ -1,0 +1,635 @@
+//! The vGPU server (`tessera serve`): one [`PhysicalGpu`] whose vGPU instances are served to
+//! other processes over vfio-user, one UNIX socket per instance, plus a control socket.
+//!
+//! Threads: the caller's thread runs [`Daemon::serve`] (accepts control connections); each
+//! control connection gets a short-lived thread; each instance has one thread that waits for a
+//! client, builds a fresh [`Vgpu`] for it and runs the vfio-user crate's server loop until the
+//! client leaves. The instance owns its VRAM [`Lease`] for its whole life; each attachment gets
+//! a new VRAM file, scrubbed when the client leaves, so a client that keeps a stale mapping
+//! sees zeros, never the next tenant's data. See docs/architecture.md.
+
+pub mod attach;
+pub mod control;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::device::{BarAddresses, Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
+use crate::domain::DmaDomain;
+use crate::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
+use crate::profile::{self, Profile};
+use crate::sched::{Params, Policy};
+use attach::{Attachment, EventVectors};
+use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The directory or a socket could not be set up.
+    #[error("cannot {what} {path}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another server owns the directory.
+    #[error("a vGPU server is already running at {0}")]
+    Running(PathBuf),
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Directory of the sockets (created with mode 0700).
+    pub dir: PathBuf,
+    /// Refuse client DMA files that are not sealed against shrinking.
+    pub require_sealed: bool,
+    /// Watchdog limit per packet.
+    pub watchdog: Duration,
+}
+
+/// What `list` reports about an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    /// Name.
+    pub name: String,
+    /// Profile.
+    #[serde(rename = "type")]
+    pub profile: &'static str,
+    /// VRAM bytes.
+    pub vram: u64,
+    /// Partition.
+    pub partition: usize,
+    /// Weight.
+    pub weight: u32,
+    /// Cap in percent.
+    pub cap: u32,
+    /// Its vfio-user socket.
+    pub socket: PathBuf,
+    /// Whether a client is connected.
+    pub attached: bool,
+    /// Clients served so far.
+    pub attachments: u64,
+}
+
+/// Counters of attachments that ended.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    busy_ns: u64,
+    switches: u64,
+    faults: u64,
+    resets: u64,
+}
+
+/// State an instance thread shares with the control side.
+#[derive(Debug, Default)]
+struct Live {
+    attached: AtomicBool,
+    attachments: AtomicU64,
+    monitor: Mutex<Option<VgpuMonitor>>,
+    totals: Mutex<Totals>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Instance {
+    info: InstanceInfo,
+    live: Arc<Live>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Instance {
+    fn stats(&self) -> VgpuStats {
+        let t = *lock(&self.live.totals);
+        let mon = lock(&self.live.monitor).clone();
+        let (s, dev) = mon.map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
+        let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
+        st.busy_ns += t.busy_ns;
+        st.context_switches += t.switches;
+        st.faults += t.faults;
+        st.resets += t.resets;
+        st
+    }
+
+    /// Stops the instance thread (it must be idle) and removes the socket.
+    fn stop(&mut self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("cannot stop instance {}: {e}", self.info.name);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.info.socket);
+    }
+}
+
+/// See the module documentation.
+pub struct Daemon {
+    gpu: Arc<PhysicalGpu>,
+    opts: ServeOptions,
+    instances: Mutex<BTreeMap<String, Instance>>,
+    next_id: AtomicU64,
+    control: UnixListener,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("dir", &self.opts.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds a listener at `path` that only the owner may connect to.
+fn bind_private(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |what, source| ServeError::Setup {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(|e| err("create socket", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err("restrict permissions of", e))?;
+    Ok(listener)
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Daemon {
+    /// Sets up `opts.dir` (mode 0700) and its control socket for `gpu`.
+    pub fn new(gpu: Arc<PhysicalGpu>, opts: ServeOptions) -> Result<Arc<Self>, ServeError> {
+        let dir = &opts.dir;
+        let err = |what, source| ServeError::Setup {
+            what,
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err("restrict permissions of", e))?;
+        let control_path = dir.join(CONTROL_SOCKET);
+        if UnixStream::connect(&control_path).is_ok() {
+            return Err(ServeError::Running(dir.clone()));
+        }
+        // Sockets left by a server that died are stale: nobody answers on them.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name == CONTROL_SOCKET || (name.starts_with("vgpu-") && name.ends_with(".sock"))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let control = bind_private(&control_path)?;
+        Ok(Arc::new(Daemon {
+            gpu,
+            opts,
+            instances: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            control,
+        }))
+    }
+
+    /// The socket directory.
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    /// Serves control connections until `stop` is signalled; then stops every idle instance
+    /// and removes the sockets.
+    pub fn serve(self: &Arc<Self>, stop: &EventFd) -> std::io::Result<()> {
+        loop {
+            if !wait_readable(self.control.as_fd().as_raw_fd(), stop)? {
+                break;
+            }
+            let stream = match self.control.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("control socket: {e}");
+                    continue;
+                }
+            };
+            let me = self.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name("vgpu-control".into())
+                .spawn(move || me.control_connection(stream))
+            {
+                tracing::warn!("cannot serve a control connection: {e}");
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        let mut inst = lock(&self.instances);
+        for i in inst.values_mut() {
+            if i.live.attached.load(Ordering::Acquire) {
+                // Its client sees the connection close when the process exits.
+                let _ = i.stop.write(1);
+                let _ = std::fs::remove_file(&i.info.socket);
+            } else {
+                i.stop();
+            }
+        }
+        inst.clear();
+        let _ = std::fs::remove_file(self.opts.dir.join(CONTROL_SOCKET));
+    }
+
+    fn control_connection(&self, stream: UnixStream) {
+        let Ok(writer) = stream.try_clone() else {
+            return;
+        };
+        let mut writer = writer;
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = Vec::new();
+            match (&mut reader)
+                .take(MAX_REQUEST as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let answer = if line.len() > MAX_REQUEST {
+                json!({"ok": false, "error": "request too long"})
+            } else {
+                match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => match self.handle(req) {
+                        Ok(mut v) => {
+                            v["ok"] = json!(true);
+                            v
+                        }
+                        Err(e) => json!({"ok": false, "error": e}),
+                    },
+                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                }
+            };
+            let mut out = answer.to_string();
+            out.push('\n');
+            if writer.write_all(out.as_bytes()).is_err() || line.len() > MAX_REQUEST {
+                return;
+            }
+        }
+    }
+
+    /// Carries out one control request.
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::Types => Ok(json!({ "types": self.types() })),
+            Request::Create {
+                profile,
+                name,
+                partition,
+                weight,
+                cap,
+            } => {
+                let p = profile::find(&profile).ok_or_else(|| {
+                    let known: Vec<_> = profile::PROFILES.iter().map(|p| p.name).collect();
+                    format!(
+                        "unknown vGPU type {profile:?} (known: {})",
+                        known.join(", ")
+                    )
+                })?;
+                let params = Params {
+                    weight: weight.unwrap_or(1),
+                    cap_percent: cap.unwrap_or(100),
+                };
+                if !(1..=1000).contains(&params.weight) {
+                    return Err(format!("weight {} is not in 1..=1000", params.weight));
+                }
+                if !(1..=100).contains(&params.cap_percent) {
+                    return Err(format!("cap {} is not in 1..=100", params.cap_percent));
+                }
+                let info = self.create(p, name, partition, params)?;
+                Ok(json!({ "instance": info }))
+            }
+            Request::List => Ok(json!({ "instances": self.list() })),
+            Request::Remove { name } => {
+                self.remove(&name)?;
+                Ok(json!({}))
+            }
+            Request::Stats => Ok(json!({
+                "partitions": self.gpu.partitions(),
+                "vgpus": self.stats(),
+            })),
+            Request::Metrics => Ok(json!({ "text": prometheus(&self.stats()) })),
+            Request::Policy { policy, slice_ms } => {
+                let policy: Policy = policy.parse()?;
+                let slice = match slice_ms {
+                    Some(ms @ 1..=30) => Duration::from_millis(ms),
+                    Some(ms) => return Err(format!("slice {ms} ms is not in 1..=30")),
+                    None => self
+                        .gpu
+                        .scheduler(0)
+                        .map_or(crate::sched::DEFAULT_SLICE, |s| s.policy().1),
+                };
+                self.gpu.set_policy(policy, slice);
+                Ok(json!({ "partitions": self.gpu.partitions() }))
+            }
+        }
+    }
+
+    /// The types and how many more of each fit.
+    pub fn types(&self) -> Vec<serde_json::Value> {
+        profile::PROFILES
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "vram": p.vram,
+                    "contexts": p.contexts,
+                    "available_instances": self.gpu.available_instances(p),
+                })
+            })
+            .collect()
+    }
+
+    /// The instances.
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        lock(&self.instances)
+            .values()
+            .map(|i| InstanceInfo {
+                attached: i.live.attached.load(Ordering::Acquire),
+                attachments: i.live.attachments.load(Ordering::Acquire),
+                ..i.info.clone()
+            })
+            .collect()
+    }
+
+    /// Live statistics of every instance.
+    pub fn stats(&self) -> Vec<VgpuStats> {
+        lock(&self.instances)
+            .values()
+            .map(Instance::stats)
+            .collect()
+    }
+
+    /// Creates an instance of `profile` and starts serving its socket.
+    pub fn create(
+        &self,
+        profile: &'static Profile,
+        name: Option<String>,
+        partition: Option<usize>,
+        params: Params,
+    ) -> Result<InstanceInfo, String> {
+        let mut inst = lock(&self.instances);
+        let name = match name {
+            Some(n) if !valid_name(&n) => {
+                return Err(format!(
+                    "instance name {n:?} must be 1-32 letters, digits, '-' or '_'"
+                ));
+            }
+            Some(n) => n,
+            None => loop {
+                let n = format!("vgpu{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+                if !inst.contains_key(&n) {
+                    break n;
+                }
+            },
+        };
+        if inst.contains_key(&name) {
+            return Err(format!("instance {name:?} already exists"));
+        }
+        let lease = self
+            .gpu
+            .lease(profile, partition)
+            .map_err(|e| e.to_string())?;
+        let socket = self.opts.dir.join(format!("vgpu-{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let listener = bind_private(&socket).map_err(|e| devices::error_chain(&e))?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let live = Arc::new(Live::default());
+        let info = InstanceInfo {
+            name: name.clone(),
+            profile: profile.name,
+            vram: profile.vram,
+            partition: lease.partition(),
+            weight: params.weight,
+            cap: params.cap_percent,
+            socket: socket.clone(),
+            attached: false,
+            attachments: 0,
+        };
+        let worker = InstanceWorker {
+            name: name.clone(),
+            profile,
+            params,
+            lease,
+            listener,
+            live: live.clone(),
+            stop: stop.clone(),
+            require_sealed: self.opts.require_sealed,
+            watchdog: self.opts.watchdog,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vfu-{name}"))
+            .spawn(move || worker.run())
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&socket);
+                format!("cannot start the instance thread: {e}")
+            })?;
+        tracing::info!(name, profile = profile.name, "vGPU instance created");
+        inst.insert(
+            name,
+            Instance {
+                info: info.clone(),
+                live,
+                stop,
+                thread: Some(thread),
+            },
+        );
+        Ok(info)
+    }
+
+    /// Removes an idle instance: its socket goes away, its VRAM is scrubbed and returned.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        let mut inst = lock(&self.instances);
+        let i = inst
+            .get(name)
+            .ok_or_else(|| format!("no instance {name:?}"))?;
+        if i.live.attached.load(Ordering::Acquire) {
+            return Err(format!(
+                "instance {name:?} is attached to a VM (EBUSY); stop the VM first"
+            ));
+        }
+        if let Some(mut i) = inst.remove(name) {
+            i.stop();
+        }
+        tracing::info!(name, "vGPU instance removed");
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Waits until `fd` is readable (`true`) or `stop` is signalled (`false`).
+fn wait_readable(fd: i32, stop: &EventFd) -> std::io::Result<bool> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// The thread of one instance.
+struct InstanceWorker {
+    name: String,
+    profile: &'static Profile,
+    params: Params,
+    lease: Lease,
+    listener: UnixListener,
+    live: Arc<Live>,
+    stop: Arc<EventFd>,
+    require_sealed: bool,
+    watchdog: Duration,
+}
+
+impl InstanceWorker {
+    fn run(self) {
+        let fd = self.listener.as_fd().as_raw_fd();
+        loop {
+            match wait_readable(fd, &self.stop) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!(name = self.name, "instance socket: {e}");
+                    return;
+                }
+            }
+            self.live.attached.store(true, Ordering::Release);
+            if let Err(e) = self.attach_once() {
+                tracing::error!(name = self.name, "cannot serve a client: {e}");
+                // Refuse the waiting client rather than spin on it.
+                if let Ok((s, _)) = self.listener.accept() {
+                    drop(s);
+                }
+            }
+            self.live.attachments.fetch_add(1, Ordering::AcqRel);
+            self.live.attached.store(false, Ordering::Release);
+        }
+    }
+
+    /// Serves one client from connect to disconnect.
+    fn attach_once(&self) -> Result<(), String> {
+        let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
+        let vectors = Arc::new(EventVectors::default());
+        let vgpu = Vgpu::new(VgpuSetup {
+            profile: *self.profile,
+            subsystem_id: profile::PROFILES
+                .iter()
+                .position(|p| p.name == self.profile.name)
+                .map_or(1, |i| i as u16 + 1),
+            bars: BarAddresses { regs: 0, vram: 0 },
+            sys: vm_memory::GuestMemoryMmap::new(),
+            domain: DmaDomain::default(),
+            vram: vram.clone(),
+            backend: self.lease.backend(),
+            interrupts: Interrupts::Vectors(vectors.clone()),
+            sched: self.lease.scheduler(),
+            sched_params: self.params,
+            watchdog: self.watchdog,
+        })
+        .map_err(|e| devices::error_chain(&e))?;
+        *lock(&self.live.monitor) = Some(vgpu.monitor());
+        let dup: OwnedFd = self
+            .listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?;
+        let server = vfio_user::Server::from_owned_fd(
+            dup,
+            true,
+            attach::irqs(),
+            attach::regions(vram.size, vram.file.as_raw_fd()),
+        );
+        let mut att = Attachment::new(vgpu, vectors, self.require_sealed);
+        tracing::info!(name = self.name, "client attached");
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
+        match result {
+            Ok(Ok(())) => tracing::info!(name = self.name, "client detached"),
+            Ok(Err(e)) => tracing::warn!(name = self.name, "client dropped: {e}"),
+            Err(_) => tracing::error!(
+                name = self.name,
+                "malformed vfio-user message; client dropped"
+            ),
+        }
+        if att.ignored > 0 {
+            tracing::info!(
+                name = self.name,
+                ignored = att.ignored,
+                "malformed accesses were ignored"
+            );
+        }
+        // Fold this attachment's counters into the totals before its vGPU goes away.
+        if let Some(m) = lock(&self.live.monitor).take() {
+            let (s, dev) = (m.sched_stats(), m.counters());
+            let mut t = lock(&self.live.totals);
+            t.busy_ns += s.busy_ns;
+            t.switches += s.switches;
+            t.faults += dev.1;
+            t.resets += dev.2;
+        }
+        // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
+        // file is punched, so a mapping the client kept reads zeros.
+        drop(att);
+        drop(server);
+        vram.scrub();
+        Ok(())
+    }
+}

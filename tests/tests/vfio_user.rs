@@ -242,3 +242,123 @@ fn cloud_hypervisor_passes_the_conformance_suite_over_vfio_user() {
         "scheduled: {stats}"
     );
 }
+
+/// `tessera vm` with the firmware and one vfio-user vGPU.
+fn user_vm(socket: &str, cmdline: &str) -> Vmm {
+    let fw = firmware().expect("firmware");
+    Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        fw.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        cmdline,
+        "--user-device",
+        &format!("socket={socket}"),
+    ])
+}
+
+fn busy_ns(server: &Server, name: &str) -> u64 {
+    let stats = server.json(&["top", "-n", "1"]);
+    stats["vgpus"]
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == name))
+        .and_then(|g| g["busy_ns"].as_u64())
+        .unwrap_or_else(|| panic!("no stats for {name}: {stats}"))
+}
+
+/// GPU time `name` gets per second of wall time, over `window`.
+fn gpu_rate(server: &Server, name: &str, window: Duration) -> f64 {
+    let (b0, t0) = (busy_ns(server, name), Instant::now());
+    std::thread::sleep(window);
+    let (b1, t1) = (busy_ns(server, name), Instant::now());
+    (b1 - b0) as f64 / (t1 - t0).as_nanos() as f64
+}
+
+#[test]
+fn tessera_vm_passes_the_conformance_suite_over_vfio_user() {
+    if firmware().is_none() {
+        return;
+    }
+    let server = Server::start("own-client", &["--gpu", "soft,vram=1G,engines=2"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "own"]);
+    let mut vm = user_vm(sock.trim(), "run=conformance");
+    let status = vm.wait(Duration::from_secs(120));
+    let out = vm.transcript.join("\n");
+    let cases = vm
+        .transcript
+        .iter()
+        .filter(|l| l.starts_with("tessera-fw: case "))
+        .count();
+    assert!(cases >= 40, "the full suite:\n{out}");
+    // Every check runs: our VMM emulates decoding and the MSI-X table itself.
+    assert!(!vm.saw("skip"), "{out}");
+    assert!(
+        vm.saw(&format!("conformance {cases}/{cases} passed")),
+        "{out}"
+    );
+    assert_eq!(status.code(), Some(0), "{out}\n{}", server.log());
+    wait_attached(&server, "own", false);
+}
+
+#[test]
+fn a_killed_vmm_leaves_its_neighbour_running_and_its_instance_reusable() {
+    if firmware().is_none() {
+        return;
+    }
+    let server = Server::start("kill", &["--gpu", "soft,vram=1G,engines=2"]);
+    let a = server.ok(&["vgpu", "create", "--type", "64M", "--name", "a"]);
+    let b = server.ok(&["vgpu", "create", "--type", "64M", "--name", "b"]);
+    let mut vm_a = user_vm(a.trim(), "run=load kind=busy seconds=8");
+    let vm_b = user_vm(b.trim(), "run=load kind=busy seconds=60");
+    wait_attached(&server, "a", true);
+    wait_attached(&server, "b", true);
+    // Both running: a gets its share of the GPU.
+    let shared = gpu_rate(&server, "a", Duration::from_millis(1500));
+    assert!(shared > 0.2, "a runs while b runs: {shared}");
+    // SIGKILL b mid-job.
+    drop(vm_b);
+    wait_attached(&server, "b", false);
+    let after = gpu_rate(&server, "a", Duration::from_millis(1500));
+    eprintln!("a's GPU time per second: {shared:.3} with b, {after:.3} after b was killed");
+    assert!(
+        after >= 0.95 * shared,
+        "a's GPU time per second fell from {shared:.3} to {after:.3} when b was killed"
+    );
+    // b's instance takes a new VM, which starts from a clean device.
+    let mut vm_c = user_vm(b.trim(), "run=load kind=busy seconds=1");
+    let status = vm_c.wait(Duration::from_secs(60));
+    let out = vm_c.transcript.join("\n");
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(vm_c.saw("faults=0"), "{out}");
+    let status = vm_a.wait(Duration::from_secs(60));
+    let out = vm_a.transcript.join("\n");
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(vm_a.saw("faults=0"), "{out}");
+}
+
+#[test]
+fn a_dead_server_is_seen_by_the_vmm_within_a_second() {
+    if firmware().is_none() {
+        return;
+    }
+    let mut server = Server::start("dead", &["--gpu", "soft,vram=1G,engines=2"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "64M", "--name", "d"]);
+    let mut vm = user_vm(sock.trim(), "run=load kind=busy seconds=60");
+    wait_attached(&server, "d", true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while busy_ns(&server, "d") == 0 {
+        assert!(Instant::now() < deadline, "the load never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Instant::now();
+    server.kill();
+    // The guest's next register read returns the lost-device value and its load gives up.
+    vm.expect_line("load failed", Duration::from_secs(10));
+    let seen = killed.elapsed();
+    eprintln!("the guest saw the server die after {seen:?}");
+    assert!(seen <= Duration::from_secs(1), "took {seen:?}");
+    let status = vm.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", vm.transcript.join("\n"));
+}

@@ -150,7 +150,14 @@ impl State {
     }
 }
 
+/// Epoll data of doorbell eventfds handed over by a vfio-user client: this plus the context.
+const EXTERNAL_DOORBELL: u64 = 0x100;
+
 struct Shared {
+    /// The command processor waits here for the kick and the doorbells.
+    epoll: Epoll,
+    /// Doorbell eventfds of a vfio-user client, per context (see `Vgpu::set_doorbell_fds`).
+    external_doorbells: Mutex<Vec<std::fs::File>>,
     state: Mutex<State>,
     progress: Condvar,
     kick: EventFd,
@@ -310,7 +317,10 @@ impl Vgpu {
         let doorbells = (0..contexts)
             .map(|_| evt("create a doorbell event"))
             .collect::<Result<Vec<_>, _>>()?;
+        let epoll = Epoll::new().map_err(|e| VgpuError::Os("create the vGPU epoll", e))?;
         let shared = Arc::new(Shared {
+            epoll,
+            external_doorbells: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 config,
                 msix,
@@ -347,9 +357,9 @@ impl Vgpu {
             watchdog,
             tdr_resets: std::sync::atomic::AtomicU64::new(0),
         });
-        let epoll = Epoll::new().map_err(|e| VgpuError::Os("create the vGPU epoll", e))?;
         let add = |fd: i32, data: u64| {
-            epoll
+            shared
+                .epoll
                 .ctl(
                     ControlOperation::Add,
                     fd,
@@ -364,7 +374,7 @@ impl Vgpu {
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("vgpu-cp".into())
-            .spawn(move || Processor::new(s2, epoll).run())
+            .spawn(move || Processor::new(s2).run())
             .map_err(|e| VgpuError::Os("start the vGPU command processor", e))?;
         Ok(Vgpu {
             shared,
@@ -376,6 +386,33 @@ impl Vgpu {
     /// `BAR0 + vgpu_abi::regs::doorbell(ctx)` so doorbell writes never reach user space.
     pub fn doorbell_eventfd(&self, ctx: u32) -> Option<&EventFd> {
         self.shared.doorbells.get(ctx as usize)
+    }
+
+    /// Doorbells of another process (a vfio-user client whose KVM signals them on guest
+    /// doorbell writes): `fds[i]` rings context `i`. Replaces any set before. Each must be an
+    /// eventfd; the caller checks.
+    pub fn set_doorbell_fds(&self, fds: Vec<std::fs::File>) -> std::io::Result<()> {
+        let sh = &self.shared;
+        let mut ext = sh
+            .external_doorbells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for f in ext.drain(..) {
+            let _ = sh.epoll.ctl(
+                ControlOperation::Delete,
+                f.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        for (i, f) in fds.into_iter().take(sh.contexts as usize).enumerate() {
+            sh.epoll.ctl(
+                ControlOperation::Add,
+                f.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, EXTERNAL_DOORBELL + i as u64),
+            )?;
+            ext.push(f);
+        }
+        Ok(())
     }
 
     /// Device counters for statistics: (packets queued in all contexts, faults since reset,
@@ -796,7 +833,6 @@ enum Effect {
 /// The command processor thread.
 struct Processor {
     sh: Arc<Shared>,
-    epoll: Epoll,
     tlbs: Vec<(Tlb, u64)>,
     next: usize,
     /// The GPU, while this vGPU holds it.
@@ -829,11 +865,10 @@ fn preempt_point(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
 }
 
 impl Processor {
-    fn new(sh: Arc<Shared>, epoll: Epoll) -> Self {
+    fn new(sh: Arc<Shared>) -> Self {
         let n = sh.contexts as usize;
         Processor {
             sh,
-            epoll,
             tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
             next: 0,
             grant: None,
@@ -914,14 +949,32 @@ impl Processor {
 
     /// Waits up to `timeout_ms` (-1: forever) for the kick or doorbells and records them.
     fn drain_events(&mut self, timeout_ms: i32) {
-        let mut events = [EpollEvent::default(); 17];
-        let Ok(n) = self.epoll.wait(timeout_ms, &mut events) else {
+        let mut events = [EpollEvent::default(); 2 * limits::MAX_CONTEXTS as usize + 1];
+        let Ok(n) = self.sh.epoll.wait(timeout_ms, &mut events) else {
             return;
         };
         for ev in &events[..n] {
             match ev.data() {
                 0 => {
                     let _ = self.sh.kick.read();
+                }
+                d if d >= EXTERNAL_DOORBELL => {
+                    let i = (d - EXTERNAL_DOORBELL) as usize;
+                    let ext = self
+                        .sh
+                        .external_doorbells
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if let Some(f) = ext.get(i) {
+                        // An eventfd (checked when it was attached) that epoll saw signalled:
+                        // the read returns at once and clears it.
+                        let mut count = [0u8; 8];
+                        let _ = std::io::Read::read(&mut &*f, &mut count);
+                    }
+                    drop(ext);
+                    if let Some(c) = self.sh.lock().ctx.get_mut(i) {
+                        c.doorbell = true;
+                    }
                 }
                 d => {
                     let i = d as usize - 1;

@@ -273,6 +273,37 @@ impl FromStr for VgpuConfig {
     }
 }
 
+/// `--user-device`: a device served by another process over vfio-user (a Tessera vGPU from
+/// `tessera serve`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDeviceConfig {
+    /// The server's socket for this device.
+    pub socket: PathBuf,
+}
+
+impl UserDeviceConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str = "socket=<path> or just <path>";
+}
+
+impl FromStr for UserDeviceConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |m: String| syntax("--user-device", Self::SYNTAX, m);
+        let mut socket = None;
+        for (k, v) in pairs(s, "socket", "--user-device", Self::SYNTAX)? {
+            match k {
+                "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                "socket" => return Err(err("socket is empty".into())),
+                other => return Err(err(format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(UserDeviceConfig {
+            socket: socket.ok_or_else(|| err("socket is missing".into()))?,
+        })
+    }
+}
+
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -290,6 +321,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// In-process vGPUs, one private software GPU each.
     pub vgpus: Vec<VgpuConfig>,
+    /// Devices served by other processes over vfio-user.
+    pub user_devices: Vec<UserDeviceConfig>,
     /// The KVM device node (tests point this elsewhere).
     pub kvm_path: PathBuf,
     /// Install seccomp filters on the VMM's threads (`vmm::seccomp`); off only for debugging.

@@ -12,9 +12,10 @@ mod kvm_glue;
 pub mod memory;
 pub mod pvm;
 pub mod seccomp;
+pub mod user_device;
 pub mod vcpu;
 mod vm;
 
-pub use config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
+pub use config::{CpusConfig, MemoryConfig, SerialConfig, UserDeviceConfig, VgpuConfig, VmConfig};
 pub use devices::ExitReason;
 pub use vm::{VgpuProbe, Vm, VmError, error_chain};

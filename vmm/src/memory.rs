@@ -79,7 +79,8 @@ pub struct GuestRam {
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     const NAME: &CStr = c"tessera-guest-ram";
     // SAFETY: NAME is a valid NUL-terminated string; the flags are valid memfd flags.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -87,6 +88,22 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|source| MemoryError::Truncate { size, source })?;
+    // Its size is fixed from now on: a device server that maps it (vfio-user) can rely on
+    // that, and no holder of the fd can truncate it under the other's feet.
+    // SAFETY: fcntl on our own fd with a valid command and argument.
+    if unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    } != 0
+    {
+        return Err(MemoryError::Truncate {
+            size,
+            source: std::io::Error::last_os_error(),
+        });
+    }
     let mut offset = 0;
     let mut regions = Vec::new();
     for (base, len) in ram_ranges(size) {
@@ -124,5 +141,6 @@ mod tests {
         let mut b = [0u8; 4];
         ram.file.read_exact_at(&mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        assert!(ram.file.set_len(4096).is_err(), "sealed against shrinking");
     }
 }

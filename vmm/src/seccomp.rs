@@ -172,6 +172,17 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     ],
                 )?,
             );
+            // Register accesses of a vfio-user device are messages on its (connected)
+            // socket.
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_sendto,
+                    libc::SYS_recvfrom,
+                    libc::SYS_writev,
+                    libc::SYS_readv,
+                ],
+            );
         }
         Thread::Main => {
             allow(
@@ -210,8 +221,23 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_rseq,
                 ],
             );
+            // A vfio-user device's heartbeat (a register read on its connected socket).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_sendto,
+                    libc::SYS_recvfrom,
+                    libc::SYS_writev,
+                    libc::SYS_readv,
+                ],
+            );
             r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
             r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
+            // VRAM memfds are sealed against resizing when created.
+            r.insert(
+                libc::SYS_fcntl,
+                any_of(1, &[F_GETFD, F_DUPFD_CLOEXEC, libc::F_ADD_SEALS as u64])?,
+            );
             r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
         }
     }

@@ -119,6 +119,9 @@ pub enum VmError {
     /// Sandboxing.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// A vfio-user device.
+    #[error(transparent)]
+    UserDevice(#[from] crate::user_device::UserDeviceError),
 }
 
 impl VmError {
@@ -131,6 +134,7 @@ impl VmError {
                 | VmError::InitramfsOpen { .. }
                 | VmError::SerialFile { .. }
                 | VmError::TooManyCpus { .. }
+                | VmError::UserDevice(crate::user_device::UserDeviceError::NoSocket(_))
                 | VmError::Boot(
                     B::NotAKernel(_)
                         | B::NoPvhEntry(_)
@@ -402,6 +406,20 @@ impl Vm {
             vgpus.push(dev.clone());
             root.add_device(1 + n as u8, dev)
                 .map_err(|e| VmError::Devices(e.to_string()))?;
+        }
+        for (k, ud) in config.user_devices.iter().enumerate() {
+            let dev = crate::user_device::UserDevice::connect(
+                &ud.socket,
+                &ram,
+                &mut bars,
+                Arc::new(KvmMsi(vm_fd.clone())),
+                config.seccomp,
+            )?;
+            root.add_device(
+                1 + (config.vgpus.len() + k) as u8,
+                Arc::new(Mutex::new(dev)),
+            )
+            .map_err(|e| VmError::Devices(e.to_string()))?;
         }
         add_pio(Arc::new(Mutex::new(root)), CONF1_BASE, CONF1_LEN)?;
 

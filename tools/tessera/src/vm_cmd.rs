@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
+use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, UserDeviceConfig, VgpuConfig, VmConfig};
 use vmm::{ExitReason, Vm, error_chain};
 
 use crate::{EXIT_FAILURE, EXIT_USAGE};
@@ -34,6 +34,10 @@ pub struct VmArgs {
     /// Repeat for more.
     #[arg(long, value_name = "profile=NAME")]
     vgpu: Vec<VgpuConfig>,
+    /// A vGPU served by `tessera serve` over vfio-user: socket=<path> (the Cloud Hypervisor
+    /// flag; see `tessera vgpu create`). Repeat for more.
+    #[arg(long, value_name = "socket=PATH")]
+    user_device: Vec<UserDeviceConfig>,
     /// Sandbox the VMM's threads with seccomp filters (false: for debugging only).
     #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
     seccomp: bool,
@@ -55,6 +59,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         memory: args.memory,
         serial: args.serial,
         vgpus: args.vgpu,
+        user_devices: args.user_device,
         kvm_path: kvm_path(),
         seccomp: args.seccomp,
     };

@@ -33,6 +33,13 @@ const CONFIG_SIZE: u64 = 256;
 /// Largest single region access served; the crate allocates `count` bytes before asking us,
 /// so this only bounds what we touch.
 const MAX_ACCESS: usize = 1 << 20;
+/// Tessera's private interrupt index: the client hands over one eventfd per context with
+/// `SET_IRQS(DOORBELL_IRQ_INDEX, DATA_EVENTFD | ACTION_TRIGGER, 0, n)`, registers each as a
+/// KVM ioeventfd on that context's doorbell register, and guest doorbell writes then reach
+/// the command processor without an exit or a message (the direction VFIO uses for its
+/// device-signalled request index). Clients that do not know it (Cloud Hypervisor) never ask.
+pub const DOORBELL_IRQ_INDEX: u32 = VFIO_PCI_NUM_IRQS;
+
 /// Most DMA regions one client may map.
 const MAX_DMA_REGIONS: usize = 512;
 
@@ -99,21 +106,24 @@ pub fn regions(vram_size: u64, vram_fd: RawFd) -> Vec<ServerRegion> {
         .collect()
 }
 
-/// The interrupt indices: only MSI-X has vectors (INTx, MSI, ERR and REQ have none).
-pub fn irqs() -> Vec<IrqInfo> {
-    (0..VFIO_PCI_NUM_IRQS)
-        .map(|index| IrqInfo {
-            index,
-            flags: if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE
-            } else {
-                0
-            },
-            count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                u32::from(abi_pci::MSIX_VECTORS)
-            } else {
-                0
-            },
+/// The interrupt indices: MSI-X has the vectors (INTx, MSI, ERR and REQ have none), and
+/// [`DOORBELL_IRQ_INDEX`] one doorbell per context.
+pub fn irqs(contexts: u32) -> Vec<IrqInfo> {
+    (0..=DOORBELL_IRQ_INDEX)
+        .map(|index| {
+            let (flags, count) = match index {
+                VFIO_PCI_MSIX_IRQ_INDEX => (
+                    VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+                    u32::from(abi_pci::MSIX_VECTORS),
+                ),
+                DOORBELL_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE, contexts),
+                _ => (0, 0),
+            };
+            IrqInfo {
+                index,
+                flags,
+                count,
+            }
         })
         .collect()
 }
@@ -184,6 +194,30 @@ impl Attachment {
     fn ignore(&mut self, what: &str, region: u32, offset: u64, len: usize) {
         self.ignored += 1;
         tracing::debug!(region, offset, len, "ignored vfio-user {what}");
+    }
+
+    fn set_doorbells(
+        &mut self,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        if flags & VFIO_IRQ_SET_DATA_NONE != 0 && count == 0 {
+            return self.vgpu.set_doorbell_fds(Vec::new());
+        }
+        let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        if flags & trigger != trigger || start != 0 || count > self.vgpu.contexts() {
+            return Err(einval(format_args!(
+                "doorbells: flags {flags:#x}, {start}+{count} (expected eventfds for contexts \
+                 0..{})",
+                self.vgpu.contexts()
+            )));
+        }
+        if fds.len() != count as usize || !fds.iter().all(is_eventfd) {
+            return Err(einval("doorbells must be one eventfd per context"));
+        }
+        self.vgpu.set_doorbell_fds(fds)
     }
 
     fn check_sealed(&mut self, fd: &File) -> std::io::Result<()> {
@@ -380,6 +414,9 @@ impl ServerBackend for Attachment {
         count: u32,
         fds: Vec<File>,
     ) -> std::io::Result<()> {
+        if index == DOORBELL_IRQ_INDEX {
+            return self.set_doorbells(flags, start, count, fds);
+        }
         if index != VFIO_PCI_MSIX_IRQ_INDEX {
             // No vectors at the other indices: only "none" requests make sense there.
             return if count == 0 {
@@ -468,6 +505,9 @@ mod tests {
         assert_eq!(r[2].sparse_areas.len(), 1);
         assert_eq!(r[0].region_info.size, abi_pci::BAR_REGS_SIZE);
         assert!(r[0].mmap_fd.is_none() && r[1].region_info.size == 0);
-        assert_eq!(irqs()[VFIO_PCI_MSIX_IRQ_INDEX as usize].count, 16);
+        let irqs = irqs(16);
+        assert_eq!(irqs[VFIO_PCI_MSIX_IRQ_INDEX as usize].count, 16);
+        assert_eq!(irqs[DOORBELL_IRQ_INDEX as usize].count, 16);
+        assert_eq!(irqs.len(), 6);
     }
 }

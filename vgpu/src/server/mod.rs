@@ -594,7 +594,7 @@ impl InstanceWorker {
         let server = vfio_user::Server::from_owned_fd(
             dup,
             true,
-            attach::irqs(),
+            attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
             attach::regions(vram.size, vram.file.as_raw_fd()),
         );
         let mut att = Attachment::new(vgpu, vectors, self.require_sealed);

@@ -94,6 +94,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
             cpus: CpusConfig::default(),
             memory: MemoryConfig { size: 64 << 20 },
             serial: SerialConfig::File(dir.join(format!("vm{i}.log"))),
+            user_devices: Vec::new(),
             vgpus: vec![VgpuConfig {
                 profile,
                 weight,

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -162,27 +162,148 @@ fn demo() -> Result<()> {
     let fw = firmware()?;
     run(cargo().args(["build", "--release", "-p", "tessera"]))?;
     let bin = root().join("target/release/tessera");
-    eprintln!(
-        "xtask: the firmware guest with a vGPU runs the conformance suite (2 vCPUs, 256 MiB):"
-    );
-    run(Command::new(&bin)
-        .args(["vm", "--kernel"])
-        .arg(&fw)
+    let dir = root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("xtask: one vGPU server owns the GPU (fixed-share scheduling):");
+    let mut server = Command::new(&bin)
         .args([
-            "--cmdline",
-            "run=conformance",
-            "--cpus",
-            "2",
-            "--memory",
-            "256M",
+            "--log-level",
+            "warn",
+            "serve",
+            "--policy",
+            "fixed-share",
+            "--dir",
         ])
-        .args(["--vgpu", "profile=256M"]))?;
-    eprintln!("xtask: four firmware VMs share one GPU, weights 1:2:4:8:");
-    run(Command::new(&bin)
-        .args(["--log-level", "warn", "bench", "vms", "--firmware"])
-        .arg(&fw)
-        .args(["--loads", "busy,busy,busy,busy", "--weights", "1,2,4,8"])
-        .args(["--policy", "fixed-share", "--seconds", "2"]))
+        .arg(&dir)
+        .spawn()
+        .map_err(|e| format!("cannot start tessera serve: {e}"))?;
+    let result = demo_with_server(&bin, &fw, &dir);
+    // SAFETY: kill(2) on our own child's pid; SIGTERM makes the server stop cleanly.
+    unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = server.wait();
+    result
+}
+
+/// The demo's steps against a running server at `dir`.
+fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
+    let tessera = |args: &[&str]| -> Result<String> {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run tessera: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tessera {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Ready when the control socket answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tessera(&["vgpu", "types"]).is_err() {
+        if Instant::now() > deadline {
+            return Err("tessera serve did not come up".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    print!("{}", tessera(&["vgpu", "types"])?);
+    let vm = |socket: &str, cmdline: &str| {
+        let mut c = Command::new(bin);
+        c.args(["--log-level", "warn", "vm", "--kernel"])
+            .arg(fw)
+            .args(["--memory", "128M", "--cmdline", cmdline])
+            .args(["--user-device", &format!("socket={}", socket.trim())]);
+        c
+    };
+
+    eprintln!("xtask: a firmware VM runs the vGPU conformance suite over vfio-user:");
+    let conf = tessera(&["vgpu", "create", "--type", "256M", "--name", "conformance"])?;
+    run(&mut vm(&conf, "run=conformance"))?;
+    tessera(&["vgpu", "remove", "conformance"])?;
+
+    eprintln!("xtask: three VM processes share the GPU: busy (weight 1), busy (weight 3), bursty:");
+    let loads = [
+        ("busy1", "busy", "1"),
+        ("busy3", "busy", "3"),
+        ("bursty", "bursty", "1"),
+    ];
+    let mut children = Vec::new();
+    for (name, kind, weight) in loads {
+        let sock = tessera(&[
+            "vgpu", "create", "--type", "64M", "--name", name, "--weight", weight,
+        ])?;
+        let child = vm(&sock, &format!("run=load kind={kind} seconds=3"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start a VM: {e}"))?;
+        children.push((name, child));
+    }
+    // Measure from when every VM is attached.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&tessera(&["vgpu", "list", "--json"])?).unwrap_or_default();
+        let attached = list["instances"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|i| i["attached"] == true));
+        if attached || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    print!("{}", tessera(&["vgpu", "list"])?);
+    let busy = |stats: &str| -> Vec<(String, f64)> {
+        serde_json::from_str::<serde_json::Value>(stats)
+            .ok()
+            .and_then(|v| v["vgpus"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or("?").to_string(),
+                    g["busy_ns"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    };
+    let before = busy(&tessera(&["top", "--json", "-n", "1"])?);
+    let mut failed = Vec::new();
+    for (name, child) in children {
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("VM {name}: {e}"))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.contains("load ") {
+                println!("{name:>8}: {line}");
+            }
+        }
+        if !out.status.success() {
+            failed.push(name);
+        }
+    }
+    let after = busy(&tessera(&["top", "--json", "-n", "1"])?);
+    let delta: Vec<(String, f64)> = after
+        .iter()
+        .map(|(n, b)| {
+            let b0 = before.iter().find(|(m, _)| m == n).map_or(0.0, |x| x.1);
+            (n.clone(), b - b0)
+        })
+        .collect();
+    let total: f64 = delta.iter().map(|d| d.1).sum();
+    println!(
+        "GPU-time share while all three ran (fixed-share, weights 1:3:1, bursty idles half the time):"
+    );
+    for (n, d) in &delta {
+        println!("  {n:<8} {:>5.1} %", 100.0 * d / total.max(1.0));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("VMs failed: {failed:?}"))
+    }
 }
 
 /// The cargo-fuzz targets under `fuzz/`.

@@ -1,6 +1,11 @@
 //! `tessera bench vgpu`: the vGPU's fast paths measured from the firmware guest, and guest
 //! throughput against the same device model driven by this process directly.
 //!
+//! With `--transport vfio-user` every guest measurement is also made with the vGPU served by
+//! a vfio-user server (a `Daemon` in this process; the VM is another process attached with
+//! `--user-device`), interleaved run by run with the in-process measurement, and the ratios
+//! are reported.
+//!
 //! The firmware prints one result line per benchmark (see firmware/README.md):
 //! `tessera-fw: bench latency mode=M iters=N p50_ns=X p99_ns=Y`,
 //! `tessera-fw: bench throughput kernel=K size=S batch=B ns=T` and `tessera-fw: first-fence`.
@@ -38,6 +43,34 @@ pub struct VgpuArgs {
     /// vGPU profile.
     #[arg(long, default_value = "64M")]
     profile: String,
+    /// in-process only, or also over vfio-user (side by side).
+    #[arg(long, value_enum, default_value = "in-process")]
+    transport: Transport,
+}
+
+/// Where the benchmarked vGPU lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// In the VMM process (`--vgpu`).
+    InProcess,
+    /// Also served over vfio-user by a separate server (`--user-device`), side by side.
+    VfioUser,
+}
+
+/// The vfio-user side of the report.
+#[derive(Debug, Serialize)]
+struct VfioReport {
+    fast_p50_us: f64,
+    fast_p99_us: f64,
+    poll_p50_us: f64,
+    trapped_p50_us: f64,
+    sgemm_guest_ms: f64,
+    saxpy_guest_ms: f64,
+    start_to_first_fence_ms: f64,
+    /// vfio-user fast-path round trip ÷ in-process (target ≤ 1.5).
+    fast_over_in_process: f64,
+    /// vfio-user guest throughput ÷ in-process (target ≥ 0.98).
+    throughput_over_in_process: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +89,125 @@ struct Report {
     saxpy_native_ms: f64,
     guest_over_native: f64,
     start_to_first_fence_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vfio_user: Option<VfioReport>,
+}
+
+/// Guest measurements of one transport.
+#[derive(Debug, Default)]
+struct Series {
+    lat: HashMap<&'static str, (Vec<f64>, Vec<f64>)>,
+    guest: HashMap<&'static str, Vec<f64>>,
+    first: Vec<f64>,
+}
+
+impl Series {
+    fn lat(&self, k: &str) -> (f64, f64) {
+        self.lat
+            .get(k)
+            .map(|(a, b)| (median(a), median(b)))
+            .unwrap_or((f64::NAN, f64::NAN))
+    }
+    fn guest(&self, k: &str) -> f64 {
+        self.guest.get(k).map_or(f64::NAN, |v| median(v))
+    }
+    fn first(&self) -> f64 {
+        median(&self.first)
+    }
+
+    /// One run of every guest measurement with the vGPU given by `device` (VM flags).
+    fn measure(&mut self, fw: &Path, device: &[String], iters: u32) -> Result<(), String> {
+        for mode in ["fast", "poll", "trapped"] {
+            let (f, _) = firmware_line(
+                fw,
+                device,
+                &format!("run=bench-latency mode={mode} iters={iters}"),
+                "bench latency",
+            )?;
+            let e = self.lat.entry(mode).or_default();
+            e.0.push(field(&f, "p50_ns")? / 1e3);
+            e.1.push(field(&f, "p99_ns")? / 1e3);
+        }
+        for w in [SGEMM, SAXPY] {
+            let (f, _) = firmware_line(
+                fw,
+                device,
+                &format!(
+                    "run=bench-throughput kernel={} size={} batch={}",
+                    w.0, w.1, w.2
+                ),
+                "bench throughput",
+            )?;
+            self.guest
+                .entry(w.0)
+                .or_default()
+                .push(field(&f, "ns")? / 1e6);
+        }
+        let (_, t) = firmware_line(fw, device, "run=first-fence", "tessera-fw: first-fence")?;
+        self.first.push(t.as_secs_f64() * 1e3);
+        Ok(())
+    }
+}
+
+/// A vfio-user server in this process with one instance of `profile`; stops when dropped.
+struct BenchServer {
+    daemon: Arc<vgpu::server::Daemon>,
+    stop: Arc<vmm_sys_util::eventfd::EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl BenchServer {
+    fn start(profile: &'static vgpu::Profile) -> Result<Self, String> {
+        use vgpu::physical::{GpuSpec, PhysicalGpu};
+        let dir = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
+        let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, profile.engines))
+            .map_err(|e| e.to_string())?;
+        let daemon = vgpu::server::Daemon::new(
+            gpu,
+            vgpu::server::ServeOptions {
+                dir,
+                require_sealed: true,
+                watchdog: vgpu::device::DEFAULT_WATCHDOG,
+            },
+        )
+        .map_err(|e| vmm::error_chain(&e))?;
+        let info = daemon.create(
+            profile,
+            Some("bench".into()),
+            None,
+            vgpu::sched::Params::default(),
+        )?;
+        let stop = Arc::new(
+            vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .map_err(|e| e.to_string())?,
+        );
+        let (d, s) = (daemon.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("bench-serve".into())
+            .spawn(move || {
+                if let Err(e) = d.serve(&s) {
+                    tracing::error!("bench server: {e}");
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(BenchServer {
+            daemon,
+            stop,
+            thread: Some(thread),
+            socket: info.socket,
+        })
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(self.daemon.dir());
+    }
 }
 
 /// Throughput workloads: (kernel, size, batch).
@@ -66,7 +218,7 @@ const SAXPY: (&str, u64, u64) = ("saxpy", 1 << 22, 8);
 /// containing `needle`, and the time from spawn to that line.
 fn firmware_line(
     fw: &Path,
-    profile: &str,
+    device: &[String],
     cmdline: &str,
     needle: &str,
 ) -> Result<(HashMap<String, String>, Duration), String> {
@@ -75,7 +227,8 @@ fn firmware_line(
     let mut child = Command::new(exe)
         .args(["--log-level", "warn", "vm", "--kernel"])
         .arg(fw)
-        .args(["--memory", "256M", "--vgpu", profile, "--cmdline", cmdline])
+        .args(["--memory", "256M", "--cmdline", cmdline])
+        .args(device)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -180,48 +333,48 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     }
     let profile = vgpu::profile::find(&args.profile)
         .ok_or_else(|| format!("unknown vGPU profile {:?}", args.profile))?;
-    let prof = format!("profile={}", profile.name);
-    let mut lat: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    let mut guest: HashMap<&str, Vec<f64>> = HashMap::new();
+    let in_process = vec!["--vgpu".to_string(), format!("profile={}", profile.name)];
+    let server = match args.transport {
+        Transport::InProcess => None,
+        Transport::VfioUser => Some(BenchServer::start(profile)?),
+    };
+    let user_device = server.as_ref().map(|s| {
+        vec![
+            "--user-device".to_string(),
+            format!("socket={}", s.socket.display()),
+        ]
+    });
+    let mut local = Series::default();
+    let mut remote = Series::default();
     let mut native: HashMap<&str, Vec<f64>> = HashMap::new();
-    let mut first = Vec::new();
     for _ in 0..args.runs {
-        for mode in ["fast", "poll", "trapped"] {
-            let (f, _) = firmware_line(
-                &fw,
-                &prof,
-                &format!("run=bench-latency mode={mode} iters={}", args.iters),
-                "bench latency",
-            )?;
-            let e = lat.entry(mode).or_default();
-            e.0.push(field(&f, "p50_ns")? / 1e3);
-            e.1.push(field(&f, "p99_ns")? / 1e3);
+        local.measure(&fw, &in_process, args.iters)?;
+        if let Some(dev) = &user_device {
+            remote.measure(&fw, dev, args.iters)?;
         }
         for w in [SGEMM, SAXPY] {
-            let (f, _) = firmware_line(
-                &fw,
-                &prof,
-                &format!(
-                    "run=bench-throughput kernel={} size={} batch={}",
-                    w.0, w.1, w.2
-                ),
-                "bench throughput",
-            )?;
-            guest.entry(w.0).or_default().push(field(&f, "ns")? / 1e6);
             native.entry(w.0).or_default().push(native_ms(profile, w)?);
         }
-        let (_, t) = firmware_line(&fw, &prof, "run=first-fence", "tessera-fw: first-fence")?;
-        first.push(t.as_secs_f64() * 1e3);
     }
-    let m = |v: &[f64]| median(v);
-    let l = |k: &str| {
-        lat.get(k)
-            .map(|(a, b)| (m(a), m(b)))
-            .unwrap_or((f64::NAN, f64::NAN))
-    };
-    let g = |k: &str| guest.get(k).map_or(f64::NAN, |v| m(v));
-    let n = |k: &str| native.get(k).map_or(f64::NAN, |v| m(v));
-    let (fast, poll, trapped) = (l("fast"), l("poll"), l("trapped"));
+    drop(server);
+    let n = |k: &str| native.get(k).map_or(f64::NAN, |v| median(v));
+    let (fast, poll, trapped) = (local.lat("fast"), local.lat("poll"), local.lat("trapped"));
+    let g = |k: &str| local.guest(k);
+    let vfio_user = user_device.as_ref().map(|_| {
+        let vfast = remote.lat("fast");
+        VfioReport {
+            fast_p50_us: vfast.0,
+            fast_p99_us: vfast.1,
+            poll_p50_us: remote.lat("poll").0,
+            trapped_p50_us: remote.lat("trapped").0,
+            sgemm_guest_ms: remote.guest("sgemm"),
+            saxpy_guest_ms: remote.guest("saxpy"),
+            start_to_first_fence_ms: remote.first(),
+            fast_over_in_process: vfast.0 / fast.0,
+            throughput_over_in_process: (g("sgemm") + g("saxpy"))
+                / (remote.guest("sgemm") + remote.guest("saxpy")),
+        }
+    });
     let r = Report {
         fast_p50_us: fast.0,
         fast_p99_us: fast.1,
@@ -237,7 +390,8 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         saxpy_native_ms: n("saxpy"),
         // Throughput ratio: native time over guest time, over both workloads.
         guest_over_native: (n("sgemm") + n("saxpy")) / (g("sgemm") + g("saxpy")),
-        start_to_first_fence_ms: m(&first),
+        start_to_first_fence_ms: local.first(),
+        vfio_user,
     };
     if args.json {
         println!(
@@ -275,6 +429,21 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             "VM start → first fence: {:.2} ms",
             r.start_to_first_fence_ms
         );
+        if let Some(v) = &r.vfio_user {
+            println!("over vfio-user (separate server process), same runs:");
+            println!(
+                "  round trip p50 (µs): fast {:.1}, polling {:.1}, trapped {:.1}",
+                v.fast_p50_us, v.poll_p50_us, v.trapped_p50_us
+            );
+            println!(
+                "  sgemm {:.2} ms, saxpy {:.2} ms per batch; start → first fence {:.2} ms",
+                v.sgemm_guest_ms, v.saxpy_guest_ms, v.start_to_first_fence_ms
+            );
+            println!(
+                "  vfio-user ÷ in-process: fast round trip {:.3}, throughput {:.3}",
+                v.fast_over_in_process, v.throughput_over_in_process
+            );
+        }
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ fn main() {
                     "bar0_registers" => tessera_fuzz::bar0::run,
                     "command_stream" => tessera_fuzz::stream::run,
                     "page_tables" => tessera_fuzz::ptables::run,
+                    "vfio_user_messages" => tessera_fuzz::vfu::run,
                     _ => tessera_fuzz::pcicfg::run,
                 };
                 run(&bytes);

@@ -6,6 +6,7 @@
 //! - [`input`]: a byte reader that never fails (exhausted input reads as zeros).
 //! - [`refmmu`]: a reference GPU page-table walker written from the `vgpu-abi` contract, for
 //!   differential checks of the device's MMU.
+//! - [`vfu`]: a garbage-speaking vfio-user client against the vGPU server's connection code.
 //! - [`seeds`]: encoders for the targets' input formats, used to write the seed corpus
 //!   (`cargo +nightly run --manifest-path fuzz/Cargo.toml --example seeds`).
 //!
@@ -21,3 +22,4 @@ pub mod refmmu;
 pub mod rig;
 pub mod seeds;
 pub mod stream;
+pub mod vfu;

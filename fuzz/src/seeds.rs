@@ -376,6 +376,87 @@ pub fn pci_config() -> Seeds {
     ]
 }
 
+/// `vfio_user_messages` seeds: what a real client sends (see `vfu::decode` for the format).
+pub fn vfio_user() -> Seeds {
+    // Field encoders of `vfu::decode`: an exact small value (`addr` selector 1), a region
+    // access, and the ops.
+    fn small(o: &mut Vec<u8>, v: u32) {
+        o.push(1);
+        o.extend_from_slice(&v.to_le_bytes());
+    }
+    fn access(o: &mut Vec<u8>, write: bool, region: u8, offset: u32, data: &[u8]) {
+        o.push(if write { 8 } else { 7 });
+        small(o, offset);
+        o.push(region);
+        o.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        if write {
+            o.extend_from_slice(data);
+        }
+    }
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&[0, 0, 1]); // version, valid capabilities
+    hello.push(3); // device info
+    for i in 0..10 {
+        hello.extend_from_slice(&[4, 0x20, 0, 0, 0, i]); // region info, argsz 32
+    }
+    for i in 0..6 {
+        hello.extend_from_slice(&[5, i]); // IRQ info
+    }
+    let mut session = hello.clone();
+    // DMA map 1 MiB of a memfd at 0.
+    session.extend_from_slice(&[1, 16, 1, 3, 0, 0, 0]);
+    small(&mut session, 0);
+    small(&mut session, 0);
+    small(&mut session, 1 << 20);
+    // MSI-X routes and doorbells.
+    session.extend_from_slice(&[6, 2, 0x24, 0, 0, 0, 0, 16, 16, 1]);
+    session.extend_from_slice(&[6, 5, 0x24, 0, 0, 0, 0, 4, 4, 1]);
+    access(&mut session, false, 7, 0, &[0; 64]);
+    access(&mut session, true, 7, 4, &6u16.to_le_bytes());
+    access(&mut session, false, 0, regs::MAGIC as u32, &[0; 4]);
+    // Context 0: page-table root, ring, enable; doorbell; WAIT.
+    for (reg, v) in [
+        (regs::CTX_PT_ROOT_LO, 0x1000u32),
+        (regs::CTX_RING_BASE_LO, 0x8000),
+        (regs::CTX_RING_SIZE, 16),
+        (regs::CTX_CONTROL, ctx_control::ENABLE),
+    ] {
+        access(
+            &mut session,
+            true,
+            0,
+            regs::ctx_reg(0, reg) as u32,
+            &v.to_le_bytes(),
+        );
+    }
+    access(
+        &mut session,
+        true,
+        0,
+        regs::doorbell(0) as u32,
+        &1u32.to_le_bytes(),
+    );
+    access(&mut session, false, 2, 0x100, &[0; 256]);
+    access(&mut session, true, 2, 0x100, &[0x77; 256]);
+    session.push(9); // reset
+    session.extend_from_slice(&[2, 0, 0, 0, 0]); // unmap
+    small(&mut session, 0);
+    small(&mut session, 1 << 20);
+    let mut hostile = hello.clone();
+    hostile.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0]); // DMA map with an eventfd
+    small(&mut hostile, 0);
+    small(&mut hostile, 0);
+    small(&mut hostile, 1 << 20);
+    hostile.extend_from_slice(&[6, 2, 0x24, 0, 0, 0, 15, 16, 16, 0]); // routes past the end
+    hostile.extend_from_slice(&[0, 1, 0, 0, 0, 0]); // version without its NUL
+    vec![
+        ("hello", hello),
+        ("session", session),
+        ("hostile", hostile),
+        ("unknown-commands", vec![10, 0, 10, 1, 10, 3, 10, 6]),
+    ]
+}
+
 /// Every target's seeds.
 pub fn all() -> Vec<(&'static str, Seeds)> {
     vec![
@@ -383,5 +464,6 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("command_stream", command_stream()),
         ("page_tables", page_tables()),
         ("pci_config", pci_config()),
+        ("vfio_user_messages", vfio_user()),
     ]
 }

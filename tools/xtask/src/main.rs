@@ -307,11 +307,12 @@ fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
 }
 
 /// The cargo-fuzz targets under `fuzz/`.
-const FUZZ_TARGETS: [&str; 4] = [
+const FUZZ_TARGETS: [&str; 5] = [
     "bar0_registers",
     "command_stream",
     "page_tables",
     "pci_config",
+    "vfio_user_messages",
 ];
 
 /// `cargo xtask fuzz [TARGET] [--time S]`: runs every fuzz target (or one) for S seconds

@@ -30,8 +30,9 @@ use crate::domain::DmaDomain;
 
 /// Size of the configuration region (PCI, not PCIe: 256 bytes).
 const CONFIG_SIZE: u64 = 256;
-/// Largest single region access served; the crate allocates `count` bytes before asking us,
-/// so this only bounds what we touch.
+/// Largest single region access served. The crate allocates `count` bytes before asking us
+/// (a known limit of vfio_user 0.1.x: up to 4 GiB per message, zeroed, so only the pages we
+/// touch become resident); this bounds what we touch.
 const MAX_ACCESS: usize = 1 << 20;
 /// Tessera's private interrupt index: the client hands over one eventfd per context with
 /// `SET_IRQS(DOORBELL_IRQ_INDEX, DATA_EVENTFD | ACTION_TRIGGER, 0, n)`, registers each as a
@@ -269,6 +270,12 @@ fn config_dwords(offset: u64, len: usize) -> Option<Vec<(usize, u64, std::ops::R
 
 impl ServerBackend for Attachment {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        if data.len() > MAX_ACCESS {
+            // The crate allocated `count` zeroed bytes (up to 4 GiB, mapped lazily); touching
+            // them would make that memory real. The client gets the zeros back.
+            self.ignore("oversized read", region, offset, data.len());
+            return Ok(());
+        }
         data.fill(0xff);
         let fits = |size: u64| {
             data.len() <= MAX_ACCESS

@@ -1,0 +1,365 @@
+//! A vfio-user client that speaks garbage: the fuzz input is decoded into a sequence of
+//! messages (every command, with fuzzed fields, fds attached or not, the last one possibly cut
+//! short), written to a real `vfio_user::Server` running Tessera's `Attachment` over a fresh
+//! vGPU, exactly as `tessera serve` runs one connection.
+//!
+//! Oracles: nothing in Tessera's code panics (panics inside the vfio-user crate's own message
+//! parsing are the known ones `tessera serve` contains with `catch_unwind`); the connection
+//! always ends (no hang); afterwards the vGPU still answers, and a neighbour's VRAM canary and
+//! a host memfd that was never offered are intact.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Once, OnceLock};
+
+use vgpu::backend::SoftGpu;
+use vgpu::device::DEFAULT_WATCHDOG;
+use vgpu::sched::{Params, Scheduler};
+use vgpu::server::attach::{self, Attachment, EventVectors};
+use vgpu::{BarAddresses, DmaDomain, Interrupts, Vgpu, VgpuSetup};
+use vgpu_abi::regs;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::input::Input;
+use crate::rig::{CONTEXTS, VRAM_SIZE, profile};
+
+/// Largest region access a generated message asks for (the crate allocates what a message
+/// claims before we see it: a known limit, bounded here so the fuzzer's malloc limit holds).
+const MAX_COUNT: u32 = 64 << 10;
+const NEIGHBOUR_CANARY: u8 = 0x5a;
+
+thread_local! {
+    /// Where the last panic on this thread happened.
+    static PANIC_FILE: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+fn install_panic_probe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let file = info.location().map(|l| l.file());
+            // Leak the (short) file name: a panic is rare.
+            PANIC_FILE.with(|p| p.set(file.map(|f| &*Box::leak(f.to_string().into_boxed_str()))));
+            if !file.is_some_and(|f| f.contains("vfio_user")) {
+                default(info);
+            }
+        }));
+    });
+}
+
+struct Fixture {
+    gpu: Arc<SoftGpu>,
+    neighbour: vgpu::backend::VramPartition,
+    listener: UnixListener,
+    path: std::path::PathBuf,
+    /// Host memory never offered to the client.
+    secret: File,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        install_panic_probe();
+        let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU"));
+        let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("neighbour");
+        fill(&neighbour.memory, NEIGHBOUR_CANARY);
+        let path =
+            std::env::temp_dir().join(format!("tessera-fuzz-vfu-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let secret = memfd(1 << 16);
+        secret.set_len(1 << 16).expect("size");
+        (&secret).write_all(&[0xee; 1 << 16]).expect("fill secret");
+        Fixture {
+            gpu,
+            neighbour,
+            listener,
+            path,
+            secret,
+        }
+    })
+}
+
+fn fill(m: &vm_memory::GuestMemoryMmap, b: u8) {
+    let page = [b; 4096];
+    let mut at = 0;
+    while m.write_slice(&page, GuestAddress(at)).is_ok() {
+        at += 4096;
+    }
+}
+
+fn memfd(len: u64) -> File {
+    // SAFETY: a valid NUL-terminated name and flags.
+    let fd = unsafe { libc::memfd_create(c"fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh fd that nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).expect("memfd size");
+    f
+}
+
+/// A "small or interesting" address or size: often in range, sometimes anything.
+fn addr(input: &mut Input<'_>) -> u64 {
+    match input.u8() % 4 {
+        0 => u64::from(input.u8()) << 12,
+        1 => u64::from(input.u32() % (1 << 24)),
+        2 => [0, 1 << 32, u64::MAX - 0xfff, 1 << 47][usize::from(input.u8() % 4)],
+        _ => input.u64(),
+    }
+}
+
+/// Up to `n` of the next bytes.
+fn bytes(input: &mut Input<'_>, n: usize) -> Vec<u8> {
+    (0..n.min(input.remaining())).map(|_| input.u8()).collect()
+}
+
+/// One message to send, with the fds that go with it.
+struct Message {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+fn header(id: u16, command: u16, body: usize, flags: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16 + body);
+    h.extend_from_slice(&id.to_le_bytes());
+    h.extend_from_slice(&command.to_le_bytes());
+    h.extend_from_slice(&((16 + body) as u32).to_le_bytes());
+    h.extend_from_slice(&flags.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h
+}
+
+fn eventfd() -> OwnedFd {
+    let e = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(e);
+    // SAFETY: `raw` was just released by the EventFd.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+fn decode(input: &mut Input<'_>) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut id = 0u16;
+    while !input.is_empty() && out.len() < 64 {
+        id = id.wrapping_add(1);
+        let op = input.u8();
+        // Mostly replies wanted; sometimes the no-reply flag.
+        let flags = if op & 0x80 != 0 { 1 << 4 } else { 0 };
+        let mut fds = Vec::new();
+        let body: Vec<u8> = match op % 11 {
+            0 => {
+                let mut b = Vec::new();
+                b.extend_from_slice(&0u16.to_le_bytes());
+                b.extend_from_slice(&1u16.to_le_bytes());
+                match input.u8() % 3 {
+                    0 => b.extend_from_slice(b"{\"capabilities\":{}}\0"),
+                    1 => b.extend_from_slice(&bytes(input, 24)),
+                    _ => {}
+                }
+                let mut m = header(id, 1, b.len(), flags);
+                if input.u8() % 8 == 0 {
+                    // A message size smaller than the version header.
+                    m[4..8].copy_from_slice(&8u32.to_le_bytes());
+                }
+                m.extend_from_slice(&b);
+                out.push(Message { bytes: m, fds });
+                continue;
+            }
+            1 => {
+                let len = u64::from(input.u8()) << 16;
+                match input.u8() % 4 {
+                    0 => {}
+                    1 => fds.push(OwnedFd::from(memfd(len.max(4096)))),
+                    2 => fds.push(eventfd()),
+                    _ => {
+                        fds.push(OwnedFd::from(memfd(len.max(4096))));
+                        fds.push(eventfd());
+                    }
+                }
+                let mut b = vec![];
+                b.extend_from_slice(&32u32.to_le_bytes());
+                b.extend_from_slice(&input.u32().to_le_bytes());
+                b.extend_from_slice(&addr(input).to_le_bytes());
+                b.extend_from_slice(&addr(input).to_le_bytes());
+                b.extend_from_slice(&addr(input).to_le_bytes());
+                [header(id, 2, b.len(), flags), b].concat()
+            }
+            2 => {
+                let mut b = vec![];
+                b.extend_from_slice(&24u32.to_le_bytes());
+                b.extend_from_slice(&input.u32().to_le_bytes());
+                b.extend_from_slice(&addr(input).to_le_bytes());
+                b.extend_from_slice(&addr(input).to_le_bytes());
+                [header(id, 3, b.len(), flags), b].concat()
+            }
+            3 => [header(id, 4, 16, 0), vec![0; 16]].concat(),
+            4 => {
+                let mut b = vec![0u8; 32];
+                b[0..4].copy_from_slice(&input.u32().to_le_bytes());
+                b[8..12].copy_from_slice(&u32::from(input.u8() % 12).to_le_bytes());
+                [header(id, 5, 32, 0), b].concat()
+            }
+            5 => {
+                let mut b = vec![0u8; 16];
+                b[8..12].copy_from_slice(&u32::from(input.u8() % 8).to_le_bytes());
+                [header(id, 7, 16, 0), b].concat()
+            }
+            6 => {
+                let index = u32::from(input.u8() % 7);
+                let irq_flags = input.u32();
+                let start = u32::from(input.u8() % 20);
+                let count = u32::from(input.u8() % 20);
+                let nfds = usize::from(input.u8() % 17);
+                let bad = input.u8() % 4 == 0;
+                for i in 0..nfds {
+                    fds.push(if bad && i == 0 {
+                        OwnedFd::from(memfd(4096))
+                    } else {
+                        eventfd()
+                    });
+                }
+                let mut b = vec![];
+                for v in [20, irq_flags, index, start, count] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                [header(id, 8, b.len(), flags), b].concat()
+            }
+            7 | 8 => {
+                let write = op % 11 == 8;
+                let offset = addr(input);
+                let region = u32::from(input.u8() % 10);
+                let count = input.u32() % MAX_COUNT;
+                let mut b = vec![];
+                b.extend_from_slice(&offset.to_le_bytes());
+                b.extend_from_slice(&region.to_le_bytes());
+                b.extend_from_slice(&count.to_le_bytes());
+                if write {
+                    let mut data = bytes(input, count as usize);
+                    data.resize(count as usize, 0xa5);
+                    b.extend_from_slice(&data);
+                }
+                [header(id, if write { 10 } else { 9 }, b.len(), flags), b].concat()
+            }
+            9 => header(id, 13, 0, flags),
+            _ => {
+                // An unknown or unsupported command with a little body.
+                let cmd = [0u16, 6, 11, 12, 14, 15, 0xffff][usize::from(input.u8() % 7)];
+                let b = bytes(input, 16);
+                [header(id, cmd, b.len(), 0), b].concat()
+            }
+        };
+        out.push(Message { bytes: body, fds });
+    }
+    // Sometimes the stream ends in the middle of the last message.
+    if let Some(last) = out.last_mut()
+        && last.bytes.len() > 3
+        && last.bytes[2] % 5 == 0
+    {
+        let cut = last.bytes.len() / 2;
+        last.bytes.truncate(cut);
+    }
+    out
+}
+
+fn new_vgpu(vectors: Arc<EventVectors>) -> (Vgpu, vgpu::backend::VramPartition) {
+    let f = fixture();
+    let vram = f.gpu.partition(0, VRAM_SIZE).expect("VRAM");
+    let vgpu = Vgpu::new(VgpuSetup {
+        profile: profile(),
+        subsystem_id: 1,
+        bars: BarAddresses { regs: 0, vram: 0 },
+        sys: vm_memory::GuestMemoryMmap::new(),
+        domain: DmaDomain::default(),
+        vram: vram.clone(),
+        backend: f.gpu.clone(),
+        interrupts: Interrupts::Vectors(vectors),
+        sched: Scheduler::private(),
+        sched_params: Params::default(),
+        watchdog: DEFAULT_WATCHDOG,
+    })
+    .expect("vGPU");
+    (vgpu, vram)
+}
+
+/// Runs one input end to end and checks the oracles.
+pub fn run(data: &[u8]) {
+    let f = fixture();
+    let messages = decode(&mut Input::new(data));
+    let vectors = Arc::new(EventVectors::default());
+    let (vgpu, vram) = new_vgpu(vectors.clone());
+    let listener = f.listener.try_clone().expect("dup listener");
+    let server = vfio_user::Server::from_owned_fd(
+        OwnedFd::from(listener),
+        true,
+        attach::irqs(CONTEXTS),
+        attach::regions(vram.size, vram.file.as_raw_fd()),
+    );
+    let path = f.path.clone();
+    let client = std::thread::spawn(move || {
+        let stream = UnixStream::connect(&path).expect("connect");
+        let mut reader = stream.try_clone().expect("clone");
+        let drain = std::thread::spawn(move || {
+            let mut sink = [0u8; 1 << 16];
+            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        for m in messages {
+            let raw: Vec<i32> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+            let sent = if raw.is_empty() {
+                (&stream).write_all(&m.bytes).is_ok()
+            } else {
+                stream.send_with_fds(&[&m.bytes[..]], &raw).is_ok()
+            };
+            if !sent {
+                break;
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = drain.join();
+    });
+    let mut att = Attachment::new(vgpu, vectors, false);
+    PANIC_FILE.with(|p| p.set(None));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
+    if let Err(payload) = result {
+        let file = PANIC_FILE.with(Cell::get).unwrap_or("?");
+        if !file.contains("vfio_user") {
+            std::panic::resume_unwind(payload);
+        }
+    }
+    client.join().expect("client thread");
+    // The device still answers.
+    let mut magic = [0u8; 4];
+    let mut att = att;
+    let _ = vfio_user::ServerBackend::region_read(&mut att, 0, regs::MAGIC, &mut magic);
+    assert_eq!(
+        u32::from_le_bytes(magic),
+        regs::MAGIC_VALUE,
+        "vGPU dead after the input"
+    );
+    drop(att);
+    drop(server);
+    // Nobody else's memory changed.
+    let mut b = [0u8; 4096];
+    let mut at = 0;
+    while f
+        .neighbour
+        .memory
+        .read_slice(&mut b, GuestAddress(at))
+        .is_ok()
+    {
+        assert!(
+            b.iter().all(|&x| x == NEIGHBOUR_CANARY),
+            "neighbour VRAM at {at:#x}"
+        );
+        at += 4096;
+    }
+    let mut s = vec![0u8; 1 << 16];
+    std::os::unix::fs::FileExt::read_exact_at(&f.secret, &mut s, 0).expect("secret");
+    assert!(
+        s.iter().all(|&x| x == 0xee),
+        "host memory never offered changed"
+    );
+}

@@ -161,7 +161,7 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
                     _ => {}
                 }
                 let mut m = header(id, 1, b.len(), flags);
-                if input.u8() % 8 == 0 {
+                if input.u8().is_multiple_of(8) {
                     // A message size smaller than the version header.
                     m[4..8].copy_from_slice(&8u32.to_le_bytes());
                 }
@@ -214,7 +214,7 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
                 let start = u32::from(input.u8() % 20);
                 let count = u32::from(input.u8() % 20);
                 let nfds = usize::from(input.u8() % 17);
-                let bad = input.u8() % 4 == 0;
+                let bad = input.u8().is_multiple_of(4);
                 for i in 0..nfds {
                     fds.push(if bad && i == 0 {
                         OwnedFd::from(memfd(4096))

@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | [`Thread::Vcpu`] | `vcpuN`: `KVM_RUN` and the device emulation behind exits | at the start of each vCPU thread |
 //! | [`Thread::Main`] | the thread in [`Vm::run`](crate::Vm::run): event loop, vCPU kicks, teardown | after the vCPU threads started |
-//! | [`Thread::Device`] | `vgpu-cp`, `gpu-engineN` | on a short-lived thread that builds the vGPU ([`on_device_thread`]); the device's threads inherit it |
+//! | [`Thread::Device`] | `vgpu-cp`, `gpu-engineN`, `vfu-irq` | on a short-lived thread that builds the vGPU ([`on_device_thread`]); the device's threads inherit it |
+//! | [`Thread::Server`] | every thread of `tessera serve` | on all its threads at once ([`apply_all_threads`]) once the GPU and the control socket are set up |
 //!
 //! The lists hold what the threads were seen to use (`strace -f` of the firmware guest's
 //! conformance suite and of the test suite), nothing more: memory management for the
@@ -51,6 +52,9 @@ pub enum Thread {
     /// A device thread (vGPU command processor, software GPU engines) and the thread that
     /// builds the device.
     Device,
+    /// The vGPU server: control connections, instance sockets (created and removed at run
+    /// time), vfio-user messages with fds, DMA mappings, the vGPUs' own threads.
+    Server,
 }
 
 /// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl request number.
@@ -240,6 +244,69 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
             r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
         }
+        Thread::Server => {
+            allow(
+                &mut r,
+                &[
+                    // Waiting for clients and doorbells.
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_create1,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_eventfd2,
+                    // Connections and messages (fds come and go with SCM_RIGHTS).
+                    libc::SYS_accept4,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendmsg,
+                    libc::SYS_sendto,
+                    libc::SYS_recvfrom,
+                    libc::SYS_readv,
+                    libc::SYS_writev,
+                    // Instance sockets: created 0600, removed with the instance.
+                    libc::SYS_bind,
+                    libc::SYS_listen,
+                    libc::SYS_chmod,
+                    libc::SYS_fchmodat,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    // Checking client fds (size, seals, eventfd-ness).
+                    libc::SYS_statx,
+                    libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
+                    // VRAM files: created sealed, punched on reset and detach.
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                    libc::SYS_fallocate,
+                    // Threads of instances and vGPUs (clone3 fails with ENOSYS, see
+                    // `device_clone3`).
+                    libc::SYS_clone3,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                    // The panic message of a malformed message caught on an instance thread
+                    // (std shortens source paths against the working directory).
+                    libc::SYS_getcwd,
+                ],
+            );
+            r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+            r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
+            r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
+            r.insert(
+                libc::SYS_fcntl,
+                any_of(
+                    1,
+                    &[
+                        F_GETFD,
+                        F_DUPFD_CLOEXEC,
+                        libc::F_ADD_SEALS as u64,
+                        libc::F_GET_SEALS as u64,
+                    ],
+                )?,
+            );
+        }
     }
     Ok(r)
 }
@@ -312,6 +379,16 @@ pub fn apply(thread: Thread) -> Result<(), SeccompError> {
         seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(thread, e))?;
     }
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(thread, e))
+}
+
+/// Installs `thread`'s filter on every thread of the process (for `tessera serve`, whose
+/// engines and instance threads exist before it can filter itself).
+pub fn apply_all_threads(thread: Thread) -> Result<(), SeccompError> {
+    let prog = filter(thread)?;
+    for p in [denials(thread)?, device_clone3()?, prog] {
+        seccompiler::apply_filter_all_threads(&p).map_err(|e| SeccompError::Install(thread, e))?;
+    }
+    Ok(())
 }
 
 /// Runs `build` on a new thread under the device filter and returns its result: every thread
@@ -413,6 +490,7 @@ mod tests {
         match name {
             "main" => Thread::Main,
             "vcpu" => Thread::Vcpu,
+            "server" => Thread::Server,
             _ => Thread::Device,
         }
     }
@@ -471,6 +549,26 @@ mod tests {
                     _ => 15,
                 }
             }
+            // The server's filter reaches threads that existed before it was installed, and
+            // lets it make UNIX sockets only.
+            "server_threads" => {
+                let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+                let early = std::thread::spawn(move || {
+                    let _ = go_rx.recv();
+                    // SAFETY: as above; the filter installed meanwhile must stop it.
+                    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+                });
+                apply_all_threads(Thread::Server).expect("install");
+                // SAFETY: a plain system call with constant arguments.
+                let unix = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+                if unix < 0 {
+                    // SAFETY: leaving the child without unwinding.
+                    unsafe { libc::_exit(19) };
+                }
+                let _ = go_tx.send(());
+                let _ = early.join();
+                18
+            }
             "device_spawn" => {
                 let r = on_device_thread(|| {
                     std::thread::Builder::new()
@@ -489,7 +587,7 @@ mod tests {
 
     #[test]
     fn every_role_allows_what_it_needs() {
-        for r in ["main", "vcpu", "device"] {
+        for r in ["main", "vcpu", "device", "server"] {
             let st = run_child(&format!("allowed:{r}"));
             assert_eq!(st.code(), Some(0), "{r}: {st:?}");
         }
@@ -503,7 +601,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_the_process_with_sigsys() {
-        for r in ["main", "vcpu", "device"] {
+        for r in ["main", "vcpu", "device", "server"] {
             let st = run_child(&format!("socket:{r}"));
             assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
         }
@@ -511,7 +609,7 @@ mod tests {
 
     #[test]
     fn ioctls_are_filtered_by_request_number() {
-        for r in ["main", "device"] {
+        for r in ["main", "device", "server"] {
             let st = run_child(&format!("kvm_run:{r}"));
             assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
         }
@@ -522,6 +620,12 @@ mod tests {
     #[test]
     fn device_filter_is_inherited_by_device_threads() {
         let st = run_child("device_threads");
+        assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
+    }
+
+    #[test]
+    fn the_server_filter_covers_every_thread() {
+        let st = run_child("server_threads");
         assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}");
     }
 

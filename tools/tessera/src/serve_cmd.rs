@@ -119,6 +119,9 @@ pub struct ServeArgs {
     /// Create these instances at start: TYPE[:NAME], repeatable.
     #[arg(long, value_name = "TYPE[:NAME]")]
     create: Vec<String>,
+    /// Sandbox every server thread with a seccomp filter (false: for debugging only).
+    #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
+    seccomp: bool,
 }
 
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
@@ -192,6 +195,18 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
             eprintln!("tessera: cannot handle signal {sig}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
+    if args.seccomp {
+        let sandbox = vmm::seccomp::install_sigsys_reporter()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                vmm::seccomp::apply_all_threads(vmm::seccomp::Thread::Server)
+                    .map_err(|e| error_chain(&e))
+            });
+        if let Err(e) = sandbox {
+            eprintln!("tessera: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     }

@@ -140,6 +140,57 @@ fn instances_are_managed_like_mdev_types() {
     assert!(!dir.join("control.sock").exists());
 }
 
+/// Maps a client's VRAM region (what a VMM does for BAR 2).
+fn map_vram(client: &vfio_user::Client) -> vm_memory::GuestRegionMmap {
+    let r = client.region(2).expect("VRAM region");
+    let fo = r.file_offset.clone().expect("VRAM fd");
+    vm_memory::GuestRegionMmap::from_range(vm_memory::GuestAddress(0), r.size as usize, Some(fo))
+        .expect("map VRAM")
+}
+
+#[test]
+fn vram_is_scrubbed_between_clients_even_for_a_kept_mapping() {
+    use vm_memory::{Bytes, MemoryRegionAddress};
+    let server = Server::start("scrub", &["--gpu", "soft,vram=512M,engines=1"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "64M", "--name", "s"]);
+    let sock = Path::new(sock.trim()).to_path_buf();
+    let first = vfio_user::Client::new(&sock).expect("connect");
+    let kept = map_vram(&first);
+    let secret = [0x5eu8; 4096];
+    for at in [0u64, 32 << 20, (64 << 20) - 4096] {
+        kept.write_slice(&secret, MemoryRegionAddress(at))
+            .expect("write VRAM");
+    }
+    // The first tenant leaves but keeps its mapping of the VRAM file.
+    drop(first);
+    wait_attached(&server, "s", false);
+    let mut page = [0u8; 4096];
+    for at in [0u64, 32 << 20, (64 << 20) - 4096] {
+        kept.read_slice(&mut page, MemoryRegionAddress(at))
+            .expect("read kept mapping");
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "kept mapping at {at:#x} still holds data"
+        );
+    }
+    // The next tenant gets its own, zeroed VRAM; the old mapping cannot see its writes.
+    let second = vfio_user::Client::new(&sock).expect("reconnect");
+    let fresh = map_vram(&second);
+    fresh
+        .read_slice(&mut page, MemoryRegionAddress(0))
+        .expect("read");
+    assert!(page.iter().all(|&b| b == 0), "new tenant sees old data");
+    fresh
+        .write_slice(&[0x11; 64], MemoryRegionAddress(0))
+        .expect("write");
+    kept.read_slice(&mut page, MemoryRegionAddress(0))
+        .expect("read kept mapping");
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "old mapping sees the new tenant"
+    );
+}
+
 #[test]
 fn malformed_vfio_user_messages_do_not_take_the_server_down() {
     let server = Server::start("malformed", &["--gpu", "soft,vram=512M,engines=1"]);

@@ -185,7 +185,7 @@ impl State {
     }
 
     fn add(&mut self, params: Params) -> MemberId {
-        self.members.push(Member {
+        let fresh = Member {
             params,
             busy_ns: 0,
             vtime: 0.0,
@@ -196,7 +196,18 @@ impl State {
             alive: true,
             last_release: None,
             cv: Arc::new(Condvar::new()),
-        });
+        };
+        // Reuse the slot of a member that is gone (a vfio-user server registers one per
+        // attachment, for as long as it runs): the list stays as long as the most vGPUs ever
+        // alive at once.
+        let owner = self.owner.map(|o| o.0);
+        if let Some(i) =
+            (0..self.members.len()).find(|&i| !self.members[i].alive && owner != Some(i))
+        {
+            self.members[i] = fresh;
+            return i;
+        }
+        self.members.push(fresh);
         self.members.len() - 1
     }
 
@@ -615,6 +626,30 @@ mod tests {
         );
         let v: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
         assert!(jain(&v) > 0.999, "{busy:?}");
+    }
+
+    #[test]
+    fn slots_of_departed_members_are_reused() {
+        let sched = Scheduler::private();
+        let keep = sched.register(Params::default());
+        for _ in 0..1000 {
+            let id = sched.register(Params::default());
+            assert_ne!(id, keep);
+            sched.unregister(id);
+        }
+        assert_eq!(
+            sched.lock().members.len(),
+            2,
+            "one slot for the coming and going"
+        );
+        // A reused slot starts fresh.
+        let again = sched.register(Params {
+            weight: 3,
+            cap_percent: 50,
+        });
+        let st = sched.stats(again);
+        assert_eq!((st.busy_ns, st.switches, st.running), (0, 0, false));
+        assert!(sched.lock().members[again].alive);
     }
 
     #[test]

@@ -413,3 +413,53 @@ fn a_dead_server_is_seen_by_the_vmm_within_a_second() {
     let status = vm.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{}", vm.transcript.join("\n"));
 }
+
+#[test]
+fn user_device_errors_are_one_clear_line() {
+    let Some(fw) = firmware() else {
+        return;
+    };
+    let fw = fw.to_str().expect("utf-8").to_string();
+    let vm = |dev: &str| {
+        tessera_tests::run_tessera(
+            &[
+                "vm",
+                "--kernel",
+                &fw,
+                "--memory",
+                "64M",
+                "--user-device",
+                dev,
+            ],
+            &[],
+        )
+    };
+    // No such socket: a usage error.
+    let (status, _, err) = vm("socket=/nonexistent/vgpu.sock");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("tessera: ") && err.contains("no vGPU socket"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Malformed flag.
+    let (status, _, err) = vm("path=/x");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--user-device"), "{err}");
+    // An instance another client holds: refused after the connect timeout, not a hang.
+    let server = Server::start("busy", &["--gpu", "soft,vram=512M,engines=1"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "64M", "--name", "b"]);
+    let holder = vfio_user::Client::new(Path::new(sock.trim())).expect("first client");
+    wait_attached(&server, "b", true);
+    let started = Instant::now();
+    let (status, _, err) = vm(&format!("socket={}", sock.trim()));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("another VM attached"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(holder);
+    wait_attached(&server, "b", false);
+}

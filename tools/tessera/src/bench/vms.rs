@@ -75,12 +75,16 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
         return Err("between 1 and 64 VMs".into());
     }
     let profile = vgpu::profile::find(VM_PROFILE).ok_or("no 64M profile")?;
-    let gpu = PhysicalGpu::new(&GpuSpec {
+    let spec = GpuSpec {
         policy: args.policy,
         slice: Duration::from_millis(args.slice_ms),
         ..GpuSpec::whole(profile.vram * n as u64, profile.engines)
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    // Built on a filtered thread: the shared GPU's engine threads inherit the device filter,
+    // like those of a VM's private GPU.
+    let gpu = vmm::seccomp::on_device_thread(|| PhysicalGpu::new(&spec))
+        .map_err(|e| vmm::error_chain(&e))?
+        .map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("tessera-bench-vms-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (probe_tx, probe_rx) = mpsc::channel();
@@ -102,7 +106,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
                 partition: None,
             }],
             kvm_path: PathBuf::from("/dev/kvm"),
-            seccomp: false,
+            seccomp: true,
         };
         let (gpu, tx) = (gpu.clone(), probe_tx.clone());
         threads.push(std::thread::spawn(move || -> Result<ExitReason, String> {

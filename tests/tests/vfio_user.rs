@@ -463,3 +463,56 @@ fn user_device_errors_are_one_clear_line() {
     drop(holder);
     wait_attached(&server, "b", false);
 }
+
+#[test]
+fn partitions_and_policies_are_served() {
+    let server = Server::start(
+        "parts",
+        &[
+            "--gpu",
+            "soft,vram=1G,engines=2,partitions=2",
+            "--policy",
+            "best-effort",
+            "--slice",
+            "5ms",
+        ],
+    );
+    let stats = server.json(&["top", "-n", "1"]);
+    let parts = stats["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 2, "{stats}");
+    for p in parts {
+        assert_eq!(p["spec"]["engines"], 1, "{stats}");
+        assert_eq!(p["policy"], "best-effort", "{stats}");
+        assert_eq!(p["slice_us"], 5000, "{stats}");
+    }
+    let inst = server.json(&[
+        "vgpu",
+        "create",
+        "--type",
+        "256M",
+        "--partition",
+        "1",
+        "--cap",
+        "50",
+    ]);
+    assert_eq!(inst["instance"]["partition"], 1, "{inst}");
+    assert_eq!(inst["instance"]["cap"], 50, "{inst}");
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "64M", "--partition", "2"],
+        "partition 2",
+    );
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "1G", "--partition", "0"],
+        "no room",
+    );
+    refused(
+        &server,
+        &["vgpu", "create", "--type", "64M", "--cap", "101"],
+        "cap",
+    );
+    refused(&server, &["vgpu", "policy", "fastest"], "policy");
+    // 512 MiB per partition: one 256M left in partition 1, two in partition 0.
+    assert_eq!(available(&server, "256M"), 3);
+}

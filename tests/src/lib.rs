@@ -226,6 +226,28 @@ impl Vmm {
     pub fn saw(&self, needle: &str) -> bool {
         self.transcript.iter().any(|l| l.contains(needle))
     }
+
+    /// Asserts that the firmware's conformance suite ran in full (at least `min_cases` cases)
+    /// and every case passed; returns the number of cases.
+    pub fn assert_conformance(&self, min_cases: usize) -> usize {
+        let out = self.transcript.join("\n");
+        let cases: Vec<&String> = self
+            .transcript
+            .iter()
+            .filter(|l| l.starts_with("tessera-fw: case "))
+            .collect();
+        assert!(
+            cases.len() >= min_cases,
+            "expected the full suite, got:\n{out}"
+        );
+        let failed: Vec<&&String> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
+        assert!(failed.is_empty(), "failed cases: {failed:?}\n{out}");
+        assert!(
+            self.saw(&format!("conformance {0}/{0} passed", cases.len())),
+            "{out}"
+        );
+        cases.len()
+    }
 }
 
 impl Drop for Vmm {

@@ -19,20 +19,8 @@ fn conformance(profile: &str, memory: &str) {
         profile,
     ]);
     let status = vm.wait(Duration::from_secs(300));
-    let out = vm.transcript.join("\n");
-    let cases: Vec<&String> = vm
-        .transcript
-        .iter()
-        .filter(|l| l.starts_with("tessera-fw: case "))
-        .collect();
-    assert!(cases.len() >= 20, "expected the full suite, got:\n{out}");
-    let failed: Vec<&&String> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
-    assert!(failed.is_empty(), "failed cases: {failed:?}\n{out}");
-    assert!(
-        vm.saw(&format!("conformance {0}/{0} passed", cases.len())),
-        "{out}"
-    );
-    assert_eq!(status.code(), Some(0), "{out}");
+    vm.assert_conformance(20);
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript.join("\n"));
 }
 
 #[test]

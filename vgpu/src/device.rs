@@ -247,6 +247,45 @@ impl std::fmt::Debug for Interrupts {
     }
 }
 
+/// The configuration space of a vGPU function with `header`'s ids: BAR 0 (registers) and
+/// BAR 2 (VRAM, `vram_size` bytes) at `bars`, and the MSI-X capability (table and PBA in
+/// BAR 0) delivering to `interrupts`. Used by the device itself and by a VMM that shows a
+/// vGPU served by another process.
+pub fn function_config(
+    header: PciHeader,
+    bars: BarAddresses,
+    vram_size: u64,
+    interrupts: Interrupts,
+) -> Result<(PciConfiguration, MsixState), ConfigError> {
+    let mut config = PciConfiguration::new(header);
+    config.add_bar(
+        abi_pci::BAR_REGS,
+        bars.regs,
+        abi_pci::BAR_REGS_SIZE,
+        BarKind::Mmio32 {
+            prefetchable: false,
+        },
+    )?;
+    config.add_bar(
+        abi_pci::BAR_VRAM,
+        bars.vram,
+        vram_size,
+        BarKind::Mmio64 { prefetchable: true },
+    )?;
+    let (vectors, bar) = (abi_pci::MSIX_VECTORS, abi_pci::BAR_REGS as u8);
+    let (table, pba) = (
+        abi_pci::MSIX_TABLE_OFFSET as u32,
+        abi_pci::MSIX_PBA_OFFSET as u32,
+    );
+    let msix = match interrupts {
+        Interrupts::Msi(sink) => MsixState::new(&mut config, vectors, bar, table, pba, sink)?,
+        Interrupts::Vectors(sink) => {
+            MsixState::external(&mut config, vectors, bar, table, pba, sink)?
+        }
+    };
+    Ok((config, msix))
+}
+
 /// Default watchdog limit per packet.
 pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(4);
 
@@ -276,7 +315,7 @@ impl Vgpu {
             watchdog,
         } = setup;
         let member = sched.register(sched_params);
-        let mut config = PciConfiguration::new(PciHeader {
+        let header = PciHeader {
             vendor_id: abi_pci::VENDOR_ID,
             device_id: abi_pci::DEVICE_ID,
             class: abi_pci::CLASS,
@@ -285,32 +324,8 @@ impl Vgpu {
             revision: abi_pci::REVISION,
             subsystem_vendor_id: abi_pci::SUBSYSTEM_VENDOR_ID,
             subsystem_id,
-        });
-        config.add_bar(
-            abi_pci::BAR_REGS,
-            bars.regs,
-            abi_pci::BAR_REGS_SIZE,
-            BarKind::Mmio32 {
-                prefetchable: false,
-            },
-        )?;
-        config.add_bar(
-            abi_pci::BAR_VRAM,
-            bars.vram,
-            vram.size,
-            BarKind::Mmio64 { prefetchable: true },
-        )?;
-        let (vectors, bar) = (abi_pci::MSIX_VECTORS, abi_pci::BAR_REGS as u8);
-        let (table, pba) = (
-            abi_pci::MSIX_TABLE_OFFSET as u32,
-            abi_pci::MSIX_PBA_OFFSET as u32,
-        );
-        let msix = match interrupts {
-            Interrupts::Msi(sink) => MsixState::new(&mut config, vectors, bar, table, pba, sink)?,
-            Interrupts::Vectors(sink) => {
-                MsixState::external(&mut config, vectors, bar, table, pba, sink)?
-            }
         };
+        let (config, msix) = function_config(header, bars, vram.size, interrupts)?;
         let contexts = profile.contexts.min(limits::MAX_CONTEXTS);
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
         let kick = evt("create the vGPU wake event")?;

@@ -95,6 +95,14 @@ const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
+/// Reads and writes on a socket the thread already holds (vfio-user messages without fds).
+const SOCKET_IO: [libc::c_long; 4] = [
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_writev,
+    libc::SYS_readv,
+];
+
 /// `arg` (32 bits) equals one of `values`.
 fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     values
@@ -178,15 +186,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
             // Register accesses of a vfio-user device are messages on its (connected)
             // socket.
-            allow(
-                &mut r,
-                &[
-                    libc::SYS_sendto,
-                    libc::SYS_recvfrom,
-                    libc::SYS_writev,
-                    libc::SYS_readv,
-                ],
-            );
+            allow(&mut r, &SOCKET_IO);
         }
         Thread::Main => {
             allow(
@@ -226,15 +226,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 ],
             );
             // A vfio-user device's heartbeat (a register read on its connected socket).
-            allow(
-                &mut r,
-                &[
-                    libc::SYS_sendto,
-                    libc::SYS_recvfrom,
-                    libc::SYS_writev,
-                    libc::SYS_readv,
-                ],
-            );
+            allow(&mut r, &SOCKET_IO);
             r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
             r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
             // VRAM memfds are sealed against resizing when created.
@@ -260,10 +252,6 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_accept4,
                     libc::SYS_recvmsg,
                     libc::SYS_sendmsg,
-                    libc::SYS_sendto,
-                    libc::SYS_recvfrom,
-                    libc::SYS_readv,
-                    libc::SYS_writev,
                     // Instance sockets: created 0600, removed with the instance.
                     libc::SYS_bind,
                     libc::SYS_listen,
@@ -291,6 +279,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_getcwd,
                 ],
             );
+            allow(&mut r, &SOCKET_IO);
             r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
             r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
             r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);

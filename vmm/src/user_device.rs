@@ -297,7 +297,7 @@ impl UserDevice {
         let vram_at = alloc(vram_size, BarKind::Mmio64 { prefetchable: true })?;
         let class = u32_at(&cfg, 8);
         let subsystem = u32_at(&cfg, 0x2c);
-        let mut config = PciConfiguration::new(PciHeader {
+        let header = PciHeader {
             vendor_id: vendor,
             device_id: device,
             class: (class >> 24) as u8,
@@ -306,29 +306,13 @@ impl UserDevice {
             revision: class as u8,
             subsystem_vendor_id: subsystem as u16,
             subsystem_id: (subsystem >> 16) as u16,
-        });
-        config.add_bar(
-            abi_pci::BAR_REGS,
-            regs_at,
-            abi_pci::BAR_REGS_SIZE,
-            BarKind::Mmio32 {
-                prefetchable: false,
-            },
-        )?;
-        config.add_bar(
-            abi_pci::BAR_VRAM,
-            vram_at,
-            vram_size,
-            BarKind::Mmio64 { prefetchable: true },
-        )?;
-        let msix = MsixState::new(
-            &mut config,
-            abi_pci::MSIX_VECTORS,
-            abi_pci::BAR_REGS as u8,
-            abi_pci::MSIX_TABLE_OFFSET as u32,
-            abi_pci::MSIX_PBA_OFFSET as u32,
-            msi,
-        )?;
+        };
+        let bars = vgpu::BarAddresses {
+            regs: regs_at,
+            vram: vram_at,
+        };
+        let (config, msix) =
+            vgpu::device::function_config(header, bars, vram_size, vgpu::Interrupts::Msi(msi))?;
         let local = Arc::new(Mutex::new(Local { config, msix }));
         let link = Arc::new(Link {
             client: Mutex::new(Some(client)),

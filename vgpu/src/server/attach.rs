@@ -243,6 +243,29 @@ impl Attachment {
     }
 }
 
+/// Where a region access goes.
+enum Route {
+    /// Configuration space, split into dwords (see [`config_dwords`]).
+    Config(Vec<(usize, u64, std::ops::Range<usize>)>),
+    /// A BAR of the vGPU.
+    Bar(usize),
+}
+
+impl Attachment {
+    /// The target of an access of `len` bytes at `offset` of `region`, or `None` when it is
+    /// malformed (no such region, too big, or not inside it).
+    fn route(&self, region: u32, offset: u64, len: usize) -> Option<Route> {
+        let (bar, size) = match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => return config_dwords(offset, len).map(Route::Config),
+            VFIO_PCI_BAR0_REGION_INDEX => (abi_pci::BAR_REGS, abi_pci::BAR_REGS_SIZE),
+            VFIO_PCI_BAR2_REGION_INDEX => (abi_pci::BAR_VRAM, self.vgpu.vram().size),
+            _ => return None,
+        };
+        let end = offset.checked_add(len as u64)?;
+        (len <= MAX_ACCESS && end <= size).then_some(Route::Bar(bar))
+    }
+}
+
 /// Whether `f` is an eventfd (a write to it never blocks).
 fn is_eventfd(f: &File) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
@@ -277,58 +300,30 @@ impl ServerBackend for Attachment {
             return Ok(());
         }
         data.fill(0xff);
-        let fits = |size: u64| {
-            data.len() <= MAX_ACCESS
-                && offset
-                    .checked_add(data.len() as u64)
-                    .is_some_and(|e| e <= size)
-        };
-        match region {
-            VFIO_PCI_CONFIG_REGION_INDEX => match config_dwords(offset, data.len()) {
-                Some(parts) => {
-                    for (reg, at, range) in parts {
-                        let v = self.vgpu.read_config_register(reg).to_le_bytes();
-                        let at = at as usize;
-                        let n = range.len();
-                        data[range].copy_from_slice(&v[at..at + n]);
-                    }
+        match self.route(region, offset, data.len()) {
+            Some(Route::Config(parts)) => {
+                for (reg, at, range) in parts {
+                    let v = self.vgpu.read_config_register(reg).to_le_bytes();
+                    let at = at as usize;
+                    let n = range.len();
+                    data[range].copy_from_slice(&v[at..at + n]);
                 }
-                None => self.ignore("config read", region, offset, data.len()),
-            },
-            VFIO_PCI_BAR0_REGION_INDEX if fits(abi_pci::BAR_REGS_SIZE) => {
-                self.vgpu.read_bar(abi_pci::BAR_REGS, offset, data)
             }
-            VFIO_PCI_BAR2_REGION_INDEX if fits(self.vgpu.vram().size) => {
-                self.vgpu.read_bar(abi_pci::BAR_VRAM, offset, data)
-            }
-            _ => self.ignore("read", region, offset, data.len()),
+            Some(Route::Bar(bar)) => self.vgpu.read_bar(bar, offset, data),
+            None => self.ignore("read", region, offset, data.len()),
         }
         Ok(())
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let fits = |size: u64| {
-            data.len() <= MAX_ACCESS
-                && offset
-                    .checked_add(data.len() as u64)
-                    .is_some_and(|e| e <= size)
-        };
-        match region {
-            VFIO_PCI_CONFIG_REGION_INDEX => match config_dwords(offset, data.len()) {
-                Some(parts) => {
-                    for (reg, at, range) in parts {
-                        self.vgpu.write_config_register(reg, at, &data[range]);
-                    }
+        match self.route(region, offset, data.len()) {
+            Some(Route::Config(parts)) => {
+                for (reg, at, range) in parts {
+                    self.vgpu.write_config_register(reg, at, &data[range]);
                 }
-                None => self.ignore("config write", region, offset, data.len()),
-            },
-            VFIO_PCI_BAR0_REGION_INDEX if fits(abi_pci::BAR_REGS_SIZE) => {
-                self.vgpu.write_bar(abi_pci::BAR_REGS, offset, data)
             }
-            VFIO_PCI_BAR2_REGION_INDEX if fits(self.vgpu.vram().size) => {
-                self.vgpu.write_bar(abi_pci::BAR_VRAM, offset, data)
-            }
-            _ => self.ignore("write", region, offset, data.len()),
+            Some(Route::Bar(bar)) => self.vgpu.write_bar(bar, offset, data),
+            None => self.ignore("write", region, offset, data.len()),
         }
         Ok(())
     }

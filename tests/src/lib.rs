@@ -72,12 +72,17 @@ pub fn guest_file(name: &str) -> Option<PathBuf> {
 pub const MINIMAL_CMDLINE: &str =
     "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid nopti";
 
-/// Boots the minimal kernel (1 vCPU, 128 MiB, a 256M vGPU) with `extra` appended to
-/// [`MINIMAL_CMDLINE`]; `None` (skipped, with a message) when the kernel was not built.
+/// Boots the minimal kernel (1 vCPU, 128 MiB, an in-process 256M vGPU) with `extra` appended
+/// to [`MINIMAL_CMDLINE`]; `None` (skipped, with a message) when the kernel was not built.
 pub fn spawn_minimal(extra: &str) -> Option<Vmm> {
+    spawn_minimal_with(extra, &["--vgpu", "profile=256M"])
+}
+
+/// Like [`spawn_minimal`], with `device` (VM flags) giving the vGPU.
+pub fn spawn_minimal_with(extra: &str, device: &[&str]) -> Option<Vmm> {
     let kernel = guest_file("vmlinux-minimal")?;
     let cmdline = format!("{MINIMAL_CMDLINE} {extra}");
-    Some(Vmm::spawn(&[
+    let mut args = vec![
         "vm",
         "--kernel",
         kernel.to_str()?,
@@ -87,9 +92,9 @@ pub fn spawn_minimal(extra: &str) -> Option<Vmm> {
         "1",
         "--memory",
         "128M",
-        "--vgpu",
-        "profile=256M",
-    ]))
+    ];
+    args.extend_from_slice(device);
+    Some(Vmm::spawn(&args))
 }
 
 /// Boots the stock Debian kernel and initramfs with `tessera.run=<run>` and `extra` flags, on

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::{Vmm, run_with_deadline, spawn_debian, spawn_minimal};
+use tessera_tests::{Vmm, run_with_deadline, spawn_debian, spawn_minimal, spawn_minimal_with};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -69,6 +69,30 @@ fn minimal_kernel_driver_selftest() {
     let Some(mut vm) = spawn_minimal("tessera_vgpu.selftest=1") else {
         return;
     };
+    driver_selftest(&mut vm);
+}
+
+/// The same self-test with the vGPU served by `tessera serve` over vfio-user: the real
+/// driver through the process split (MSI-X from the client's table, doorbells as
+/// ioeventfds, VRAM mapped from the server's file).
+#[test]
+fn minimal_kernel_driver_selftest_over_vfio_user() {
+    if tessera_tests::guest_file("vmlinux-minimal").is_none() {
+        return;
+    }
+    let server = tessera_tests::Server::start("linux", &["--gpu", "soft,vram=1G,engines=2"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "linux"]);
+    let device = format!("socket={}", sock.trim());
+    let Some(mut vm) = spawn_minimal_with("tessera_vgpu.selftest=1", &["--user-device", &device])
+    else {
+        return;
+    };
+    driver_selftest(&mut vm);
+}
+
+/// Checks the guest enumerates the vGPU at 00:01.0, the driver probes it and its self-test
+/// passes in full.
+fn driver_selftest(vm: &mut Vmm) {
     let deadline = Duration::from_secs(300);
     vm.expect_line("Linux version", deadline);
     let t_pci = vm.expect_line(
@@ -77,8 +101,8 @@ fn minimal_kernel_driver_selftest() {
     );
     // The BAR lines follow the id line.
     let t_probe = vm.expect_line("tessera_vgpu 0000:00:01.0: Tessera vGPU 1.0: ", deadline);
-    let bar0 = bar_line(&vm, 0).unwrap_or_else(|| panic!("no BAR 0 line:\n{}", vm_output(&vm)));
-    let bar2 = bar_line(&vm, 2).unwrap_or_else(|| panic!("no BAR 2 line:\n{}", vm_output(&vm)));
+    let bar0 = bar_line(vm, 0).unwrap_or_else(|| panic!("no BAR 0 line:\n{}", vm_output(vm)));
+    let bar2 = bar_line(vm, 2).unwrap_or_else(|| panic!("no BAR 2 line:\n{}", vm_output(vm)));
     let (s0, e0) = mem_range(&bar0).expect("BAR 0 range");
     let (s2, e2) = mem_range(&bar2).expect("BAR 2 range");
     assert_eq!(e0 - s0 + 1, 0x1_0000, "BAR 0 size: {bar0}");
@@ -102,24 +126,24 @@ fn minimal_kernel_driver_selftest() {
     assert!(
         failed.is_empty(),
         "failed cases: {failed:?}\n{}",
-        vm_output(&vm)
+        vm_output(vm)
     );
     assert!(
         cases.len() >= 13,
         "expected the whole self-test:\n{}",
-        vm_output(&vm)
+        vm_output(vm)
     );
     assert!(
         summary.contains(&format!("selftest: {0}/{0} passed", cases.len())),
         "{summary}\n{}",
-        vm_output(&vm)
+        vm_output(vm)
     );
     vm.expect_line(
         "tessera_vgpu 0000:00:01.0: /dev/tessera/vgpu0 ready",
         deadline,
     );
     for bad in ["Kernel panic", "BUG:", "WARNING:", "Oops"] {
-        assert!(!vm.saw(bad), "{bad}:\n{}", vm_output(&vm));
+        assert!(!vm.saw(bad), "{bad}:\n{}", vm_output(vm));
     }
     eprintln!(
         "vGPU enumerated after {t_pci:?}, driver probed after {t_probe:?}, self-test summary \

@@ -53,11 +53,14 @@ fn mem_range(line: &str) -> Option<(u64, u64)> {
     ))
 }
 
-/// The kernel's line for BAR `bar` of 00:01.0 (6.1 with Debian's backports prints
+/// The kernel's line for BAR `bar` of 00:`slot`.0 (6.1 with Debian's backports prints
 /// `BAR n [mem …]`; older kernels `reg 0x10: [mem …]`).
-fn bar_line(vm: &Vmm, bar: u32) -> Option<String> {
-    let new = format!("pci 0000:00:01.0: BAR {bar} [mem ");
-    let old = format!("pci 0000:00:01.0: reg 0x{:x}: [mem ", 0x10 + 4 * bar);
+fn bar_line(vm: &Vmm, slot: u32, bar: u32) -> Option<String> {
+    let new = format!("pci 0000:00:{slot:02x}.0: BAR {bar} [mem ");
+    let old = format!(
+        "pci 0000:00:{slot:02x}.0: reg 0x{:x}: [mem ",
+        0x10 + 4 * bar
+    );
     vm.transcript
         .iter()
         .find(|l| l.contains(&new) || l.contains(&old))
@@ -69,7 +72,7 @@ fn minimal_kernel_driver_selftest() {
     let Some(mut vm) = spawn_minimal("tessera_vgpu.selftest=1") else {
         return;
     };
-    driver_selftest(&mut vm);
+    driver_selftest(&mut vm, 1);
 }
 
 /// The same self-test with the vGPU served by `tessera serve` over vfio-user: the real
@@ -87,22 +90,49 @@ fn minimal_kernel_driver_selftest_over_vfio_user() {
     else {
         return;
     };
-    driver_selftest(&mut vm);
+    driver_selftest(&mut vm, 1);
 }
 
-/// Checks the guest enumerates the vGPU at 00:01.0, the driver probes it and its self-test
+/// The same self-test in an unmodified Cloud Hypervisor, the vGPU from `tessera serve`
+/// (Cloud Hypervisor puts it at 00:02.0 and its VRAM BAR near the top of its 64-bit window).
+#[test]
+fn minimal_kernel_driver_selftest_in_cloud_hypervisor() {
+    let (Some(ch), Some(kernel)) = (
+        tessera_tests::cloud_hypervisor(),
+        tessera_tests::guest_file("vmlinux-minimal"),
+    ) else {
+        return;
+    };
+    let server = tessera_tests::Server::start("linux-ch", &["--gpu", "soft,vram=1G,engines=2"]);
+    let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "ch"]);
+    let mut cmd = Command::new(ch);
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--cmdline",
+            &format!("{} tessera_vgpu.selftest=1", tessera_tests::MINIMAL_CMDLINE),
+        ])
+        .args(["--cpus", "boot=1", "--memory", "size=128M,shared=on"])
+        .args(["--user-device", &format!("socket={}", sock.trim())])
+        .args(["--serial", "tty", "--console", "off"]);
+    let mut vm = Vmm::spawn_with(&mut cmd);
+    driver_selftest(&mut vm, 2);
+}
+
+/// Checks the guest enumerates the vGPU at 00:`slot`.0, the driver probes it and its self-test
 /// passes in full.
-fn driver_selftest(vm: &mut Vmm) {
+fn driver_selftest(vm: &mut Vmm, slot: u32) {
+    let dev = format!("0000:00:{slot:02x}.0");
     let deadline = Duration::from_secs(300);
     vm.expect_line("Linux version", deadline);
     let t_pci = vm.expect_line(
-        "pci 0000:00:01.0: [7e55:0001] type 00 class 0x030200",
+        &format!("pci {dev}: [7e55:0001] type 00 class 0x030200"),
         deadline,
     );
     // The BAR lines follow the id line.
-    let t_probe = vm.expect_line("tessera_vgpu 0000:00:01.0: Tessera vGPU 1.0: ", deadline);
-    let bar0 = bar_line(vm, 0).unwrap_or_else(|| panic!("no BAR 0 line:\n{}", vm_output(vm)));
-    let bar2 = bar_line(vm, 2).unwrap_or_else(|| panic!("no BAR 2 line:\n{}", vm_output(vm)));
+    let t_probe = vm.expect_line(&format!("tessera_vgpu {dev}: Tessera vGPU 1.0: "), deadline);
+    let bar0 = bar_line(vm, slot, 0).unwrap_or_else(|| panic!("no BAR 0 line:\n{}", vm_output(vm)));
+    let bar2 = bar_line(vm, slot, 2).unwrap_or_else(|| panic!("no BAR 2 line:\n{}", vm_output(vm)));
     let (s0, e0) = mem_range(&bar0).expect("BAR 0 range");
     let (s2, e2) = mem_range(&bar2).expect("BAR 2 range");
     assert_eq!(e0 - s0 + 1, 0x1_0000, "BAR 0 size: {bar0}");
@@ -115,12 +145,14 @@ fn driver_selftest(vm: &mut Vmm) {
     );
     assert!(probe.contains("MSI-X 16 vectors"), "{probe}");
 
-    let t_summary = vm.expect_line("tessera_vgpu 0000:00:01.0: selftest: ", deadline);
+    let t_summary = vm.expect_line(&format!("tessera_vgpu {dev}: selftest: "), deadline);
     let summary = vm.transcript.last().cloned().unwrap_or_default();
     let cases: Vec<&String> = vm
         .transcript
         .iter()
-        .filter(|l| l.contains("tessera_vgpu 0000:00:01.0: selftest ") && !l.contains("selftest: "))
+        .filter(|l| {
+            l.contains(&format!("tessera_vgpu {dev}: selftest ")) && !l.contains("selftest: ")
+        })
         .collect();
     let failed: Vec<&&String> = cases.iter().filter(|l| !l.contains(" ok (")).collect();
     assert!(
@@ -139,7 +171,7 @@ fn driver_selftest(vm: &mut Vmm) {
         vm_output(vm)
     );
     vm.expect_line(
-        "tessera_vgpu 0000:00:01.0: /dev/tessera/vgpu0 ready",
+        &format!("tessera_vgpu {dev}: /dev/tessera/vgpu0 ready"),
         deadline,
     );
     for bad in ["Kernel panic", "BUG:", "WARNING:", "Oops"] {

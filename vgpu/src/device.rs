@@ -1201,12 +1201,31 @@ impl Processor {
                             return Ok(());
                         }
                         let (g, c) = (grant.clone(), cancel.clone());
+                        // Each workgroup notes when it finished: the last one marks where a
+                        // preempted dispatch really stopped (for the scheduler's overrun).
+                        let timed: WorkFn = match grant.clone() {
+                            Some(held) => {
+                                let w = work.clone();
+                                Arc::new(move |i| {
+                                    let r = w(i);
+                                    held.stopped_at(held.now_ns());
+                                    r
+                                })
+                            }
+                            None => work.clone(),
+                        };
                         let stop: StopFn = Arc::new(move || {
                             c.load(Ordering::Relaxed)
-                                || g.as_ref().is_some_and(|g| g.should_yield())
+                                || g.as_ref().is_some_and(|g| {
+                                    let stop = g.should_yield();
+                                    if stop {
+                                        g.hand_over();
+                                    }
+                                    stop
+                                })
                         });
                         let t = Instant::now();
-                        next = sh.backend.run_range(next, groups, work.clone(), stop)?;
+                        next = sh.backend.run_range(next, groups, timed, stop)?;
                         used += t.elapsed();
                         over(used)?;
                         if cancel.load(Ordering::Relaxed) {

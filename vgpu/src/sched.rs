@@ -158,8 +158,6 @@ pub struct State {
     owner: Option<(MemberId, u64)>,
     /// End of the owner's slice.
     deadline: u64,
-    /// When the owner was first told to yield in this grant (for overrun accounting).
-    yield_at: Option<u64>,
     rr_next: usize,
     /// Handoff latencies (release → next grant), ns, most recent last.
     pub handoffs: VecDeque<u64>,
@@ -176,7 +174,6 @@ impl State {
             members: Vec::new(),
             owner: None,
             deadline: 0,
-            yield_at: None,
             rr_next: 0,
             handoffs: VecDeque::new(),
             overruns: VecDeque::new(),
@@ -306,7 +303,6 @@ impl State {
         m.switches += 1;
         self.owner = Some((id, now));
         self.deadline = now + self.slice_ns;
-        self.yield_at = None;
     }
 
     /// Hands a free GPU to the next eligible waiter, if any, and wakes exactly that waiter.
@@ -324,14 +320,6 @@ impl State {
     fn charge(&mut self, now: u64) -> Option<MemberId> {
         let (id, start) = self.owner.take()?;
         let busy = now.saturating_sub(start);
-        // Overrun: how long the owner kept the GPU after being told to yield (the work in
-        // flight at the preemption point).
-        if let Some(t) = self.yield_at.take() {
-            if self.overruns.len() >= 4096 {
-                self.overruns.pop_front();
-            }
-            self.overruns.push_back(now.saturating_sub(t));
-        }
         let w = self.weight(&self.members[id]);
         let m = &mut self.members[id];
         m.busy_ns += busy;
@@ -376,9 +364,34 @@ pub struct Grant {
     sched: Arc<Scheduler>,
     id: MemberId,
     deadline: AtomicU64,
+    /// Given back already (see [`Grant::hand_over`]).
+    released: AtomicBool,
+    /// When a preemption point first decided to yield (ns, 0: not yet), for the overrun.
+    yielded_at: AtomicU64,
+    /// When the holder's last workgroup finished (ns, 0: unknown; then `release` time).
+    stopped_at: AtomicU64,
 }
 
 impl Grant {
+    /// Gives the GPU to the next member now, while the workgroups this member already started
+    /// finish on the engines they hold (a preemption point decided to yield): engines that
+    /// come free take the next member's work instead of idling until the drain ends. The
+    /// holder's later `release` of this grant does nothing.
+    pub fn hand_over(&self) {
+        self.sched.give_back(self, false);
+    }
+
+    /// The scheduler's clock (ns).
+    pub fn now_ns(&self) -> u64 {
+        self.sched.clock.now_ns()
+    }
+
+    /// Records when the holder's work actually stopped (its last workgroup finished), for
+    /// the overrun measured at `release`; the holder may notice later than that.
+    pub fn stopped_at(&self, ns: u64) {
+        self.stopped_at.fetch_max(ns, Ordering::AcqRel);
+    }
+
     /// The member holding this grant.
     pub fn member(&self) -> MemberId {
         self.id
@@ -391,7 +404,7 @@ impl Grant {
         if now < self.deadline.load(Ordering::Relaxed) {
             return false;
         }
-        let mut st = self.sched.lock();
+        let st = self.sched.lock();
         let forced = st.policy == Policy::FixedQuantum || !st.under_cap(self.id, now);
         let contended = self.sched.contended.load(Ordering::Relaxed);
         if !forced && (!contended || st.owner_still_first(self.id, now)) {
@@ -400,9 +413,9 @@ impl Grant {
             self.deadline.store(now + st.slice_ns, Ordering::Relaxed);
             return false;
         }
-        if st.owner.is_some_and(|o| o.0 == self.id) && st.yield_at.is_none() {
-            st.yield_at = Some(now);
-        }
+        let _ =
+            self.yielded_at
+                .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
         true
     }
 }
@@ -510,6 +523,9 @@ impl Scheduler {
                     sched: self.clone(),
                     id,
                     deadline: AtomicU64::new(deadline),
+                    released: AtomicBool::new(false),
+                    yielded_at: AtomicU64::new(0),
+                    stopped_at: AtomicU64::new(0),
                 });
             }
             if cancel.load(Ordering::Acquire) || !st.members[id].alive {
@@ -530,7 +546,29 @@ impl Scheduler {
     /// keeps it until its quantum ends even when it has no more work (the world switch
     /// happens on the quantum boundary).
     pub fn release(&self, grant: &Grant) {
+        self.give_back(grant, true);
+    }
+
+    /// `release` (`stopped`: the holder's work has stopped) or [`Grant::hand_over`].
+    fn give_back(&self, grant: &Grant, stopped: bool) {
         let mut st = self.lock();
+        let yielded = grant.yielded_at.load(Ordering::Acquire);
+        if stopped && yielded != 0 {
+            // Overrun: how long the holder's work kept running after a preemption point
+            // decided to yield (the workgroups in flight then; they share the engines with
+            // the next member if the GPU was handed over at that point).
+            if st.overruns.len() >= 4096 {
+                st.overruns.pop_front();
+            }
+            let end = match grant.stopped_at.load(Ordering::Acquire) {
+                0 => self.clock.now_ns(),
+                t => t,
+            };
+            st.overruns.push_back(end.saturating_sub(yielded));
+        }
+        if grant.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if st.policy == Policy::FixedQuantum {
             let end = grant.deadline.load(Ordering::Relaxed);
             let cv = st.members[grant.id].cv.clone();
@@ -626,6 +664,56 @@ mod tests {
         );
         let v: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
         assert!(jain(&v) > 0.999, "{busy:?}");
+    }
+
+    /// A clock the test moves by hand.
+    #[derive(Debug, Default)]
+    struct ManualClock(AtomicU64);
+    impl Clock for ManualClock {
+        fn now_ns(&self) -> u64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn hand_over_passes_the_gpu_on_while_the_holder_drains() {
+        let clock = Arc::new(ManualClock::default());
+        clock.0.store(1, Ordering::Relaxed);
+        let s = Scheduler::new(Policy::EqualShare, DEFAULT_SLICE, clock.clone());
+        let (a, b) = (s.register(Params::default()), s.register(Params::default()));
+        let cancel = AtomicBool::new(false);
+        let ga = s.acquire(a, &cancel).expect("a gets the idle GPU");
+        // b waits on its own thread.
+        let s2 = s.clone();
+        let waiter =
+            std::thread::spawn(move || s2.acquire(b, &AtomicBool::new(false)).map(|g| g.member()));
+        while !s.contended.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        // a's slice ends; a preemption point decides to yield and hands over at once.
+        clock
+            .0
+            .store(1 + DEFAULT_SLICE.as_nanos() as u64, Ordering::Relaxed);
+        assert!(ga.should_yield());
+        ga.hand_over();
+        assert_eq!(
+            waiter.join().unwrap(),
+            Some(b),
+            "b holds the GPU before a drained"
+        );
+        assert!(s.stats(b).running);
+        // a's last workgroup ends 200 µs later; a notices later still.
+        let yielded = 1 + DEFAULT_SLICE.as_nanos() as u64;
+        ga.stopped_at(yielded + 200_000);
+        clock.0.store(yielded + 900_000, Ordering::Relaxed);
+        s.release(&ga);
+        assert!(s.stats(b).running, "a's late release leaves b the owner");
+        assert_eq!(
+            s.overruns(),
+            vec![200_000],
+            "overrun ends with a's last workgroup"
+        );
+        assert_eq!(s.stats(a).busy_ns, DEFAULT_SLICE.as_nanos() as u64);
     }
 
     #[test]

@@ -171,6 +171,8 @@ struct Shared {
     watchdog: Duration,
     /// Watchdog resets so far.
     tdr_resets: std::sync::atomic::AtomicU64,
+    /// GPU time the last packet the watchdog stopped had used past the limit (ns).
+    tdr_overshoot_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -371,6 +373,7 @@ impl Vgpu {
             member,
             watchdog,
             tdr_resets: std::sync::atomic::AtomicU64::new(0),
+            tdr_overshoot_ns: std::sync::atomic::AtomicU64::new(0),
         });
         let add = |fd: i32, data: u64| {
             shared
@@ -710,6 +713,12 @@ impl VgpuMonitor {
             u64::from(st.fault_count),
             self.0.tdr_resets.load(Ordering::Relaxed),
         )
+    }
+
+    /// How much GPU time past the watchdog limit the last packet it stopped had used (how
+    /// late the reset came: the watchdog checks at preemption points).
+    pub fn last_tdr_overshoot(&self) -> Duration {
+        Duration::from_nanos(self.0.tdr_overshoot_ns.load(Ordering::Relaxed))
     }
 
     /// See [`Vgpu::sched_stats`].
@@ -1135,6 +1144,8 @@ impl Processor {
         let mut used = Duration::ZERO;
         let over = |used: Duration| {
             if used > watchdog {
+                let past = (used - watchdog).as_nanos() as u64;
+                sh.tdr_overshoot_ns.store(past, Ordering::Relaxed);
                 Err(Fault::new(fault::TIMEOUT, pkt_va))
             } else {
                 Ok(())

@@ -68,7 +68,8 @@ struct Report {
     tdr_neighbour_share_ratio: f64,
     /// Neighbours' jobs/s over the hung phase vs the same four alone.
     tdr_neighbour_rate_ratio: f64,
-    /// GPU time the hung vGPU held past its watchdog limit (reset plus in-flight workgroups).
+    /// How far past its watchdog limit the hung vGPU's packet ran before the reset (the
+    /// watchdog checks at preemption points, so up to a slice plus in-flight workgroups).
     tdr_reset_ms: f64,
 }
 
@@ -113,6 +114,8 @@ struct Fleet {
     done: Vec<Arc<AtomicU64>>,
     threads: Vec<std::thread::JoinHandle<Result<(), String>>>,
     members: Vec<(usize, usize)>,
+    /// How far past its watchdog limit the hung vGPU's packet ran (ns), once reset.
+    overshoot: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -123,6 +126,7 @@ impl Fleet {
         let mut done = Vec::new();
         let mut threads = Vec::new();
         let mut members = Vec::new();
+        let overshoot = Arc::new(AtomicU64::new(0));
         for (i, &(load, params)) in loads.iter().enumerate() {
             let lease = gpu.lease(&PROFILE, None).map_err(|e| e.to_string())?;
             let sched = lease.scheduler();
@@ -142,7 +146,7 @@ impl Fleet {
             members.push((lease.partition(), i));
             let counter = Arc::new(AtomicU64::new(0));
             done.push(counter.clone());
-            let (stop, barrier) = (stop.clone(), barrier.clone());
+            let (stop, barrier, overshoot) = (stop.clone(), barrier.clone(), overshoot.clone());
             threads.push(std::thread::spawn(move || {
                 let _lease = lease;
                 let mut client = client;
@@ -164,6 +168,8 @@ impl Fleet {
                                 Err(vgpu::host::HostError::Fault { code, .. })
                                     if code == vgpu_abi::fault::TIMEOUT =>
                                 {
+                                    let past = client.device().monitor().last_tdr_overshoot();
+                                    overshoot.store(past.as_nanos() as u64, Ordering::Relaxed);
                                     counter.fetch_add(1, Ordering::Relaxed);
                                     continue;
                                 }
@@ -198,6 +204,7 @@ impl Fleet {
             done,
             threads,
             members,
+            overshoot,
         })
     }
 
@@ -453,7 +460,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     }
     let hung_wall = t0.elapsed();
     let busy_all = f.busy();
-    let hung_held = Duration::from_nanos(busy_all[4]);
+    let reset_late = Duration::from_nanos(f.overshoot.load(Ordering::Relaxed));
     let neighbours_busy: u64 = busy_all[..4].iter().sum();
     let neighbour_share = neighbours_busy as f64 / (neighbours_busy + busy_all[4]).max(1) as f64;
     let phase = hung_wall.max(Duration::from_secs_f64(secs));
@@ -464,7 +471,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let r = Report {
         tdr_neighbour_share_ratio: neighbour_share / 0.8,
         tdr_neighbour_rate_ratio: tdr_rate,
-        tdr_reset_ms: hung_held.saturating_sub(HUNG_WATCHDOG).as_secs_f64() * 1e3,
+        tdr_reset_ms: reset_late.as_secs_f64() * 1e3,
         jain: jain_mean,
         jain_min,
         weighted_shares: shares,

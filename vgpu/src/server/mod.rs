@@ -119,8 +119,10 @@ struct Instance {
 
 impl Instance {
     fn stats(&self) -> VgpuStats {
+        let monitor = lock(&self.live.monitor);
         let t = *lock(&self.live.totals);
-        let mon = lock(&self.live.monitor).clone();
+        let mon = monitor.clone();
+        drop(monitor);
         let (s, dev) = mon.map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
         let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
         st.busy_ns += t.busy_ns;
@@ -616,8 +618,10 @@ impl InstanceWorker {
                 "malformed accesses were ignored"
             );
         }
-        // Fold this attachment's counters into the totals before its vGPU goes away.
-        if let Some(m) = lock(&self.live.monitor).take() {
+        // Fold this attachment's counters into the totals before its vGPU goes away (both
+        // locks held, monitor first as readers take them, so no reader sees neither).
+        let mut monitor = lock(&self.live.monitor);
+        if let Some(m) = monitor.take() {
             let (s, dev) = (m.sched_stats(), m.counters());
             let mut t = lock(&self.live.totals);
             t.busy_ns += s.busy_ns;
@@ -625,6 +629,7 @@ impl InstanceWorker {
             t.faults += dev.1;
             t.resets += dev.2;
         }
+        drop(monitor);
         // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
         // file is punched, so a mapping the client kept reads zeros.
         drop(att);

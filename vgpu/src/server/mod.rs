@@ -119,11 +119,14 @@ struct Instance {
 
 impl Instance {
     fn stats(&self) -> VgpuStats {
+        // Under the monitor lock the attachment's vGPU cannot go away (its counters are
+        // folded into the totals under the same lock first).
         let monitor = lock(&self.live.monitor);
         let t = *lock(&self.live.totals);
-        let mon = monitor.clone();
+        let (s, dev) = monitor
+            .as_ref()
+            .map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
         drop(monitor);
-        let (s, dev) = mon.map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
         let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
         st.busy_ns += t.busy_ns;
         st.context_switches += t.switches;

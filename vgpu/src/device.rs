@@ -688,7 +688,8 @@ impl Vgpu {
     }
 }
 
-/// Reads a vGPU's statistics (see [`Vgpu::monitor`]); valid while the vGPU lives, zeros after.
+/// Reads a vGPU's statistics (see [`Vgpu::monitor`]). Read it only while the vGPU lives: a
+/// departed vGPU's scheduler slot is reused by the next one.
 #[derive(Clone)]
 pub struct VgpuMonitor(Arc<Shared>);
 

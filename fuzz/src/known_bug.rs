@@ -6,7 +6,8 @@
 //!
 //! None at the moment. Found and fixed so far (3e15af9): an MMIO read wider than 4 bytes of
 //! the MSI-X table panicked (`MsixState::read_table`); a ring base reprogrammed near 2^64
-//! overflowed the packet address (`Processor::step`).
+//! overflowed the packet address (`Processor::step`). Later: a tail published behind head ran
+//! up to 2^32 stale ring slots (now a `RING_CONFIG` fault).
 
 use std::sync::OnceLock;
 

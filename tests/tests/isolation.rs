@@ -1414,6 +1414,42 @@ fn wide_read_of_the_msix_table_does_not_panic() {
     assert_eq!(d, [0; 8]);
 }
 
+/// A tail published behind head (or more than a ring ahead of it) names no real packets:
+/// the context must fault `RING_CONFIG` at once, not execute up to 2^32 stale ring slots.
+/// Found by the `command_stream` fuzz target (a batch that never finished: head had run
+/// 19 million packets past a tail of 8).
+#[test]
+fn a_tail_behind_head_faults_instead_of_running_stale_slots() {
+    let mut p = Pair::new(vgpu::device::DEFAULT_WATCHDOG);
+    let a = &mut p.a;
+    assert_eq!(a.run(0, &[]), wait::DONE);
+    assert_eq!(a.run(1, &[]), wait::DONE);
+    for behind in [true, false] {
+        let head = a.tails[0];
+        let bad = if behind {
+            head.wrapping_sub(1)
+        } else {
+            head.wrapping_add(RING_ENTRIES + 1)
+        };
+        a.cw(0, regs::CTX_RING_TAIL, bad);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.cr(0, regs::CTX_STATUS) & ctx_status::FAULTED == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "tail {bad:#x} with head {head:#x}: no fault, head now {:#x}",
+                a.cr(0, regs::CTX_RING_HEAD)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(a.fault_of(0).0, fault::RING_CONFIG);
+        assert_eq!(a.cr(0, regs::CTX_RING_HEAD), head, "nothing ran");
+        a.recover(0);
+        assert_eq!(a.run(0, &[]), wait::DONE, "recovers after a context reset");
+    }
+    // The other context never noticed.
+    assert_eq!(a.run(1, &[]), wait::DONE);
+}
+
 /// A ring base moved to the top of the address space after the context was enabled (only
 /// enabling validates it): the next packet address must fault, not overflow. Found while
 /// writing the `bar0_registers` seeds (`ring-at-top`): `Processor::step` added the slot offset

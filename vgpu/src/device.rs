@@ -1091,6 +1091,17 @@ impl Processor {
         if s.head == s.tail {
             return false;
         }
+        // A tail more than a ring ahead of head (published backwards, or past what the ring
+        // holds, or a ring shrunk under it) names no real packets: executing up to 2^32 stale
+        // slots would keep the context busy for hours. It is a ring error.
+        if s.tail.wrapping_sub(s.head) > s.ring_size {
+            let mut st = self.sh.lock();
+            if st.ctx.get(i).is_some_and(|c| c.generation == s.generation) {
+                st.record_fault(i, Fault::new(fault::RING_CONFIG, s.ring_base));
+                self.sh.progress.notify_all();
+            }
+            return true;
+        }
         let slot = u64::from(s.head % s.ring_size.max(1));
         // The ring may have been reprogrammed while enabled: a base that overflows becomes a
         // VA_RANGE fault like any other address past 2^48.

@@ -248,7 +248,8 @@ pub mod fault {
     pub const BAD_OPCODE: u32 = 5;
     /// Malformed packet: reserved bits, bad length or alignment, unknown kernel, bad sizes.
     pub const BAD_PACKET: u32 = 6;
-    /// Ring size not a power of two in range, or ring base misaligned.
+    /// Ring size not a power of two in range, or ring base misaligned (at enable); or a tail
+    /// published more than a ring's size ahead of head.
     pub const RING_CONFIG: u32 = 7;
     /// Page-table root misaligned or reserved bits set.
     pub const BAD_ROOT: u32 = 8;

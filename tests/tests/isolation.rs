@@ -1138,15 +1138,20 @@ proptest! {
 fn ring_flood_keeps_other_contexts_and_vgpus_served_and_reset_quick() {
     let mut p = Pair::new(vgpu::device::DEFAULT_WATCHDOG);
     let a = &mut p.a;
-    // Context 0: a full ring of NOPs, with the tail published far ahead (the device will
-    // cycle through the ring until it catches up: 4096 × 256 packets).
+    // Context 0: the largest ring, full of short spins (4096 × 2 × 200 µs of GPU time: about
+    // 0.8 s on two engines). A tail further ahead would be a RING_CONFIG fault, not a flood.
     let entries = limits::MAX_RING_ENTRIES;
     let ring_pa = 0x60_0000;
     let mut t = Tables::new(&a.sys, (0x68_0000, 0x70_0000));
     t.map(&a.sys, RING_VA, ring_pa, u64::from(entries) * 64 / 4096, RW);
-    fill(&a.sys, ring_pa, u64::from(entries) * 64, 0);
+    let spin = pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[200, 2]).to_bytes();
+    for slot in 0..u64::from(entries) {
+        a.sys
+            .write_slice(&spin, GuestAddress(ring_pa + slot * 64))
+            .expect("ring");
+    }
     a.enable(0, t.root, ring_pa, entries);
-    a.cw(0, regs::CTX_RING_TAIL, entries * 4096);
+    a.cw(0, regs::CTX_RING_TAIL, entries);
     // Doorbell storm on top.
     for _ in 0..10_000 {
         a.w(regs::doorbell(0), 0);

@@ -462,6 +462,35 @@ pub fn ring_config(s: &mut Suite) -> Outcome {
             bail!("ring {what}: {e}");
         }
     }
+    // A published tail behind head, or more than a ring ahead of it, names no packets: the
+    // context faults instead of running stale slots.
+    for (what, ahead) in [
+        ("behind head", u32::MAX),
+        ("a ring and one ahead", env.ctx.size + 1),
+    ] {
+        env.run(s, &[])?;
+        let g = &s.gpu;
+        g.wr(regs::INT_STATUS, u32::MAX);
+        let count = g.rd(regs::FAULT_COUNT);
+        let head = g.ctx_rd(id, regs::CTX_RING_HEAD);
+        g.ctx_wr(id, regs::CTX_RING_TAIL, head.wrapping_add(ahead));
+        let w = g.wait_fence(id, env.ctx.last_fence + 1);
+        let ring_va = env.ctx.ring_va;
+        let r = (|| {
+            ensure_eq!(w, wait::FAULTED, "WAIT with the tail {what}");
+            check_fault_record(s, id, fault::RING_CONFIG, Some(ring_va), count)?;
+            ensure_eq!(
+                s.gpu.ctx_rd(id, regs::CTX_RING_HEAD),
+                head,
+                "head after the fault"
+            );
+            Ok(())
+        })()
+        .and_then(|()| recover(s, &mut env));
+        if let Err(e) = r {
+            bail!("tail {what}: {e}");
+        }
+    }
     Ok(())
 }
 

@@ -80,28 +80,25 @@ fn instances_are_managed_like_mdev_types() {
     assert_eq!(available(&server, "1G"), 0, "VRAM is leased");
     assert_eq!(available(&server, "256M"), 2);
 
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "256M", "--name", "a"],
-        "already exists",
-    );
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "3G"],
-        "unknown vGPU type",
-    );
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "64M", "--name", "../x"],
-        "instance name",
-    );
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "64M", "--weight", "0"],
-        "weight",
-    );
-    refused(&server, &["vgpu", "create", "--type", "1G"], "no room");
-    refused(&server, &["vgpu", "remove", "nope"], "no instance");
+    for (args, needle) in [
+        (
+            &["vgpu", "create", "--type", "256M", "--name", "a"][..],
+            "already exists",
+        ),
+        (&["vgpu", "create", "--type", "3G"][..], "unknown vGPU type"),
+        (
+            &["vgpu", "create", "--type", "64M", "--name", "../x"][..],
+            "instance name",
+        ),
+        (
+            &["vgpu", "create", "--type", "64M", "--weight", "0"][..],
+            "weight",
+        ),
+        (&["vgpu", "create", "--type", "1G"][..], "no room"),
+        (&["vgpu", "remove", "nope"][..], "no instance"),
+    ] {
+        refused(&server, args, needle);
+    }
 
     // A vfio-user client attached: the instance is busy and cannot be removed.
     let client = vfio_user::Client::new(&sock).expect("vfio-user connect");
@@ -475,22 +472,23 @@ fn partitions_and_policies_are_served() {
     ]);
     assert_eq!(inst["instance"]["partition"], 1, "{inst}");
     assert_eq!(inst["instance"]["cap"], 50, "{inst}");
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "64M", "--partition", "2"],
-        "partition 2",
-    );
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "1G", "--partition", "0"],
-        "no room",
-    );
-    refused(
-        &server,
-        &["vgpu", "create", "--type", "64M", "--cap", "101"],
-        "cap",
-    );
-    refused(&server, &["vgpu", "policy", "fastest"], "policy");
+    for (args, needle) in [
+        (
+            &["vgpu", "create", "--type", "64M", "--partition", "2"][..],
+            "partition 2",
+        ),
+        (
+            &["vgpu", "create", "--type", "1G", "--partition", "0"][..],
+            "no room",
+        ),
+        (
+            &["vgpu", "create", "--type", "64M", "--cap", "101"][..],
+            "cap",
+        ),
+        (&["vgpu", "policy", "fastest"][..], "policy"),
+    ] {
+        refused(&server, args, needle);
+    }
     // 512 MiB per partition: one 256M left in partition 1, two in partition 0.
     assert_eq!(available(&server, "256M"), 3);
 }

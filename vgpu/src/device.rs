@@ -15,8 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use devices::pci::Interrupts;
 use devices::pci::config::{BarKind, BarMapping, ConfigError, PciConfiguration, PciHeader};
-use devices::pci::{HostMemory, MsiSink, MsixState, PciDevice, VectorSink};
+use devices::pci::{HostMemory, MsixState, PciDevice};
 use vgpu_abi::{Packet, caps, ctx_control, ctx_status, fault, int, kernel, limits, packet};
 use vgpu_abi::{pci as abi_pci, regs, status, wait};
 use vm_memory::GuestMemoryMmap;
@@ -231,24 +232,6 @@ pub struct VgpuSetup {
     pub watchdog: Duration,
 }
 
-/// Where a vGPU's MSI-X interrupts go.
-pub enum Interrupts {
-    /// The device emulates the MSI-X table; unmasked vectors become MSI messages (in-process
-    /// VMM: KVM's `signal_msi`).
-    Msi(Arc<dyn MsiSink>),
-    /// The client emulates table and PBA and gave one route per vector (vfio-user).
-    Vectors(Arc<dyn VectorSink>),
-}
-
-impl std::fmt::Debug for Interrupts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Interrupts::Msi(_) => "Interrupts::Msi",
-            Interrupts::Vectors(_) => "Interrupts::Vectors",
-        })
-    }
-}
-
 /// The configuration space of a vGPU function with `header`'s ids: BAR 0 (registers) and
 /// BAR 2 (VRAM, `vram_size` bytes) at `bars`, and the MSI-X capability (table and PBA in
 /// BAR 0) delivering to `interrupts`. Used by the device itself and by a VMM that shows a
@@ -274,17 +257,16 @@ pub fn function_config(
         vram_size,
         BarKind::Mmio64 { prefetchable: true },
     )?;
-    let (vectors, bar) = (abi_pci::MSIX_VECTORS, abi_pci::BAR_REGS as u8);
-    let (table, pba) = (
-        abi_pci::MSIX_TABLE_OFFSET as u32,
-        abi_pci::MSIX_PBA_OFFSET as u32,
-    );
-    let msix = match interrupts {
-        Interrupts::Msi(sink) => MsixState::new(&mut config, vectors, bar, table, pba, sink)?,
-        Interrupts::Vectors(sink) => {
-            MsixState::external(&mut config, vectors, bar, table, pba, sink)?
-        }
-    };
+    let msix = MsixState::new(
+        &mut config,
+        abi_pci::MSIX_VECTORS,
+        abi_pci::BAR_REGS as u8,
+        (
+            abi_pci::MSIX_TABLE_OFFSET as u32,
+            abi_pci::MSIX_PBA_OFFSET as u32,
+        ),
+        interrupts,
+    )?;
     Ok((config, msix))
 }
 

@@ -10,7 +10,7 @@ pub mod root;
 pub use allocator::{AllocatorError, BarAllocator};
 pub use config::{BarKind, BarMapping, PciConfiguration, PciHeader};
 pub use host_bridge::HostBridge;
-pub use msix::{MsiSink, MsixState, VectorSink};
+pub use msix::{Interrupts, MsiSink, MsixState, VectorSink};
 pub use root::{PciRoot, PciRootError};
 
 /// A range of host memory backing a BAR.

@@ -7,7 +7,7 @@
 //!
 //! A device served to another process (vfio-user) does not see its table: the client VMM
 //! emulates table and PBA and hands over one eventfd per vector. Such a device's state is
-//! built with [`MsixState::external`] and triggers go straight to a [`VectorSink`].
+//! built with [`Interrupts::Vectors`] and triggers go straight to a [`VectorSink`].
 
 use std::sync::Arc;
 
@@ -33,9 +33,23 @@ pub trait VectorSink: Send + Sync {
     fn trigger(&self, v: u16);
 }
 
-enum Delivery {
-    Table(Arc<dyn MsiSink>),
-    External(Arc<dyn VectorSink>),
+/// Where a function's MSI-X interrupts go.
+pub enum Interrupts {
+    /// The function emulates the MSI-X table; unmasked vectors become MSI messages (for an
+    /// in-process KVM VMM: `KVM_SIGNAL_MSI`).
+    Msi(Arc<dyn MsiSink>),
+    /// Someone else (a vfio-user client) emulates table and PBA and knows each vector's
+    /// route: triggers go straight to the sink; masking and pending bits are its business.
+    Vectors(Arc<dyn VectorSink>),
+}
+
+impl std::fmt::Debug for Interrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interrupts::Msi(_) => "Interrupts::Msi",
+            Interrupts::Vectors(_) => "Interrupts::Vectors",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,7 +74,7 @@ pub struct MsixState {
     entries: Vec<Entry>,
     pending: Vec<u64>,
     cap_offset: usize,
-    delivery: Delivery,
+    delivery: Interrupts,
 }
 
 impl std::fmt::Debug for MsixState {
@@ -74,47 +88,14 @@ impl std::fmt::Debug for MsixState {
 
 impl MsixState {
     /// Adds an MSI-X capability for `vectors` vectors whose table is at `table_offset` and PBA
-    /// at `pba_offset` in BAR `bar`, and returns the state that serves them.
+    /// at `pba_offset` in BAR `bar`, and returns the state that serves them, delivering to
+    /// `delivery`.
     pub fn new(
         config: &mut PciConfiguration,
         vectors: u16,
         bar: u8,
-        table_offset: u32,
-        pba_offset: u32,
-        sink: Arc<dyn MsiSink>,
-    ) -> Result<Self, ConfigError> {
-        Self::build(
-            config,
-            vectors,
-            (bar, table_offset, pba_offset),
-            Delivery::Table(sink),
-        )
-    }
-
-    /// Like [`MsixState::new`], for a function whose table and PBA are emulated by someone
-    /// else: `trigger` hands the vector to `sink`, which knows the routes (masking and
-    /// pending bits are the client's business).
-    pub fn external(
-        config: &mut PciConfiguration,
-        vectors: u16,
-        bar: u8,
-        table_offset: u32,
-        pba_offset: u32,
-        sink: Arc<dyn VectorSink>,
-    ) -> Result<Self, ConfigError> {
-        Self::build(
-            config,
-            vectors,
-            (bar, table_offset, pba_offset),
-            Delivery::External(sink),
-        )
-    }
-
-    fn build(
-        config: &mut PciConfiguration,
-        vectors: u16,
-        (bar, table_offset, pba_offset): (u8, u32, u32),
-        delivery: Delivery,
+        (table_offset, pba_offset): (u32, u32),
+        delivery: Interrupts,
     ) -> Result<Self, ConfigError> {
         let control = (vectors - 1) & 0x7ff;
         let table = table_offset | u32::from(bar);
@@ -154,7 +135,7 @@ impl MsixState {
     /// Raises vector `v`: delivered now, or left pending while masked. Out-of-range vectors and
     /// a disabled capability drop the interrupt (as hardware would with MSI-X off).
     pub fn trigger(&mut self, config: &PciConfiguration, v: u16) {
-        if let Delivery::External(sink) = &self.delivery {
+        if let Interrupts::Vectors(sink) = &self.delivery {
             if usize::from(v) < self.entries.len() {
                 sink.trigger(v);
             }
@@ -182,7 +163,7 @@ impl MsixState {
     }
 
     fn send(&self, v: usize) {
-        if let Delivery::Table(sink) = &self.delivery {
+        if let Interrupts::Msi(sink) = &self.delivery {
             let e = self.entries[v];
             sink.send(u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data);
         }
@@ -272,7 +253,8 @@ mod tests {
     fn setup() -> (PciConfiguration, MsixState, Arc<Recorder>) {
         let mut c = PciConfiguration::new(PciHeader::for_tests());
         let rec = Arc::new(Recorder::default());
-        let m = MsixState::new(&mut c, 4, 0, 0x4000, 0x5000, rec.clone()).unwrap();
+        let m =
+            MsixState::new(&mut c, 4, 0, (0x4000, 0x5000), Interrupts::Msi(rec.clone())).unwrap();
         (c, m, rec)
     }
 
@@ -291,7 +273,14 @@ mod tests {
         }
         let mut c = PciConfiguration::new(PciHeader::for_tests());
         let sink = Arc::new(Vectors::default());
-        let mut m = MsixState::external(&mut c, 4, 0, 0x4000, 0x5000, sink.clone()).unwrap();
+        let mut m = MsixState::new(
+            &mut c,
+            4,
+            0,
+            (0x4000, 0x5000),
+            Interrupts::Vectors(sink.clone()),
+        )
+        .unwrap();
         // The client owns enable and masks: the state only forwards in-range vectors.
         m.trigger(&c, 2);
         m.trigger(&c, 4);

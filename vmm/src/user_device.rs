@@ -111,12 +111,20 @@ impl Link {
 
     /// Runs `f` on the client; a failure marks the device lost (once, with one error line).
     fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, vfio_user::Error>) -> Option<T> {
-        let mut guard = self.lock();
-        let client = guard.as_mut()?;
-        match f(client) {
+        self.call(&mut self.lock(), f)
+    }
+
+    /// Runs `f` on the client in `slot` (locked by the caller); a failure drops the connection
+    /// and marks the device lost.
+    fn call<T>(
+        &self,
+        slot: &mut Option<Client>,
+        f: impl FnOnce(&mut Client) -> Result<T, vfio_user::Error>,
+    ) -> Option<T> {
+        match f(slot.as_mut()?) {
             Ok(v) => Some(v),
             Err(e) => {
-                *guard = None;
+                *slot = None;
                 if !self.lost.swap(true, Ordering::AcqRel) {
                     tracing::error!(
                         "vGPU server at {} is gone ({e}); the device now reads as lost",
@@ -415,22 +423,13 @@ fn heartbeat(link: &Link) {
     if link.lost.load(Ordering::Acquire) {
         return;
     }
-    let Ok(mut guard) = link.client.try_lock() else {
-        return;
-    };
-    let Some(client) = guard.as_mut() else {
+    let Ok(mut slot) = link.client.try_lock() else {
         return;
     };
     let mut magic = [0u8; 4];
-    if let Err(e) = client.region_read(VFIO_PCI_BAR0_REGION_INDEX, regs::MAGIC, &mut magic) {
-        *guard = None;
-        if !link.lost.swap(true, Ordering::AcqRel) {
-            tracing::error!(
-                "vGPU server at {} is gone ({e}); the device now reads as lost",
-                link.path.display()
-            );
-        }
-    }
+    link.call(&mut slot, |c| {
+        c.region_read(VFIO_PCI_BAR0_REGION_INDEX, regs::MAGIC, &mut magic)
+    });
 }
 
 impl PciDevice for UserDevice {

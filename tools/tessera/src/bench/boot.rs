@@ -186,10 +186,7 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         ..r
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        super::print_json(&r)?;
     } else {
         println!("firmware boot, {} runs each, medians (ms)", r.runs);
         println!("{:<24}{:>12}{:>12}{:>10}", "", "tessera", "qemu", "ratio");

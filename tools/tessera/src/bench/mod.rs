@@ -68,6 +68,13 @@ pub fn median(samples: &[f64]) -> f64 {
     }
 }
 
+/// Prints a report as pretty JSON on stdout.
+pub fn print_json(report: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::median;

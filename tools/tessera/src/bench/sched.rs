@@ -487,10 +487,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         },
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        super::print_json(&r)?;
     } else {
         println!("scheduler benchmarks, {ENGINES} engines, {secs} s per phase");
         println!(

@@ -394,10 +394,7 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         vfio_user,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        super::print_json(&r)?;
     } else {
         println!(
             "vGPU benchmarks, profile {}, {} runs, medians",

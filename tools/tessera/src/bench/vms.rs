@@ -185,10 +185,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
         vms,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        super::print_json(&r)?;
     } else {
         println!(
             "{n} firmware VMs on one GPU, {}, {} ms slices",

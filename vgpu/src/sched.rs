@@ -83,6 +83,11 @@ pub const DEFAULT_SLICE: Duration = Duration::from_millis(2);
 /// The window over which caps and live shares are computed.
 pub const WINDOW_NS: u64 = 100_000_000;
 
+/// Valid weights ([`Params::weight`]).
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Valid caps in percent ([`Params::cap_percent`]).
+pub const CAPS: std::ops::RangeInclusive<u32> = 1..=100;
+
 /// Per-vGPU scheduling parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Params {

@@ -245,17 +245,17 @@ impl FromStr for VgpuConfig {
         let err = |m: String| syntax("--vgpu", Self::SYNTAX, m);
         let mut profile = None;
         let (mut weight, mut cap, mut partition) = (1, 100, None);
-        let num = |k: &str, v: &str, lo: u32, hi: u32| {
+        let num = |k: &str, v: &str, range: std::ops::RangeInclusive<u32>| {
             v.parse::<u32>()
                 .ok()
-                .filter(|n| (lo..=hi).contains(n))
-                .ok_or_else(|| err(format!("{k} takes {lo}..={hi}, not {v:?}")))
+                .filter(|n| range.contains(n))
+                .ok_or_else(|| err(format!("{k} takes {range:?}, not {v:?}")))
         };
         for (k, v) in pairs(s, "profile", "--vgpu", Self::SYNTAX)? {
             match k {
-                "weight" => weight = num(k, v, 1, 1000)?,
-                "cap" => cap = num(k, v, 1, 100)?,
-                "partition" => partition = Some(num(k, v, 0, 63)? as usize),
+                "weight" => weight = num(k, v, vgpu::sched::WEIGHTS)?,
+                "cap" => cap = num(k, v, vgpu::sched::CAPS)?,
+                "partition" => partition = Some(num(k, v, 0..=63)? as usize),
                 "profile" => {
                     profile = Some(vgpu::profile::find(v).ok_or_else(|| {
                         err(format!("unknown profile {v:?} (known: {})", known()))

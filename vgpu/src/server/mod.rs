@@ -326,11 +326,12 @@ impl Daemon {
                     weight: weight.unwrap_or(1),
                     cap_percent: cap.unwrap_or(100),
                 };
-                if !(1..=1000).contains(&params.weight) {
-                    return Err(format!("weight {} is not in 1..=1000", params.weight));
+                let (w, c) = (crate::sched::WEIGHTS, crate::sched::CAPS);
+                if !w.contains(&params.weight) {
+                    return Err(format!("weight {} is not in {w:?}", params.weight));
                 }
-                if !(1..=100).contains(&params.cap_percent) {
-                    return Err(format!("cap {} is not in 1..=100", params.cap_percent));
+                if !c.contains(&params.cap_percent) {
+                    return Err(format!("cap {} is not in {c:?}", params.cap_percent));
                 }
                 let info = self.create(p, name, partition, params)?;
                 Ok(json!({ "instance": info }))

@@ -211,7 +211,7 @@ fn shared_gpu() -> &'static Arc<SoftGpu> {
 
 fn guest_memory() -> &'static vm_memory::GuestMemoryMmap {
     static MEM: OnceLock<vm_memory::GuestMemoryMmap> = OnceLock::new();
-    MEM.get_or_init(rig::guest_memory)
+    MEM.get_or_init(|| rig::guest_memory().0)
 }
 
 const ID_REGS: [usize; 4] = [0, 2, 11, 13];

@@ -11,8 +11,9 @@
 //! VRAM: one software GPU with two adjacent partitions of `VRAM_SIZE`; the vGPU gets the
 //! first, the second (the "neighbour", as another vGPU would own it) is a canary.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::pci::{MsiSink, PciDevice};
@@ -23,7 +24,7 @@ use vgpu::profile::Profile;
 use vgpu::sched::{Params, Scheduler};
 use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vgpu_abi::{limits, pci, regs, status};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM mapping (the part past [`DMA_END`] is a canary).
 pub const RAM_SIZE: u64 = 4 << 20;
@@ -51,16 +52,35 @@ const RAM_CANARY: u8 = 0xc5;
 const HIGH_CANARY: u8 = 0x3c;
 const VRAM_CANARY: u8 = 0x96;
 
-/// Counts MSI messages.
+/// Counts MSI messages, and lets the harness sleep until the next one (instead of polling
+/// registers, which would take a CPU from the engines).
 #[derive(Debug, Default)]
 pub struct MsiLog {
-    /// Messages sent.
-    pub count: AtomicU64,
+    count: Mutex<u64>,
+    sent: Condvar,
+}
+
+impl MsiLog {
+    /// Messages sent so far.
+    pub fn count(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until more than `seen` messages were sent, at most `timeout`; returns the count.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .sent
+            .wait_timeout_while(count, timeout, |c| *c <= seen)
+            .unwrap_or_else(|e| e.into_inner());
+        *count
+    }
 }
 
 impl MsiSink for MsiLog {
     fn send(&self, _address: u64, _data: u32) {
-        self.count.fetch_add(1, Ordering::Relaxed);
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.sent.notify_all();
     }
 }
 
@@ -74,13 +94,30 @@ pub fn profile() -> Profile {
     }
 }
 
-/// Guest memory: RAM (with its canary tail) and the high canary region.
-pub fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), RAM_SIZE as usize),
-        (GuestAddress(HIGH_BASE), HIGH_LEN as usize),
+/// Guest memory: RAM (with its canary tail) and the high canary region, both shared mappings
+/// of one memfd (as the VMM maps guest RAM), returned with it. Wiping RAM punches a hole in
+/// the file: pages the device touches next are fresh zero pages, with no copy-on-write
+/// fault (and TLB shootdown) per page as after `MADV_DONTNEED` of a private mapping.
+pub fn guest_memory() -> (GuestMemoryMmap, File) {
+    let file = memfd(RAM_SIZE + HIGH_LEN);
+    let at = |offset| Some(FileOffset::new(file.try_clone().expect("dup"), offset));
+    let mem = GuestMemoryMmap::from_ranges_with_files([
+        (GuestAddress(0), RAM_SIZE as usize, at(0)),
+        (GuestAddress(HIGH_BASE), HIGH_LEN as usize, at(RAM_SIZE)),
     ])
-    .expect("guest memory")
+    .expect("guest memory");
+    (mem, file)
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"tessera-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).expect("size the memfd");
+    file
 }
 
 /// The DMA domain: RAM minus its canary tail.
@@ -167,8 +204,9 @@ pub struct Rig {
     pub msis: Arc<MsiLog>,
     /// The software GPU.
     pub gpu: Arc<SoftGpu>,
+    ram: File,
     power_on: Vec<(u64, u32)>,
-    wipe_with_madvise: bool,
+    wipe_by_punching: bool,
 }
 
 impl std::fmt::Debug for Rig {
@@ -177,7 +215,8 @@ impl std::fmt::Debug for Rig {
     }
 }
 
-fn fill(mem: &GuestMemoryMmap, at: u64, len: u64, byte: u8) {
+/// Fills `[at, at + len)` of `mem` with `byte`.
+pub fn fill(mem: &GuestMemoryMmap, at: u64, len: u64, byte: u8) {
     mem.write_slice(&vec![byte; len as usize], GuestAddress(at))
         .expect("fill");
 }
@@ -211,7 +250,7 @@ impl Rig {
         let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 2).expect("software GPU"));
         let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
         let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
-        let sys = guest_memory();
+        let (sys, ram) = guest_memory();
         let msis = Arc::new(MsiLog::default());
         let mut dev = vgpu(&gpu, &sys, vram.clone(), msis.clone());
         fill(&sys, DMA_END, CANARY_LEN, RAM_CANARY);
@@ -228,14 +267,15 @@ impl Rig {
             neighbour,
             msis,
             gpu,
+            ram,
             power_on,
-            wipe_with_madvise: true,
+            wipe_by_punching: true,
         };
-        // Check once that MADV_DONTNEED zeroes this mapping; otherwise wipe by writing.
+        // Check once that punching a hole zeroes this mapping; otherwise wipe by writing.
         rig.sys.write_obj(0xffu8, GuestAddress(0)).expect("write");
         rig.wipe_ram();
         if rig.sys.read_obj::<u8>(GuestAddress(0)).expect("read") != 0 {
-            rig.wipe_with_madvise = false;
+            rig.wipe_by_punching = false;
             rig.wipe_ram();
         }
         rig
@@ -328,20 +368,21 @@ impl Rig {
 
     /// Zeroes the DMA-domain part of guest RAM (the device must be idle: after a reset).
     pub fn wipe_ram(&mut self) {
-        if self.wipe_with_madvise {
-            let host = self
-                .sys
-                .get_host_address(GuestAddress(0))
-                .expect("RAM host address");
-            // SAFETY: [host, host + DMA_END) lies inside region 0, a private anonymous mapping
-            // of RAM_SIZE bytes owned by `self.sys`; nothing holds a Rust reference into it
-            // (all access is through vm-memory's copies) and the device is idle. DONTNEED
-            // only replaces the pages with zero-filled ones.
-            let rc = unsafe { libc::madvise(host.cast(), DMA_END as usize, libc::MADV_DONTNEED) };
+        if self.wipe_by_punching {
+            // SAFETY: fallocate on our own memfd, inside the file; the device is idle and
+            // nothing holds a Rust reference into the mapping (vm-memory copies).
+            let rc = unsafe {
+                libc::fallocate(
+                    self.ram.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    DMA_END as libc::off_t,
+                )
+            };
             if rc == 0 {
                 return;
             }
-            self.wipe_with_madvise = false;
+            self.wipe_by_punching = false;
         }
         fill(&self.sys, 0, DMA_END, 0);
     }
@@ -384,28 +425,52 @@ impl Default for Rig {
     }
 }
 
-/// Panics unless the partition's VRAM is all zero (read through the file, so that punched
-/// holes stay holes).
+/// Panics unless the partition's VRAM is all zero. Read through the file, so that punched
+/// holes stay holes, and only where the file holds data (`SEEK_DATA`): a hole reads zero, and
+/// after a RESET's scrub the whole partition is one.
 pub fn check_vram_zero(vram: &VramPartition) {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 64 << 10;
     let zero = vec![0u8; CHUNK];
     let mut buf = vec![0u8; CHUNK];
-    let mut done = 0;
-    while done < vram.size {
-        let n = (vram.size - done).min(CHUNK as u64) as usize;
-        vram.file
-            .read_exact_at(&mut buf[..n], vram.offset + done)
-            .expect("read VRAM");
-        if buf[..n] != zero[..n] {
-            let i = buf[..n].iter().position(|&b| b != 0).unwrap_or(0);
-            panic!(
-                "VRAM not scrubbed by RESET: byte {:#x} is {:#04x}",
-                done + i as u64,
-                buf[i]
-            );
+    let (start, end) = (vram.offset, vram.offset + vram.size);
+    let seek = |at: u64, whence| {
+        // SAFETY: lseek on an fd the partition owns; it only moves the file offset, which
+        // nothing else uses (every access here is positioned).
+        let r = unsafe { libc::lseek(vram.file.as_raw_fd(), at as libc::off_t, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut at = start;
+    while at < end {
+        // No data from here on (ENXIO), or no SEEK_DATA support: read everything left.
+        let data = match seek(at, libc::SEEK_DATA) {
+            Some(d) => d,
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                return;
+            }
+            None => at,
+        };
+        if data >= end {
+            return;
         }
-        done += n as u64;
+        let data_end = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        let mut done = data;
+        while done < data_end {
+            let n = (data_end - done).min(CHUNK as u64) as usize;
+            vram.file
+                .read_exact_at(&mut buf[..n], done)
+                .expect("read VRAM");
+            if buf[..n] != zero[..n] {
+                let i = buf[..n].iter().position(|&b| b != 0).unwrap_or(0);
+                panic!(
+                    "VRAM not scrubbed by RESET: byte {:#x} is {:#04x}",
+                    done - start + i as u64,
+                    buf[i]
+                );
+            }
+            done += n as u64;
+        }
+        at = data_end;
     }
 }
 
@@ -471,3 +536,39 @@ pub const HANG_BOUND: Duration = Duration::from_secs(20);
 /// The ring size fuzzers use.
 pub const RING_ENTRIES: u32 = 64;
 const _: () = assert!(RING_ENTRIES <= limits::MAX_RING_ENTRIES);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vram_checks_see_data_past_holes() {
+        let gpu = SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU");
+        let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
+        check_vram_zero(&vram);
+        // A byte written anywhere, even behind a hole, is found.
+        for at in [0, 4096 * 7 + 5, VRAM_SIZE - 1] {
+            vram.memory.write_obj(1u8, GuestAddress(at)).expect("write");
+            let found = std::panic::catch_unwind(|| check_vram_zero(&vram));
+            assert!(found.is_err(), "a non-zero byte at {at:#x} was missed");
+            vram.scrub();
+            check_vram_zero(&vram);
+        }
+        // Data that is zero passes.
+        vram.memory
+            .write_obj(0u8, GuestAddress(8192))
+            .expect("write");
+        check_vram_zero(&vram);
+    }
+
+    #[test]
+    fn msi_waits_end_at_the_next_message_or_the_timeout() {
+        let log = Arc::new(MsiLog::default());
+        let seen = log.count();
+        assert_eq!(log.wait_past(seen, Duration::from_millis(1)), seen);
+        let sender = log.clone();
+        let t = std::thread::spawn(move || sender.send(0xfee0_0000, 0x41));
+        assert_eq!(log.wait_past(seen, Duration::from_secs(60)), seen + 1);
+        t.join().expect("sender");
+    }
+}

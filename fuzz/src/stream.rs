@@ -16,13 +16,13 @@
 //! whose code is documented, with `STATUS.FAULTED` and `INT_STATUS.FAULT` raised; every canary
 //! is intact; RESET stays quick and returns to power-on state.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use devices::pci::PciDevice;
 use vgpu::mem::Loc::Sys;
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, limits, packet, pci, pte};
-use vgpu_abi::{regs, status, wait};
+use vgpu_abi::{regs, status};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::Input;
@@ -48,9 +48,8 @@ pub const BAD_VA: u64 = 4 << 20;
 pub const GIG_VA: u64 = 2 << 30;
 
 const RW: u64 = pte::PRESENT | pte::WRITABLE;
-/// Poll this long before sleeping in `WAIT` (a stream that overwrote its closing fence would
-/// make every `WAIT` last its full timeout).
-const POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long `settle` sleeps waiting for an interrupt before it looks at the registers again.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(1);
 /// A doorbell is taken well within this; a device tail that still differs from what the
 /// harness published came from memory the stream overwrote.
 const TAIL_LOST: std::time::Duration = std::time::Duration::from_secs(1);
@@ -207,19 +206,31 @@ fn prepare(rig: &mut Rig) {
     }
 }
 
-/// (Re)writes the page tables (a stream may have overwritten them).
+/// (Re)writes the page tables (a stream may have overwritten them): one copy of the pages
+/// [`PML4`]..[`PTV`] as [`tables`] built them.
 fn write_tables(rig: &mut Rig) {
-    rig.put(Sys, PML4, PDPT | pte::PRESENT);
-    rig.put(Sys, PDPT, PD0 | pte::PRESENT);
-    rig.put(Sys, PDPT + 8, PD1 | pte::PRESENT);
-    rig.put(Sys, PDPT + 16, RW | pte::HUGE);
-    rig.put(Sys, PDPT + 24, RW | pte::HUGE | pte::VRAM);
+    static TABLES: OnceLock<Vec<u8>> = OnceLock::new();
+    rig.put_bytes(Sys, PML4, TABLES.get_or_init(tables));
+}
+
+/// The page-table pages from [`PML4`] to the end of [`PTV`]'s page.
+fn tables() -> Vec<u8> {
+    let mut image = vec![0u8; (PTV + 0x1000 - PML4) as usize];
+    let mut put = |at: u64, v: u64| {
+        let i = (at - PML4) as usize;
+        image[i..i + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    put(PML4, PDPT | pte::PRESENT);
+    put(PDPT, PD0 | pte::PRESENT);
+    put(PDPT + 8, PD1 | pte::PRESENT);
+    put(PDPT + 16, RW | pte::HUGE);
+    put(PDPT + 24, RW | pte::HUGE | pte::VRAM);
     // [0, 2 MiB): 4 KiB identity pages; [2, 4 MiB): one 2 MiB page across the domain's end.
-    rig.put(Sys, PD0, PT0 | pte::PRESENT);
+    put(PD0, PT0 | pte::PRESENT);
     for i in 0..512 {
-        rig.put(Sys, PT0 + i * 8, (i << 12) | RW);
+        put(PT0 + i * 8, (i << 12) | RW);
     }
-    rig.put(Sys, PD0 + 8, (2 << 20) | RW | pte::HUGE);
+    put(PD0 + 8, (2 << 20) | RW | pte::HUGE);
     // Windows onto forbidden places, 2 MiB each from BAD_VA.
     let bad = [
         (4 << 20) | RW | pte::HUGE,           // past RAM
@@ -231,13 +242,14 @@ fn write_tables(rig: &mut Rig) {
         RW | pte::HUGE | pte::VRAM,           // 2 MiB VRAM page over a 1 MiB partition
     ];
     for (i, e) in bad.iter().enumerate() {
-        rig.put(Sys, PD0 + (2 + i as u64) * 8, *e);
+        put(PD0 + (2 + i as u64) * 8, *e);
     }
     // VRAM window: 512 pages, the second half past the partition (the neighbour's range).
-    rig.put(Sys, PD1, PTV | pte::PRESENT);
+    put(PD1, PTV | pte::PRESENT);
     for i in 0..512 {
-        rig.put(Sys, PTV + i * 8, (i << 12) | RW | pte::VRAM);
+        put(PTV + i * 8, (i << 12) | RW | pte::VRAM);
     }
+    image
 }
 
 fn enable(rig: &mut Rig, ctx: u32) {
@@ -298,11 +310,14 @@ fn submit(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32, how: u8) {
 /// Waits for `ctx`'s outstanding batch; recovers the context after a fault.
 fn settle(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32) {
     let i = ctx as usize;
-    let Some(value) = ctxs[i].outstanding.take() else {
+    if ctxs[i].outstanding.take().is_none() {
         return;
-    };
+    }
     let start = Instant::now();
     loop {
+        // Read before looking at the registers: an interrupt raised after the look ends the
+        // sleep below at once.
+        let seen = rig.msis.count();
         if start.elapsed() >= HANG_BOUND {
             rig::hang_diagnostics(rig);
         }
@@ -346,18 +361,10 @@ fn settle(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32) {
             rig.cw(ctx, regs::CTX_CONTROL, ctx_control::ENABLE);
             return;
         }
-        if start.elapsed() < POLL_FIRST {
-            std::thread::yield_now();
-            continue;
-        }
-        // Sleep inside the trap until the fence or a fault (at most WAIT_TIMEOUT_MS).
-        rig.w(regs::WAIT_CTX, ctx);
-        rig.w(regs::WAIT_VALUE, value);
-        match rig.r(regs::WAIT) {
-            wait::DONE => std::thread::yield_now(),
-            wait::FAULTED | wait::TIMEOUT | wait::INVALID => {}
-            other => panic!("WAIT returned {other}"),
-        }
+        // Sleep until the next interrupt (the closing fence's, a fault's) or a moment: a
+        // stream that overwrote its own fence or tail raises none. Polling the registers
+        // instead would take a CPU from the engines.
+        rig.msis.wait_past(seen, RECHECK);
     }
     if rig.cr(ctx, regs::CTX_STATUS) & ctx_status::FAULTED != 0 {
         let code = rig.cr(ctx, regs::CTX_FAULT_CODE);

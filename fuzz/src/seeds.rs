@@ -157,7 +157,8 @@ pub fn command_stream() -> Seeds {
         e(0, op_copy, 0, &[(0, 0x10_0000), (2, 0x100), (5, 4000)]),
         e(0, op_fill, 0, &[(0, 0x12_0000), (5, 256), (8, 0xa5a5_a5a5)]),
         e(0, op_ts, 0, &[(0, 0x13_0000)]),
-        e(1, op_fence, 1, &[(0, 0x13_0100), (8, 77)]),
+        // 0x40: the harness waits for this batch in the WAIT register.
+        e(0x41, op_fence, 1, &[(0, 0x13_0100), (8, 77)]),
     ]
     .concat();
     let kernels = [

@@ -6,8 +6,9 @@
 //! Input: records of 38 bytes `[ctl, opcode, flags, 7 × (selector, u32)]` (see [`Record`]).
 //! `ctl` bit 0 ends a batch (it is submitted with a closing fence), bit 1 picks context 1,
 //! bit 2 waits for every context, bit 3 invalidates the TLB, bits 4–5 pick how the tail is
-//! published (register, doorbell register, doorbell eventfd, polling), bit 7 keeps the unused
-//! arguments (otherwise zero).
+//! published (register, doorbell register, doorbell eventfd, polling), bit 6 makes the harness
+//! wait for that batch by sleeping in the `WAIT` register (otherwise on the next interrupt),
+//! bit 7 keeps the unused arguments (otherwise zero).
 //!
 //! Bounds: SPIN_US runs at most 50 µs × 16 workgroups, SGEMM at most 2^20 multiply-adds, so
 //! an input never takes long; a batch that does not finish within [`HANG_BOUND`] is a hang.
@@ -22,7 +23,7 @@ use std::time::Instant;
 use devices::pci::PciDevice;
 use vgpu::mem::Loc::Sys;
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, limits, packet, pci, pte};
-use vgpu_abi::{regs, status};
+use vgpu_abi::{regs, status, wait};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::Input;
@@ -268,6 +269,8 @@ struct Ctx {
     tail: u32,
     fences: u32,
     outstanding: Option<u32>,
+    /// Wait for the outstanding batch in the `WAIT` register.
+    in_trap: bool,
     /// (Context 0's slot only.) FAULT_COUNT when INT_STATUS.FAULT was last acknowledged.
     faults_acked: u32,
 }
@@ -305,14 +308,15 @@ fn submit(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32, how: u8) {
         ),
     }
     c.outstanding = Some(value);
+    c.in_trap = how & 4 != 0;
 }
 
 /// Waits for `ctx`'s outstanding batch; recovers the context after a fault.
 fn settle(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32) {
     let i = ctx as usize;
-    if ctxs[i].outstanding.take().is_none() {
+    let Some(value) = ctxs[i].outstanding.take() else {
         return;
-    }
+    };
     let start = Instant::now();
     loop {
         // Read before looking at the registers: an interrupt raised after the look ends the
@@ -361,10 +365,21 @@ fn settle(rig: &mut Rig, ctxs: &mut [Ctx; 2], ctx: u32) {
             rig.cw(ctx, regs::CTX_CONTROL, ctx_control::ENABLE);
             return;
         }
-        // Sleep until the next interrupt (the closing fence's, a fault's) or a moment: a
-        // stream that overwrote its own fence or tail raises none. Polling the registers
-        // instead would take a CPU from the engines.
-        rig.msis.wait_past(seen, RECHECK);
+        if ctxs[i].in_trap {
+            // Sleep inside the trap until the fence or a fault (at most WAIT_TIMEOUT_MS: a
+            // stream that overwrote its closing fence makes it time out).
+            rig.w(regs::WAIT_CTX, ctx);
+            rig.w(regs::WAIT_VALUE, value);
+            match rig.r(regs::WAIT) {
+                wait::DONE | wait::FAULTED | wait::TIMEOUT | wait::INVALID => {}
+                other => panic!("WAIT returned {other}"),
+            }
+        } else {
+            // Sleep until the next interrupt (the closing fence's, a fault's) or a moment: a
+            // stream that overwrote its own fence or tail raises none. Polling the registers
+            // instead would take a CPU from the engines.
+            rig.msis.wait_past(seen, RECHECK);
+        }
     }
     if rig.cr(ctx, regs::CTX_STATUS) & ctx_status::FAULTED != 0 {
         let code = rig.cr(ctx, regs::CTX_FAULT_CODE);

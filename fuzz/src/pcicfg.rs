@@ -460,7 +460,8 @@ impl Fixture {
                         (size, off.wrapping_sub(4)),
                         (1, 0..=3) | (2, 0 | 2) | (4, 0)
                     );
-                    if !(off == 0 && size == 4) && !lane_ok {
+                    let address_port = off == 0 && size == 4;
+                    if !address_port && !lane_ok {
                         assert!(
                             d.iter().all(|&b| b == 0xff),
                             "conf1 read at {off} size {size}: {d:x?}"

@@ -151,6 +151,7 @@ fn test() -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("TESSERA_REQUIRE_GUESTS", "1"))?;
+    fuzz_harnesses()?;
     eprintln!(
         "xtask: test: all green in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -304,6 +305,21 @@ fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
     } else {
         Err(format!("VMs failed: {failed:?}"))
     }
+}
+
+/// The fuzz harnesses on stable, without libFuzzer (their own workspace): formatting, clippy,
+/// their unit tests, and every checked-in seed replayed through its target's oracles once.
+fn fuzz_harnesses() -> Result<()> {
+    let manifest = root().join("fuzz/Cargo.toml");
+    let fuzz_cargo = |args: &[&str]| {
+        let mut c = cargo();
+        c.args(args).arg("--manifest-path").arg(&manifest);
+        c
+    };
+    run(fuzz_cargo(&["fmt"]).args(["--", "--check"]))?;
+    run(fuzz_cargo(&["clippy", "--lib", "--examples", "--tests"]).args(["--", "-D", "warnings"]))?;
+    run(&mut fuzz_cargo(&["test", "--lib"]))?;
+    run(fuzz_cargo(&["run", "--example", "seeds"]).args(["--", "--check"]))
 }
 
 /// The cargo-fuzz targets under `fuzz/`.

@@ -12,7 +12,8 @@ use std::cell::Cell;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, Once, OnceLock};
 
 use vgpu::backend::SoftGpu;
@@ -125,7 +126,8 @@ struct Fixture {
     gpu: Arc<SoftGpu>,
     neighbour: vgpu::backend::VramPartition,
     listener: UnixListener,
-    path: std::path::PathBuf,
+    /// An abstract socket address: nothing is left in the file system when the process ends.
+    address: SocketAddr,
     /// Host memory never offered to the client.
     secret: File,
 }
@@ -137,10 +139,9 @@ fn fixture() -> &'static Fixture {
         let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU"));
         let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("neighbour");
         rig::fill(&neighbour.memory, 0, VRAM_SIZE, NEIGHBOUR_CANARY);
-        let path =
-            std::env::temp_dir().join(format!("tessera-fuzz-vfu-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).expect("bind");
+        let name = format!("tessera-fuzz-vfu-{}", std::process::id());
+        let address = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
+        let listener = UnixListener::bind_addr(&address).expect("bind");
         let secret = rig::memfd(SECRET_LEN as u64);
         (&secret)
             .write_all(&[SECRET_BYTE; SECRET_LEN])
@@ -149,7 +150,7 @@ fn fixture() -> &'static Fixture {
             gpu,
             neighbour,
             listener,
-            path,
+            address,
             secret,
         }
     })
@@ -350,9 +351,9 @@ pub fn run(data: &[u8]) {
         attach::irqs(CONTEXTS),
         attach::regions(vram.size, vram.file.as_raw_fd()),
     );
-    let path = f.path.clone();
+    let address = f.address.clone();
     let client = std::thread::spawn(move || {
-        let stream = UnixStream::connect(&path).expect("connect");
+        let stream = UnixStream::connect_addr(&address).expect("connect");
         let mut reader = stream.try_clone().expect("clone");
         let drain = std::thread::spawn(move || {
             let mut sink = [0u8; 1 << 16];

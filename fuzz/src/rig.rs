@@ -206,7 +206,6 @@ pub struct Rig {
     pub gpu: Arc<SoftGpu>,
     ram: File,
     power_on: Vec<(u64, u32)>,
-    wipe_by_punching: bool,
 }
 
 impl std::fmt::Debug for Rig {
@@ -260,7 +259,7 @@ impl Rig {
             .into_iter()
             .map(|o| (o, read32(&mut dev, o)))
             .collect();
-        let mut rig = Rig {
+        Rig {
             dev,
             sys,
             vram,
@@ -269,16 +268,7 @@ impl Rig {
             gpu,
             ram,
             power_on,
-            wipe_by_punching: true,
-        };
-        // Check once that punching a hole zeroes this mapping; otherwise wipe by writing.
-        rig.sys.write_obj(0xffu8, GuestAddress(0)).expect("write");
-        rig.wipe_ram();
-        if rig.sys.read_obj::<u8>(GuestAddress(0)).expect("read") != 0 {
-            rig.wipe_by_punching = false;
-            rig.wipe_ram();
         }
-        rig
     }
 
     /// The memories as the device sees them.
@@ -368,23 +358,20 @@ impl Rig {
 
     /// Zeroes the DMA-domain part of guest RAM (the device must be idle: after a reset).
     pub fn wipe_ram(&mut self) {
-        if self.wipe_by_punching {
-            // SAFETY: fallocate on our own memfd, inside the file; the device is idle and
-            // nothing holds a Rust reference into the mapping (vm-memory copies).
-            let rc = unsafe {
-                libc::fallocate(
-                    self.ram.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    0,
-                    DMA_END as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                return;
-            }
-            self.wipe_by_punching = false;
+        // A shared mapping of a memfd reads zeros where the file has a hole.
+        // SAFETY: fallocate on our own memfd, inside the file; the device is idle and
+        // nothing holds a Rust reference into the mapping (vm-memory copies).
+        let rc = unsafe {
+            libc::fallocate(
+                self.ram.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                DMA_END as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            fill(&self.sys, 0, DMA_END, 0);
         }
-        fill(&self.sys, 0, DMA_END, 0);
     }
 
     /// Panics unless every canary is intact.
@@ -425,7 +412,8 @@ impl Default for Rig {
     }
 }
 
-/// Panics unless the partition's VRAM is all zero. Read through the file, so that punched
+/// Panics unless the partition's VRAM is all zero. Read through the file (exactly the
+/// partition's bytes, from 0; `offset` is only where it sits in the GPU), so that punched
 /// holes stay holes, and only where the file holds data (`SEEK_DATA`): a hole reads zero, and
 /// after a RESET's scrub the whole partition is one.
 pub fn check_vram_zero(vram: &VramPartition) {
@@ -433,14 +421,14 @@ pub fn check_vram_zero(vram: &VramPartition) {
     const CHUNK: usize = 64 << 10;
     let zero = vec![0u8; CHUNK];
     let mut buf = vec![0u8; CHUNK];
-    let (start, end) = (vram.offset, vram.offset + vram.size);
+    let end = vram.size;
     let seek = |at: u64, whence| {
         // SAFETY: lseek on an fd the partition owns; it only moves the file offset, which
         // nothing else uses (every access here is positioned).
         let r = unsafe { libc::lseek(vram.file.as_raw_fd(), at as libc::off_t, whence) };
         u64::try_from(r).ok()
     };
-    let mut at = start;
+    let mut at = 0;
     while at < end {
         // No data from here on (ENXIO), or no SEEK_DATA support: read everything left.
         let data = match seek(at, libc::SEEK_DATA) {
@@ -464,7 +452,7 @@ pub fn check_vram_zero(vram: &VramPartition) {
                 let i = buf[..n].iter().position(|&b| b != 0).unwrap_or(0);
                 panic!(
                     "VRAM not scrubbed by RESET: byte {:#x} is {:#04x}",
-                    done - start + i as u64,
+                    done + i as u64,
                     buf[i]
                 );
             }
@@ -545,14 +533,18 @@ mod tests {
     fn vram_checks_see_data_past_holes() {
         let gpu = SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU");
         let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
-        check_vram_zero(&vram);
-        // A byte written anywhere, even behind a hole, is found.
-        for at in [0, 4096 * 7 + 5, VRAM_SIZE - 1] {
-            vram.memory.write_obj(1u8, GuestAddress(at)).expect("write");
-            let found = std::panic::catch_unwind(|| check_vram_zero(&vram));
-            assert!(found.is_err(), "a non-zero byte at {at:#x} was missed");
-            vram.scrub();
-            check_vram_zero(&vram);
+        // The second partition sits at VRAM_SIZE in the GPU, at 0 in its own file.
+        let second = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
+        for p in [&vram, &second] {
+            check_vram_zero(p);
+            // A byte written anywhere, even behind a hole, is found.
+            for at in [0, 4096 * 7 + 5, VRAM_SIZE - 1] {
+                p.memory.write_obj(1u8, GuestAddress(at)).expect("write");
+                let found = std::panic::catch_unwind(|| check_vram_zero(p));
+                assert!(found.is_err(), "a non-zero byte at {at:#x} was missed");
+                p.scrub();
+                check_vram_zero(p);
+            }
         }
         // Data that is zero passes.
         vram.memory

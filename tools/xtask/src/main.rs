@@ -5,7 +5,7 @@
 //! - `cargo xtask test`: everything CI runs: formatting, clippy, firmware and guest-kernel
 //!   builds, the whole test suite.
 //! - `cargo xtask firmware` / `cargo xtask guest-images`: the individual builds.
-//! - `cargo xtask fuzz [TARGET] [--time S]`: the libFuzzer targets under `fuzz/`.
+//! - `cargo xtask fuzz [TARGET] [--time S] [--jobs N]`: the libFuzzer targets under `fuzz/`.
 //!
 //! Each installs what it needs (apt-get, rustup components) on a fresh Debian 12, idempotently.
 
@@ -331,25 +331,36 @@ const FUZZ_TARGETS: [&str; 5] = [
     "vfio_user_messages",
 ];
 
-/// `cargo xtask fuzz [TARGET] [--time S]`: runs every fuzz target (or one) for S seconds
-/// (default 60) with libFuzzer on nightly, installing nightly and cargo-fuzz when missing.
-/// New inputs go to `target/fuzz/corpus/<target>` (the checked-in seeds in
+/// `cargo xtask fuzz [TARGET] [--time S] [--jobs N]`: runs every fuzz target (or one) for S
+/// seconds (default 60) with libFuzzer on nightly, installing nightly and cargo-fuzz when
+/// missing. `--jobs N` runs N fuzzer processes of each target side by side (default 1): a
+/// target whose inputs mostly wait on the device's threads (`command_stream`) leaves a core
+/// idle with one. New inputs go to `target/fuzz/corpus/<target>` (the checked-in seeds in
 /// `fuzz/corpus/<target>` are read, never written), crashes to `target/fuzz/artifacts`, each
-/// run's output to `target/fuzz/<target>.log`. Sanitizer: none (safe Rust; debug assertions and
-/// the targets' invariants are the oracle), `TESSERA_FUZZ_SANITIZER=address` to change it.
+/// process's output to `target/fuzz/<target>.log` (`<target>.<k>.log` with several jobs).
+/// Sanitizer: none (safe Rust; debug assertions and the targets' invariants are the oracle),
+/// `TESSERA_FUZZ_SANITIZER=address` to change it.
 fn fuzz(args: &[String]) -> Result<()> {
     let mut time = 60u64;
+    let mut jobs = 1u32;
     let mut targets: Vec<&str> = Vec::new();
     let mut it = args.iter();
+    let positive = |flag: &str, v: Option<&String>| -> Result<u64> {
+        let v = v.ok_or(format!("{flag} needs a number"))?;
+        v.parse()
+            .ok()
+            .filter(|&t| t > 0)
+            .ok_or(format!("{flag}: {v:?} is not a positive number"))
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--time" => {
-                let v = it.next().ok_or("--time needs a number of seconds")?;
-                time = v
-                    .parse()
+            "--time" => time = positive("--time", it.next())?,
+            "--jobs" => {
+                jobs = positive("--jobs", it.next())?
+                    .try_into()
                     .ok()
-                    .filter(|&t| t > 0)
-                    .ok_or(format!("--time: {v:?} is not a positive number of seconds"))?;
+                    .filter(|&j| j <= 64)
+                    .ok_or("--jobs: at most 64")?;
             }
             t => match FUZZ_TARGETS.iter().find(|&&k| k == t) {
                 Some(k) => targets.push(k),
@@ -410,49 +421,68 @@ fn fuzz(args: &[String]) -> Result<()> {
         for d in [&corpus, &artifacts] {
             std::fs::create_dir_all(d).map_err(|e| format!("cannot create {d:?}: {e}"))?;
         }
-        let log_path = work.join(format!("{t}.log"));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| format!("cannot create {log_path:?}: {e}"))?;
-        let err_log = log
-            .try_clone()
-            .map_err(|e| format!("cannot duplicate the log file: {e}"))?;
+        let logs: Vec<PathBuf> = match jobs {
+            1 => vec![work.join(format!("{t}.log"))],
+            n => (1..=n).map(|k| work.join(format!("{t}.{k}.log"))).collect(),
+        };
         eprintln!(
-            "xtask: fuzz {t} for {time} s (output: {})",
-            log_path.display()
+            "xtask: fuzz {t} for {time} s, {jobs} process(es) (output: {})",
+            logs.iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let started = Instant::now();
-        let status = nightly_cargo()
-            .args(["fuzz", "run", "-s", &sanitizer, t])
-            .arg(&corpus)
-            .arg(root.join("fuzz/corpus").join(t))
-            .arg("--")
-            .arg(format!("-max_total_time={time}"))
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            .args(["-timeout=60", "-print_final_stats=1"])
-            .stdout(log)
-            .stderr(err_log)
-            .status()
-            .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let stat = |key: &str| {
-            text.lines()
+        let mut children = Vec::new();
+        for log_path in &logs {
+            let log = std::fs::File::create(log_path)
+                .map_err(|e| format!("cannot create {log_path:?}: {e}"))?;
+            let err_log = log
+                .try_clone()
+                .map_err(|e| format!("cannot duplicate the log file: {e}"))?;
+            let child = nightly_cargo()
+                .args(["fuzz", "run", "-s", &sanitizer, t])
+                .arg(&corpus)
+                .arg(root.join("fuzz/corpus").join(t))
+                .arg("--")
+                .arg(format!("-max_total_time={time}"))
+                .arg(format!("-artifact_prefix={}/", artifacts.display()))
+                .args(["-timeout=60", "-print_final_stats=1"])
+                .stdout(log)
+                .stderr(err_log)
+                .spawn()
+                .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+            children.push(child);
+        }
+        let mut execs = 0;
+        let mut problems = Vec::new();
+        for (mut child, log_path) in children.into_iter().zip(&logs) {
+            let status = child
+                .wait()
+                .map_err(|e| format!("cannot wait for cargo fuzz: {e}"))?;
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
+            execs += text
+                .lines()
                 .rev()
-                .find_map(|l| l.strip_prefix(key))
+                .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let execs = stat("stat::number_of_executed_units:").unwrap_or(0);
+                .unwrap_or(0);
+            if !status.success() {
+                let crash = text
+                    .lines()
+                    .find_map(|l| l.split("Test unit written to ").nth(1))
+                    .map_or_else(|| format!("see {}", log_path.display()), str::to_string);
+                problems.push(format!("{status}: {crash}"));
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
-        let rate = stat("stat::average_exec_per_sec:").unwrap_or((execs as f64 / secs) as u64);
+        let rate = (execs as f64 / secs) as u64;
         let corpus_size = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
-        let outcome = if status.success() {
+        let outcome = if problems.is_empty() {
             "ok".to_string()
         } else {
-            let crash = text
-                .lines()
-                .find_map(|l| l.split("Test unit written to ").nth(1))
-                .unwrap_or("see the log");
             failed.push(t);
-            format!("FAILED ({status}): {crash}")
+            format!("FAILED ({})", problems.join("; "))
         };
         eprintln!(
             "xtask: fuzz {t}: {execs} executions in {secs:.0} s ({rate} exec/s), corpus {corpus_size}, {outcome}"

@@ -18,6 +18,7 @@ use devices::bus::{Bus, BusDevice};
 use devices::pci::{GuestMapper, HostBridge, HostMemory, PciDevice, PciRoot};
 use vgpu::Vgpu;
 use vgpu::backend::SoftGpu;
+use vgpu::sched::Scheduler;
 use vgpu_abi::{pci, regs};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -220,7 +221,13 @@ impl Fixture {
     fn new() -> Fixture {
         let gpu = shared_gpu();
         let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
-        let dev = rig::vgpu(gpu, guest_memory(), vram, Arc::new(MsiLog::default()));
+        let dev = rig::vgpu(
+            gpu,
+            guest_memory(),
+            vram,
+            Arc::new(MsiLog::default()),
+            Scheduler::private(),
+        );
         let vgpu = Arc::new(Mutex::new(dev));
         let mmio = Arc::new(Bus::new());
         let mapper = Arc::new(Mapper::default());

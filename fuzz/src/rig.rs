@@ -10,10 +10,17 @@
 //!
 //! VRAM: one software GPU with two adjacent partitions of `VRAM_SIZE`; the vGPU gets the
 //! first, the second (the "neighbour", as another vGPU would own it) is a canary.
+//!
+//! GPU time: the vGPU shares its scheduler with a [`Contender`], standing for the neighbour's
+//! command processor; when a target makes it busy, it keeps asking for the GPU, so the vGPU is
+//! preempted at its preemption points. The scheduler's clock runs [`CLOCK_SPEEDUP`] times
+//! faster than real time, so its shortest slice ends inside the short work an input runs.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::pci::{MsiSink, PciDevice};
@@ -21,7 +28,7 @@ use vgpu::backend::{SoftGpu, VramPartition};
 use vgpu::device::DEFAULT_WATCHDOG;
 use vgpu::mem::{Loc, Spaces};
 use vgpu::profile::Profile;
-use vgpu::sched::{Params, Scheduler};
+use vgpu::sched::{Clock, Params, Policy, Scheduler};
 use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vgpu_abi::{limits, pci, regs, status};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
@@ -125,12 +132,150 @@ pub fn domain() -> DmaDomain {
     DmaDomain::new([(0, DMA_END)])
 }
 
-/// Builds a vGPU on `sys` with partition `vram` of `gpu`.
+/// How much faster than real time the rig's scheduler clock runs: the 1 ms minimum slice
+/// lasts about 16 µs.
+pub const CLOCK_SPEEDUP: u64 = 64;
+
+/// The rig's scheduler clock (see [`CLOCK_SPEEDUP`]).
+#[derive(Debug)]
+struct FastClock(Instant);
+
+impl Clock for FastClock {
+    fn now_ns(&self) -> u64 {
+        (self.0.elapsed().as_nanos() as u64).saturating_mul(CLOCK_SPEEDUP)
+    }
+}
+
+/// A scheduler shared by the rig's vGPU and its [`Contender`], with the shortest slice on a
+/// [`FastClock`].
+pub fn scheduler() -> Arc<Scheduler> {
+    Scheduler::new(
+        Policy::BestEffort,
+        vgpu::sched::MIN_SLICE,
+        Arc::new(FastClock(Instant::now())),
+    )
+}
+
+/// How long the contender holds the GPU each time it gets it (real time).
+const CONTENDER_HOLD: Duration = Duration::from_micros(20);
+
+#[derive(Debug, Default)]
+struct ContenderState {
+    busy: bool,
+    /// Grants the contender received so far.
+    grants: u64,
+    stop: bool,
+}
+
+/// A second member of the vGPU's scheduler (the neighbour's command processor). While busy,
+/// its thread asks for the GPU, holds it for [`CONTENDER_HOLD`] and gives it back, again and
+/// again; idle, it sleeps.
+pub struct Contender {
+    state: Arc<(Mutex<ContenderState>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Contender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contender").finish_non_exhaustive()
+    }
+}
+
+impl Contender {
+    /// A contender on `sched` (idle).
+    pub fn new(sched: Arc<Scheduler>) -> Contender {
+        let state = Arc::new((Mutex::new(ContenderState::default()), Condvar::new()));
+        let st = state.clone();
+        let id = sched.register(Params::default());
+        let thread = std::thread::Builder::new()
+            .name("fuzz-contender".into())
+            .spawn(move || {
+                let never = AtomicBool::new(false);
+                let (lock, cv) = &*st;
+                loop {
+                    {
+                        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        while !g.busy && !g.stop {
+                            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if g.stop {
+                            return;
+                        }
+                    }
+                    let grant = sched.acquire(id, &never).expect("never cancelled");
+                    std::thread::sleep(CONTENDER_HOLD);
+                    sched.release(&grant);
+                    lock.lock().unwrap_or_else(|e| e.into_inner()).grants += 1;
+                    cv.notify_all();
+                }
+            })
+            .expect("contender thread");
+        Contender {
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    /// Grants the contender received so far.
+    pub fn grants(&self) -> u64 {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .grants
+    }
+
+    /// Starts contending for the GPU.
+    pub fn start(&self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).busy = true;
+        cv.notify_all();
+    }
+
+    /// Stops contending, after the contender got the GPU at least once since it was last
+    /// started (if it was): whatever the vGPU runs, a neighbour asking for the GPU gets it.
+    /// Panics if it waited [`HANG_BOUND`] in vain.
+    pub fn stop(&self) {
+        let (lock, cv) = &*self.state;
+        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.busy {
+            return;
+        }
+        let start = Instant::now();
+        let before = g.grants;
+        while g.grants == before {
+            let left = HANG_BOUND.checked_sub(start.elapsed());
+            assert!(
+                left.is_some(),
+                "the neighbour waited {HANG_BOUND:?} for the GPU"
+            );
+            g = cv
+                .wait_timeout(g, left.unwrap_or_default())
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        g.busy = false;
+    }
+}
+
+impl Drop for Contender {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Builds a vGPU on `sys` with partition `vram` of `gpu`, sharing `sched`.
 pub fn vgpu(
     gpu: &Arc<SoftGpu>,
     sys: &GuestMemoryMmap,
     vram: VramPartition,
     msi: Arc<dyn MsiSink>,
+    sched: Arc<Scheduler>,
 ) -> Vgpu {
     Vgpu::new(VgpuSetup {
         profile: profile(),
@@ -141,7 +286,7 @@ pub fn vgpu(
         vram,
         backend: gpu.clone(),
         interrupts: vgpu::Interrupts::Msi(msi),
-        sched: Scheduler::private(),
+        sched,
         sched_params: Params::default(),
         watchdog: DEFAULT_WATCHDOG,
     })
@@ -204,6 +349,10 @@ pub struct Rig {
     pub msis: Arc<MsiLog>,
     /// The software GPU.
     pub gpu: Arc<SoftGpu>,
+    /// The scheduler the vGPU shares with the contender.
+    pub sched: Arc<Scheduler>,
+    /// The neighbour's demand for GPU time.
+    pub contender: Contender,
     ram: File,
     power_on: Vec<(u64, u32)>,
 }
@@ -251,7 +400,9 @@ impl Rig {
         let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
         let (sys, ram) = guest_memory();
         let msis = Arc::new(MsiLog::default());
-        let mut dev = vgpu(&gpu, &sys, vram.clone(), msis.clone());
+        let sched = scheduler();
+        let contender = Contender::new(sched.clone());
+        let mut dev = vgpu(&gpu, &sys, vram.clone(), msis.clone(), sched.clone());
         fill(&sys, DMA_END, CANARY_LEN, RAM_CANARY);
         fill(&sys, HIGH_BASE, HIGH_LEN, HIGH_CANARY);
         fill(&neighbour.memory, 0, VRAM_SIZE, VRAM_CANARY);
@@ -266,6 +417,8 @@ impl Rig {
             neighbour,
             msis,
             gpu,
+            sched,
+            contender,
             ram,
             power_on,
         }

@@ -226,12 +226,49 @@ pub fn command_stream() -> Seeds {
         e(0x33, op_fill, 0, &[(0, 0xa000), (5, 16), (8, 0x100)]),
     ]
     .concat();
+    // The neighbour contends for the GPU around long work (preempted and resumed), stops,
+    // and contends again through the final RESET.
+    let contend = stream::CONTEND;
+    let contended = [
+        e(1, contend, 0, &[]),
+        e(0, op_disp, kernel::SPIN_US as u8, &[(5, 50), (5, 16)]),
+        e(
+            1,
+            op_fill,
+            0,
+            &[(0, 0x10_0000), (6, 0x30_0000), (8, 0x5a5a_5a5a)],
+        ),
+        e(0x03, op_copy, 0, &[(0, 0x10_0000), (2, 0), (6, 0x8_0000)]),
+        e(0, contend, 0, &[]),
+        e(
+            1,
+            op_disp,
+            kernel::CRC32 as u8,
+            &[(6, 300_000), (4, 0), (0, 0x13_0040)],
+        ),
+        e(1, contend, 0, &[]),
+        e(
+            1,
+            op_disp,
+            kernel::SGEMM as u8,
+            &[
+                (5, 64),
+                (5, 64),
+                (5, 64),
+                (0, 0x10_0000),
+                (0, 0x11_0000),
+                (0, 0x12_0000),
+            ],
+        ),
+    ]
+    .concat();
     vec![
         ("work", work),
         ("kernels", kernels),
         ("hostile", hostile),
         ("two-contexts", two_contexts),
         ("own-ring", own_ring),
+        ("contended", contended),
     ]
 }
 

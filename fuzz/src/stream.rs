@@ -8,14 +8,17 @@
 //! bit 2 waits for every context, bit 3 invalidates the TLB, bits 4–5 pick how the tail is
 //! published (register, doorbell register, doorbell eventfd, polling), bit 6 makes the harness
 //! wait for that batch by sleeping in the `WAIT` register (otherwise on the next interrupt),
-//! bit 7 keeps the unused arguments (otherwise zero).
+//! bit 7 keeps the unused arguments (otherwise zero). A record whose opcode byte is
+//! [`CONTEND`] is not a packet: the neighbour starts (`ctl` bit 0) or stops contending for the
+//! GPU (see [`crate::rig::Contender`]), so the vGPU's work is preempted and resumed.
 //!
 //! Bounds: SPIN_US runs at most 50 µs × 16 workgroups, SGEMM at most 2^20 multiply-adds, so
 //! an input never takes long; a batch that does not finish within [`HANG_BOUND`] is a hang.
 //!
 //! Invariants: no panic, no hang; a batch ends with its closing fence value or with a fault
 //! whose code is documented, with `STATUS.FAULTED` and `INT_STATUS.FAULT` raised; every canary
-//! is intact; RESET stays quick and returns to power-on state.
+//! is intact; RESET stays quick and returns to power-on state; a contending neighbour gets the
+//! GPU (within [`HANG_BOUND`]) whatever the stream runs.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -54,6 +57,10 @@ const RECHECK: std::time::Duration = std::time::Duration::from_millis(1);
 /// A doorbell is taken well within this; a device tail that still differs from what the
 /// harness published came from memory the stream overwrote.
 const TAIL_LOST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Opcode byte of a record that makes the neighbour contend for the GPU (see the module
+/// documentation); the other bytes from `0xf0` are invalid opcodes.
+pub const CONTEND: u8 = 0xf0;
 
 /// Values selector 7 picks from.
 pub const BOUNDARIES: [u64; 20] = [
@@ -424,6 +431,14 @@ pub fn run(data: &[u8]) {
     while !inp.is_empty() && n < 512 {
         n += 1;
         let Record { ctl, mut packet } = decode(&mut inp);
+        if packet.opcode == u32::from(CONTEND) {
+            if ctl & 1 != 0 {
+                rig.contender.start();
+            } else {
+                rig.contender.stop();
+            }
+            continue;
+        }
         bound(&mut packet);
         let ctx = u32::from(ctl >> 1 & 1);
         settle(rig, &mut ctxs, ctx);
@@ -445,5 +460,34 @@ pub fn run(data: &[u8]) {
     }
     rig.reset();
     rig.check_power_on();
+    rig.contender.stop();
     rig.check_canaries();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_contending_neighbour_preempts_the_vgpu_and_gets_the_gpu() {
+        let seed = crate::seeds::command_stream()
+            .into_iter()
+            .find(|(name, _)| *name == "contended")
+            .expect("the contended seed")
+            .1;
+        let (yields, grants) = {
+            let mut guard = RIG.lock().unwrap_or_else(|e| e.into_inner());
+            let rig = guard.get_or_insert_with(Rig::new);
+            (rig.sched.overruns().len(), rig.contender.grants())
+        };
+        run(&seed);
+        let guard = RIG.lock().unwrap_or_else(|e| e.into_inner());
+        let rig = guard.as_ref().expect("rig");
+        // Each overrun sample is a preemption point that decided to yield to the neighbour.
+        assert!(
+            rig.sched.overruns().len() > yields,
+            "the vGPU never yielded to the contender"
+        );
+        assert!(rig.contender.grants() > grants, "the contender never ran");
+    }
 }

@@ -232,9 +232,9 @@ impl Contender {
         cv.notify_all();
     }
 
-    /// Stops contending, after the contender got the GPU at least once since it was last
-    /// started (if it was): whatever the vGPU runs, a neighbour asking for the GPU gets it.
-    /// Panics if it waited [`HANG_BOUND`] in vain.
+    /// Stops contending (if it was), after the contender got the GPU once more: whatever the
+    /// vGPU runs, a neighbour asking for the GPU gets it. Panics if it waited [`HANG_BOUND`]
+    /// in vain.
     pub fn stop(&self) {
         let (lock, cv) = &*self.state;
         let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -487,10 +487,26 @@ pub fn vfio_user() -> Seeds {
     small(&mut hostile, 1 << 20);
     hostile.extend_from_slice(&[6, 2, 0x24, 0, 0, 0, 15, 16, 16, 0]); // routes past the end
     hostile.extend_from_slice(&[0, 1, 0, 0, 0, 0]); // version without its NUL
+    // Work images (guest memory with a ready command stream, started by the harness): one
+    // unmapped while its commands run, one reset, one left mapped at the disconnect.
+    let mut work = hello.clone();
+    for iova in [0x20_0000u32, 0x40_0000, 0x60_0000] {
+        work.extend_from_slice(&[1, 0, 4]);
+        work.extend_from_slice(&iova.to_le_bytes());
+    }
+    access(&mut work, false, 0, regs::MAGIC as u32, &[0; 4]);
+    work.extend_from_slice(&[2, 0, 0, 0, 0]); // unmap the first
+    small(&mut work, 0x20_0000);
+    small(&mut work, 0x1_0000);
+    work.push(9); // reset
+    work.extend_from_slice(&[2, 0, 0, 0, 0]); // unmap the second
+    small(&mut work, 0x40_0000);
+    small(&mut work, 0x1_0000);
     vec![
         ("hello", hello),
         ("session", session),
         ("hostile", hostile),
+        ("work", work),
         ("unknown-commands", vec![10, 0, 10, 1, 10, 3, 10, 6]),
     ]
 }

@@ -3,10 +3,17 @@
 //! short), written to a real `vfio_user::Server` running Tessera's `Attachment` over a fresh
 //! vGPU, exactly as `tessera serve` runs one connection.
 //!
+//! Some `DMA_MAP` messages offer a [`work image`](work_image): guest memory holding page
+//! tables and a ring of packets (fills, copies, spinning dispatches) that use it. Right after
+//! such a map the harness starts context 0 on it through BAR 0, as a driver would, so the
+//! messages that follow (`DMA_UNMAP`, `RESET`, more maps, disconnecting) race with commands
+//! that read and write the client's memory.
+//!
 //! Oracles: nothing in Tessera's code panics (panics inside the vfio-user crate's own message
 //! parsing are the known ones `tessera serve` contains with `catch_unwind`); the connection
 //! always ends (no hang); afterwards the vGPU still answers, and a neighbour's VRAM canary and
-//! a host memfd that was never offered are intact.
+//! a host memfd that was never offered are intact; once a `DMA_UNMAP` of a work image has
+//! returned, the device never writes to that memory again.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -21,7 +28,7 @@ use vgpu::device::DEFAULT_WATCHDOG;
 use vgpu::sched::{Params, Scheduler};
 use vgpu::server::attach::{self, Attachment, EventVectors};
 use vgpu::{BarAddresses, DmaDomain, Interrupts, Vgpu, VgpuSetup};
-use vgpu_abi::regs;
+use vgpu_abi::{Packet, ctx_control, kernel, packet, regs};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::input::Input;
@@ -75,15 +82,111 @@ fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce
     f()
 }
 
-/// Tessera's `Attachment`, with every call marked as Tessera's code for the panic probe.
-struct Marked<'a>(&'a mut Attachment);
+/// Size of a work image.
+const WORK_LEN: u64 = 64 << 10;
+/// Marks a work image (in its last 16 bytes, which no packet touches).
+const WORK_MAGIC: &[u8; 16] = b"tessera-vfu-work";
+/// Ring entries of a work image; its packets sit at VA `WORK_RING`.
+const WORK_RING_ENTRIES: u32 = 16;
+const WORK_RING: u64 = 0x4000;
+
+/// Guest memory to be mapped at `iova` (page-aligned) holding a ready command stream for
+/// context 0: page tables at `iova` mapping VA `[0, WORK_LEN)` onto the image, a ring at VA
+/// [`WORK_RING`] and the packets [`work_packets`] lists, which use VA `0x8000..0x10000`.
+pub fn work_image(iova: u64) -> Vec<u8> {
+    use vgpu_abi::pte;
+    let mut image = vec![0u8; WORK_LEN as usize];
+    let mut put = |at: u64, v: u64| {
+        image[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    // PML4 → PDPT → PD → PT, each entry 0, then 16 pages of 4 KiB.
+    for level in 0..3u64 {
+        put(level * 0x1000, (iova + (level + 1) * 0x1000) | pte::PRESENT);
+    }
+    for i in 0..WORK_LEN / 0x1000 {
+        put(
+            0x3000 + i * 8,
+            (iova + i * 0x1000) | pte::PRESENT | pte::WRITABLE,
+        );
+    }
+    for (i, p) in work_packets().iter().enumerate() {
+        let at = (WORK_RING + i as u64 * packet::PACKET_SIZE) as usize;
+        image[at..at + packet::PACKET_SIZE as usize].copy_from_slice(&p.to_bytes());
+    }
+    let magic_at = (WORK_LEN as usize) - WORK_MAGIC.len();
+    image[magic_at..].copy_from_slice(WORK_MAGIC);
+    image
+}
+
+/// The packets of a work image: writes to the client's memory before, between and after
+/// dispatches that keep the engine busy for a few milliseconds.
+fn work_packets() -> Vec<Packet> {
+    let p = |opcode, flags, a: &[u64]| {
+        let mut args = [0; packet::NUM_ARGS];
+        args[..a.len()].copy_from_slice(a);
+        Packet {
+            opcode,
+            flags,
+            args,
+        }
+    };
+    let spin = p(packet::OP_DISPATCH, kernel::SPIN_US, &[250, 8]);
+    vec![
+        p(packet::OP_FILL, 0, &[0x8000, 0x4000, 0x5a5a_5a5a]),
+        spin,
+        p(packet::OP_COPY, 0, &[0x8000, 0xc000, 0x2000]),
+        spin,
+        p(packet::OP_FILL, 0, &[0xe000, 0x1000, 0xa5a5_a5a5]),
+        p(packet::OP_FENCE, packet::FENCE_IRQ, &[0xf000, 1]),
+    ]
+}
+
+/// A work image the client mapped.
+struct Work {
+    iova: u64,
+    file: File,
+    /// Its contents when a `DMA_UNMAP` of it returned.
+    unmapped: Option<Vec<u8>>,
+}
+
+fn read_all(f: &File) -> Vec<u8> {
+    let mut b = vec![0u8; WORK_LEN as usize];
+    std::os::unix::fs::FileExt::read_exact_at(f, &mut b, 0).expect("read work image");
+    b
+}
+
+/// Tessera's `Attachment`, with every call marked as Tessera's code for the panic probe, and
+/// context 0 started on every work image the client maps.
+struct Marked<'a> {
+    att: &'a mut Attachment,
+    work: Vec<Work>,
+}
+
+impl Marked<'_> {
+    /// Starts context 0 on the work image mapped at `iova` (register writes through the
+    /// server, as the client would send them).
+    fn start_work(&mut self, iova: u64) {
+        let mut w = |reg: u64, v: u32| {
+            let at = regs::ctx_reg(0, reg);
+            let _ = vfio_user::ServerBackend::region_write(self.att, 0, at, &v.to_le_bytes());
+        };
+        w(regs::CTX_CONTROL, ctx_control::RESET);
+        w(regs::CTX_PT_ROOT_LO, iova as u32);
+        w(regs::CTX_PT_ROOT_HI, (iova >> 32) as u32);
+        w(regs::CTX_RING_BASE_LO, WORK_RING as u32);
+        w(regs::CTX_RING_BASE_HI, 0);
+        w(regs::CTX_RING_SIZE, WORK_RING_ENTRIES);
+        w(regs::CTX_CONTROL, ctx_control::ENABLE);
+        w(regs::CTX_RING_TAIL, work_packets().len() as u32);
+    }
+}
 
 impl vfio_user::ServerBackend for Marked<'_> {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.0.region_read(region, offset, data))
+        with_flag(&IN_BACKEND, || self.att.region_read(region, offset, data))
     }
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.0.region_write(region, offset, data))
+        with_flag(&IN_BACKEND, || self.att.region_write(region, offset, data))
     }
     fn dma_map(
         &mut self,
@@ -94,7 +197,29 @@ impl vfio_user::ServerBackend for Marked<'_> {
         fd: Option<File>,
     ) -> std::io::Result<()> {
         with_flag(&IN_BACKEND, || {
-            self.0.dma_map(flags, offset, address, size, fd)
+            // A work image mapped whole, at the address its page tables were built for.
+            let work = fd
+                .as_ref()
+                .filter(|f| {
+                    let mut tail = [0u8; 16];
+                    offset == 0
+                        && size == WORK_LEN
+                        && std::os::unix::fs::FileExt::read_exact_at(*f, &mut tail, WORK_LEN - 16)
+                            .is_ok()
+                        && &tail == WORK_MAGIC
+                        && read_all(f) == work_image(address)
+                })
+                .and_then(|f| f.try_clone().ok());
+            self.att.dma_map(flags, offset, address, size, fd)?;
+            if let Some(file) = work {
+                self.work.push(Work {
+                    iova: address,
+                    file,
+                    unmapped: None,
+                });
+                self.start_work(address);
+            }
+            Ok(())
         })
     }
     fn dma_unmap(
@@ -103,10 +228,19 @@ impl vfio_user::ServerBackend for Marked<'_> {
         address: u64,
         size: u64,
     ) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.0.dma_unmap(flags, address, size))
+        with_flag(&IN_BACKEND, || {
+            self.att.dma_unmap(flags, address, size)?;
+            let all = flags.contains(vfio_user::DmaUnmapFlags::UNMAP_ALL);
+            for w in &mut self.work {
+                if w.unmapped.is_none() && (all || (w.iova == address && size == WORK_LEN)) {
+                    w.unmapped = Some(read_all(&w.file));
+                }
+            }
+            Ok(())
+        })
     }
     fn reset(&mut self) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.0.reset())
+        with_flag(&IN_BACKEND, || self.att.reset())
     }
     fn set_irqs(
         &mut self,
@@ -117,7 +251,7 @@ impl vfio_user::ServerBackend for Marked<'_> {
         fds: Vec<File>,
     ) -> std::io::Result<()> {
         with_flag(&IN_BACKEND, || {
-            self.0.set_irqs(index, flags, start, count, fds)
+            self.att.set_irqs(index, flags, start, count, fds)
         })
     }
 }
@@ -224,13 +358,33 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
             }
             1 => {
                 let len = u64::from(input.u8()) << 16;
-                match input.u8() % 4 {
+                match input.u8() % 5 {
                     0 => {}
                     1 => fds.push(OwnedFd::from(rig::memfd(len.max(4096)))),
                     2 => fds.push(eventfd()),
-                    _ => {
+                    3 => {
                         fds.push(OwnedFd::from(rig::memfd(len.max(4096))));
                         fds.push(eventfd());
+                    }
+                    _ => {
+                        // A work image at a page-aligned address below 4 GiB.
+                        let iova = u64::from(input.u32()) & !0xfff;
+                        let image = rig::memfd(WORK_LEN);
+                        (&image)
+                            .write_all(&work_image(iova))
+                            .expect("write work image");
+                        fds.push(OwnedFd::from(image));
+                        let mut b = vec![];
+                        b.extend_from_slice(&32u32.to_le_bytes());
+                        b.extend_from_slice(&3u32.to_le_bytes());
+                        for v in [0, iova, WORK_LEN] {
+                            b.extend_from_slice(&v.to_le_bytes());
+                        }
+                        out.push(Message {
+                            bytes: [header(id, 2, b.len(), flags), b].concat(),
+                            fds,
+                        });
+                        continue;
                     }
                 }
                 let mut b = vec![];
@@ -375,9 +529,14 @@ pub fn run(data: &[u8]) {
     });
     let mut att = Attachment::new(vgpu, vectors, false);
     OURS.with(|o| o.set(false));
+    let mut marked = Marked {
+        att: &mut att,
+        work: Vec::new(),
+    };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        with_flag(&IN_SERVER, || server.run(&mut Marked(&mut att)))
+        with_flag(&IN_SERVER, || server.run(&mut marked))
     }));
+    let work = std::mem::take(&mut marked.work);
     if let Err(payload) = result
         && OURS.with(Cell::get)
     {
@@ -394,6 +553,16 @@ pub fn run(data: &[u8]) {
     );
     drop(att);
     drop(server);
+    // The vGPU is gone (its command processor joined): whatever it wrote is written.
+    for w in &work {
+        if let Some(then) = &w.unmapped {
+            assert!(
+                read_all(&w.file) == *then,
+                "the device wrote the work image at {:#x} after its DMA_UNMAP returned",
+                w.iova
+            );
+        }
+    }
     // Nobody else's memory changed.
     // (Slice comparisons, i.e. memcmp: a byte loop here would be most of an input's cost
     // under the fuzzer's comparison tracing.)
@@ -410,4 +579,51 @@ pub fn run(data: &[u8]) {
         s == [SECRET_BYTE; SECRET_LEN],
         "host memory never offered changed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The work image is a valid command stream: started, it fills, copies and fences the
+    /// client's memory (otherwise the fuzzer would race `DMA_UNMAP` with faults only).
+    #[test]
+    fn a_work_image_runs_to_its_fence() {
+        let vectors = Arc::new(EventVectors::default());
+        let (vgpu, _vram) = new_vgpu(vectors.clone());
+        let mut att = Attachment::new(vgpu, vectors, false);
+        let mut marked = Marked {
+            att: &mut att,
+            work: Vec::new(),
+        };
+        let iova = 0x30_0000;
+        let image = rig::memfd(WORK_LEN);
+        (&image).write_all(&work_image(iova)).expect("write");
+        let fd = image.try_clone().expect("dup");
+        let flags = vfio_user::DmaMapFlags::READ_WRITE;
+        vfio_user::ServerBackend::dma_map(&mut marked, flags, 0, iova, WORK_LEN, Some(fd))
+            .expect("map");
+        assert_eq!(
+            marked.work.len(),
+            1,
+            "the harness recognised its work image"
+        );
+        let word = |at: u64| {
+            let mut b = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&image, &mut b, at).expect("read");
+            u32::from_le_bytes(b)
+        };
+        let start = Instant::now();
+        while word(0xf000) != 1 {
+            assert!(start.elapsed() < rig::HANG_BOUND, "no fence");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(word(0x8000), 0x5a5a_5a5a, "fill");
+        assert_eq!(word(0xc000 + 0x1ffc), 0x5a5a_5a5a, "copy");
+        assert_eq!(word(0xe000), 0xa5a5_a5a5, "second fill");
+        let unmap = vfio_user::DmaUnmapFlags::empty();
+        vfio_user::ServerBackend::dma_unmap(&mut marked, unmap, iova, WORK_LEN).expect("unmap");
+        assert!(marked.work[0].unmapped.is_some(), "unmap recorded");
+    }
 }

@@ -84,8 +84,6 @@ fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce
 
 /// Size of a work image.
 const WORK_LEN: u64 = 64 << 10;
-/// Marks a work image (in its last 16 bytes, which no packet touches).
-const WORK_MAGIC: &[u8; 16] = b"tessera-vfu-work";
 /// Ring entries of a work image; its packets sit at VA `WORK_RING`.
 const WORK_RING_ENTRIES: u32 = 16;
 const WORK_RING: u64 = 0x4000;
@@ -113,8 +111,6 @@ pub fn work_image(iova: u64) -> Vec<u8> {
         let at = (WORK_RING + i as u64 * packet::PACKET_SIZE) as usize;
         image[at..at + packet::PACKET_SIZE as usize].copy_from_slice(&p.to_bytes());
     }
-    let magic_at = (WORK_LEN as usize) - WORK_MAGIC.len();
-    image[magic_at..].copy_from_slice(WORK_MAGIC);
     image
 }
 
@@ -149,9 +145,10 @@ struct Work {
     unmapped: Option<Vec<u8>>,
 }
 
+/// The first [`WORK_LEN`] bytes of `f` (zeros past its end).
 fn read_all(f: &File) -> Vec<u8> {
     let mut b = vec![0u8; WORK_LEN as usize];
-    std::os::unix::fs::FileExt::read_exact_at(f, &mut b, 0).expect("read work image");
+    let _ = std::os::unix::fs::FileExt::read_at(f, &mut b, 0);
     b
 }
 
@@ -200,15 +197,7 @@ impl vfio_user::ServerBackend for Marked<'_> {
             // A work image mapped whole, at the address its page tables were built for.
             let work = fd
                 .as_ref()
-                .filter(|f| {
-                    let mut tail = [0u8; 16];
-                    offset == 0
-                        && size == WORK_LEN
-                        && std::os::unix::fs::FileExt::read_exact_at(*f, &mut tail, WORK_LEN - 16)
-                            .is_ok()
-                        && &tail == WORK_MAGIC
-                        && read_all(f) == work_image(address)
-                })
+                .filter(|f| offset == 0 && size == WORK_LEN && read_all(f) == work_image(address))
                 .and_then(|f| f.try_clone().ok());
             self.att.dma_map(flags, offset, address, size, fd)?;
             if let Some(file) = work {

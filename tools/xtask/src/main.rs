@@ -342,7 +342,7 @@ const FUZZ_TARGETS: [&str; 5] = [
 /// `TESSERA_FUZZ_SANITIZER=address` to change it.
 fn fuzz(args: &[String]) -> Result<()> {
     let mut time = 60u64;
-    let mut jobs = 1u32;
+    let mut jobs = 1u64;
     let mut targets: Vec<&str> = Vec::new();
     let mut it = args.iter();
     let positive = |flag: &str, v: Option<&String>| -> Result<u64> {
@@ -356,9 +356,7 @@ fn fuzz(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--time" => time = positive("--time", it.next())?,
             "--jobs" => {
-                jobs = positive("--jobs", it.next())?
-                    .try_into()
-                    .ok()
+                jobs = Some(positive("--jobs", it.next())?)
                     .filter(|&j| j <= 64)
                     .ok_or("--jobs: at most 64")?;
             }

@@ -80,6 +80,7 @@ def main():
     import bisect
     import re
     import shlex
+    import signal
     import struct
     import subprocess
     import tempfile
@@ -104,7 +105,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "coverage")
         env = dict(os.environ, TESSERA_COV_OUT=dump)
-        run = subprocess.run(
+        gdb = subprocess.Popen(
             # `run ARGS` replaces the argument list, so the arguments go there, not --args.
             ["gdb", "-q", "-batch", "-x", os.path.abspath(__file__)]
             + ["-ex", " ".join(["run", "-runs=0", *map(shlex.quote, corpora), ">/dev/null 2>&1"])]
@@ -114,8 +115,18 @@ def main():
             stderr=subprocess.PIPE,
             text=True,
         )
+        # Stopped by a signal (`timeout`, a closed terminal), gdb must go too, and take the
+        # replay with it: a SIGKILLed gdb would leave its inferior running.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: sys.exit(1))
+        try:
+            _, stderr = gdb.communicate()
+        finally:
+            if gdb.poll() is None:
+                gdb.terminate()
+                gdb.wait()
         if not os.path.exists(dump):
-            sys.exit(f"gdb did not produce the coverage dump:\n{run.stderr[-2000:]}")
+            sys.exit(f"gdb did not produce the coverage dump:\n{stderr[-2000:]}")
         data = open(dump, "rb").read()
     cntrs_start = int.from_bytes(data[0:8], "little")
     npcs = int.from_bytes(data[8:16], "little")

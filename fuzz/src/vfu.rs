@@ -347,6 +347,8 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
             }
             1 => {
                 let len = u64::from(input.u8()) << 16;
+                // (flags, offset, address, size): a work image's, or fuzzed.
+                let mut work = None;
                 match input.u8() % 5 {
                     0 => {}
                     1 => fds.push(OwnedFd::from(rig::memfd(len.max(4096)))),
@@ -356,32 +358,24 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
                         fds.push(eventfd());
                     }
                     _ => {
-                        // A work image at a page-aligned address below 4 GiB.
+                        // A work image at a page-aligned address below 4 GiB, mapped whole.
                         let iova = u64::from(input.u32()) & !0xfff;
                         let image = rig::memfd(WORK_LEN);
                         (&image)
                             .write_all(&work_image(iova))
                             .expect("write work image");
                         fds.push(OwnedFd::from(image));
-                        let mut b = vec![];
-                        b.extend_from_slice(&32u32.to_le_bytes());
-                        b.extend_from_slice(&3u32.to_le_bytes());
-                        for v in [0, iova, WORK_LEN] {
-                            b.extend_from_slice(&v.to_le_bytes());
-                        }
-                        out.push(Message {
-                            bytes: [header(id, 2, b.len(), flags), b].concat(),
-                            fds,
-                        });
-                        continue;
+                        work = Some((3, 0, iova, WORK_LEN));
                     }
                 }
+                let (map_flags, offset, address, size) =
+                    work.unwrap_or_else(|| (input.u32(), addr(input), addr(input), addr(input)));
                 let mut b = vec![];
                 b.extend_from_slice(&32u32.to_le_bytes());
-                b.extend_from_slice(&input.u32().to_le_bytes());
-                b.extend_from_slice(&addr(input).to_le_bytes());
-                b.extend_from_slice(&addr(input).to_le_bytes());
-                b.extend_from_slice(&addr(input).to_le_bytes());
+                b.extend_from_slice(&map_flags.to_le_bytes());
+                for v in [offset, address, size] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
                 [header(id, 2, b.len(), flags), b].concat()
             }
             2 => {

@@ -117,23 +117,14 @@ pub fn work_image(iova: u64) -> Vec<u8> {
 /// The packets of a work image: writes to the client's memory before, between and after
 /// dispatches that keep the engine busy for a few milliseconds.
 fn work_packets() -> Vec<Packet> {
-    let p = |opcode, flags, a: &[u64]| {
-        let mut args = [0; packet::NUM_ARGS];
-        args[..a.len()].copy_from_slice(a);
-        Packet {
-            opcode,
-            flags,
-            args,
-        }
-    };
-    let spin = p(packet::OP_DISPATCH, kernel::SPIN_US, &[250, 8]);
+    let spin = Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[250, 8]);
     vec![
-        p(packet::OP_FILL, 0, &[0x8000, 0x4000, 0x5a5a_5a5a]),
+        Packet::new(packet::OP_FILL, 0, &[0x8000, 0x4000, 0x5a5a_5a5a]),
         spin,
-        p(packet::OP_COPY, 0, &[0x8000, 0xc000, 0x2000]),
+        Packet::new(packet::OP_COPY, 0, &[0x8000, 0xc000, 0x2000]),
         spin,
-        p(packet::OP_FILL, 0, &[0xe000, 0x1000, 0xa5a5_a5a5]),
-        p(packet::OP_FENCE, packet::FENCE_IRQ, &[0xf000, 1]),
+        Packet::new(packet::OP_FILL, 0, &[0xe000, 0x1000, 0xa5a5_a5a5]),
+        Packet::new(packet::OP_FENCE, packet::FENCE_IRQ, &[0xf000, 1]),
     ]
 }
 

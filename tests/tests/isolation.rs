@@ -239,7 +239,7 @@ impl Side {
         self.fences[ctx as usize] += 1;
         let value = self.fences[ctx as usize];
         let mut all = pkts.to_vec();
-        all.push(pkt(packet::OP_FENCE, 0, &[FENCE_VA, value]));
+        all.push(Packet::new(packet::OP_FENCE, 0, &[FENCE_VA, value]));
         self.submit(ctx, self.rings[ctx as usize], RING_ENTRIES, &all);
         self.wait(ctx, value, Duration::from_secs(20))
     }
@@ -275,16 +275,6 @@ impl Side {
             self.w(e + 12, 0);
         }
     }
-}
-
-fn pkt(opcode: u32, flags: u32, args: &[u64]) -> Packet {
-    let mut p = Packet {
-        opcode,
-        flags,
-        ..Default::default()
-    };
-    p.args[..args.len()].copy_from_slice(args);
-    p
 }
 
 /// Host-side page-table builder (tables in guest RAM, allocated from a range).
@@ -676,11 +666,20 @@ fn attack(a: Attack, aim: &Aim) -> (Packet, Expect) {
         a
     };
     match a {
-        Attack::CopyFrom => (pkt(packet::OP_COPY, 0, &[va, scratch, len]), aim.read),
-        Attack::CopyTo => (pkt(packet::OP_COPY, 0, &[scratch, va, len]), aim.write),
-        Attack::Fill => (pkt(packet::OP_FILL, 0, &[va, len, 0xdead_beef]), aim.write),
+        Attack::CopyFrom => (
+            Packet::new(packet::OP_COPY, 0, &[va, scratch, len]),
+            aim.read,
+        ),
+        Attack::CopyTo => (
+            Packet::new(packet::OP_COPY, 0, &[scratch, va, len]),
+            aim.write,
+        ),
+        Attack::Fill => (
+            Packet::new(packet::OP_FILL, 0, &[va, len, 0xdead_beef]),
+            aim.write,
+        ),
         Attack::Saxpy => (
-            pkt(
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SAXPY,
                 &[len / 4, 0x3f80_0000, scratch, va],
@@ -688,15 +687,15 @@ fn attack(a: Attack, aim: &Aim) -> (Packet, Expect) {
             aim.write,
         ),
         Attack::Crc => (
-            pkt(packet::OP_DISPATCH, kernel::CRC32, &[len, va, scratch]),
+            Packet::new(packet::OP_DISPATCH, kernel::CRC32, &[len, va, scratch]),
             aim.read,
         ),
         Attack::Reduce => (
-            pkt(packet::OP_DISPATCH, kernel::REDUCE_SUM, &[16, scratch, va]),
+            Packet::new(packet::OP_DISPATCH, kernel::REDUCE_SUM, &[16, scratch, va]),
             aim.write,
         ),
         Attack::Sgemm => (
-            pkt(
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SGEMM,
                 &[2, 2, 2, scratch, scratch + 64, va],
@@ -704,10 +703,10 @@ fn attack(a: Attack, aim: &Aim) -> (Packet, Expect) {
             aim.write,
         ),
         Attack::Fence => (
-            pkt(packet::OP_FENCE, packet::FENCE_IRQ, &[va, 7]),
+            Packet::new(packet::OP_FENCE, packet::FENCE_IRQ, &[va, 7]),
             aim.write,
         ),
-        Attack::Timestamp => (pkt(packet::OP_TIMESTAMP, 0, &[va]), aim.write),
+        Attack::Timestamp => (Packet::new(packet::OP_TIMESTAMP, 0, &[va]), aim.write),
     }
 }
 
@@ -760,7 +759,7 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
     let scratch = SCRATCH_VA;
     for (packet, code) in [
         (
-            pkt(
+            Packet::new(
                 packet::OP_COPY,
                 0,
                 &[scratch, scratch + 64, limits::MAX_TRANSFER + 1],
@@ -768,11 +767,11 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
             fault::BAD_PACKET,
         ),
         (
-            pkt(packet::OP_FILL, 0, &[scratch + 2, 8, 0]),
+            Packet::new(packet::OP_FILL, 0, &[scratch + 2, 8, 0]),
             fault::BAD_PACKET,
         ),
         (
-            pkt(
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SPIN_US,
                 &[limits::MAX_SPIN_US + 1, 1],
@@ -780,15 +779,15 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
             fault::BAD_PACKET,
         ),
         (
-            pkt(
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SGEMM,
                 &[limits::MAX_SGEMM_DIM + 1, 1, 1, 0, 0, 0],
             ),
             fault::BAD_PACKET,
         ),
-        (pkt(packet::OP_DISPATCH, 77, &[]), fault::BAD_PACKET),
-        (pkt(0x1234, 0, &[]), fault::BAD_OPCODE),
+        (Packet::new(packet::OP_DISPATCH, 77, &[]), fault::BAD_PACKET),
+        (Packet::new(0x1234, 0, &[]), fault::BAD_OPCODE),
     ] {
         let slot = u64::from(p.a.tails[0] % RING_ENTRIES);
         assert_eq!(p.a.run(0, &[packet]), wait::FAULTED, "{packet:?}");
@@ -803,7 +802,7 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
     assert_eq!(
         p.a.run(
             0,
-            &[pkt(
+            &[Packet::new(
                 packet::OP_COPY,
                 0,
                 &[scratch, scratch, limits::MAX_TRANSFER]
@@ -818,12 +817,23 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
     assert_eq!(
         p.a.run(
             0,
-            &[pkt(packet::OP_COPY, 0, &[scratch, scratch + 0x1000, 256])]
+            &[Packet::new(
+                packet::OP_COPY,
+                0,
+                &[scratch, scratch + 0x1000, 256]
+            )]
         ),
         wait::DONE
     );
     assert_eq!(
-        p.a.run(1, &[pkt(packet::OP_COPY, 0, &[SECRET_VA, SCRATCH_VA, 256])]),
+        p.a.run(
+            1,
+            &[Packet::new(
+                packet::OP_COPY,
+                0,
+                &[SECRET_VA, SCRATCH_VA, 256]
+            )]
+        ),
         wait::DONE
     );
     assert_filled(
@@ -834,7 +844,14 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
         "context 1 reads its secret",
     );
     assert_eq!(
-        p.b.run(0, &[pkt(packet::OP_FILL, 0, &[VRAM_VA, 4096, 0x0101_0101])]),
+        p.b.run(
+            0,
+            &[Packet::new(
+                packet::OP_FILL,
+                0,
+                &[VRAM_VA, 4096, 0x0101_0101]
+            )]
+        ),
         wait::DONE
     );
     assert_filled(&p.b.lease.vram().memory, 0, 4096, 1, "VM B's own work");
@@ -854,7 +871,7 @@ proptest! {
             strike(&mut p, ATTACKS[a], aims[aim % aims.len()]);
             if legit {
                 let v = i as u32 * 0x0101_0101;
-                assert_eq!(p.a.run(0, &[pkt(packet::OP_FILL, 0, &[VRAM_VA, 64, u64::from(v)])]), wait::DONE);
+                assert_eq!(p.a.run(0, &[Packet::new(packet::OP_FILL, 0, &[VRAM_VA, 64, u64::from(v)])]), wait::DONE);
                 assert_filled(p.a.vram(), 0, 64, v as u8, "legitimate work between attacks");
             }
         }
@@ -1144,7 +1161,7 @@ fn ring_flood_keeps_other_contexts_and_vgpus_served_and_reset_quick() {
     let ring_pa = 0x60_0000;
     let mut t = Tables::new(&a.sys, (0x68_0000, 0x70_0000));
     t.map(&a.sys, RING_VA, ring_pa, u64::from(entries) * 64 / 4096, RW);
-    let spin = pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[200, 2]).to_bytes();
+    let spin = Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[200, 2]).to_bytes();
     for slot in 0..u64::from(entries) {
         a.sys
             .write_slice(&spin, GuestAddress(ring_pa + slot * 64))
@@ -1158,14 +1175,17 @@ fn ring_flood_keeps_other_contexts_and_vgpus_served_and_reset_quick() {
     }
     // Context 1 and VM B are still served promptly.
     let t0 = Instant::now();
-    assert_eq!(a.run(1, &[pkt(packet::OP_NOP, 0, &[])]), wait::DONE);
+    assert_eq!(a.run(1, &[Packet::new(packet::OP_NOP, 0, &[])]), wait::DONE);
     assert!(
         t0.elapsed() < Duration::from_secs(2),
         "context 1 waited {:?}",
         t0.elapsed()
     );
     let t0 = Instant::now();
-    assert_eq!(p.b.run(0, &[pkt(packet::OP_NOP, 0, &[])]), wait::DONE);
+    assert_eq!(
+        p.b.run(0, &[Packet::new(packet::OP_NOP, 0, &[])]),
+        wait::DONE
+    );
     assert!(
         t0.elapsed() < Duration::from_secs(2),
         "VM B waited {:?}",
@@ -1191,7 +1211,7 @@ fn giant_dispatch_is_stopped_by_the_watchdog_while_the_neighbour_runs() {
     let watchdog = Duration::from_millis(300);
     let mut p = Pair::new(watchdog);
     // MAX_SPIN_US × MAX_SPIN_GROUPS: 18 hours of GPU time in one packet.
-    let giant = pkt(
+    let giant = Packet::new(
         packet::OP_DISPATCH,
         kernel::SPIN_US,
         &[limits::MAX_SPIN_US, limits::MAX_SPIN_GROUPS],
@@ -1199,7 +1219,7 @@ fn giant_dispatch_is_stopped_by_the_watchdog_while_the_neighbour_runs() {
     p.a.submit(0, RINGS[0], RING_ENTRIES, &[giant]);
     let started = Instant::now();
     // The neighbour VM keeps its share meanwhile: 4 × 20 ms of spinning finishes.
-    let b_work = pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[20_000, 4]);
+    let b_work = Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[20_000, 4]);
     assert_eq!(p.b.run(0, &[b_work]), wait::DONE);
     let b_took = started.elapsed();
     assert!(
@@ -1222,14 +1242,17 @@ fn giant_dispatch_is_stopped_by_the_watchdog_while_the_neighbour_runs() {
     assert_ne!(a.r(regs::INT_STATUS) & int::FAULT, 0);
     // After the TDR the vGPU is usable again once the driver sets it up.
     p.setup();
-    assert_eq!(p.a.run(0, &[pkt(packet::OP_NOP, 0, &[])]), wait::DONE);
+    assert_eq!(
+        p.a.run(0, &[Packet::new(packet::OP_NOP, 0, &[])]),
+        wait::DONE
+    );
     p.check_canaries();
 }
 
 #[test]
 fn reset_cuts_a_giant_dispatch_short() {
     let mut p = Pair::new(Duration::from_secs(3600));
-    let giant = pkt(
+    let giant = Packet::new(
         packet::OP_DISPATCH,
         kernel::SPIN_US,
         &[limits::MAX_SPIN_US, limits::MAX_SPIN_GROUPS],
@@ -1251,7 +1274,7 @@ fn fence_and_interrupt_storms_are_bounded() {
     let storm = |a: &mut Side, n: u64| {
         let base = a.fences[0];
         let pkts: Vec<Packet> = (1..=n)
-            .map(|i| pkt(packet::OP_FENCE, packet::FENCE_IRQ, &[FENCE_VA, base + i]))
+            .map(|i| Packet::new(packet::OP_FENCE, packet::FENCE_IRQ, &[FENCE_VA, base + i]))
             .collect();
         for chunk in pkts.chunks(RING_ENTRIES as usize - 1) {
             a.submit(0, RINGS[0], RING_ENTRIES, chunk);
@@ -1280,7 +1303,7 @@ fn fence_and_interrupt_storms_are_bounded() {
     // A fault storm: 500 faults, each one message on the fault vector.
     a.w(regs::FAULT_VECTOR, 2);
     for _ in 0..500 {
-        assert_eq!(a.run(0, &[pkt(0x99, 0, &[])]), wait::FAULTED);
+        assert_eq!(a.run(0, &[Packet::new(0x99, 0, &[])]), wait::FAULTED);
         a.recover(0);
     }
     assert_eq!(a.msis.0.load(Ordering::Relaxed), 2501);
@@ -1347,11 +1370,14 @@ fn huge_copies_and_fills_stream_through_bounded_host_memory() {
         })
     };
     assert_eq!(
-        a.run(0, &[pkt(packet::OP_COPY, 0, &[src, dst, LEN])]),
+        a.run(0, &[Packet::new(packet::OP_COPY, 0, &[src, dst, LEN])]),
         wait::DONE
     );
     assert_eq!(
-        a.run(0, &[pkt(packet::OP_FILL, 0, &[src, LEN, 0x0101_0101])]),
+        a.run(
+            0,
+            &[Packet::new(packet::OP_FILL, 0, &[src, LEN, 0x0101_0101])]
+        ),
         wait::DONE
     );
     stop.store(true, Ordering::Relaxed);

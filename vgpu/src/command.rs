@@ -259,24 +259,14 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
 mod tests {
     use super::*;
 
-    fn pkt(opcode: u32, flags: u32, args: &[u64]) -> Packet {
-        let mut p = Packet {
-            opcode,
-            flags,
-            ..Default::default()
-        };
-        p.args[..args.len()].copy_from_slice(args);
-        p
-    }
-
     #[test]
     fn decodes_every_command() {
         assert_eq!(
-            Command::decode(&pkt(packet::OP_NOP, 0, &[])),
+            Command::decode(&Packet::new(packet::OP_NOP, 0, &[])),
             Ok(Command::Nop)
         );
         assert_eq!(
-            Command::decode(&pkt(packet::OP_COPY, 0, &[1, 2, 3])),
+            Command::decode(&Packet::new(packet::OP_COPY, 0, &[1, 2, 3])),
             Ok(Command::Copy {
                 src: 1,
                 dst: 2,
@@ -284,7 +274,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Command::decode(&pkt(packet::OP_FILL, 0, &[4, 8, 0xdead_beef])),
+            Command::decode(&Packet::new(packet::OP_FILL, 0, &[4, 8, 0xdead_beef])),
             Ok(Command::Fill {
                 dst: 4,
                 len: 8,
@@ -292,7 +282,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Command::decode(&pkt(packet::OP_FENCE, packet::FENCE_IRQ, &[8, 42])),
+            Command::decode(&Packet::new(packet::OP_FENCE, packet::FENCE_IRQ, &[8, 42])),
             Ok(Command::Fence {
                 va: 8,
                 value: 42,
@@ -300,12 +290,16 @@ mod tests {
             })
         );
         assert_eq!(
-            Command::decode(&pkt(packet::OP_TIMESTAMP, 0, &[16])),
+            Command::decode(&Packet::new(packet::OP_TIMESTAMP, 0, &[16])),
             Ok(Command::Timestamp { va: 16 })
         );
         let two = 2.0f32.to_bits() as u64;
         assert_eq!(
-            Command::decode(&pkt(packet::OP_DISPATCH, kernel::SAXPY, &[10, two, 0, 64])),
+            Command::decode(&Packet::new(
+                packet::OP_DISPATCH,
+                kernel::SAXPY,
+                &[10, two, 0, 64]
+            )),
             Ok(Command::Dispatch(Kernel::Saxpy {
                 n: 10,
                 a: 2.0,
@@ -314,50 +308,64 @@ mod tests {
             }))
         );
         assert!(
-            Command::decode(&pkt(
+            Command::decode(&Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SGEMM,
                 &[2, 2, 2, 0, 16, 32]
             ))
             .is_ok()
         );
-        assert!(Command::decode(&pkt(packet::OP_DISPATCH, kernel::REDUCE_SUM, &[4, 0, 8])).is_ok());
-        assert!(Command::decode(&pkt(packet::OP_DISPATCH, kernel::CRC32, &[9, 1, 4])).is_ok());
-        assert!(Command::decode(&pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[10, 2])).is_ok());
+        assert!(
+            Command::decode(&Packet::new(
+                packet::OP_DISPATCH,
+                kernel::REDUCE_SUM,
+                &[4, 0, 8]
+            ))
+            .is_ok()
+        );
+        assert!(
+            Command::decode(&Packet::new(packet::OP_DISPATCH, kernel::CRC32, &[9, 1, 4])).is_ok()
+        );
+        assert!(
+            Command::decode(&Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[10, 2])).is_ok()
+        );
     }
 
     #[test]
     fn rejects_malformed_packets() {
-        assert_eq!(Command::decode(&pkt(0x77, 0, &[])), Err(fault::BAD_OPCODE));
+        assert_eq!(
+            Command::decode(&Packet::new(0x77, 0, &[])),
+            Err(fault::BAD_OPCODE)
+        );
         for p in [
-            pkt(packet::OP_NOP, 1, &[]),
-            pkt(packet::OP_NOP, 0, &[0, 0, 0, 0, 0, 0, 1]),
-            pkt(packet::OP_COPY, 0, &[0, 0, limits::MAX_TRANSFER + 1]),
-            pkt(packet::OP_COPY, 0, &[0, 0, 1, 9]),
-            pkt(packet::OP_FILL, 0, &[2, 8, 0]),
-            pkt(packet::OP_FILL, 0, &[0, 6, 0]),
-            pkt(packet::OP_FILL, 0, &[0, 8, 1 << 32]),
-            pkt(packet::OP_FENCE, 2, &[0, 1]),
-            pkt(packet::OP_FENCE, 0, &[4, 1]),
-            pkt(packet::OP_TIMESTAMP, 0, &[12]),
-            pkt(packet::OP_DISPATCH, 99, &[]),
-            pkt(packet::OP_DISPATCH, kernel::SAXPY, &[u64::MAX, 0, 0, 0]),
-            pkt(packet::OP_DISPATCH, kernel::SAXPY, &[1, 1 << 32, 0, 0]),
-            pkt(packet::OP_DISPATCH, kernel::SAXPY, &[1, 0, 2, 0]),
-            pkt(packet::OP_DISPATCH, kernel::SGEMM, &[0, 1, 1, 0, 0, 0]),
-            pkt(
+            Packet::new(packet::OP_NOP, 1, &[]),
+            Packet::new(packet::OP_NOP, 0, &[0, 0, 0, 0, 0, 0, 1]),
+            Packet::new(packet::OP_COPY, 0, &[0, 0, limits::MAX_TRANSFER + 1]),
+            Packet::new(packet::OP_COPY, 0, &[0, 0, 1, 9]),
+            Packet::new(packet::OP_FILL, 0, &[2, 8, 0]),
+            Packet::new(packet::OP_FILL, 0, &[0, 6, 0]),
+            Packet::new(packet::OP_FILL, 0, &[0, 8, 1 << 32]),
+            Packet::new(packet::OP_FENCE, 2, &[0, 1]),
+            Packet::new(packet::OP_FENCE, 0, &[4, 1]),
+            Packet::new(packet::OP_TIMESTAMP, 0, &[12]),
+            Packet::new(packet::OP_DISPATCH, 99, &[]),
+            Packet::new(packet::OP_DISPATCH, kernel::SAXPY, &[u64::MAX, 0, 0, 0]),
+            Packet::new(packet::OP_DISPATCH, kernel::SAXPY, &[1, 1 << 32, 0, 0]),
+            Packet::new(packet::OP_DISPATCH, kernel::SAXPY, &[1, 0, 2, 0]),
+            Packet::new(packet::OP_DISPATCH, kernel::SGEMM, &[0, 1, 1, 0, 0, 0]),
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SGEMM,
                 &[limits::MAX_SGEMM_DIM + 1, 1, 1, 0, 0, 0],
             ),
-            pkt(packet::OP_DISPATCH, kernel::REDUCE_SUM, &[1, 0, 4]),
-            pkt(packet::OP_DISPATCH, kernel::CRC32, &[1, 0, 2]),
-            pkt(
+            Packet::new(packet::OP_DISPATCH, kernel::REDUCE_SUM, &[1, 0, 4]),
+            Packet::new(packet::OP_DISPATCH, kernel::CRC32, &[1, 0, 2]),
+            Packet::new(
                 packet::OP_DISPATCH,
                 kernel::SPIN_US,
                 &[limits::MAX_SPIN_US + 1, 1],
             ),
-            pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[1, 0]),
+            Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[1, 0]),
         ] {
             assert_eq!(Command::decode(&p), Err(fault::BAD_PACKET), "{p:?}");
         }

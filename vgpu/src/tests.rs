@@ -180,18 +180,8 @@ impl Gpu {
     }
 }
 
-fn pkt(opcode: u32, flags: u32, args: &[u64]) -> Packet {
-    let mut p = Packet {
-        opcode,
-        flags,
-        ..Default::default()
-    };
-    p.args[..args.len()].copy_from_slice(args);
-    p
-}
-
 fn fence_pkt(va: u64, value: u64, irq: bool) -> Packet {
-    pkt(
+    Packet::new(
         packet::OP_FENCE,
         if irq { packet::FENCE_IRQ } else { 0 },
         &[va, value],
@@ -243,15 +233,15 @@ fn copy_fill_fence_through_sysmem_and_vram() {
         0,
         T0,
         &[
-            pkt(packet::OP_NOP, 0, &[]),
-            pkt(packet::OP_COPY, 0, &[SYS_VA + 0x100, VRAM_VA + 0x3, 12]),
-            pkt(
+            Packet::new(packet::OP_NOP, 0, &[]),
+            Packet::new(packet::OP_COPY, 0, &[SYS_VA + 0x100, VRAM_VA + 0x3, 12]),
+            Packet::new(
                 packet::OP_FILL,
                 0,
                 &[SYS_VA + 0x2000, 0x1000 + 8, 0xa5a5_0001],
             ),
-            pkt(packet::OP_COPY, 0, &[VRAM_VA + 0x3, SYS_VA + 0x3000, 12]),
-            pkt(packet::OP_TIMESTAMP, 0, &[SYS_VA + 0xe000]),
+            Packet::new(packet::OP_COPY, 0, &[VRAM_VA + 0x3, SYS_VA + 0x3000, 12]),
+            Packet::new(packet::OP_TIMESTAMP, 0, &[SYS_VA + 0xe000]),
         ],
         7,
     );
@@ -305,7 +295,7 @@ fn every_kernel_matches_the_cpu() {
     write_f32s(&g, B0, &x);
     write_f32s(&g, B0 + 0x1000, &y);
     let a = 1.5f32;
-    let d = pkt(
+    let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::SAXPY,
         &[1000, a.to_bits() as u64, SYS_VA, SYS_VA + 0x1000],
@@ -325,7 +315,7 @@ fn every_kernel_matches_the_cpu() {
     let bm: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.25).collect();
     write_f32s(&g, B0 + 0x4000, &am);
     write_f32s(&g, B0 + 0x6000, &bm);
-    let d = pkt(
+    let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::SGEMM,
         &[
@@ -357,7 +347,7 @@ fn every_kernel_matches_the_cpu() {
         .sys
         .write_slice(&b, GuestAddress(B0 + 0xa000))
         .unwrap();
-    let d = pkt(
+    let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::REDUCE_SUM,
         &[3000, SYS_VA + 0xa000, SYS_VA + 0xd000],
@@ -370,7 +360,7 @@ fn every_kernel_matches_the_cpu() {
         .vram
         .write_slice(b"123456789", GuestAddress(B0 + 0x10))
         .unwrap();
-    let d = pkt(
+    let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::CRC32,
         &[9, VRAM_VA + 0x10, SYS_VA + 0xd100],
@@ -380,7 +370,7 @@ fn every_kernel_matches_the_cpu() {
     assert_eq!(crc, 0xcbf4_3926);
     // spin_us: 3 groups of 2 ms on 2 engines take at least 4 ms.
     let t = std::time::Instant::now();
-    let d = pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[2000, 3]);
+    let d = Packet::new(packet::OP_DISPATCH, kernel::SPIN_US, &[2000, 3]);
     assert_eq!(g.run(0, T0, &[d], 5), wait::DONE);
     assert!(t.elapsed() >= std::time::Duration::from_millis(4));
 }
@@ -392,23 +382,23 @@ fn faults_stop_one_context_and_reset_recovers() {
     g.setup_ctx(1, T1, B1, 8);
     let cases: Vec<(Packet, u32, u64)> = vec![
         (
-            pkt(packet::OP_COPY, 0, &[0x7000_0000, SYS_VA, 8]),
+            Packet::new(packet::OP_COPY, 0, &[0x7000_0000, SYS_VA, 8]),
             fault::NOT_PRESENT,
             0x7000_0000,
         ),
         (
-            pkt(packet::OP_FILL, 0, &[RO_VA, 8, 1]),
+            Packet::new(packet::OP_FILL, 0, &[RO_VA, 8, 1]),
             fault::WRITE_PROTECT,
             RO_VA,
         ),
-        (pkt(0x42, 0, &[]), fault::BAD_OPCODE, RING_VA),
+        (Packet::new(0x42, 0, &[]), fault::BAD_OPCODE, RING_VA),
         (
-            pkt(packet::OP_FILL, 0, &[SYS_VA + 2, 8, 1]),
+            Packet::new(packet::OP_FILL, 0, &[SYS_VA + 2, 8, 1]),
             fault::BAD_PACKET,
             RING_VA,
         ),
         (
-            pkt(packet::OP_COPY, 0, &[1 << 48, SYS_VA, 8]),
+            Packet::new(packet::OP_COPY, 0, &[1 << 48, SYS_VA, 8]),
             fault::VA_RANGE,
             1 << 48,
         ),
@@ -436,7 +426,7 @@ fn faults_stop_one_context_and_reset_recovers() {
         assert_ne!(g.cr(0, regs::CTX_STATUS) & ctx_status::FAULTED, 0);
         // The other context keeps working.
         assert_eq!(
-            g.run(1, T1, &[pkt(packet::OP_NOP, 0, &[])], n as u64 + 1),
+            g.run(1, T1, &[Packet::new(packet::OP_NOP, 0, &[])], n as u64 + 1),
             wait::DONE
         );
         // Recovery: reset and re-enable.
@@ -478,14 +468,18 @@ fn dma_domain_and_vram_bounds_are_enforced() {
         (0x50_1000, fault::DMA_DOMAIN),
         (0x50_2000, fault::VRAM_RANGE),
     ] {
-        g.submit(0, T0, &[pkt(packet::OP_FILL, 0, &[va, 16, 0])]);
+        g.submit(0, T0, &[Packet::new(packet::OP_FILL, 0, &[va, 16, 0])]);
         assert_eq!(g.wait(0, 1000), wait::FAULTED);
         assert_eq!(g.cr(0, regs::CTX_FAULT_CODE), code);
         g.cw(0, regs::CTX_CONTROL, ctx_control::RESET);
         g.cw(0, regs::CTX_CONTROL, ctx_control::ENABLE);
     }
     // A copy running off the end of RAM faults before writing anything.
-    g.submit(0, T0, &[pkt(packet::OP_FILL, 0, &[0x50_3fc0, 0x80, 0])]);
+    g.submit(
+        0,
+        T0,
+        &[Packet::new(packet::OP_FILL, 0, &[0x50_3fc0, 0x80, 0])],
+    );
     assert_eq!(g.wait(0, 1000), wait::FAULTED);
     assert_eq!(
         g.cr(0, regs::CTX_FAULT_CODE),
@@ -514,7 +508,11 @@ fn contexts_are_isolated() {
         g.run(
             1,
             T1,
-            &[pkt(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 11])],
+            &[Packet::new(
+                packet::OP_COPY,
+                0,
+                &[SYS_VA, SYS_VA + 0x100, 11]
+            )],
             1
         ),
         wait::DONE
@@ -526,7 +524,7 @@ fn contexts_are_isolated() {
         .unwrap();
     assert_ne!(&b, b"ctx0-secret");
     // ctx 0's tables are not mapped in ctx 1.
-    g.submit(1, T1, &[pkt(packet::OP_COPY, 0, &[T0, SYS_VA, 8])]);
+    g.submit(1, T1, &[Packet::new(packet::OP_COPY, 0, &[T0, SYS_VA, 8])]);
     assert_eq!(g.wait(1, 1000), wait::FAULTED);
 }
 
@@ -539,8 +537,8 @@ fn ring_wraps_around() {
             0,
             T0,
             &[
-                pkt(packet::OP_FILL, 0, &[SYS_VA + round * 4, 4, round + 1]),
-                pkt(packet::OP_NOP, 0, &[]),
+                Packet::new(packet::OP_FILL, 0, &[SYS_VA + round * 4, 4, round + 1]),
+                Packet::new(packet::OP_NOP, 0, &[]),
             ],
             round + 1,
         );
@@ -597,7 +595,7 @@ fn fence_and_fault_interrupts_with_masking() {
     assert_eq!(g.msis.0.lock().unwrap().len(), 2);
     assert_eq!(g.r(pci::MSIX_PBA_OFFSET), 0);
     // Fault vector.
-    g.submit(0, T0, &[pkt(0x99, 0, &[])]);
+    g.submit(0, T0, &[Packet::new(0x99, 0, &[])]);
     assert_eq!(g.wait(0, 4), wait::FAULTED);
     assert_eq!(g.msis.0.lock().unwrap().last(), Some(&(0xfee0_0000, 0x45)));
 }
@@ -668,7 +666,11 @@ fn function_reset_returns_to_power_on() {
         g.run(
             0,
             T0,
-            &[pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[1000, 1])],
+            &[Packet::new(
+                packet::OP_DISPATCH,
+                kernel::SPIN_US,
+                &[1000, 1]
+            )],
             9
         ),
         wait::DONE
@@ -677,7 +679,11 @@ fn function_reset_returns_to_power_on() {
     g.submit(
         0,
         T0,
-        &[pkt(packet::OP_DISPATCH, kernel::SPIN_US, &[1_000_000, 64])],
+        &[Packet::new(
+            packet::OP_DISPATCH,
+            kernel::SPIN_US,
+            &[1_000_000, 64],
+        )],
     );
     let t = std::time::Instant::now();
     g.w(regs::RESET, regs::RESET_VALUE);
@@ -759,7 +765,7 @@ fn garbage_never_panics() {
 fn dma_mapping_can_change_between_packets() {
     let mut g = Gpu::new();
     g.setup_ctx(0, T0, B0, 8);
-    let copy = pkt(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 8]);
+    let copy = Packet::new(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 8]);
     assert_eq!(g.run(0, T0, &[copy], 1), wait::DONE);
     // The client unmaps everything from B0 up (buffers and page tables).
     g.dev

@@ -547,39 +547,28 @@ impl Space {
     }
 }
 
-/// Build a packet.
-pub fn pkt(opcode: u32, flags: u32, args: &[u64]) -> Packet {
-    let mut p = Packet {
-        opcode,
-        flags,
-        ..Default::default()
-    };
-    p.args[..args.len()].copy_from_slice(args);
-    p
-}
-
 pub fn nop() -> Packet {
-    pkt(packet::OP_NOP, 0, &[])
+    Packet::new(packet::OP_NOP, 0, &[])
 }
 
 pub fn copy(src: u64, dst: u64, len: u64) -> Packet {
-    pkt(packet::OP_COPY, 0, &[src, dst, len])
+    Packet::new(packet::OP_COPY, 0, &[src, dst, len])
 }
 
 pub fn fill(dst: u64, len: u64, pattern: u32) -> Packet {
-    pkt(packet::OP_FILL, 0, &[dst, len, u64::from(pattern)])
+    Packet::new(packet::OP_FILL, 0, &[dst, len, u64::from(pattern)])
 }
 
 pub fn fence(va: u64, value: u64, flags: u32) -> Packet {
-    pkt(packet::OP_FENCE, flags, &[va, value])
+    Packet::new(packet::OP_FENCE, flags, &[va, value])
 }
 
 pub fn timestamp(va: u64) -> Packet {
-    pkt(packet::OP_TIMESTAMP, 0, &[va])
+    Packet::new(packet::OP_TIMESTAMP, 0, &[va])
 }
 
 pub fn dispatch(kernel: u32, args: &[u64]) -> Packet {
-    pkt(packet::OP_DISPATCH, kernel, args)
+    Packet::new(packet::OP_DISPATCH, kernel, args)
 }
 
 /// A context: its ring (a CPU view plus the GPU VA it is mapped at) and a

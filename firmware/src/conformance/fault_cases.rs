@@ -6,7 +6,7 @@ use vgpu_abi::{
     Packet, ctx_control, ctx_status, fault, int, kernel, limits, packet, pte, regs, status, wait,
 };
 
-use super::driver::{Env, FENCE_VA, GpuAddr, Loc, PAGE, copy, dispatch, fill, nop, pkt, timestamp};
+use super::driver::{Env, FENCE_VA, GpuAddr, Loc, PAGE, copy, dispatch, fill, nop, timestamp};
 use super::mmu_cases::check;
 use super::{Outcome, Suite, bail, ensure, ensure_eq};
 
@@ -383,7 +383,13 @@ pub fn bad_opcode(s: &mut Suite) -> Outcome {
     let mut env = Env::new(s, 0, Loc::Sys)?;
     for op in [0x06, 0x77, u32::MAX] {
         let at = next_packet_va(&env);
-        if let Err(e) = expect_fault(s, &mut env, &[pkt(op, 0, &[])], fault::BAD_OPCODE, Some(at)) {
+        if let Err(e) = expect_fault(
+            s,
+            &mut env,
+            &[Packet::new(op, 0, &[])],
+            fault::BAD_OPCODE,
+            Some(at),
+        ) {
             bail!("opcode {op:#x}: {e}");
         }
     }
@@ -394,14 +400,14 @@ pub fn bad_packet(s: &mut Suite) -> Outcome {
     let mut env = Env::new(s, 0, Loc::Sys)?;
     let (va, _) = env.buf(s, Loc::Sys, PAGE, true, false)?;
     let cases: [(&str, Packet); 12] = [
-        ("NOP with flags", pkt(packet::OP_NOP, 1, &[])),
+        ("NOP with flags", Packet::new(packet::OP_NOP, 1, &[])),
         (
             "NOP with an argument",
-            pkt(packet::OP_NOP, 0, &[0, 0, 0, 0, 0, 0, 1]),
+            Packet::new(packet::OP_NOP, 0, &[0, 0, 0, 0, 0, 0, 1]),
         ),
         (
             "COPY with a fourth argument",
-            pkt(packet::OP_COPY, 0, &[va, va + 64, 8, 1]),
+            Packet::new(packet::OP_COPY, 0, &[va, va + 64, 8, 1]),
         ),
         (
             "COPY over MAX_TRANSFER",
@@ -411,13 +417,16 @@ pub fn bad_packet(s: &mut Suite) -> Outcome {
         ("FILL destination not 4-byte aligned", fill(va + 2, 8, 0)),
         (
             "FILL pattern over 32 bits",
-            pkt(packet::OP_FILL, 0, &[va, 8, 1 << 32]),
+            Packet::new(packet::OP_FILL, 0, &[va, 8, 1 << 32]),
         ),
         (
             "FENCE address not 8-byte aligned",
-            pkt(packet::OP_FENCE, 0, &[va + 4, 1]),
+            Packet::new(packet::OP_FENCE, 0, &[va + 4, 1]),
         ),
-        ("FENCE unknown flag", pkt(packet::OP_FENCE, 2, &[va, 1])),
+        (
+            "FENCE unknown flag",
+            Packet::new(packet::OP_FENCE, 2, &[va, 1]),
+        ),
         ("TIMESTAMP address not 8-byte aligned", timestamp(va + 12)),
         ("DISPATCH unknown kernel", dispatch(99, &[])),
         (

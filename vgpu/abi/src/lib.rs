@@ -466,6 +466,18 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A packet with `args` as its first arguments and zeros after them (what the device
+    /// requires of unused arguments). Panics with more than [`packet::NUM_ARGS`] arguments.
+    pub fn new(opcode: u32, flags: u32, args: &[u64]) -> Packet {
+        let mut p = Packet {
+            opcode,
+            flags,
+            args: [0; packet::NUM_ARGS],
+        };
+        p.args[..args.len()].copy_from_slice(args);
+        p
+    }
+
     /// Decodes 64 little-endian bytes.
     pub fn from_bytes(b: &[u8; packet::PACKET_SIZE as usize]) -> Packet {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);

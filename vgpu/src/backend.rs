@@ -2,7 +2,6 @@
 //! partition its own sealed memfd and runs workgroups on E engine threads.
 
 use std::collections::VecDeque;
-use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -266,21 +265,28 @@ impl SoftGpu {
 
 /// A memfd of `size` bytes whose size can no longer change.
 fn sealed_memfd(size: u64) -> Result<File, BackendError> {
-    const NAME: &CStr = c"tessera-vram";
-    let err = |source| BackendError::Vram { size, source };
-    // SAFETY: NAME is NUL-terminated; flags are valid.
+    memfd("tessera-vram", size, true).map_err(|source| BackendError::Vram { size, source })
+}
+
+/// A memfd named `name` of `size` bytes; `sealed`: its size can no longer change.
+pub fn memfd(name: &str, size: u64, sealed: bool) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `name` is NUL-terminated; flags are valid.
     let fd =
-        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
-        return Err(err(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a fresh fd that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(err)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on our own fd with a valid command and argument.
-    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(err(std::io::Error::last_os_error()));
+    file.set_len(size)?;
+    if sealed {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own fd with a valid command and argument.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(file)
 }

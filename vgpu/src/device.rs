@@ -10,7 +10,7 @@
 //! request the processor carries out between packets.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -152,6 +152,46 @@ impl State {
     }
 }
 
+/// When the watchdog stops the stretch of a packet that is on the engines: the packet's
+/// remaining GPU-time budget counted from the start of the stretch. Engines ask it before
+/// every workgroup and long kernels inside one, so a packet past its budget stops within
+/// one preemption point whether or not another vGPU wants the GPU.
+struct Deadline {
+    epoch: Instant,
+    /// Nanoseconds since `epoch`; `u64::MAX`: none.
+    at_ns: AtomicU64,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Deadline {
+            epoch: Instant::now(),
+            at_ns: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Arms the deadline `budget` after `start`.
+    fn arm(&self, start: Instant, budget: Duration) {
+        let at = self
+            .ns(start)
+            .saturating_add(u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX));
+        self.at_ns.store(at, Ordering::Release);
+    }
+
+    fn disarm(&self) {
+        self.at_ns.store(u64::MAX, Ordering::Release);
+    }
+
+    fn passed(&self) -> bool {
+        let at = self.at_ns.load(Ordering::Acquire);
+        at != u64::MAX && self.ns(Instant::now()) >= at
+    }
+}
+
 /// Epoll data of doorbell eventfds handed over by a vfio-user client: this plus the context.
 const EXTERNAL_DOORBELL: u64 = 0x100;
 
@@ -167,6 +207,8 @@ struct Shared {
     vram: VramPartition,
     backend: Arc<dyn Backend>,
     cancel: Arc<AtomicBool>,
+    /// The watchdog's deadline for the packet stretch now on the engines.
+    deadline: Arc<Deadline>,
     contexts: u32,
     sched: Arc<Scheduler>,
     member: MemberId,
@@ -351,6 +393,7 @@ impl Vgpu {
             vram,
             backend,
             cancel: Arc::new(AtomicBool::new(false)),
+            deadline: Arc::new(Deadline::new()),
             contexts,
             sched,
             member,
@@ -1137,8 +1180,12 @@ impl Processor {
         let watchdog = sh.watchdog;
         // GPU time this packet used, excluding time spent waiting for the GPU.
         let mut used = Duration::ZERO;
+        let deadline = sh.deadline.clone();
+        // Past the budget: by the GPU time counted here, or by the deadline the engines saw
+        // (the same instant, counted on their side).
         let over = |used: Duration| {
-            if used > watchdog {
+            if used >= watchdog || deadline.passed() {
+                deadline.disarm();
                 let past = (used - watchdog).as_nanos() as u64;
                 sh.tdr_overshoot_ns.store(past, Ordering::Relaxed);
                 Err(Fault::new(fault::TIMEOUT, pkt_va))
@@ -1200,13 +1247,17 @@ impl Processor {
             }
             Command::Dispatch(k) => {
                 let cancel = sh.cancel.clone();
+                let abort: crate::kernels::AbortFn = {
+                    let (c, d) = (cancel.clone(), deadline.clone());
+                    Arc::new(move || c.load(Ordering::Relaxed) || d.passed())
+                };
                 let mut runner = |groups: u64, work: WorkFn| -> Result<(), Fault> {
                     let mut next = 0;
                     while next < groups {
                         if !hold(&sh, grant) {
                             return Ok(());
                         }
-                        let (g, c) = (grant.clone(), cancel.clone());
+                        let (g, abort) = (grant.clone(), abort.clone());
                         // Each workgroup notes when it finished: the last one marks where a
                         // preempted dispatch really stopped (for the scheduler's overrun).
                         let timed: WorkFn = match grant.clone() {
@@ -1221,7 +1272,7 @@ impl Processor {
                             None => work.clone(),
                         };
                         let stop: StopFn = Arc::new(move || {
-                            c.load(Ordering::Relaxed)
+                            abort()
                                 || g.as_ref().is_some_and(|g| {
                                     let stop = g.should_yield();
                                     if stop {
@@ -1231,9 +1282,12 @@ impl Processor {
                                 })
                         });
                         let t = Instant::now();
-                        next = sh.backend.run_range(next, groups, timed, stop)?;
+                        deadline.arm(t, watchdog.saturating_sub(used));
+                        let ran = sh.backend.run_range(next, groups, timed, stop);
                         used += t.elapsed();
                         over(used)?;
+                        deadline.disarm();
+                        next = ran?;
                         if cancel.load(Ordering::Relaxed) {
                             return Ok(());
                         }
@@ -1243,7 +1297,9 @@ impl Processor {
                     }
                     Ok(())
                 };
-                crate::kernels::run(&k, &mut resolve, spaces, &mut runner, &sh.cancel)?;
+                let ran = crate::kernels::run(&k, &mut resolve, spaces, &mut runner, abort.clone());
+                deadline.disarm();
+                ran?;
                 Ok(Effect::None)
             }
             Command::Fence { va, value, irq } => {

@@ -4,11 +4,14 @@
 //! pages, and submits packets through the register interface. Benchmarks compare guest
 //! submissions with this path, and the scheduler harness uses it as a load generator.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use devices::pci::{MsiSink, PciDevice};
 use vgpu_abi::{Packet, ctx_control, packet, pci, pte, regs, wait};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::backend::{Backend, VramPartition};
 use crate::device::{BarAddresses, Vgpu, VgpuError, VgpuSetup};
@@ -47,6 +50,9 @@ pub enum HostError {
     /// Out of heap.
     #[error("host-client heap exhausted")]
     NoMemory,
+    /// The vGPU server could not be reached or set up.
+    #[error("cannot attach to the vGPU server: {0}")]
+    Connect(String),
 }
 
 struct NoMsi;
@@ -54,10 +60,50 @@ impl MsiSink for NoMsi {
     fn send(&self, _address: u64, _data: u32) {}
 }
 
+/// Where the host client's register accesses go.
+enum Port {
+    /// A vGPU in this process.
+    Local(Box<Vgpu>),
+    /// A vGPU instance of `tessera serve`, over its vfio-user socket.
+    Remote(Box<vfio_user::Client>),
+}
+
+impl Port {
+    fn read(&mut self, off: u64) -> u32 {
+        let mut d = [0xffu8; 4];
+        match self {
+            Port::Local(dev) => dev.read_bar(pci::BAR_REGS, off, &mut d),
+            Port::Remote(c) => {
+                // A lost server reads as all-ones, like the spec's lost device.
+                if c.region_read(BAR0_REGION, off, &mut d).is_err() {
+                    d = [0xff; 4];
+                }
+            }
+        }
+        u32::from_le_bytes(d)
+    }
+
+    fn write(&mut self, off: u64, v: u32) {
+        match self {
+            Port::Local(dev) => dev.write_bar(pci::BAR_REGS, off, &v.to_le_bytes()),
+            Port::Remote(c) => {
+                let _ = c.region_write(BAR0_REGION, off, &v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// vfio-user region index of BAR 0.
+const BAR0_REGION: u32 = 0;
+/// vfio-user region index of BAR 2 (VRAM).
+const BAR2_REGION: u32 = 2;
+
 /// See the module documentation.
 pub struct HostClient {
-    dev: Vgpu,
+    port: Port,
     mem: GuestMemoryMmap,
+    /// The memory's file, for a remote vGPU (handed to the server with DMA_MAP).
+    file: Option<Arc<File>>,
     size: u64,
     heap: u64,
     tail: u32,
@@ -109,7 +155,7 @@ impl HostClient {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), sys_size as usize)])
             .map_err(mem_err)?;
         let vram_size = vram.size;
-        let mut dev = Vgpu::new(VgpuSetup {
+        let dev = Vgpu::new(VgpuSetup {
             profile,
             subsystem_id: 0,
             bars: BarAddresses {
@@ -125,6 +171,50 @@ impl HostClient {
             sched_params: sched.1,
             watchdog,
         })?;
+        Self::start(Port::Local(Box::new(dev)), mem, None, sys_size, vram_size)
+    }
+
+    /// A client of the vGPU instance served on `socket` (by `tessera serve`), with
+    /// `sys_size` bytes of memory in a memfd that the server maps with DMA_MAP. `sealed`:
+    /// sealed against shrinking and growing, as Tessera's VMM seals guest RAM (Cloud
+    /// Hypervisor's is not).
+    pub fn connect(socket: &Path, sys_size: u64, sealed: bool) -> Result<Self, HostError> {
+        let file = Arc::new(
+            crate::backend::memfd("tessera-host-client", sys_size, sealed).map_err(mem_err)?,
+        );
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            sys_size as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .map_err(mem_err)?;
+        let mut client = vfio_user::Client::new(socket)
+            .map_err(|e| HostError::Connect(format!("{}: {e}", socket.display())))?;
+        let vram_size = client
+            .region(BAR2_REGION)
+            .map(|r| r.size)
+            .filter(|&s| s > 0)
+            .ok_or_else(|| HostError::Connect("the server offers no VRAM region".into()))?;
+        client
+            .dma_map(0, 0, sys_size, file.as_raw_fd())
+            .map_err(|e| HostError::Connect(format!("DMA_MAP: {e}")))?;
+        Self::start(
+            Port::Remote(Box::new(client)),
+            mem,
+            Some(file),
+            sys_size,
+            vram_size,
+        )
+    }
+
+    /// Builds the page tables in `mem` and enables context 0.
+    fn start(
+        port: Port,
+        mem: GuestMemoryMmap,
+        file: Option<Arc<File>>,
+        sys_size: u64,
+        vram_size: u64,
+    ) -> Result<Self, HostError> {
         let w = |at: u64, v: u64| mem.write_obj(v, GuestAddress(at)).map_err(mem_err);
         // Identity map of sysmem and VRAM at VRAM_VA, 2 MiB pages.
         let rw = pte::PRESENT | pte::WRITABLE;
@@ -147,21 +237,25 @@ impl HostClient {
         if pd > RING {
             return Err(HostError::NoMemory);
         }
-        let mut cw = |reg: u64, v: u32| {
-            dev.write_bar(pci::BAR_REGS, regs::ctx_reg(0, reg), &v.to_le_bytes())
-        };
-        cw(regs::CTX_PT_ROOT_LO, PML4 as u32);
-        cw(regs::CTX_RING_BASE_LO, RING as u32);
-        cw(regs::CTX_RING_SIZE, RING_ENTRIES);
-        cw(regs::CTX_CONTROL, ctx_control::ENABLE);
-        Ok(HostClient {
-            dev,
+        let mut c = HostClient {
+            port,
             mem,
+            file,
             size: sys_size,
             heap: HEAP,
             tail: 0,
             fence: 0,
-        })
+        };
+        c.set_reg(regs::ctx_reg(0, regs::CTX_PT_ROOT_LO), PML4 as u32);
+        c.set_reg(regs::ctx_reg(0, regs::CTX_RING_BASE_LO), RING as u32);
+        c.set_reg(regs::ctx_reg(0, regs::CTX_RING_SIZE), RING_ENTRIES);
+        c.set_reg(regs::ctx_reg(0, regs::CTX_CONTROL), ctx_control::ENABLE);
+        Ok(c)
+    }
+
+    /// The memory file a remote vGPU maps (`None` for a local one).
+    pub fn memory_file(&self) -> Option<&File> {
+        self.file.as_deref()
     }
 
     /// Allocates `len` bytes (64-byte aligned) of sysmem; the GPU VA equals the address.
@@ -226,9 +320,17 @@ impl HostClient {
         self.wait_fence(value)
     }
 
-    /// The device underneath (for statistics).
-    pub fn device(&self) -> &Vgpu {
-        &self.dev
+    /// The device underneath (for statistics), when it is in this process.
+    pub fn device(&self) -> Option<&Vgpu> {
+        match &self.port {
+            Port::Local(dev) => Some(dev),
+            Port::Remote(_) => None,
+        }
+    }
+
+    /// Reads a BAR 0 register (context registers: `regs::ctx_reg`).
+    pub fn register(&mut self, off: u64) -> u32 {
+        self.port.read(off)
     }
 
     fn wait_fence(&mut self, value: u64) -> Result<(), HostError> {
@@ -250,13 +352,11 @@ impl HostClient {
     }
 
     fn reg(&mut self, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        self.dev.read_bar(pci::BAR_REGS, off, &mut d);
-        u32::from_le_bytes(d)
+        self.port.read(off)
     }
 
     fn set_reg(&mut self, off: u64, v: u32) {
-        self.dev.write_bar(pci::BAR_REGS, off, &v.to_le_bytes());
+        self.port.write(off, v);
     }
 }
 

@@ -3,7 +3,7 @@
 //! Every buffer is resolved (and so checked) before the first workgroup runs, so a bad
 //! address faults the dispatch precisely and no partial work happens.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,17 +29,20 @@ fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-/// Runs `k`. `cancel` turns the remaining workgroups into no-ops (reset, watchdog).
+/// Says whether the rest of a dispatch must become no-ops (a reset, the watchdog).
+pub type AbortFn = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Runs `k`. Once `abort` says so, the remaining workgroups (and the rest of a long one)
+/// become no-ops.
 pub fn run(
     k: &Kernel,
     resolve: &mut Resolver<'_>,
     spaces: &Spaces,
     runner: &mut Runner<'_>,
-    cancel: &Arc<AtomicBool>,
+    abort: AbortFn,
 ) -> Result<(), Fault> {
     let sp = spaces.clone();
-    let cancel = cancel.clone();
-    let live = move || !cancel.load(Ordering::Relaxed);
+    let live = move || !abort();
     match *k {
         Kernel::Saxpy { n, a, x, y } => {
             let xs = resolve(x, n * 4, false)?;
@@ -91,6 +94,9 @@ pub fn run(
                 let (nu, ku) = (n as usize, kk as usize);
                 let mut out = vec![0f32; rows as usize * nu];
                 for r in 0..rows as usize {
+                    if !live() {
+                        return Ok(());
+                    }
                     let crow = &mut out[r * nu..(r + 1) * nu];
                     for (p, &aval) in av[r * ku..(r + 1) * ku].iter().enumerate() {
                         let brow = &bv[p * nu..(p + 1) * nu];

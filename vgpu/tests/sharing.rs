@@ -93,11 +93,15 @@ fn run(gpu: &Arc<PhysicalGpu>, dur: Duration, hung: bool) -> Outcome {
             ),
             "{err}"
         );
-        let held = Duration::from_nanos(c.device().sched_stats().busy_ns);
+        let held = Duration::from_nanos(c.device().expect("in-process vGPU").sched_stats().busy_ns);
         overrun = held.saturating_sub(watchdog);
         hung_share = held.as_secs_f64() / start.elapsed().as_secs_f64();
         at_fault = (done.load(Ordering::Relaxed), start.elapsed());
-        assert_eq!(c.device().counters().2, 1, "one watchdog reset");
+        assert_eq!(
+            c.device().expect("in-process vGPU").counters().2,
+            1,
+            "one watchdog reset"
+        );
         eprintln!(
             "hung vGPU faulted after {:?}, having held the GPU {held:?}; neighbours done {}",
             start.elapsed(),

@@ -97,6 +97,22 @@ fn parse_slice(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// A watchdog limit: `4s`, `300ms` (10 ms to 10 minutes).
+fn parse_watchdog(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected a duration like 4s or 300ms");
+    let d = if let Some(ms) = s.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else if let Some(secs) = s.strip_suffix('s') {
+        Duration::from_secs(secs.parse().map_err(|_| bad())?)
+    } else {
+        return Err(bad());
+    };
+    if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&d) {
+        return Err(format!("{s}: the watchdog must be 10ms..=600s"));
+    }
+    Ok(d)
+}
+
 /// `tessera serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -116,6 +132,9 @@ pub struct ServeArgs {
     /// seals it; Cloud Hypervisor does not).
     #[arg(long)]
     require_sealed: bool,
+    /// GPU time one packet may use before its vGPU is reset alone (TDR), e.g. 4s or 300ms.
+    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_watchdog)]
+    watchdog: Duration,
     /// Create these instances at start: TYPE[:NAME], repeatable.
     #[arg(long, value_name = "TYPE[:NAME]")]
     create: Vec<String>,
@@ -158,7 +177,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     let opts = ServeOptions {
         dir: args.dir,
         require_sealed: args.require_sealed,
-        watchdog: vgpu::device::DEFAULT_WATCHDOG,
+        watchdog: args.watchdog,
     };
     let daemon = match Daemon::new(gpu, opts) {
         Ok(d) => d,
@@ -500,5 +519,10 @@ mod tests {
         assert_eq!(parse_slice("30"), Ok(Duration::from_millis(30)));
         assert!(parse_slice("0ms").is_err() && parse_slice("31ms").is_err());
         assert!(parse_slice("fast").is_err());
+        assert_eq!(parse_watchdog("4s"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_watchdog("300ms"), Ok(Duration::from_millis(300)));
+        for bad in ["4", "5ms", "601s", "-1s", "1.5s", "soon"] {
+            assert!(parse_watchdog(bad).is_err(), "{bad}");
+        }
     }
 }

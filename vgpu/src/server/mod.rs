@@ -64,6 +64,16 @@ pub struct ServeOptions {
     pub watchdog: Duration,
 }
 
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            dir: PathBuf::from("/run/tessera"),
+            require_sealed: false,
+            watchdog: crate::device::DEFAULT_WATCHDOG,
+        }
+    }
+}
+
 /// What `list` reports about an instance.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceInfo {

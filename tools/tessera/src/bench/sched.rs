@@ -168,7 +168,11 @@ impl Fleet {
                                 Err(vgpu::host::HostError::Fault { code, .. })
                                     if code == vgpu_abi::fault::TIMEOUT =>
                                 {
-                                    let past = client.device().monitor().last_tdr_overshoot();
+                                    let past = client
+                                        .device()
+                                        .expect("an in-process vGPU")
+                                        .monitor()
+                                        .last_tdr_overshoot();
                                     overshoot.store(past.as_nanos() as u64, Ordering::Relaxed);
                                     counter.fetch_add(1, Ordering::Relaxed);
                                     continue;

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod exit;
+pub mod files;
 pub mod i8042;
 pub mod pci;
 pub mod serial;

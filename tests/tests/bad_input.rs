@@ -185,3 +185,103 @@ fn kvm_not_accessible_to_an_unprivileged_user() {
     assert!(err.contains("cannot open /dev/kvm"), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
 }
+
+fn mkfifo(p: &std::path::Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: `c` is a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Like [`expect_error`], but a hang (the old behaviour for a FIFO) fails in seconds.
+fn expect_prompt_error(args: &[&str], code: i32, needle: &str) {
+    let mut cmd = std::process::Command::new(tessera_tests::tessera_bin());
+    cmd.args(args).stdin(std::process::Stdio::null());
+    let (status, _out, err) =
+        tessera_tests::run_with_deadline(cmd, std::time::Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "args {args:?}: {status}, stderr {err:?}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err:?}");
+    assert!(
+        err.starts_with("tessera: ") && err.contains(needle),
+        "{needle:?} not in {err:?}"
+    );
+}
+
+#[test]
+fn files_that_are_not_regular_files_are_refused_at_once() {
+    let fw = fw().unwrap_or_else(|| "/nonexistent".into());
+    let s = Scratch::new("kinds");
+    let fifo = s.0.join("fifo");
+    mkfifo(&fifo);
+    let sock = s.0.join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let (fifo, sock) = (
+        fifo.to_string_lossy().into_owned(),
+        sock.to_string_lossy().into_owned(),
+    );
+    let dir = s.0.to_string_lossy().into_owned();
+    // (what it is, path, the phrase of the error)
+    let kinds = [
+        (
+            "FIFO",
+            fifo.as_str(),
+            "a FIFO (named pipe), not a regular file",
+        ),
+        ("socket", sock.as_str(), "a socket, not a regular file"),
+        ("directory", dir.as_str(), "a directory, not a regular file"),
+        (
+            "device",
+            "/dev/zero",
+            "a character device, not a regular file",
+        ),
+    ];
+    for (what, path, phrase) in kinds {
+        let msg = format!("cannot open kernel {path}: it is {phrase}");
+        eprintln!("kernel: {what}");
+        expect_prompt_error(&["vm", "--kernel", path], 2, &msg);
+        let Some(_) = firmware() else { continue };
+        let msg = format!("cannot open initramfs {path}: it is {phrase}");
+        eprintln!("initramfs: {what}");
+        expect_prompt_error(&["vm", "--kernel", &fw, "--initramfs", path], 2, &msg);
+    }
+    // Serial output: a FIFO nobody reads and a directory are refused, not waited on.
+    for (path, phrase) in [
+        (fifo.as_str(), "a FIFO (named pipe) that nobody reads"),
+        (dir.as_str(), "a directory"),
+    ] {
+        let serial = format!("file={path}");
+        expect_prompt_error(&["vm", "--kernel", &fw, "--serial", &serial], 2, phrase);
+    }
+}
+
+#[test]
+fn more_devices_than_pci_slots_is_a_usage_error() {
+    let fw = fw().unwrap_or_else(|| "/nonexistent".into());
+    let mut args = vec!["vm", "--kernel", fw.as_str()];
+    for _ in 0..40 {
+        args.extend(["--vgpu", "profile=64M"]);
+    }
+    expect_prompt_error(
+        &args,
+        2,
+        "40 PCI devices (--vgpu and --user-device) but the PCI bus has 31 free slots",
+    );
+}
+
+#[test]
+fn bad_serve_flags_are_usage_errors() {
+    for (flag, value, needle) in [
+        ("--watchdog", "5ms", "the watchdog must be 10ms..=600s"),
+        ("--watchdog", "soon", "expected a duration like 4s or 300ms"),
+        ("--slice", "31ms", "the slice must be 1ms..=30ms"),
+        ("--gpu", "soft,vram=1K", "at least 64M"),
+    ] {
+        let (status, _out, err) =
+            run_tessera(&["serve", "--dir", "/nonexistent/x", flag, value], &[]);
+        assert_eq!(status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(needle), "{flag} {value}: {err}");
+    }
+}

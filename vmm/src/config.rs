@@ -23,6 +23,16 @@ pub enum ConfigError {
     /// Unknown CPUID feature.
     #[error("--cpus: {0}")]
     Feature(#[from] UnknownFeature),
+    /// More PCI devices than the root bus has slots for.
+    #[error(
+        "{requested} PCI devices (--vgpu and --user-device) but the PCI bus has {slots} free slots"
+    )]
+    TooManyDevices {
+        /// Devices asked for.
+        requested: usize,
+        /// Slots (00:01.0 onwards; 00:00.0 is the host bridge).
+        slots: usize,
+    },
 }
 
 fn syntax(option: &'static str, syntax: &'static str, message: String) -> ConfigError {
@@ -327,6 +337,18 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Install seccomp filters on the VMM's threads (`vmm::seccomp`); off only for debugging.
     pub seccomp: bool,
+}
+
+impl VmConfig {
+    /// Rules across options: every device needs its own PCI slot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let slots = usize::from(devices::pci::root::MAX_DEVICES) - 1;
+        let requested = self.vgpus.len() + self.user_devices.len();
+        if requested > slots {
+            return Err(ConfigError::TooManyDevices { requested, slots });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

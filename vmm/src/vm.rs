@@ -34,6 +34,7 @@ use crate::event_loop::{ExitWatcher, SerialInput};
 use crate::kvm_glue::{KvmMapper, KvmMsi};
 use crate::memory::{self, GuestRam, PCI_MMIO32, PCI_MMIO64};
 use crate::vcpu::{self, VcpuRunner};
+use devices::files::open_regular;
 
 /// Where KVM's real-mode TSS goes (three pages just below the BIOS ROM area of 4 GiB).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
@@ -122,6 +123,9 @@ pub enum VmError {
     /// A vfio-user device.
     #[error(transparent)]
     UserDevice(#[from] crate::user_device::UserDeviceError),
+    /// The options do not fit together.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl VmError {
@@ -134,6 +138,7 @@ impl VmError {
                 | VmError::InitramfsOpen { .. }
                 | VmError::SerialFile { .. }
                 | VmError::TooManyCpus { .. }
+                | VmError::Config(_)
                 | VmError::UserDevice(crate::user_device::UserDeviceError::NoSocket(_))
                 | VmError::Boot(
                     B::NotAKernel(_)
@@ -260,19 +265,14 @@ impl Vm {
         shared_gpu: Option<Arc<PhysicalGpu>>,
     ) -> Result<Vm, VmError> {
         let kpath = config.kernel.display().to_string();
-        let mut kernel = File::open(&config.kernel).map_err(|source| VmError::KernelOpen {
+        config.validate()?;
+        let mut kernel = open_regular(&config.kernel).map_err(|source| VmError::KernelOpen {
             path: kpath.clone(),
             source,
         })?;
-        if kernel.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(VmError::KernelOpen {
-                path: kpath,
-                source: std::io::Error::from_raw_os_error(libc::EISDIR),
-            });
-        }
         let mut initramfs = match &config.initramfs {
             Some(p) => Some((
-                File::open(p).map_err(|source| VmError::InitramfsOpen {
+                open_regular(p).map_err(|source| VmError::InitramfsOpen {
                     path: p.display().to_string(),
                     source,
                 })?,
@@ -282,16 +282,12 @@ impl Vm {
         };
         let serial_out: Option<Box<dyn Write + Send>> = match &config.serial {
             SerialConfig::Stdio => Some(Box::new(dup_fd(1, "duplicate stdout")?)),
-            SerialConfig::File(p) => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|source| VmError::SerialFile {
-                        path: p.display().to_string(),
-                        source,
-                    })?,
-            )),
+            SerialConfig::File(p) => Some(Box::new(devices::files::open_output(p).map_err(
+                |source| VmError::SerialFile {
+                    path: p.display().to_string(),
+                    source,
+                },
+            )?)),
             SerialConfig::Off => None,
         };
 

@@ -492,3 +492,71 @@ fn partitions_and_policies_are_served() {
     // 512 MiB per partition: one 256M left in partition 1, two in partition 0.
     assert_eq!(available(&server, "256M"), 3);
 }
+
+fn fill(dst: u64, len: u64, pattern: u32) -> vgpu_abi::Packet {
+    vgpu_abi::Packet::new(
+        vgpu_abi::packet::OP_FILL,
+        0,
+        &[dst, len, u64::from(pattern)],
+    )
+}
+
+#[test]
+fn a_client_that_truncates_its_memory_costs_only_its_own_vgpu() {
+    use vgpu::host::{HostClient, HostError};
+    let server = Server::start("truncate", &["--gpu", "soft,vram=512M,engines=2"]);
+    let hostile = server.ok(&["vgpu", "create", "--type", "64M", "--name", "hostile"]);
+    let neighbour = server.ok(&["vgpu", "create", "--type", "64M", "--name", "neighbour"]);
+    let (hostile, neighbour) = (hostile.trim().to_string(), neighbour.trim().to_string());
+    // A busy neighbour: spinning kernels and FILLs checked bit for bit.
+    let busy = std::thread::spawn(move || {
+        let mut c = HostClient::connect(Path::new(&neighbour), 16 << 20, true).expect("attach");
+        let buf = c.alloc(1 << 20).expect("alloc");
+        for round in 0..40u32 {
+            let spin = vgpu_abi::Packet::new(
+                vgpu_abi::packet::OP_DISPATCH,
+                vgpu_abi::kernel::SPIN_US,
+                &[2_000, 4],
+            );
+            c.run(&[spin, fill(buf, 1 << 20, round)])
+                .expect("neighbour work");
+            let mut back = vec![0u8; 1 << 20];
+            c.read(buf, &mut back).expect("read");
+            assert!(
+                back.chunks_exact(4).all(|w| w == round.to_le_bytes()),
+                "round {round}: wrong FILL result"
+            );
+        }
+    });
+    // The hostile client maps 16 MiB it did not seal, queues a FILL high in it, truncates
+    // the file to 4 MiB (its ring and page tables stay) and rings the doorbell.
+    let mut c = HostClient::connect(Path::new(&hostile), 16 << 20, false).expect("attach");
+    c.alloc(8 << 20).expect("alloc");
+    let high = c.alloc(4 << 20).expect("alloc");
+    assert!(high >= 8 << 20);
+    c.memory_file()
+        .expect("a remote client has a memory file")
+        .set_len(4 << 20)
+        .expect("truncate");
+    match c.run(&[fill(high, 4 << 20, 0xdead_beef)]) {
+        Err(HostError::Fault { code, .. }) => assert_eq!(code, vgpu_abi::fault::DMA_DOMAIN),
+        other => panic!(
+            "expected a DMA_DOMAIN fault, got {other:?}\n{}",
+            server.log()
+        ),
+    }
+    busy.join().expect("the neighbour finished its work");
+    // The server is up, says why, and serves the instance again.
+    drop(c);
+    wait_attached(&server, "hostile", false);
+    let mut again = HostClient::connect(Path::new(&hostile), 16 << 20, true).expect("re-attach");
+    let buf = again.alloc(4096).expect("alloc");
+    again
+        .run(&[fill(buf, 4096, 7)])
+        .expect("a new client works");
+    let log = server.log();
+    assert!(log.contains("client memory was truncated"), "{log}");
+    assert!(!log.contains("seccomp"), "{log}");
+    let status = server.stop();
+    assert!(status.success(), "{status}");
+}

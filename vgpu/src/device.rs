@@ -209,6 +209,8 @@ struct Shared {
     cancel: Arc<AtomicBool>,
     /// The watchdog's deadline for the packet stretch now on the engines.
     deadline: Arc<Deadline>,
+    /// Owner id of client memory mappings registered with [`crate::guard`] for this vGPU.
+    dma_owner: u64,
     contexts: u32,
     sched: Arc<Scheduler>,
     member: MemberId,
@@ -394,6 +396,7 @@ impl Vgpu {
             backend,
             cancel: Arc::new(AtomicBool::new(false)),
             deadline: Arc::new(Deadline::new()),
+            dma_owner: crate::guard::new_owner(),
             contexts,
             sched,
             member,
@@ -495,6 +498,12 @@ impl Vgpu {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// The owner id under which a server registers this vGPU's truncatable client memory
+    /// with [`crate::guard`]: a `SIGBUS` there becomes a fault of this vGPU.
+    pub fn dma_owner(&self) -> u64 {
+        self.shared.dma_owner
     }
 
     /// This vGPU's scheduler statistics.
@@ -888,6 +897,8 @@ struct Processor {
     next: usize,
     /// The GPU, while this vGPU holds it.
     grant: Option<Arc<Grant>>,
+    /// [`crate::guard`]'s hit counter as last seen.
+    guard_seen: u64,
 }
 
 /// Gets the GPU from the scheduler unless already held; `false` if cancelled (reset).
@@ -923,6 +934,7 @@ impl Processor {
             tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
             next: 0,
             grant: None,
+            guard_seen: 0,
         }
     }
 
@@ -1135,8 +1147,27 @@ impl Processor {
         if !hold(&self.sh, &mut self.grant) {
             return true;
         }
-        let result = self.execute(i, &s, pkt_va);
+        let mut result = self.execute(i, &s, pkt_va);
+        // The client truncated memory this packet used (the guard turned the SIGBUS into
+        // zero pages): the packet faults, and the vGPU loses its system memory until the
+        // client maps memory again.
+        let lost = crate::guard::take_hit(self.sh.dma_owner, &mut self.guard_seen);
+        if lost {
+            tracing::warn!(ctx = i, "client memory was truncated under the vGPU");
+            result = Err(Fault::new(fault::DMA_DOMAIN, pkt_va));
+        }
         let mut st = self.sh.lock();
+        if lost {
+            st.spaces = Arc::new(Spaces {
+                sys: GuestMemoryMmap::new(),
+                domain: DmaDomain::default(),
+                vram: self.sh.vram.memory.clone(),
+                vram_size: self.sh.vram.size,
+            });
+            for c in st.ctx.iter_mut() {
+                c.tlb_epoch += 1;
+            }
+        }
         if st.reset_pending || st.ctx.get(i).is_none_or(|c| c.generation != s.generation) {
             return true;
         }

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod command;
 pub mod device;
 pub mod domain;
+pub mod guard;
 pub mod host;
 pub mod kernels;
 pub mod mem;

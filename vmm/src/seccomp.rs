@@ -406,6 +406,56 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// The name of system call `nr`, for the calls a filter is likely to meet (the report says
+/// what was refused, not only its number).
+fn syscall_name(nr: libc::c_long) -> &'static [u8] {
+    const NAMES: &[(libc::c_long, &[u8])] = &[
+        (libc::SYS_open, b"open"),
+        (libc::SYS_openat, b"openat"),
+        (libc::SYS_stat, b"stat"),
+        (libc::SYS_fstat, b"fstat"),
+        (libc::SYS_newfstatat, b"newfstatat"),
+        (libc::SYS_statx, b"statx"),
+        (libc::SYS_ioctl, b"ioctl"),
+        (
+            libc::SYS_rt_sigaction,
+            b"rt_sigaction (a signal handler changed)",
+        ),
+        (libc::SYS_kill, b"kill"),
+        (libc::SYS_tgkill, b"tgkill"),
+        (libc::SYS_clone, b"clone"),
+        (libc::SYS_clone3, b"clone3"),
+        (libc::SYS_execve, b"execve"),
+        (libc::SYS_fork, b"fork"),
+        (libc::SYS_socket, b"socket"),
+        (libc::SYS_connect, b"connect"),
+        (libc::SYS_accept4, b"accept4"),
+        (libc::SYS_sendto, b"sendto"),
+        (libc::SYS_recvfrom, b"recvfrom"),
+        (libc::SYS_sendmsg, b"sendmsg"),
+        (libc::SYS_recvmsg, b"recvmsg"),
+        (libc::SYS_fcntl, b"fcntl"),
+        (libc::SYS_ftruncate, b"ftruncate"),
+        (libc::SYS_fallocate, b"fallocate"),
+        (libc::SYS_memfd_create, b"memfd_create"),
+        (libc::SYS_mkdir, b"mkdir"),
+        (libc::SYS_unlink, b"unlink"),
+        (libc::SYS_readlink, b"readlink"),
+        (libc::SYS_readlinkat, b"readlinkat"),
+        (libc::SYS_prctl, b"prctl"),
+        (libc::SYS_seccomp, b"seccomp"),
+        (libc::SYS_ptrace, b"ptrace"),
+        (libc::SYS_pipe2, b"pipe2"),
+        (libc::SYS_dup, b"dup"),
+        (libc::SYS_dup3, b"dup3"),
+        (libc::SYS_getdents64, b"getdents64"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == nr)
+        .map_or(b"unknown to the report".as_slice(), |(_, name)| *name)
+}
+
 extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // `siginfo_t` for SIGSYS (x86_64 and aarch64): `si_call_addr` at byte 16, `si_syscall`
     // (int) at byte 24.
@@ -418,12 +468,14 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         unsafe { at.cast::<libc::c_int>().read_unaligned() }
     };
     let mut buf = [0u8; 20];
-    let mut msg = [0u8; 160];
+    let mut msg = [0u8; 200];
     let mut len = 0;
     for part in [
         b"tessera: seccomp: forbidden system call ".as_slice(),
         decimal(nr.max(0) as u64, &mut buf),
-        b" (run with --seccomp false to debug)\n",
+        b" (",
+        syscall_name(libc::c_long::from(nr)),
+        b"; run with --seccomp false to debug)\n",
     ] {
         msg[len..len + part.len()].copy_from_slice(part);
         len += part.len();

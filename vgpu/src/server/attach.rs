@@ -23,7 +23,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
 use vgpu_abi::{pci as abi_pci, regs};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::device::Vgpu;
 use crate::domain::DmaDomain;
@@ -132,6 +132,8 @@ pub fn irqs(contexts: u32) -> Vec<IrqInfo> {
 struct DmaRegion {
     iova: u64,
     size: u64,
+    /// For a file the client can truncate: its `SIGBUS` guard, dropped before the mapping.
+    _guard: Option<crate::guard::Guard>,
     region: Arc<GuestRegionMmap>,
 }
 
@@ -221,11 +223,12 @@ impl Attachment {
         self.vgpu.set_doorbell_fds(fds)
     }
 
-    fn check_sealed(&mut self, fd: &File) -> std::io::Result<()> {
+    /// Whether `fd` is sealed against shrinking; an error when it must be and is not.
+    fn check_sealed(&mut self, fd: &File) -> std::io::Result<bool> {
         // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-            return Ok(());
+            return Ok(true);
         }
         if self.require_sealed {
             return Err(einval(
@@ -235,11 +238,11 @@ impl Attachment {
         if !self.warned_unsealed {
             self.warned_unsealed = true;
             tracing::warn!(
-                "the client's guest RAM is not sealed against shrinking; a client that \
-                 truncates it can crash this server"
+                "the client's guest RAM is not sealed against shrinking; if the client \
+                 truncates it, its vGPU loses its system memory (DMA_DOMAIN faults)"
             );
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -361,13 +364,26 @@ impl ServerBackend for Attachment {
         if self.dma.len() >= MAX_DMA_REGIONS {
             return Err(einval("too many DMA regions"));
         }
-        self.check_sealed(&fd)?;
+        let sealed = self.check_sealed(&fd)?;
         let region = GuestRegionMmap::from_range(
             GuestAddress(address),
             size as usize,
             Some(FileOffset::new(fd, offset)),
         )
         .map_err(|e| einval(format_args!("cannot map DMA region {address:#x}: {e}")))?;
+        let guard = if sealed {
+            None
+        } else {
+            // A truncated file faults on access: contain it to this vGPU (see guard.rs).
+            crate::guard::install()?;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| einval(format_args!("DMA region {address:#x}: {e}")))?;
+            Some(
+                crate::guard::register(host, size as usize, self.vgpu.dma_owner())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            )
+        };
         tracing::debug!(address, size, ?flags, "DMA map");
         let at = self.dma.partition_point(|d| d.iova < address);
         self.dma.insert(
@@ -375,6 +391,7 @@ impl ServerBackend for Attachment {
             DmaRegion {
                 iova: address,
                 size,
+                _guard: guard,
                 region: Arc::new(region),
             },
         );
@@ -383,19 +400,20 @@ impl ServerBackend for Attachment {
     }
 
     fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        let before = self.dma.len();
-        if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
-            self.dma.clear();
-        } else {
-            self.dma.retain(|d| !(d.iova == address && d.size == size));
-        }
-        if self.dma.len() == before {
+        let all = flags.contains(DmaUnmapFlags::UNMAP_ALL);
+        let (gone, kept): (Vec<DmaRegion>, Vec<DmaRegion>) = std::mem::take(&mut self.dma)
+            .into_iter()
+            .partition(|d| all || (d.iova == address && d.size == size));
+        self.dma = kept;
+        if gone.is_empty() {
             tracing::debug!(address, size, "DMA unmap of nothing mapped");
             self.ignored += 1;
             return Ok(());
         }
-        // Returns once no packet uses the old mappings; they are unmapped when dropped here.
+        // Returns once no packet uses the old mappings; only then are they unguarded and
+        // unmapped (dropped here).
         self.apply_dma();
+        drop(gone);
         Ok(())
     }
 

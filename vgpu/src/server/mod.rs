@@ -222,6 +222,8 @@ impl Daemon {
             }
         }
         let control = bind_private(&control_path)?;
+        // Before any sandbox: a client that truncates its memory costs only its vGPU.
+        crate::guard::install().map_err(|e| err("handle SIGBUS for", e))?;
         Ok(Arc::new(Daemon {
             gpu,
             opts,

@@ -501,7 +501,7 @@ pub fn run(data: &[u8]) {
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let _ = drain.join();
     });
-    let mut att = Attachment::new(vgpu, vectors, false);
+    let mut att = Attachment::new(vgpu, vectors, false, Default::default());
     OURS.with(|o| o.set(false));
     let mut marked = Marked {
         att: &mut att,
@@ -566,7 +566,7 @@ mod tests {
     fn a_work_image_runs_to_its_fence() {
         let vectors = Arc::new(EventVectors::default());
         let (vgpu, _vram) = new_vgpu(vectors.clone());
-        let mut att = Attachment::new(vgpu, vectors, false);
+        let mut att = Attachment::new(vgpu, vectors, false, Default::default());
         let mut marked = Marked {
             att: &mut att,
             work: Vec::new(),

@@ -384,6 +384,11 @@ impl Server {
         self.child.wait().expect("wait for tessera serve")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the server (a crash) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

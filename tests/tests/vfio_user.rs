@@ -560,3 +560,96 @@ fn a_client_that_truncates_its_memory_costs_only_its_own_vgpu() {
     let status = server.stop();
     assert!(status.success(), "{status}");
 }
+
+/// The server's virtual address space, in bytes.
+fn vm_size(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmSize in {status}"));
+    kb << 10
+}
+
+/// Maps chunks of 1 TiB of a sparse 2^62-byte sealed memfd at increasing IOVAs, as many as
+/// the server takes (the crate's client does not report refusals; the server's size does).
+fn map_huge(socket: &str, chunks: u64) -> vfio_user::Client {
+    let f = vgpu::backend::memfd("huge", 1 << 62, true).expect("sparse memfd");
+    let mut c = vfio_user::Client::new(Path::new(socket)).expect("connect");
+    for i in 0..chunks {
+        use std::os::fd::AsRawFd;
+        c.dma_map(i << 40, i << 40, 1 << 40, f.as_raw_fd())
+            .expect("DMA_MAP message");
+    }
+    c
+}
+
+#[test]
+fn no_client_can_exhaust_the_servers_address_space() {
+    let server = Server::start(
+        "mapped",
+        &[
+            "--gpu",
+            "soft,vram=512M,engines=2",
+            "--max-client-memory",
+            "1T",
+            "--max-mapped",
+            "2049G",
+        ],
+    );
+    let base = vm_size(&server);
+    let sockets: Vec<String> = ["a", "b", "c", "n"]
+        .iter()
+        .map(|n| {
+            server
+                .ok(&["vgpu", "create", "--type", "64M", "--name", n])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    // Two clients try 64 TiB each: each gets its 1 TiB. A third finds the server's total
+    // (2 TiB + 1 GiB) spent and gets nothing.
+    let hostile: Vec<_> = sockets[..3].iter().map(|s| map_huge(s, 64)).collect();
+    let grown = vm_size(&server).saturating_sub(base);
+    assert!(
+        grown <= (2 << 40) + (1 << 30),
+        "the server mapped {grown:#x} bytes for three hostile clients"
+    );
+    assert!(
+        grown >= 2 << 40,
+        "each hostile client keeps its 1 TiB ({grown:#x})"
+    );
+    // Meanwhile the control plane answers promptly, a new instance can be created, and a
+    // neighbour on another instance attaches (VRAM mapped) and works.
+    let t = Instant::now();
+    let list = server.json(&["vgpu", "list"]);
+    assert_eq!(
+        list["instances"].as_array().map(Vec::len),
+        Some(4),
+        "{list}"
+    );
+    eprintln!("vgpu list under attack: {:?}", t.elapsed());
+    server.ok(&["vgpu", "create", "--type", "64M", "--name", "late"]);
+    let mut n = vgpu::host::HostClient::connect(Path::new(&sockets[3]), 16 << 20, true)
+        .expect("a neighbour attaches");
+    let buf = n.alloc(4096).expect("alloc");
+    n.run(&[fill(buf, 4096, 0x5a5a_5a5a)])
+        .expect("the neighbour's work runs");
+    let mut back = [0u8; 4096];
+    n.read(buf, &mut back).expect("read");
+    assert!(back.iter().all(|&b| b == 0x5a));
+    // The limits are per client: when the hostile clients leave, their bytes come back.
+    drop(hostile);
+    for name in ["a", "b", "c"] {
+        wait_attached(&server, name, false);
+    }
+    let after = vm_size(&server).saturating_sub(base);
+    assert!(
+        after < 1 << 40,
+        "{after:#x} bytes still mapped after the clients left"
+    );
+    drop(n);
+    let status = server.stop();
+    assert!(status.success(), "{status}");
+}

@@ -281,6 +281,11 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
             allow(&mut r, &SOCKET_IO);
             r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+            // The idle timeout of control connections.
+            r.insert(
+                libc::SYS_setsockopt,
+                any_of(2, &[libc::SO_RCVTIMEO as u64])?,
+            );
             r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
             r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
             r.insert(
@@ -435,6 +440,7 @@ fn syscall_name(nr: libc::c_long) -> &'static [u8] {
         (libc::SYS_sendmsg, b"sendmsg"),
         (libc::SYS_recvmsg, b"recvmsg"),
         (libc::SYS_fcntl, b"fcntl"),
+        (libc::SYS_setsockopt, b"setsockopt"),
         (libc::SYS_ftruncate, b"ftruncate"),
         (libc::SYS_fallocate, b"fallocate"),
         (libc::SYS_memfd_create, b"memfd_create"),

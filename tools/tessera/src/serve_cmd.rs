@@ -113,6 +113,37 @@ fn parse_watchdog(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A limit on mapped client memory: a size from 1M to 64T.
+fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    vmm::config::parse_size(s)
+        .filter(|n| (1 << 20..=64 << 40).contains(n))
+        .ok_or_else(|| format!("{s:?}: expected a size from 1M to 64T"))
+}
+
+/// Raises the soft limit on open files to the hard one: every client holds descriptors
+/// (its memory regions, interrupt and doorbell eventfds, its socket), and one client must
+/// not use up a small default for all of them.
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid resource and a valid struct to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit with a valid resource and a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        tracing::warn!(
+            "cannot raise the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// `tessera serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -135,6 +166,12 @@ pub struct ServeArgs {
     /// GPU time one packet may use before its vGPU is reset alone (TDR), e.g. 4s or 300ms.
     #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_watchdog)]
     watchdog: Duration,
+    /// Client memory one client (VMM) may make the server map, e.g. 1T (its guest RAM).
+    #[arg(long, value_name = "SIZE", default_value = "1T", value_parser = parse_memory_limit)]
+    max_client_memory: u64,
+    /// Client memory all clients together may make the server map, e.g. 32T.
+    #[arg(long, value_name = "SIZE", default_value = "32T", value_parser = parse_memory_limit)]
+    max_mapped: u64,
     /// Create these instances at start: TYPE[:NAME], repeatable.
     #[arg(long, value_name = "TYPE[:NAME]")]
     create: Vec<String>,
@@ -178,7 +215,14 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         dir: args.dir,
         require_sealed: args.require_sealed,
         watchdog: args.watchdog,
+        max_client_memory: args.max_client_memory,
+        max_mapped: args.max_mapped,
     };
+    if args.max_client_memory > args.max_mapped {
+        eprintln!("tessera: --max-client-memory must not exceed --max-mapped");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    raise_file_limit();
     let daemon = match Daemon::new(gpu, opts) {
         Ok(d) => d,
         Err(e) => {

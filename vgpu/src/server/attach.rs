@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{PciDevice, VectorSink};
@@ -43,6 +44,105 @@ pub const DOORBELL_IRQ_INDEX: u32 = VFIO_PCI_NUM_IRQS;
 
 /// Most DMA regions one client may map.
 const MAX_DMA_REGIONS: usize = 512;
+
+/// What every client of one server together, and each client alone, may make the server
+/// map: address space is shared by all tenants (and by VRAM mappings and thread stacks), and
+/// every region holds a file descriptor.
+#[derive(Debug)]
+pub struct DmaBudget {
+    /// Bytes one client may have mapped.
+    pub per_client: u64,
+    /// Bytes all clients together may have mapped.
+    pub total: u64,
+    /// Regions all clients together may have mapped.
+    pub total_regions: u64,
+    mapped: AtomicU64,
+    regions: AtomicU64,
+}
+
+/// Default [`DmaBudget::per_client`]: the most guest RAM `tessera vm` gives a VM.
+pub const DEFAULT_CLIENT_MEMORY: u64 = 1 << 40;
+/// Default [`DmaBudget::total`]: a quarter of a 47-bit user address space.
+pub const DEFAULT_TOTAL_MEMORY: u64 = 32 << 40;
+/// Default [`DmaBudget::total_regions`].
+pub const DEFAULT_TOTAL_REGIONS: u64 = 8192;
+
+impl Default for DmaBudget {
+    fn default() -> Self {
+        DmaBudget::new(
+            DEFAULT_CLIENT_MEMORY,
+            DEFAULT_TOTAL_MEMORY,
+            DEFAULT_TOTAL_REGIONS,
+        )
+    }
+}
+
+impl DmaBudget {
+    /// A budget with these limits.
+    pub fn new(per_client: u64, total: u64, total_regions: u64) -> Self {
+        DmaBudget {
+            per_client,
+            total,
+            total_regions,
+            mapped: AtomicU64::new(0),
+            regions: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes mapped by all clients now.
+    pub fn mapped(&self) -> u64 {
+        self.mapped.load(Ordering::Acquire)
+    }
+
+    /// Takes `size` bytes and one region for a client that already holds `held` bytes.
+    fn charge(self: &Arc<Self>, size: u64, held: u64) -> std::io::Result<Charge> {
+        if held.saturating_add(size) > self.per_client {
+            return Err(einval(format_args!(
+                "DMA region of {size:#x} bytes would take this client past its limit of \
+                 {:#x} mapped bytes",
+                self.per_client
+            )));
+        }
+        let take = |counter: &AtomicU64, n: u64, max: u64| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    v.checked_add(n).filter(|&t| t <= max)
+                })
+                .is_ok()
+        };
+        if !take(&self.mapped, size, self.total) {
+            return Err(einval(format_args!(
+                "the server already maps its limit of {:#x} bytes of client memory",
+                self.total
+            )));
+        }
+        if !take(&self.regions, 1, self.total_regions) {
+            self.mapped.fetch_sub(size, Ordering::AcqRel);
+            return Err(einval(format_args!(
+                "the server already maps its limit of {} client memory regions",
+                self.total_regions
+            )));
+        }
+        Ok(Charge {
+            budget: self.clone(),
+            size,
+        })
+    }
+}
+
+/// Bytes and a region taken from a [`DmaBudget`], given back on drop.
+#[derive(Debug)]
+struct Charge {
+    budget: Arc<DmaBudget>,
+    size: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.mapped.fetch_sub(self.size, Ordering::AcqRel);
+        self.budget.regions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The vGPU's interrupt routes, as the client handed them over: one eventfd per MSI-X vector
 /// (kept as a plain file: a client that sends something else only makes our writes fail).
@@ -135,6 +235,8 @@ struct DmaRegion {
     /// For a file the client can truncate: its `SIGBUS` guard, dropped before the mapping.
     _guard: Option<crate::guard::Guard>,
     region: Arc<GuestRegionMmap>,
+    /// Given back once the mapping is gone (fields drop in order).
+    _charge: Charge,
 }
 
 /// What one connection may change about its vGPU.
@@ -143,6 +245,7 @@ pub struct Attachment {
     vectors: Arc<EventVectors>,
     dma: Vec<DmaRegion>,
     require_sealed: bool,
+    budget: Arc<DmaBudget>,
     /// Accesses dropped because they were malformed (wrong region, size or offset).
     pub ignored: u64,
     warned_unsealed: bool,
@@ -164,13 +267,19 @@ fn einval(what: impl std::fmt::Display) -> std::io::Error {
 impl Attachment {
     /// Serves `vgpu`, whose interrupts go to `vectors`. With `require_sealed`, DMA files a
     /// client could shrink under the device (no `F_SEAL_SHRINK`) are refused; otherwise
-    /// they are accepted with a warning.
-    pub fn new(vgpu: Vgpu, vectors: Arc<EventVectors>, require_sealed: bool) -> Self {
+    /// they are accepted with a warning. DMA mappings are charged to `budget`.
+    pub fn new(
+        vgpu: Vgpu,
+        vectors: Arc<EventVectors>,
+        require_sealed: bool,
+        budget: Arc<DmaBudget>,
+    ) -> Self {
         Attachment {
             vgpu,
             vectors,
             dma: Vec::new(),
             require_sealed,
+            budget,
             ignored: 0,
             warned_unsealed: false,
         }
@@ -364,6 +473,8 @@ impl ServerBackend for Attachment {
         if self.dma.len() >= MAX_DMA_REGIONS {
             return Err(einval("too many DMA regions"));
         }
+        let held = self.dma.iter().map(|d| d.size).sum();
+        let charge = self.budget.charge(size, held)?;
         let sealed = self.check_sealed(&fd)?;
         let region = GuestRegionMmap::from_range(
             GuestAddress(address),
@@ -393,6 +504,7 @@ impl ServerBackend for Attachment {
                 size,
                 _guard: guard,
                 region: Arc::new(region),
+                _charge: charge,
             },
         );
         self.apply_dma();

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use crate::domain::DmaDomain;
 use crate::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
 use crate::profile::{self, Profile};
 use crate::sched::{Params, Policy};
-use attach::{Attachment, EventVectors};
+use attach::{Attachment, DmaBudget, EventVectors};
 use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
 
 /// Errors starting the server.
@@ -62,6 +62,10 @@ pub struct ServeOptions {
     pub require_sealed: bool,
     /// Watchdog limit per packet.
     pub watchdog: Duration,
+    /// Bytes of client memory one client may make the server map.
+    pub max_client_memory: u64,
+    /// Bytes of client memory all clients together may make the server map.
+    pub max_mapped: u64,
 }
 
 impl Default for ServeOptions {
@@ -70,9 +74,16 @@ impl Default for ServeOptions {
             dir: PathBuf::from("/run/tessera"),
             require_sealed: false,
             watchdog: crate::device::DEFAULT_WATCHDOG,
+            max_client_memory: attach::DEFAULT_CLIENT_MEMORY,
+            max_mapped: attach::DEFAULT_TOTAL_MEMORY,
         }
     }
 }
+
+/// Control connections served at once (each has a thread); more are told to retry.
+pub const MAX_CONTROL_CONNECTIONS: usize = 32;
+/// A control connection that sends nothing for this long is closed.
+pub const CONTROL_IDLE: Duration = Duration::from_secs(120);
 
 /// What `list` reports about an instance.
 #[derive(Debug, Clone, Serialize)]
@@ -164,6 +175,10 @@ pub struct Daemon {
     instances: Mutex<BTreeMap<String, Instance>>,
     next_id: AtomicU64,
     control: UnixListener,
+    /// Control connections being served.
+    control_threads: Arc<AtomicUsize>,
+    /// Client memory every attachment charges its DMA mappings to.
+    budget: Arc<DmaBudget>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -224,12 +239,19 @@ impl Daemon {
         let control = bind_private(&control_path)?;
         // Before any sandbox: a client that truncates its memory costs only its vGPU.
         crate::guard::install().map_err(|e| err("handle SIGBUS for", e))?;
+        let budget = Arc::new(DmaBudget::new(
+            opts.max_client_memory,
+            opts.max_mapped,
+            attach::DEFAULT_TOTAL_REGIONS,
+        ));
         Ok(Arc::new(Daemon {
             gpu,
             opts,
             instances: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             control,
+            control_threads: Arc::new(AtomicUsize::new(0)),
+            budget,
         }))
     }
 
@@ -252,11 +274,26 @@ impl Daemon {
                     continue;
                 }
             };
+            let busy = self.control_threads.fetch_add(1, Ordering::AcqRel);
+            if busy >= MAX_CONTROL_CONNECTIONS {
+                self.control_threads.fetch_sub(1, Ordering::AcqRel);
+                let mut s = stream;
+                let _ = s.write_all(
+                    b"{\"ok\":false,\"error\":\"too many control connections; retry\"}\n",
+                );
+                continue;
+            }
+            let _ = stream.set_read_timeout(Some(CONTROL_IDLE));
             let me = self.clone();
+            let count = self.control_threads.clone();
             if let Err(e) = std::thread::Builder::new()
                 .name("vgpu-control".into())
-                .spawn(move || me.control_connection(stream))
+                .spawn(move || {
+                    me.control_connection(stream);
+                    count.fetch_sub(1, Ordering::AcqRel);
+                })
             {
+                self.control_threads.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!("cannot serve a control connection: {e}");
             }
         }
@@ -465,6 +502,7 @@ impl Daemon {
             stop: stop.clone(),
             require_sealed: self.opts.require_sealed,
             watchdog: self.opts.watchdog,
+            budget: self.budget.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vfu-{name}"))
@@ -497,7 +535,11 @@ impl Daemon {
                 "instance {name:?} is attached to a VM (EBUSY); stop the VM first"
             ));
         }
-        if let Some(mut i) = inst.remove(name) {
+        let removed = inst.remove(name);
+        // The instance thread is joined without the instances lock, so a client that
+        // connects at this very moment delays only this request, not list, create or stats.
+        drop(inst);
+        if let Some(mut i) = removed {
             i.stop();
         }
         tracing::info!(name, "vGPU instance removed");
@@ -555,6 +597,7 @@ struct InstanceWorker {
     stop: Arc<EventFd>,
     require_sealed: bool,
     watchdog: Duration,
+    budget: Arc<DmaBudget>,
 }
 
 impl InstanceWorker {
@@ -615,7 +658,7 @@ impl InstanceWorker {
             attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
             attach::regions(vram.size, vram.file.as_raw_fd()),
         );
-        let mut att = Attachment::new(vgpu, vectors, self.require_sealed);
+        let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone());
         tracing::info!(name = self.name, "client attached");
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));

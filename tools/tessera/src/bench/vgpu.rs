@@ -168,7 +168,7 @@ impl BenchServer {
             vgpu::server::ServeOptions {
                 dir,
                 require_sealed: true,
-                watchdog: vgpu::device::DEFAULT_WATCHDOG,
+                ..Default::default()
             },
         )
         .map_err(|e| vmm::error_chain(&e))?;

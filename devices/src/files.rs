@@ -90,6 +90,63 @@ pub fn open_output(path: &Path) -> io::Result<File> {
     blocking(f)
 }
 
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Why a path cannot be trusted.
+fn untrusted(path: &Path, why: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{} {why}", path.display()),
+    )
+}
+
+/// Checks that nobody but `trusted` users (and root) can replace what `path` names: `path`
+/// itself and every directory above it (symlinks resolved) must belong to one of them, and
+/// each of those directories must not be writable by anyone else unless it is sticky (like
+/// `/tmp`, where only an entry's owner may rename or remove it).
+pub fn check_trusted_path(path: &Path, trusted: &[u32]) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(path)?;
+    let ok_owner = |uid: u32| uid == 0 || trusted.contains(&uid);
+    let m = std::fs::symlink_metadata(&real)?;
+    if !ok_owner(m.uid()) {
+        return Err(untrusted(
+            path,
+            format!("belongs to uid {}, which is not trusted here", m.uid()),
+        ));
+    }
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::symlink_metadata(dir)?;
+        if !ok_owner(m.uid()) {
+            return Err(untrusted(
+                path,
+                format!(
+                    "lies in {}, which belongs to uid {} (another user could replace it)",
+                    dir.display(),
+                    m.uid()
+                ),
+            ));
+        }
+        let others_write = m.mode() & 0o022 != 0;
+        let sticky = m.mode() & libc::S_ISVTX != 0;
+        if others_write && !sticky {
+            return Err(untrusted(
+                path,
+                format!(
+                    "lies in {}, which other users may write (mode {:o})",
+                    dir.display(),
+                    m.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +187,35 @@ mod tests {
             open_regular(&d.join("missing")).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn trusted_paths() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = scratch("trust");
+        let me = euid();
+        assert!(check_trusted_path(&d, &[me]).is_ok());
+        // A directory others may write (and not sticky) cannot be trusted below.
+        let open = d.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let inner = open.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        let e = check_trusted_path(&inner, &[me]).unwrap_err().to_string();
+        assert!(e.contains("which other users may write (mode 777)"), "{e}");
+        // Sticky, like /tmp: fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_trusted_path(&inner, &[me]).is_ok());
+        if me == 0 {
+            // Owned by another user: refused.
+            let theirs = d.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = check_trusted_path(&theirs, &[me]).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+            assert!(check_trusted_path(&theirs, &[me, 65534]).is_ok());
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

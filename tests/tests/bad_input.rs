@@ -285,3 +285,70 @@ fn bad_serve_flags_are_usage_errors() {
         assert!(err.contains(needle), "{flag} {value}: {err}");
     }
 }
+
+#[test]
+fn untrusted_sockets_and_directories_are_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to make files of other users");
+        return;
+    }
+    let fw = fw().unwrap_or_else(|| "/nonexistent".into());
+    let s = Scratch::new("trust");
+    // A socket another user made (a fake server): refused before anything is sent to it.
+    let fake = s.0.join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::os::unix::fs::chown(&fake, Some(65534), None).expect("chown");
+    let fake = fake.to_string_lossy().into_owned();
+    let dev = format!("socket={fake}");
+    expect_prompt_error(
+        &["vm", "--kernel", &fw, "--user-device", &dev],
+        2,
+        "refusing the vGPU socket: ",
+    );
+    let (_, _, err) = run_tessera(&["vm", "--kernel", &fw, "--user-device", &dev], &[]);
+    assert!(
+        err.contains("belongs to uid 65534, which is not trusted here"),
+        "{err}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the VMM connected to an untrusted socket"
+    );
+    // Trusting that user explicitly gets past the check (and on to talking to it).
+    let (_, _, err) = run_tessera(
+        &[
+            "vm",
+            "--kernel",
+            &fw,
+            "--user-device",
+            &format!("{dev},owner=65534"),
+        ],
+        &[],
+    );
+    assert!(!err.contains("refusing the vGPU socket"), "{err}");
+    // Not a socket at all.
+    let file = s.file("plain", b"x");
+    expect_prompt_error(
+        &[
+            "vm",
+            "--kernel",
+            &fw,
+            "--user-device",
+            &format!("socket={file}"),
+        ],
+        2,
+        "is not a socket",
+    );
+    // `serve --dir` that another user made first.
+    let theirs = s.0.join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(65534), None).expect("chown");
+    let theirs = theirs.to_string_lossy().into_owned();
+    expect_prompt_error(
+        &["serve", "--dir", &theirs],
+        2,
+        "refusing socket directory: ",
+    );
+}

@@ -289,11 +289,21 @@ impl FromStr for VgpuConfig {
 pub struct UserDeviceConfig {
     /// The server's socket for this device.
     pub socket: PathBuf,
+    /// A user besides this one and root that the socket (and the directories above it) may
+    /// belong to: the server's user.
+    pub owner: Option<u32>,
 }
 
 impl UserDeviceConfig {
     /// Accepted syntax.
-    pub const SYNTAX: &'static str = "socket=<path> or just <path>";
+    pub const SYNTAX: &'static str = "socket=<path>[,owner=<uid>] or just <path>";
+
+    /// The users the socket and its directories may belong to (root always may).
+    pub fn trusted(&self) -> Vec<u32> {
+        std::iter::once(devices::files::euid())
+            .chain(self.owner)
+            .collect()
+    }
 }
 
 impl FromStr for UserDeviceConfig {
@@ -301,15 +311,23 @@ impl FromStr for UserDeviceConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |m: String| syntax("--user-device", Self::SYNTAX, m);
         let mut socket = None;
+        let mut owner = None;
         for (k, v) in pairs(s, "socket", "--user-device", Self::SYNTAX)? {
             match k {
                 "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
                 "socket" => return Err(err("socket is empty".into())),
+                "owner" => {
+                    owner = Some(
+                        v.parse::<u32>()
+                            .map_err(|_| err(format!("owner={v}: expected a numeric uid")))?,
+                    )
+                }
                 other => return Err(err(format!("unknown key {other:?}"))),
             }
         }
         Ok(UserDeviceConfig {
             socket: socket.ok_or_else(|| err("socket is missing".into()))?,
+            owner,
         })
     }
 }

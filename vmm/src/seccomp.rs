@@ -286,6 +286,21 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 libc::SYS_setsockopt,
                 any_of(2, &[libc::SO_RCVTIMEO as u64])?,
             );
+            // Finding an instance's connection and its peer (`vgpu::server::peer`).
+            r.insert(
+                libc::SYS_getsockopt,
+                any_of(2, &[libc::SO_PEERCRED as u64, libc::SO_ACCEPTCONN as u64])?,
+            );
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_getsockname,
+                    libc::SYS_shutdown,
+                    // Instance sockets handed to their owner (`vgpu create --owner`).
+                    libc::SYS_chown,
+                    libc::SYS_fchownat,
+                ],
+            );
             r.insert(libc::SYS_clone, any_of(0, &[CLONE_THREAD_FLAGS])?);
             r.insert(libc::SYS_prctl, any_of(0, &[PR_SET_NAME])?);
             r.insert(

@@ -59,6 +59,15 @@ pub enum UserDeviceError {
     /// The socket does not exist.
     #[error("no vGPU socket at {0} (is `tessera serve` running and the instance created?)")]
     NoSocket(PathBuf),
+    /// The socket is not one that only trusted users could have made.
+    #[error("refusing the vGPU socket")]
+    Untrusted {
+        /// Socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Connecting failed.
     #[error("cannot connect to the vGPU server at {path}: {why}")]
     Connect {
@@ -161,14 +170,30 @@ impl std::fmt::Debug for UserDevice {
     }
 }
 
-fn connect(path: &Path) -> Result<Client, UserDeviceError> {
+/// Connects to the socket at `path` if it is a socket that belongs, like every directory
+/// above it, to a user in `trusted` or root: only then is the server behind it one of them
+/// (a socket belongs to whoever bound it), and only then may it be handed guest RAM.
+fn connect(path: &Path, trusted: &[u32]) -> Result<Client, UserDeviceError> {
+    use std::os::unix::fs::FileTypeExt;
     let err = |why: String| UserDeviceError::Connect {
         path: path.to_path_buf(),
         why,
     };
-    if !path.exists() {
-        return Err(UserDeviceError::NoSocket(path.to_path_buf()));
+    let untrusted = |source| UserDeviceError::Untrusted {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Err(_) => return Err(UserDeviceError::NoSocket(path.to_path_buf())),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(untrusted(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a socket", path.display()),
+            )));
+        }
+        Ok(_) => {}
     }
+    devices::files::check_trusted_path(path, trusted).map_err(untrusted)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_path_buf();
     std::thread::Builder::new()
@@ -193,17 +218,18 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 }
 
 impl UserDevice {
-    /// Connects to the vGPU at `path`, maps guest RAM for its DMA and its VRAM for the guest,
+    /// Connects to the vGPU at `path` (a socket of a user in `trusted`, or root), maps guest RAM for its DMA and its VRAM for the guest,
     /// places its BARs with `bars`; interrupts go to `msi`.
     /// With `seccomp`, the device's interrupt thread runs under the device filter.
     pub fn connect(
         path: &Path,
+        trusted: &[u32],
         ram: &GuestRam,
         bars: &mut BarAllocator,
         msi: Arc<dyn MsiSink>,
         seccomp: bool,
     ) -> Result<Self, UserDeviceError> {
-        let mut client = connect(path)?;
+        let mut client = connect(path, trusted)?;
         let dev_err = |why: String| UserDeviceError::Device {
             path: path.to_path_buf(),
             why,

@@ -139,7 +139,10 @@ impl VmError {
                 | VmError::SerialFile { .. }
                 | VmError::TooManyCpus { .. }
                 | VmError::Config(_)
-                | VmError::UserDevice(crate::user_device::UserDeviceError::NoSocket(_))
+                | VmError::UserDevice(
+                    crate::user_device::UserDeviceError::NoSocket(_)
+                        | crate::user_device::UserDeviceError::Untrusted { .. }
+                )
                 | VmError::Boot(
                     B::NotAKernel(_)
                         | B::NoPvhEntry(_)
@@ -406,6 +409,7 @@ impl Vm {
         for (k, ud) in config.user_devices.iter().enumerate() {
             let dev = crate::user_device::UserDevice::connect(
                 &ud.socket,
+                &ud.trusted(),
                 &ram,
                 &mut bars,
                 Arc::new(KvmMsi(vm_fd.clone())),

@@ -227,7 +227,8 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => {
             eprintln!("tessera: {}", error_chain(&e));
-            return ExitCode::from(EXIT_FAILURE);
+            let usage = matches!(e, vgpu::server::ServeError::Untrusted(_));
+            return ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE });
         }
     };
     for c in &args.create {
@@ -241,6 +242,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             partition: None,
             weight: None,
             cap: None,
+            owner: None,
         };
         if let Err(e) = daemon.handle(req) {
             eprintln!("tessera: --create {c}: {e}");
@@ -331,6 +333,10 @@ enum VgpuCommand {
         /// Cap on GPU time in percent, 1..=100.
         #[arg(long)]
         cap: Option<u32>,
+        /// The user (numeric uid) whose VMM may attach, besides root (default: the server's
+        /// user). Needs a server running as root.
+        #[arg(long, value_name = "UID")]
+        owner: Option<u32>,
     },
     /// The instances and whether a VM is attached.
     List,
@@ -374,12 +380,14 @@ pub fn vgpu(args: VgpuArgs) -> ExitCode {
             partition,
             weight,
             cap,
+            owner,
         } => Request::Create {
             profile,
             name,
             partition,
             weight,
             cap,
+            owner,
         },
         VgpuCommand::List => Request::List,
         VgpuCommand::Remove { name } => Request::Remove { name },

@@ -239,8 +239,30 @@ struct DmaRegion {
     _charge: Charge,
 }
 
+/// Who may use an attachment: checked once, before the client's first device access (see
+/// [`super::peer`]).
+#[derive(Debug)]
+pub struct Gate {
+    /// The instance's socket (the connection's local address).
+    pub socket: std::path::PathBuf,
+    /// Users allowed besides root.
+    pub allowed: Vec<u32>,
+    /// Where the connected peer is recorded.
+    pub peer: Arc<Mutex<Option<super::peer::Peer>>>,
+}
+
+/// What the gate decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Unchecked,
+    Admitted,
+    Refused,
+}
+
 /// What one connection may change about its vGPU.
 pub struct Attachment {
+    gate: Option<Gate>,
+    admission: Admission,
     vgpu: Vgpu,
     vectors: Arc<EventVectors>,
     dma: Vec<DmaRegion>,
@@ -260,6 +282,13 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
+fn refused() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "this client may not use the instance",
+    )
+}
+
 fn einval(what: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
 }
@@ -275,6 +304,8 @@ impl Attachment {
         budget: Arc<DmaBudget>,
     ) -> Self {
         Attachment {
+            gate: None,
+            admission: Admission::Unchecked,
             vgpu,
             vectors,
             dma: Vec::new(),
@@ -288,6 +319,43 @@ impl Attachment {
     /// The vGPU.
     pub fn vgpu(&self) -> &Vgpu {
         &self.vgpu
+    }
+
+    /// Serves only peers that `gate` allows (checked at the first device access).
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Whether the connected peer may use the device; decided once. A refused peer's
+    /// connection is hung up.
+    fn admitted(&mut self) -> bool {
+        let Some(gate) = &self.gate else {
+            return true;
+        };
+        if self.admission == Admission::Unchecked {
+            self.admission = match super::peer::connection(&gate.socket) {
+                Some((fd, peer)) => {
+                    *gate.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                    if peer.uid == 0 || gate.allowed.contains(&peer.uid) {
+                        Admission::Admitted
+                    } else {
+                        tracing::warn!(
+                            uid = peer.uid,
+                            pid = peer.pid,
+                            "refusing a client of another user"
+                        );
+                        super::peer::hang_up(fd);
+                        Admission::Refused
+                    }
+                }
+                None => {
+                    tracing::warn!("cannot find the client's connection; refusing it");
+                    Admission::Refused
+                }
+            };
+        }
+        self.admission == Admission::Admitted
     }
 
     fn apply_dma(&self) {
@@ -405,7 +473,7 @@ fn config_dwords(offset: u64, len: usize) -> Option<Vec<(usize, u64, std::ops::R
 
 impl ServerBackend for Attachment {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        if data.len() > MAX_ACCESS {
+        if data.len() > MAX_ACCESS || !self.admitted() {
             // The crate allocated `count` zeroed bytes (up to 4 GiB, mapped lazily); touching
             // them would make that memory real. The client gets the zeros back.
             self.ignore("oversized read", region, offset, data.len());
@@ -428,6 +496,9 @@ impl ServerBackend for Attachment {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if !self.admitted() {
+            return Ok(());
+        }
         match self.route(region, offset, data.len()) {
             Some(Route::Config(parts)) => {
                 for (reg, at, range) in parts {
@@ -448,6 +519,9 @@ impl ServerBackend for Attachment {
         size: u64,
         fd: Option<File>,
     ) -> std::io::Result<()> {
+        if !self.admitted() {
+            return Err(refused());
+        }
         let fd = fd.ok_or_else(|| {
             einval("DMA regions need a file descriptor (guest RAM must be shared memory)")
         })?;
@@ -530,6 +604,9 @@ impl ServerBackend for Attachment {
     }
 
     fn reset(&mut self) -> std::io::Result<()> {
+        if !self.admitted() {
+            return Ok(());
+        }
         self.vgpu.write_bar(
             abi_pci::BAR_REGS,
             regs::RESET,
@@ -546,6 +623,9 @@ impl ServerBackend for Attachment {
         count: u32,
         fds: Vec<File>,
     ) -> std::io::Result<()> {
+        if !self.admitted() {
+            return Err(refused());
+        }
         if index == DOORBELL_IRQ_INDEX {
             return self.set_doorbells(flags, start, count, fds);
         }

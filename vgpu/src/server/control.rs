@@ -38,6 +38,9 @@ pub enum Request {
         /// Cap in percent (default 100).
         #[serde(default)]
         cap: Option<u32>,
+        /// The user whose VMM may attach, besides root (default: the server's user).
+        #[serde(default)]
+        owner: Option<u32>,
     },
     /// The instances.
     List,
@@ -146,7 +149,8 @@ mod tests {
                 name: Some("a".into()),
                 partition: None,
                 weight: Some(2),
-                cap: None
+                cap: None,
+                owner: None,
             }
         );
         let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

@@ -10,6 +10,7 @@
 
 pub mod attach;
 pub mod control;
+pub mod peer;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -51,6 +52,9 @@ pub enum ServeError {
     /// Another server owns the directory.
     #[error("a vGPU server is already running at {0}")]
     Running(PathBuf),
+    /// The directory, or one above it, could be changed by another user.
+    #[error("refusing socket directory")]
+    Untrusted(#[source] std::io::Error),
 }
 
 /// How the server runs.
@@ -103,6 +107,10 @@ pub struct InstanceInfo {
     pub cap: u32,
     /// Its vfio-user socket.
     pub socket: PathBuf,
+    /// The user whose VMM may attach (root always may).
+    pub owner: u32,
+    /// The connected client's process and user, once it has made a device access.
+    pub peer: Option<peer::Peer>,
     /// Whether a client is connected.
     pub attached: bool,
     /// Clients served so far.
@@ -125,6 +133,8 @@ struct Live {
     attachments: AtomicU64,
     monitor: Mutex<Option<VgpuMonitor>>,
     totals: Mutex<Totals>,
+    /// The connected client's credentials (`None` between clients).
+    peer: Arc<Mutex<Option<peer::Peer>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +229,23 @@ impl Daemon {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
+        // Only this server's user may own the directory (a directory someone else made
+        // first would let them replace our sockets), and nobody else may be able to replace
+        // a directory above it.
+        let me = devices::files::euid();
+        devices::files::check_trusted_path(dir, &[me]).map_err(ServeError::Untrusted)?;
+        let owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(dir).map_err(|e| err("inspect", e))?,
+        );
+        if owner != me {
+            return Err(ServeError::Untrusted(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} belongs to uid {owner}, not to this server's user ({me})",
+                    dir.display()
+                ),
+            )));
+        }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| err("restrict permissions of", e))?;
         let control_path = dir.join(CONTROL_SOCKET);
@@ -363,6 +390,7 @@ impl Daemon {
                 partition,
                 weight,
                 cap,
+                owner,
             } => {
                 let p = profile::find(&profile).ok_or_else(|| {
                     let known: Vec<_> = profile::PROFILES.iter().map(|p| p.name).collect();
@@ -382,7 +410,7 @@ impl Daemon {
                 if !c.contains(&params.cap_percent) {
                     return Err(format!("cap {} is not in {c:?}", params.cap_percent));
                 }
-                let info = self.create(p, name, partition, params)?;
+                let info = self.create_owned(p, name, partition, params, owner)?;
                 Ok(json!({ "instance": info }))
             }
             Request::List => Ok(json!({ "instances": self.list() })),
@@ -431,6 +459,7 @@ impl Daemon {
         lock(&self.instances)
             .values()
             .map(|i| InstanceInfo {
+                peer: *lock(&i.live.peer),
                 attached: i.live.attached.load(Ordering::Acquire),
                 attachments: i.live.attachments.load(Ordering::Acquire),
                 ..i.info.clone()
@@ -446,7 +475,8 @@ impl Daemon {
             .collect()
     }
 
-    /// Creates an instance of `profile` and starts serving its socket.
+    /// Creates an instance of `profile` for this server's user and starts serving its
+    /// socket.
     pub fn create(
         &self,
         profile: &'static Profile,
@@ -454,6 +484,27 @@ impl Daemon {
         partition: Option<usize>,
         params: Params,
     ) -> Result<InstanceInfo, String> {
+        self.create_owned(profile, name, partition, params, None)
+    }
+
+    /// Like [`Daemon::create`], for the VMM of user `owner` (default: this server's user):
+    /// its socket belongs to that user (mode 0600), and a client of any other user but root
+    /// is refused.
+    pub fn create_owned(
+        &self,
+        profile: &'static Profile,
+        name: Option<String>,
+        partition: Option<usize>,
+        params: Params,
+        owner: Option<u32>,
+    ) -> Result<InstanceInfo, String> {
+        let me = devices::files::euid();
+        let owner = owner.unwrap_or(me);
+        if owner != me && me != 0 {
+            return Err(format!(
+                "only a server running as root can create an instance for uid {owner}"
+            ));
+        }
         let mut inst = lock(&self.instances);
         let name = match name {
             Some(n) if !valid_name(&n) => {
@@ -479,6 +530,17 @@ impl Daemon {
         let socket = self.opts.dir.join(format!("vgpu-{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let listener = bind_private(&socket).map_err(|e| devices::error_chain(&e))?;
+        if owner != me {
+            // Hand the socket to its user, and let that user (like everyone) pass through
+            // the directory, but not list or change it.
+            let handed = std::os::unix::fs::chown(&socket, Some(owner), None).and_then(|()| {
+                std::fs::set_permissions(&self.opts.dir, std::fs::Permissions::from_mode(0o711))
+            });
+            if let Err(e) = handed {
+                let _ = std::fs::remove_file(&socket);
+                return Err(format!("cannot hand the socket to uid {owner}: {e}"));
+            }
+        }
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
         let live = Arc::new(Live::default());
         let info = InstanceInfo {
@@ -489,6 +551,8 @@ impl Daemon {
             weight: params.weight,
             cap: params.cap_percent,
             socket: socket.clone(),
+            owner,
+            peer: None,
             attached: false,
             attachments: 0,
         };
@@ -503,6 +567,8 @@ impl Daemon {
             require_sealed: self.opts.require_sealed,
             watchdog: self.opts.watchdog,
             budget: self.budget.clone(),
+            socket: socket.clone(),
+            owner,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vfu-{name}"))
@@ -598,6 +664,8 @@ struct InstanceWorker {
     require_sealed: bool,
     watchdog: Duration,
     budget: Arc<DmaBudget>,
+    socket: PathBuf,
+    owner: u32,
 }
 
 impl InstanceWorker {
@@ -658,7 +726,12 @@ impl InstanceWorker {
             attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
             attach::regions(vram.size, vram.file.as_raw_fd()),
         );
-        let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone());
+        let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
+            .with_gate(attach::Gate {
+                socket: self.socket.clone(),
+                allowed: vec![self.owner],
+                peer: self.live.peer.clone(),
+            });
         tracing::info!(name = self.name, "client attached");
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
@@ -693,6 +766,7 @@ impl InstanceWorker {
         // file is punched, so a mapping the client kept reads zeros.
         drop(att);
         drop(server);
+        *lock(&self.live.peer) = None;
         vram.scrub();
         Ok(())
     }

@@ -653,3 +653,32 @@ fn no_client_can_exhaust_the_servers_address_space() {
     let status = server.stop();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn instances_belong_to_their_owner_and_record_their_peer() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: handing a socket to another user needs root");
+        return;
+    }
+    let server = Server::start("owner", &["--gpu", "soft,vram=256M,engines=1"]);
+    let sock = server.ok(&[
+        "vgpu", "create", "--type", "64M", "--name", "o", "--owner", "65534",
+    ]);
+    let sock = sock.trim().to_string();
+    let m = std::fs::metadata(&sock).expect("socket");
+    assert_eq!((m.uid(), m.mode() & 0o777), (65534, 0o600));
+    // Root may attach; the server records who is attached (under its sandbox).
+    let mut c = vgpu::host::HostClient::connect(Path::new(&sock), 16 << 20, true).expect("attach");
+    let buf = c.alloc(4096).expect("alloc");
+    c.run(&[fill(buf, 4096, 1)]).expect("work");
+    let list = server.json(&["vgpu", "list"]);
+    let o = &list["instances"][0];
+    assert_eq!(o["owner"], 65534, "{list}");
+    assert_eq!(o["peer"]["uid"], 0, "{list}");
+    assert_eq!(o["peer"]["pid"], std::process::id(), "{list}");
+    drop(c);
+    let status = server.stop();
+    assert!(status.success(), "{status}");
+}

@@ -189,6 +189,8 @@ pub struct Daemon {
     control_threads: Arc<AtomicUsize>,
     /// Client memory every attachment charges its DMA mappings to.
     budget: Arc<DmaBudget>,
+    /// This server's user (read before the sandbox, which refuses `geteuid`).
+    euid: u32,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -279,6 +281,7 @@ impl Daemon {
             control,
             control_threads: Arc::new(AtomicUsize::new(0)),
             budget,
+            euid: me,
         }))
     }
 
@@ -498,7 +501,7 @@ impl Daemon {
         params: Params,
         owner: Option<u32>,
     ) -> Result<InstanceInfo, String> {
-        let me = devices::files::euid();
+        let me = self.euid;
         let owner = owner.unwrap_or(me);
         if owner != me && me != 0 {
             return Err(format!(

@@ -63,3 +63,38 @@ fn weighted_vms_get_proportional_time() {
         );
     }
 }
+
+/// A short soak: eight tenants (firmware VMs and vfio-user host clients with busy, bursty,
+/// long, resetting, faulting and coming-and-going loads) on one `tessera serve`; every fence
+/// and result is checked, and the server must stop cleanly. (docs/benchmarks.md has a long
+/// run with the server's growth.)
+#[test]
+fn short_soak_checks_every_fence() {
+    let Some(fw) = firmware() else { return };
+    let mut cmd = std::process::Command::new(tessera_bin());
+    cmd.args([
+        "--log-level",
+        "warn",
+        "bench",
+        "soak",
+        "--minutes",
+        "0.5",
+        "--json",
+        "--firmware",
+    ])
+    .arg(fw);
+    let (status, out, err) = run_with_deadline(cmd, Duration::from_secs(180));
+    assert!(status.success(), "soak failed: {err}\n{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(report["ok"], true, "{out}");
+    assert_eq!(report["failures"], 0, "{out}");
+    let tenants = report["tenants"].as_array().expect("tenants");
+    assert_eq!(tenants.len(), 8, "{out}");
+    for t in tenants {
+        assert!(
+            t["rounds"].as_u64() > Some(0),
+            "a tenant did no work: {out}"
+        );
+    }
+    eprintln!("growth: {}", report["growth"]);
+}

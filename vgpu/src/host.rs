@@ -246,11 +246,39 @@ impl HostClient {
             tail: 0,
             fence: 0,
         };
-        c.set_reg(regs::ctx_reg(0, regs::CTX_PT_ROOT_LO), PML4 as u32);
-        c.set_reg(regs::ctx_reg(0, regs::CTX_RING_BASE_LO), RING as u32);
-        c.set_reg(regs::ctx_reg(0, regs::CTX_RING_SIZE), RING_ENTRIES);
-        c.set_reg(regs::ctx_reg(0, regs::CTX_CONTROL), ctx_control::ENABLE);
+        c.enable_context();
         Ok(c)
+    }
+
+    /// Points context 0 at the page tables and the (empty) ring, and enables it.
+    fn enable_context(&mut self) {
+        self.tail = 0;
+        self.set_reg(regs::ctx_reg(0, regs::CTX_PT_ROOT_LO), PML4 as u32);
+        self.set_reg(regs::ctx_reg(0, regs::CTX_RING_BASE_LO), RING as u32);
+        self.set_reg(regs::ctx_reg(0, regs::CTX_RING_SIZE), RING_ENTRIES);
+        self.set_reg(regs::ctx_reg(0, regs::CTX_CONTROL), ctx_control::ENABLE);
+    }
+
+    /// Resets the vGPU (`RESET`: work cancelled, VRAM zeroed, contexts disabled, a fault
+    /// cleared) and sets context 0 up again. Memory and the fence count stay, so the next
+    /// [`HostClient::submit`] goes on from here.
+    pub fn reset(&mut self) {
+        self.set_reg(regs::RESET, regs::RESET_VALUE);
+        self.enable_context();
+    }
+
+    /// The fence value the device last wrote (each [`HostClient::submit`] ends with a fence
+    /// of the next value).
+    pub fn fence_value(&self) -> Result<u64, HostError> {
+        let mut b = [0u8; 8];
+        self.read(FENCE, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Packets of context 0 the device consumed since the context was enabled
+    /// (`CTX_RING_HEAD`), and those submitted (the tail).
+    pub fn ring_progress(&mut self) -> (u32, u32) {
+        (self.reg(regs::ctx_reg(0, regs::CTX_RING_HEAD)), self.tail)
     }
 
     /// The memory file a remote vGPU maps (`None` for a local one).

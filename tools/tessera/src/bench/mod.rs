@@ -2,6 +2,7 @@
 
 mod boot;
 mod sched;
+mod soak;
 mod vgpu;
 mod vms;
 
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     Sched(sched::SchedArgs),
     /// N firmware VMs sharing one GPU, each running a load.
     Vms(vms::VmsArgs),
+    /// Eight tenants on one vGPU server for N minutes: every result checked, server growth.
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -29,6 +32,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Vgpu(args) => vgpu::run(args),
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Vms(args) => vms::run(args),
+        BenchCommand::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -501,6 +501,9 @@ pub fn run(data: &[u8]) {
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let _ = drain.join();
     });
+    // Client memory here is not sealed, so the server's SIGBUS guard is in play; a fault
+    // anywhere else must still reach libFuzzer's crash handler.
+    vgpu::guard::install_chained().expect("SIGBUS guard");
     let mut att = Attachment::new(vgpu, vectors, false, Default::default());
     OURS.with(|o| o.set(false));
     let mut marked = Marked {

@@ -11,8 +11,9 @@
 //! registration hit and returns, so the access retries and completes on the zero pages. The
 //! vGPU checks for hits after every packet ([`take_hit`]): the packet becomes a `DMA_DOMAIN`
 //! fault on its context and the vGPU's DMA domain is emptied, so that vGPU alone loses its
-//! system memory and the guest reads why. Outside any registered mapping the handler reports
-//! the address and exits: that is a bug, not a client.
+//! system memory and the guest reads why. Outside any registered mapping the fault is a bug,
+//! not a client: the handler reports the address and exits ([`install`], the server), or
+//! passes the signal to the handler installed before it ([`install_chained`], a fuzzer).
 //!
 //! The table is a fixed array of atomics, so the handler neither allocates nor locks.
 
@@ -133,7 +134,7 @@ fn hex(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
     &buf[..]
 }
 
-extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let addr = if info.is_null() {
         0
     } else {
@@ -175,6 +176,15 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         HITS.fetch_add(1, Ordering::AcqRel);
         return;
     }
+    let prev = PREVIOUS.load(Ordering::Acquire);
+    if prev != 0 {
+        // SAFETY: `prev` is the SA_SIGINFO handler that was installed before ours
+        // (`install_chained`); it gets the signal as it would have without us.
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute::<usize, _>(prev) };
+        handler(sig, info, ctx);
+        return;
+    }
     let mut buf = [0u8; 18];
     write_stderr(&[
         b"tessera: SIGBUS at ",
@@ -185,8 +195,25 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     unsafe { libc::_exit(1) };
 }
 
-/// Installs the process-wide `SIGBUS` handler (once; later calls return the first result).
+/// The SA_SIGINFO handler that [`install_chained`] found, for faults outside client memory
+/// (0: none; report and exit).
+static PREVIOUS: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the process-wide `SIGBUS` handler (once; later calls, of this function or of
+/// [`install_chained`], return the first result). A fault outside client memory is reported
+/// on stderr and ends the process with status 1: a clear line instead of a crash (or, under
+/// the seccomp sandbox, a report of the system call Rust's own handler would make).
 pub fn install() -> io::Result<()> {
+    install_with(false)
+}
+
+/// Like [`install`], but a fault outside client memory goes to the `SIGBUS` handler that was
+/// installed before, when it is an SA_SIGINFO handler (a fuzzer's crash reporter, say).
+pub fn install_chained() -> io::Result<()> {
+    install_with(true)
+}
+
+fn install_with(chain: bool) -> io::Result<()> {
     static RESULT: OnceLock<i32> = OnceLock::new();
     let errno = *RESULT.get_or_init(|| {
         // SAFETY: sigaction is plain data; all zeroes is a valid (empty) value.
@@ -195,15 +222,21 @@ pub fn install() -> io::Result<()> {
         sa.sa_flags = libc::SA_SIGINFO;
         // SAFETY: a valid sigset_t to clear.
         unsafe { libc::sigemptyset(&mut sa.sa_mask) };
-        // SAFETY: a valid sigaction whose handler only calls async-signal-safe functions.
-        let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) };
-        if rc == 0 {
-            0
-        } else {
-            io::Error::last_os_error()
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid sigaction whose handler only calls async-signal-safe functions (and
+        // the previous handler, which was installed for the same signal).
+        let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, &mut old) };
+        if rc != 0 {
+            return io::Error::last_os_error()
                 .raw_os_error()
-                .unwrap_or(libc::EINVAL)
+                .unwrap_or(libc::EINVAL);
         }
+        let real = old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
+        if chain && real && old.sa_flags & libc::SA_SIGINFO != 0 {
+            PREVIOUS.store(old.sa_sigaction, Ordering::Release);
+        }
+        0
     });
     match errno {
         0 => Ok(()),

@@ -139,47 +139,45 @@ fn firmware_vm(fw: &Path, socket: &str, cmdline: &str, log: &Path) -> Result<Str
     Ok(out)
 }
 
-/// A firmware VM running `run=load kind=…` in cycles until the deadline.
-fn firmware_load(
-    kind: &str,
-    fw: &Path,
-    socket: &str,
-    log: &Path,
-    until: (Instant, &AtomicBool),
-) -> Tenant {
-    let mut t = Tenant::default();
-    let (deadline, stop) = until;
-    while !stop_requested(stop, deadline) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let secs = left.min(CYCLE).as_secs();
-        if secs == 0 {
-            break;
-        }
-        let cmd = format!("run=load kind={kind} seconds={secs}");
-        match firmware_vm(fw, socket, &cmd, log) {
-            Ok(out) => {
-                let tag = format!("load kind={kind} jobs=");
-                let jobs = out
-                    .lines()
-                    .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest))
-                    .and_then(|rest| rest.split(' ').next())
-                    .and_then(|n| n.parse::<u64>().ok());
-                match jobs {
-                    Some(n) if n > 0 && out.contains("faults=0") => {
-                        t.rounds += 1;
-                        t.fences += n;
-                    }
-                    _ => t.fail(format!("`{cmd}` reported no clean load: {out:?}")),
-                }
-            }
-            Err(e) => t.fail(e),
-        }
-    }
-    t
+/// What a firmware VM tenant runs: `run=load kind=…` in cycles, or the conformance suite.
+#[derive(Debug, Clone, Copy)]
+enum Guest {
+    Load(&'static str),
+    Conformance,
 }
 
-/// A firmware VM running the conformance suite over and over.
-fn firmware_conformance(
+/// Dispatches completed by a clean `run=load` (the firmware checked every fence).
+fn check_load(kind: &str, out: &str) -> Result<u64, String> {
+    let tag = format!("load kind={kind} jobs=");
+    let jobs = out
+        .lines()
+        .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    match jobs {
+        Some(n) if n > 0 && out.contains("faults=0") => Ok(n),
+        _ => Err(format!("no clean `{kind}` load: {out:?}")),
+    }
+}
+
+/// Cases of a conformance run that passed them all.
+fn check_conformance(out: &str) -> Result<u64, String> {
+    let cases: Vec<&str> = out
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.starts_with("tessera-fw: case "))
+        .collect();
+    let n = cases.len();
+    let failed: Vec<&&str> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
+    if n == 0 || !failed.is_empty() || !out.contains(&format!("conformance {n}/{n} passed")) {
+        return Err(format!("conformance failed: {failed:?}"));
+    }
+    Ok(n as u64)
+}
+
+/// A firmware VM tenant: one VM after another until the deadline, each checked.
+fn firmware_tenant(
+    guest: Guest,
     fw: &Path,
     socket: &str,
     log: &Path,
@@ -188,24 +186,27 @@ fn firmware_conformance(
     let mut t = Tenant::default();
     let (deadline, stop) = until;
     while !stop_requested(stop, deadline) {
-        match firmware_vm(fw, socket, "run=conformance", log) {
-            Ok(out) => {
-                let cases: Vec<&str> = out
-                    .lines()
-                    .map(str::trim_end)
-                    .filter(|l| l.starts_with("tessera-fw: case "))
-                    .collect();
-                let n = cases.len();
-                let failed: Vec<&&str> = cases.iter().filter(|l| !l.ends_with(" ok")).collect();
-                if n == 0
-                    || !failed.is_empty()
-                    || !out.contains(&format!("conformance {n}/{n} passed"))
-                {
-                    t.fail(format!("conformance failed: {failed:?}"));
-                } else {
-                    t.rounds += 1;
-                    t.fences += n as u64;
+        let cmdline = match guest {
+            Guest::Load(kind) => {
+                let secs = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(CYCLE)
+                    .as_secs();
+                if secs == 0 {
+                    break;
                 }
+                format!("run=load kind={kind} seconds={secs}")
+            }
+            Guest::Conformance => "run=conformance".to_string(),
+        };
+        let checked = firmware_vm(fw, socket, &cmdline, log).and_then(|out| match guest {
+            Guest::Load(kind) => check_load(kind, &out),
+            Guest::Conformance => check_conformance(&out),
+        });
+        match checked {
+            Ok(n) => {
+                t.rounds += 1;
+                t.fences += n;
             }
             Err(e) => t.fail(e),
         }
@@ -491,10 +492,10 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
         threads.push(std::thread::spawn(move || {
             let until = (deadline, &*stop);
             let mut t = match *name {
-                "fw-busy" => firmware_load("busy", &fw, &socket, &log, until),
-                "fw-bursty" => firmware_load("bursty", &fw, &socket, &log, until),
-                "fw-long" => firmware_load("long", &fw, &socket, &log, until),
-                "fw-conformance" => firmware_conformance(&fw, &socket, &log, until),
+                "fw-busy" => firmware_tenant(Guest::Load("busy"), &fw, &socket, &log, until),
+                "fw-bursty" => firmware_tenant(Guest::Load("bursty"), &fw, &socket, &log, until),
+                "fw-long" => firmware_tenant(Guest::Load("long"), &fw, &socket, &log, until),
+                "fw-conformance" => firmware_tenant(Guest::Conformance, &fw, &socket, &log, until),
                 "host-checked" => host_tenant(HostLoad::Checked, &socket, until),
                 "host-resets" => host_tenant(HostLoad::Resets, &socket, until),
                 "host-faults" => host_tenant(HostLoad::Faults, &socket, until),

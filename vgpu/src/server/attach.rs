@@ -64,7 +64,7 @@ pub struct DmaBudget {
 pub const DEFAULT_CLIENT_MEMORY: u64 = 1 << 40;
 /// Default [`DmaBudget::total`]: a quarter of a 47-bit user address space.
 pub const DEFAULT_TOTAL_MEMORY: u64 = 32 << 40;
-/// Default [`DmaBudget::total_regions`].
+/// Default [`DmaBudget::total_regions`] (the server takes at most half its open-file limit).
 pub const DEFAULT_TOTAL_REGIONS: u64 = 8192;
 
 impl Default for DmaBudget {

@@ -268,10 +268,22 @@ impl Daemon {
         let control = bind_private(&control_path)?;
         // Before any sandbox: a client that truncates its memory costs only its vGPU.
         crate::guard::install().map_err(|e| err("handle SIGBUS for", e))?;
+        // Every mapped region holds a descriptor: leave half of the open-file limit for
+        // sockets, eventfds and VRAM files.
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit with a valid resource and a valid struct to fill.
+        let regions = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) } == 0 {
+            attach::DEFAULT_TOTAL_REGIONS.min(nofile.rlim_cur / 2)
+        } else {
+            attach::DEFAULT_TOTAL_REGIONS
+        };
         let budget = Arc::new(DmaBudget::new(
             opts.max_client_memory,
             opts.max_mapped,
-            attach::DEFAULT_TOTAL_REGIONS,
+            regions,
         ));
         Ok(Arc::new(Daemon {
             gpu,

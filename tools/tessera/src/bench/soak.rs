@@ -72,7 +72,11 @@ impl Tenant {
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Sample {
     at_s: f64,
+    /// Resident set: the server's own memory plus the client memory and VRAM pages it has
+    /// touched (shared pages, which come and go with the clients).
     rss_kib: u64,
+    /// The anonymous part of it: heap and stacks, where a leak would show.
+    anon_kib: u64,
     fds: u64,
     threads: u64,
 }
@@ -81,6 +85,8 @@ struct Sample {
 struct Growth {
     rss_kib: (f64, f64),
     rss_ratio: f64,
+    anon_kib: (f64, f64),
+    anon_ratio: f64,
     fds: (f64, f64),
     fds_ratio: f64,
     threads: (f64, f64),
@@ -208,7 +214,11 @@ fn firmware_tenant(
                 t.rounds += 1;
                 t.fences += n;
             }
-            Err(e) => t.fail(e),
+            Err(e) => {
+                // Keep this run's serial log; the next run writes a new one.
+                let _ = std::fs::rename(log, log.with_extension(format!("fail{}", t.failures)));
+                t.fail(e);
+            }
         }
     }
     t
@@ -358,6 +368,7 @@ fn sample(pid: u32, since: Instant) -> Option<Sample> {
     Some(Sample {
         at_s: since.elapsed().as_secs_f64(),
         rss_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:")?,
         threads: field("Threads:")?,
         fds,
     })
@@ -376,11 +387,14 @@ fn growth(samples: &[Sample], warmup_s: f64) -> Option<Growth> {
         ((a, b), if a > 0.0 { b / a - 1.0 } else { 0.0 })
     };
     let (rss, rss_ratio) = pair(|s| s.rss_kib);
+    let (anon, anon_ratio) = pair(|s| s.anon_kib);
     let (fds, fds_ratio) = pair(|s| s.fds);
     let (threads, threads_ratio) = pair(|s| s.threads);
     Some(Growth {
         rss_kib: rss,
         rss_ratio,
+        anon_kib: anon,
+        anon_ratio,
         fds,
         fds_ratio,
         threads,
@@ -391,13 +405,17 @@ fn growth(samples: &[Sample], warmup_s: f64) -> Option<Growth> {
 struct ServerChild {
     child: Child,
     dir: PathBuf,
+    /// Keep the directory (the server's and the VMs' logs) for a look after a failure.
+    keep: bool,
 }
 
 impl Drop for ServerChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -432,6 +450,7 @@ fn start_server(dir: &Path) -> Result<ServerChild, String> {
     let mut server = ServerChild {
         child,
         dir: dir.to_path_buf(),
+        keep: false,
     };
     let t0 = Instant::now();
     while std::os::unix::net::UnixStream::connect(run.join("control.sock")).is_err() {
@@ -547,11 +566,16 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
     } else {
         print_table(&report);
     }
+    server.keep = !report.ok;
     drop(server);
     if report.ok {
         Ok(())
     } else {
-        Err(format!("{} failed checks", report.failures))
+        Err(format!(
+            "{} failed checks (logs kept in {})",
+            report.failures,
+            dir.display()
+        ))
     }
 }
 
@@ -574,12 +598,15 @@ fn print_table(r: &Report) {
     match &r.growth {
         Some(g) => println!(
             "server growth after {:.0} s warm-up (median first quarter -> last quarter): \
-             RSS {:.0} -> {:.0} KiB ({:+.2} %), fds {:.0} -> {:.0} ({:+.2} %), threads {:.0} -> \
-             {:.0} ({:+.2} %)",
+             RSS {:.0} -> {:.0} KiB ({:+.2} %; anonymous {:.0} -> {:.0} KiB, {:+.2} %), fds \
+             {:.0} -> {:.0} ({:+.2} %), threads {:.0} -> {:.0} ({:+.2} %)",
             r.warmup_s,
             g.rss_kib.0,
             g.rss_kib.1,
             100.0 * g.rss_ratio,
+            g.anon_kib.0,
+            g.anon_kib.1,
+            100.0 * g.anon_ratio,
             g.fds.0,
             g.fds.1,
             100.0 * g.fds_ratio,

@@ -169,6 +169,11 @@ pub struct State {
     /// How far contended slices ran past their end, ns, most recent last.
     pub overruns: VecDeque<u64>,
     released_at: Option<u64>,
+    /// The least virtual time a member may wake with: never decreasing, the lowest virtual
+    /// time among the members that wanted the GPU when it was last seen. A member that was
+    /// idle (or is new) while the GPU sat idle too comes back here, not at its old (or zero)
+    /// virtual time, which would let it hold the GPU until it caught up.
+    vfloor: f64,
 }
 
 impl State {
@@ -183,6 +188,7 @@ impl State {
             handoffs: VecDeque::new(),
             overruns: VecDeque::new(),
             released_at: None,
+            vfloor: 0.0,
         }
     }
 
@@ -245,21 +251,33 @@ impl State {
             m.since = now;
             return;
         }
-        let floor = self
-            .members
-            .iter()
-            .enumerate()
-            .filter(|(i, m)| {
-                *i != id && m.alive && (m.waiting || self.owner.is_some_and(|o| o.0 == *i))
-            })
-            .map(|(_, m)| m.vtime)
-            .fold(f64::INFINITY, f64::min);
+        self.raise_vfloor(Some(id));
+        let floor = self.vfloor;
         let m = &mut self.members[id];
-        if floor.is_finite() && m.vtime < floor {
+        if m.vtime < floor {
             m.vtime = floor;
         }
         m.waiting = true;
         m.since = now;
+    }
+
+    /// Raises the floor to the least virtual time of the members (but `except`) that want
+    /// the GPU or hold it, if there are any.
+    fn raise_vfloor(&mut self, except: Option<MemberId>) {
+        let active = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                Some(*i) != except
+                    && m.alive
+                    && (m.waiting || self.owner.is_some_and(|o| o.0 == *i))
+            })
+            .map(|(_, m)| m.vtime)
+            .fold(f64::INFINITY, f64::min);
+        if active.is_finite() && active > self.vfloor {
+            self.vfloor = active;
+        }
     }
 
     /// Whether the owner `id`, charged for its time so far, would still be picked next.
@@ -329,12 +347,25 @@ impl State {
         let m = &mut self.members[id];
         m.busy_ns += busy;
         m.vtime += busy as f64 / w;
+        let charged = m.vtime;
         m.recent.push_back((start, now));
         m.last_release = Some(now);
         while m.recent.front().is_some_and(|&(_, e)| e + WINDOW_NS < now) {
             m.recent.pop_front();
         }
         self.released_at = Some(now);
+        // The member just charged was active until now: with the waiting ones, it bounds
+        // the floor (so that one running alone carries the floor along with it).
+        self.raise_vfloor(None);
+        let waiting_min = self
+            .members
+            .iter()
+            .filter(|m| m.alive && m.waiting)
+            .map(|m| m.vtime)
+            .fold(charged, f64::min);
+        if waiting_min > self.vfloor {
+            self.vfloor = waiting_min;
+        }
         Some(id)
     }
 
@@ -815,6 +846,44 @@ mod tests {
             st.wait(id, now);
         }
         assert!((4..=6).contains(&run_of_b), "b ran {run_of_b} of 10 slices");
+    }
+
+    #[test]
+    fn members_waking_on_an_idle_gpu_get_no_burst() {
+        // A runs alone for a long time, then the GPU idles. B joins (new, virtual time 0)
+        // while nothing runs, and A comes back: they must alternate, not B run until it has
+        // made up A's whole past.
+        let mut st = State::new(Policy::EqualShare, DEFAULT_SLICE);
+        let a = st.add(Params::default());
+        let b = st.add(Params::default());
+        let mut now = 0;
+        st.wait(a, now);
+        for _ in 0..1000 {
+            let id = st.pick(now).unwrap();
+            st.grant(id, now);
+            now += st.slice_ns;
+            st.charge(now);
+            st.wait(id, now);
+        }
+        // A's last slice ends, and it goes idle (no wait).
+        let id = st.pick(now).unwrap();
+        st.grant(id, now);
+        now += st.slice_ns;
+        st.charge(now);
+        assert!(st.pick(now).is_none());
+        now += 1_000_000_000;
+        st.wait(b, now);
+        st.wait(a, now + 1);
+        let mut runs = [0usize; 2];
+        for _ in 0..20 {
+            let id = st.pick(now).unwrap();
+            runs[id] += 1;
+            st.grant(id, now);
+            now += st.slice_ns;
+            st.charge(now);
+            st.wait(id, now);
+        }
+        assert!(runs[a] >= 9 && runs[b] >= 9, "slices of a, b: {runs:?}");
     }
 
     #[test]

@@ -473,7 +473,12 @@ fn config_dwords(offset: u64, len: usize) -> Option<Vec<(usize, u64, std::ops::R
 
 impl ServerBackend for Attachment {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        if data.len() > MAX_ACCESS || !self.admitted() {
+        if data.len() <= MAX_ACCESS && !self.admitted() {
+            // A refused peer reads what a lost device reads.
+            data.fill(0xff);
+            return Ok(());
+        }
+        if data.len() > MAX_ACCESS {
             // The crate allocated `count` zeroed bytes (up to 4 GiB, mapped lazily); touching
             // them would make that memory real. The client gets the zeros back.
             self.ignore("oversized read", region, offset, data.len());

@@ -236,12 +236,14 @@ const BATCH: u64 = 256 << 10;
 fn checked_batch(c: &mut HostClient, bufs: (u64, u64, u64), seed: u32) -> Result<(), String> {
     let (a, b, crc_out) = bufs;
     let e = |what: &str, err: HostError| format!("{what}: {err}");
-    c.run(&[
-        fill(a, BATCH, seed),
-        Packet::new(packet::OP_COPY, 0, &[a, b, BATCH]),
-        Packet::new(packet::OP_DISPATCH, kernel::CRC32, &[BATCH, b, crc_out]),
-    ])
-    .map_err(|err| e("batch", err))?;
+    let fence = c
+        .submit(&[
+            fill(a, BATCH, seed),
+            Packet::new(packet::OP_COPY, 0, &[a, b, BATCH]),
+            Packet::new(packet::OP_DISPATCH, kernel::CRC32, &[BATCH, b, crc_out]),
+        ])
+        .map_err(|err| e("submit", err))?;
+    c.wait(fence).map_err(|err| e("batch", err))?;
     let expected: Vec<u8> = seed
         .to_le_bytes()
         .iter()
@@ -259,12 +261,18 @@ fn checked_batch(c: &mut HostClient, bufs: (u64, u64, u64), seed: u32) -> Result
     if u32::from_le_bytes(crc) != crc32fast::hash(&expected) {
         return Err(format!("CRC32 of seed {seed:#x} is wrong"));
     }
-    check_fences(c)
+    check_fences(c, fence)
 }
 
 /// The fence in memory is exactly the last one submitted, and the device consumed exactly
 /// the packets queued.
-fn check_fences(c: &mut HostClient) -> Result<(), String> {
+fn check_fences(c: &mut HostClient, fence: u64) -> Result<(), String> {
+    let written = c
+        .fence_value()
+        .map_err(|e| format!("read the fence: {e}"))?;
+    if written != fence {
+        return Err(format!("fence {written} in memory, {fence} submitted last"));
+    }
     let (head, tail) = c.ring_progress();
     if head != tail {
         return Err(format!(

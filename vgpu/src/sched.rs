@@ -684,6 +684,21 @@ mod tests {
         ids.iter().map(|&i| st.members[i].busy_ns).collect()
     }
 
+    /// Runs `n` slices from `now` with the pure state machine, every member that runs going
+    /// back to waiting (always busy); returns who ran each slice.
+    fn busy_slices(st: &mut State, now: &mut u64, n: usize) -> Vec<MemberId> {
+        (0..n)
+            .map(|_| {
+                let id = st.pick(*now).expect("a member waits");
+                st.grant(id, *now);
+                *now += st.slice_ns;
+                st.charge(*now);
+                st.wait(id, *now);
+                id
+            })
+            .collect()
+    }
+
     fn jain(x: &[f64]) -> f64 {
         let s: f64 = x.iter().sum();
         let q: f64 = x.iter().map(|v| v * v).sum();
@@ -826,25 +841,10 @@ mod tests {
         let b = st.add(Params::default());
         let mut now = 0;
         st.wait(a, now);
-        for _ in 0..100 {
-            let id = st.pick(now).unwrap();
-            st.grant(id, now);
-            now += st.slice_ns;
-            st.charge(now);
-            st.wait(id, now);
-        }
+        busy_slices(&mut st, &mut now, 100);
         st.wait(b, now);
-        let mut run_of_b = 0;
-        for _ in 0..10 {
-            let id = st.pick(now).unwrap();
-            if id == b {
-                run_of_b += 1;
-            }
-            st.grant(id, now);
-            now += st.slice_ns;
-            st.charge(now);
-            st.wait(id, now);
-        }
+        let ran = busy_slices(&mut st, &mut now, 10);
+        let run_of_b = ran.iter().filter(|&&id| id == b).count();
         assert!((4..=6).contains(&run_of_b), "b ran {run_of_b} of 10 slices");
     }
 
@@ -858,13 +858,7 @@ mod tests {
         let b = st.add(Params::default());
         let mut now = 0;
         st.wait(a, now);
-        for _ in 0..1000 {
-            let id = st.pick(now).unwrap();
-            st.grant(id, now);
-            now += st.slice_ns;
-            st.charge(now);
-            st.wait(id, now);
-        }
+        busy_slices(&mut st, &mut now, 1000);
         // A's last slice ends, and it goes idle (no wait).
         let id = st.pick(now).unwrap();
         st.grant(id, now);
@@ -875,13 +869,8 @@ mod tests {
         st.wait(b, now);
         st.wait(a, now + 1);
         let mut runs = [0usize; 2];
-        for _ in 0..20 {
-            let id = st.pick(now).unwrap();
+        for id in busy_slices(&mut st, &mut now, 20) {
             runs[id] += 1;
-            st.grant(id, now);
-            now += st.slice_ns;
-            st.charge(now);
-            st.wait(id, now);
         }
         assert!(runs[a] >= 9 && runs[b] >= 9, "slices of a, b: {runs:?}");
     }

@@ -1,0 +1,424 @@
+//! The scheduler's decisions, pure: who runs next under each [`Policy`], and the
+//! accounting (GPU-busy time, virtual time, the 100 ms window for caps) they rest on. No
+//! threads and no clock of its own, so the policies are tested with simulated time; the
+//! [`Scheduler`](super::Scheduler) drives it under its mutex.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar};
+use std::time::Duration;
+
+use super::{MAX_SLICE, MIN_SLICE, MemberId, MemberStats, Params, Policy, WINDOW_NS};
+
+#[derive(Debug)]
+pub(super) struct Member {
+    pub(super) params: Params,
+    pub(super) busy_ns: u64,
+    /// Fair-queuing virtual time: busy_ns / weight, with catch-up on wake.
+    pub(super) vtime: f64,
+    pub(super) waiting: bool,
+    pub(super) since: u64,
+    /// (start, end) of recent busy intervals, for windowed share and caps.
+    pub(super) recent: VecDeque<(u64, u64)>,
+    pub(super) switches: u64,
+    pub(super) alive: bool,
+    /// When it last gave the GPU back (to tell "still busy" from "back from idle").
+    pub(super) last_release: Option<u64>,
+    /// Signalled when the GPU is handed to this member (no thundering herd).
+    pub(super) cv: Arc<Condvar>,
+}
+
+impl Member {
+    pub(super) fn busy_in_window(&self, now: u64, window: u64) -> u64 {
+        let from = now.saturating_sub(window);
+        self.recent
+            .iter()
+            .map(|&(s, e)| e.min(now).saturating_sub(s.max(from)))
+            .sum()
+    }
+}
+
+/// The scheduler's state, pure: `pick` decides, `grant`/`charge` account.
+#[derive(Debug)]
+pub struct State {
+    /// Policy in force.
+    pub policy: Policy,
+    /// Slice length in ns.
+    pub slice_ns: u64,
+    pub(super) members: Vec<Member>,
+    pub(super) owner: Option<(MemberId, u64)>,
+    /// End of the owner's slice.
+    pub(super) deadline: u64,
+    pub(super) rr_next: usize,
+    /// Handoff latencies (release → next grant), ns, most recent last.
+    pub handoffs: VecDeque<u64>,
+    /// How far contended slices ran past their end, ns, most recent last.
+    pub overruns: VecDeque<u64>,
+    pub(super) released_at: Option<u64>,
+    /// The least virtual time a member may wake with: never decreasing, the lowest virtual
+    /// time among the members that wanted the GPU when it was last seen. A member that was
+    /// idle (or is new) while the GPU sat idle too comes back here, not at its old (or zero)
+    /// virtual time, which would let it hold the GPU until it caught up.
+    pub(super) vfloor: f64,
+}
+
+impl State {
+    pub(super) fn new(policy: Policy, slice: Duration) -> Self {
+        State {
+            policy,
+            slice_ns: slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64,
+            members: Vec::new(),
+            owner: None,
+            deadline: 0,
+            rr_next: 0,
+            handoffs: VecDeque::new(),
+            overruns: VecDeque::new(),
+            released_at: None,
+            vfloor: 0.0,
+        }
+    }
+
+    pub(super) fn add(&mut self, params: Params) -> MemberId {
+        let fresh = Member {
+            params,
+            busy_ns: 0,
+            vtime: 0.0,
+            waiting: false,
+            since: 0,
+            recent: VecDeque::new(),
+            switches: 0,
+            alive: true,
+            last_release: None,
+            cv: Arc::new(Condvar::new()),
+        };
+        // Reuse the slot of a member that is gone (a vfio-user server registers one per
+        // attachment, for as long as it runs): the list stays as long as the most vGPUs ever
+        // alive at once.
+        let owner = self.owner.map(|o| o.0);
+        if let Some(i) =
+            (0..self.members.len()).find(|&i| !self.members[i].alive && owner != Some(i))
+        {
+            self.members[i] = fresh;
+            return i;
+        }
+        self.members.push(fresh);
+        self.members.len() - 1
+    }
+
+    pub(super) fn weight(&self, m: &Member) -> f64 {
+        match self.policy {
+            Policy::FixedShare => f64::from(m.params.weight.max(1)),
+            _ => 1.0,
+        }
+    }
+
+    /// Whether `id` is under its cap right now.
+    pub(super) fn under_cap(&self, id: MemberId, now: u64) -> bool {
+        let m = &self.members[id];
+        m.params.cap_percent >= 100
+            || m.busy_in_window(now, WINDOW_NS) * 100 < u64::from(m.params.cap_percent) * WINDOW_NS
+    }
+
+    /// Marks `id` as wanting the GPU.
+    pub(super) fn wait(&mut self, id: MemberId, now: u64) {
+        if self.members[id].waiting {
+            return;
+        }
+        // A vGPU coming back from idle starts at the active vGPUs' virtual time, so it gets
+        // its share from now on instead of a burst to make up for its idle past. One that
+        // just used its slice and still has work keeps its own virtual time.
+        let slice = self.slice_ns;
+        if self.members[id]
+            .last_release
+            .is_some_and(|r| now.saturating_sub(r) <= slice)
+        {
+            let m = &mut self.members[id];
+            m.waiting = true;
+            m.since = now;
+            return;
+        }
+        self.raise_vfloor(Some(id));
+        let floor = self.vfloor;
+        let m = &mut self.members[id];
+        if m.vtime < floor {
+            m.vtime = floor;
+        }
+        m.waiting = true;
+        m.since = now;
+    }
+
+    /// Raises the floor to the least virtual time of the members (but `except`) that want
+    /// the GPU or hold it, if there are any.
+    pub(super) fn raise_vfloor(&mut self, except: Option<MemberId>) {
+        let active = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                Some(*i) != except
+                    && m.alive
+                    && (m.waiting || self.owner.is_some_and(|o| o.0 == *i))
+            })
+            .map(|(_, m)| m.vtime)
+            .fold(f64::INFINITY, f64::min);
+        if active.is_finite() && active > self.vfloor {
+            self.vfloor = active;
+        }
+    }
+
+    /// Whether the owner `id`, charged for its time so far, would still be picked next.
+    pub(super) fn owner_still_first(&self, id: MemberId, now: u64) -> bool {
+        if !matches!(self.policy, Policy::EqualShare | Policy::FixedShare) {
+            return false;
+        }
+        let Some((o, start)) = self.owner.filter(|o| o.0 == id) else {
+            return false;
+        };
+        let m = &self.members[o];
+        let mine = m.vtime + now.saturating_sub(start) as f64 / self.weight(m);
+        self.members.iter().enumerate().all(|(i, w)| {
+            i == o || !(w.alive && w.waiting && self.under_cap(i, now)) || w.vtime > mine
+        })
+    }
+
+    /// Who gets the GPU next among the waiting, eligible members.
+    pub fn pick(&mut self, now: u64) -> Option<MemberId> {
+        let n = self.members.len();
+        let eligible =
+            |s: &State, i: usize| s.members[i].alive && s.members[i].waiting && s.under_cap(i, now);
+        match self.policy {
+            Policy::BestEffort | Policy::FixedQuantum => {
+                let pick = (0..n)
+                    .map(|k| (self.rr_next + k) % n)
+                    .find(|&i| eligible(self, i))?;
+                self.rr_next = (pick + 1) % n;
+                Some(pick)
+            }
+            Policy::EqualShare | Policy::FixedShare => {
+                (0..n).filter(|&i| eligible(self, i)).min_by(|&a, &b| {
+                    self.members[a]
+                        .vtime
+                        .total_cmp(&self.members[b].vtime)
+                        .then(self.members[a].since.cmp(&self.members[b].since))
+                })
+            }
+        }
+    }
+
+    /// Gives the GPU to `id` at `now`.
+    pub(super) fn grant(&mut self, id: MemberId, now: u64) {
+        let m = &mut self.members[id];
+        m.waiting = false;
+        m.switches += 1;
+        self.owner = Some((id, now));
+        self.deadline = now + self.slice_ns;
+    }
+
+    /// Hands a free GPU to the next eligible waiter, if any, and wakes exactly that waiter.
+    pub(super) fn hand_off(&mut self, now: u64) {
+        if self.owner.is_some() {
+            return;
+        }
+        if let Some(next) = self.pick(now) {
+            self.grant(next, now);
+            self.members[next].cv.notify_one();
+        }
+    }
+
+    /// Charges the owner for its time and frees the GPU.
+    pub(super) fn charge(&mut self, now: u64) -> Option<MemberId> {
+        let (id, start) = self.owner.take()?;
+        let busy = now.saturating_sub(start);
+        let w = self.weight(&self.members[id]);
+        let m = &mut self.members[id];
+        m.busy_ns += busy;
+        m.vtime += busy as f64 / w;
+        let charged = m.vtime;
+        m.recent.push_back((start, now));
+        m.last_release = Some(now);
+        while m.recent.front().is_some_and(|&(_, e)| e + WINDOW_NS < now) {
+            m.recent.pop_front();
+        }
+        self.released_at = Some(now);
+        // The member just charged was active until now: with the waiting ones, it bounds
+        // the floor (so that one running alone carries the floor along with it).
+        self.raise_vfloor(None);
+        let waiting_min = self
+            .members
+            .iter()
+            .filter(|m| m.alive && m.waiting)
+            .map(|m| m.vtime)
+            .fold(charged, f64::min);
+        if waiting_min > self.vfloor {
+            self.vfloor = waiting_min;
+        }
+        Some(id)
+    }
+
+    /// Statistics of member `id` at `now`.
+    pub fn stats(&self, id: MemberId, now: u64) -> MemberStats {
+        let m = &self.members[id];
+        let running = self.owner.is_some_and(|o| o.0 == id);
+        let extra = match self.owner {
+            Some((o, start)) if o == id => now.saturating_sub(start),
+            _ => 0,
+        };
+        let window = m.busy_in_window(now, WINDOW_NS)
+            + match self.owner {
+                Some((o, start)) if o == id => {
+                    now.saturating_sub(start.max(now.saturating_sub(WINDOW_NS)))
+                }
+                _ => 0,
+            };
+        MemberStats {
+            busy_ns: m.busy_ns + extra,
+            window_share: window as f64 / WINDOW_NS.min(now.max(1)) as f64,
+            switches: m.switches,
+            waiting: m.waiting,
+            running,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sched::DEFAULT_SLICE;
+    use crate::sched::tests::jain;
+
+    /// Simulates `demand` (true = always has work) members for `total_ms` with the pure
+    /// state machine, a slice at a time; returns busy ns per member.
+    fn simulate(policy: Policy, params: &[Params], demand: &[bool], total_ms: u64) -> Vec<u64> {
+        let mut st = State::new(policy, DEFAULT_SLICE);
+        let ids: Vec<_> = params.iter().map(|p| st.add(*p)).collect();
+        let mut now = 0u64;
+        let end = total_ms * 1_000_000;
+        for (&id, &d) in ids.iter().zip(demand) {
+            if d {
+                st.wait(id, now);
+            }
+        }
+        while now < end {
+            match st.pick(now) {
+                Some(id) => {
+                    st.grant(id, now);
+                    now += st.slice_ns;
+                    st.charge(now);
+                    st.wait(id, now);
+                }
+                None => now += 100_000, // idle: everyone capped
+            }
+        }
+        ids.iter().map(|&i| st.members[i].busy_ns).collect()
+    }
+
+    /// Runs `n` slices from `now` with the pure state machine, every member that runs going
+    /// back to waiting (always busy); returns who ran each slice.
+    fn busy_slices(st: &mut State, now: &mut u64, n: usize) -> Vec<MemberId> {
+        (0..n)
+            .map(|_| {
+                let id = st.pick(*now).expect("a member waits");
+                st.grant(id, *now);
+                *now += st.slice_ns;
+                st.charge(*now);
+                st.wait(id, *now);
+                id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equal_share_is_fair() {
+        let busy = simulate(
+            Policy::EqualShare,
+            &[Params::default(); 8],
+            &[true; 8],
+            1000,
+        );
+        let v: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
+        assert!(jain(&v) > 0.999, "{busy:?}");
+    }
+
+    #[test]
+    fn weights_give_proportional_shares() {
+        let params: Vec<Params> = [1, 2, 4, 8]
+            .iter()
+            .map(|&w| Params {
+                weight: w,
+                cap_percent: 100,
+            })
+            .collect();
+        let busy = simulate(Policy::FixedShare, &params, &[true; 4], 2000);
+        let total: u64 = busy.iter().sum();
+        for (b, w) in busy.iter().zip([1.0, 2.0, 4.0, 8.0]) {
+            let share = *b as f64 / total as f64;
+            assert!(
+                (share - w / 15.0).abs() < 0.01,
+                "share {share} for weight {w}: {busy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn caps_hold_and_idle_members_get_nothing() {
+        let params = [
+            Params {
+                weight: 1,
+                cap_percent: 25,
+            },
+            Params::default(),
+            Params::default(),
+        ];
+        let busy = simulate(Policy::EqualShare, &params, &[true, true, false], 1000);
+        let total = 1_000_000_000u64;
+        assert!(busy[0] as f64 / total as f64 <= 0.26, "{busy:?}");
+        assert_eq!(busy[2], 0);
+        assert!(busy[1] > busy[0]);
+        // A capped member alone leaves the GPU idle for the rest of the window.
+        let busy = simulate(Policy::BestEffort, &params[..1], &[true], 1000);
+        assert!((busy[0] as f64 / total as f64) <= 0.26, "{busy:?}");
+    }
+
+    #[test]
+    fn best_effort_round_robin_and_returning_members() {
+        let busy = simulate(Policy::BestEffort, &[Params::default(); 3], &[true; 3], 300);
+        assert!(busy.iter().all(|&b| b == busy[0]), "{busy:?}");
+        // A member waking after idling does not get a burst: vtime catch-up.
+        let mut st = State::new(Policy::EqualShare, DEFAULT_SLICE);
+        let a = st.add(Params::default());
+        let b = st.add(Params::default());
+        let mut now = 0;
+        st.wait(a, now);
+        busy_slices(&mut st, &mut now, 100);
+        st.wait(b, now);
+        let ran = busy_slices(&mut st, &mut now, 10);
+        let run_of_b = ran.iter().filter(|&&id| id == b).count();
+        assert!((4..=6).contains(&run_of_b), "b ran {run_of_b} of 10 slices");
+    }
+
+    #[test]
+    fn members_waking_on_an_idle_gpu_get_no_burst() {
+        // A runs alone for a long time, then the GPU idles. B joins (new, virtual time 0)
+        // while nothing runs, and A comes back: they must alternate, not B run until it has
+        // made up A's whole past.
+        let mut st = State::new(Policy::EqualShare, DEFAULT_SLICE);
+        let a = st.add(Params::default());
+        let b = st.add(Params::default());
+        let mut now = 0;
+        st.wait(a, now);
+        busy_slices(&mut st, &mut now, 1000);
+        // A's last slice ends, and it goes idle (no wait).
+        let id = st.pick(now).unwrap();
+        st.grant(id, now);
+        now += st.slice_ns;
+        st.charge(now);
+        assert!(st.pick(now).is_none());
+        now += 1_000_000_000;
+        st.wait(b, now);
+        st.wait(a, now + 1);
+        let mut runs = [0usize; 2];
+        for id in busy_slices(&mut st, &mut now, 20) {
+            runs[id] += 1;
+        }
+        assert!(runs[a] >= 9 && runs[b] >= 9, "slices of a, b: {runs:?}");
+    }
+}

@@ -1,0 +1,534 @@
+//! The command processor thread: it picks the next packet of each runnable context, holds
+//! the GPU from the scheduler while it executes it (MMU walks, copies, kernels on the
+//! backend's engines) under the watchdog's deadline, and commits the result under the
+//! device's lock unless the context was reset meanwhile.
+
+use super::*;
+
+/// When the watchdog stops the stretch of a packet that is on the engines: the packet's
+/// remaining GPU-time budget counted from the start of the stretch. Engines ask it before
+/// every workgroup and long kernels inside one, so a packet past its budget stops within
+/// one preemption point whether or not another vGPU wants the GPU.
+pub(super) struct Deadline {
+    epoch: Instant,
+    /// Nanoseconds since `epoch`; `u64::MAX`: none.
+    at_ns: AtomicU64,
+}
+
+impl Deadline {
+    pub(super) fn new() -> Self {
+        Deadline {
+            epoch: Instant::now(),
+            at_ns: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Arms the deadline `budget` after `start`.
+    fn arm(&self, start: Instant, budget: Duration) {
+        let at = self
+            .ns(start)
+            .saturating_add(u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX));
+        self.at_ns.store(at, Ordering::Release);
+    }
+
+    fn disarm(&self) {
+        self.at_ns.store(u64::MAX, Ordering::Release);
+    }
+
+    fn passed(&self) -> bool {
+        let at = self.at_ns.load(Ordering::Acquire);
+        at != u64::MAX && self.ns(Instant::now()) >= at
+    }
+}
+
+/// A context as the processor sees it for one packet.
+struct Snapshot {
+    /// The memories as of this packet (see `DmaGuard`).
+    spaces: Arc<Spaces>,
+    root: Root,
+    ring_base: u64,
+    ring_size: u32,
+    head: u32,
+    tail: u32,
+    tail_addr: u64,
+    generation: u64,
+    tlb_epoch: u64,
+    refresh_tail: bool,
+}
+
+/// Marks the end of a packet's use of its DMA mapping (whichever way `step` returns), so a
+/// waiting `set_dma` can go on.
+struct DmaGuard(Arc<Shared>);
+
+impl Drop for DmaGuard {
+    fn drop(&mut self) {
+        self.0.lock().dma_in_use = None;
+        self.0.progress.notify_all();
+    }
+}
+
+/// What executing a packet changes in the context's registers.
+enum Effect {
+    None,
+    Fence { value: u64, irq: bool },
+}
+
+/// The command processor thread.
+pub(super) struct Processor {
+    sh: Arc<Shared>,
+    tlbs: Vec<(Tlb, u64)>,
+    next: usize,
+    /// The GPU, while this vGPU holds it.
+    grant: Option<Arc<Grant>>,
+    /// [`crate::guard`]'s hit counter as last seen.
+    guard_seen: u64,
+}
+
+/// Gets the GPU from the scheduler unless already held; `false` if cancelled (reset).
+fn hold(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
+    if grant.is_none() {
+        *grant = sh.sched.acquire(sh.member, &sh.cancel).map(Arc::new);
+    }
+    grant.is_some()
+}
+
+/// Gives the GPU back. (Clones of the grant may outlive this in finished engine jobs'
+/// stop checks; they are inert once the scheduler has moved on.)
+fn give_back(sh: &Shared, grant: &mut Option<Arc<Grant>>) {
+    if let Some(g) = grant.take() {
+        sh.sched.release(&g);
+    }
+}
+
+/// A preemption point: gives the GPU back if the slice is over and someone else waits, then
+/// waits for it again. `false` if cancelled meanwhile.
+fn preempt_point(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
+    if grant.as_ref().is_some_and(|g| g.should_yield()) {
+        give_back(sh, grant);
+    }
+    hold(sh, grant)
+}
+
+impl Processor {
+    pub(super) fn new(sh: Arc<Shared>) -> Self {
+        let n = sh.contexts as usize;
+        Processor {
+            sh,
+            tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
+            next: 0,
+            grant: None,
+            guard_seen: 0,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut last_work: Option<Instant> = None;
+        loop {
+            let polling = {
+                let mut st = self.sh.lock();
+                if st.shutdown {
+                    return;
+                }
+                if st.reset_pending {
+                    self.reset(&mut st);
+                }
+                st.ctx
+                    .iter()
+                    .any(|c| c.runnable() && c.control & ctx_control::POLL != 0)
+            };
+            if self.round() {
+                last_work = Some(Instant::now());
+                continue;
+            }
+            // Out of work: the GPU goes to someone else.
+            give_back(&self.sh, &mut self.grant);
+            if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
+                // Busy a moment ago: pick up doorbells without blocking.
+                self.drain_events(0);
+                std::hint::spin_loop();
+            } else {
+                last_work = None;
+                self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
+            }
+        }
+    }
+
+    /// Function-level reset, carried out here between packets.
+    fn reset(&self, st: &mut State) {
+        self.sh.vram.scrub();
+        st.msix.reset();
+        st.int_status = 0;
+        st.int_mask = 0;
+        st.last_fault = (0, 0, 0);
+        st.fault_count = 0;
+        st.fault_vector = 0;
+        st.wait_ctx = 0;
+        st.wait_value = 0;
+        st.ts_base = Instant::now();
+        let gens: Vec<(u64, u64)> = st.ctx.iter().map(|c| (c.generation, c.tlb_epoch)).collect();
+        st.ctx = fresh_contexts(self.sh.contexts);
+        for (c, (g, t)) in st.ctx.iter_mut().zip(gens) {
+            c.generation = g + 1;
+            c.tlb_epoch = t + 1;
+        }
+        for d in &self.sh.doorbells {
+            let _ = d.read();
+        }
+        st.reset_pending = false;
+        self.sh.cancel.store(false, Ordering::Release);
+        self.sh.progress.notify_all();
+    }
+
+    fn sleep(&mut self, timeout_us: i32) {
+        if (0..1000).contains(&timeout_us) {
+            // epoll has millisecond resolution: nap briefly, then look at the events.
+            std::thread::sleep(Duration::from_micros(timeout_us as u64));
+            self.drain_events(0);
+        } else {
+            self.drain_events(if timeout_us < 0 {
+                -1
+            } else {
+                timeout_us / 1000
+            });
+        }
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for the kick or doorbells and records them.
+    fn drain_events(&mut self, timeout_ms: i32) {
+        let mut events = [EpollEvent::default(); 2 * limits::MAX_CONTEXTS as usize + 1];
+        let Ok(n) = self.sh.epoll.wait(timeout_ms, &mut events) else {
+            return;
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                0 => {
+                    let _ = self.sh.kick.read();
+                }
+                d if d >= EXTERNAL_DOORBELL => {
+                    let i = (d - EXTERNAL_DOORBELL) as usize;
+                    let ext = self
+                        .sh
+                        .external_doorbells
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if let Some(f) = ext.get(i) {
+                        // An eventfd (checked when it was attached) that epoll saw signalled:
+                        // the read returns at once and clears it.
+                        let mut count = [0u8; 8];
+                        let _ = std::io::Read::read(&mut &*f, &mut count);
+                    }
+                    drop(ext);
+                    if let Some(c) = self.sh.lock().ctx.get_mut(i) {
+                        c.doorbell = true;
+                    }
+                }
+                d => {
+                    let i = d as usize - 1;
+                    if let Some(evt) = self.sh.doorbells.get(i) {
+                        let _ = evt.read();
+                        if let Some(c) = self.sh.lock().ctx.get_mut(i) {
+                            c.doorbell = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs at most one packet of each runnable context; returns whether anything ran.
+    fn round(&mut self) -> bool {
+        let n = self.sh.contexts as usize;
+        let mut did = false;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            did |= self.step(i);
+        }
+        self.next = (self.next + 1) % n.max(1);
+        did
+    }
+
+    fn snapshot(&self, i: usize) -> Option<Snapshot> {
+        let mut st = self.sh.lock();
+        if st.reset_pending {
+            return None;
+        }
+        let spaces = st.spaces.clone();
+        let c = st.ctx.get_mut(i)?;
+        if !c.runnable() {
+            return None;
+        }
+        let refresh_tail = c.tail_addr != 0
+            && (std::mem::take(&mut c.doorbell) || c.control & ctx_control::POLL != 0);
+        if !refresh_tail && c.head == c.tail {
+            return None;
+        }
+        let snap = Snapshot {
+            spaces,
+            root: Root(c.pt_root),
+            ring_base: c.ring_base,
+            ring_size: c.ring_size,
+            head: c.head,
+            tail: c.tail,
+            tail_addr: c.tail_addr,
+            generation: c.generation,
+            tlb_epoch: c.tlb_epoch,
+            refresh_tail,
+        };
+        st.dma_in_use = Some(st.dma_epoch);
+        Some(snap)
+    }
+
+    fn step(&mut self, i: usize) -> bool {
+        let Some(mut s) = self.snapshot(i) else {
+            return false;
+        };
+        let _in_use = DmaGuard(self.sh.clone());
+        let spaces = s.spaces.clone();
+        let (tlb, epoch) = &mut self.tlbs[i];
+        if *epoch != s.tlb_epoch {
+            tlb.invalidate();
+            *epoch = s.tlb_epoch;
+        }
+        if s.refresh_tail {
+            let mut b = [0u8; 4];
+            let read = mmu::resolve(&spaces, s.root, tlb, s.tail_addr, 4, false)
+                .and_then(|sl| sl.read(&spaces, 0, &mut b));
+            let mut st = self.sh.lock();
+            let Some(c) = st.ctx.get_mut(i).filter(|c| c.generation == s.generation) else {
+                return true;
+            };
+            match read {
+                Ok(()) => {
+                    c.tail = u32::from_le_bytes(b);
+                    s.tail = c.tail;
+                }
+                Err(f) => {
+                    st.record_fault(i, f);
+                    self.sh.progress.notify_all();
+                    return true;
+                }
+            }
+        }
+        if s.head == s.tail {
+            return false;
+        }
+        // A tail more than a ring ahead of head (published backwards, or past what the ring
+        // holds, or a ring shrunk under it) names no real packets: executing up to 2^32 stale
+        // slots would keep the context busy for hours. It is a ring error.
+        if s.tail.wrapping_sub(s.head) > s.ring_size {
+            let mut st = self.sh.lock();
+            if st.ctx.get(i).is_some_and(|c| c.generation == s.generation) {
+                st.record_fault(i, Fault::new(fault::RING_CONFIG, s.ring_base));
+                self.sh.progress.notify_all();
+            }
+            return true;
+        }
+        let slot = u64::from(s.head % s.ring_size.max(1));
+        // The ring may have been reprogrammed while enabled: a base that overflows becomes a
+        // VA_RANGE fault like any other address past 2^48.
+        let pkt_va = s.ring_base.saturating_add(slot * packet::PACKET_SIZE);
+        if !hold(&self.sh, &mut self.grant) {
+            return true;
+        }
+        let mut result = self.execute(i, &s, pkt_va);
+        // The client truncated memory this packet used (the guard turned the SIGBUS into
+        // zero pages): the packet faults, and the vGPU loses its system memory until the
+        // client maps memory again.
+        let lost = crate::guard::take_hit(self.sh.dma_owner, &mut self.guard_seen);
+        if lost {
+            tracing::warn!(ctx = i, "client memory was truncated under the vGPU");
+            result = Err(Fault::new(fault::DMA_DOMAIN, pkt_va));
+        }
+        let mut st = self.sh.lock();
+        if lost {
+            st.spaces = Arc::new(Spaces {
+                sys: GuestMemoryMmap::new(),
+                domain: DmaDomain::default(),
+                vram: self.sh.vram.memory.clone(),
+                vram_size: self.sh.vram.size,
+            });
+            for c in st.ctx.iter_mut() {
+                c.tlb_epoch += 1;
+            }
+        }
+        if st.reset_pending || st.ctx.get(i).is_none_or(|c| c.generation != s.generation) {
+            return true;
+        }
+        match result {
+            Ok(effect) => {
+                st.ctx[i].head = s.head.wrapping_add(1);
+                if let Effect::Fence { value, irq } = effect {
+                    st.ctx[i].fence = value;
+                    if irq {
+                        let vector = st.ctx[i].irq_vector;
+                        st.raise(int::fence(i as u32), vector);
+                    }
+                }
+            }
+            Err(f) if f.code == fault::TIMEOUT => {
+                // TDR: the watchdog resets this vGPU alone; its guest sees the fault.
+                tracing::warn!(
+                    ctx = i,
+                    "vGPU watchdog: packet overran {:?}, resetting",
+                    self.sh.watchdog
+                );
+                self.reset(&mut st);
+                self.sh.tdr_resets.fetch_add(1, Ordering::Relaxed);
+                st.record_fault(i, f);
+            }
+            Err(f) => st.record_fault(i, f),
+        }
+        drop(st);
+        self.sh.progress.notify_all();
+        if self.grant.as_ref().is_some_and(|g| g.should_yield()) {
+            give_back(&self.sh, &mut self.grant);
+        }
+        true
+    }
+
+    fn execute(&mut self, i: usize, s: &Snapshot, pkt_va: u64) -> Result<Effect, Fault> {
+        let sh = self.sh.clone();
+        let spaces = &*s.spaces;
+        let Processor { tlbs, grant, .. } = self;
+        let tlb = &mut tlbs[i].0;
+        let watchdog = sh.watchdog;
+        // GPU time this packet used, excluding time spent waiting for the GPU.
+        let mut used = Duration::ZERO;
+        let deadline = sh.deadline.clone();
+        // Past the budget: by the GPU time counted here, or by the deadline the engines saw
+        // (the same instant, counted on their side).
+        let over = |used: Duration| {
+            if used >= watchdog || deadline.passed() {
+                deadline.disarm();
+                let past = (used - watchdog).as_nanos() as u64;
+                sh.tdr_overshoot_ns.store(past, Ordering::Relaxed);
+                Err(Fault::new(fault::TIMEOUT, pkt_va))
+            } else {
+                Ok(())
+            }
+        };
+        let root = s.root;
+        let mut raw = [0u8; packet::PACKET_SIZE as usize];
+        mmu::resolve(spaces, root, tlb, pkt_va, packet::PACKET_SIZE, false)?
+            .read(spaces, 0, &mut raw)?;
+        let cmd =
+            Command::decode(&Packet::from_bytes(&raw)).map_err(|code| Fault::new(code, pkt_va))?;
+        let mut resolve =
+            |va: u64, len: u64, write: bool| mmu::resolve(spaces, root, tlb, va, len, write);
+        match cmd {
+            Command::Nop => Ok(Effect::None),
+            Command::Copy { src, dst, len } => {
+                let from = resolve(src, len, false)?;
+                let to = resolve(dst, len, true)?;
+                let mut buf = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let t = Instant::now();
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    from.read(spaces, done, &mut buf[..n])?;
+                    to.write(spaces, done, &buf[..n])?;
+                    done += n as u64;
+                    used += t.elapsed();
+                    over(used)?;
+                    if !preempt_point(&sh, grant) {
+                        break;
+                    }
+                }
+                Ok(Effect::None)
+            }
+            Command::Fill { dst, len, pattern } => {
+                let to = resolve(dst, len, true)?;
+                let chunk: Vec<u8> = pattern
+                    .to_le_bytes()
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(len.min(1 << 20) as usize)
+                    .collect();
+                let mut done = 0;
+                while done < len {
+                    let t = Instant::now();
+                    let n = (len - done).min(chunk.len() as u64) as usize;
+                    to.write(spaces, done, &chunk[..n])?;
+                    done += n as u64;
+                    used += t.elapsed();
+                    over(used)?;
+                    if !preempt_point(&sh, grant) {
+                        break;
+                    }
+                }
+                Ok(Effect::None)
+            }
+            Command::Dispatch(k) => {
+                let cancel = sh.cancel.clone();
+                let abort: crate::kernels::AbortFn = {
+                    let (c, d) = (cancel.clone(), deadline.clone());
+                    Arc::new(move || c.load(Ordering::Relaxed) || d.passed())
+                };
+                let mut runner = |groups: u64, work: WorkFn| -> Result<(), Fault> {
+                    let mut next = 0;
+                    while next < groups {
+                        if !hold(&sh, grant) {
+                            return Ok(());
+                        }
+                        let (g, abort) = (grant.clone(), abort.clone());
+                        // Each workgroup notes when it finished: the last one marks where a
+                        // preempted dispatch really stopped (for the scheduler's overrun).
+                        let timed: WorkFn = match grant.clone() {
+                            Some(held) => {
+                                let w = work.clone();
+                                Arc::new(move |i| {
+                                    let r = w(i);
+                                    held.stopped_at(held.now_ns());
+                                    r
+                                })
+                            }
+                            None => work.clone(),
+                        };
+                        let stop: StopFn = Arc::new(move || {
+                            abort()
+                                || g.as_ref().is_some_and(|g| {
+                                    let stop = g.should_yield();
+                                    if stop {
+                                        g.hand_over();
+                                    }
+                                    stop
+                                })
+                        });
+                        let t = Instant::now();
+                        deadline.arm(t, watchdog.saturating_sub(used));
+                        let ran = sh.backend.run_range(next, groups, timed, stop);
+                        used += t.elapsed();
+                        over(used)?;
+                        deadline.disarm();
+                        next = ran?;
+                        if cancel.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if next < groups {
+                            give_back(&sh, grant);
+                        }
+                    }
+                    Ok(())
+                };
+                let ran = crate::kernels::run(&k, &mut resolve, spaces, &mut runner, abort.clone());
+                deadline.disarm();
+                ran?;
+                Ok(Effect::None)
+            }
+            Command::Fence { va, value, irq } => {
+                resolve(va, 8, true)?.write(spaces, 0, &value.to_le_bytes())?;
+                Ok(Effect::Fence { value, irq })
+            }
+            Command::Timestamp { va } => {
+                let t = sh.lock().now_ns();
+                resolve(va, 8, true)?.write(spaces, 0, &t.to_le_bytes())?;
+                Ok(Effect::None)
+            }
+        }
+    }
+}

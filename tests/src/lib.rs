@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 fn workspace() -> PathBuf {
@@ -23,6 +24,16 @@ fn env_path(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join(default))
+}
+
+/// Serialises the tests of one binary that measure how GPU time is shared: on a 2-core host a
+/// neighbouring test's vCPUs and command processors steal the CPU time that a measured VM
+/// needs to keep its vGPU busy, and the shares then measure the host, not the scheduler.
+/// Hold the guard for the whole test.
+pub fn measuring_alone() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A failed neighbour poisons the lock; its failure is reported on its own.
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The `tessera` binary under test.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tessera_tests::{firmware, run_with_deadline, tessera_bin};
+use tessera_tests::{firmware, measuring_alone, run_with_deadline, tessera_bin};
 
 fn bench_vms(args: &[&str]) -> Option<String> {
     let fw = firmware()?;
@@ -32,6 +32,7 @@ fn field(json: &str, key: &str) -> Vec<f64> {
 
 #[test]
 fn four_busy_vms_share_equally() {
+    let _alone = measuring_alone();
     let Some(out) = bench_vms(&["--loads", "busy,busy,busy,busy", "--seconds", "3"]) else {
         return;
     };
@@ -44,6 +45,7 @@ fn four_busy_vms_share_equally() {
 
 #[test]
 fn weighted_vms_get_proportional_time() {
+    let _alone = measuring_alone();
     let Some(out) = bench_vms(&[
         "--loads",
         "busy,busy,busy,busy",
@@ -70,6 +72,7 @@ fn weighted_vms_get_proportional_time() {
 /// run with the server's growth.)
 #[test]
 fn short_soak_checks_every_fence() {
+    let _alone = measuring_alone();
     let Some(fw) = firmware() else { return };
     let mut cmd = std::process::Command::new(tessera_bin());
     cmd.args([

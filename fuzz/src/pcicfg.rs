@@ -18,6 +18,7 @@ use devices::bus::{Bus, BusDevice};
 use devices::pci::{GuestMapper, HostBridge, HostMemory, PciDevice, PciRoot};
 use vgpu::Vgpu;
 use vgpu::backend::SoftGpu;
+use vgpu::backend::soft::SoftVram;
 use vgpu::sched::Scheduler;
 use vgpu_abi::{pci, regs};
 use vmm_sys_util::eventfd::EventFd;
@@ -220,7 +221,7 @@ const ID_REGS: [usize; 4] = [0, 2, 11, 13];
 impl Fixture {
     fn new() -> Fixture {
         let gpu = shared_gpu();
-        let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
+        let vram = Arc::new(SoftVram::new(VRAM_SIZE).expect("partition"));
         let dev = rig::vgpu(
             gpu,
             guest_memory(),

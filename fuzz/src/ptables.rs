@@ -220,7 +220,7 @@ fn check_mmu(rig: &Rig, tlb: &mut Tlb, root: u64, va: u64, len: u64, write: bool
     let reference = RefMem {
         sys: &rig.sys,
         domain: &domain,
-        vram: &rig.vram.memory,
+        vram: rig.vram.memory(),
         vram_size: VRAM_SIZE,
     };
     let want = reference.resolve(root, va, len, write);
@@ -293,7 +293,7 @@ fn run_command(rig: &mut Rig, root: u64, tail: &mut u32, c: &Cmd) -> bool {
     let r = RefMem {
         sys: &rig.sys,
         domain: &domain,
-        vram: &rig.vram.memory,
+        vram: rig.vram.memory(),
         vram_size: VRAM_SIZE,
     };
     // The packet must be fetched from where the harness writes it. Written first: the ring
@@ -344,7 +344,7 @@ fn run_command(rig: &mut Rig, root: u64, tail: &mut u32, c: &Cmd) -> bool {
     let r = RefMem {
         sys: &rig.sys,
         domain: &domain,
-        vram: &rig.vram.memory,
+        vram: rig.vram.memory(),
         vram_size: VRAM_SIZE,
     };
     if faulted && got == fault::TIMEOUT {

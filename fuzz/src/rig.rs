@@ -24,7 +24,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::pci::{MsiSink, PciDevice};
-use vgpu::backend::{SoftGpu, VramPartition};
+use vgpu::backend::SoftGpu;
+use vgpu::backend::Vram;
+use vgpu::backend::soft::SoftVram;
 use vgpu::device::DEFAULT_WATCHDOG;
 use vgpu::mem::{Loc, Spaces};
 use vgpu::profile::Profile;
@@ -273,13 +275,12 @@ impl Drop for Contender {
 pub fn vgpu(
     gpu: &Arc<SoftGpu>,
     sys: &GuestMemoryMmap,
-    vram: VramPartition,
+    vram: Arc<SoftVram>,
     msi: Arc<dyn MsiSink>,
     sched: Arc<Scheduler>,
 ) -> Vgpu {
     Vgpu::new(VgpuSetup {
         profile: profile(),
-        subsystem_id: 1,
         bars: BARS,
         sys: sys.clone(),
         domain: domain(),
@@ -342,9 +343,9 @@ pub struct Rig {
     /// Guest memory.
     pub sys: GuestMemoryMmap,
     /// The device's VRAM partition (host view).
-    pub vram: VramPartition,
+    pub vram: Arc<SoftVram>,
     /// The neighbouring partition (canary).
-    pub neighbour: VramPartition,
+    pub neighbour: Arc<SoftVram>,
     /// Interrupts sent.
     pub msis: Arc<MsiLog>,
     /// The software GPU.
@@ -396,8 +397,8 @@ impl Rig {
     /// A fresh vGPU with canaries in place.
     pub fn new() -> Rig {
         let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 2).expect("software GPU"));
-        let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
-        let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
+        let vram = Arc::new(SoftVram::new(VRAM_SIZE).expect("partition"));
+        let neighbour = Arc::new(SoftVram::new(VRAM_SIZE).expect("partition"));
         let (sys, ram) = guest_memory();
         let msis = Arc::new(MsiLog::default());
         let sched = scheduler();
@@ -405,7 +406,7 @@ impl Rig {
         let mut dev = vgpu(&gpu, &sys, vram.clone(), msis.clone(), sched.clone());
         fill(&sys, DMA_END, CANARY_LEN, RAM_CANARY);
         fill(&sys, HIGH_BASE, HIGH_LEN, HIGH_CANARY);
-        fill(&neighbour.memory, 0, VRAM_SIZE, VRAM_CANARY);
+        fill(neighbour.memory(), 0, VRAM_SIZE, VRAM_CANARY);
         let power_on = observable_registers()
             .into_iter()
             .map(|o| (o, read32(&mut dev, o)))
@@ -429,8 +430,8 @@ impl Rig {
         Spaces {
             sys: self.sys.clone(),
             domain: domain(),
-            vram: self.vram.memory.clone(),
-            vram_size: VRAM_SIZE,
+            vram: self.vram.clone(),
+            import: None,
         }
     }
 
@@ -458,7 +459,7 @@ impl Rig {
     pub fn put(&self, loc: Loc, addr: u64, v: u64) {
         let mem = match loc {
             Loc::Sys => &self.sys,
-            Loc::Vram => &self.vram.memory,
+            Loc::Vram => self.vram.memory(),
         };
         mem.write_obj(v, GuestAddress(addr)).expect("put");
     }
@@ -467,7 +468,7 @@ impl Rig {
     pub fn put_bytes(&self, loc: Loc, addr: u64, b: &[u8]) {
         let mem = match loc {
             Loc::Sys => &self.sys,
-            Loc::Vram => &self.vram.memory,
+            Loc::Vram => self.vram.memory(),
         };
         mem.write_slice(b, GuestAddress(addr)).expect("put");
     }
@@ -476,7 +477,7 @@ impl Rig {
     pub fn get_bytes(&self, loc: Loc, addr: u64, b: &mut [u8]) {
         let mem = match loc {
             Loc::Sys => &self.sys,
-            Loc::Vram => &self.vram.memory,
+            Loc::Vram => self.vram.memory(),
         };
         mem.read_slice(b, GuestAddress(addr)).expect("get");
     }
@@ -544,7 +545,7 @@ impl Rig {
             "high canary region",
         );
         check_filled(
-            &self.neighbour.memory,
+            self.neighbour.memory(),
             0,
             VRAM_SIZE,
             VRAM_CANARY,
@@ -569,16 +570,16 @@ impl Default for Rig {
 /// partition's bytes, from 0; `offset` is only where it sits in the GPU), so that punched
 /// holes stay holes, and only where the file holds data (`SEEK_DATA`): a hole reads zero, and
 /// after a RESET's scrub the whole partition is one.
-pub fn check_vram_zero(vram: &VramPartition) {
+pub fn check_vram_zero(vram: &Arc<SoftVram>) {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 64 << 10;
     let zero = vec![0u8; CHUNK];
     let mut buf = vec![0u8; CHUNK];
-    let end = vram.size;
+    let end = vram.size();
     let seek = |at: u64, whence| {
         // SAFETY: lseek on an fd the partition owns; it only moves the file offset, which
         // nothing else uses (every access here is positioned).
-        let r = unsafe { libc::lseek(vram.file.as_raw_fd(), at as libc::off_t, whence) };
+        let r = unsafe { libc::lseek(vram.file().as_raw_fd(), at as libc::off_t, whence) };
         u64::try_from(r).ok()
     };
     let mut at = 0;
@@ -598,7 +599,7 @@ pub fn check_vram_zero(vram: &VramPartition) {
         let mut done = data;
         while done < data_end {
             let n = (data_end - done).min(CHUNK as u64) as usize;
-            vram.file
+            vram.file()
                 .read_exact_at(&mut buf[..n], done)
                 .expect("read VRAM");
             if buf[..n] != zero[..n] {
@@ -684,15 +685,14 @@ mod tests {
 
     #[test]
     fn vram_checks_see_data_past_holes() {
-        let gpu = SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU");
-        let vram = gpu.partition(0, VRAM_SIZE).expect("partition");
-        // The second partition sits at VRAM_SIZE in the GPU, at 0 in its own file.
-        let second = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("partition");
+        let vram = Arc::new(SoftVram::new(VRAM_SIZE).expect("partition"));
+        // Each VRAM slice is a file of its own, addressed from 0.
+        let second = Arc::new(SoftVram::new(VRAM_SIZE).expect("partition"));
         for p in [&vram, &second] {
             check_vram_zero(p);
             // A byte written anywhere, even behind a hole, is found.
             for at in [0, 4096 * 7 + 5, VRAM_SIZE - 1] {
-                p.memory.write_obj(1u8, GuestAddress(at)).expect("write");
+                p.memory().write_obj(1u8, GuestAddress(at)).expect("write");
                 let found = std::panic::catch_unwind(|| check_vram_zero(p));
                 assert!(found.is_err(), "a non-zero byte at {at:#x} was missed");
                 p.scrub();
@@ -700,7 +700,7 @@ mod tests {
             }
         }
         // Data that is zero passes.
-        vram.memory
+        vram.memory()
             .write_obj(0u8, GuestAddress(8192))
             .expect("write");
         check_vram_zero(&vram);

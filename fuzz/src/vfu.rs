@@ -24,6 +24,8 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, Once, OnceLock};
 
 use vgpu::backend::SoftGpu;
+use vgpu::backend::Vram;
+use vgpu::backend::soft::SoftVram;
 use vgpu::device::DEFAULT_WATCHDOG;
 use vgpu::sched::{Params, Scheduler};
 use vgpu::server::attach::{self, Attachment, EventVectors};
@@ -238,7 +240,7 @@ impl vfio_user::ServerBackend for Marked<'_> {
 
 struct Fixture {
     gpu: Arc<SoftGpu>,
-    neighbour: vgpu::backend::VramPartition,
+    neighbour: Arc<SoftVram>,
     listener: UnixListener,
     /// An abstract socket address: nothing is left in the file system when the process ends.
     address: SocketAddr,
@@ -251,8 +253,8 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         install_panic_probe();
         let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU"));
-        let neighbour = gpu.partition(VRAM_SIZE, VRAM_SIZE).expect("neighbour");
-        rig::fill(&neighbour.memory, 0, VRAM_SIZE, NEIGHBOUR_CANARY);
+        let neighbour = Arc::new(SoftVram::new(VRAM_SIZE).expect("neighbour"));
+        rig::fill(neighbour.memory(), 0, VRAM_SIZE, NEIGHBOUR_CANARY);
         let name = format!("tessera-fuzz-vfu-{}", std::process::id());
         let address = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
         let listener = UnixListener::bind_addr(&address).expect("bind");
@@ -446,12 +448,11 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
     out
 }
 
-fn new_vgpu(vectors: Arc<EventVectors>) -> (Vgpu, vgpu::backend::VramPartition) {
+fn new_vgpu(vectors: Arc<EventVectors>) -> (Vgpu, Arc<SoftVram>) {
     let f = fixture();
-    let vram = f.gpu.partition(0, VRAM_SIZE).expect("VRAM");
+    let vram = Arc::new(SoftVram::new(VRAM_SIZE).expect("VRAM"));
     let vgpu = Vgpu::new(VgpuSetup {
         profile: profile(),
-        subsystem_id: 1,
         bars: BarAddresses { regs: 0, vram: 0 },
         sys: vm_memory::GuestMemoryMmap::new(),
         domain: DmaDomain::default(),
@@ -477,7 +478,7 @@ pub fn run(data: &[u8]) {
         OwnedFd::from(listener),
         true,
         attach::irqs(CONTEXTS),
-        attach::regions(vram.size, vram.file.as_raw_fd()),
+        attach::regions(vram.size(), Some(vram.file().as_raw_fd())),
     );
     let address = f.address.clone();
     let client = std::thread::spawn(move || {
@@ -544,7 +545,7 @@ pub fn run(data: &[u8]) {
     // (Slice comparisons, i.e. memcmp: a byte loop here would be most of an input's cost
     // under the fuzzer's comparison tracing.)
     rig::check_filled(
-        &f.neighbour.memory,
+        f.neighbour.memory(),
         0,
         VRAM_SIZE,
         NEIGHBOUR_CANARY,

@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use devices::pci::{GuestMapper, HostBridge, HostMemory, MsiSink, PciDevice, PciRoot};
 use devices::{Bus, BusDevice};
 use proptest::prelude::*;
+use vgpu::backend::soft::SoftVram;
+use vgpu::backend::{Aperture, Vram};
 use vgpu::mem::{Loc, Spaces};
 use vgpu::mmu::{Root, Tlb};
 use vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
 use vgpu::profile::Profile;
-use vgpu::sched::Params;
 use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, limits, packet, pci, pte};
 use vgpu_abi::{regs, status, wait};
@@ -97,6 +98,20 @@ fn profile(contexts: u32) -> Profile {
     }
 }
 
+/// A second mapping of `vram`'s aperture file: what a VMM maps into the guest.
+fn aperture(vram: &dyn Vram) -> GuestMemoryMmap {
+    let Aperture::Mapped { file, .. } = vram.aperture() else {
+        panic!("the software GPU maps its VRAM");
+    };
+    let file = file.try_clone().expect("VRAM file");
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        vram.size() as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .expect("VRAM mapping")
+}
+
 fn fill(mem: &GuestMemoryMmap, at: u64, len: u64, byte: u8) {
     mem.write_slice(&vec![byte; len as usize], GuestAddress(at))
         .expect("fill");
@@ -120,6 +135,7 @@ struct Side {
     dev: Vgpu,
     sys: GuestMemoryMmap,
     lease: Lease,
+    vram: GuestMemoryMmap,
     msis: Arc<MsiCount>,
     tails: [u32; 4],
     fences: [u64; 4],
@@ -137,25 +153,21 @@ impl Side {
         let lease = gpu.lease(&prof, None).expect("VRAM lease");
         let msis = Arc::new(MsiCount::default());
         let dev = Vgpu::new(VgpuSetup {
-            profile: prof,
-            subsystem_id: 1,
             bars: BarAddresses {
                 regs: 0xc000_0000,
                 vram: 0x80_0000_0000,
             },
             sys: sys.clone(),
             domain,
-            vram: lease.vram().clone(),
-            backend: lease.backend(),
             interrupts: vgpu::Interrupts::Msi(msis.clone()),
-            sched: lease.scheduler(),
-            sched_params: Params::default(),
             watchdog,
+            ..VgpuSetup::from_lease(&lease)
         })
         .expect("vGPU");
         Side {
             dev,
             sys,
+            vram: aperture(&**lease.vram()),
             lease,
             msis,
             tails: [0; 4],
@@ -164,8 +176,9 @@ impl Side {
         }
     }
 
+    /// The VRAM as the guest's aperture (BAR 2) shows it.
     fn vram(&self) -> &GuestMemoryMmap {
-        &self.lease.vram().memory
+        &self.vram
     }
 
     fn r(&mut self, off: u64) -> u32 {
@@ -363,7 +376,7 @@ impl Pair {
         let a = Side::new(&gpu, sys_a, DmaDomain::new([(0, RAM)]), watchdog);
         let b = Side::new(&gpu, sys_b, DmaDomain::new([(0, RAM_B)]), watchdog);
         assert_eq!(
-            (a.lease.vram().offset, b.lease.vram().offset),
+            (a.lease.vram_offset(), b.lease.vram_offset()),
             (0, VRAM),
             "adjacent partitions"
         );
@@ -383,7 +396,7 @@ impl Pair {
         fill(&a.sys, HIGH, HIGH_LEN, PAT_HIGH);
         fill(&a.sys, GUARD_PA, 4096, PAT_GUARD);
         fill(a.vram(), SECRET_VRAM, VRAM - SECRET_VRAM, PAT_SECRET);
-        fill(&self.b.lease.vram().memory, 0, VRAM, PAT_VRAM_B);
+        fill(self.b.vram(), 0, VRAM, PAT_VRAM_B);
         fill(&self.b.sys, 0, RAM_B, PAT_RAM_B);
 
         // Context 1: its ring, scratch and secret; nothing else.
@@ -616,7 +629,7 @@ impl Pair {
         let b = &self.b;
         assert_filled(&b.sys, 0x4_0000, RAM_B - 0x4_0000, PAT_RAM_B, "VM B's RAM");
         assert_filled(
-            &b.lease.vram().memory,
+            b.vram(),
             0x2_0000,
             VRAM - 0x2_0000,
             PAT_VRAM_B,
@@ -854,7 +867,7 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
         ),
         wait::DONE
     );
-    assert_filled(&p.b.lease.vram().memory, 0, 4096, 1, "VM B's own work");
+    assert_filled(p.b.vram(), 0, 4096, 1, "VM B's own work");
 }
 
 proptest! {
@@ -891,12 +904,11 @@ fn mmu_spaces() -> Spaces {
         (GuestAddress(ADJ), ADJ_LEN as usize),
     ])
     .expect("memory");
-    let vram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * VRAM as usize)]).expect("vram");
     Spaces {
         sys,
         domain: DmaDomain::new([(0, RAM - (1 << 20))]),
-        vram,
-        vram_size: VRAM,
+        vram: Arc::new(SoftVram::new(VRAM).expect("vram")),
+        import: None,
     }
 }
 
@@ -956,8 +968,11 @@ proptest! {
     ) {
         let s = mmu_spaces();
         for (vram, table, index, value) in entries {
-            let (mem, base) = if vram { (&s.vram, POOL_VRAM) } else { (&s.sys, POOL_SYS) };
-            mem.write_obj(value, GuestAddress(base + table * 4096 + index * 8)).expect("entry");
+            if vram {
+                s.vram.write(POOL_VRAM + table * 4096 + index * 8, &value.to_le_bytes()).expect("entry");
+            } else {
+                s.sys.write_obj(value, GuestAddress(POOL_SYS + table * 4096 + index * 8)).expect("entry");
+            }
         }
         let mut kept = Tlb::default();
         for (va, len, write) in lookups {

@@ -9,15 +9,12 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use devices::pci::{MsiSink, PciDevice};
+use devices::pci::PciDevice;
 use vgpu_abi::{Packet, ctx_control, packet, pci, pte, regs, wait};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::backend::{Backend, VramPartition};
-use crate::device::{BarAddresses, Vgpu, VgpuError, VgpuSetup};
+use crate::device::{BarAddresses, NoMsi, Vgpu, VgpuError, VgpuSetup};
 use crate::domain::DmaDomain;
-use crate::profile::Profile;
-use crate::sched::{Params, Scheduler};
 
 /// GPU VA where VRAM is mapped in the host client's context.
 pub const VRAM_VA: u64 = 1 << 40;
@@ -53,11 +50,6 @@ pub enum HostError {
     /// The vGPU server could not be reached or set up.
     #[error("cannot attach to the vGPU server: {0}")]
     Connect(String),
-}
-
-struct NoMsi;
-impl MsiSink for NoMsi {
-    fn send(&self, _address: u64, _data: u32) {}
 }
 
 /// Where the host client's register accesses go.
@@ -125,51 +117,21 @@ fn mem_err(e: impl std::fmt::Display) -> HostError {
 
 impl HostClient {
     /// A client with `sys_size` bytes of private memory (a multiple of 2 MiB, ≤ 512 GiB) on a
-    /// vGPU with `profile`'s contexts, `vram` and `backend`, scheduled by `sched`.
-    pub fn new(
-        profile: Profile,
-        vram: VramPartition,
-        backend: Arc<dyn Backend>,
-        sched: (Arc<Scheduler>, Params),
-        sys_size: u64,
-    ) -> Result<Self, HostError> {
-        Self::with_watchdog(
-            profile,
-            vram,
-            backend,
-            sched,
-            sys_size,
-            crate::device::DEFAULT_WATCHDOG,
-        )
-    }
-
-    /// Like [`HostClient::new`], with the vGPU's watchdog limit per packet.
-    pub fn with_watchdog(
-        profile: Profile,
-        vram: VramPartition,
-        backend: Arc<dyn Backend>,
-        sched: (Arc<Scheduler>, Params),
-        sys_size: u64,
-        watchdog: std::time::Duration,
-    ) -> Result<Self, HostError> {
+    /// vGPU built from `setup` (see [`VgpuSetup::from_lease`]; its guest memory, BARs and
+    /// interrupts are the client's own).
+    pub fn new(setup: VgpuSetup, sys_size: u64) -> Result<Self, HostError> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), sys_size as usize)])
             .map_err(mem_err)?;
-        let vram_size = vram.size;
+        let vram_size = setup.vram.size();
         let dev = Vgpu::new(VgpuSetup {
-            profile,
-            subsystem_id: 0,
             bars: BarAddresses {
                 regs: 0xc000_0000,
                 vram: 1 << 40,
             },
             sys: mem.clone(),
             domain: DmaDomain::new([(0, sys_size)]),
-            vram,
-            backend,
             interrupts: crate::Interrupts::Msi(Arc::new(NoMsi)),
-            sched: sched.0,
-            sched_params: sched.1,
-            watchdog,
+            ..setup
         })?;
         Self::start(Port::Local(Box::new(dev)), mem, None, sys_size, vram_size)
     }
@@ -391,21 +353,18 @@ impl HostClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::SoftGpu;
+    use crate::physical::{GpuSpec, PhysicalGpu};
     use vgpu_abi::kernel;
 
     #[test]
     fn host_client_runs_kernels() {
-        let gpu = Arc::new(SoftGpu::new(4 << 20, 2).unwrap());
-        let profile = *crate::profile::find("64M").unwrap();
-        let mut c = HostClient::new(
-            profile,
-            gpu.partition(0, 4 << 20).unwrap(),
-            gpu.clone(),
-            (Scheduler::private(), Params::default()),
-            16 << 20,
-        )
-        .unwrap();
+        let profile = crate::profile::Profile {
+            vram: 4 << 20,
+            ..*crate::profile::find("64M").unwrap()
+        };
+        let gpu = PhysicalGpu::new(&GpuSpec::whole(4 << 20, 2)).unwrap();
+        let lease = gpu.lease(&profile, None).unwrap();
+        let mut c = HostClient::new(VgpuSetup::from_lease(&lease), 16 << 20).unwrap();
         let src = c.alloc(9).unwrap();
         let out = c.alloc(4).unwrap();
         c.write(src, b"123456789").unwrap();

@@ -4,8 +4,8 @@
 //! VRAM aperture mapped straight into the guest, and per-context command rings. A command
 //! processor thread fetches packets (`command`) through each context's GPU MMU (`mmu`), whose
 //! every access is checked against VRAM bounds and the VM's DMA domain (`domain`, `mem`),
-//! and runs them on a backend (`backend`: the software GPU's engine threads execute kernel
-//! workgroups, `kernels`).
+//! and runs them on a backend (`backend`: the seam a GPU implements, with the software GPU in
+//! `backend::soft`).
 //!
 //! The crate does not depend on KVM: a VMM gives it guest memory (vm-memory), an MSI sink and
 //! (optionally) eventfds for doorbells, and maps the VRAM BAR where the guest programs it.
@@ -16,7 +16,6 @@ pub mod device;
 pub mod domain;
 pub mod guard;
 pub mod host;
-pub mod kernels;
 pub mod mem;
 pub mod mmu;
 pub mod physical;

@@ -1,9 +1,12 @@
 //! The two memories the GPU addresses — guest system memory and VRAM — and validated
 //! scatter lists over them.
 
+use std::sync::Arc;
+
 use vgpu_abi::fault;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::backend::{Import, Vram};
 use crate::domain::DmaDomain;
 
 /// Where a GPU-physical address points.
@@ -32,16 +35,27 @@ impl Fault {
 }
 
 /// The memories a vGPU may reach.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Spaces {
     /// Guest RAM.
     pub sys: GuestMemoryMmap,
     /// Which parts of guest RAM the device may touch.
     pub domain: DmaDomain,
-    /// This vGPU's VRAM partition, addressed from 0.
-    pub vram: GuestMemoryMmap,
-    /// Its size.
-    pub vram_size: u64,
+    /// This vGPU's VRAM, addressed from 0.
+    pub vram: Arc<dyn Vram>,
+    /// What the GPU imported of `sys` (released when the last packet using these memories
+    /// is done with them).
+    pub import: Option<Arc<Import>>,
+}
+
+impl std::fmt::Debug for Spaces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spaces")
+            .field("domain", &self.domain)
+            .field("vram", &self.vram)
+            .field("imported", &self.import.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Spaces {
@@ -49,7 +63,7 @@ impl Spaces {
     pub fn check(&self, loc: Loc, addr: u64, len: u64, va: u64) -> Result<(), Fault> {
         let ok = match loc {
             Loc::Sys => self.domain.contains(addr, len),
-            Loc::Vram => addr.checked_add(len).is_some_and(|e| e <= self.vram_size),
+            Loc::Vram => addr.checked_add(len).is_some_and(|e| e <= self.vram.size()),
         };
         if ok {
             Ok(())
@@ -64,28 +78,29 @@ impl Spaces {
         }
     }
 
-    fn memory(&self, loc: Loc) -> &GuestMemoryMmap {
+    /// Reads a range after checking it. An error past the check means the memory went
+    /// away: reported as a fault, never a panic.
+    pub fn read(&self, loc: Loc, addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.check(loc, addr, buf.len() as u64, addr)?;
         match loc {
-            Loc::Sys => &self.sys,
-            Loc::Vram => &self.vram,
+            Loc::Sys => self
+                .sys
+                .read_slice(buf, GuestAddress(addr))
+                .map_err(|_| Fault::new(fault::DMA_DOMAIN, addr)),
+            Loc::Vram => self.vram.read(addr, buf),
         }
     }
 
-    /// Reads a checked range. An error here means the range was not checked first or the
-    /// memory went away: reported as a domain fault, never a panic.
-    pub fn read(&self, loc: Loc, addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.check(loc, addr, buf.len() as u64, addr)?;
-        self.memory(loc)
-            .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| Fault::new(fault::DMA_DOMAIN, addr))
-    }
-
-    /// Writes a checked range.
+    /// Writes a range after checking it.
     pub fn write(&self, loc: Loc, addr: u64, buf: &[u8]) -> Result<(), Fault> {
         self.check(loc, addr, buf.len() as u64, addr)?;
-        self.memory(loc)
-            .write_slice(buf, GuestAddress(addr))
-            .map_err(|_| Fault::new(fault::DMA_DOMAIN, addr))
+        match loc {
+            Loc::Sys => self
+                .sys
+                .write_slice(buf, GuestAddress(addr))
+                .map_err(|_| Fault::new(fault::DMA_DOMAIN, addr)),
+            Loc::Vram => self.vram.write(addr, buf),
+        }
     }
 
     /// Reads a little-endian u64.
@@ -196,12 +211,11 @@ pub(crate) mod tests {
     /// 1 MiB of RAM at 0 with a hole above, and 1 MiB of VRAM.
     pub fn spaces() -> Spaces {
         let sys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Spaces {
             sys,
             domain: DmaDomain::new([(0, 1 << 20)]),
-            vram,
-            vram_size: 1 << 20,
+            vram: Arc::new(crate::backend::soft::SoftVram::new(1 << 20).unwrap()),
+            import: None,
         }
     }
 

@@ -258,9 +258,7 @@ pub(crate) mod tests {
     fn huge_pages() {
         let mut s = spaces();
         // 4 MiB of VRAM so a 2 MiB page fits.
-        s.vram = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 4 << 20)])
-            .unwrap();
-        s.vram_size = 4 << 20;
+        s.vram = std::sync::Arc::new(crate::backend::soft::SoftVram::new(4 << 20).unwrap());
         let mut b = Builder::new(&s, Loc::Vram, 0);
         b.map(&s, 0x20_0000, 0x20_0000 | RW | pte::VRAM | pte::HUGE, 2);
         let mut tlb = Tlb::default();

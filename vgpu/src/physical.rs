@@ -2,8 +2,9 @@
 //! and their schedulers.
 //!
 //! A GPU is one or more partitions (MIG-like). Each partition has its own engines and VRAM
-//! range (a separate software GPU) and its own time-slice scheduler; vGPUs are created in a
-//! partition and share only its engines. Without partitions the GPU is one partition.
+//! range (a backend of its own: one software GPU each, or one slice of a real GPU) and its own
+//! time-slice scheduler; vGPUs are created in a partition and share only its engines. Without
+//! partitions the GPU is one partition.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
-use crate::backend::{BackendError, SoftGpu, VramPartition};
+use crate::backend::{BackendError, GpuBackend, SoftGpu, Vram};
 use crate::profile::Profile;
 use crate::sched::{Clock, MemberStats, MonotonicClock, Policy, Scheduler};
 
@@ -71,7 +72,7 @@ pub enum PhysicalError {
 }
 
 struct Partition {
-    gpu: Arc<SoftGpu>,
+    gpu: Arc<dyn GpuBackend>,
     sched: Arc<Scheduler>,
     vram: Mutex<AddressAllocator>,
     spec: PartitionSpec,
@@ -99,7 +100,8 @@ pub struct Lease {
     gpu: Arc<PhysicalGpu>,
     partition: usize,
     range: RangeInclusive,
-    vram: VramPartition,
+    vram: Arc<dyn Vram>,
+    profile: Profile,
 }
 
 impl std::fmt::Debug for Lease {
@@ -113,11 +115,19 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     /// The instance's VRAM.
-    pub fn vram(&self) -> &VramPartition {
+    pub fn vram(&self) -> &Arc<dyn Vram> {
         &self.vram
     }
+    /// Where its VRAM lies in the partition's VRAM (for accounting).
+    pub fn vram_offset(&self) -> u64 {
+        self.range.start()
+    }
+    /// The profile it was leased for.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
     /// The backend to run on.
-    pub fn backend(&self) -> Arc<SoftGpu> {
+    pub fn backend(&self) -> Arc<dyn GpuBackend> {
         self.gpu.partitions[self.partition].gpu.clone()
     }
     /// The scheduler to register with.
@@ -132,10 +142,10 @@ impl Lease {
     /// A new, zeroed VRAM file for the lease's range. A vfio-user server gives each client its
     /// own (and scrubs it when the client leaves), so a mapping a client keeps after it
     /// leaves never shows the next client's data.
-    pub fn fresh_vram(&self) -> Result<VramPartition, BackendError> {
+    pub fn fresh_vram(&self) -> Result<Arc<dyn Vram>, BackendError> {
         self.gpu.partitions[self.partition]
             .gpu
-            .partition(self.range.start(), self.vram.size)
+            .alloc_vram(self.range.start(), self.vram.size())
     }
 }
 
@@ -184,18 +194,46 @@ impl PhysicalGpu {
                 "every partition needs at least one engine and some VRAM".into(),
             ));
         }
+        let backends = spec
+            .partitions
+            .iter()
+            .map(|p| Ok(Arc::new(SoftGpu::new(p.vram, p.engines)?) as Arc<dyn GpuBackend>))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        Self::from_backends(backends, spec.policy, spec.slice, clock)
+    }
+
+    /// A GPU whose partitions are `backends` (one each), scheduled with `policy` and `slice`
+    /// on `clock`.
+    pub fn from_backends(
+        backends: Vec<Arc<dyn GpuBackend>>,
+        policy: Policy,
+        slice: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, PhysicalError> {
+        if backends.is_empty() {
+            return Err(PhysicalError::Shape("a GPU needs a backend".into()));
+        }
         let mut partitions = Vec::new();
-        for p in &spec.partitions {
-            let vram = AddressAllocator::new(0, p.vram)
-                .map_err(|e| PhysicalError::Shape(format!("VRAM of {} bytes: {e}", p.vram)))?;
+        for gpu in backends {
+            let spec = PartitionSpec {
+                engines: gpu.engines(),
+                vram: gpu.vram_size(),
+            };
+            let vram = AddressAllocator::new(0, spec.vram)
+                .map_err(|e| PhysicalError::Shape(format!("VRAM of {} bytes: {e}", spec.vram)))?;
             partitions.push(Partition {
-                gpu: Arc::new(SoftGpu::new(p.vram, p.engines)?),
-                sched: Scheduler::new(spec.policy, spec.slice, clock.clone()),
+                gpu,
+                sched: Scheduler::new(policy, slice, clock.clone()),
                 vram: Mutex::new(vram),
-                spec: *p,
+                spec,
             });
         }
         Ok(Arc::new(PhysicalGpu { partitions }))
+    }
+
+    /// What the GPU under partition `partition` is, for people (`soft (4 engines)`).
+    pub fn backend_name(&self, partition: usize) -> Option<String> {
+        self.partitions.get(partition).map(|p| p.gpu.name())
     }
 
     /// How many more instances of `profile` fit (over all partitions), like mdev's
@@ -239,7 +277,7 @@ impl PhysicalGpu {
                     Err(_) => continue,
                 }
             };
-            let vram = match p.gpu.partition(range.start(), profile.vram) {
+            let vram = match p.gpu.alloc_vram(range.start(), profile.vram) {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = p
@@ -255,6 +293,7 @@ impl PhysicalGpu {
                 partition: i,
                 range,
                 vram,
+                profile: *profile,
             });
         }
         Err(PhysicalError::NoRoom {
@@ -379,7 +418,6 @@ pub fn prometheus(stats: &[VgpuStats]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
 
     fn profile(vram: u64) -> Profile {
         Profile {
@@ -398,20 +436,14 @@ mod tests {
         let a = g.lease(&p, None).unwrap();
         let b = g.lease(&p, None).unwrap();
         assert_eq!(g.available_instances(&p), 2);
-        use vm_memory::Bytes;
-        a.vram()
-            .memory
-            .write_obj(0xfeedu32, vm_memory::GuestAddress(0))
-            .unwrap();
+        a.vram().write(0, &0xfeed_u32.to_le_bytes()).unwrap();
         drop(a);
         assert_eq!(g.available_instances(&p), 3);
         let c = g.lease(&p, None).unwrap();
+        let mut word = [0u8; 4];
+        c.vram().read(0, &mut word).unwrap();
         assert_eq!(
-            c.vram()
-                .memory
-                .read_obj::<u32>(vm_memory::GuestAddress(0))
-                .unwrap(),
-            0,
+            word, [0; 4],
             "a new instance never sees the previous one's data"
         );
         let _d = g.lease(&p, None).unwrap();

@@ -35,6 +35,17 @@ pub const PROFILES: &[Profile] = &[
     },
 ];
 
+impl Profile {
+    /// The PCI subsystem id that names this profile to the guest: its place in [`PROFILES`]
+    /// plus one (1 for a profile not in the list).
+    pub fn subsystem_id(&self) -> u16 {
+        PROFILES
+            .iter()
+            .position(|p| p == self)
+            .map_or(1, |i| i as u16 + 1)
+    }
+}
+
 /// Finds a profile by name.
 pub fn find(name: &str) -> Option<&'static Profile> {
     PROFILES.iter().find(|p| p.name.eq_ignore_ascii_case(name))

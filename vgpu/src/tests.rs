@@ -7,12 +7,14 @@ use devices::pci::{MsiSink, PciDevice};
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, packet, pci, pte, regs, wait};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::backend::SoftGpu;
+use crate::backend::{GpuBackend, SoftGpu};
 use crate::device::{BarAddresses, Vgpu, VgpuSetup};
 use crate::domain::DmaDomain;
 use crate::mem::{Loc, Spaces};
 use crate::mmu::tests::Builder;
+use crate::physical::{Lease, PhysicalGpu};
 use crate::profile;
+use crate::sched::{MonotonicClock, Policy};
 
 #[derive(Default)]
 struct Msis(Mutex<Vec<(u64, u32)>>);
@@ -36,14 +38,18 @@ struct Gpu {
     dev: Vgpu,
     spaces: Spaces,
     msis: Arc<Msis>,
-    _gpu: Arc<SoftGpu>,
+    _lease: Lease,
 }
 
 impl Gpu {
+    /// A vGPU on a software GPU of its own.
     fn new() -> Gpu {
+        Gpu::on(Arc::new(SoftGpu::new(VRAM, 2).unwrap()))
+    }
+
+    /// A vGPU on `backend` (with `VRAM` bytes of VRAM).
+    fn on(backend: Arc<dyn GpuBackend>) -> Gpu {
         let sys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        let soft = Arc::new(SoftGpu::new(VRAM, 2).unwrap());
-        let vram = soft.partition(0, VRAM).unwrap();
         let msis = Arc::new(Msis::default());
         let prof = profile::Profile {
             name: "test",
@@ -51,35 +57,37 @@ impl Gpu {
             contexts: 4,
             engines: 2,
         };
+        let gpu = PhysicalGpu::from_backends(
+            vec![backend],
+            Policy::BestEffort,
+            crate::sched::DEFAULT_SLICE,
+            Arc::new(MonotonicClock::default()),
+        )
+        .unwrap();
+        let lease = gpu.lease(&prof, None).unwrap();
         let domain = DmaDomain::new([(0, RAM)]);
         let spaces = Spaces {
             sys: sys.clone(),
             domain: domain.clone(),
-            vram: vram.memory.clone(),
-            vram_size: VRAM,
+            vram: lease.vram().clone(),
+            import: None,
         };
         let dev = Vgpu::new(VgpuSetup {
-            profile: prof,
-            subsystem_id: 1,
             bars: BarAddresses {
                 regs: 0xc000_0000,
                 vram: 0xd000_0000,
             },
             sys,
             domain,
-            vram,
-            backend: soft.clone(),
             interrupts: crate::Interrupts::Msi(msis.clone()),
-            sched: crate::sched::Scheduler::private(),
-            sched_params: crate::sched::Params::default(),
-            watchdog: crate::device::DEFAULT_WATCHDOG,
+            ..VgpuSetup::from_lease(&lease)
         })
         .unwrap();
         Gpu {
             dev,
             spaces,
             msis,
-            _gpu: soft,
+            _lease: lease,
         }
     }
 
@@ -223,7 +231,10 @@ fn identity_registers() {
 
 #[test]
 fn copy_fill_fence_through_sysmem_and_vram() {
-    let mut g = Gpu::new();
+    copy_fill_fence(&mut Gpu::new());
+}
+
+fn copy_fill_fence(g: &mut Gpu) {
     g.setup_ctx(0, T0, B0, 16);
     g.spaces
         .sys
@@ -247,10 +258,7 @@ fn copy_fill_fence_through_sysmem_and_vram() {
     );
     assert_eq!(done, wait::DONE);
     let mut v = [0u8; 12];
-    g.spaces
-        .vram
-        .read_slice(&mut v, GuestAddress(B0 + 3))
-        .unwrap();
+    g.spaces.vram.read(B0 + 3, &mut v).unwrap();
     assert_eq!(&v, b"hello, vgpu!");
     g.spaces
         .sys
@@ -287,13 +295,16 @@ fn read_f32s(g: &Gpu, at: u64, n: usize) -> Vec<f32> {
 
 #[test]
 fn every_kernel_matches_the_cpu() {
-    let mut g = Gpu::new();
+    every_kernel(&mut Gpu::new());
+}
+
+fn every_kernel(g: &mut Gpu) {
     g.setup_ctx(0, T0, B0, 64);
     // saxpy over 1000 elements: x at +0, y at +0x1000.
     let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
     let y: Vec<f32> = (0..1000).map(|i| 1.0 - i as f32).collect();
-    write_f32s(&g, B0, &x);
-    write_f32s(&g, B0 + 0x1000, &y);
+    write_f32s(g, B0, &x);
+    write_f32s(g, B0 + 0x1000, &y);
     let a = 1.5f32;
     let d = Packet::new(
         packet::OP_DISPATCH,
@@ -301,7 +312,7 @@ fn every_kernel_matches_the_cpu() {
         &[1000, a.to_bits() as u64, SYS_VA, SYS_VA + 0x1000],
     );
     assert_eq!(g.run(0, T0, &[d], 1), wait::DONE);
-    let got = read_f32s(&g, B0 + 0x1000, 1000);
+    let got = read_f32s(g, B0 + 0x1000, 1000);
     for i in 0..1000 {
         assert_eq!(
             got[i].to_bits(),
@@ -313,8 +324,8 @@ fn every_kernel_matches_the_cpu() {
     let (m, n, k) = (20usize, 7usize, 12usize);
     let am: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
     let bm: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.25).collect();
-    write_f32s(&g, B0 + 0x4000, &am);
-    write_f32s(&g, B0 + 0x6000, &bm);
+    write_f32s(g, B0 + 0x4000, &am);
+    write_f32s(g, B0 + 0x6000, &bm);
     let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::SGEMM,
@@ -328,7 +339,7 @@ fn every_kernel_matches_the_cpu() {
         ],
     );
     assert_eq!(g.run(0, T0, &[d], 2), wait::DONE);
-    let c = read_f32s(&g, B0 + 0x8000, m * n);
+    let c = read_f32s(g, B0 + 0x8000, m * n);
     for r in 0..m {
         for col in 0..n {
             let want: f32 = (0..k).map(|p| am[r * k + p] * bm[p * n + col]).sum();
@@ -356,10 +367,7 @@ fn every_kernel_matches_the_cpu() {
     let sum: u64 = g.spaces.sys.read_obj(GuestAddress(B0 + 0xd000)).unwrap();
     assert_eq!(sum, vals.iter().map(|&v| u64::from(v)).sum::<u64>());
     // crc32 of "123456789" in VRAM.
-    g.spaces
-        .vram
-        .write_slice(b"123456789", GuestAddress(B0 + 0x10))
-        .unwrap();
+    g.spaces.vram.write(B0 + 0x10, b"123456789").unwrap();
     let d = Packet::new(
         packet::OP_DISPATCH,
         kernel::CRC32,
@@ -657,10 +665,7 @@ fn tail_shadow_doorbell_and_polling() {
 fn function_reset_returns_to_power_on() {
     let mut g = Gpu::new();
     g.setup_ctx(0, T0, B0, 8);
-    g.spaces
-        .vram
-        .write_slice(&[0xee; 4096], GuestAddress(0))
-        .unwrap();
+    g.spaces.vram.write(0, &[0xee; 4096]).unwrap();
     g.w(regs::INT_MASK, 0xffff);
     assert_eq!(
         g.run(
@@ -698,7 +703,7 @@ fn function_reset_returns_to_power_on() {
     assert_eq!(g.cr(0, regs::CTX_FENCE_LO), 0);
     assert_eq!(g.cr(0, regs::CTX_RING_SIZE), 0);
     let mut v = [0u8; 4096];
-    g.spaces.vram.read_slice(&mut v, GuestAddress(0)).unwrap();
+    g.spaces.vram.read(0, &mut v).unwrap();
     assert!(v.iter().all(|&b| b == 0), "VRAM scrubbed");
     // Usable again.
     g.setup_ctx(0, T0, B0, 8);
@@ -769,14 +774,70 @@ fn dma_mapping_can_change_between_packets() {
     assert_eq!(g.run(0, T0, &[copy], 1), wait::DONE);
     // The client unmaps everything from B0 up (buffers and page tables).
     g.dev
-        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, B0)]));
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, B0)]))
+        .unwrap();
     g.submit(0, T0, &[copy]);
     assert_eq!(g.wait(0, 2), wait::FAULTED);
     assert_eq!(g.cr(0, regs::CTX_FAULT_CODE), fault::DMA_DOMAIN);
     // Mapped again: the context recovers.
     g.dev
-        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]));
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]))
+        .unwrap();
     g.cw(0, regs::CTX_CONTROL, ctx_control::RESET);
     g.cw(0, regs::CTX_CONTROL, ctx_control::ENABLE);
     assert_eq!(g.run(0, T0, &[copy], 3), wait::DONE);
+}
+
+/// The backend seam: every command on a backend that runs groups on the calling thread and
+/// keeps VRAM behind a trapped aperture. The device reaches that VRAM only through the
+/// backend, hands it only operations whose addresses it checked, and imports and releases
+/// guest RAM as the DMA domain changes.
+#[test]
+fn another_backend_runs_every_command_through_the_seam() {
+    use crate::backend::inline::{Calls, InlineGpu};
+    let inline = Arc::new(InlineGpu::new(VRAM));
+    copy_fill_fence(&mut Gpu::on(inline.clone()));
+    every_kernel(&mut Gpu::on(inline.clone()));
+    let c = inline.calls();
+    assert_eq!(Calls::get(&c.alloc_vram), 2);
+    let prepared = Calls::get(&c.prepare);
+    assert!(prepared >= 3, "{prepared} operations");
+    assert_eq!(Calls::get(&c.finish), prepared, "every operation completed");
+    assert!(Calls::get(&c.groups) >= prepared);
+    assert!(Calls::get(&c.vram_accesses) > 0);
+
+    let mut g = Gpu::on(inline.clone());
+    // The aperture is trapped: no host mapping for the VMM, accesses go to the backend.
+    assert!(g.dev.bar_memory(pci::BAR_VRAM).is_none());
+    g.dev.write_bar(pci::BAR_VRAM, 0x40, &[1, 2, 3, 4]);
+    let mut w = [0u8; 4];
+    g.spaces.vram.read(0x40, &mut w).unwrap();
+    assert_eq!(w, [1, 2, 3, 4]);
+    g.dev.read_bar(pci::BAR_VRAM, 0x40, &mut w);
+    assert_eq!(w, [1, 2, 3, 4]);
+    // Past the aperture: nothing written, all zeros read, no panic.
+    g.dev.write_bar(pci::BAR_VRAM, VRAM - 2, &[9; 4]);
+    g.dev.read_bar(pci::BAR_VRAM, VRAM - 2, &mut w);
+    assert_eq!(w, [0; 4]);
+
+    // An operation with an address outside the domain faults above the seam: the backend
+    // never sees it.
+    g.setup_ctx(0, T0, B0, 8);
+    let before = Calls::get(&c.prepare);
+    let outside = Packet::new(packet::OP_COPY, 0, &[SYS_VA, 0x7000_0000, 8]);
+    g.submit(0, T0, &[outside]);
+    assert_eq!(g.wait(0, 1), wait::FAULTED);
+    assert_eq!(Calls::get(&c.prepare), before);
+
+    // A new domain is imported; the old import is released once no packet uses it.
+    let (imported, released) = (Calls::get(&c.import_domain), Calls::get(&c.released));
+    g.dev
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]))
+        .unwrap();
+    assert_eq!(Calls::get(&c.import_domain), imported + 1);
+    g.cw(0, regs::CTX_CONTROL, ctx_control::RESET);
+    g.cw(0, regs::CTX_CONTROL, ctx_control::ENABLE);
+    let copy = Packet::new(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 8]);
+    assert_eq!(g.run(0, T0, &[copy], 2), wait::DONE);
+    assert_eq!(Calls::get(&c.released), released + 1);
 }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use vgpu::VgpuSetup;
 use vgpu::host::{HostClient, HostError};
 use vgpu::physical::{GpuSpec, PhysicalGpu};
-use vgpu::sched::{Params, Policy};
+use vgpu::sched::Policy;
 use vgpu_abi::{Packet, fault, kernel, packet};
 
 const PROFILE: vgpu::Profile = vgpu::Profile {
@@ -27,15 +28,11 @@ fn spin(us: u64, groups: u64) -> Packet {
 
 fn client(gpu: &Arc<PhysicalGpu>, watchdog: Duration) -> (HostClient, vgpu::physical::Lease) {
     let lease = gpu.lease(&PROFILE, None).expect("lease");
-    let c = HostClient::with_watchdog(
-        PROFILE,
-        lease.vram().clone(),
-        lease.backend(),
-        (lease.scheduler(), Params::default()),
-        4 << 20,
+    let setup = VgpuSetup {
         watchdog,
-    )
-    .expect("client");
+        ..VgpuSetup::from_lease(&lease)
+    };
+    let c = HostClient::new(setup, 4 << 20).expect("client");
     (c, lease)
 }
 

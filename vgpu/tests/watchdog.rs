@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vgpu::VgpuSetup;
 use vgpu::host::{HostClient, HostError};
 use vgpu::physical::{GpuSpec, PhysicalGpu};
 use vgpu::sched::Params;
@@ -79,15 +80,11 @@ fn watchdog_fires_without_contention_in_process() {
         // The previous client is gone: its VRAM goes back before the next lease.
         leases.clear();
         let lease = gpu.lease(&profile, None).expect("lease");
-        let c = HostClient::with_watchdog(
-            profile,
-            lease.vram().clone(),
-            lease.backend(),
-            (lease.scheduler(), Params::default()),
-            16 << 20,
-            WATCHDOG,
-        )
-        .expect("client");
+        let setup = VgpuSetup {
+            watchdog: WATCHDOG,
+            ..VgpuSetup::from_lease(&lease)
+        };
+        let c = HostClient::new(setup, 16 << 20).expect("client");
         leases.push(lease);
         c
     });

@@ -621,26 +621,20 @@ fn build_vgpu(
     let vram_bar = bars
         .allocate(p.vram, BarKind::Mmio64 { prefetchable: true })
         .map_err(|e| dev_err(&e))?;
-    let profile_index = vgpu::PROFILES.iter().position(|q| q == p).unwrap_or(0);
     tracing::debug!(n, profile = p.name, regs, vram_bar, "vGPU");
     let dev = Vgpu::new(VgpuSetup {
-        profile: *p,
-        subsystem_id: profile_index as u16 + 1,
         bars: BarAddresses {
             regs,
             vram: vram_bar,
         },
         sys: ram.memory.clone(),
         domain: DmaDomain::new(memory::ram_ranges(ram.size)),
-        vram: lease.vram().clone(),
-        backend: lease.backend(),
         interrupts: vgpu::Interrupts::Msi(Arc::new(KvmMsi(vm_fd.clone()))),
-        sched: lease.scheduler(),
         sched_params: Params {
             weight: vg.weight,
             cap_percent: vg.cap,
         },
-        watchdog: vgpu::device::DEFAULT_WATCHDOG,
+        ..VgpuSetup::from_lease(&lease)
     })
     .map_err(|e| dev_err(&error_chain(&e)))?;
     Ok((dev, lease))

@@ -24,17 +24,20 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::backend::{Backend, StopFn, VramPartition, WorkFn};
+use crate::backend::{Aperture, BackendError, GpuBackend, Vram};
 use crate::command::Command;
 use crate::domain::DmaDomain;
 use crate::mem::{Fault, Spaces};
 use crate::mmu::{self, Root, Tlb};
+use crate::physical::Lease;
 use crate::profile::Profile;
 use crate::sched::{Grant, MemberId, Params, Scheduler};
 
+mod exec;
 mod processor;
 
-use processor::{Deadline, Processor};
+use exec::Deadline;
+use processor::Processor;
 
 /// How often the command processor polls tail shadows of `POLL` contexts when idle.
 const POLL_INTERVAL_US: i32 = 200;
@@ -55,6 +58,9 @@ pub enum VgpuError {
     /// eventfd/epoll/thread creation failed.
     #[error("cannot {0}")]
     Os(&'static str, #[source] std::io::Error),
+    /// The GPU refused the guest memory.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// Where the VMM placed the BARs.
@@ -168,8 +174,8 @@ struct Shared {
     progress: Condvar,
     kick: EventFd,
     doorbells: Vec<EventFd>,
-    vram: VramPartition,
-    backend: Arc<dyn Backend>,
+    vram: Arc<dyn Vram>,
+    backend: Arc<dyn GpuBackend>,
     cancel: Arc<AtomicBool>,
     /// The watchdog's deadline for the packet stretch now on the engines.
     deadline: Arc<Deadline>,
@@ -205,7 +211,7 @@ pub struct Vgpu {
 impl std::fmt::Debug for Vgpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vgpu")
-            .field("vram", &self.shared.vram.size)
+            .field("vram", &self.shared.vram.size())
             .field("contexts", &self.shared.contexts)
             .finish_non_exhaustive()
     }
@@ -215,12 +221,11 @@ fn fresh_contexts(n: u32) -> Vec<Ctx> {
     vec![Ctx::default(); n as usize]
 }
 
-/// Everything a vGPU is built from.
+/// Everything a vGPU is built from. Start from [`VgpuSetup::from_lease`] and change what the
+/// VMM or server decides (BARs, guest memory, weight, watchdog).
 pub struct VgpuSetup {
-    /// Contexts and VRAM size.
+    /// Contexts and VRAM size; its place in the profile list is the PCI subsystem id.
     pub profile: Profile,
-    /// PCI subsystem id (the profile's number).
-    pub subsystem_id: u16,
     /// Where the VMM placed the BARs.
     pub bars: BarAddresses,
     /// The guest's RAM.
@@ -228,9 +233,9 @@ pub struct VgpuSetup {
     /// The part of it the device may reach.
     pub domain: DmaDomain,
     /// This vGPU's VRAM.
-    pub vram: VramPartition,
+    pub vram: Arc<dyn Vram>,
     /// Where its work runs.
-    pub backend: Arc<dyn Backend>,
+    pub backend: Arc<dyn GpuBackend>,
     /// Where its interrupts go.
     pub interrupts: Interrupts,
     /// The scheduler of the GPU (or partition) it shares, and its parameters there.
@@ -279,6 +284,14 @@ pub fn function_config(
     Ok((config, msix))
 }
 
+/// An MSI sink that drops every message (a vGPU whose interrupts nobody takes).
+#[derive(Debug)]
+pub struct NoMsi;
+
+impl devices::pci::MsiSink for NoMsi {
+    fn send(&self, _address: u64, _data: u32) {}
+}
+
 /// Default watchdog limit per packet.
 pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(4);
 
@@ -291,12 +304,36 @@ impl std::fmt::Debug for VgpuSetup {
     }
 }
 
+impl VgpuSetup {
+    /// A vGPU of `lease`'s profile on its VRAM, backend and scheduler; no guest memory yet,
+    /// BARs at 0, interrupts going nowhere, default weight and watchdog.
+    pub fn from_lease(lease: &Lease) -> Self {
+        Self::with_vram(lease, lease.vram().clone())
+    }
+
+    /// Like [`VgpuSetup::from_lease`] on `vram` (a fresh slice of the lease's range; see
+    /// [`Lease::fresh_vram`]).
+    pub fn with_vram(lease: &Lease, vram: Arc<dyn Vram>) -> Self {
+        VgpuSetup {
+            profile: *lease.profile(),
+            bars: BarAddresses { regs: 0, vram: 0 },
+            sys: GuestMemoryMmap::new(),
+            domain: DmaDomain::default(),
+            vram,
+            backend: lease.backend(),
+            interrupts: Interrupts::Msi(Arc::new(NoMsi)),
+            sched: lease.scheduler(),
+            sched_params: Params::default(),
+            watchdog: DEFAULT_WATCHDOG,
+        }
+    }
+}
+
 impl Vgpu {
     /// Builds the function and starts its command processor.
     pub fn new(setup: VgpuSetup) -> Result<Vgpu, VgpuError> {
         let VgpuSetup {
             profile,
-            subsystem_id,
             bars,
             sys,
             domain,
@@ -316,9 +353,10 @@ impl Vgpu {
             prog_if: abi_pci::PROG_IF,
             revision: abi_pci::REVISION,
             subsystem_vendor_id: abi_pci::SUBSYSTEM_VENDOR_ID,
-            subsystem_id,
+            subsystem_id: profile.subsystem_id(),
         };
-        let (config, msix) = function_config(header, bars, vram.size, interrupts)?;
+        let import = vram.import_domain(&sys, &domain)?.map(Arc::new);
+        let (config, msix) = function_config(header, bars, vram.size(), interrupts)?;
         let contexts = profile.contexts.min(limits::MAX_CONTEXTS);
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
         let kick = evt("create the vGPU wake event")?;
@@ -347,8 +385,8 @@ impl Vgpu {
                 spaces: Arc::new(Spaces {
                     sys,
                     domain,
-                    vram: vram.memory.clone(),
-                    vram_size: vram.size,
+                    vram: vram.clone(),
+                    import,
                 }),
                 dma_epoch: 0,
                 dma_in_use: None,
@@ -439,17 +477,21 @@ impl Vgpu {
 
     /// Replaces the guest memory and DMA domain the device reaches (a vfio-user client mapping
     /// or unmapping guest RAM). Returns once no packet started under the old mapping is still
-    /// executing, so the caller may then tear the old memory down.
-    pub fn set_dma(&self, sys: GuestMemoryMmap, domain: DmaDomain) {
+    /// executing, so the caller may then tear the old memory down. If the GPU cannot import
+    /// the new memory nothing changes.
+    pub fn set_dma(&self, sys: GuestMemoryMmap, domain: DmaDomain) -> Result<(), BackendError> {
         let sh = &self.shared;
+        // Outside the lock: importing may take long on a real GPU, and register accesses
+        // must not wait for it.
+        let import = sh.vram.import_domain(&sys, &domain)?.map(Arc::new);
         let mut st = sh.lock();
         let old = st.dma_epoch;
         st.dma_epoch += 1;
         st.spaces = Arc::new(Spaces {
             sys,
             domain,
-            vram: sh.vram.memory.clone(),
-            vram_size: sh.vram.size,
+            vram: sh.vram.clone(),
+            import,
         });
         // Cached translations may point into memory that is gone.
         for c in st.ctx.iter_mut() {
@@ -462,6 +504,7 @@ impl Vgpu {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        Ok(())
     }
 
     /// The owner id under which a server registers this vGPU's truncatable client memory
@@ -480,15 +523,15 @@ impl Vgpu {
         self.shared.contexts
     }
 
-    /// The VRAM partition (for mapping the BAR, or sharing it with another process).
-    pub fn vram(&self) -> &VramPartition {
+    /// Its VRAM (for mapping the BAR, or sharing it with another process).
+    pub fn vram(&self) -> &Arc<dyn Vram> {
         &self.shared.vram
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
         let sh = &self.shared;
         let mut st = sh.lock();
-        let vram = sh.vram.size;
+        let vram = sh.vram.size();
         match offset {
             regs::MAGIC => regs::MAGIC_VALUE,
             regs::VERSION => {
@@ -745,10 +788,16 @@ impl PciDevice for Vgpu {
     }
 
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
-        (bar == abi_pci::BAR_VRAM).then(|| HostMemory {
-            host_addr: self.shared.vram.host_addr(),
-            len: self.shared.vram.size,
-        })
+        if bar != abi_pci::BAR_VRAM {
+            return None;
+        }
+        match self.shared.vram.aperture() {
+            Aperture::Mapped { host_addr, .. } => Some(HostMemory {
+                host_addr,
+                len: self.shared.vram.size(),
+            }),
+            Aperture::Trapped => None,
+        }
     }
 
     fn ioeventfds(&self, bar: usize) -> Vec<(u64, EventFd)> {
@@ -779,7 +828,7 @@ impl PciDevice for Vgpu {
                 }
             }
             abi_pci::BAR_VRAM => {
-                // Only reached when the VMM traps the aperture instead of mapping it.
+                // Reached when the aperture is trapped (or the VMM chose not to map it).
                 let spaces = self.shared.lock().spaces.clone();
                 let _ = spaces.read(crate::mem::Loc::Vram, offset, data);
             }

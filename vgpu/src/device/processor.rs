@@ -1,49 +1,10 @@
 //! The command processor thread: it picks the next packet of each runnable context, holds
-//! the GPU from the scheduler while it executes it (MMU walks, copies, kernels on the
-//! backend's engines) under the watchdog's deadline, and commits the result under the
+//! the GPU from the scheduler while it executes it (`exec`), and commits the result under the
 //! device's lock unless the context was reset meanwhile.
 
+use super::exec::{Effect, execute};
 use super::*;
-
-/// When the watchdog stops the stretch of a packet that is on the engines: the packet's
-/// remaining GPU-time budget counted from the start of the stretch. Engines ask it before
-/// every workgroup and long kernels inside one, so a packet past its budget stops within
-/// one preemption point whether or not another vGPU wants the GPU.
-pub(super) struct Deadline {
-    epoch: Instant,
-    /// Nanoseconds since `epoch`; `u64::MAX`: none.
-    at_ns: AtomicU64,
-}
-
-impl Deadline {
-    pub(super) fn new() -> Self {
-        Deadline {
-            epoch: Instant::now(),
-            at_ns: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    fn ns(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Arms the deadline `budget` after `start`.
-    fn arm(&self, start: Instant, budget: Duration) {
-        let at = self
-            .ns(start)
-            .saturating_add(u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX));
-        self.at_ns.store(at, Ordering::Release);
-    }
-
-    fn disarm(&self) {
-        self.at_ns.store(u64::MAX, Ordering::Release);
-    }
-
-    fn passed(&self) -> bool {
-        let at = self.at_ns.load(Ordering::Acquire);
-        at != u64::MAX && self.ns(Instant::now()) >= at
-    }
-}
+use crate::sched::Holder;
 
 /// A context as the processor sees it for one packet.
 struct Snapshot {
@@ -71,56 +32,25 @@ impl Drop for DmaGuard {
     }
 }
 
-/// What executing a packet changes in the context's registers.
-enum Effect {
-    None,
-    Fence { value: u64, irq: bool },
-}
-
 /// The command processor thread.
 pub(super) struct Processor {
     sh: Arc<Shared>,
     tlbs: Vec<(Tlb, u64)>,
     next: usize,
     /// The GPU, while this vGPU holds it.
-    grant: Option<Arc<Grant>>,
+    holder: Holder,
     /// [`crate::guard`]'s hit counter as last seen.
     guard_seen: u64,
-}
-
-/// Gets the GPU from the scheduler unless already held; `false` if cancelled (reset).
-fn hold(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
-    if grant.is_none() {
-        *grant = sh.sched.acquire(sh.member, &sh.cancel).map(Arc::new);
-    }
-    grant.is_some()
-}
-
-/// Gives the GPU back. (Clones of the grant may outlive this in finished engine jobs'
-/// stop checks; they are inert once the scheduler has moved on.)
-fn give_back(sh: &Shared, grant: &mut Option<Arc<Grant>>) {
-    if let Some(g) = grant.take() {
-        sh.sched.release(&g);
-    }
-}
-
-/// A preemption point: gives the GPU back if the slice is over and someone else waits, then
-/// waits for it again. `false` if cancelled meanwhile.
-fn preempt_point(sh: &Shared, grant: &mut Option<Arc<Grant>>) -> bool {
-    if grant.as_ref().is_some_and(|g| g.should_yield()) {
-        give_back(sh, grant);
-    }
-    hold(sh, grant)
 }
 
 impl Processor {
     pub(super) fn new(sh: Arc<Shared>) -> Self {
         let n = sh.contexts as usize;
         Processor {
+            holder: Holder::new(sh.sched.clone(), sh.member, sh.cancel.clone()),
             sh,
             tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
             next: 0,
-            grant: None,
             guard_seen: 0,
         }
     }
@@ -145,7 +75,7 @@ impl Processor {
                 continue;
             }
             // Out of work: the GPU goes to someone else.
-            give_back(&self.sh, &mut self.grant);
+            self.holder.give_back();
             if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
                 // Busy a moment ago: pick up doorbells without blocking.
                 self.drain_events(0);
@@ -331,10 +261,17 @@ impl Processor {
         // The ring may have been reprogrammed while enabled: a base that overflows becomes a
         // VA_RANGE fault like any other address past 2^48.
         let pkt_va = s.ring_base.saturating_add(slot * packet::PACKET_SIZE);
-        if !hold(&self.sh, &mut self.grant) {
+        if !self.holder.hold() {
             return true;
         }
-        let mut result = self.execute(i, &s, pkt_va);
+        let mut result = execute(
+            &self.sh,
+            &mut self.holder,
+            &mut self.tlbs[i].0,
+            &s.spaces,
+            s.root,
+            pkt_va,
+        );
         // The client truncated memory this packet used (the guard turned the SIGBUS into
         // zero pages): the packet faults, and the vGPU loses its system memory until the
         // client maps memory again.
@@ -345,11 +282,13 @@ impl Processor {
         }
         let mut st = self.sh.lock();
         if lost {
+            // Nothing to import of no memory: the previous import goes with the last packet
+            // that used it.
             st.spaces = Arc::new(Spaces {
                 sys: GuestMemoryMmap::new(),
                 domain: DmaDomain::default(),
-                vram: self.sh.vram.memory.clone(),
-                vram_size: self.sh.vram.size,
+                vram: self.sh.vram.clone(),
+                import: None,
             });
             for c in st.ctx.iter_mut() {
                 c.tlb_epoch += 1;
@@ -384,151 +323,7 @@ impl Processor {
         }
         drop(st);
         self.sh.progress.notify_all();
-        if self.grant.as_ref().is_some_and(|g| g.should_yield()) {
-            give_back(&self.sh, &mut self.grant);
-        }
+        self.holder.yield_if_due();
         true
-    }
-
-    fn execute(&mut self, i: usize, s: &Snapshot, pkt_va: u64) -> Result<Effect, Fault> {
-        let sh = self.sh.clone();
-        let spaces = &*s.spaces;
-        let Processor { tlbs, grant, .. } = self;
-        let tlb = &mut tlbs[i].0;
-        let watchdog = sh.watchdog;
-        // GPU time this packet used, excluding time spent waiting for the GPU.
-        let mut used = Duration::ZERO;
-        let deadline = sh.deadline.clone();
-        // Past the budget: by the GPU time counted here, or by the deadline the engines saw
-        // (the same instant, counted on their side).
-        let over = |used: Duration| {
-            if used >= watchdog || deadline.passed() {
-                deadline.disarm();
-                let past = (used - watchdog).as_nanos() as u64;
-                sh.tdr_overshoot_ns.store(past, Ordering::Relaxed);
-                Err(Fault::new(fault::TIMEOUT, pkt_va))
-            } else {
-                Ok(())
-            }
-        };
-        let root = s.root;
-        let mut raw = [0u8; packet::PACKET_SIZE as usize];
-        mmu::resolve(spaces, root, tlb, pkt_va, packet::PACKET_SIZE, false)?
-            .read(spaces, 0, &mut raw)?;
-        let cmd =
-            Command::decode(&Packet::from_bytes(&raw)).map_err(|code| Fault::new(code, pkt_va))?;
-        let mut resolve =
-            |va: u64, len: u64, write: bool| mmu::resolve(spaces, root, tlb, va, len, write);
-        match cmd {
-            Command::Nop => Ok(Effect::None),
-            Command::Copy { src, dst, len } => {
-                let from = resolve(src, len, false)?;
-                let to = resolve(dst, len, true)?;
-                let mut buf = vec![0u8; len.min(1 << 20) as usize];
-                let mut done = 0;
-                while done < len {
-                    let t = Instant::now();
-                    let n = (len - done).min(buf.len() as u64) as usize;
-                    from.read(spaces, done, &mut buf[..n])?;
-                    to.write(spaces, done, &buf[..n])?;
-                    done += n as u64;
-                    used += t.elapsed();
-                    over(used)?;
-                    if !preempt_point(&sh, grant) {
-                        break;
-                    }
-                }
-                Ok(Effect::None)
-            }
-            Command::Fill { dst, len, pattern } => {
-                let to = resolve(dst, len, true)?;
-                let chunk: Vec<u8> = pattern
-                    .to_le_bytes()
-                    .iter()
-                    .copied()
-                    .cycle()
-                    .take(len.min(1 << 20) as usize)
-                    .collect();
-                let mut done = 0;
-                while done < len {
-                    let t = Instant::now();
-                    let n = (len - done).min(chunk.len() as u64) as usize;
-                    to.write(spaces, done, &chunk[..n])?;
-                    done += n as u64;
-                    used += t.elapsed();
-                    over(used)?;
-                    if !preempt_point(&sh, grant) {
-                        break;
-                    }
-                }
-                Ok(Effect::None)
-            }
-            Command::Dispatch(k) => {
-                let cancel = sh.cancel.clone();
-                let abort: crate::kernels::AbortFn = {
-                    let (c, d) = (cancel.clone(), deadline.clone());
-                    Arc::new(move || c.load(Ordering::Relaxed) || d.passed())
-                };
-                let mut runner = |groups: u64, work: WorkFn| -> Result<(), Fault> {
-                    let mut next = 0;
-                    while next < groups {
-                        if !hold(&sh, grant) {
-                            return Ok(());
-                        }
-                        let (g, abort) = (grant.clone(), abort.clone());
-                        // Each workgroup notes when it finished: the last one marks where a
-                        // preempted dispatch really stopped (for the scheduler's overrun).
-                        let timed: WorkFn = match grant.clone() {
-                            Some(held) => {
-                                let w = work.clone();
-                                Arc::new(move |i| {
-                                    let r = w(i);
-                                    held.stopped_at(held.now_ns());
-                                    r
-                                })
-                            }
-                            None => work.clone(),
-                        };
-                        let stop: StopFn = Arc::new(move || {
-                            abort()
-                                || g.as_ref().is_some_and(|g| {
-                                    let stop = g.should_yield();
-                                    if stop {
-                                        g.hand_over();
-                                    }
-                                    stop
-                                })
-                        });
-                        let t = Instant::now();
-                        deadline.arm(t, watchdog.saturating_sub(used));
-                        let ran = sh.backend.run_range(next, groups, timed, stop);
-                        used += t.elapsed();
-                        over(used)?;
-                        deadline.disarm();
-                        next = ran?;
-                        if cancel.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        if next < groups {
-                            give_back(&sh, grant);
-                        }
-                    }
-                    Ok(())
-                };
-                let ran = crate::kernels::run(&k, &mut resolve, spaces, &mut runner, abort.clone());
-                deadline.disarm();
-                ran?;
-                Ok(Effect::None)
-            }
-            Command::Fence { va, value, irq } => {
-                resolve(va, 8, true)?.write(spaces, 0, &value.to_le_bytes())?;
-                Ok(Effect::Fence { value, irq })
-            }
-            Command::Timestamp { va } => {
-                let t = sh.lock().now_ns();
-                resolve(va, 8, true)?.write(spaces, 0, &t.to_le_bytes())?;
-                Ok(Effect::None)
-            }
-        }
     }
 }

@@ -189,6 +189,65 @@ impl Grant {
     }
 }
 
+/// One member's hold on the GPU, as its command processor uses it: get the GPU before work,
+/// give it back when out of work or when the slice is over and someone waits. Dropping it
+/// gives the GPU back.
+#[derive(Debug)]
+pub struct Holder {
+    sched: Arc<Scheduler>,
+    member: MemberId,
+    /// Set by a reset: stop waiting for the GPU.
+    cancel: Arc<AtomicBool>,
+    grant: Option<Arc<Grant>>,
+}
+
+impl Holder {
+    /// A holder for `member` of `sched` that stops waiting once `cancel` is set.
+    pub fn new(sched: Arc<Scheduler>, member: MemberId, cancel: Arc<AtomicBool>) -> Self {
+        Holder {
+            sched,
+            member,
+            cancel,
+            grant: None,
+        }
+    }
+
+    /// Gets the GPU unless already held; `false` if cancelled while waiting.
+    pub fn hold(&mut self) -> bool {
+        if self.grant.is_none() {
+            self.grant = self.sched.acquire(self.member, &self.cancel).map(Arc::new);
+        }
+        self.grant.is_some()
+    }
+
+    /// The grant while the GPU is held. (Clones may outlive it in finished engine jobs'
+    /// checks; they are inert once the scheduler has moved on.)
+    pub fn grant(&self) -> Option<Arc<Grant>> {
+        self.grant.clone()
+    }
+
+    /// Gives the GPU back.
+    pub fn give_back(&mut self) {
+        if let Some(g) = self.grant.take() {
+            self.sched.release(&g);
+        }
+    }
+
+    /// A preemption point between packets: gives the GPU back if the slice is over and
+    /// someone else waits.
+    pub fn yield_if_due(&mut self) {
+        if self.grant.as_ref().is_some_and(|g| g.should_yield()) {
+            self.give_back();
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
 /// See the module documentation.
 pub struct Scheduler {
     state: Mutex<State>,

@@ -167,17 +167,21 @@ impl VectorSink for EventVectors {
 
 /// The regions a vGPU instance offers: BAR0 (trapped registers), BAR2 (VRAM, mmap-able from
 /// `vram_fd`) and configuration space; every other index is empty.
-pub fn regions(vram_size: u64, vram_fd: RawFd) -> Vec<ServerRegion> {
+pub fn regions(vram_size: u64, vram_fd: Option<RawFd>) -> Vec<ServerRegion> {
     (0..VFIO_PCI_NUM_REGIONS)
         .map(|index| {
             let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
             let (size, flags) = match index {
                 VFIO_PCI_BAR0_REGION_INDEX => (abi_pci::BAR_REGS_SIZE, rw),
-                VFIO_PCI_BAR2_REGION_INDEX => (vram_size, rw | VFIO_REGION_INFO_FLAG_MMAP),
+                VFIO_PCI_BAR2_REGION_INDEX if vram_fd.is_some() => {
+                    (vram_size, rw | VFIO_REGION_INFO_FLAG_MMAP)
+                }
+                // A trapped aperture: every access is a region read or write.
+                VFIO_PCI_BAR2_REGION_INDEX => (vram_size, rw),
                 VFIO_PCI_CONFIG_REGION_INDEX => (CONFIG_SIZE, rw),
                 _ => (0, 0),
             };
-            let vram = index == VFIO_PCI_BAR2_REGION_INDEX;
+            let mmap_fd = vram_fd.filter(|_| index == VFIO_PCI_BAR2_REGION_INDEX);
             ServerRegion {
                 region_info: vfio_region_info {
                     argsz: std::mem::size_of::<vfio_region_info>() as u32,
@@ -191,7 +195,7 @@ pub fn regions(vram_size: u64, vram_fd: RawFd) -> Vec<ServerRegion> {
                 },
                 // The crate sends the fd only with the sparse-mmap capability, so the whole
                 // BAR is one sparse area.
-                sparse_areas: if vram {
+                sparse_areas: if mmap_fd.is_some() {
                     vec![SparseArea {
                         area: vfio_region_sparse_mmap_area {
                             offset: 0,
@@ -201,10 +205,19 @@ pub fn regions(vram_size: u64, vram_fd: RawFd) -> Vec<ServerRegion> {
                 } else {
                     Vec::new()
                 },
-                mmap_fd: vram.then_some(vram_fd),
+                mmap_fd,
             }
         })
         .collect()
+}
+
+/// The file a client maps the VRAM region from, if the aperture is mapped (a trapped one
+/// has no mmap-able area: every access is a region read or write).
+pub fn mmap_fd(vram: &dyn crate::backend::Vram) -> Option<RawFd> {
+    match vram.aperture() {
+        crate::backend::Aperture::Mapped { file, .. } => Some(file.as_raw_fd()),
+        crate::backend::Aperture::Trapped => None,
+    }
 }
 
 /// The interrupt indices: MSI-X has the vectors (INTx, MSI, ERR and REQ have none), and
@@ -358,7 +371,7 @@ impl Attachment {
         self.admission == Admission::Admitted
     }
 
-    fn apply_dma(&self) {
+    fn apply_dma(&self) -> Result<(), crate::backend::BackendError> {
         let regions: Vec<Arc<GuestRegionMmap>> =
             self.dma.iter().map(|d| d.region.clone()).collect();
         let sys = if regions.is_empty() {
@@ -368,7 +381,7 @@ impl Attachment {
             GuestMemoryMmap::from_arc_regions(regions).unwrap_or_default()
         };
         let domain = DmaDomain::new(self.dma.iter().map(|d| (d.iova, d.size)));
-        self.vgpu.set_dma(sys, domain);
+        self.vgpu.set_dma(sys, domain)
     }
 
     fn ignore(&mut self, what: &str, region: u32, offset: u64, len: usize) {
@@ -438,7 +451,7 @@ impl Attachment {
         let (bar, size) = match region {
             VFIO_PCI_CONFIG_REGION_INDEX => return config_dwords(offset, len).map(Route::Config),
             VFIO_PCI_BAR0_REGION_INDEX => (abi_pci::BAR_REGS, abi_pci::BAR_REGS_SIZE),
-            VFIO_PCI_BAR2_REGION_INDEX => (abi_pci::BAR_VRAM, self.vgpu.vram().size),
+            VFIO_PCI_BAR2_REGION_INDEX => (abi_pci::BAR_VRAM, self.vgpu.vram().size()),
             _ => return None,
         };
         let end = offset.checked_add(len as u64)?;
@@ -586,7 +599,12 @@ impl ServerBackend for Attachment {
                 _charge: charge,
             },
         );
-        self.apply_dma();
+        if let Err(e) = self.apply_dma() {
+            // The GPU could not import the new region: the client's map fails, and the
+            // device keeps what it had.
+            self.dma.remove(at);
+            return Err(std::io::Error::other(e.to_string()));
+        }
         Ok(())
     }
 
@@ -603,7 +621,13 @@ impl ServerBackend for Attachment {
         }
         // Returns once no packet uses the old mappings; only then are they unguarded and
         // unmapped (dropped here).
-        self.apply_dma();
+        if let Err(e) = self.apply_dma() {
+            // Unmapping never fails for the client; the GPU is told of an empty domain.
+            tracing::warn!("the GPU could not import the remaining DMA regions: {e}");
+            let _ = self
+                .vgpu
+                .set_dma(GuestMemoryMmap::new(), DmaDomain::default());
+        }
         drop(gone);
         Ok(())
     }
@@ -712,7 +736,7 @@ mod tests {
 
     #[test]
     fn region_table_matches_the_bars() {
-        let r = regions(64 << 20, 7);
+        let r = regions(64 << 20, Some(7));
         assert_eq!(r.len(), VFIO_PCI_NUM_REGIONS as usize);
         for (i, region) in r.iter().enumerate() {
             assert_eq!(region.region_info.index as usize, i);

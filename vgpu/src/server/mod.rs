@@ -27,8 +27,7 @@ use serde::Serialize;
 use serde_json::json;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::{BarAddresses, Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
-use crate::domain::DmaDomain;
+use crate::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
 use crate::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
 use crate::profile::{self, Profile};
 use crate::sched::{Params, Policy};
@@ -713,20 +712,10 @@ impl InstanceWorker {
         let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
         let vectors = Arc::new(EventVectors::default());
         let vgpu = Vgpu::new(VgpuSetup {
-            profile: *self.profile,
-            subsystem_id: profile::PROFILES
-                .iter()
-                .position(|p| p.name == self.profile.name)
-                .map_or(1, |i| i as u16 + 1),
-            bars: BarAddresses { regs: 0, vram: 0 },
-            sys: vm_memory::GuestMemoryMmap::new(),
-            domain: DmaDomain::default(),
-            vram: vram.clone(),
-            backend: self.lease.backend(),
             interrupts: Interrupts::Vectors(vectors.clone()),
-            sched: self.lease.scheduler(),
             sched_params: self.params,
             watchdog: self.watchdog,
+            ..VgpuSetup::with_vram(&self.lease, vram.clone())
         })
         .map_err(|e| devices::error_chain(&e))?;
         *lock(&self.live.monitor) = Some(vgpu.monitor());
@@ -739,7 +728,7 @@ impl InstanceWorker {
             dup,
             true,
             attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
-            attach::regions(vram.size, vram.file.as_raw_fd()),
+            attach::regions(vram.size(), attach::mmap_fd(&*vram)),
         );
         let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
             .with_gate(attach::Gate {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
+use vgpu::VgpuSetup;
 use vgpu::host::HostClient;
 use vgpu::physical::{GpuSpec, PhysicalGpu};
 use vgpu::sched::{Params, Policy};
@@ -129,20 +130,16 @@ impl Fleet {
         let overshoot = Arc::new(AtomicU64::new(0));
         for (i, &(load, params)) in loads.iter().enumerate() {
             let lease = gpu.lease(&PROFILE, None).map_err(|e| e.to_string())?;
-            let sched = lease.scheduler();
             let watchdog = match load {
                 Load::Hung => HUNG_WATCHDOG,
                 _ => vgpu::device::DEFAULT_WATCHDOG,
             };
-            let client = HostClient::with_watchdog(
-                PROFILE,
-                lease.vram().clone(),
-                lease.backend(),
-                (sched, params),
-                CLIENT_MEM,
+            let setup = VgpuSetup {
+                sched_params: params,
                 watchdog,
-            )
-            .map_err(|e| e.to_string())?;
+                ..VgpuSetup::from_lease(&lease)
+            };
+            let client = HostClient::new(setup, CLIENT_MEM).map_err(|e| e.to_string())?;
             members.push((lease.partition(), i));
             let counter = Arc::new(AtomicU64::new(0));
             done.push(counter.clone());

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use vgpu::backend::SoftGpu;
 use vgpu::host::HostClient;
+use vgpu::physical::{GpuSpec, PhysicalGpu};
 use vgpu_abi::{Packet, kernel, packet};
 
 use super::{default_firmware, median};
@@ -270,13 +270,13 @@ fn native_ms(
     profile: &vgpu::Profile,
     (name, size, batch): (&str, u64, u64),
 ) -> Result<f64, String> {
-    let gpu = Arc::new(SoftGpu::new(profile.vram, profile.engines).map_err(|e| e.to_string())?);
-    let vram = gpu.partition(0, profile.vram).map_err(|e| e.to_string())?;
-    let sched = (
-        vgpu::sched::Scheduler::private(),
-        vgpu::sched::Params::default(),
-    );
-    let mut c = HostClient::new(*profile, vram, gpu.clone(), sched, 256 << 20)
+    let spec = GpuSpec {
+        policy: vgpu::sched::Policy::BestEffort,
+        ..GpuSpec::whole(profile.vram, profile.engines)
+    };
+    let gpu = PhysicalGpu::new(&spec).map_err(|e| e.to_string())?;
+    let lease = gpu.lease(profile, None).map_err(|e| e.to_string())?;
+    let mut c = HostClient::new(vgpu::VgpuSetup::from_lease(&lease), 256 << 20)
         .map_err(|e| e.to_string())?;
     let e = |e: vgpu::host::HostError| e.to_string();
     let pkts: Vec<Packet> = match name {

@@ -18,6 +18,16 @@ pub trait BusDevice: Send {
     fn write(&mut self, base: u64, offset: u64, data: &[u8]);
 }
 
+/// A device that locks inside (or needs no lock): accesses from several vCPUs reach it at
+/// once, so one access that blocks (a register read that waits for the device) does not hold
+/// up the others. (Cloud Hypervisor's `BusDeviceSync` is the model.)
+pub trait BusDeviceSync: Send + Sync {
+    /// A guest read of `data.len()` bytes; fill `data`.
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]);
+    /// A guest write of `data`.
+    fn write(&self, base: u64, offset: u64, data: &[u8]);
+}
+
 /// Errors of bus registration and dispatch.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -101,7 +111,49 @@ impl std::fmt::Display for BusRange {
     }
 }
 
-type DeviceRef = Weak<Mutex<dyn BusDevice>>;
+/// A device on the bus: one behind a mutex the bus takes for each access, or one that locks
+/// inside.
+#[derive(Clone)]
+enum DeviceRef {
+    Locked(Weak<Mutex<dyn BusDevice>>),
+    Sync(Weak<dyn BusDeviceSync>),
+}
+
+enum Device {
+    Locked(Arc<Mutex<dyn BusDevice>>),
+    Sync(Arc<dyn BusDeviceSync>),
+}
+
+impl DeviceRef {
+    fn upgrade(&self) -> Option<Device> {
+        match self {
+            DeviceRef::Locked(w) => w.upgrade().map(Device::Locked),
+            DeviceRef::Sync(w) => w.upgrade().map(Device::Sync),
+        }
+    }
+}
+
+impl Device {
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
+        match self {
+            Device::Locked(d) => d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(base, offset, data),
+            Device::Sync(d) => d.read(base, offset, data),
+        }
+    }
+
+    fn write(&self, base: u64, offset: u64, data: &[u8]) {
+        match self {
+            Device::Locked(d) => d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(base, offset, data),
+            Device::Sync(d) => d.write(base, offset, data),
+        }
+    }
+}
 
 /// A set of devices, each on one or more non-overlapping ranges.
 #[derive(Default)]
@@ -130,13 +182,27 @@ impl Bus {
         self.devices.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts `device` on `[base, base + len)`.
+    /// Puts `device` on `[base, base + len)`; each access locks it.
     pub fn insert(
         &self,
         device: &Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
     ) -> Result<BusRange, BusError> {
+        self.insert_ref(DeviceRef::Locked(Arc::downgrade(device)), base, len)
+    }
+
+    /// Puts `device`, which locks inside, on `[base, base + len)`.
+    pub fn insert_sync(
+        &self,
+        device: &Arc<dyn BusDeviceSync>,
+        base: u64,
+        len: u64,
+    ) -> Result<BusRange, BusError> {
+        self.insert_ref(DeviceRef::Sync(Arc::downgrade(device)), base, len)
+    }
+
+    fn insert_ref(&self, device: DeviceRef, base: u64, len: u64) -> Result<BusRange, BusError> {
         let range = BusRange::new(base, len)?;
         let mut map = self.write_map();
         // The only candidates for overlap are the last range starting at or before our end.
@@ -155,7 +221,7 @@ impl Bus {
                 existing: *existing,
             });
         }
-        map.insert(range, Arc::downgrade(device));
+        map.insert(range, device);
         Ok(range)
     }
 
@@ -171,7 +237,7 @@ impl Bus {
         Ok(())
     }
 
-    fn resolve(&self, addr: u64) -> Option<(BusRange, Arc<Mutex<dyn BusDevice>>)> {
+    fn resolve(&self, addr: u64) -> Option<(BusRange, Device)> {
         let map = self.read_map();
         let (range, dev) = map
             .range(
@@ -190,18 +256,14 @@ impl Bus {
     /// Dispatches a guest read at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
         let (range, dev) = self.resolve(addr).ok_or(BusError::NoDevice(addr))?;
-        dev.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(range.base, addr - range.base, data);
+        dev.read(range.base, addr - range.base, data);
         Ok(())
     }
 
     /// Dispatches a guest write at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
         let (range, dev) = self.resolve(addr).ok_or(BusError::NoDevice(addr))?;
-        dev.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(range.base, addr - range.base, data);
+        dev.write(range.base, addr - range.base, data);
         Ok(())
     }
 }

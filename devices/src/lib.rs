@@ -13,7 +13,7 @@ pub mod pci;
 pub mod serial;
 mod trigger;
 
-pub use bus::{Bus, BusDevice, BusError, BusRange};
+pub use bus::{Bus, BusDevice, BusDeviceSync, BusError, BusRange};
 pub use exit::{ExitHandle, ExitReason};
 pub use trigger::EventFdTrigger;
 

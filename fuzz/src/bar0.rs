@@ -12,7 +12,7 @@
 
 use std::sync::Mutex;
 
-use devices::pci::PciDevice;
+use devices::pci::PciDeviceSync;
 use vgpu_abi::{Packet, ctx_control, kernel, packet, pci, pte, regs, status, wait};
 
 use crate::input::Input;

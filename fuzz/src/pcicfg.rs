@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::bus::{Bus, BusDevice};
-use devices::pci::{GuestMapper, HostBridge, HostMemory, PciDevice, PciRoot};
+use devices::pci::{GuestMapper, HostBridge, HostMemory, PciDeviceSync, PciRoot};
 use vgpu::Vgpu;
 use vgpu::backend::SoftGpu;
 use vgpu::backend::soft::SoftVram;
@@ -200,7 +200,7 @@ pub fn encode(op: &Op) -> [u8; 8] {
 struct Fixture {
     root: PciRoot,
     mmio: Arc<Bus>,
-    vgpu: Arc<Mutex<Vgpu>>,
+    vgpu: Arc<Vgpu>,
     mapper: Arc<Mapper>,
     ids: Vec<(usize, u32)>,
     bridge_ids: Vec<(usize, u32)>,
@@ -229,14 +229,14 @@ impl Fixture {
             Arc::new(MsiLog::default()),
             Scheduler::private(),
         );
-        let vgpu = Arc::new(Mutex::new(dev));
+        let vgpu = Arc::new(dev);
         let mmio = Arc::new(Bus::new());
         let mapper = Arc::new(Mapper::default());
         let mut root =
             PciRoot::new(mmio.clone(), vec![MMIO32, MMIO64]).with_guest_mapper(mapper.clone());
         root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
             .expect("host bridge");
-        root.add_device(1, vgpu.clone()).expect("vGPU");
+        root.add_device_sync(1, vgpu.clone()).expect("vGPU");
         let mut f = Fixture {
             root,
             mmio,
@@ -250,8 +250,8 @@ impl Fixture {
         f
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vgpu> {
-        self.vgpu.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> &Vgpu {
+        &self.vgpu
     }
 
     /// A 32-bit configuration read through conf1 (leaves the address port changed).

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::pci::{MsiSink, PciDevice};
+use devices::pci::{MsiSink, PciDeviceSync};
 use vgpu::backend::SoftGpu;
 use vgpu::backend::Vram;
 use vgpu::backend::soft::SoftVram;

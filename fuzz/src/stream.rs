@@ -23,7 +23,7 @@
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use devices::pci::PciDevice;
+use devices::pci::PciDeviceSync;
 use vgpu::mem::Loc::Sys;
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, limits, packet, pci, pte};
 use vgpu_abi::{regs, status, wait};

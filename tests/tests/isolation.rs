@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::pci::{GuestMapper, HostBridge, HostMemory, MsiSink, PciDevice, PciRoot};
+use devices::pci::{GuestMapper, HostBridge, HostMemory, MsiSink, PciDeviceSync, PciRoot};
 use devices::{Bus, BusDevice};
 use proptest::prelude::*;
 use vgpu::backend::soft::SoftVram;
@@ -1131,12 +1131,12 @@ proptest! {
         let gpu = PhysicalGpu::new(&GpuSpec::whole(VRAM, 1)).expect("GPU");
         let sys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_B as usize)]).expect("memory");
         let side = Side::new(&gpu, sys, DmaDomain::new([(0, RAM_B)]), vgpu::device::DEFAULT_WATCHDOG);
-        let dev = Arc::new(Mutex::new(side.dev));
+        let dev = Arc::new(side.dev);
         let mmio = Arc::new(Bus::new());
         let mapper = Arc::new(Mapper::default());
         let mut root = PciRoot::new(mmio.clone(), WINDOWS.to_vec()).with_guest_mapper(mapper.clone());
         root.add_device(0, Arc::new(Mutex::new(HostBridge::new()))).expect("bridge");
-        root.add_device(1, dev.clone()).expect("vGPU");
+        root.add_device_sync(1, dev.clone()).expect("vGPU");
         let ids: Vec<u32> = [0, 2, 11, 13].iter().map(|&r| conf1(&mut root, 1, r)).collect();
         for (slot, reg, off, size, v) in writes {
             let off = off & !(size as u64 - 1);
@@ -1453,7 +1453,7 @@ fn firmware_with_a_vgpu_runs_under_seccomp() {
 /// read wider than 4 bytes of the MSI-X table panicked in `MsixState::read_table`.
 #[test]
 fn wide_read_of_the_msix_table_does_not_panic() {
-    let mut p = Pair::new(vgpu::device::DEFAULT_WATCHDOG);
+    let p = Pair::new(vgpu::device::DEFAULT_WATCHDOG);
     let mut d = [0xffu8; 8];
     p.a.dev
         .read_bar(pci::BAR_REGS, pci::MSIX_TABLE_OFFSET + 0x200, &mut d);

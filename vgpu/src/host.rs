@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use devices::pci::PciDevice;
+use devices::pci::PciDeviceSync;
 use vgpu_abi::{Packet, ctx_control, packet, pci, pte, regs, wait};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 

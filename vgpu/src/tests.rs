@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::pci::{MsiSink, PciDevice};
+use devices::pci::{MsiSink, PciDeviceSync};
 use vgpu_abi::{Packet, ctx_control, ctx_status, fault, int, kernel, packet, pci, pte, regs, wait};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -174,22 +174,21 @@ pub struct Vm {
     _devices: Vec<Arc<Mutex<dyn BusDevice>>>,
     /// VRAM and scheduling leases of the vGPUs, returned after the devices are gone.
     _leases: Vec<vgpu::physical::Lease>,
-    vgpus: Vec<Arc<Mutex<Vgpu>>>,
+    /// The vGPUs (the PCI root refers to them too; they lock inside).
+    vgpus: Vec<Arc<Vgpu>>,
 }
 
-/// Live statistics of a VM's vGPUs, usable from another thread while the VM runs.
+/// Live statistics of a VM's vGPUs, usable from another thread while the VM runs (it reads
+/// their monitors, never the devices, so a probe never waits behind a guest's `WAIT`).
 #[derive(Debug, Clone)]
-pub struct VgpuProbe(Vec<Arc<Mutex<Vgpu>>>);
+pub struct VgpuProbe(Vec<vgpu::device::VgpuMonitor>);
 
 impl VgpuProbe {
     /// Per vGPU: scheduler statistics and device counters (queued packets, faults, resets).
     pub fn stats(&self) -> Vec<(vgpu::sched::MemberStats, (u64, u64, u64))> {
         self.0
             .iter()
-            .map(|v| {
-                let v = v.lock().unwrap_or_else(|e| e.into_inner());
-                (v.sched_stats(), v.counters())
-            })
+            .map(|m| (m.sched_stats(), m.counters()))
             .collect()
     }
 }
@@ -401,9 +400,9 @@ impl Vm {
                 build()?
             };
             leases.push(lease);
-            let dev = Arc::new(Mutex::new(dev));
+            let dev = Arc::new(dev);
             vgpus.push(dev.clone());
-            root.add_device(1 + n as u8, dev)
+            root.add_device_sync(1 + n as u8, dev)
                 .map_err(|e| VmError::Devices(e.to_string()))?;
         }
         for (k, ud) in config.user_devices.iter().enumerate() {
@@ -480,7 +479,7 @@ impl Vm {
 
     /// A handle on the vGPUs' live statistics.
     pub fn vgpu_probe(&self) -> VgpuProbe {
-        VgpuProbe(self.vgpus.clone())
+        VgpuProbe(self.vgpus.iter().map(|v| v.monitor()).collect())
     }
 
     /// The memfd backing guest RAM (for sharing it with another process).

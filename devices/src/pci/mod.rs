@@ -78,3 +78,36 @@ pub trait PciDevice: Send {
         let _ = (bar, offset, data);
     }
 }
+
+/// A PCI function that locks inside (or needs no lock), reached through `&self`: accesses from
+/// several vCPUs reach it at once, so one that blocks (a register read that waits for the
+/// device, a reset) holds up neither the other vCPUs' accesses to it nor configuration
+/// accesses to any slot. (Cloud Hypervisor's `BusDeviceSync` is the model.) The methods mean
+/// what they mean in [`PciDevice`].
+pub trait PciDeviceSync: Send + Sync {
+    /// See [`PciDevice::read_config_register`].
+    fn read_config_register(&self, reg: usize) -> u32;
+    /// See [`PciDevice::write_config_register`].
+    fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]);
+    /// See [`PciDevice::bar_mappings`].
+    fn bar_mappings(&self) -> Vec<BarMapping>;
+    /// See [`PciDevice::bar_memory`].
+    fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
+        let _ = bar;
+        None
+    }
+    /// See [`PciDevice::ioeventfds`].
+    fn ioeventfds(&self, bar: usize) -> Vec<(u64, vmm_sys_util::eventfd::EventFd)> {
+        let _ = bar;
+        Vec::new()
+    }
+    /// See [`PciDevice::read_bar`].
+    fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xff);
+    }
+    /// See [`PciDevice::write_bar`].
+    fn write_bar(&self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
+}

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::config::{BarMapping, NUM_BARS, lane_shift};
-use super::{GuestMapper, PciDevice};
-use crate::bus::{Bus, BusDevice, BusError};
+use super::{GuestMapper, PciDevice, PciDeviceSync};
+use crate::bus::{Bus, BusDevice, BusDeviceSync, BusError};
 
 /// The conf1 address port.
 pub const CONF1_BASE: u16 = 0xcf8;
@@ -53,24 +53,70 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Forwards MMIO accesses in one BAR to its function.
+/// A function in a slot: one the root locks for each access, or one that locks inside.
+#[derive(Clone)]
+enum Function {
+    Locked(Arc<Mutex<dyn PciDevice>>),
+    Sync(Arc<dyn PciDeviceSync>),
+}
+
+impl Function {
+    fn read_config_register(&self, reg: usize) -> u32 {
+        match self {
+            Function::Locked(d) => lock(d).read_config_register(reg),
+            Function::Sync(d) => d.read_config_register(reg),
+        }
+    }
+    fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]) {
+        match self {
+            Function::Locked(d) => lock(d).write_config_register(reg, offset, data),
+            Function::Sync(d) => d.write_config_register(reg, offset, data),
+        }
+    }
+    fn bar_mappings(&self) -> Vec<BarMapping> {
+        match self {
+            Function::Locked(d) => lock(d).bar_mappings(),
+            Function::Sync(d) => d.bar_mappings(),
+        }
+    }
+    fn bar_memory(&self, bar: usize) -> Option<super::HostMemory> {
+        match self {
+            Function::Locked(d) => lock(d).bar_memory(bar),
+            Function::Sync(d) => d.bar_memory(bar),
+        }
+    }
+    fn ioeventfds(&self, bar: usize) -> Vec<(u64, vmm_sys_util::eventfd::EventFd)> {
+        match self {
+            Function::Locked(d) => lock(d).ioeventfds(bar),
+            Function::Sync(d) => d.ioeventfds(bar),
+        }
+    }
+}
+
+/// Forwards MMIO accesses in one BAR to its function, without a lock of its own.
 struct BarWindow {
-    dev: Arc<Mutex<dyn PciDevice>>,
+    dev: Function,
     bar: usize,
 }
 
-impl BusDevice for BarWindow {
-    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        lock(&self.dev).read_bar(self.bar, offset, data);
+impl BusDeviceSync for BarWindow {
+    fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
+        match &self.dev {
+            Function::Locked(d) => lock(d).read_bar(self.bar, offset, data),
+            Function::Sync(d) => d.read_bar(self.bar, offset, data),
+        }
     }
-    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        lock(&self.dev).write_bar(self.bar, offset, data);
+    fn write(&self, _base: u64, offset: u64, data: &[u8]) {
+        match &self.dev {
+            Function::Locked(d) => lock(d).write_bar(self.bar, offset, data),
+            Function::Sync(d) => d.write_bar(self.bar, offset, data),
+        }
     }
 }
 
 struct Slot {
-    dev: Arc<Mutex<dyn PciDevice>>,
-    windows: Vec<Arc<Mutex<dyn BusDevice>>>,
+    dev: Function,
+    windows: Vec<Arc<dyn BusDeviceSync>>,
     mapped: Vec<BarMapping>,
 }
 
@@ -112,21 +158,34 @@ impl PciRoot {
         self
     }
 
-    /// Plugs `dev` into slot `slot` of bus 0 (function 0).
+    /// Plugs `dev` into slot `slot` of bus 0 (function 0); each access locks it.
     pub fn add_device(
         &mut self,
         slot: u8,
         dev: Arc<Mutex<dyn PciDevice>>,
     ) -> Result<(), PciRootError> {
+        self.add_function(slot, Function::Locked(dev))
+    }
+
+    /// Plugs `dev`, which locks inside, into slot `slot` of bus 0 (function 0).
+    pub fn add_device_sync(
+        &mut self,
+        slot: u8,
+        dev: Arc<dyn PciDeviceSync>,
+    ) -> Result<(), PciRootError> {
+        self.add_function(slot, Function::Sync(dev))
+    }
+
+    fn add_function(&mut self, slot: u8, dev: Function) -> Result<(), PciRootError> {
         if slot >= MAX_DEVICES || self.slots.contains_key(&slot) {
             return Err(PciRootError::Slot(slot));
         }
         let windows = (0..NUM_BARS)
             .map(|bar| {
-                let w: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BarWindow {
+                let w: Arc<dyn BusDeviceSync> = Arc::new(BarWindow {
                     dev: dev.clone(),
                     bar,
-                }));
+                });
                 w
             })
             .collect();
@@ -153,7 +212,7 @@ impl PciRoot {
             return Ok(());
         };
         let dev = s.dev.clone();
-        let wanted: Vec<BarMapping> = lock(&dev)
+        let wanted: Vec<BarMapping> = dev
             .bar_mappings()
             .into_iter()
             .filter(|m| {
@@ -189,13 +248,8 @@ impl PciRoot {
         result
     }
 
-    fn map_bar(
-        &self,
-        slot: u8,
-        dev: &Arc<Mutex<dyn PciDevice>>,
-        m: &BarMapping,
-    ) -> Result<(), PciRootError> {
-        let memory = lock(dev).bar_memory(m.bar);
+    fn map_bar(&self, slot: u8, dev: &Function, m: &BarMapping) -> Result<(), PciRootError> {
+        let memory = dev.bar_memory(m.bar);
         if let (Some(mapper), Some(mem)) = (&self.mapper, memory) {
             let mem = super::HostMemory {
                 len: mem.len.min(m.size),
@@ -215,14 +269,14 @@ impl PciRoot {
             .map(|s| s.windows[m.bar].clone())
             .ok_or(PciRootError::Slot(slot))?;
         self.mmio
-            .insert(&window, m.addr, m.size)
+            .insert_sync(&window, m.addr, m.size)
             .map_err(|source| PciRootError::MapBar {
                 slot,
                 bar: m.bar,
                 source,
             })?;
         if let Some(mapper) = &self.mapper {
-            for (offset, evt) in lock(dev).ioeventfds(m.bar) {
+            for (offset, evt) in dev.ioeventfds(m.bar) {
                 if let Err(reason) = mapper.register_ioevent(m.addr + offset, &evt) {
                     // The write still reaches the device through the trap: slower, not wrong.
                     tracing::warn!(
@@ -237,8 +291,8 @@ impl PciRoot {
         Ok(())
     }
 
-    fn unmap_bar(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: &BarMapping) {
-        let memory = lock(dev).bar_memory(m.bar);
+    fn unmap_bar(&self, dev: &Function, m: &BarMapping) {
+        let memory = dev.bar_memory(m.bar);
         match (&self.mapper, memory) {
             (Some(mapper), Some(mem)) => mapper.unmap(
                 m.addr,
@@ -251,7 +305,7 @@ impl PciRoot {
             _ => {
                 let _ = self.mmio.remove(m.addr);
                 if let Some(mapper) = &self.mapper {
-                    for (offset, evt) in lock(dev).ioeventfds(m.bar) {
+                    for (offset, evt) in dev.ioeventfds(m.bar) {
                         mapper.unregister_ioevent(m.addr + offset, &evt);
                     }
                 }
@@ -276,7 +330,7 @@ impl PciRoot {
             Some((slot, reg)) => self
                 .slots
                 .get(&slot)
-                .map_or(u32::MAX, |s| lock(&s.dev).read_config_register(reg)),
+                .map_or(u32::MAX, |s| s.dev.read_config_register(reg)),
             None => u32::MAX,
         };
         let bytes = (value >> (offset * 8)).to_le_bytes();
@@ -288,7 +342,7 @@ impl PciRoot {
             return;
         };
         if let Some(s) = self.slots.get(&slot) {
-            lock(&s.dev).write_config_register(reg, offset, data);
+            s.dev.write_config_register(reg, offset, data);
         }
         if let Err(e) = self.sync_bars(slot) {
             tracing::warn!("guest BAR programming not applied: {e}");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use devices::pci::Interrupts;
 use devices::pci::config::{BarKind, BarMapping, ConfigError, PciConfiguration, PciHeader};
-use devices::pci::{HostMemory, MsixState, PciDevice};
+use devices::pci::{HostMemory, MsixState, PciDeviceSync};
 use vgpu_abi::{Packet, caps, ctx_control, ctx_status, fault, int, kernel, limits, packet};
 use vgpu_abi::{pci as abi_pci, regs, status, wait};
 use vm_memory::GuestMemoryMmap;
@@ -770,12 +770,15 @@ impl VgpuMonitor {
     }
 }
 
-impl PciDevice for Vgpu {
-    fn read_config_register(&mut self, reg: usize) -> u32 {
+/// The vGPU locks inside (its `State` mutex, held briefly; `WAIT` and `RESET` wait on a
+/// condition variable that releases it), so a VMM plugs it in through the `&self` path and
+/// one vCPU blocked in `WAIT` holds up no other access.
+impl PciDeviceSync for Vgpu {
+    fn read_config_register(&self, reg: usize) -> u32 {
         self.shared.lock().config.read_reg(reg)
     }
 
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+    fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]) {
         let mut st = self.shared.lock();
         st.config.write_reg(reg, offset, data);
         // Enabling MSI-X or clearing the function mask releases pending vectors.
@@ -812,7 +815,7 @@ impl PciDevice for Vgpu {
             .collect()
     }
 
-    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+    fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match bar {
             abi_pci::BAR_REGS => {
@@ -836,7 +839,7 @@ impl PciDevice for Vgpu {
         }
     }
 
-    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+    fn write_bar(&self, bar: usize, offset: u64, data: &[u8]) {
         match bar {
             abi_pci::BAR_REGS => {
                 let table = abi_pci::MSIX_TABLE_OFFSET..abi_pci::MSIX_PBA_OFFSET;

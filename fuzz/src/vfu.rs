@@ -28,9 +28,9 @@ use vgpu::backend::Vram;
 use vgpu::backend::soft::SoftVram;
 use vgpu::device::DEFAULT_WATCHDOG;
 use vgpu::sched::{Params, Scheduler};
-use vgpu::server::attach::{self, Attachment, EventVectors};
 use vgpu::{BarAddresses, DmaDomain, Interrupts, Vgpu, VgpuSetup};
 use vgpu_abi::{Packet, ctx_control, kernel, packet, regs};
+use vgpu_server::attach::{self, Attachment, EventVectors};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::input::Input;

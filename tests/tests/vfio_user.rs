@@ -503,14 +503,15 @@ fn fill(dst: u64, len: u64, pattern: u32) -> vgpu_abi::Packet {
 
 #[test]
 fn a_client_that_truncates_its_memory_costs_only_its_own_vgpu() {
-    use vgpu::host::{HostClient, HostError};
+    use vgpu::host::HostError;
     let server = Server::start("truncate", &["--gpu", "soft,vram=512M,engines=2"]);
     let hostile = server.ok(&["vgpu", "create", "--type", "64M", "--name", "hostile"]);
     let neighbour = server.ok(&["vgpu", "create", "--type", "64M", "--name", "neighbour"]);
     let (hostile, neighbour) = (hostile.trim().to_string(), neighbour.trim().to_string());
     // A busy neighbour: spinning kernels and FILLs checked bit for bit.
     let busy = std::thread::spawn(move || {
-        let mut c = HostClient::connect(Path::new(&neighbour), 16 << 20, true).expect("attach");
+        let mut c =
+            vgpu_server::remote::connect(Path::new(&neighbour), 16 << 20, true).expect("attach");
         let buf = c.alloc(1 << 20).expect("alloc");
         for round in 0..40u32 {
             let spin = vgpu_abi::Packet::new(
@@ -530,7 +531,7 @@ fn a_client_that_truncates_its_memory_costs_only_its_own_vgpu() {
     });
     // The hostile client maps 16 MiB it did not seal, queues a FILL high in it, truncates
     // the file to 4 MiB (its ring and page tables stay) and rings the doorbell.
-    let mut c = HostClient::connect(Path::new(&hostile), 16 << 20, false).expect("attach");
+    let mut c = vgpu_server::remote::connect(Path::new(&hostile), 16 << 20, false).expect("attach");
     c.alloc(8 << 20).expect("alloc");
     let high = c.alloc(4 << 20).expect("alloc");
     assert!(high >= 8 << 20);
@@ -549,7 +550,8 @@ fn a_client_that_truncates_its_memory_costs_only_its_own_vgpu() {
     // The server is up, says why, and serves the instance again.
     drop(c);
     wait_attached(&server, "hostile", false);
-    let mut again = HostClient::connect(Path::new(&hostile), 16 << 20, true).expect("re-attach");
+    let mut again =
+        vgpu_server::remote::connect(Path::new(&hostile), 16 << 20, true).expect("re-attach");
     let buf = again.alloc(4096).expect("alloc");
     again
         .run(&[fill(buf, 4096, 7)])
@@ -631,7 +633,7 @@ fn no_client_can_exhaust_the_servers_address_space() {
     );
     eprintln!("vgpu list under attack: {:?}", t.elapsed());
     server.ok(&["vgpu", "create", "--type", "64M", "--name", "late"]);
-    let mut n = vgpu::host::HostClient::connect(Path::new(&sockets[3]), 16 << 20, true)
+    let mut n = vgpu_server::remote::connect(Path::new(&sockets[3]), 16 << 20, true)
         .expect("a neighbour attaches");
     let buf = n.alloc(4096).expect("alloc");
     n.run(&[fill(buf, 4096, 0x5a5a_5a5a)])
@@ -670,7 +672,7 @@ fn instances_belong_to_their_owner_and_record_their_peer() {
     let m = std::fs::metadata(&sock).expect("socket");
     assert_eq!((m.uid(), m.mode() & 0o777), (65534, 0o600));
     // Root may attach; the server records who is attached (under its sandbox).
-    let mut c = vgpu::host::HostClient::connect(Path::new(&sock), 16 << 20, true).expect("attach");
+    let mut c = vgpu_server::remote::connect(Path::new(&sock), 16 << 20, true).expect("attach");
     let buf = c.alloc(4096).expect("alloc");
     c.run(&[fill(buf, 4096, 1)]).expect("work");
     let list = server.json(&["vgpu", "list"]);

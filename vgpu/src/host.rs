@@ -5,13 +5,11 @@
 //! submissions with this path, and the scheduler harness uses it as a load generator.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::Arc;
 
 use devices::pci::PciDeviceSync;
 use vgpu_abi::{Packet, ctx_control, packet, pci, pte, regs, wait};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device::{BarAddresses, NoMsi, Vgpu, VgpuError, VgpuSetup};
 use crate::domain::DmaDomain;
@@ -52,47 +50,38 @@ pub enum HostError {
     Connect(String),
 }
 
-/// Where the host client's register accesses go.
-enum Port {
-    /// A vGPU in this process.
-    Local(Box<Vgpu>),
-    /// A vGPU instance of `tessera serve`, over its vfio-user socket.
-    Remote(Box<vfio_user::Client>),
+/// The register file a host client drives: a vGPU in this process, or (in `vgpu-server`) an
+/// instance of `tessera serve` over vfio-user. A lost device reads as all-ones.
+pub trait RegisterPort: Send {
+    /// Reads the BAR 0 dword at `off`.
+    fn read(&mut self, off: u64) -> u32;
+    /// Writes the BAR 0 dword at `off`.
+    fn write(&mut self, off: u64, v: u32);
+    /// The device, when it is in this process.
+    fn device(&self) -> Option<&Vgpu> {
+        None
+    }
 }
 
-impl Port {
+impl RegisterPort for Vgpu {
     fn read(&mut self, off: u64) -> u32 {
         let mut d = [0xffu8; 4];
-        match self {
-            Port::Local(dev) => dev.read_bar(pci::BAR_REGS, off, &mut d),
-            Port::Remote(c) => {
-                // A lost server reads as all-ones, like the spec's lost device.
-                if c.region_read(BAR0_REGION, off, &mut d).is_err() {
-                    d = [0xff; 4];
-                }
-            }
-        }
+        self.read_bar(pci::BAR_REGS, off, &mut d);
         u32::from_le_bytes(d)
     }
 
     fn write(&mut self, off: u64, v: u32) {
-        match self {
-            Port::Local(dev) => dev.write_bar(pci::BAR_REGS, off, &v.to_le_bytes()),
-            Port::Remote(c) => {
-                let _ = c.region_write(BAR0_REGION, off, &v.to_le_bytes());
-            }
-        }
+        self.write_bar(pci::BAR_REGS, off, &v.to_le_bytes());
+    }
+
+    fn device(&self) -> Option<&Vgpu> {
+        Some(self)
     }
 }
 
-/// vfio-user region index of BAR 0.
-const BAR0_REGION: u32 = 0;
-/// vfio-user region index of BAR 2 (VRAM).
-const BAR2_REGION: u32 = 2;
-
 /// See the module documentation.
 pub struct HostClient {
-    port: Port,
+    port: Box<dyn RegisterPort>,
     mem: GuestMemoryMmap,
     /// The memory's file, for a remote vGPU (handed to the server with DMA_MAP).
     file: Option<Arc<File>>,
@@ -133,45 +122,15 @@ impl HostClient {
             interrupts: crate::Interrupts::Msi(Arc::new(NoMsi)),
             ..setup
         })?;
-        Self::start(Port::Local(Box::new(dev)), mem, None, sys_size, vram_size)
+        Self::start(Box::new(dev), mem, None, sys_size, vram_size)
     }
 
-    /// A client of the vGPU instance served on `socket` (by `tessera serve`), with
-    /// `sys_size` bytes of memory in a memfd that the server maps with DMA_MAP. `sealed`:
-    /// sealed against shrinking and growing, as Tessera's VMM seals guest RAM (Cloud
-    /// Hypervisor's is not).
-    pub fn connect(socket: &Path, sys_size: u64, sealed: bool) -> Result<Self, HostError> {
-        let file = Arc::new(
-            crate::backend::memfd("tessera-host-client", sys_size, sealed).map_err(mem_err)?,
-        );
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            sys_size as usize,
-            Some(FileOffset::from_arc(file.clone(), 0)),
-        )])
-        .map_err(mem_err)?;
-        let mut client = vfio_user::Client::new(socket)
-            .map_err(|e| HostError::Connect(format!("{}: {e}", socket.display())))?;
-        let vram_size = client
-            .region(BAR2_REGION)
-            .map(|r| r.size)
-            .filter(|&s| s > 0)
-            .ok_or_else(|| HostError::Connect("the server offers no VRAM region".into()))?;
-        client
-            .dma_map(0, 0, sys_size, file.as_raw_fd())
-            .map_err(|e| HostError::Connect(format!("DMA_MAP: {e}")))?;
-        Self::start(
-            Port::Remote(Box::new(client)),
-            mem,
-            Some(file),
-            sys_size,
-            vram_size,
-        )
-    }
-
-    /// Builds the page tables in `mem` and enables context 0.
-    fn start(
-        port: Port,
+    /// A client over `port` (whose VRAM is `vram_size` bytes) with `mem` (`sys_size` bytes,
+    /// the device's system memory: reachable by it at 0) as its memory; `file` is the memory's
+    /// file when the device is in another process. Builds the page tables in `mem` and
+    /// enables context 0.
+    pub fn start(
+        port: Box<dyn RegisterPort>,
         mem: GuestMemoryMmap,
         file: Option<Arc<File>>,
         sys_size: u64,
@@ -312,10 +271,7 @@ impl HostClient {
 
     /// The device underneath (for statistics), when it is in this process.
     pub fn device(&self) -> Option<&Vgpu> {
-        match &self.port {
-            Port::Local(dev) => Some(dev),
-            Port::Remote(_) => None,
-        }
+        self.port.device()
     }
 
     /// Reads a BAR 0 register (context registers: `regs::ctx_reg`).

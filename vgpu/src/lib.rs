@@ -21,7 +21,6 @@ pub mod mmu;
 pub mod physical;
 pub mod profile;
 pub mod sched;
-pub mod server;
 #[cfg(test)]
 mod tests;
 

@@ -286,7 +286,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 libc::SYS_setsockopt,
                 any_of(2, &[libc::SO_RCVTIMEO as u64])?,
             );
-            // Finding an instance's connection and its peer (`vgpu::server::peer`).
+            // Finding an instance's connection and its peer (`vgpu_server::peer`).
             r.insert(
                 libc::SYS_getsockopt,
                 any_of(2, &[libc::SO_PEERCRED as u64, libc::SO_ACCEPTCONN as u64])?,

@@ -39,7 +39,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_user::Client;
-use vgpu::server::attach::DOORBELL_IRQ_INDEX;
+use vgpu_abi::vfio_user::DOORBELL_IRQ_INDEX;
 use vgpu_abi::{limits, pci as abi_pci, regs};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};

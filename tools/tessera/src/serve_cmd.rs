@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 use vgpu::physical::{GpuSpec, PartitionSpec, PhysicalGpu};
 use vgpu::sched::Policy;
-use vgpu::server::control::{ControlClient, ControlError, Request};
-use vgpu::server::{Daemon, ServeOptions};
+use vgpu_server::control::{ControlClient, ControlError, Request};
+use vgpu_server::{Daemon, ServeOptions};
 use vmm::error_chain;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -227,7 +227,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => {
             eprintln!("tessera: {}", error_chain(&e));
-            let usage = matches!(e, vgpu::server::ServeError::Untrusted(_));
+            let usage = matches!(e, vgpu_server::ServeError::Untrusted(_));
             return ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE });
         }
     };

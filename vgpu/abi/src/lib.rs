@@ -47,6 +47,18 @@ pub mod pci {
     pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 }
 
+/// The vGPU over vfio-user (`tessera serve`), beyond the PCI function itself.
+pub mod vfio_user {
+    /// Tessera's private interrupt index: the client hands over one eventfd per context with
+    /// `SET_IRQS(DOORBELL_IRQ_INDEX, DATA_EVENTFD | ACTION_TRIGGER, 0, n)`, registers each as a
+    /// KVM ioeventfd on that context's doorbell register, and guest doorbell writes then reach
+    /// the command processor without an exit or a message (the direction VFIO uses for its
+    /// device-signalled request index). It is the first index past VFIO's five PCI interrupt
+    /// indices (INTx, MSI, MSI-X, ERR, REQ); clients that do not know it (Cloud Hypervisor)
+    /// never ask.
+    pub const DOORBELL_IRQ_INDEX: u32 = 5;
+}
+
 /// BAR 0 register map.
 pub mod regs {
     /// Reads [`MAGIC_VALUE`].

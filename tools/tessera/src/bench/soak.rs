@@ -283,8 +283,8 @@ fn check_fences(c: &mut HostClient, fence: u64) -> Result<(), String> {
 }
 
 fn attach(socket: &str) -> Result<(HostClient, (u64, u64, u64)), String> {
-    let mut c =
-        HostClient::connect(Path::new(socket), TENANT_MEMORY, true).map_err(|e| e.to_string())?;
+    let mut c = vgpu_server::remote::connect(Path::new(socket), TENANT_MEMORY, true)
+        .map_err(|e| e.to_string())?;
     let bufs = (
         c.alloc(BATCH).map_err(|e| e.to_string())?,
         c.alloc(BATCH).map_err(|e| e.to_string())?,

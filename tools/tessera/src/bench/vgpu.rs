@@ -151,7 +151,7 @@ impl Series {
 
 /// A vfio-user server in this process with one instance of `profile`; stops when dropped.
 struct BenchServer {
-    daemon: Arc<vgpu::server::Daemon>,
+    daemon: Arc<vgpu_server::Daemon>,
     stop: Arc<vmm_sys_util::eventfd::EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: PathBuf,
@@ -163,9 +163,9 @@ impl BenchServer {
         let dir = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, profile.engines))
             .map_err(|e| e.to_string())?;
-        let daemon = vgpu::server::Daemon::new(
+        let daemon = vgpu_server::Daemon::new(
             gpu,
-            vgpu::server::ServeOptions {
+            vgpu_server::ServeOptions {
                 dir,
                 require_sealed: true,
                 ..Default::default()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use vgpu::physical::{GpuSpec, PhysicalGpu};
 use vgpu::sched::Params;
-use vgpu::server::{Daemon, ServeOptions};
+use vgpu_server::{Daemon, ServeOptions};
 
 const OWNER: u32 = 65534;
 const STRANGER: u32 = 4321;

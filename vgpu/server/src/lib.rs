@@ -1,5 +1,7 @@
 //! The vGPU server (`tessera serve`): one [`PhysicalGpu`] whose vGPU instances are served to
-//! other processes over vfio-user, one UNIX socket per instance, plus a control socket.
+//! other processes over vfio-user, one UNIX socket per instance, plus a control socket; and
+//! the host client's remote port ([`remote::connect`]). A VMM that embeds the `vgpu` device
+//! crate does not need this crate (nor vfio-user, vfio-bindings or serde_json).
 //!
 //! Threads: the caller's thread runs [`Daemon::serve`] (accepts control connections); each
 //! control connection gets a short-lived thread; each instance has one thread that waits for a
@@ -11,6 +13,7 @@
 pub mod attach;
 pub mod control;
 pub mod peer;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,12 +30,12 @@ use serde::Serialize;
 use serde_json::json;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
-use crate::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
-use crate::profile::{self, Profile};
-use crate::sched::{Params, Policy};
 use attach::{Attachment, DmaBudget, EventVectors};
 use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
+use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
+use vgpu::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
+use vgpu::profile::{self, Profile};
+use vgpu::sched::{Params, Policy};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +79,7 @@ impl Default for ServeOptions {
         ServeOptions {
             dir: PathBuf::from("/run/tessera"),
             require_sealed: false,
-            watchdog: crate::device::DEFAULT_WATCHDOG,
+            watchdog: vgpu::device::DEFAULT_WATCHDOG,
             max_client_memory: attach::DEFAULT_CLIENT_MEMORY,
             max_mapped: attach::DEFAULT_TOTAL_MEMORY,
         }
@@ -266,7 +269,7 @@ impl Daemon {
         }
         let control = bind_private(&control_path)?;
         // Before any sandbox: a client that truncates its memory costs only its vGPU.
-        crate::guard::install().map_err(|e| err("handle SIGBUS for", e))?;
+        vgpu::guard::install().map_err(|e| err("handle SIGBUS for", e))?;
         // Every mapped region holds a descriptor: leave half of the open-file limit for
         // sockets, eventfds and VRAM files.
         let mut nofile = libc::rlimit {
@@ -417,7 +420,7 @@ impl Daemon {
                     weight: weight.unwrap_or(1),
                     cap_percent: cap.unwrap_or(100),
                 };
-                let (w, c) = (crate::sched::WEIGHTS, crate::sched::CAPS);
+                let (w, c) = (vgpu::sched::WEIGHTS, vgpu::sched::CAPS);
                 if !w.contains(&params.weight) {
                     return Err(format!("weight {} is not in {w:?}", params.weight));
                 }
@@ -445,7 +448,7 @@ impl Daemon {
                     None => self
                         .gpu
                         .scheduler(0)
-                        .map_or(crate::sched::DEFAULT_SLICE, |s| s.policy().1),
+                        .map_or(vgpu::sched::DEFAULT_SLICE, |s| s.policy().1),
                 };
                 self.gpu.set_policy(policy, slice);
                 Ok(json!({ "partitions": self.gpu.partitions() }))

@@ -11,8 +11,8 @@ use vgpu::VgpuSetup;
 use vgpu::host::{HostClient, HostError};
 use vgpu::physical::{GpuSpec, PhysicalGpu};
 use vgpu::sched::Params;
-use vgpu::server::{Daemon, ServeOptions};
 use vgpu_abi::{Packet, fault, kernel, limits, packet};
+use vgpu_server::{Daemon, ServeOptions};
 
 const WATCHDOG: Duration = Duration::from_millis(300);
 /// What the guest may wait past the budget: one slice (2 ms) and one spin check, plus a wide
@@ -117,7 +117,7 @@ fn watchdog_fires_without_contention_over_vfio_user() {
     cases(|| {
         // The previous client's detach may still be running: the instance takes the next
         // client once it is done (the connection waits in the backlog).
-        HostClient::connect(&socket, 16 << 20, true).expect("attach")
+        vgpu_server::remote::connect(&socket, 16 << 20, true).expect("attach")
     });
     drop(daemon);
     let _ = std::fs::remove_dir_all(dir);

@@ -26,8 +26,8 @@ use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion
 use vgpu_abi::{pci as abi_pci, regs};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
-use crate::device::Vgpu;
-use crate::domain::DmaDomain;
+use vgpu::device::Vgpu;
+use vgpu::domain::DmaDomain;
 
 /// Size of the configuration region (PCI, not PCIe: 256 bytes).
 const CONFIG_SIZE: u64 = 256;
@@ -35,12 +35,11 @@ const CONFIG_SIZE: u64 = 256;
 /// (a known limit of vfio_user 0.1.x: up to 4 GiB per message, zeroed, so only the pages we
 /// touch become resident); this bounds what we touch.
 const MAX_ACCESS: usize = 1 << 20;
-/// Tessera's private interrupt index: the client hands over one eventfd per context with
-/// `SET_IRQS(DOORBELL_IRQ_INDEX, DATA_EVENTFD | ACTION_TRIGGER, 0, n)`, registers each as a
-/// KVM ioeventfd on that context's doorbell register, and guest doorbell writes then reach
-/// the command processor without an exit or a message (the direction VFIO uses for its
-/// device-signalled request index). Clients that do not know it (Cloud Hypervisor) never ask.
-pub const DOORBELL_IRQ_INDEX: u32 = VFIO_PCI_NUM_IRQS;
+pub use vgpu_abi::vfio_user::DOORBELL_IRQ_INDEX;
+const _: () = assert!(
+    DOORBELL_IRQ_INDEX == VFIO_PCI_NUM_IRQS,
+    "the index past VFIO's own"
+);
 
 /// Most DMA regions one client may map.
 const MAX_DMA_REGIONS: usize = 512;
@@ -213,10 +212,10 @@ pub fn regions(vram_size: u64, vram_fd: Option<RawFd>) -> Vec<ServerRegion> {
 
 /// The file a client maps the VRAM region from, if the aperture is mapped (a trapped one
 /// has no mmap-able area: every access is a region read or write).
-pub fn mmap_fd(vram: &dyn crate::backend::Vram) -> Option<RawFd> {
+pub fn mmap_fd(vram: &dyn vgpu::backend::Vram) -> Option<RawFd> {
     match vram.aperture() {
-        crate::backend::Aperture::Mapped { file, .. } => Some(file.as_raw_fd()),
-        crate::backend::Aperture::Trapped => None,
+        vgpu::backend::Aperture::Mapped { file, .. } => Some(file.as_raw_fd()),
+        vgpu::backend::Aperture::Trapped => None,
     }
 }
 
@@ -246,14 +245,14 @@ struct DmaRegion {
     iova: u64,
     size: u64,
     /// For a file the client can truncate: its `SIGBUS` guard, dropped before the mapping.
-    _guard: Option<crate::guard::Guard>,
+    _guard: Option<vgpu::guard::Guard>,
     region: Arc<GuestRegionMmap>,
     /// Given back once the mapping is gone (fields drop in order).
     _charge: Charge,
 }
 
 /// Who may use an attachment: checked once, before the client's first device access (see
-/// [`super::peer`]).
+/// [`crate::peer`]).
 #[derive(Debug)]
 pub struct Gate {
     /// The instance's socket (the connection's local address).
@@ -261,7 +260,7 @@ pub struct Gate {
     /// Users allowed besides root.
     pub allowed: Vec<u32>,
     /// Where the connected peer is recorded.
-    pub peer: Arc<Mutex<Option<super::peer::Peer>>>,
+    pub peer: Arc<Mutex<Option<crate::peer::Peer>>>,
 }
 
 /// What the gate decided.
@@ -347,7 +346,7 @@ impl Attachment {
             return true;
         };
         if self.admission == Admission::Unchecked {
-            self.admission = match super::peer::connection(&gate.socket) {
+            self.admission = match crate::peer::connection(&gate.socket) {
                 Some((fd, peer)) => {
                     *gate.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
                     if peer.uid == 0 || gate.allowed.contains(&peer.uid) {
@@ -358,7 +357,7 @@ impl Attachment {
                             pid = peer.pid,
                             "refusing a client of another user"
                         );
-                        super::peer::hang_up(fd);
+                        crate::peer::hang_up(fd);
                         Admission::Refused
                     }
                 }
@@ -371,7 +370,7 @@ impl Attachment {
         self.admission == Admission::Admitted
     }
 
-    fn apply_dma(&self) -> Result<(), crate::backend::BackendError> {
+    fn apply_dma(&self) -> Result<(), vgpu::backend::BackendError> {
         let regions: Vec<Arc<GuestRegionMmap>> =
             self.dma.iter().map(|d| d.region.clone()).collect();
         let sys = if regions.is_empty() {
@@ -578,12 +577,12 @@ impl ServerBackend for Attachment {
             None
         } else {
             // A truncated file faults on access: contain it to this vGPU (see guard.rs).
-            crate::guard::install()?;
+            vgpu::guard::install()?;
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| einval(format_args!("DMA region {address:#x}: {e}")))?;
             Some(
-                crate::guard::register(host, size as usize, self.vgpu.dma_owner())
+                vgpu::guard::register(host, size as usize, self.vgpu.dma_owner())
                     .map_err(|e| std::io::Error::other(e.to_string()))?,
             )
         };

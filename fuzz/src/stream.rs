@@ -115,16 +115,7 @@ pub struct Record {
 }
 
 fn used_args(p: &Packet) -> usize {
-    match (p.opcode, p.flags) {
-        (packet::OP_COPY | packet::OP_FILL, _) => 3,
-        (packet::OP_FENCE, _) => 2,
-        (packet::OP_TIMESTAMP, _) => 1,
-        (packet::OP_DISPATCH, kernel::SAXPY) => 4,
-        (packet::OP_DISPATCH, kernel::SGEMM) => 6,
-        (packet::OP_DISPATCH, kernel::REDUCE_SUM | kernel::CRC32) => 3,
-        (packet::OP_DISPATCH, kernel::SPIN_US) => 2,
-        _ => 0,
-    }
+    packet::args_used(p.opcode, p.flags).unwrap_or(0)
 }
 
 /// Decodes one record.

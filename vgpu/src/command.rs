@@ -103,8 +103,10 @@ fn bad() -> u32 {
     fault::BAD_PACKET
 }
 
-/// Requires `args[used..]` to be zero.
-fn unused_zero(p: &Packet, used: usize) -> Result<(), u32> {
+/// Requires the argument words past those `p`'s command uses ([`packet::args_used`]) to be
+/// zero.
+fn unused_zero(p: &Packet) -> Result<(), u32> {
+    let used = packet::args_used(p.opcode, p.flags).ok_or_else(bad)?;
     if p.args[used..].iter().all(|&a| a == 0) {
         Ok(())
     } else {
@@ -136,12 +138,12 @@ impl Command {
         match p.opcode {
             packet::OP_NOP => {
                 no_flags()?;
-                unused_zero(p, 0)?;
+                unused_zero(p)?;
                 Ok(Command::Nop)
             }
             packet::OP_COPY => {
                 no_flags()?;
-                unused_zero(p, 3)?;
+                unused_zero(p)?;
                 bytes(a[2], 1)?;
                 Ok(Command::Copy {
                     src: a[0],
@@ -151,7 +153,7 @@ impl Command {
             }
             packet::OP_FILL => {
                 no_flags()?;
-                unused_zero(p, 3)?;
+                unused_zero(p)?;
                 bytes(a[1], 1)?;
                 aligned(a[0], 4)?;
                 aligned(a[1], 4)?;
@@ -166,7 +168,7 @@ impl Command {
                 if p.flags & !packet::FENCE_IRQ != 0 {
                     return Err(bad());
                 }
-                unused_zero(p, 2)?;
+                unused_zero(p)?;
                 aligned(a[0], 8)?;
                 Ok(Command::Fence {
                     va: a[0],
@@ -176,7 +178,7 @@ impl Command {
             }
             packet::OP_TIMESTAMP => {
                 no_flags()?;
-                unused_zero(p, 1)?;
+                unused_zero(p)?;
                 aligned(a[0], 8)?;
                 Ok(Command::Timestamp { va: a[0] })
             }
@@ -190,7 +192,7 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
     let a = p.args;
     match p.flags {
         kernel::SAXPY => {
-            unused_zero(p, 4)?;
+            unused_zero(p)?;
             bytes(a[0], 4)?;
             let f = u32::try_from(a[1]).map_err(|_| bad())?;
             aligned(a[2], 4)?;
@@ -203,7 +205,7 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
             })
         }
         kernel::SGEMM => {
-            unused_zero(p, 6)?;
+            unused_zero(p)?;
             let dims = [a[0], a[1], a[2]];
             if dims.iter().any(|&d| d == 0 || d > limits::MAX_SGEMM_DIM) {
                 return Err(bad());
@@ -221,7 +223,7 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
             })
         }
         kernel::REDUCE_SUM => {
-            unused_zero(p, 3)?;
+            unused_zero(p)?;
             bytes(a[0], 4)?;
             aligned(a[1], 4)?;
             aligned(a[2], 8)?;
@@ -232,7 +234,7 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
             })
         }
         kernel::CRC32 => {
-            unused_zero(p, 3)?;
+            unused_zero(p)?;
             bytes(a[0], 1)?;
             aligned(a[2], 4)?;
             Ok(Kernel::Crc32 {
@@ -242,7 +244,7 @@ fn decode_kernel(p: &Packet) -> Result<Kernel, u32> {
             })
         }
         kernel::SPIN_US => {
-            unused_zero(p, 2)?;
+            unused_zero(p)?;
             if a[0] > limits::MAX_SPIN_US || a[1] == 0 || a[1] > limits::MAX_SPIN_GROUPS {
                 return Err(bad());
             }

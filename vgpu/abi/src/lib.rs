@@ -298,6 +298,26 @@ pub mod packet {
     pub const OP_TIMESTAMP: u32 = 0x05;
     /// `OP_FENCE` flag: raise an interrupt.
     pub const FENCE_IRQ: u32 = 1 << 0;
+
+    /// How many of a packet's argument words the command `opcode` (for [`OP_DISPATCH`], the
+    /// kernel in `flags`) uses; the words after them must be zero. `None`: no such command.
+    pub const fn args_used(opcode: u32, flags: u32) -> Option<usize> {
+        use super::kernel;
+        match opcode {
+            OP_NOP => Some(0),
+            OP_COPY | OP_FILL => Some(3),
+            OP_FENCE => Some(2),
+            OP_TIMESTAMP => Some(1),
+            OP_DISPATCH => match flags {
+                kernel::SAXPY => Some(4),
+                kernel::SGEMM => Some(6),
+                kernel::REDUCE_SUM | kernel::CRC32 => Some(3),
+                kernel::SPIN_US => Some(2),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// Built-in kernels for `OP_DISPATCH` (the packet's `flags` field), with their arguments.

@@ -109,8 +109,14 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     /// Device setup.
-    #[error("cannot set up devices: {0}")]
-    Devices(String),
+    #[error("cannot set up {what}")]
+    Devices {
+        /// Which device.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The event loop.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -335,7 +341,10 @@ impl Vm {
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::Devices("guest RAM has no host mapping".into()))?;
+                .map_err(|_| VmError::Devices {
+                    what: "guest RAM".into(),
+                    source: "it has no host mapping".into(),
+                })?;
             let mr = kvm_bindings::kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -355,7 +364,7 @@ impl Vm {
         let mut devs: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
         let mut add_pio = |dev: Arc<Mutex<dyn BusDevice>>, base: u16, len: u16| {
             pio.insert(&dev, u64::from(base), u64::from(len))
-                .map_err(|e| VmError::Devices(e.to_string()))?;
+                .map_err(devices_err(format!("the port device at {base:#x}")))?;
             devs.push(dev);
             Ok::<(), VmError>(())
         };
@@ -386,9 +395,9 @@ impl Vm {
         let mut root = PciRoot::new(mmio.clone(), vec![PCI_MMIO32, PCI_MMIO64])
             .with_guest_mapper(Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots)));
         root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
-            .map_err(|e| VmError::Devices(e.to_string()))?;
+            .map_err(devices_err("the PCI host bridge"))?;
         let mut bars = BarAllocator::new(PCI_MMIO32, PCI_MMIO64)
-            .map_err(|e| VmError::Devices(e.to_string()))?;
+            .map_err(devices_err("the PCI BAR allocator"))?;
         let mut leases = Vec::new();
         let mut vgpus = Vec::new();
         for (n, vg) in config.vgpus.iter().enumerate() {
@@ -403,7 +412,7 @@ impl Vm {
             let dev = Arc::new(dev);
             vgpus.push(dev.clone());
             root.add_device_sync(1 + n as u8, dev)
-                .map_err(|e| VmError::Devices(e.to_string()))?;
+                .map_err(devices_err(format!("vGPU {n}")))?;
         }
         for (k, ud) in config.user_devices.iter().enumerate() {
             let dev = crate::user_device::UserDevice::connect(
@@ -418,7 +427,7 @@ impl Vm {
                 1 + (config.vgpus.len() + k) as u8,
                 Arc::new(Mutex::new(dev)),
             )
-            .map_err(|e| VmError::Devices(e.to_string()))?;
+            .map_err(devices_err(format!("user device {k}")))?;
         }
         add_pio(Arc::new(Mutex::new(root)), CONF1_BASE, CONF1_LEN)?;
 
@@ -600,15 +609,15 @@ fn build_vgpu(
     shared: Option<&Arc<PhysicalGpu>>,
 ) -> Result<(Vgpu, Lease), VmError> {
     let p = vg.profile;
-    let dev_err = |e: &dyn std::fmt::Display| VmError::Devices(format!("vGPU {n}: {e}"));
+    let what = format!("vGPU {n}");
     let gpu = match shared {
         Some(g) => g.clone(),
         None => PhysicalGpu::new(&GpuSpec::whole(p.vram, p.engines))
-            .map_err(|e| dev_err(&error_chain(&e)))?,
+            .map_err(devices_err(what.clone()))?,
     };
     let lease = gpu
         .lease(p, vg.partition)
-        .map_err(|e| dev_err(&error_chain(&e)))?;
+        .map_err(devices_err(what.clone()))?;
     let regs = bars
         .allocate(
             vgpu_abi::pci::BAR_REGS_SIZE,
@@ -616,10 +625,10 @@ fn build_vgpu(
                 prefetchable: false,
             },
         )
-        .map_err(|e| dev_err(&e))?;
+        .map_err(devices_err(what.clone()))?;
     let vram_bar = bars
         .allocate(p.vram, BarKind::Mmio64 { prefetchable: true })
-        .map_err(|e| dev_err(&e))?;
+        .map_err(devices_err(what.clone()))?;
     tracing::debug!(n, profile = p.name, regs, vram_bar, "vGPU");
     let dev = Vgpu::new(VgpuSetup {
         bars: BarAddresses {
@@ -635,8 +644,19 @@ fn build_vgpu(
         },
         ..VgpuSetup::from_lease(&lease)
     })
-    .map_err(|e| dev_err(&error_chain(&e)))?;
+    .map_err(devices_err(what))?;
     Ok((dev, lease))
+}
+
+/// Wraps an error of setting up `what` into [`VmError::Devices`].
+fn devices_err<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> VmError {
+    let what = what.into();
+    move |e| VmError::Devices {
+        what,
+        source: Box::new(e),
+    }
 }
 
 pub use devices::error_chain;

@@ -245,7 +245,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             owner: None,
         };
         if let Err(e) = daemon.handle(req) {
-            eprintln!("tessera: --create {c}: {e}");
+            eprintln!("tessera: --create {c}: {}", devices::error_chain(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     }

@@ -59,6 +59,63 @@ pub enum ServeError {
     Untrusted(#[source] std::io::Error),
 }
 
+/// Why a control request (or the instance operation behind it) was refused. Its text, with
+/// its causes, is the `error` of the reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No such vGPU type.
+    #[error("unknown vGPU type {name:?} (known: {known})")]
+    UnknownType {
+        /// What was asked for.
+        name: String,
+        /// The types there are.
+        known: String,
+    },
+    /// A number outside its range.
+    #[error("{what} {value} is not in {allowed}")]
+    OutOfRange {
+        /// Which parameter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The range.
+        allowed: String,
+    },
+    /// An unknown scheduling policy.
+    #[error("{0}")]
+    Policy(String),
+    /// Only root may create instances for other users.
+    #[error("only a server running as root can create an instance for uid {0}")]
+    NotRoot(u32),
+    /// A name that is not a valid instance name.
+    #[error("instance name {0:?} must be 1-32 letters, digits, '-' or '_'")]
+    Name(String),
+    /// The name is taken.
+    #[error("instance {0:?} already exists")]
+    Exists(String),
+    /// No instance of that name.
+    #[error("no instance {0:?}")]
+    NoInstance(String),
+    /// The instance has a client.
+    #[error("instance {0:?} is attached to a VM (EBUSY); stop the VM first")]
+    Busy(String),
+    /// The GPU has no room (or no such partition).
+    #[error(transparent)]
+    Gpu(#[from] vgpu::physical::PhysicalError),
+    /// The instance's socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] ServeError),
+    /// Another system call failed.
+    #[error("cannot {what}")]
+    Os {
+        /// What.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -384,7 +441,7 @@ impl Daemon {
                             v["ok"] = json!(true);
                             v
                         }
-                        Err(e) => json!({"ok": false, "error": e}),
+                        Err(e) => json!({"ok": false, "error": devices::error_chain(&e)}),
                     },
                     Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
                 }
@@ -398,7 +455,7 @@ impl Daemon {
     }
 
     /// Carries out one control request.
-    pub fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, RequestError> {
         match req {
             Request::Types => Ok(json!({ "types": self.types() })),
             Request::Create {
@@ -411,21 +468,26 @@ impl Daemon {
             } => {
                 let p = profile::find(&profile).ok_or_else(|| {
                     let known: Vec<_> = profile::PROFILES.iter().map(|p| p.name).collect();
-                    format!(
-                        "unknown vGPU type {profile:?} (known: {})",
-                        known.join(", ")
-                    )
+                    RequestError::UnknownType {
+                        name: profile.clone(),
+                        known: known.join(", "),
+                    }
                 })?;
                 let params = Params {
                     weight: weight.unwrap_or(1),
                     cap_percent: cap.unwrap_or(100),
                 };
                 let (w, c) = (vgpu::sched::WEIGHTS, vgpu::sched::CAPS);
-                if !w.contains(&params.weight) {
-                    return Err(format!("weight {} is not in {w:?}", params.weight));
-                }
-                if !c.contains(&params.cap_percent) {
-                    return Err(format!("cap {} is not in {c:?}", params.cap_percent));
+                for (what, value, range) in
+                    [("weight", params.weight, w), ("cap", params.cap_percent, c)]
+                {
+                    if !range.contains(&value) {
+                        return Err(RequestError::OutOfRange {
+                            what,
+                            value: value.into(),
+                            allowed: format!("{range:?}"),
+                        });
+                    }
                 }
                 let info = self.create_owned(p, name, partition, params, owner)?;
                 Ok(json!({ "instance": info }))
@@ -441,10 +503,16 @@ impl Daemon {
             })),
             Request::Metrics => Ok(json!({ "text": prometheus(&self.stats()) })),
             Request::Policy { policy, slice_ms } => {
-                let policy: Policy = policy.parse()?;
+                let policy: Policy = policy.parse().map_err(RequestError::Policy)?;
                 let slice = match slice_ms {
                     Some(ms @ 1..=30) => Duration::from_millis(ms),
-                    Some(ms) => return Err(format!("slice {ms} ms is not in 1..=30")),
+                    Some(ms) => {
+                        return Err(RequestError::OutOfRange {
+                            what: "slice (ms)",
+                            value: ms,
+                            allowed: "1..=30".into(),
+                        });
+                    }
                     None => self
                         .gpu
                         .scheduler(0)
@@ -500,7 +568,7 @@ impl Daemon {
         name: Option<String>,
         partition: Option<usize>,
         params: Params,
-    ) -> Result<InstanceInfo, String> {
+    ) -> Result<InstanceInfo, RequestError> {
         self.create_owned(profile, name, partition, params, None)
     }
 
@@ -514,21 +582,15 @@ impl Daemon {
         partition: Option<usize>,
         params: Params,
         owner: Option<u32>,
-    ) -> Result<InstanceInfo, String> {
+    ) -> Result<InstanceInfo, RequestError> {
         let me = self.euid;
         let owner = owner.unwrap_or(me);
         if owner != me && me != 0 {
-            return Err(format!(
-                "only a server running as root can create an instance for uid {owner}"
-            ));
+            return Err(RequestError::NotRoot(owner));
         }
         let mut inst = lock(&self.instances);
         let name = match name {
-            Some(n) if !valid_name(&n) => {
-                return Err(format!(
-                    "instance name {n:?} must be 1-32 letters, digits, '-' or '_'"
-                ));
-            }
+            Some(n) if !valid_name(&n) => return Err(RequestError::Name(n)),
             Some(n) => n,
             None => loop {
                 let n = format!("vgpu{}", self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -538,15 +600,12 @@ impl Daemon {
             },
         };
         if inst.contains_key(&name) {
-            return Err(format!("instance {name:?} already exists"));
+            return Err(RequestError::Exists(name));
         }
-        let lease = self
-            .gpu
-            .lease(profile, partition)
-            .map_err(|e| e.to_string())?;
+        let lease = self.gpu.lease(profile, partition)?;
         let socket = self.opts.dir.join(format!("vgpu-{name}.sock"));
         let _ = std::fs::remove_file(&socket);
-        let listener = bind_private(&socket).map_err(|e| devices::error_chain(&e))?;
+        let listener = bind_private(&socket)?;
         if owner != me {
             // Hand the socket to its user, and let that user (like everyone) pass through
             // the directory, but not list or change it.
@@ -555,10 +614,18 @@ impl Daemon {
             });
             if let Err(e) = handed {
                 let _ = std::fs::remove_file(&socket);
-                return Err(format!("cannot hand the socket to uid {owner}: {e}"));
+                return Err(RequestError::Os {
+                    what: format!("hand the socket to uid {owner}"),
+                    source: e,
+                });
             }
         }
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let stop = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|source| RequestError::Os {
+                what: "create an eventfd".into(),
+                source,
+            })?,
+        );
         let live = Arc::new(Live::default());
         let info = InstanceInfo {
             name: name.clone(),
@@ -590,9 +657,12 @@ impl Daemon {
         let thread = std::thread::Builder::new()
             .name(format!("vfu-{name}"))
             .spawn(move || worker.run())
-            .map_err(|e| {
+            .map_err(|source| {
                 let _ = std::fs::remove_file(&socket);
-                format!("cannot start the instance thread: {e}")
+                RequestError::Os {
+                    what: "start the instance thread".into(),
+                    source,
+                }
             })?;
         tracing::info!(name, profile = profile.name, "vGPU instance created");
         inst.insert(
@@ -608,15 +678,13 @@ impl Daemon {
     }
 
     /// Removes an idle instance: its socket goes away, its VRAM is scrubbed and returned.
-    pub fn remove(&self, name: &str) -> Result<(), String> {
+    pub fn remove(&self, name: &str) -> Result<(), RequestError> {
         let mut inst = lock(&self.instances);
         let i = inst
             .get(name)
-            .ok_or_else(|| format!("no instance {name:?}"))?;
+            .ok_or_else(|| RequestError::NoInstance(name.into()))?;
         if i.live.attached.load(Ordering::Acquire) {
-            return Err(format!(
-                "instance {name:?} is attached to a VM (EBUSY); stop the VM first"
-            ));
+            return Err(RequestError::Busy(name.into()));
         }
         let removed = inst.remove(name);
         // The instance thread is joined without the instances lock, so a client that

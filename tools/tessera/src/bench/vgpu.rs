@@ -172,12 +172,14 @@ impl BenchServer {
             },
         )
         .map_err(|e| vmm::error_chain(&e))?;
-        let info = daemon.create(
-            profile,
-            Some("bench".into()),
-            None,
-            vgpu::sched::Params::default(),
-        )?;
+        let info = daemon
+            .create(
+                profile,
+                Some("bench".into()),
+                None,
+                vgpu::sched::Params::default(),
+            )
+            .map_err(|e| vmm::error_chain(&e))?;
         let stop = Arc::new(
             vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
                 .map_err(|e| e.to_string())?,

@@ -47,29 +47,28 @@ pub struct Mapper {
 }
 
 impl GuestMapper for Mapper {
-    fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String> {
+    fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()> {
         assert!(
-            in_windows(gpa, mem.len),
+            in_windows(gpa, mem.len()),
             "memory BAR mapped outside the windows at {gpa:#x}"
         );
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let end = gpa + mem.len;
+        let end = gpa + mem.len();
         if m.iter().any(|(&a, &l)| gpa < a + l && a < end) {
             // KVM refuses overlapping memory slots; so do we.
-            return Err("overlaps an existing mapping".into());
+            return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
         }
-        m.insert(gpa, mem.len);
+        m.insert(gpa, mem.len());
         Ok(())
     }
-    fn unmap(&self, gpa: u64, mem: HostMemory) {
+    fn unmap(&self, gpa: u64) {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        assert_eq!(
-            m.remove(&gpa),
-            Some(mem.len),
+        assert!(
+            m.remove(&gpa).is_some(),
             "unmap of {gpa:#x}, which is not mapped"
         );
     }
-    fn register_ioevent(&self, gpa: u64, _evt: &EventFd) -> Result<(), String> {
+    fn register_ioevent(&self, gpa: u64, _evt: &EventFd) -> std::io::Result<()> {
         assert!(
             in_windows(gpa, 4),
             "ioevent outside the windows at {gpa:#x}"

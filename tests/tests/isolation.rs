@@ -1080,21 +1080,21 @@ fn in_windows(addr: u64, len: u64) -> bool {
 }
 
 impl GuestMapper for Mapper {
-    fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String> {
+    fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()> {
         assert!(
-            in_windows(gpa, mem.len),
+            in_windows(gpa, mem.len()),
             "memory BAR at {gpa:#x} outside the PCI windows"
         );
-        self.maps.lock().expect("lock").insert(gpa, mem.len);
+        self.maps.lock().expect("lock").insert(gpa, mem.len());
         Ok(())
     }
-    fn unmap(&self, gpa: u64, _mem: HostMemory) {
+    fn unmap(&self, gpa: u64) {
         assert!(
             self.maps.lock().expect("lock").remove(&gpa).is_some(),
             "unmap of {gpa:#x}"
         );
     }
-    fn register_ioevent(&self, gpa: u64, _evt: &EventFd) -> Result<(), String> {
+    fn register_ioevent(&self, gpa: u64, _evt: &EventFd) -> std::io::Result<()> {
         assert!(
             in_windows(gpa, 4),
             "ioevent at {gpa:#x} outside the PCI windows"

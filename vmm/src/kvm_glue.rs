@@ -13,8 +13,16 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug)]
 pub struct KvmMapper {
     vm: Arc<VmFd>,
-    /// guest-physical base → slot.
-    slots: Mutex<(HashMap<u64, u32>, u32)>,
+    slots: Mutex<Slots>,
+}
+
+/// The slots a [`KvmMapper`] made.
+#[derive(Debug)]
+struct Slots {
+    /// Guest-physical base → slot and the memory it maps (held until the slot is removed).
+    by_gpa: HashMap<u64, (u32, HostMemory)>,
+    /// The next free slot.
+    next: u32,
 }
 
 impl KvmMapper {
@@ -22,48 +30,55 @@ impl KvmMapper {
     pub fn new(vm: Arc<VmFd>, first_free_slot: u32) -> Self {
         KvmMapper {
             vm,
-            slots: Mutex::new((HashMap::new(), first_free_slot)),
+            slots: Mutex::new(Slots {
+                by_gpa: HashMap::new(),
+                next: first_free_slot,
+            }),
         }
     }
 
-    fn set(&self, slot: u32, gpa: u64, mem: HostMemory, len: u64) -> Result<(), String> {
+    /// Points `slot` at `mem` (`len` bytes of it; 0 removes the slot).
+    fn set(&self, slot: u32, gpa: u64, mem: &HostMemory, len: u64) -> std::io::Result<()> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
             guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: mem.host_addr,
+            memory_size: len.min(mem.len()),
+            userspace_addr: mem.host_addr(),
         };
-        // SAFETY: `mem` is a live mapping owned by the device, which keeps it for as long as
-        // the device exists; the device unmaps (len 0) before it moves or goes away, and KVM
-        // copes with a mapping torn down under a slot (the guest then faults).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+        // SAFETY: `mem` is a live mapping of this process for as long as its handle lives
+        // (`HostMemory::new`'s contract), and the handle stays in `slots` until this slot is
+        // removed, so KVM never sees memory that was unmapped under it.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(std::io::Error::from)
     }
 }
 
 impl GuestMapper for KvmMapper {
-    fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String> {
+    fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = s.1;
-        self.set(slot, gpa, mem, mem.len)?;
-        s.0.insert(gpa, slot);
-        s.1 += 1;
+        let slot = s.next;
+        self.set(slot, gpa, &mem, mem.len())?;
+        s.by_gpa.insert(gpa, (slot, mem));
+        s.next += 1;
         Ok(())
     }
 
-    fn unmap(&self, gpa: u64, mem: HostMemory) {
+    fn unmap(&self, gpa: u64) {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = s.0.remove(&gpa)
-            && let Err(e) = self.set(slot, gpa, mem, 0)
+        if let Some((slot, mem)) = s.by_gpa.remove(&gpa)
+            && let Err(e) = self.set(slot, gpa, &mem, 0)
         {
             tracing::error!("cannot remove the guest mapping at {gpa:#x}: {e}");
+            // KVM may still map it: keep the memory alive rather than free it under the
+            // guest.
+            std::mem::forget(mem);
         }
     }
 
-    fn register_ioevent(&self, gpa: u64, evt: &EventFd) -> Result<(), String> {
+    fn register_ioevent(&self, gpa: u64, evt: &EventFd) -> std::io::Result<()> {
         self.vm
             .register_ioevent(evt, &IoEventAddress::Mmio(gpa), NoDatamatch)
-            .map_err(|e| e.to_string())
+            .map_err(std::io::Error::from)
     }
 
     fn unregister_ioevent(&self, gpa: u64, evt: &EventFd) {

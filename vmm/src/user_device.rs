@@ -154,8 +154,9 @@ fn lock(l: &Mutex<Local>) -> MutexGuard<'_, Local> {
 pub struct UserDevice {
     link: Arc<Link>,
     local: Arc<Mutex<Local>>,
-    /// The VRAM mapping (kept alive while the guest may use it).
-    vram: GuestRegionMmap,
+    /// The VRAM mapping (kept alive while the guest may use it: a guest mapping holds a
+    /// clone).
+    vram: Arc<GuestRegionMmap>,
     doorbells: Vec<EventFd>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -380,7 +381,7 @@ impl UserDevice {
         Ok(UserDevice {
             link,
             local,
-            vram,
+            vram: Arc::new(vram),
             doorbells,
             stop,
             thread: Some(thread),
@@ -476,13 +477,13 @@ impl PciDevice for UserDevice {
 
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
         use vm_memory::MemoryRegionAddress;
-        (bar == abi_pci::BAR_VRAM).then(|| HostMemory {
-            host_addr: self
-                .vram
-                .get_host_address(MemoryRegionAddress(0))
-                .map_or(0, |p| p as u64),
-            len: self.vram.len(),
-        })
+        if bar != abi_pci::BAR_VRAM {
+            return None;
+        }
+        let host_addr = self.vram.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+        // SAFETY: the region is our mmap of the server's VRAM file, unmapped only when the
+        // last clone of the Arc (which the handle holds) is dropped.
+        Some(unsafe { HostMemory::new(host_addr, self.vram.len(), self.vram.clone()) })
     }
 
     fn ioeventfds(&self, bar: usize) -> Vec<(u64, EventFd)> {

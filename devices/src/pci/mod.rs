@@ -13,27 +13,82 @@ pub use host_bridge::HostBridge;
 pub use msix::{Interrupts, MsiSink, MsixState, VectorSink};
 pub use root::{PciRoot, PciRootError};
 
-/// A range of host memory backing a BAR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A range of host memory backing a BAR, and a handle on what keeps it mapped: whoever holds
+/// a `HostMemory` (a [`GuestMapper`] that put it in the guest) holds the mapping alive, so
+/// mapping it into a guest is safe by construction. Only [`HostMemory::new`] is unsafe.
+#[derive(Clone)]
 pub struct HostMemory {
+    host_addr: u64,
+    len: u64,
+    /// Keeps the mapping alive; never read.
+    _owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for HostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostMemory")
+            .field("host_addr", &format_args!("{:#x}", self.host_addr))
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostMemory {
+    /// `len` bytes at `host_addr`, kept mapped by `owner`.
+    ///
+    /// # Safety
+    ///
+    /// `[host_addr, host_addr + len)` must be one readable and writable mapping of this
+    /// process that stays mapped for as long as `owner` (any clone of it) lives.
+    pub unsafe fn new(
+        host_addr: u64,
+        len: u64,
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        HostMemory {
+            host_addr,
+            len,
+            _owner: owner,
+        }
+    }
+
     /// Start of the host mapping.
-    pub host_addr: u64,
+    pub fn host_addr(&self) -> u64 {
+        self.host_addr
+    }
+
     /// Length in bytes.
-    pub len: u64,
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first `len` bytes (at most all of it) of the same mapping, with the same owner.
+    pub fn truncated(&self, len: u64) -> Self {
+        HostMemory {
+            len: len.min(self.len),
+            ..self.clone()
+        }
+    }
 }
 
 /// Maps host memory into guest-physical space (for a KVM VMM: a memory slot).
 pub trait GuestMapper: Send + Sync {
-    /// Maps `mem` at guest-physical `gpa`.
-    fn map(&self, gpa: u64, mem: HostMemory) -> Result<(), String>;
-    /// Removes the mapping at `gpa`.
-    fn unmap(&self, gpa: u64, mem: HostMemory);
+    /// Maps `mem` at guest-physical `gpa`, holding `mem` (and so the mapping) until
+    /// [`GuestMapper::unmap`].
+    fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()>;
+    /// Removes the mapping at `gpa` and lets go of its memory.
+    fn unmap(&self, gpa: u64);
     /// Makes guest writes at `gpa` signal `evt` instead of exiting to the VMM.
     fn register_ioevent(
         &self,
         gpa: u64,
         evt: &vmm_sys_util::eventfd::EventFd,
-    ) -> Result<(), String>;
+    ) -> std::io::Result<()>;
     /// Undoes [`GuestMapper::register_ioevent`].
     fn unregister_ioevent(&self, gpa: u64, evt: &vmm_sys_util::eventfd::EventFd);
 }

@@ -37,14 +37,15 @@ pub enum PciRootError {
         source: BusError,
     },
     /// A memory BAR could not be mapped into the guest.
-    #[error("cannot map memory BAR {bar} of device {slot}: {reason}")]
+    #[error("cannot map memory BAR {bar} of device {slot}")]
     MapMemory {
         /// Slot.
         slot: u8,
         /// BAR.
         bar: usize,
         /// Why.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -251,17 +252,13 @@ impl PciRoot {
     fn map_bar(&self, slot: u8, dev: &Function, m: &BarMapping) -> Result<(), PciRootError> {
         let memory = dev.bar_memory(m.bar);
         if let (Some(mapper), Some(mem)) = (&self.mapper, memory) {
-            let mem = super::HostMemory {
-                len: mem.len.min(m.size),
-                ..mem
-            };
-            return mapper
-                .map(m.addr, mem)
-                .map_err(|reason| PciRootError::MapMemory {
+            return mapper.map(m.addr, mem.truncated(m.size)).map_err(|source| {
+                PciRootError::MapMemory {
                     slot,
                     bar: m.bar,
-                    reason,
-                });
+                    source,
+                }
+            });
         }
         let window = self
             .slots
@@ -294,13 +291,7 @@ impl PciRoot {
     fn unmap_bar(&self, dev: &Function, m: &BarMapping) {
         let memory = dev.bar_memory(m.bar);
         match (&self.mapper, memory) {
-            (Some(mapper), Some(mem)) => mapper.unmap(
-                m.addr,
-                super::HostMemory {
-                    len: mem.len.min(m.size),
-                    ..mem
-                },
-            ),
+            (Some(mapper), Some(_)) => mapper.unmap(m.addr),
             // Removal cannot fail for a range we inserted ourselves.
             _ => {
                 let _ = self.mmio.remove(m.addr);
@@ -497,21 +488,21 @@ mod tests {
         log: Mutex<Vec<String>>,
     }
     impl GuestMapper for FakeMapper {
-        fn map(&self, gpa: u64, mem: crate::pci::HostMemory) -> Result<(), String> {
+        fn map(&self, gpa: u64, mem: crate::pci::HostMemory) -> std::io::Result<()> {
             self.log
                 .lock()
                 .unwrap()
-                .push(format!("map {gpa:#x} {:#x}", mem.len));
+                .push(format!("map {gpa:#x} {:#x}", mem.len()));
             Ok(())
         }
-        fn unmap(&self, gpa: u64, _mem: crate::pci::HostMemory) {
+        fn unmap(&self, gpa: u64) {
             self.log.lock().unwrap().push(format!("unmap {gpa:#x}"));
         }
         fn register_ioevent(
             &self,
             gpa: u64,
             _evt: &vmm_sys_util::eventfd::EventFd,
-        ) -> Result<(), String> {
+        ) -> std::io::Result<()> {
             self.log.lock().unwrap().push(format!("ioevent {gpa:#x}"));
             Ok(())
         }
@@ -523,6 +514,7 @@ mod tests {
     struct Vram {
         config: PciConfiguration,
         doorbell: vmm_sys_util::eventfd::EventFd,
+        memory: std::sync::Arc<Vec<u8>>,
     }
     impl PciDevice for Vram {
         fn read_config_register(&mut self, reg: usize) -> u32 {
@@ -535,9 +527,14 @@ mod tests {
             self.config.bar_mappings()
         }
         fn bar_memory(&self, bar: usize) -> Option<crate::pci::HostMemory> {
-            (bar == 2).then_some(crate::pci::HostMemory {
-                host_addr: 0x7f00_0000_0000,
-                len: 0x10_0000,
+            // SAFETY: the vector's buffer is this process's memory, allocated once and freed
+            // only with the last clone of `memory`, which the handle holds.
+            (bar == 2).then(|| unsafe {
+                crate::pci::HostMemory::new(
+                    self.memory.as_ptr() as u64,
+                    self.memory.len() as u64,
+                    self.memory.clone(),
+                )
             })
         }
         fn ioeventfds(&self, bar: usize) -> Vec<(u64, vmm_sys_util::eventfd::EventFd)> {
@@ -577,6 +574,7 @@ mod tests {
         let dev = Arc::new(Mutex::new(Vram {
             config,
             doorbell: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+            memory: std::sync::Arc::new(vec![0; 0x10_0000]),
         }));
         root.add_device(1, dev).unwrap();
         write32(&mut root, 1, 1, 0x2);

@@ -27,6 +27,7 @@ use std::ops::Range;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
+use devices::pci::HostMemory;
 use vgpu_abi::kernel;
 use vm_memory::GuestMemoryMmap;
 
@@ -69,13 +70,13 @@ pub enum BackendError {
 }
 
 /// How a vGPU's VRAM aperture (BAR 2) reaches the guest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Aperture<'a> {
     /// A host mapping of the whole VRAM, and the file behind it that another process (a
     /// vfio-user client) may map. Guest accesses never trap.
     Mapped {
-        /// Start of the host mapping (`Vram::size` bytes).
-        host_addr: u64,
+        /// The host mapping (`Vram::size` bytes), with a handle that keeps it mapped.
+        memory: HostMemory,
         /// The file holding exactly this VRAM, from offset 0.
         file: &'a File,
     },

@@ -28,10 +28,11 @@ fn vram_slices_have_their_own_sealed_files() {
     b.write(0, &0xbbbb_u32.to_le_bytes()).unwrap();
     // Each file holds exactly its slice: nothing of the other is reachable through it.
     for (v, want) in [(&a, 0xaaaa_u32), (&b, 0xbbbb)] {
-        let Aperture::Mapped { file, host_addr } = v.aperture() else {
+        let Aperture::Mapped { file, memory } = v.aperture() else {
             panic!("the software GPU maps its VRAM");
         };
-        assert_ne!(host_addr, 0);
+        assert_ne!(memory.host_addr(), 0);
+        assert_eq!(memory.len(), 4 << 20);
         assert_eq!(file.metadata().unwrap().len(), 4 << 20);
         let mut word = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(file, &mut word, 0).unwrap();

@@ -2,7 +2,9 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
+use devices::pci::HostMemory;
 use vgpu_abi::fault;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -67,8 +69,13 @@ impl Vram for SoftVram {
     }
 
     fn aperture(&self) -> Aperture<'_> {
+        // SAFETY: `host_addr` is the start of the mapping of all `size` bytes that `memory`
+        // holds; the handle holds a clone of `memory` (its regions are reference-counted), so
+        // the mapping outlives every holder of the handle, even this `SoftVram`.
+        let memory =
+            unsafe { HostMemory::new(self.host_addr, self.size, Arc::new(self.memory.clone())) };
         Aperture::Mapped {
-            host_addr: self.host_addr,
+            memory,
             file: &self.file,
         }
     }

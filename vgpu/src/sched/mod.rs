@@ -123,8 +123,10 @@ pub struct MemberStats {
     pub running: bool,
 }
 
+mod policy;
 mod state;
 
+pub use policy::{Discipline, FairQueuing, RoundRobin};
 pub use state::State;
 
 /// A grant of the GPU to one member for one slice.
@@ -174,7 +176,7 @@ impl Grant {
             return false;
         }
         let st = self.sched.lock();
-        let forced = st.policy == Policy::FixedQuantum || !st.under_cap(self.id, now);
+        let forced = st.policy.discipline().whole_quanta() || !st.under_cap(self.id, now);
         let contended = self.sched.contended.load(Ordering::Relaxed);
         if !forced && (!contended || st.owner_still_first(self.id, now)) {
             // Alone on the GPU, or still the one fair queuing would pick next: keep going
@@ -397,7 +399,7 @@ impl Scheduler {
         if grant.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        if st.policy == Policy::FixedQuantum {
+        if st.policy.discipline().whole_quanta() {
             let end = grant.deadline.load(Ordering::Relaxed);
             let cv = st.members[grant.id].cv.clone();
             while self.clock.now_ns() < end && self.contended.load(Ordering::Relaxed) {

@@ -37,7 +37,8 @@ impl Member {
     }
 }
 
-/// The scheduler's state, pure: `pick` decides, `grant`/`charge` account.
+/// The scheduler's state, pure: `pick` decides (through the policy's
+/// [`Discipline`](super::Discipline)), `grant`/`charge` account.
 #[derive(Debug)]
 pub struct State {
     /// Policy in force.
@@ -105,10 +106,7 @@ impl State {
     }
 
     pub(super) fn weight(&self, m: &Member) -> f64 {
-        match self.policy {
-            Policy::FixedShare => f64::from(m.params.weight.max(1)),
-            _ => 1.0,
-        }
+        self.policy.discipline().weight(&m.params)
     }
 
     /// Whether `id` is under its cap right now.
@@ -167,7 +165,7 @@ impl State {
 
     /// Whether the owner `id`, charged for its time so far, would still be picked next.
     pub(super) fn owner_still_first(&self, id: MemberId, now: u64) -> bool {
-        if !matches!(self.policy, Policy::EqualShare | Policy::FixedShare) {
+        if !self.policy.discipline().extends_slices() {
             return false;
         }
         let Some((o, start)) = self.owner.filter(|o| o.0 == id) else {
@@ -182,26 +180,16 @@ impl State {
 
     /// Who gets the GPU next among the waiting, eligible members.
     pub fn pick(&mut self, now: u64) -> Option<MemberId> {
-        let n = self.members.len();
-        let eligible =
-            |s: &State, i: usize| s.members[i].alive && s.members[i].waiting && s.under_cap(i, now);
-        match self.policy {
-            Policy::BestEffort | Policy::FixedQuantum => {
-                let pick = (0..n)
-                    .map(|k| (self.rr_next + k) % n)
-                    .find(|&i| eligible(self, i))?;
-                self.rr_next = (pick + 1) % n;
-                Some(pick)
-            }
-            Policy::EqualShare | Policy::FixedShare => {
-                (0..n).filter(|&i| eligible(self, i)).min_by(|&a, &b| {
-                    self.members[a]
-                        .vtime
-                        .total_cmp(&self.members[b].vtime)
-                        .then(self.members[a].since.cmp(&self.members[b].since))
-                })
-            }
+        let eligible: Vec<MemberId> = (0..self.members.len())
+            .filter(|&i| {
+                let m = &self.members[i];
+                m.alive && m.waiting && self.under_cap(i, now)
+            })
+            .collect();
+        if eligible.is_empty() {
+            return None;
         }
+        Some(self.policy.discipline().pick(self, &eligible))
     }
 
     /// Gives the GPU to `id` at `now`.

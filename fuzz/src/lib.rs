@@ -2,7 +2,7 @@
 //!
 //! - [`rig`]: a vGPU with an in-memory guest, surrounded by canaries (host memory next to the
 //!   guest's RAM that is not in its DMA domain, a second RAM region above a hole, and the
-//!   neighbouring VRAM partition), reset between inputs.
+//!   neighbouring vGPU's VRAM), reset between inputs.
 //! - [`input`]: a byte reader that never fails (exhausted input reads as zeros).
 //! - [`refmmu`]: a reference GPU page-table walker written from the `vgpu-abi` contract, for
 //!   differential checks of the device's MMU.

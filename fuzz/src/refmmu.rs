@@ -27,7 +27,7 @@ pub struct RefMem<'a> {
     pub sys: &'a GuestMemoryMmap,
     /// The DMA domain: `(base, size)` ranges.
     pub domain: &'a [(u64, u64)],
-    /// VRAM partition.
+    /// The vGPU's VRAM.
     pub vram: &'a GuestMemoryMmap,
     /// Its size.
     pub vram_size: u64,

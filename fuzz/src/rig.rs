@@ -8,8 +8,8 @@
 //! [HIGH_BASE, +HIGH_LEN)    a second region above the PCI hole, NOT in the domain: canary
 //! ```
 //!
-//! VRAM: one software GPU with two adjacent partitions of `VRAM_SIZE`; the vGPU gets the
-//! first, the second (the "neighbour", as another vGPU would own it) is a canary.
+//! VRAM: two software-GPU VRAM slices of `VRAM_SIZE`; the vGPU gets the first, the second
+//! (the "neighbour", as another vGPU would own it) is a canary.
 //!
 //! GPU time: the vGPU shares its scheduler with a [`Contender`], standing for the neighbour's
 //! command processor; when a target makes it busy, it keeps asking for the GPU, so the vGPU is
@@ -45,7 +45,7 @@ pub const DMA_END: u64 = RAM_SIZE - CANARY_LEN;
 pub const HIGH_BASE: u64 = 1 << 32;
 /// Its length.
 pub const HIGH_LEN: u64 = 64 << 10;
-/// The vGPU's VRAM partition (and the neighbour's).
+/// The vGPU's VRAM size (and the neighbour's).
 pub const VRAM_SIZE: u64 = 1 << 20;
 /// Contexts of the fuzzed vGPU.
 pub const CONTEXTS: u32 = 4;
@@ -342,9 +342,9 @@ pub struct Rig {
     pub dev: Vgpu,
     /// Guest memory.
     pub sys: GuestMemoryMmap,
-    /// The device's VRAM partition (host view).
+    /// The device's VRAM (host view).
     pub vram: Arc<SoftVram>,
-    /// The neighbouring partition (canary).
+    /// The neighbouring vGPU's VRAM (canary).
     pub neighbour: Arc<SoftVram>,
     /// Interrupts sent.
     pub msis: Arc<MsiLog>,
@@ -549,7 +549,7 @@ impl Rig {
             0,
             VRAM_SIZE,
             VRAM_CANARY,
-            "neighbouring VRAM partition",
+            "the neighbouring vGPU's VRAM",
         );
     }
 
@@ -566,7 +566,7 @@ impl Default for Rig {
     }
 }
 
-/// Panics unless the partition's VRAM is all zero. Read through the file (exactly the
+/// Panics unless the VRAM is all zero. Read through the file (exactly the
 /// partition's bytes, from 0; `offset` is only where it sits in the GPU), so that punched
 /// holes stay holes, and only where the file holds data (`SEEK_DATA`): a hole reads zero, and
 /// after a RESET's scrub the whole partition is one.

@@ -118,7 +118,7 @@ impl Lease {
     pub fn vram(&self) -> &Arc<dyn Vram> {
         &self.vram
     }
-    /// Where its VRAM lies in the partition's VRAM (for accounting).
+    /// Where its VRAM lies in its partition's VRAM range (for accounting).
     pub fn vram_offset(&self) -> u64 {
         self.range.start()
     }

@@ -5,7 +5,7 @@
 pub struct Profile {
     /// Name used on the command line (`--vgpu profile=NAME`).
     pub name: &'static str,
-    /// VRAM partition size (a power of two: it is a BAR).
+    /// VRAM size (a power of two: it is a BAR).
     pub vram: u64,
     /// Contexts (≤ `vgpu_abi::limits::MAX_CONTEXTS`).
     pub contexts: u32,

@@ -361,7 +361,7 @@ impl Pair {
         assert_eq!(
             (a.lease.vram_offset(), b.lease.vram_offset()),
             (0, VRAM),
-            "adjacent partitions"
+            "adjacent VRAM ranges"
         );
         let mut p = Pair {
             a,

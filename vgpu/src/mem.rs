@@ -37,15 +37,15 @@ impl Fault {
 /// The memories a vGPU may reach.
 #[derive(Clone)]
 pub struct Spaces {
+    /// What the GPU imported of `sys` (released when the last packet using these memories
+    /// is done with them). Declared first so it is dropped before the memory it imported.
+    pub import: Option<Arc<Import>>,
     /// Guest RAM.
     pub sys: GuestMemoryMmap,
     /// Which parts of guest RAM the device may touch.
     pub domain: DmaDomain,
     /// This vGPU's VRAM, addressed from 0.
     pub vram: Arc<dyn Vram>,
-    /// What the GPU imported of `sys` (released when the last packet using these memories
-    /// is done with them).
-    pub import: Option<Arc<Import>>,
 }
 
 impl std::fmt::Debug for Spaces {
@@ -162,9 +162,9 @@ impl ScatterList {
         &self.extents
     }
 
-    /// Calls `f(extent, offset inside the extent, range inside buf)` for the pieces that cover
-    /// `[offset, offset + len)` of the buffer.
-    fn pieces(
+    /// Calls `f(extent, offset inside the extent, range inside the request)` for the pieces
+    /// that cover `[offset, offset + len)` of the buffer, in order.
+    pub fn pieces(
         &self,
         offset: u64,
         len: u64,

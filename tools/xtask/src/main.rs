@@ -134,6 +134,8 @@ fn test() -> Result<()> {
         run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The Vulkan backend's tests run on Mesa's lavapipe (a CPU Vulkan driver).
+    apt_install(&["libvulkan1", "mesa-vulkan-drivers"])?;
     run(cargo()
         .current_dir(root().join("firmware"))
         .args(["fmt", "--", "--check"]))?;
@@ -150,7 +152,8 @@ fn test() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
-        .env("TESSERA_REQUIRE_GUESTS", "1"))?;
+        .env("TESSERA_REQUIRE_GUESTS", "1")
+        .env("TESSERA_REQUIRE_VULKAN", "1"))?;
     fuzz_harnesses()?;
     eprintln!(
         "xtask: test: all green in {:.0} s",

@@ -114,6 +114,10 @@ impl Vram for InlineVram {
         Ok(())
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn scrub(&self) {
         self.bytes
             .write()

@@ -21,6 +21,7 @@
 
 pub mod inline;
 pub mod soft;
+pub mod vulkan;
 
 use std::fs::File;
 use std::ops::Range;
@@ -67,6 +68,9 @@ pub enum BackendError {
     /// The GPU refused to import guest RAM.
     #[error("cannot import guest memory: {0}")]
     Import(String),
+    /// Vulkan is missing, or the device lacks what the backend needs, or a call failed.
+    #[error("{0}")]
+    Vulkan(String),
 }
 
 /// How a vGPU's VRAM aperture (BAR 2) reaches the guest.
@@ -97,6 +101,8 @@ pub trait Vram: Send + Sync + std::fmt::Debug {
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Fault>;
     /// Zeroes all of it (function reset, watchdog reset, end of a lease or an attachment).
     fn scrub(&self);
+    /// Itself, for the backend that made it (to reach its own type in `prepare`).
+    fn as_any(&self) -> &dyn std::any::Any;
     /// The guest RAM this vGPU may reach from now on (set or replaced whole; empty when the
     /// client unmapped everything). A GPU that cannot address host memory directly imports
     /// (registers) these pages here and returns the import: the device keeps it with the

@@ -92,6 +92,10 @@ impl Vram for SoftVram {
             .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn scrub(&self) {
         // SAFETY: fallocate on our own memfd; the range lies inside the file.
         let rc = unsafe {

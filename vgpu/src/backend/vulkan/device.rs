@@ -1,0 +1,410 @@
+//! One vGPU on Vulkan: its own logical device (a GPU address space and a failure domain of its
+//! own), host memory imported as buffers, its VRAM, and the guest RAM it may reach.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ash::vk;
+use devices::pci::HostMemory;
+use vgpu_abi::fault;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use super::{Instance, vk_err};
+use crate::backend::{Aperture, BackendError, Import, Vram, memfd};
+use crate::domain::DmaDomain;
+use crate::mem::Fault;
+
+/// What one submission needs, used by one thread at a time.
+struct Submit {
+    queue: vk::Queue,
+    pool: vk::CommandPool,
+    cmd: vk::CommandBuffer,
+    fence: vk::Fence,
+}
+
+/// A vGPU's logical device. See the module documentation.
+pub(super) struct Dev {
+    inst: Arc<Instance>,
+    pub(super) device: ash::Device,
+    host: ash::ext::external_memory_host::Device,
+    submit: Mutex<Submit>,
+    /// Set once a call reported the device lost: every later operation faults.
+    lost: AtomicBool,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let s = self.submit.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: nothing is in flight (every submission is waited for), and every buffer
+        // made on this device holds an `Arc` of it, so all are gone; the handles are ours.
+        unsafe { self.device.destroy_fence(s.fence, None) };
+        // SAFETY: as above; destroying the pool frees its command buffer.
+        unsafe { self.device.destroy_command_pool(s.pool, None) };
+        // SAFETY: as above; the device has no children left.
+        unsafe { self.device.destroy_device(None) };
+    }
+}
+
+impl Dev {
+    /// A new logical device with one compute queue.
+    pub(super) fn new(inst: Arc<Instance>) -> Result<Arc<Dev>, BackendError> {
+        let priorities = [1.0f32];
+        let queues = [vk::DeviceQueueCreateInfo::default()
+            .queue_family_index(inst.queue_family)
+            .queue_priorities(&priorities)];
+        let extensions = [ash::ext::external_memory_host::NAME.as_ptr()];
+        let features = vk::PhysicalDeviceFeatures::default().shader_int64(true);
+        let info = vk::DeviceCreateInfo::default()
+            .queue_create_infos(&queues)
+            .enabled_extension_names(&extensions)
+            .enabled_features(&features);
+        // SAFETY: the physical device belongs to the live instance; `info` and what it points
+        // to live across the call; the extension and feature were checked at start.
+        let device = unsafe { inst.instance.create_device(inst.physical, &info, None) }
+            .map_err(vk_err("cannot create a Vulkan device"))?;
+        // A device without its submission objects is destroyed here on error.
+        let undo = |device: &ash::Device, pool: Option<vk::CommandPool>| {
+            if let Some(p) = pool {
+                // SAFETY: the pool was made on `device` and nothing uses it.
+                unsafe { device.destroy_command_pool(p, None) };
+            }
+            // SAFETY: `device` has no other children and nothing uses it.
+            unsafe { device.destroy_device(None) };
+        };
+        // SAFETY: the family was requested with one queue.
+        let queue = unsafe { device.get_device_queue(inst.queue_family, 0) };
+        let pool_info = vk::CommandPoolCreateInfo::default()
+            .queue_family_index(inst.queue_family)
+            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+        // SAFETY: `device` is live; `pool_info` lives across the call.
+        let pool = match unsafe { device.create_command_pool(&pool_info, None) } {
+            Ok(p) => p,
+            Err(e) => {
+                undo(&device, None);
+                return Err(vk_err("cannot create a command pool")(e));
+            }
+        };
+        let alloc = vk::CommandBufferAllocateInfo::default()
+            .command_pool(pool)
+            .level(vk::CommandBufferLevel::PRIMARY)
+            .command_buffer_count(1);
+        // SAFETY: the pool is live; `alloc` lives across the call.
+        let cmd = match unsafe { device.allocate_command_buffers(&alloc) } {
+            Ok(c) => c[0],
+            Err(e) => {
+                undo(&device, Some(pool));
+                return Err(vk_err("cannot allocate a command buffer")(e));
+            }
+        };
+        // SAFETY: `device` is live.
+        let fence = match unsafe { device.create_fence(&vk::FenceCreateInfo::default(), None) } {
+            Ok(f) => f,
+            Err(e) => {
+                undo(&device, Some(pool));
+                return Err(vk_err("cannot create a fence")(e));
+            }
+        };
+        let host = ash::ext::external_memory_host::Device::new(&inst.instance, &device);
+        Ok(Arc::new(Dev {
+            inst,
+            device,
+            host,
+            submit: Mutex::new(Submit {
+                queue,
+                pool,
+                cmd,
+                fence,
+            }),
+            lost: AtomicBool::new(false),
+        }))
+    }
+
+    /// Records commands with `record`, submits them and waits until they completed.
+    pub(super) fn run(
+        &self,
+        record: impl FnOnce(&ash::Device, vk::CommandBuffer),
+    ) -> Result<(), Fault> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(Fault::new(fault::TIMEOUT, 0));
+        }
+        let s = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &self.device;
+        let begin = vk::CommandBufferBeginInfo::default()
+            .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
+        // SAFETY: the command buffer is ours (under the lock) and not pending: every earlier
+        // submission was waited for.
+        let r = unsafe { d.begin_command_buffer(s.cmd, &begin) };
+        r.map_err(|e| self.failed(e))?;
+        record(d, s.cmd);
+        // SAFETY: recording began above.
+        unsafe { d.end_command_buffer(s.cmd) }.map_err(|e| self.failed(e))?;
+        let cmds = [s.cmd];
+        let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
+        // SAFETY: the queue and fence are ours (under the lock); the fence is unsignalled
+        // (reset after every wait); `submit` lives across the call.
+        unsafe { d.queue_submit(s.queue, &submit, s.fence) }.map_err(|e| self.failed(e))?;
+        // SAFETY: the fence is live and was just submitted.
+        let waited = unsafe { d.wait_for_fences(&[s.fence], true, u64::MAX) };
+        // SAFETY: the fence is live; it has signalled (or the device is lost).
+        let reset = unsafe { d.reset_fences(&[s.fence]) };
+        waited.and(reset).map_err(|e| self.failed(e))
+    }
+
+    /// A failed call: the device is unusable from now on (this vGPU faults; its neighbours,
+    /// on devices of their own, go on).
+    fn failed(&self, e: vk::Result) -> Fault {
+        tracing::error!("Vulkan device failed: {e}");
+        self.lost.store(true, Ordering::Release);
+        Fault::new(fault::TIMEOUT, 0)
+    }
+
+    /// Imports `[ptr, ptr + len)` of this process's memory as a buffer.
+    ///
+    /// # Safety
+    ///
+    /// The range must be one mapping, aligned to the device's import alignment, that stays
+    /// mapped for as long as the returned buffer lives.
+    pub(super) unsafe fn import(
+        self: &Arc<Self>,
+        ptr: *mut u8,
+        len: u64,
+    ) -> Result<HostBuffer, BackendError> {
+        let handle = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
+        let mut props = vk::MemoryHostPointerPropertiesEXT::default();
+        // SAFETY: the device is live, `ptr` a host pointer (the caller's contract), `props`
+        // writable for the call.
+        let r = unsafe {
+            (self.host.fp().get_memory_host_pointer_properties_ext)(
+                self.device.handle(),
+                handle,
+                ptr.cast(),
+                &mut props,
+            )
+        };
+        r.result()
+            .map_err(vk_err("the device refuses this host memory"))?;
+        let mem = &self.inst.memory;
+        let pick = |want: vk::MemoryPropertyFlags| {
+            (0..mem.memory_type_count).find(|&i| {
+                props.memory_type_bits & (1 << i) != 0
+                    && mem.memory_types[i as usize].property_flags.contains(want)
+            })
+        };
+        let kind = pick(vk::MemoryPropertyFlags::HOST_COHERENT)
+            .or_else(|| pick(vk::MemoryPropertyFlags::empty()))
+            .ok_or_else(|| BackendError::Vulkan("no memory type can import host memory".into()))?;
+        let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
+            .handle_type(handle)
+            .host_pointer(ptr.cast());
+        let info = vk::MemoryAllocateInfo::default()
+            .allocation_size(len)
+            .memory_type_index(kind)
+            .push_next(&mut import);
+        // SAFETY: the device is live; the chain lives across the call; the caller keeps the
+        // memory mapped for as long as the allocation lives.
+        let memory = unsafe { self.device.allocate_memory(&info, None) }
+            .map_err(vk_err("cannot import host memory"))?;
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
+        let binfo = vk::BufferCreateInfo::default()
+            .size(len)
+            .usage(
+                vk::BufferUsageFlags::TRANSFER_SRC
+                    | vk::BufferUsageFlags::TRANSFER_DST
+                    | vk::BufferUsageFlags::STORAGE_BUFFER,
+            )
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .push_next(&mut external);
+        let free = |m| {
+            // SAFETY: `m` was allocated above and nothing uses it.
+            unsafe { self.device.free_memory(m, None) }
+        };
+        // SAFETY: the device is live; `binfo` and its chain live across the call.
+        let buffer = match unsafe { self.device.create_buffer(&binfo, None) } {
+            Ok(b) => b,
+            Err(e) => {
+                free(memory);
+                return Err(vk_err("cannot create a buffer")(e));
+            }
+        };
+        // SAFETY: buffer and memory are ours, unbound, and the memory is `len` bytes.
+        if let Err(e) = unsafe { self.device.bind_buffer_memory(buffer, memory, 0) } {
+            // SAFETY: the buffer was made above and nothing uses it.
+            unsafe { self.device.destroy_buffer(buffer, None) };
+            free(memory);
+            return Err(vk_err("cannot bind imported memory")(e));
+        }
+        Ok(HostBuffer {
+            dev: self.clone(),
+            buffer,
+            memory,
+        })
+    }
+}
+
+/// Host memory imported into a vGPU's device, bound to one buffer; freed on drop.
+pub(super) struct HostBuffer {
+    dev: Arc<Dev>,
+    pub(super) buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: no submission is in flight (each is waited for), so nothing uses the buffer.
+        unsafe { self.dev.device.destroy_buffer(self.buffer, None) };
+        // SAFETY: as above; the buffer bound to it is gone.
+        unsafe { self.dev.device.free_memory(self.memory, None) };
+    }
+}
+
+/// A vGPU's VRAM on Vulkan: a sealed memfd (so BAR 2 stays a direct mapping) imported into
+/// its device.
+pub(super) struct VulkanVram {
+    pub(super) dev: Arc<Dev>,
+    pub(super) buffer: HostBuffer,
+    mapping: GuestMemoryMmap,
+    file: File,
+    size: u64,
+    host_addr: u64,
+}
+
+impl std::fmt::Debug for VulkanVram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VulkanVram")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VulkanVram {
+    pub(super) fn new(dev: Arc<Dev>, size: u64) -> Result<Self, BackendError> {
+        let err = |source| BackendError::Vram { size, source };
+        let file = memfd("tessera-vram", size, true).map_err(err)?;
+        let mapping = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(file.try_clone().map_err(err)?, 0)),
+        )])
+        .map_err(BackendError::Map)?;
+        let host_addr = mapping
+            .iter()
+            .next()
+            .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+            .ok_or_else(|| BackendError::Vulkan("VRAM has no host mapping".into()))?;
+        // SAFETY: `mapping` is one page-aligned mapping of `size` bytes, kept by this struct
+        // for as long as the buffer (declared before it, so dropped first).
+        let buffer = unsafe { dev.import(host_addr, size) }?;
+        Ok(VulkanVram {
+            dev,
+            buffer,
+            mapping,
+            file,
+            size,
+            host_addr: host_addr as u64,
+        })
+    }
+}
+
+impl Vram for VulkanVram {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn aperture(&self) -> Aperture<'_> {
+        // SAFETY: `host_addr` starts the mapping of all `size` bytes that `mapping` holds; the
+        // handle holds a clone of it (reference-counted regions), so it outlives every holder.
+        let memory =
+            unsafe { HostMemory::new(self.host_addr, self.size, Arc::new(self.mapping.clone())) };
+        Aperture::Mapped {
+            memory,
+            file: &self.file,
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.mapping
+            .read_slice(buf, GuestAddress(offset))
+            .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Fault> {
+        self.mapping
+            .write_slice(buf, GuestAddress(offset))
+            .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))
+    }
+
+    fn scrub(&self) {
+        // SAFETY: fallocate on our own memfd; the range lies inside the file. The GPU sees
+        // the same pages (zero after the punch): the import pins nothing.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                self.size as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let _ = self.dev.run(|d, cmd| {
+                // SAFETY: recording into our command buffer; the VRAM buffer is `size` bytes.
+                unsafe { d.cmd_fill_buffer(cmd, self.buffer.buffer, 0, vk::WHOLE_SIZE, 0) }
+            });
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn import_domain(
+        &self,
+        sys: &GuestMemoryMmap,
+        domain: &DmaDomain,
+    ) -> Result<Option<Import>, BackendError> {
+        let align = self.dev.inst.import_align;
+        let mut regions = Vec::new();
+        for r in sys.iter() {
+            let (start, len) = (r.start_addr().0, r.len());
+            // Only regions the domain reaches into are imported (the IOMMU-style mapping).
+            if !domain
+                .ranges()
+                .iter()
+                .any(|&(b, s)| b < start + len && start < b + s)
+            {
+                continue;
+            }
+            let host = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| BackendError::Import(format!("region at {start:#x}: {e}")))?;
+            if !(host as u64).is_multiple_of(align) || !len.is_multiple_of(align) {
+                return Err(BackendError::Import(format!(
+                    "region at {start:#x} is not aligned to {align} bytes"
+                )));
+            }
+            // SAFETY: the region is one mapping, aligned as checked; the import is kept with
+            // the `Spaces` holding `sys` (a clone of these regions), so it is released before
+            // the mapping can go.
+            let buffer = unsafe { self.dev.import(host, len) }?;
+            regions.push(ImportedRegion { start, len, buffer });
+        }
+        Ok(Some(Box::new(VulkanImport { regions })))
+    }
+}
+
+/// Guest RAM imported into a vGPU's device: one buffer per RAM region.
+pub(super) struct VulkanImport {
+    pub(super) regions: Vec<ImportedRegion>,
+}
+
+/// One imported RAM region.
+pub(super) struct ImportedRegion {
+    /// Guest-physical start.
+    pub(super) start: u64,
+    pub(super) len: u64,
+    pub(super) buffer: HostBuffer,
+}

@@ -134,8 +134,9 @@ fn test() -> Result<()> {
         run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    // The Vulkan backend's tests run on Mesa's lavapipe (a CPU Vulkan driver).
-    apt_install(&["libvulkan1", "mesa-vulkan-drivers"])?;
+    // The Vulkan backend's tests run on Mesa's lavapipe (a CPU Vulkan driver); its committed
+    // SPIR-V is checked against its GLSL with glslangValidator.
+    apt_install(&["libvulkan1", "mesa-vulkan-drivers", "glslang-tools"])?;
     run(cargo()
         .current_dir(root().join("firmware"))
         .args(["fmt", "--", "--check"]))?;

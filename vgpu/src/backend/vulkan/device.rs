@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ash::vk;
 use devices::pci::HostMemory;
@@ -14,6 +14,7 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
+use super::pipelines::Pipeline;
 use super::{Instance, vk_err};
 use crate::backend::{Aperture, BackendError, Import, Vram, memfd};
 use crate::domain::DmaDomain;
@@ -29,16 +30,30 @@ struct Submit {
 
 /// A vGPU's logical device. See the module documentation.
 pub(super) struct Dev {
-    inst: Arc<Instance>,
+    pub(super) inst: Arc<Instance>,
     pub(super) device: ash::Device,
     host: ash::ext::external_memory_host::Device,
     submit: Mutex<Submit>,
+    /// The kernels' pipelines, made on first use (in `Shader::ALL` order).
+    pub(super) pipelines: [OnceLock<Pipeline>; 5],
+    /// Descriptor sets of running kernels.
+    descriptors: Mutex<vk::DescriptorPool>,
     /// Set once a call reported the device lost: every later operation faults.
     lost: AtomicBool,
 }
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        for p in self.pipelines.iter_mut().filter_map(OnceLock::take) {
+            // SAFETY: nothing is in flight, so no pipeline is in use.
+            unsafe { p.destroy(&self.device) };
+        }
+        let pool = *self
+            .descriptors
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        // SAFETY: nothing is in flight; destroying the pool frees its sets.
+        unsafe { self.device.destroy_descriptor_pool(pool, None) };
         let s = self.submit.get_mut().unwrap_or_else(|e| e.into_inner());
         // SAFETY: nothing is in flight (every submission is waited for), and every buffer
         // made on this device holds an `Arc` of it, so all are gone; the handles are ours.
@@ -57,12 +72,18 @@ impl Dev {
         let queues = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(inst.queue_family)
             .queue_priorities(&priorities)];
-        let extensions = [ash::ext::external_memory_host::NAME.as_ptr()];
+        let extensions = [
+            ash::ext::external_memory_host::NAME.as_ptr(),
+            ash::khr::shader_clock::NAME.as_ptr(),
+        ];
         let features = vk::PhysicalDeviceFeatures::default().shader_int64(true);
+        let mut clock =
+            vk::PhysicalDeviceShaderClockFeaturesKHR::default().shader_device_clock(true);
         let info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queues)
             .enabled_extension_names(&extensions)
-            .enabled_features(&features);
+            .enabled_features(&features)
+            .push_next(&mut clock);
         // SAFETY: the physical device belongs to the live instance; `info` and what it points
         // to live across the call; the extension and feature were checked at start.
         let device = unsafe { inst.instance.create_device(inst.physical, &info, None) }
@@ -109,6 +130,24 @@ impl Dev {
                 return Err(vk_err("cannot create a fence")(e));
             }
         };
+        let sizes = [vk::DescriptorPoolSize {
+            ty: vk::DescriptorType::STORAGE_BUFFER,
+            descriptor_count: 3 * MAX_SETS,
+        }];
+        let dinfo = vk::DescriptorPoolCreateInfo::default()
+            .flags(vk::DescriptorPoolCreateFlags::FREE_DESCRIPTOR_SET)
+            .max_sets(MAX_SETS)
+            .pool_sizes(&sizes);
+        // SAFETY: `device` is live; `dinfo` lives across the call.
+        let descriptors = match unsafe { device.create_descriptor_pool(&dinfo, None) } {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: made above; nothing uses it.
+                unsafe { device.destroy_fence(fence, None) };
+                undo(&device, Some(pool));
+                return Err(vk_err("cannot create a descriptor pool")(e));
+            }
+        };
         let host = ash::ext::external_memory_host::Device::new(&inst.instance, &device);
         Ok(Arc::new(Dev {
             inst,
@@ -120,6 +159,8 @@ impl Dev {
                 cmd,
                 fence,
             }),
+            pipelines: Default::default(),
+            descriptors: Mutex::new(descriptors),
             lost: AtomicBool::new(false),
         }))
     }
@@ -140,7 +181,39 @@ impl Dev {
         // submission was waited for.
         let r = unsafe { d.begin_command_buffer(s.cmd, &begin) };
         r.map_err(|e| self.failed(e))?;
+        // Everything earlier submissions (and the host) wrote is visible to these commands,
+        // and what they write is visible to the host once the fence signals.
+        let before = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::MEMORY_WRITE | vk::AccessFlags::HOST_WRITE)
+            .dst_access_mask(vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE)];
+        // SAFETY: recording into our command buffer.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                s.cmd,
+                vk::PipelineStageFlags::ALL_COMMANDS | vk::PipelineStageFlags::HOST,
+                vk::PipelineStageFlags::ALL_COMMANDS,
+                vk::DependencyFlags::empty(),
+                &before,
+                &[],
+                &[],
+            )
+        };
         record(d, s.cmd);
+        let after = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::MEMORY_WRITE)
+            .dst_access_mask(vk::AccessFlags::HOST_READ | vk::AccessFlags::MEMORY_READ)];
+        // SAFETY: as above.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                s.cmd,
+                vk::PipelineStageFlags::ALL_COMMANDS,
+                vk::PipelineStageFlags::HOST | vk::PipelineStageFlags::ALL_COMMANDS,
+                vk::DependencyFlags::empty(),
+                &after,
+                &[],
+                &[],
+            )
+        };
         // SAFETY: recording began above.
         unsafe { d.end_command_buffer(s.cmd) }.map_err(|e| self.failed(e))?;
         let cmds = [s.cmd];
@@ -243,6 +316,160 @@ impl Dev {
             buffer,
             memory,
         })
+    }
+}
+
+/// Descriptor sets one device can have at once (one per running kernel).
+const MAX_SETS: u32 = 16;
+
+impl Dev {
+    /// `len` bytes of device memory the host can map, bound to a buffer (a kernel's staging
+    /// copy of an operand).
+    pub(super) fn staging(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
+        let len = len.max(4).next_multiple_of(4);
+        let binfo = vk::BufferCreateInfo::default()
+            .size(len)
+            .usage(
+                vk::BufferUsageFlags::TRANSFER_SRC
+                    | vk::BufferUsageFlags::TRANSFER_DST
+                    | vk::BufferUsageFlags::STORAGE_BUFFER,
+            )
+            .sharing_mode(vk::SharingMode::EXCLUSIVE);
+        // SAFETY: the device is live; `binfo` lives across the call.
+        let buffer = unsafe { self.device.create_buffer(&binfo, None) }?;
+        // SAFETY: the buffer was just made on this device.
+        let req = unsafe { self.device.get_buffer_memory_requirements(buffer) };
+        let mem = &self.inst.memory;
+        let want = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
+        let kind = (0..mem.memory_type_count).find(|&i| {
+            req.memory_type_bits & (1 << i) != 0
+                && mem.memory_types[i as usize].property_flags.contains(want)
+        });
+        let destroy = || {
+            // SAFETY: made above; nothing uses it.
+            unsafe { self.device.destroy_buffer(buffer, None) }
+        };
+        let Some(kind) = kind else {
+            destroy();
+            return Err(vk::Result::ERROR_OUT_OF_DEVICE_MEMORY);
+        };
+        let info = vk::MemoryAllocateInfo::default()
+            .allocation_size(req.size)
+            .memory_type_index(kind);
+        // SAFETY: the device is live; `info` lives across the call.
+        let memory = match unsafe { self.device.allocate_memory(&info, None) } {
+            Ok(m) => m,
+            Err(e) => {
+                destroy();
+                return Err(e);
+            }
+        };
+        let free = || {
+            // SAFETY: allocated above; nothing uses it.
+            unsafe { self.device.free_memory(memory, None) };
+            destroy();
+        };
+        // SAFETY: buffer and memory are ours and unbound; the memory is large enough.
+        if let Err(e) = unsafe { self.device.bind_buffer_memory(buffer, memory, 0) } {
+            free();
+            return Err(e);
+        }
+        // SAFETY: host-visible memory, not mapped yet.
+        let ptr = match unsafe {
+            self.device
+                .map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
+        } {
+            Ok(p) => p.cast::<u8>(),
+            Err(e) => {
+                free();
+                return Err(e);
+            }
+        };
+        Ok(DeviceBuffer {
+            dev: self.clone(),
+            buffer,
+            memory,
+            ptr,
+            len,
+        })
+    }
+
+    /// A descriptor set of `layout` binding `buffers` (whole) at 0, 1, ….
+    pub(super) fn descriptor_set(
+        &self,
+        layout: vk::DescriptorSetLayout,
+        buffers: &[vk::Buffer],
+    ) -> Result<vk::DescriptorSet, vk::Result> {
+        let pool = self.descriptors.lock().unwrap_or_else(|e| e.into_inner());
+        let layouts = [layout];
+        let info = vk::DescriptorSetAllocateInfo::default()
+            .descriptor_pool(*pool)
+            .set_layouts(&layouts);
+        // SAFETY: the pool is ours (under its lock) and `info` lives across the call.
+        let set = unsafe { self.device.allocate_descriptor_sets(&info) }?[0];
+        drop(pool);
+        let infos: Vec<[vk::DescriptorBufferInfo; 1]> = buffers
+            .iter()
+            .map(|&b| {
+                [vk::DescriptorBufferInfo::default()
+                    .buffer(b)
+                    .range(vk::WHOLE_SIZE)]
+            })
+            .collect();
+        let writes: Vec<vk::WriteDescriptorSet> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, info)| {
+                vk::WriteDescriptorSet::default()
+                    .dst_set(set)
+                    .dst_binding(i as u32)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(info)
+            })
+            .collect();
+        // SAFETY: the set is new and unused; the buffers are live buffers of this device.
+        unsafe { self.device.update_descriptor_sets(&writes, &[]) };
+        Ok(set)
+    }
+
+    /// Frees a set from [`Dev::descriptor_set`] that no submission uses any more.
+    pub(super) fn free_set(&self, set: vk::DescriptorSet) {
+        let pool = self.descriptors.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the pool is ours (under its lock), was made with FREE_DESCRIPTOR_SET, and
+        // nothing in flight uses the set (every submission is waited for).
+        let _ = unsafe { self.device.free_descriptor_sets(*pool, &[set]) };
+    }
+}
+
+/// Device memory the host maps, bound to one buffer; freed on drop.
+pub(super) struct DeviceBuffer {
+    dev: Arc<Dev>,
+    pub(super) buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    ptr: *mut u8,
+    pub(super) len: u64,
+}
+
+// SAFETY: the mapping is plain memory that only this owner reads and writes (after the
+// submissions that use it completed); the handles are thread-agnostic.
+unsafe impl Send for DeviceBuffer {}
+// SAFETY: as above; `&self` only reads.
+unsafe impl Sync for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// The mapped bytes (read them only when no submission writing them is in flight).
+    pub(super) fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` bytes for as long as the memory lives (this struct).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: nothing in flight uses the buffer; the memory is ours and mapped.
+        unsafe { self.dev.device.destroy_buffer(self.buffer, None) };
+        // SAFETY: as above; freeing unmaps it.
+        unsafe { self.dev.device.free_memory(self.memory, None) };
     }
 }
 

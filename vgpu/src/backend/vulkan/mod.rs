@@ -6,6 +6,7 @@
 
 mod device;
 mod ops;
+mod pipelines;
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub(crate) struct Instance {
     memory: vk::PhysicalDeviceMemoryProperties,
     /// `minImportedHostPointerAlignment`.
     import_align: u64,
+    /// Nanoseconds per tick of the device clock (`timestampPeriod`).
+    timestamp_period: f32,
     name: String,
 }
 
@@ -88,6 +91,7 @@ impl VulkanGpu {
             queue_family: 0,
             memory: vk::PhysicalDeviceMemoryProperties::default(),
             import_align: 0,
+            timestamp_period: 1.0,
             name: String::new(),
         };
         // SAFETY: the instance is live.
@@ -102,6 +106,7 @@ impl VulkanGpu {
         inst.physical = physical;
         // SAFETY: `physical` belongs to the live instance.
         let props = unsafe { inst.instance.get_physical_device_properties(physical) };
+        inst.timestamp_period = props.limits.timestamp_period;
         inst.name = props
             .device_name_as_c_str()
             .unwrap_or(c"?")
@@ -134,10 +139,21 @@ impl VulkanGpu {
                 "VK_EXT_external_memory_host (zero-copy guest memory)",
             ));
         }
-        // SAFETY: as above.
-        let features = unsafe { inst.instance.get_physical_device_features(physical) };
-        if features.shader_int64 == vk::FALSE {
+        if !has(ash::khr::shader_clock::NAME) {
+            return Err(lacks("VK_KHR_shader_clock (the SPIN_US kernel)"));
+        }
+        let mut clock = vk::PhysicalDeviceShaderClockFeaturesKHR::default();
+        let mut features = vk::PhysicalDeviceFeatures2::default().push_next(&mut clock);
+        // SAFETY: as above; `features` and its chain live across the call.
+        unsafe {
+            inst.instance
+                .get_physical_device_features2(physical, &mut features)
+        };
+        if features.features.shader_int64 == vk::FALSE {
             return Err(lacks("shaderInt64"));
+        }
+        if clock.shader_device_clock == vk::FALSE {
+            return Err(lacks("shaderDeviceClock"));
         }
         let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
         let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut host);

@@ -21,3 +21,46 @@ fn missing_devices_are_one_clear_line() {
     assert!(e.contains("Vulkan device 99 does not exist"), "{e}");
     assert!(!e.contains('\n'));
 }
+
+/// The committed SPIR-V is what the GLSL beside it compiles to (glslangValidator, Debian's
+/// glslang-tools; `cargo xtask test` installs it). Regenerate with
+/// `UPDATE_SHADERS=1 cargo test -p vgpu shaders`.
+#[test]
+fn shaders_match_their_sources() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/vulkan/shaders");
+    let out = std::env::temp_dir().join(format!("tessera-spv-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    for s in pipelines::Shader::ALL {
+        let spv = out.join(format!("{}.spv", s.name()));
+        let run = std::process::Command::new("glslangValidator")
+            .args(["-V", "--target-env", "vulkan1.2", "-o"])
+            .arg(&spv)
+            .arg(dir.join(format!("{}.comp", s.name())))
+            .output();
+        let Ok(run) = run else {
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_VULKAN").is_none(),
+                "glslangValidator is missing"
+            );
+            eprintln!("skipped: no glslangValidator");
+            return;
+        };
+        assert!(
+            run.status.success(),
+            "{}: {}",
+            s.name(),
+            String::from_utf8_lossy(&run.stdout)
+        );
+        let built = std::fs::read(&spv).unwrap();
+        if std::env::var_os("UPDATE_SHADERS").is_some() {
+            std::fs::write(dir.join(format!("{}.spv", s.name())), &built).unwrap();
+        } else {
+            assert!(
+                built == s.spirv(),
+                "shaders/{}.spv is stale: run UPDATE_SHADERS=1 cargo test -p vgpu shaders",
+                s.name()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

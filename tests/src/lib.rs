@@ -36,6 +36,22 @@ pub fn measuring_alone() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether this machine has a Vulkan driver (`tessera serve --gpu vulkan` can start). Without
+/// one, Vulkan tests skip, unless `TESSERA_REQUIRE_VULKAN=1` (set by `cargo xtask test`).
+pub fn vulkan_available() -> bool {
+    let found = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()));
+    assert!(
+        found || std::env::var_os("TESSERA_REQUIRE_VULKAN").is_none(),
+        "no Vulkan driver, and TESSERA_REQUIRE_VULKAN is set"
+    );
+    if !found {
+        eprintln!("skipped: no Vulkan driver");
+    }
+    found
+}
+
 /// The `tessera` binary under test.
 pub fn tessera_bin() -> PathBuf {
     let p = env_path("TESSERA_BIN", "target/debug/tessera");

@@ -314,10 +314,32 @@ fn gpu_rate(server: &Server, name: &str, window: Duration) -> f64 {
 
 #[test]
 fn tessera_vm_passes_the_conformance_suite_over_vfio_user() {
+    conformance_over_vfio_user(
+        "own-client",
+        "soft,vram=1G,engines=2",
+        "GPU: soft (2 engines)",
+    );
+}
+
+/// The same on a Vulkan GPU (lavapipe in CI): every command through the vGPU's own Vulkan
+/// device, served under the server's seccomp filter.
+#[test]
+fn the_conformance_suite_passes_on_a_vulkan_gpu_over_vfio_user() {
+    if !tessera_tests::vulkan_available() {
+        return;
+    }
+    conformance_over_vfio_user("vulkan", "vulkan,vram=1G", "GPU: vulkan (");
+}
+
+/// The conformance suite through `tessera serve --gpu GPU`, whose `vgpu types` names the GPU
+/// with `says`.
+fn conformance_over_vfio_user(name: &str, gpu: &str, says: &str) {
     if firmware().is_none() {
         return;
     }
-    let server = Server::start("own-client", &["--gpu", "soft,vram=1G,engines=2"]);
+    let server = Server::start(name, &["--gpu", gpu]);
+    let types = server.ok(&["vgpu", "types"]);
+    assert!(types.starts_with(says), "{types}");
     let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "own"]);
     let mut vm = user_vm(sock.trim(), "run=conformance");
     let status = vm.wait(Duration::from_secs(120));

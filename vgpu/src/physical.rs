@@ -25,9 +25,36 @@ pub struct PartitionSpec {
     pub vram: u64,
 }
 
+/// Which kind of GPU runs the vGPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuKind {
+    /// The software GPU: engine threads on the host's CPUs.
+    #[default]
+    Soft,
+    /// A Vulkan device (in the loader's order); a partition's engines are its queue.
+    Vulkan {
+        /// Device index.
+        device: usize,
+    },
+}
+
+impl GpuKind {
+    /// A backend of this kind for one partition.
+    pub fn backend(self, p: &PartitionSpec) -> Result<Arc<dyn GpuBackend>, BackendError> {
+        Ok(match self {
+            GpuKind::Soft => Arc::new(SoftGpu::new(p.vram, p.engines)?),
+            GpuKind::Vulkan { device } => {
+                Arc::new(crate::backend::vulkan::VulkanGpu::new(device, p.vram)?)
+            }
+        })
+    }
+}
+
 /// A physical GPU's shape and scheduling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuSpec {
+    /// What runs the vGPUs.
+    pub kind: GpuKind,
     /// The partitions (one for an unpartitioned GPU).
     pub partitions: Vec<PartitionSpec>,
     /// Policy of every partition's scheduler.
@@ -40,6 +67,7 @@ impl GpuSpec {
     /// An unpartitioned GPU.
     pub fn whole(vram: u64, engines: usize) -> Self {
         GpuSpec {
+            kind: GpuKind::Soft,
             partitions: vec![PartitionSpec { engines, vram }],
             policy: Policy::EqualShare,
             slice: crate::sched::DEFAULT_SLICE,
@@ -174,15 +202,17 @@ pub struct PartitionInfo {
     pub policy: String,
     /// Slice in µs.
     pub slice_us: u64,
+    /// The GPU under it (`soft (4 engines)`, `vulkan (llvmpipe …)`).
+    pub gpu: String,
 }
 
 impl PhysicalGpu {
-    /// A software GPU of `spec`'s shape with the monotonic clock.
+    /// A GPU of `spec`'s kind and shape with the monotonic clock.
     pub fn new(spec: &GpuSpec) -> Result<Arc<Self>, PhysicalError> {
         Self::with_clock(spec, Arc::new(MonotonicClock::default()))
     }
 
-    /// A software GPU of `spec`'s shape whose schedulers use `clock`.
+    /// A GPU of `spec`'s kind and shape whose schedulers use `clock`.
     pub fn with_clock(spec: &GpuSpec, clock: Arc<dyn Clock>) -> Result<Arc<Self>, PhysicalError> {
         if spec.partitions.is_empty()
             || spec
@@ -197,7 +227,7 @@ impl PhysicalGpu {
         let backends = spec
             .partitions
             .iter()
-            .map(|p| Ok(Arc::new(SoftGpu::new(p.vram, p.engines)?) as Arc<dyn GpuBackend>))
+            .map(|p| spec.kind.backend(p))
             .collect::<Result<Vec<_>, BackendError>>()?;
         Self::from_backends(backends, spec.policy, spec.slice, clock)
     }
@@ -335,6 +365,7 @@ impl PhysicalGpu {
                     vram_free: free,
                     policy: policy.to_string(),
                     slice_us: slice.as_micros() as u64,
+                    gpu: p.gpu.name(),
                 }
             })
             .collect()
@@ -459,6 +490,7 @@ mod tests {
     #[test]
     fn partitions_are_separate() {
         let spec = GpuSpec {
+            kind: GpuKind::Soft,
             partitions: vec![
                 PartitionSpec {
                     engines: 1,

@@ -8,6 +8,7 @@
 //! | [`Thread::Main`] | the thread in [`Vm::run`](crate::Vm::run): event loop, vCPU kicks, teardown | after the vCPU threads started |
 //! | [`Thread::Device`] | `vgpu-cp`, `gpu-engineN`, `vfu-irq` | on a short-lived thread that builds the vGPU ([`on_device_thread`]); the device's threads inherit it |
 //! | [`Thread::Server`] | every thread of `tessera serve` | on all its threads at once ([`apply_all_threads`]) once the GPU and the control socket are set up |
+//! | [`Thread::GpuServer`] | every thread of `tessera serve --gpu vulkan` | the same, plus [`GPU_DRIVER`] |
 //!
 //! The lists hold what the threads were seen to use (`strace -f` of the firmware guest's
 //! conformance suite and of the test suite), nothing more: memory management for the
@@ -55,7 +56,30 @@ pub enum Thread {
     /// The vGPU server: control connections, instance sockets (created and removed at run
     /// time), vfio-user messages with fds, DMA mappings, the vGPUs' own threads.
     Server,
+    /// The vGPU server on a Vulkan GPU: [`Thread::Server`] plus what a user-space GPU driver
+    /// does on the server's threads when it makes a vGPU's device and compiles and runs its
+    /// shaders (see [`GPU_DRIVER`]).
+    GpuServer,
 }
+
+/// What a user-space GPU driver (Mesa's lavapipe, measured with strace while it made a
+/// device and ran the conformance suite; a hardware driver adds its device's ioctls) calls
+/// beyond the server's list: thread placement and priority of its worker threads, a signal
+/// handler, the user's home directory for its shader cache (an nscd lookup), and `ioctl` on
+/// its device nodes. It widens the sandbox; the server only installs it with `--gpu vulkan`.
+pub const GPU_DRIVER: &[libc::c_long] = &[
+    libc::SYS_rt_sigaction,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_setpriority,
+    libc::SYS_lseek,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_connect,
+    libc::SYS_ioctl,
+    libc::SYS_uname,
+    libc::SYS_sysinfo,
+];
 
 /// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl request number.
 const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -236,7 +260,10 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
             r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
         }
-        Thread::Server => {
+        Thread::Server | Thread::GpuServer => {
+            if thread == Thread::GpuServer {
+                allow(&mut r, GPU_DRIVER);
+            }
             allow(
                 &mut r,
                 &[
@@ -553,6 +580,7 @@ mod tests {
             "main" => Thread::Main,
             "vcpu" => Thread::Vcpu,
             "server" => Thread::Server,
+            "gpu-server" => Thread::GpuServer,
             _ => Thread::Device,
         }
     }
@@ -649,7 +677,7 @@ mod tests {
 
     #[test]
     fn every_role_allows_what_it_needs() {
-        for r in ["main", "vcpu", "device", "server"] {
+        for r in ["main", "vcpu", "device", "server", "gpu-server"] {
             let st = run_child(&format!("allowed:{r}"));
             assert_eq!(st.code(), Some(0), "{r}: {st:?}");
         }
@@ -663,7 +691,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_the_process_with_sigsys() {
-        for r in ["main", "vcpu", "device", "server"] {
+        for r in ["main", "vcpu", "device", "server", "gpu-server"] {
             let st = run_child(&format!("socket:{r}"));
             assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use vgpu::physical::{GpuSpec, PartitionSpec, PhysicalGpu};
+use vgpu::physical::{GpuKind, GpuSpec, PartitionSpec, PhysicalGpu};
 use vgpu::sched::Policy;
 use vgpu_server::control::{ControlClient, ControlError, Request};
 use vgpu_server::{Daemon, ServeOptions};
@@ -20,9 +20,11 @@ use crate::{EXIT_FAILURE, EXIT_USAGE};
 /// Default socket directory.
 const DEFAULT_DIR: &str = "/run/tessera";
 
-/// The physical GPU `tessera serve` owns: `soft[,vram=SIZE][,engines=N][,partitions=N]`.
+/// The physical GPU `tessera serve` owns: `soft[,vram=SIZE][,engines=N][,partitions=N]` or
+/// `vulkan[,device=N][,vram=SIZE][,partitions=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuArg {
+    kind: GpuKind,
     vram: u64,
     engines: usize,
     partitions: usize,
@@ -32,14 +34,16 @@ impl std::str::FromStr for GpuArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        match parts.next() {
-            Some("soft") => {}
+        let kind = match parts.next() {
+            Some("soft") => GpuKind::Soft,
+            Some("vulkan") => GpuKind::Vulkan { device: 0 },
             Some("cuda") => {
                 return Err("the CUDA backend is not built into this binary (issue 9)".into());
             }
-            other => return Err(format!("unknown GPU {other:?} (expected soft)")),
-        }
+            other => return Err(format!("unknown GPU {other:?} (expected soft or vulkan)")),
+        };
         let mut g = GpuArg {
+            kind,
             vram: 8 << 30,
             engines: std::thread::available_parallelism().map_or(2, |n| n.get()),
             partitions: 1,
@@ -54,7 +58,15 @@ impl std::str::FromStr for GpuArg {
                         .filter(|&n| n >= 64 << 20)
                         .ok_or_else(|| format!("vram={v}: expected a size of at least 64M"))?;
                 }
-                "engines" => {
+                "device" if matches!(g.kind, GpuKind::Vulkan { .. }) => {
+                    let device = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n < 64)
+                        .ok_or_else(|| format!("device={v}: expected a device index 0..64"))?;
+                    g.kind = GpuKind::Vulkan { device };
+                }
+                "engines" if g.kind == GpuKind::Soft => {
                     g.engines = v
                         .parse()
                         .ok()
@@ -68,12 +80,21 @@ impl std::str::FromStr for GpuArg {
                         .filter(|n| (1..=8).contains(n))
                         .ok_or_else(|| format!("partitions={v}: expected 1..=8"))?;
                 }
+                _ if g.kind == GpuKind::Soft => {
+                    return Err(format!(
+                        "unknown soft GPU option {k:?} (vram, engines, partitions)"
+                    ));
+                }
                 _ => {
                     return Err(format!(
-                        "unknown GPU option {k:?} (vram, engines, partitions)"
+                        "unknown vulkan GPU option {k:?} (device, vram, partitions)"
                     ));
                 }
             }
+        }
+        if g.kind != GpuKind::Soft {
+            // A Vulkan partition's engine is its queue.
+            g.engines = g.partitions;
         }
         if g.engines < g.partitions {
             return Err(format!(
@@ -147,8 +168,13 @@ fn raise_file_limit() {
 /// `tessera serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The physical GPU: soft[,vram=SIZE][,engines=N][,partitions=N].
-    #[arg(long, value_name = "soft[,vram=8G,engines=N]", default_value = "soft")]
+    /// The physical GPU: soft[,vram=SIZE][,engines=N][,partitions=N], or a Vulkan device:
+    /// vulkan[,device=N][,vram=SIZE][,partitions=N].
+    #[arg(
+        long,
+        value_name = "soft[,vram=8G,engines=N] | vulkan[,device=N,vram=8G]",
+        default_value = "soft"
+    )]
     gpu: GpuArg,
     /// Scheduling policy: best-effort, equal-share, fixed-share or fixed-quantum.
     #[arg(long, value_name = "POLICY", default_value = "equal-share")]
@@ -194,6 +220,7 @@ extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 
 pub fn serve(args: ServeArgs) -> ExitCode {
     let spec = GpuSpec {
+        kind: args.gpu.kind,
         partitions: (0..args.gpu.partitions)
             .map(|i| PartitionSpec {
                 engines: args.gpu.engines / args.gpu.partitions
@@ -267,8 +294,12 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         let sandbox = vmm::seccomp::install_sigsys_reporter()
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                vmm::seccomp::apply_all_threads(vmm::seccomp::Thread::Server)
-                    .map_err(|e| error_chain(&e))
+                let role = match args.gpu.kind {
+                    GpuKind::Soft => vmm::seccomp::Thread::Server,
+                    // The GPU driver runs on the server's threads.
+                    GpuKind::Vulkan { .. } => vmm::seccomp::Thread::GpuServer,
+                };
+                vmm::seccomp::apply_all_threads(role).map_err(|e| error_chain(&e))
             });
         if let Err(e) = sandbox {
             eprintln!("tessera: {e}");
@@ -413,6 +444,7 @@ pub fn vgpu(args: VgpuArgs) -> ExitCode {
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     match req {
         Request::Types => {
+            println!("GPU: {}", s(&v, "gpu"));
             println!(
                 "{:<8} {:>6} {:>9} {:>10}",
                 "TYPE", "VRAM", "CONTEXTS", "AVAILABLE"
@@ -520,8 +552,9 @@ pub fn top(args: TopArgs) -> ExitCode {
 fn print_top(v: &Value) {
     for p in v["partitions"].as_array().into_iter().flatten() {
         println!(
-            "partition {}: {} engines, {} VRAM free, {} {} µs slices",
+            "partition {}: {}, {} engines, {} VRAM free, {} {} µs slices",
             p["index"],
+            p["gpu"].as_str().unwrap_or("?"),
             p["spec"]["engines"],
             gib(p["vram_free"].as_u64().unwrap_or(0)),
             p["policy"].as_str().unwrap_or("?"),
@@ -556,7 +589,19 @@ mod tests {
     fn gpu_and_slice_flags() {
         let g: GpuArg = "soft,vram=2G,engines=4,partitions=2".parse().unwrap();
         assert_eq!((g.vram, g.engines, g.partitions), (2 << 30, 4, 2));
+        let g: GpuArg = "vulkan,device=1,vram=2G,partitions=2".parse().unwrap();
+        assert_eq!(
+            (g.kind, g.vram, g.engines, g.partitions),
+            (GpuKind::Vulkan { device: 1 }, 2 << 30, 2, 2)
+        );
+        assert_eq!(
+            "vulkan".parse::<GpuArg>().map(|g| g.kind),
+            Ok(GpuKind::Vulkan { device: 0 })
+        );
         for bad in [
+            "vulkan,engines=2",
+            "vulkan,device=x",
+            "soft,device=1",
             "hard",
             "soft,vram=1K",
             "soft,engines=0",

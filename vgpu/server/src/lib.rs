@@ -457,7 +457,10 @@ impl Daemon {
     /// Carries out one control request.
     pub fn handle(&self, req: Request) -> Result<serde_json::Value, RequestError> {
         match req {
-            Request::Types => Ok(json!({ "types": self.types() })),
+            Request::Types => Ok(json!({
+                "types": self.types(),
+                "gpu": self.gpu.backend_name(0),
+            })),
             Request::Create {
                 profile,
                 name,

@@ -66,6 +66,35 @@ fn weighted_vms_get_proportional_time() {
     }
 }
 
+/// Four VMs share one Vulkan GPU (lavapipe in CI) by weight, like the software GPU.
+#[test]
+fn vms_share_a_vulkan_gpu_by_weight() {
+    if !tessera_tests::vulkan_available() {
+        return;
+    }
+    let _alone = measuring_alone();
+    let Some(out) = bench_vms(&[
+        "--gpu",
+        "vulkan",
+        "--loads",
+        "busy,busy,busy,busy",
+        "--weights",
+        "1,2,4,8",
+        "--policy",
+        "fixed-share",
+        "--seconds",
+        "3",
+    ]) else {
+        return;
+    };
+    for (share, w) in field(&out, "share").iter().zip([1.0, 2.0, 4.0, 8.0]) {
+        assert!(
+            (share - w / 15.0).abs() < 0.02,
+            "share {share} for weight {w}: {out}"
+        );
+    }
+}
+
 /// A short soak: eight tenants (firmware VMs and vfio-user host clients with busy, bursty,
 /// long, resetting, faulting and coming-and-going loads) on one `tessera serve`; every fence
 /// and result is checked, and the server must stop cleanly. (docs/benchmarks.md has a long

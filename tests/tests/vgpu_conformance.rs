@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tessera_tests::{Vmm, firmware};
 
-fn conformance(profile: &str, memory: &str) {
+fn conformance(profile: &str, memory: &str, gpu: &str) {
     let Some(fw) = firmware() else { return };
     let mut vm = Vmm::spawn(&[
         "vm",
@@ -17,6 +17,8 @@ fn conformance(profile: &str, memory: &str) {
         memory,
         "--vgpu",
         profile,
+        "--gpu",
+        gpu,
     ]);
     let status = vm.wait(Duration::from_secs(300));
     vm.assert_conformance(20);
@@ -25,7 +27,16 @@ fn conformance(profile: &str, memory: &str) {
 
 #[test]
 fn conformance_suite_passes_in_process() {
-    conformance("profile=256M", "256M");
+    conformance("profile=256M", "256M", "soft");
+}
+
+/// The same on a Vulkan GPU (lavapipe in CI), with the vGPU's device and the driver's threads
+/// under the VM's device filter.
+#[test]
+fn conformance_suite_passes_in_process_on_vulkan() {
+    if tessera_tests::vulkan_available() {
+        conformance("profile=256M", "256M", "vulkan");
+    }
 }
 
 /// Large kernels allocate and free big host buffers on the GPU's threads; under the seccomp

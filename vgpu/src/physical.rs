@@ -38,6 +38,26 @@ pub enum GpuKind {
     },
 }
 
+impl std::str::FromStr for GpuKind {
+    type Err = String;
+    /// `soft`, `vulkan` or `vulkan,device=N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(',') {
+            None if s == "soft" => Ok(GpuKind::Soft),
+            None if s == "vulkan" => Ok(GpuKind::Vulkan { device: 0 }),
+            Some(("vulkan", opt)) => opt
+                .strip_prefix("device=")
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n < 64)
+                .map(|device| GpuKind::Vulkan { device })
+                .ok_or_else(|| format!("{opt:?}: expected device=N (a device index 0..64)")),
+            _ => Err(format!(
+                "unknown GPU {s:?} (soft, vulkan or vulkan,device=N)"
+            )),
+        }
+    }
+}
+
 impl GpuKind {
     /// A backend of this kind for one partition.
     pub fn backend(self, p: &PartitionSpec) -> Result<Arc<dyn GpuBackend>, BackendError> {

@@ -347,8 +347,10 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// COM1.
     pub serial: SerialConfig,
-    /// In-process vGPUs, one private software GPU each.
+    /// In-process vGPUs, one private GPU each.
     pub vgpus: Vec<VgpuConfig>,
+    /// What the in-process vGPUs' private GPUs are.
+    pub gpu: vgpu::physical::GpuKind,
     /// Devices served by other processes over vfio-user.
     pub user_devices: Vec<UserDeviceConfig>,
     /// The KVM device node (tests point this elsewhere).

@@ -9,6 +9,7 @@
 //! | [`Thread::Device`] | `vgpu-cp`, `gpu-engineN`, `vfu-irq` | on a short-lived thread that builds the vGPU ([`on_device_thread`]); the device's threads inherit it |
 //! | [`Thread::Server`] | every thread of `tessera serve` | on all its threads at once ([`apply_all_threads`]) once the GPU and the control socket are set up |
 //! | [`Thread::GpuServer`] | every thread of `tessera serve --gpu vulkan` | the same, plus [`GPU_DRIVER`] |
+//! | [`Thread::GpuDevice`] | the device threads of `tessera vm --gpu vulkan` | as [`Thread::Device`], plus [`GPU_DRIVER`] |
 //!
 //! The lists hold what the threads were seen to use (`strace -f` of the firmware guest's
 //! conformance suite and of the test suite), nothing more: memory management for the
@@ -56,6 +57,9 @@ pub enum Thread {
     /// The vGPU server: control connections, instance sockets (created and removed at run
     /// time), vfio-user messages with fds, DMA mappings, the vGPUs' own threads.
     Server,
+    /// A device thread of a VM whose vGPUs run on a Vulkan GPU: [`Thread::Device`] plus
+    /// [`GPU_DRIVER`] (the driver makes the vGPU's device and runs on these threads).
+    GpuDevice,
     /// The vGPU server on a Vulkan GPU: [`Thread::Server`] plus what a user-space GPU driver
     /// does on the server's threads when it makes a vGPU's device and compiles and runs its
     /// shaders (see [`GPU_DRIVER`]).
@@ -65,8 +69,8 @@ pub enum Thread {
 /// What a user-space GPU driver (Mesa's lavapipe, measured with strace while it made a
 /// device and ran the conformance suite; a hardware driver adds its device's ioctls) calls
 /// beyond the server's list: thread placement and priority of its worker threads, a signal
-/// handler, the user's home directory for its shader cache (an nscd lookup), and `ioctl` on
-/// its device nodes. It widens the sandbox; the server only installs it with `--gpu vulkan`.
+/// handler, the user's home directory for its shader cache (an nscd lookup: also `socket`,
+/// `AF_UNIX` only), and `ioctl` on its device nodes. It widens the sandbox; the server only installs it with `--gpu vulkan`.
 pub const GPU_DRIVER: &[libc::c_long] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_sched_setaffinity,
@@ -79,6 +83,12 @@ pub const GPU_DRIVER: &[libc::c_long] = &[
     libc::SYS_ioctl,
     libc::SYS_uname,
     libc::SYS_sysinfo,
+    // Its configuration and cache directories (opening files still fails with EACCES in a
+    // VM: see `denials`).
+    libc::SYS_newfstatat,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
+    libc::SYS_dup,
 ];
 
 /// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl request number.
@@ -228,7 +238,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             // Restoring the terminal.
             r.insert(libc::SYS_ioctl, any_of(1, &[TCGETS, TCSETS])?);
         }
-        Thread::Device => {
+        Thread::Device | Thread::GpuDevice => {
             allow(
                 &mut r,
                 &[
@@ -261,9 +271,6 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
         }
         Thread::Server | Thread::GpuServer => {
-            if thread == Thread::GpuServer {
-                allow(&mut r, GPU_DRIVER);
-            }
             allow(
                 &mut r,
                 &[
@@ -344,6 +351,12 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
         }
     }
+    if matches!(thread, Thread::GpuDevice | Thread::GpuServer) {
+        // Last: unconditional `ioctl` replaces the roles' request lists.
+        allow(&mut r, GPU_DRIVER);
+        // The user lookup tries nscd's socket.
+        r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+    }
     Ok(r)
 }
 
@@ -407,7 +420,7 @@ fn denials(thread: Thread) -> Result<BpfProgram, SeccompError> {
 pub fn apply(thread: Thread) -> Result<(), SeccompError> {
     let prog = filter(thread)?;
     let mut extra = vec![denials(thread)?];
-    if let Thread::Device = thread {
+    if let Thread::Device | Thread::GpuDevice = thread {
         extra.push(device_clone3()?);
     }
     // The allow-list goes last: it forbids seccomp(2) itself.
@@ -430,11 +443,14 @@ pub fn apply_all_threads(thread: Thread) -> Result<(), SeccompError> {
 /// Runs `build` on a new thread under the device filter and returns its result: every thread
 /// `build` starts (a vGPU's command processor, a software GPU's engines) inherits the filter.
 /// The calling thread stays unfiltered.
-pub fn on_device_thread<T: Send>(build: impl FnOnce() -> T + Send) -> Result<T, SeccompError> {
+pub fn on_device_thread<T: Send>(
+    role: Thread,
+    build: impl FnOnce() -> T + Send,
+) -> Result<T, SeccompError> {
     std::thread::scope(|s| {
         let h = std::thread::Builder::new()
             .name("device-setup".into())
-            .spawn_scoped(s, || apply(Thread::Device).map(|()| build()))
+            .spawn_scoped(s, || apply(role).map(|()| build()))
             .map_err(SeccompError::Thread)?;
         h.join().map_err(|_| SeccompError::Panicked)?
     })
@@ -581,6 +597,7 @@ mod tests {
             "vcpu" => Thread::Vcpu,
             "server" => Thread::Server,
             "gpu-server" => Thread::GpuServer,
+            "gpu-device" => Thread::GpuDevice,
             _ => Thread::Device,
         }
     }
@@ -624,7 +641,7 @@ mod tests {
             }
             // Threads started under the device filter inherit it, and starting them works.
             "device_threads" => {
-                let r = on_device_thread(|| {
+                let r = on_device_thread(Thread::Device, || {
                     let t = std::thread::Builder::new()
                         .name("engine".into())
                         .spawn(|| {
@@ -660,7 +677,7 @@ mod tests {
                 18
             }
             "device_spawn" => {
-                let r = on_device_thread(|| {
+                let r = on_device_thread(Thread::Device, || {
                     std::thread::Builder::new()
                         .name("engine".into())
                         .spawn(|| 7)
@@ -677,7 +694,14 @@ mod tests {
 
     #[test]
     fn every_role_allows_what_it_needs() {
-        for r in ["main", "vcpu", "device", "server", "gpu-server"] {
+        for r in [
+            "main",
+            "vcpu",
+            "device",
+            "server",
+            "gpu-server",
+            "gpu-device",
+        ] {
             let st = run_child(&format!("allowed:{r}"));
             assert_eq!(st.code(), Some(0), "{r}: {st:?}");
         }
@@ -691,7 +715,14 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_the_process_with_sigsys() {
-        for r in ["main", "vcpu", "device", "server", "gpu-server"] {
+        for r in [
+            "main",
+            "vcpu",
+            "device",
+            "server",
+            "gpu-server",
+            "gpu-device",
+        ] {
             let st = run_child(&format!("socket:{r}"));
             assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
         }

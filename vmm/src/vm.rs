@@ -401,10 +401,28 @@ impl Vm {
         let mut leases = Vec::new();
         let mut vgpus = Vec::new();
         for (n, vg) in config.vgpus.iter().enumerate() {
-            let mut build = || build_vgpu(vg, n, &ram, &vm_fd, &mut bars, shared_gpu.as_ref());
+            // A Vulkan GPU is opened here, before the filter: the loader reads its driver
+            // manifests and libraries. Its devices and threads come under the filter below.
+            let private = match (config.gpu, shared_gpu.as_ref()) {
+                (vgpu::physical::GpuKind::Vulkan { .. }, None) => Some(
+                    PhysicalGpu::new(&GpuSpec {
+                        kind: config.gpu,
+                        ..GpuSpec::whole(vg.profile.vram, vg.profile.engines)
+                    })
+                    .map_err(devices_err(format!("vGPU {n}")))?,
+                ),
+                _ => None,
+            };
+            let gpu = shared_gpu.as_ref().or(private.as_ref());
+            let mut build = || build_vgpu(vg, n, &ram, &vm_fd, &mut bars, gpu, config.gpu);
             let (dev, lease) = if config.seccomp {
-                // Built on a filtered thread: the vGPU's own threads inherit the device filter.
-                crate::seccomp::on_device_thread(build)??
+                // Built on a filtered thread: the vGPU's own threads (and a GPU driver's)
+                // inherit the device filter.
+                let role = match config.gpu {
+                    vgpu::physical::GpuKind::Soft => crate::seccomp::Thread::Device,
+                    vgpu::physical::GpuKind::Vulkan { .. } => crate::seccomp::Thread::GpuDevice,
+                };
+                crate::seccomp::on_device_thread(role, build)??
             } else {
                 build()?
             };
@@ -607,13 +625,17 @@ fn build_vgpu(
     vm_fd: &Arc<VmFd>,
     bars: &mut BarAllocator,
     shared: Option<&Arc<PhysicalGpu>>,
+    kind: vgpu::physical::GpuKind,
 ) -> Result<(Vgpu, Lease), VmError> {
     let p = vg.profile;
     let what = format!("vGPU {n}");
     let gpu = match shared {
         Some(g) => g.clone(),
-        None => PhysicalGpu::new(&GpuSpec::whole(p.vram, p.engines))
-            .map_err(devices_err(what.clone()))?,
+        None => PhysicalGpu::new(&GpuSpec {
+            kind,
+            ..GpuSpec::whole(p.vram, p.engines)
+        })
+        .map_err(devices_err(what.clone()))?,
     };
     let lease = gpu
         .lease(p, vg.partition)

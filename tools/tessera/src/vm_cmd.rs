@@ -30,10 +30,13 @@ pub struct VmArgs {
     /// COM1: stdio | file=<path> | off.
     #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
     serial: SerialConfig,
-    /// An in-process vGPU on a private software GPU: profile=<name> (64M, 256M, 1G).
+    /// An in-process vGPU on a private GPU (see --gpu): profile=<name> (64M, 256M, 1G).
     /// Repeat for more.
     #[arg(long, value_name = "profile=NAME")]
     vgpu: Vec<VgpuConfig>,
+    /// The GPU under the in-process vGPUs: soft, or a Vulkan device: vulkan[,device=N].
+    #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
+    gpu: vgpu::physical::GpuKind,
     /// A vGPU served by `tessera serve` over vfio-user: socket=<path> (the Cloud Hypervisor
     /// flag; see `tessera vgpu create`). Repeat for more.
     #[arg(long, value_name = "socket=PATH")]
@@ -59,6 +62,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         memory: args.memory,
         serial: args.serial,
         vgpus: args.vgpu,
+        gpu: args.gpu,
         user_devices: args.user_device,
         kvm_path: kvm_path(),
         seccomp: args.seccomp,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use vgpu::physical::{GpuSpec, PhysicalGpu};
+use vgpu::physical::{GpuKind, GpuSpec, PhysicalGpu};
 use vgpu::sched::Policy;
 use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, VgpuConfig, VmConfig};
 use vmm::{ExitReason, Vm};
@@ -38,6 +38,9 @@ pub struct VmsArgs {
     /// Firmware PVH ELF (default: target/firmware/tessera-fw.elf).
     #[arg(long, value_name = "PATH")]
     firmware: Option<PathBuf>,
+    /// The GPU the VMs share: soft, or a Vulkan device: vulkan[,device=N].
+    #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
+    gpu: GpuKind,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,15 +79,23 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     }
     let profile = vgpu::profile::find(VM_PROFILE).ok_or("no 64M profile")?;
     let spec = GpuSpec {
+        kind: args.gpu,
         policy: args.policy,
         slice: Duration::from_millis(args.slice_ms),
         ..GpuSpec::whole(profile.vram * n as u64, profile.engines)
     };
     // Built on a filtered thread: the shared GPU's engine threads inherit the device filter,
     // like those of a VM's private GPU.
-    let gpu = vmm::seccomp::on_device_thread(|| PhysicalGpu::new(&spec))
-        .map_err(|e| vmm::error_chain(&e))?
-        .map_err(|e| e.to_string())?;
+    let gpu = match spec.kind {
+        GpuKind::Soft => {
+            vmm::seccomp::on_device_thread(vmm::seccomp::Thread::Device, || PhysicalGpu::new(&spec))
+                .map_err(|e| vmm::error_chain(&e))?
+        }
+        // The loader reads its manifests and libraries first; the vGPUs' devices and the
+        // driver's threads are made under each VM's device filter.
+        GpuKind::Vulkan { .. } => PhysicalGpu::new(&spec),
+    }
+    .map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("tessera-bench-vms-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (probe_tx, probe_rx) = mpsc::channel();
@@ -105,6 +116,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
                 cap: 100,
                 partition: None,
             }],
+            gpu: spec.kind,
             kvm_path: PathBuf::from("/dev/kvm"),
             seccomp: true,
         };

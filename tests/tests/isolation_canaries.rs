@@ -13,7 +13,20 @@ use isolation::*;
 
 #[test]
 fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
-    let mut p = Pair::new(vgpu::device::DEFAULT_WATCHDOG);
+    forbidden_places(vgpu::physical::GpuKind::Soft);
+}
+
+/// The same on a Vulkan GPU (lavapipe in CI): each vGPU its own device, guest RAM and VRAM
+/// imported; the neighbour's VRAM, host memory and other contexts stay untouched.
+#[test]
+fn every_forbidden_place_faults_on_a_vulkan_gpu_too() {
+    if tessera_tests::vulkan_available() {
+        forbidden_places(vgpu::physical::GpuKind::Vulkan { device: 0 });
+    }
+}
+
+fn forbidden_places(kind: vgpu::physical::GpuKind) {
+    let mut p = Pair::on(kind, vgpu::device::DEFAULT_WATCHDOG);
     let aims = p.aims.clone();
     for aim in &aims {
         for a in ATTACKS {

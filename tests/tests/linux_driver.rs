@@ -75,6 +75,21 @@ fn minimal_kernel_driver_selftest() {
     driver_selftest(&mut vm, 1);
 }
 
+/// The same self-test with the vGPU on a Vulkan GPU (lavapipe in CI).
+#[test]
+fn minimal_kernel_driver_selftest_on_vulkan() {
+    if !tessera_tests::vulkan_available() {
+        return;
+    }
+    let Some(mut vm) = spawn_minimal_with(
+        "tessera_vgpu.selftest=1",
+        &["--vgpu", "profile=256M", "--gpu", "vulkan"],
+    ) else {
+        return;
+    };
+    driver_selftest(&mut vm, 1);
+}
+
 /// The same self-test with the vGPU served by `tessera serve` over vfio-user: the real
 /// driver through the process split (MSI-X from the client's table, doorbells as
 /// ioeventfds, VRAM mapped from the server's file).

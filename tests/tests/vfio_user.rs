@@ -247,14 +247,28 @@ fn malformed_vfio_user_messages_do_not_take_the_server_down() {
 
 #[test]
 fn cloud_hypervisor_passes_the_conformance_suite_over_vfio_user() {
+    cloud_hypervisor_conformance("ch", "soft,vram=1G,engines=2", 2);
+}
+
+/// An unmodified Cloud Hypervisor with a Vulkan-backed vGPU (lavapipe in CI).
+#[test]
+fn cloud_hypervisor_passes_the_conformance_suite_on_a_vulkan_gpu() {
+    if tessera_tests::vulkan_available() {
+        cloud_hypervisor_conformance("ch-vulkan", "vulkan,vram=1G", 1);
+    }
+}
+
+/// The conformance suite in Cloud Hypervisor against `tessera serve --gpu GPU` (its server
+/// directory named `name`), `rounds` times on one instance.
+fn cloud_hypervisor_conformance(name: &str, gpu: &str, rounds: u64) {
     let (Some(ch), Some(fw)) = (cloud_hypervisor(), firmware()) else {
         return;
     };
-    let server = Server::start("ch", &["--gpu", "soft,vram=1G,engines=2"]);
+    let server = Server::start(name, &["--gpu", gpu]);
     let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "ch"]);
     let sock = sock.trim().to_string();
-    // Twice: the instance can be attached again after a VMM goes away.
-    for round in 1..=2 {
+    // More than once: the instance can be attached again after a VMM goes away.
+    for round in 1..=rounds {
         let mut cmd = Command::new(&ch);
         cmd.args(["--kernel", fw.to_str().expect("utf-8")])
             .args(["--cmdline", "run=conformance pci=external"])

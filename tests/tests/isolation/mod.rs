@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use devices::pci::{MsiSink, PciDeviceSync};
 use vgpu::backend::{Aperture, Vram};
-use vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
+use vgpu::physical::{GpuKind, GpuSpec, Lease, PhysicalGpu};
 use vgpu::profile::Profile;
 use vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vgpu_abi::{Packet, ctx_control, fault, int, kernel, packet, pci, pte};
@@ -347,7 +347,16 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(watchdog: Duration) -> Pair {
-        let gpu = PhysicalGpu::new(&GpuSpec::whole(2 * VRAM, 2)).expect("physical GPU");
+        Pair::on(GpuKind::Soft, watchdog)
+    }
+
+    /// Two VMs on a GPU of `kind`.
+    pub fn on(kind: GpuKind, watchdog: Duration) -> Pair {
+        let gpu = PhysicalGpu::new(&GpuSpec {
+            kind,
+            ..GpuSpec::whole(2 * VRAM, 2)
+        })
+        .expect("physical GPU");
         let sys_a = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), RAM as usize),
             (GuestAddress(ADJ), ADJ_LEN as usize),

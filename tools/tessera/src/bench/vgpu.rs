@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 use vgpu::host::HostClient;
-use vgpu::physical::{GpuSpec, PhysicalGpu};
+use vgpu::physical::{GpuKind, GpuSpec, PhysicalGpu};
 use vgpu_abi::{Packet, kernel, packet};
 
 use super::{default_firmware, median};
@@ -46,6 +46,9 @@ pub struct VgpuArgs {
     /// in-process only, or also over vfio-user (side by side).
     #[arg(long, value_enum, default_value = "in-process")]
     transport: Transport,
+    /// The GPU under the vGPUs (and under the native runs): soft, or vulkan[,device=N].
+    #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
+    gpu: GpuKind,
 }
 
 /// Where the benchmarked vGPU lives.
@@ -158,11 +161,13 @@ struct BenchServer {
 }
 
 impl BenchServer {
-    fn start(profile: &'static vgpu::Profile) -> Result<Self, String> {
-        use vgpu::physical::{GpuSpec, PhysicalGpu};
+    fn start(profile: &'static vgpu::Profile, kind: GpuKind) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
-        let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, profile.engines))
-            .map_err(|e| e.to_string())?;
+        let gpu = PhysicalGpu::new(&GpuSpec {
+            kind,
+            ..GpuSpec::whole(profile.vram, profile.engines)
+        })
+        .map_err(|e| vmm::error_chain(&e))?;
         let daemon = vgpu_server::Daemon::new(
             gpu,
             vgpu_server::ServeOptions {
@@ -271,8 +276,10 @@ fn field(f: &HashMap<String, String>, k: &str) -> Result<f64, String> {
 fn native_ms(
     profile: &vgpu::Profile,
     (name, size, batch): (&str, u64, u64),
+    kind: GpuKind,
 ) -> Result<f64, String> {
     let spec = GpuSpec {
+        kind,
         policy: vgpu::sched::Policy::BestEffort,
         ..GpuSpec::whole(profile.vram, profile.engines)
     };
@@ -335,10 +342,19 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     }
     let profile = vgpu::profile::find(&args.profile)
         .ok_or_else(|| format!("unknown vGPU profile {:?}", args.profile))?;
-    let in_process = vec!["--vgpu".to_string(), format!("profile={}", profile.name)];
+    let gpu_flag = match args.gpu {
+        GpuKind::Soft => "soft".to_string(),
+        GpuKind::Vulkan { device } => format!("vulkan,device={device}"),
+    };
+    let in_process = vec![
+        "--vgpu".to_string(),
+        format!("profile={}", profile.name),
+        "--gpu".to_string(),
+        gpu_flag,
+    ];
     let server = match args.transport {
         Transport::InProcess => None,
-        Transport::VfioUser => Some(BenchServer::start(profile)?),
+        Transport::VfioUser => Some(BenchServer::start(profile, args.gpu)?),
     };
     let user_device = server.as_ref().map(|s| {
         vec![
@@ -355,7 +371,10 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             remote.measure(&fw, dev, args.iters)?;
         }
         for w in [SGEMM, SAXPY] {
-            native.entry(w.0).or_default().push(native_ms(profile, w)?);
+            native
+                .entry(w.0)
+                .or_default()
+                .push(native_ms(profile, w, args.gpu)?);
         }
     }
     drop(server);

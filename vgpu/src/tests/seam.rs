@@ -215,3 +215,32 @@ fn vulkan_and_soft_agree() {
         }
     }
 }
+
+/// A lost Vulkan device costs its vGPU the work in flight and nothing else: the packet faults
+/// `TIMEOUT`, the watchdog's reset gives the vGPU a new device, a neighbour on the same GPU
+/// (its own device) goes on meanwhile, and the vGPU works again after the reset.
+#[test]
+fn a_lost_vulkan_device_resets_its_vgpu_alone() {
+    let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
+        return;
+    };
+    let vk = Arc::new(vk);
+    let (mut a, mut b) = (Gpu::on(vk.clone()), Gpu::on(vk));
+    let copy = Packet::new(packet::OP_COPY, 0, &[SYS_VA, SYS_VA + 0x100, 8]);
+    for g in [&mut a, &mut b] {
+        g.setup_ctx(0, T0, B0, 8);
+        assert_eq!(g.run(0, T0, &[copy], 1), wait::DONE);
+    }
+    crate::backend::vulkan::lose_device(&*a.spaces.vram);
+    a.submit(0, T0, &[copy]);
+    assert_ne!(a.wait(0, 2), wait::DONE);
+    assert_eq!(a.r(regs::FAULT_CODE), fault::TIMEOUT);
+    // The neighbour never noticed.
+    assert_eq!(b.run(0, T0, &[copy], 2), wait::DONE);
+    // After the reset (and the context's own, which clears its fault) the vGPU runs on its
+    // new device.
+    a.cw(0, regs::CTX_CONTROL, ctx_control::RESET);
+    a.setup_ctx(0, T0, B0, 8);
+    assert_eq!(a.run(0, T0, &[copy], 1), wait::DONE);
+    assert_eq!(b.run(0, T0, &[copy], 3), wait::DONE);
+}

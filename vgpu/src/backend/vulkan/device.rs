@@ -18,7 +18,7 @@ use super::pipelines::Pipeline;
 use super::{Instance, vk_err};
 use crate::backend::{Aperture, BackendError, Import, Vram, memfd};
 use crate::domain::DmaDomain;
-use crate::mem::Fault;
+use crate::mem::{Fault, Spaces};
 
 /// What one submission needs, used by one thread at a time.
 struct Submit {
@@ -226,6 +226,11 @@ impl Dev {
         // SAFETY: the fence is live; it has signalled (or the device is lost).
         let reset = unsafe { d.reset_fences(&[s.fence]) };
         waited.and(reset).map_err(|e| self.failed(e))
+    }
+
+    /// Whether a call reported the device lost.
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// A failed call: the device is unusable from now on (this vGPU faults; its neighbours,
@@ -489,11 +494,30 @@ impl Drop for HostBuffer {
     }
 }
 
-/// A vGPU's VRAM on Vulkan: a sealed memfd (so BAR 2 stays a direct mapping) imported into
-/// its device.
-pub(super) struct VulkanVram {
+/// A vGPU's device and its VRAM buffer: replaced whole when the device is lost.
+pub(super) struct DevVram {
     pub(super) dev: Arc<Dev>,
     pub(super) buffer: HostBuffer,
+}
+
+/// Guest RAM imported again into a device that replaced a lost one (the `Spaces`' own import
+/// belongs to the old device), for as long as those memories are the current ones.
+struct Rebound {
+    /// Which import it stands for (the address of the `Spaces`' import).
+    key: usize,
+    /// Keeps the imported memory mapped while the import lives.
+    _sys: GuestMemoryMmap,
+    import: Arc<VulkanImport>,
+}
+
+/// A vGPU's VRAM on Vulkan: a sealed memfd (so BAR 2 stays a direct mapping) imported into
+/// its device. A lost device is replaced by a new one at the vGPU's next reset (a watchdog
+/// reset follows the loss at once), so one vGPU's device failure costs that vGPU its work in
+/// flight and nothing else.
+pub(super) struct VulkanVram {
+    inst: Arc<Instance>,
+    state: Mutex<Arc<DevVram>>,
+    rebound: Mutex<Option<Rebound>>,
     mapping: GuestMemoryMmap,
     file: File,
     size: u64,
@@ -508,8 +532,16 @@ impl std::fmt::Debug for VulkanVram {
     }
 }
 
+/// What a launch runs on: the vGPU's current device and VRAM buffer, and the guest RAM as
+/// imported into that device.
+pub(super) struct Bound {
+    pub(super) vram: Arc<DevVram>,
+    /// An import made for this device when the `Spaces`' one belongs to a lost device.
+    pub(super) fresh: Option<Arc<VulkanImport>>,
+}
+
 impl VulkanVram {
-    pub(super) fn new(dev: Arc<Dev>, size: u64) -> Result<Self, BackendError> {
+    pub(super) fn new(inst: Arc<Instance>, size: u64) -> Result<Self, BackendError> {
         let err = |source| BackendError::Vram { size, source };
         let file = memfd("tessera-vram", size, true).map_err(err)?;
         let mapping = GuestMemoryMmap::from_ranges_with_files([(
@@ -523,18 +555,114 @@ impl VulkanVram {
             .next()
             .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
             .ok_or_else(|| BackendError::Vulkan("VRAM has no host mapping".into()))?;
-        // SAFETY: `mapping` is one page-aligned mapping of `size` bytes, kept by this struct
-        // for as long as the buffer (declared before it, so dropped first).
-        let buffer = unsafe { dev.import(host_addr, size) }?;
+        let state = Self::device(&inst, host_addr, size)?;
         Ok(VulkanVram {
-            dev,
-            buffer,
+            inst,
+            state: Mutex::new(Arc::new(state)),
+            rebound: Mutex::new(None),
             mapping,
             file,
             size,
             host_addr: host_addr as u64,
         })
     }
+
+    /// A new device with the VRAM at `host` (`size` bytes of `mapping`) imported.
+    fn device(inst: &Arc<Instance>, host: *mut u8, size: u64) -> Result<DevVram, BackendError> {
+        let dev = Dev::new(inst.clone())?;
+        // SAFETY: the VRAM mapping is one page-aligned mapping of `size` bytes that the
+        // `VulkanVram` keeps for as long as any `DevVram` of it (a launch's `Bound` holds an
+        // `Arc` of one only while the vGPU, and so its VRAM, lives).
+        let buffer = unsafe { dev.import(host, size) }?;
+        Ok(DevVram { dev, buffer })
+    }
+
+    /// The device to run on now, and the guest RAM of `spaces` as imported into it.
+    pub(super) fn bind(&self, spaces: &Spaces) -> Result<Bound, Fault> {
+        let vram = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if vram.dev.is_lost() {
+            // The watchdog's reset replaces the device.
+            return Err(Fault::new(fault::TIMEOUT, 0));
+        }
+        let Some(import) = spaces.import.as_ref() else {
+            return Ok(Bound { vram, fresh: None });
+        };
+        let current = import
+            .downcast_ref::<VulkanImport>()
+            .is_some_and(|i| Arc::ptr_eq(&i.dev, &vram.dev));
+        if current {
+            return Ok(Bound { vram, fresh: None });
+        }
+        let key = Arc::as_ptr(import) as usize;
+        let mut rebound = self.rebound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rebound
+            .as_ref()
+            .filter(|r| r.key == key && Arc::ptr_eq(&r.import.dev, &vram.dev))
+        {
+            return Ok(Bound {
+                fresh: Some(r.import.clone()),
+                vram,
+            });
+        }
+        let import = Arc::new(
+            import_into(&vram.dev, &spaces.sys, &spaces.domain)
+                .map_err(|_| Fault::new(fault::DMA_DOMAIN, 0))?,
+        );
+        *rebound = Some(Rebound {
+            key,
+            _sys: spaces.sys.clone(),
+            import: import.clone(),
+        });
+        Ok(Bound {
+            fresh: Some(import),
+            vram,
+        })
+    }
+
+    /// Makes the device fail, as a lost device would (tests).
+    #[cfg(test)]
+    pub(super) fn lose_device(&self) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.dev.lost.store(true, Ordering::Release);
+    }
+}
+
+/// Imports the parts of `sys` that `domain` reaches into `dev`.
+fn import_into(
+    dev: &Arc<Dev>,
+    sys: &GuestMemoryMmap,
+    domain: &DmaDomain,
+) -> Result<VulkanImport, BackendError> {
+    let align = dev.inst.import_align;
+    let mut regions = Vec::new();
+    for r in sys.iter() {
+        let (start, len) = (r.start_addr().0, r.len());
+        // Only regions the domain reaches into are imported (the IOMMU-style mapping).
+        if !domain
+            .ranges()
+            .iter()
+            .any(|&(b, s)| b < start + len && start < b + s)
+        {
+            continue;
+        }
+        let host = r
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| BackendError::Import(format!("region at {start:#x}: {e}")))?;
+        if !(host as u64).is_multiple_of(align) || !len.is_multiple_of(align) {
+            return Err(BackendError::Import(format!(
+                "region at {start:#x} is not aligned to {align} bytes"
+            )));
+        }
+        // SAFETY: the region is one mapping, aligned as checked; whoever keeps the import
+        // keeps `sys` (a clone of these regions) too, so the import is released before the
+        // mapping can go.
+        let buffer = unsafe { dev.import(host, len) }?;
+        regions.push(ImportedRegion { start, len, buffer });
+    }
+    Ok(VulkanImport {
+        dev: dev.clone(),
+        regions,
+    })
 }
 
 impl Vram for VulkanVram {
@@ -576,10 +704,25 @@ impl Vram for VulkanVram {
                 self.size as libc::off_t,
             )
         };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.dev.is_lost() {
+            // A reset after a device loss: this vGPU gets a new device (its neighbours never
+            // had this one).
+            match Self::device(&self.inst, self.host_addr as *mut u8, self.size) {
+                Ok(fresh) => {
+                    tracing::warn!("Vulkan device lost: the vGPU has a new one");
+                    *state = Arc::new(fresh);
+                }
+                Err(e) => tracing::error!("cannot replace a lost Vulkan device: {e}"),
+            }
+        }
+        let s = state.clone();
+        drop(state);
         if rc != 0 {
-            let _ = self.dev.run(|d, cmd| {
-                // SAFETY: recording into our command buffer; the VRAM buffer is `size` bytes.
-                unsafe { d.cmd_fill_buffer(cmd, self.buffer.buffer, 0, vk::WHOLE_SIZE, 0) }
+            let _ = s.dev.run(|d, cmd| {
+                // SAFETY: recording into the device's command buffer; its VRAM buffer is
+                // `size` bytes.
+                unsafe { d.cmd_fill_buffer(cmd, s.buffer.buffer, 0, vk::WHOLE_SIZE, 0) }
             });
         }
     }
@@ -593,38 +736,20 @@ impl Vram for VulkanVram {
         sys: &GuestMemoryMmap,
         domain: &DmaDomain,
     ) -> Result<Option<Import>, BackendError> {
-        let align = self.dev.inst.import_align;
-        let mut regions = Vec::new();
-        for r in sys.iter() {
-            let (start, len) = (r.start_addr().0, r.len());
-            // Only regions the domain reaches into are imported (the IOMMU-style mapping).
-            if !domain
-                .ranges()
-                .iter()
-                .any(|&(b, s)| b < start + len && start < b + s)
-            {
-                continue;
-            }
-            let host = r
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| BackendError::Import(format!("region at {start:#x}: {e}")))?;
-            if !(host as u64).is_multiple_of(align) || !len.is_multiple_of(align) {
-                return Err(BackendError::Import(format!(
-                    "region at {start:#x} is not aligned to {align} bytes"
-                )));
-            }
-            // SAFETY: the region is one mapping, aligned as checked; the import is kept with
-            // the `Spaces` holding `sys` (a clone of these regions), so it is released before
-            // the mapping can go.
-            let buffer = unsafe { self.dev.import(host, len) }?;
-            regions.push(ImportedRegion { start, len, buffer });
-        }
-        Ok(Some(Box::new(VulkanImport { regions })))
+        let dev = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dev
+            .clone();
+        Ok(Some(Box::new(import_into(&dev, sys, domain)?)))
     }
 }
 
 /// Guest RAM imported into a vGPU's device: one buffer per RAM region.
 pub(super) struct VulkanImport {
+    /// The device it was imported into.
+    dev: Arc<Dev>,
     pub(super) regions: Vec<ImportedRegion>,
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ash::vk;
 
-use self::device::{Dev, VulkanVram};
+use self::device::VulkanVram;
 use super::{BackendError, GpuBackend, Launch, Op, Vram, check_range};
 use crate::mem::{Fault, Spaces};
 
@@ -202,12 +202,19 @@ impl GpuBackend for VulkanGpu {
 
     fn alloc_vram(&self, offset: u64, size: u64) -> Result<Arc<dyn Vram>, BackendError> {
         check_range(offset, size, self.vram_size)?;
-        let dev = Dev::new(self.inst.clone())?;
-        Ok(Arc::new(VulkanVram::new(dev, size)?))
+        Ok(Arc::new(VulkanVram::new(self.inst.clone(), size)?))
     }
 
     fn prepare(&self, op: Op, spaces: Arc<Spaces>) -> Result<Box<dyn Launch>, Fault> {
         ops::prepare(op, spaces)
+    }
+}
+
+/// Makes the device under `vram` (a Vulkan vGPU's) fail, as a lost device would.
+#[cfg(test)]
+pub(crate) fn lose_device(vram: &dyn Vram) {
+    if let Some(v) = vram.as_any().downcast_ref::<VulkanVram>() {
+        v.lose_device();
     }
 }
 

@@ -9,19 +9,24 @@ use std::time::Instant;
 use ash::vk;
 use vgpu_abi::{fault, kernel};
 
-use super::device::{Dev, DeviceBuffer, VulkanImport, VulkanVram};
+use super::device::{Bound, Dev, DeviceBuffer, VulkanImport, VulkanVram};
 use super::pipelines::{self, Shader};
 use crate::backend::{COPY_GROUP, CRC_GROUP, Dispatch, Launch, Op, RunControl};
 use crate::mem::{Extent, Fault, Loc, ScatterList, Spaces};
 
-/// Where an extent lives on the device.
-fn locate(spaces: &Spaces, vram: &VulkanVram, e: &Extent) -> Result<(vk::Buffer, u64), Fault> {
+/// Where an extent lives on the bound device.
+fn locate(spaces: &Spaces, bound: &Bound, e: &Extent) -> Result<(vk::Buffer, u64), Fault> {
     match e.loc {
-        Loc::Vram => Ok((vram.buffer.buffer, e.addr)),
-        Loc::Sys => spaces
-            .import
+        Loc::Vram => Ok((bound.vram.buffer.buffer, e.addr)),
+        Loc::Sys => bound
+            .fresh
             .as_deref()
-            .and_then(|i| i.downcast_ref::<VulkanImport>())
+            .or_else(|| {
+                spaces
+                    .import
+                    .as_deref()
+                    .and_then(|i| i.downcast_ref::<VulkanImport>())
+            })
             .and_then(|i| {
                 i.regions
                     .iter()
@@ -43,7 +48,7 @@ struct Copy {
 /// The copies that move bytes `range` of `src` to the same bytes of `dst`.
 fn copies(
     spaces: &Spaces,
-    vram: &VulkanVram,
+    vram: &Bound,
     src: &ScatterList,
     dst: &ScatterList,
     range: Range<u64>,
@@ -73,7 +78,7 @@ fn copies(
 /// The fills of bytes `range` of `dst` (4-byte aligned: FILL's rule).
 fn fills(
     spaces: &Spaces,
-    vram: &VulkanVram,
+    vram: &Bound,
     dst: &ScatterList,
     range: Range<u64>,
 ) -> Result<Vec<(vk::Buffer, u64, u64)>, Fault> {
@@ -89,27 +94,30 @@ fn fills(
 struct VkLaunch {
     op: Op,
     spaces: Arc<Spaces>,
+    bound: Bound,
+}
+
+/// The vGPU's Vulkan VRAM in `spaces`, bound to its current device.
+fn bind(spaces: &Spaces) -> Result<Bound, Fault> {
+    spaces
+        .vram
+        .as_any()
+        .downcast_ref::<VulkanVram>()
+        .ok_or(Fault::new(fault::BAD_PACKET, 0))?
+        .bind(spaces)
 }
 
 impl VkLaunch {
-    fn vram(&self) -> Result<&VulkanVram, Fault> {
-        self.spaces
-            .vram
-            .as_any()
-            .downcast_ref::<VulkanVram>()
-            .ok_or(Fault::new(fault::BAD_PACKET, 0))
-    }
-
     /// Runs group `g` as one submission.
     fn group(&self, g: u64) -> Result<(), Fault> {
-        let vram = self.vram()?;
+        let vram = &self.bound;
         let sp = &*self.spaces;
         match &self.op {
             Op::Copy { src, dst } => {
                 let start = g * COPY_GROUP;
                 let end = (start + COPY_GROUP).min(src.len());
                 let list = copies(sp, vram, src, dst, start..end)?;
-                vram.dev.run(|d, cmd| {
+                vram.vram.dev.run(|d, cmd| {
                     for c in &list {
                         // SAFETY: recording into this device's command buffer; both buffers
                         // belong to it and the region lies inside them (checked extents).
@@ -121,7 +129,7 @@ impl VkLaunch {
                 let start = g * COPY_GROUP;
                 let end = (start + COPY_GROUP).min(dst.len());
                 let list = fills(sp, vram, dst, start..end)?;
-                vram.dev.run(|d, cmd| {
+                vram.vram.dev.run(|d, cmd| {
                     for &(b, off, len) in &list {
                         // SAFETY: as above; offset and size are multiples of 4 (FILL's rule,
                         // and extents split only at page boundaries).
@@ -147,6 +155,7 @@ struct Operand {
 /// `finish` (the software GPU's rule: a packet's result counts once every group ran).
 struct KernelLaunch {
     spaces: Arc<Spaces>,
+    bound: Bound,
     dev: Arc<Dev>,
     shader: Shader,
     push: Vec<u8>,
@@ -191,12 +200,8 @@ impl KernelLaunch {
             Dispatch::SpinUs { us, .. } => Some(us),
             _ => None,
         };
-        let vram = spaces
-            .vram
-            .as_any()
-            .downcast_ref::<VulkanVram>()
-            .ok_or(Fault::new(fault::BAD_PACKET, 0))?;
-        let dev = vram.dev.clone();
+        let bound = bind(&spaces)?;
+        let dev = bound.vram.dev.clone();
         let mut push = Vec::new();
         let mut columns = 1u32;
         let mut put = |v: u32| push.extend_from_slice(&v.to_le_bytes());
@@ -273,7 +278,7 @@ impl KernelLaunch {
         let mut copies_in = Vec::new();
         for o in &ops {
             o.list.pieces(0, o.list.len(), |e, within, r| {
-                let (b, off) = locate(&spaces, vram, e)?;
+                let (b, off) = locate(&spaces, &bound, e)?;
                 copies_in.push((
                     b,
                     o.staging.buffer,
@@ -296,15 +301,16 @@ impl KernelLaunch {
             })?;
         }
         let pipe = pipelines::get(&dev, shader).map_err(vk_fault)?;
-        let mut bound: Vec<vk::Buffer> = ops.iter().map(|o| o.staging.buffer).collect();
+        let mut buffers: Vec<vk::Buffer> = ops.iter().map(|o| o.staging.buffer).collect();
         if let Some(p) = &partials {
-            bound.push(p.buffer);
+            buffers.push(p.buffer);
         }
         let set = dev
-            .descriptor_set(pipe.set_layout, &bound)
+            .descriptor_set(pipe.set_layout, &buffers)
             .map_err(vk_fault)?;
         Ok(KernelLaunch {
             spaces,
+            bound,
             dev,
             shader,
             push,
@@ -402,16 +408,10 @@ impl Launch for KernelLaunch {
     }
 
     fn finish(self: Box<Self>) -> Result<(), Fault> {
-        let vram = self
-            .spaces
-            .vram
-            .as_any()
-            .downcast_ref::<VulkanVram>()
-            .ok_or(Fault::new(fault::BAD_PACKET, 0))?;
         let mut copies_out = Vec::new();
         for o in self.operands.iter().filter(|o| o.output) {
             o.list.pieces(0, o.list.len(), |e, within, r| {
-                let (b, off) = locate(&self.spaces, vram, e)?;
+                let (b, off) = locate(&self.spaces, &self.bound, e)?;
                 copies_out.push((
                     o.staging.buffer,
                     b,
@@ -479,6 +479,10 @@ impl Launch for VkLaunch {
 pub(super) fn prepare(op: Op, spaces: Arc<Spaces>) -> Result<Box<dyn Launch>, Fault> {
     match op {
         Op::Dispatch(d) => Ok(Box::new(KernelLaunch::new(d, spaces)?)),
-        op => Ok(Box::new(VkLaunch { op, spaces })),
+        op => Ok(Box::new(VkLaunch {
+            bound: bind(&spaces)?,
+            op,
+            spaces,
+        })),
     }
 }

@@ -742,6 +742,9 @@ impl Vram for VulkanVram {
             .unwrap_or_else(|e| e.into_inner())
             .dev
             .clone();
+        // A re-import made for the previous memories is not needed any more (and must not
+        // keep them mapped).
+        *self.rebound.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(Some(Box::new(import_into(&dev, sys, domain)?)))
     }
 }

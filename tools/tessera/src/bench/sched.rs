@@ -14,7 +14,7 @@ use clap::Args;
 use serde::Serialize;
 use vgpu::VgpuSetup;
 use vgpu::host::HostClient;
-use vgpu::physical::{GpuSpec, PhysicalGpu};
+use vgpu::physical::{GpuKind, GpuSpec, PhysicalGpu};
 use vgpu::sched::{Params, Policy};
 use vgpu_abi::{Packet, kernel, packet};
 
@@ -42,6 +42,9 @@ pub struct SchedArgs {
     /// Write an SVG plot of each vGPU's share over time (weighted phase).
     #[arg(long, value_name = "PATH")]
     plot: Option<std::path::PathBuf>,
+    /// The GPU the vGPUs share: soft, or a Vulkan device: vulkan[,device=N].
+    #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
+    gpu: GpuKind,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +75,10 @@ struct Report {
     /// How far past its watchdog limit the hung vGPU's packet ran before the reset (the
     /// watchdog checks at preemption points, so up to a slice plus in-flight workgroups).
     tdr_reset_ms: f64,
+    /// Vulkan: the median cost of one submission waited on its fence (each kernel slice and
+    /// each COPY/FILL group pays it), µs; absent on the software GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    submit_us: Option<f64>,
 }
 
 const ENGINES: usize = 2;
@@ -242,8 +249,9 @@ fn jain(x: &[f64]) -> f64 {
     }
 }
 
-fn spec(policy: Policy, slice_ms: u64) -> GpuSpec {
+fn spec(kind: GpuKind, policy: Policy, slice_ms: u64) -> GpuSpec {
     GpuSpec {
+        kind,
         policy,
         slice: Duration::from_millis(slice_ms),
         ..GpuSpec::whole(128 << 20, ENGINES)
@@ -317,7 +325,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 1. N busy vGPUs, the chosen policy (equal share by default): Jain over 100 ms windows.
     let f = Fleet::start(
-        &spec(args.policy, args.slice_ms),
+        &spec(args.gpu, args.policy, args.slice_ms),
         &vec![(busy, Params::default()); args.vgpus],
     )?;
     std::thread::sleep(Duration::from_millis(200));
@@ -344,7 +352,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
             )
         })
         .collect();
-    let f = Fleet::start(&spec(Policy::FixedShare, 2), &loads)?;
+    let f = Fleet::start(&spec(args.gpu, Policy::FixedShare, 2), &loads)?;
     std::thread::sleep(Duration::from_millis(200));
     let before = f.busy();
     let w = windows(&f, secs);
@@ -378,7 +386,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     // 3. Best effort, 4 busy + 4 idle: GPU busy time over wall time.
     let mut loads = vec![(busy, Params::default()); 4];
     loads.extend(vec![(Load::Idle, Params::default()); 4]);
-    let f = Fleet::start(&spec(Policy::BestEffort, 2), &loads)?;
+    let f = Fleet::start(&spec(args.gpu, Policy::BestEffort, 2), &loads)?;
     std::thread::sleep(Duration::from_millis(200));
     let (b0, t0) = (f.busy().iter().sum::<u64>(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -399,7 +407,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         (busy, Params::default()),
         (busy, Params::default()),
     ];
-    let f = Fleet::start(&spec(Policy::EqualShare, 2), &loads)?;
+    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &loads)?;
     let s = f.gpu.scheduler(0).ok_or("no scheduler")?;
     s.clear_samples();
     std::thread::sleep(Duration::from_secs_f64(secs.max(1.5)));
@@ -411,11 +419,14 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         .map_or(f64::NAN, |&v| v as f64 / 1e6);
 
     // 5. Scale: throughput of 64 busy vGPUs vs 1 alone; memory per idle vGPU.
-    let one = Fleet::start(&spec(Policy::EqualShare, 2), &[(busy, Params::default())])?;
+    let one = Fleet::start(
+        &spec(args.gpu, Policy::EqualShare, 2),
+        &[(busy, Params::default())],
+    )?;
     std::thread::sleep(Duration::from_secs_f64(secs));
     let solo: u64 = one.finish()?.iter().sum();
     let many = Fleet::start(
-        &spec(Policy::EqualShare, 2),
+        &spec(args.gpu, Policy::EqualShare, 2),
         &[(busy, Params::default()); 64],
     )?;
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -423,7 +434,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let scale64_ratio = all as f64 / solo.max(1) as f64;
     let rss0 = rss_kib();
     let idle = Fleet::start(
-        &spec(Policy::EqualShare, 2),
+        &spec(args.gpu, Policy::EqualShare, 2),
         &[(Load::Idle, Params::default()); 64],
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -435,7 +446,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let mut sw = Vec::new();
     for ms in [1, 2, 10] {
         let f = Fleet::start(
-            &spec(Policy::EqualShare, ms),
+            &spec(args.gpu, Policy::EqualShare, ms),
             &[(busy, Params::default()); 4],
         )?;
         let s = f.gpu.scheduler(0).ok_or("no scheduler")?;
@@ -449,12 +460,12 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 7. A hung vGPU among 4 busy ones: its watchdog (150 ms of GPU time) resets it alone.
     let four = [(busy, Params::default()); 4];
-    let f = Fleet::start(&spec(Policy::EqualShare, 2), &four)?;
+    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &four)?;
     std::thread::sleep(Duration::from_secs_f64(secs));
     let alone: u64 = f.finish()?.iter().sum();
     let mut loads = four.to_vec();
     loads.push((Load::Hung, Params::default()));
-    let f = Fleet::start(&spec(Policy::EqualShare, 2), &loads)?;
+    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &loads)?;
     let t0 = Instant::now();
     while f.done[4].load(Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(2));
@@ -469,7 +480,18 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let with_hung: u64 = f.finish()?[..4].iter().sum();
     let tdr_rate = (with_hung as f64 / phase.as_secs_f64()) / (alone as f64 / secs);
 
+    let submit_us = match args.gpu {
+        GpuKind::Soft => None,
+        GpuKind::Vulkan { device } => Some(
+            vgpu::backend::vulkan::VulkanGpu::new(device, 1 << 20)
+                .and_then(|g| g.submit_cost(200))
+                .map_err(|e| e.to_string())?
+                .as_secs_f64()
+                * 1e6,
+        ),
+    };
     let r = Report {
+        submit_us,
         tdr_neighbour_share_ratio: neighbour_share / 0.8,
         tdr_neighbour_rate_ratio: tdr_rate,
         tdr_reset_ms: reset_late.as_secs_f64() * 1e3,
@@ -520,6 +542,9 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
              of alone, reset {:.2} ms past the watchdog",
             r.tdr_neighbour_share_ratio, r.tdr_neighbour_rate_ratio, r.tdr_reset_ms
         );
+        if let Some(us) = r.submit_us {
+            println!("  Vulkan submission (submit + fence wait) median: {us:.1} µs");
+        }
     }
     Ok(())
 }

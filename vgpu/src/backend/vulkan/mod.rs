@@ -181,6 +181,23 @@ impl VulkanGpu {
     }
 }
 
+impl VulkanGpu {
+    /// The median wall time of one empty submission waited on its fence (the fixed cost of
+    /// each slice of a kernel and of each COPY/FILL group), over `n` on a new device.
+    pub fn submit_cost(&self, n: usize) -> Result<std::time::Duration, BackendError> {
+        let dev = self::device::Dev::new(self.inst.clone())?;
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            let t = std::time::Instant::now();
+            dev.run(|_, _| {})
+                .map_err(|_| BackendError::Vulkan("a submission failed".into()))?;
+            times.push(t.elapsed());
+        }
+        times.sort();
+        Ok(times[times.len() / 2])
+    }
+}
+
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

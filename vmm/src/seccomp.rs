@@ -591,6 +591,16 @@ mod tests {
             .expect("run the child")
     }
 
+    /// Every role's name in [`role`].
+    const ROLES: [&str; 6] = [
+        "main",
+        "vcpu",
+        "device",
+        "server",
+        "gpu-server",
+        "gpu-device",
+    ];
+
     fn role(name: &str) -> Thread {
         match name {
             "main" => Thread::Main,
@@ -694,14 +704,7 @@ mod tests {
 
     #[test]
     fn every_role_allows_what_it_needs() {
-        for r in [
-            "main",
-            "vcpu",
-            "device",
-            "server",
-            "gpu-server",
-            "gpu-device",
-        ] {
+        for r in ROLES {
             let st = run_child(&format!("allowed:{r}"));
             assert_eq!(st.code(), Some(0), "{r}: {st:?}");
         }
@@ -715,14 +718,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_the_process_with_sigsys() {
-        for r in [
-            "main",
-            "vcpu",
-            "device",
-            "server",
-            "gpu-server",
-            "gpu-device",
-        ] {
+        for r in ROLES {
             let st = run_child(&format!("socket:{r}"));
             assert_eq!(st.signal(), Some(libc::SIGSYS), "{r}: {st:?}");
         }

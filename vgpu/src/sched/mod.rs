@@ -548,6 +548,7 @@ mod tests {
 
     #[test]
     fn real_threads_share_and_preempt() {
+        let _alone = crate::tests::measuring_alone();
         let s = Scheduler::new(
             Policy::EqualShare,
             Duration::from_millis(2),

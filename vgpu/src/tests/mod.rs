@@ -24,6 +24,14 @@ impl MsiSink for Msis {
     }
 }
 
+/// Serialises the tests that measure time shares on real threads with those that keep the
+/// CPUs busy (the Vulkan tests: lavapipe's threads): on a 2-core host the latter would make
+/// the former measure the host.
+pub(crate) fn measuring_alone() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const RAM: u64 = 16 << 20;
 const VRAM: u64 = 4 << 20;
 const RW: u64 = pte::PRESENT | pte::WRITABLE;

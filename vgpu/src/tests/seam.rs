@@ -60,6 +60,7 @@ fn another_backend_runs_every_command_through_the_seam() {
 /// VRAM imported into the vGPU's own Vulkan device, copies and fills recorded as commands.
 #[test]
 fn vulkan_runs_copies_and_fills() {
+    let _alone = measuring_alone();
     let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
         return;
     };
@@ -88,6 +89,7 @@ fn vulkan_runs_copies_and_fills() {
 /// integers, and floats through the same fused multiply-adds in the same order).
 #[test]
 fn vulkan_runs_every_kernel_like_the_cpu() {
+    let _alone = measuring_alone();
     let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
         return;
     };
@@ -104,6 +106,7 @@ fn vulkan_runs_every_kernel_like_the_cpu() {
 /// doubled for the two results compared). On a device whose `fma` is fused they are equal.
 #[test]
 fn vulkan_and_soft_agree() {
+    let _alone = measuring_alone();
     let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
         return;
     };
@@ -221,6 +224,7 @@ fn vulkan_and_soft_agree() {
 /// (its own device) goes on meanwhile, and the vGPU works again after the reset.
 #[test]
 fn a_lost_vulkan_device_resets_its_vgpu_alone() {
+    let _alone = measuring_alone();
     let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
         return;
     };

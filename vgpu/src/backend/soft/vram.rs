@@ -61,6 +61,11 @@ impl SoftVram {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// The start of the host mapping (valid for as long as this `SoftVram`).
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host_addr as *mut u8
+    }
 }
 
 impl Vram for SoftVram {

@@ -1,22 +1,17 @@
 //! One vGPU on Vulkan: its own logical device (a GPU address space and a failure domain of its
 //! own), host memory imported as buffers, its VRAM, and the guest RAM it may reach.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ash::vk;
-use devices::pci::HostMemory;
 use vgpu_abi::fault;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::pipelines::Pipeline;
 use super::{Instance, vk_err};
-use crate::backend::{Aperture, BackendError, Import, Vram, memfd};
+use crate::backend::soft::SoftVram;
+use crate::backend::{Aperture, BackendError, Import, Vram};
 use crate::domain::DmaDomain;
 use crate::mem::{Fault, Spaces};
 
@@ -518,16 +513,14 @@ pub(super) struct VulkanVram {
     inst: Arc<Instance>,
     state: Mutex<Arc<DevVram>>,
     rebound: Mutex<Option<Rebound>>,
-    mapping: GuestMemoryMmap,
-    file: File,
-    size: u64,
-    host_addr: u64,
+    /// The memory itself, as the software GPU keeps it (a sealed memfd and its mapping).
+    host: SoftVram,
 }
 
 impl std::fmt::Debug for VulkanVram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VulkanVram")
-            .field("size", &self.size)
+            .field("size", &self.host.size())
             .finish_non_exhaustive()
     }
 }
@@ -542,38 +535,23 @@ pub(super) struct Bound {
 
 impl VulkanVram {
     pub(super) fn new(inst: Arc<Instance>, size: u64) -> Result<Self, BackendError> {
-        let err = |source| BackendError::Vram { size, source };
-        let file = memfd("tessera-vram", size, true).map_err(err)?;
-        let mapping = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            size as usize,
-            Some(FileOffset::new(file.try_clone().map_err(err)?, 0)),
-        )])
-        .map_err(BackendError::Map)?;
-        let host_addr = mapping
-            .iter()
-            .next()
-            .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
-            .ok_or_else(|| BackendError::Vulkan("VRAM has no host mapping".into()))?;
-        let state = Self::device(&inst, host_addr, size)?;
+        let host = SoftVram::new(size)?;
+        let state = Self::device(&inst, &host)?;
         Ok(VulkanVram {
             inst,
             state: Mutex::new(Arc::new(state)),
             rebound: Mutex::new(None),
-            mapping,
-            file,
-            size,
-            host_addr: host_addr as u64,
+            host,
         })
     }
 
-    /// A new device with the VRAM at `host` (`size` bytes of `mapping`) imported.
-    fn device(inst: &Arc<Instance>, host: *mut u8, size: u64) -> Result<DevVram, BackendError> {
+    /// A new device with `host` imported.
+    fn device(inst: &Arc<Instance>, host: &SoftVram) -> Result<DevVram, BackendError> {
         let dev = Dev::new(inst.clone())?;
         // SAFETY: the VRAM mapping is one page-aligned mapping of `size` bytes that the
         // `VulkanVram` keeps for as long as any `DevVram` of it (a launch's `Bound` holds an
         // `Arc` of one only while the vGPU, and so its VRAM, lives).
-        let buffer = unsafe { dev.import(host, size) }?;
+        let buffer = unsafe { dev.import(host.host_ptr(), host.size()) }?;
         Ok(DevVram { dev, buffer })
     }
 
@@ -667,63 +645,35 @@ fn import_into(
 
 impl Vram for VulkanVram {
     fn size(&self) -> u64 {
-        self.size
+        self.host.size()
     }
 
     fn aperture(&self) -> Aperture<'_> {
-        // SAFETY: `host_addr` starts the mapping of all `size` bytes that `mapping` holds; the
-        // handle holds a clone of it (reference-counted regions), so it outlives every holder.
-        let memory =
-            unsafe { HostMemory::new(self.host_addr, self.size, Arc::new(self.mapping.clone())) };
-        Aperture::Mapped {
-            memory,
-            file: &self.file,
-        }
+        self.host.aperture()
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.mapping
-            .read_slice(buf, GuestAddress(offset))
-            .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))
+        self.host.read(offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Fault> {
-        self.mapping
-            .write_slice(buf, GuestAddress(offset))
-            .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))
+        self.host.write(offset, buf)
     }
 
     fn scrub(&self) {
-        // SAFETY: fallocate on our own memfd; the range lies inside the file. The GPU sees
-        // the same pages (zero after the punch): the import pins nothing.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                self.size as libc::off_t,
-            )
-        };
+        // The device sees the same pages: zero after the punch (the import pins nothing).
+        self.host.scrub();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.dev.is_lost() {
             // A reset after a device loss: this vGPU gets a new device (its neighbours never
             // had this one).
-            match Self::device(&self.inst, self.host_addr as *mut u8, self.size) {
+            match Self::device(&self.inst, &self.host) {
                 Ok(fresh) => {
                     tracing::warn!("Vulkan device lost: the vGPU has a new one");
                     *state = Arc::new(fresh);
                 }
                 Err(e) => tracing::error!("cannot replace a lost Vulkan device: {e}"),
             }
-        }
-        let s = state.clone();
-        drop(state);
-        if rc != 0 {
-            let _ = s.dev.run(|d, cmd| {
-                // SAFETY: recording into the device's command buffer; its VRAM buffer is
-                // `size` bytes.
-                unsafe { d.cmd_fill_buffer(cmd, s.buffer.buffer, 0, vk::WHOLE_SIZE, 0) }
-            });
         }
     }
 

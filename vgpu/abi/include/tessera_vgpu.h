@@ -68,6 +68,7 @@
 #define TVGPU_CAP_TIMESTAMPS               0x4ULL
 #define TVGPU_CAP_WAIT                     0x8ULL
 #define TVGPU_CAP_TAIL_SHADOW              0x10ULL
+#define TVGPU_CAP_VRAM_TRAPPED             0x20ULL
 #define TVGPU_STATUS_READY                 0x1ULL
 #define TVGPU_STATUS_FAULTED               0x2ULL
 #define TVGPU_INT_FAULT                    0x1ULL

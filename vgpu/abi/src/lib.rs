@@ -191,6 +191,10 @@ pub mod caps {
     pub const WAIT: u32 = 1 << 3;
     /// Tail shadows, doorbells and tail polling (`CTX_TAIL_ADDR`, `CTX_CONTROL.POLL`).
     pub const TAIL_SHADOW: u32 = 1 << 4;
+    /// The VRAM aperture (BAR 2) traps: every access is a register-like round trip to the
+    /// device (a GPU whose VRAM the host cannot map). It still reads and writes VRAM, but
+    /// slowly: move bulk data with `COPY` from system memory instead.
+    pub const VRAM_TRAPPED: u32 = 1 << 5;
 }
 
 /// `STATUS` bits.
@@ -438,7 +442,7 @@ defines! {
     "CTX_TAIL_ADDR_LO" = regs::CTX_TAIL_ADDR_LO, "CTX_TAIL_ADDR_HI" = regs::CTX_TAIL_ADDR_HI,
     "CAP_HUGE_PAGES" = caps::HUGE_PAGES, "CAP_SYSMEM" = caps::SYSMEM,
     "CAP_TIMESTAMPS" = caps::TIMESTAMPS, "CAP_WAIT" = caps::WAIT,
-    "CAP_TAIL_SHADOW" = caps::TAIL_SHADOW,
+    "CAP_TAIL_SHADOW" = caps::TAIL_SHADOW, "CAP_VRAM_TRAPPED" = caps::VRAM_TRAPPED,
     "STATUS_READY" = status::READY, "STATUS_FAULTED" = status::FAULTED,
     "INT_FAULT" = int::FAULT, "INT_FENCE_SHIFT" = 16,
     "CTX_CONTROL_ENABLE" = ctx_control::ENABLE, "CTX_CONTROL_RESET" = ctx_control::RESET,

@@ -14,7 +14,16 @@ impl Vgpu {
                 u32::from(vgpu_abi::VERSION_MAJOR) << 16 | u32::from(vgpu_abi::VERSION_MINOR)
             }
             regs::CAPS => {
-                caps::HUGE_PAGES | caps::SYSMEM | caps::TIMESTAMPS | caps::WAIT | caps::TAIL_SHADOW
+                let trapped = match sh.vram.aperture() {
+                    Aperture::Trapped => caps::VRAM_TRAPPED,
+                    Aperture::Mapped { .. } => 0,
+                };
+                caps::HUGE_PAGES
+                    | caps::SYSMEM
+                    | caps::TIMESTAMPS
+                    | caps::WAIT
+                    | caps::TAIL_SHADOW
+                    | trapped
             }
             regs::NUM_CONTEXTS => sh.contexts,
             regs::VRAM_SIZE_LO => vram as u32,

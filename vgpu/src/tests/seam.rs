@@ -21,8 +21,15 @@ fn another_backend_runs_every_command_through_the_seam() {
     assert!(Calls::get(&c.vram_accesses) > 0);
 
     let mut g = Gpu::on(inline.clone());
-    // The aperture is trapped: no host mapping for the VMM, accesses go to the backend.
+    // The aperture is trapped: no host mapping for the VMM, accesses go to the backend, and
+    // the guest can read so.
     assert!(g.dev.bar_memory(pci::BAR_VRAM).is_none());
+    assert_ne!(g.r(regs::CAPS) & vgpu_abi::caps::VRAM_TRAPPED, 0);
+    assert_eq!(
+        Gpu::new().r(regs::CAPS) & vgpu_abi::caps::VRAM_TRAPPED,
+        0,
+        "the software GPU maps its aperture"
+    );
     g.dev.write_bar(pci::BAR_VRAM, 0x40, &[1, 2, 3, 4]);
     let mut w = [0u8; 4];
     g.spaces.vram.read(0x40, &mut w).unwrap();

@@ -49,6 +49,41 @@ fn one_vcpu_64m_reports_cpus_memory_and_host_bridge() {
     assert!(out.contains("tessera-fw: cmdline \"run=info\""), "{out}");
 }
 
+/// A Cloud Hypervisor command line runs unchanged where the flags mean the same: shared
+/// memory, `max` equal to `boot`, `--serial tty`, `--console off`, a device `id`, and
+/// `--serial null` (COM1 present, output dropped).
+#[test]
+fn cloud_hypervisor_flags_that_mean_the_same_are_accepted() {
+    let Some(fw) = firmware() else { return };
+    let fw = fw.to_str().expect("utf-8");
+    for serial in ["tty", "null"] {
+        let (status, out, err) = run_tessera(
+            &[
+                "vm",
+                "--kernel",
+                fw,
+                "--cmdline",
+                "run=info exit=3",
+                "--cpus",
+                "boot=1,max=1",
+                "--memory",
+                "size=64M,shared=on",
+                "--serial",
+                serial,
+                "--console",
+                "off",
+            ],
+            &[],
+        );
+        assert_eq!(status.code(), Some(3), "{serial}: {err}");
+        assert_eq!(
+            out.contains("tessera-fw: exit 3"),
+            serial == "tty",
+            "{serial}: {out}"
+        );
+    }
+}
+
 #[test]
 fn two_vcpus_are_reported() {
     let Some((code, out)) = boot("boot=2", "") else {

@@ -88,7 +88,8 @@ pub struct MemoryConfig {
 
 impl MemoryConfig {
     /// Accepted syntax.
-    pub const SYNTAX: &'static str = "size=<bytes>[K|M|G] or just <bytes>[K|M|G], e.g. 256M";
+    pub const SYNTAX: &'static str =
+        "size=<bytes>[K|M|G][,shared=on] or just <bytes>[K|M|G], e.g. 256M";
 }
 
 impl Default for MemoryConfig {
@@ -105,6 +106,14 @@ impl FromStr for MemoryConfig {
         for (k, v) in pairs(s, "size", "--memory", Self::SYNTAX)? {
             match k {
                 "size" => size = Some(parse_size(v).ok_or_else(|| err(format!("bad size {v:?}")))?),
+                // Cloud Hypervisor's flag: Tessera's guest RAM is always a shared memfd.
+                "shared" if v == "on" => {}
+                "shared" => {
+                    return Err(err(format!(
+                        "shared={v}: guest RAM is always shared (a memfd that vfio-user servers \
+                         map); only shared=on is accepted"
+                    )));
+                }
                 other => return Err(err(format!("unknown key {other:?}"))),
             }
         }
@@ -139,7 +148,7 @@ pub struct CpusConfig {
 impl CpusConfig {
     /// Accepted syntax.
     pub const SYNTAX: &'static str =
-        "boot=<n>[,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just <n>";
+        "boot=<n>[,max=<n>][,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just <n>";
 }
 
 impl Default for CpusConfig {
@@ -157,8 +166,16 @@ impl FromStr for CpusConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |m: String| syntax("--cpus", Self::SYNTAX, m);
         let mut c = CpusConfig::default();
+        let mut max = None;
         for (k, v) in pairs(s, "boot", "--cpus", Self::SYNTAX)? {
             match k {
+                // Cloud Hypervisor's flag: without CPU hotplug, max can only be boot.
+                "max" => {
+                    max = Some(
+                        v.parse::<u32>()
+                            .map_err(|_| err(format!("bad vCPU count {v:?}")))?,
+                    )
+                }
                 "boot" => {
                     let n: u32 = v
                         .parse()
@@ -186,6 +203,12 @@ impl FromStr for CpusConfig {
                 other => return Err(err(format!("unknown key {other:?}"))),
             }
         }
+        if let Some(m) = max.filter(|&m| m != u32::from(c.boot)) {
+            return Err(err(format!(
+                "max={m}: Tessera has no CPU hotplug, so max must equal boot ({})",
+                c.boot
+            )));
+        }
         Ok(c)
     }
 }
@@ -198,22 +221,36 @@ pub enum SerialConfig {
     Stdio,
     /// Output appended to a file; no input.
     File(PathBuf),
+    /// COM1 present, its output discarded (Cloud Hypervisor's `null`).
+    Null,
     /// No COM1 at all.
     Off,
 }
 
 impl SerialConfig {
     /// Accepted syntax.
-    pub const SYNTAX: &'static str = "stdio | file=<path> | off";
+    pub const SYNTAX: &'static str = "stdio (or tty) | file=<path> | null | off";
 }
 
 impl FromStr for SerialConfig {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
-            None if s == "stdio" => Ok(SerialConfig::Stdio),
+            // `tty` is Cloud Hypervisor's name for the VMM's terminal.
+            None if s == "stdio" || s == "tty" => Ok(SerialConfig::Stdio),
             None if s == "off" => Ok(SerialConfig::Off),
+            None if s == "null" => Ok(SerialConfig::Null),
             Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            None if s == "pty" => Err(syntax(
+                "--serial",
+                Self::SYNTAX,
+                "pty (Cloud Hypervisor's) is not supported: use tty, file=, null or off".into(),
+            )),
+            Some(("socket", _)) => Err(syntax(
+                "--serial",
+                Self::SYNTAX,
+                "socket= (Cloud Hypervisor's) is not supported: use tty, file=, null or off".into(),
+            )),
             _ => Err(syntax(
                 "--serial",
                 Self::SYNTAX,
@@ -283,6 +320,30 @@ impl FromStr for VgpuConfig {
     }
 }
 
+/// `--console`: Cloud Hypervisor's virtio console. Tessera has none, so only `off` (what a
+/// Cloud Hypervisor command line with `--serial tty` says) is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConsoleConfig;
+
+impl ConsoleConfig {
+    /// Accepted syntax.
+    pub const SYNTAX: &'static str = "off";
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(ConsoleConfig);
+        }
+        Err(syntax(
+            "--console",
+            Self::SYNTAX,
+            format!("{s:?}: Tessera has no virtio console (use --serial for the guest's console)"),
+        ))
+    }
+}
+
 /// `--user-device`: a device served by another process over vfio-user (a Tessera vGPU from
 /// `tessera serve`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,11 +353,13 @@ pub struct UserDeviceConfig {
     /// A user besides this one and root that the socket (and the directories above it) may
     /// belong to: the server's user.
     pub owner: Option<u32>,
+    /// Cloud Hypervisor's device id (used in messages).
+    pub id: Option<String>,
 }
 
 impl UserDeviceConfig {
     /// Accepted syntax.
-    pub const SYNTAX: &'static str = "socket=<path>[,owner=<uid>] or just <path>";
+    pub const SYNTAX: &'static str = "socket=<path>[,owner=<uid>][,id=<name>] or just <path>";
 
     /// The users the socket and its directories may belong to (root always may).
     pub fn trusted(&self) -> Vec<u32> {
@@ -312,8 +375,21 @@ impl FromStr for UserDeviceConfig {
         let err = |m: String| syntax("--user-device", Self::SYNTAX, m);
         let mut socket = None;
         let mut owner = None;
+        let mut id = None;
         for (k, v) in pairs(s, "socket", "--user-device", Self::SYNTAX)? {
             match k {
+                "id" if !v.is_empty()
+                    && v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                {
+                    id = Some(v.to_string())
+                }
+                "id" => {
+                    return Err(err(format!(
+                        "id={v:?}: expected 1-64 letters, digits, '-' or '_'"
+                    )));
+                }
                 "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
                 "socket" => return Err(err("socket is empty".into())),
                 "owner" => {
@@ -328,6 +404,7 @@ impl FromStr for UserDeviceConfig {
         Ok(UserDeviceConfig {
             socket: socket.ok_or_else(|| err("socket is missing".into()))?,
             owner,
+            id,
         })
     }
 }
@@ -380,6 +457,16 @@ mod tests {
         assert_eq!("256M".parse::<MemoryConfig>().unwrap().size, 256 << 20);
         assert_eq!("size=1G".parse::<MemoryConfig>().unwrap().size, 1 << 30);
         assert_eq!("65536K".parse::<MemoryConfig>().unwrap().size, 64 << 20);
+        // Cloud Hypervisor's spelling.
+        assert_eq!(
+            "size=128M,shared=on".parse::<MemoryConfig>().unwrap().size,
+            128 << 20
+        );
+        let e = "size=128M,shared=off"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("always shared"), "{e}");
         for bad in [
             "",
             "garbage",
@@ -409,6 +496,13 @@ mod tests {
         assert_eq!(c.boot, 4);
         assert_eq!(c.hide.len(), 2);
         assert!(!c.pvm_defaults);
+        assert_eq!("boot=2,max=2".parse::<CpusConfig>().unwrap().boot, 2);
+        assert_eq!("max=3,boot=3".parse::<CpusConfig>().unwrap().boot, 3);
+        let e = "boot=1,max=2"
+            .parse::<CpusConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no CPU hotplug"), "{e}");
         for bad in [
             "0",
             "boot=0",
@@ -464,7 +558,9 @@ mod tests {
             "file=/tmp/x".parse::<SerialConfig>().unwrap(),
             SerialConfig::File("/tmp/x".into())
         );
-        for bad in ["", "tty", "file=", "pty=1"] {
+        assert_eq!("tty".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!("null".parse::<SerialConfig>().unwrap(), SerialConfig::Null);
+        for bad in ["", "pty", "socket=/tmp/s", "file=", "pty=1"] {
             assert!(
                 bad.parse::<SerialConfig>().is_err(),
                 "{bad:?} must be rejected"

@@ -296,6 +296,7 @@ impl Vm {
                     source,
                 },
             )?)),
+            SerialConfig::Null => Some(Box::new(std::io::sink())),
             SerialConfig::Off => None,
         };
 

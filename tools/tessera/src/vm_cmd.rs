@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmm::config::{CpusConfig, MemoryConfig, SerialConfig, UserDeviceConfig, VgpuConfig, VmConfig};
+use vmm::config::{
+    ConsoleConfig, CpusConfig, MemoryConfig, SerialConfig, UserDeviceConfig, VgpuConfig, VmConfig,
+};
 use vmm::{ExitReason, Vm, error_chain};
 
 use crate::{EXIT_FAILURE, EXIT_USAGE};
@@ -21,15 +23,23 @@ pub struct VmArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
-    /// vCPUs: boot=<n>[,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just <n>.
+    /// vCPUs: boot=<n>[,max=<n>][,hide=<feature>[:<feature>...]][,pvm_hide=on|off] or just
+    /// <n> (max, Cloud Hypervisor's, must equal boot: no hotplug).
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     cpus: CpusConfig,
-    /// Guest RAM: size=<bytes>[K|M|G] or just <bytes>[K|M|G].
+    /// Guest RAM: size=<bytes>[K|M|G][,shared=on] or just <bytes>[K|M|G] (always shared).
     #[arg(long, value_name = "size=SIZE", default_value = "size=256M")]
     memory: MemoryConfig,
-    /// COM1: stdio | file=<path> | off.
-    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    /// COM1: stdio (or tty) | file=<path> | null (present, output discarded) | off (absent).
+    #[arg(
+        long,
+        value_name = "stdio|tty|file=PATH|null|off",
+        default_value = "stdio"
+    )]
     serial: SerialConfig,
+    /// Cloud Hypervisor's virtio console: Tessera has none, so only off is accepted.
+    #[arg(long, value_name = "off", default_value = "off")]
+    console: ConsoleConfig,
     /// An in-process vGPU on a private GPU (see --gpu): profile=<name> (64M, 256M, 1G).
     /// Repeat for more.
     #[arg(long, value_name = "profile=NAME")]
@@ -37,8 +47,8 @@ pub struct VmArgs {
     /// The GPU under the in-process vGPUs: soft, or a Vulkan device: vulkan[,device=N].
     #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
     gpu: vgpu::physical::GpuKind,
-    /// A vGPU served by `tessera serve` over vfio-user: socket=<path> (the Cloud Hypervisor
-    /// flag; see `tessera vgpu create`). Repeat for more.
+    /// A vGPU served by `tessera serve` over vfio-user: socket=<path>[,owner=<uid>][,id=<name>]
+    /// (the Cloud Hypervisor flag; see `tessera vgpu create`). Repeat for more.
     #[arg(long, value_name = "socket=PATH")]
     user_device: Vec<UserDeviceConfig>,
     /// Sandbox the VMM's threads with seccomp filters (false: for debugging only).
@@ -54,6 +64,7 @@ fn kvm_path() -> PathBuf {
 }
 
 pub fn run(args: VmArgs) -> ExitCode {
+    let ConsoleConfig = args.console;
     let config = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,

@@ -142,6 +142,8 @@ pub struct BenchOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     pub run: RunMode,
+    /// `run=` named no mode this firmware has: the VM exits with status 2 (a usage error).
+    pub bad_run: bool,
     pub exit_status: u8,
     /// `pci=external`: configuration space, BAR decoding and the MSI-X table are emulated
     /// by a VMM other than Tessera.
@@ -154,6 +156,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             run: RunMode::Info,
+            bad_run: false,
             exit_status: 0,
             external_pci: false,
             bench: BenchOptions {
@@ -231,6 +234,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
                     b"load" => Some(RunMode::Load),
                     _ => None,
                 };
+                opts.bad_run = run.is_none();
                 run.map(|r| opts.run = r).is_some()
             }
             b"exit" => parse_u8(value).map(|s| opts.exit_status = s).is_some(),

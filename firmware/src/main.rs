@@ -64,6 +64,13 @@ pub extern "C" fn main(start_info: u64) -> ! {
     report_pci();
 
     let opts = cmdline::parse(cmdline, report_ignored);
+    if opts.bad_run {
+        // A typo in the mode must not look like a pass to a script.
+        fw_println!(
+            "unknown run mode (info, echo, panic, fault, conformance, bench-latency, bench-throughput, first-fence, load)"
+        );
+        exit(2);
+    }
 
     match opts.run {
         RunMode::Info => {}

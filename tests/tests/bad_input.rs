@@ -276,6 +276,23 @@ fn more_devices_than_pci_slots_is_a_usage_error() {
     );
 }
 
+/// A `--json` command that fails says why on stdout too, as JSON a script can parse.
+#[test]
+fn json_failures_are_json_on_stdout() {
+    for args in [
+        &["vgpu", "--dir", "/nonexistent/tessera", "--json", "list"][..],
+        &["top", "--dir", "/nonexistent/tessera", "--json", "-n", "1"][..],
+    ] {
+        let (status, out, err) = run_tessera(args, &[]);
+        assert!(!status.success(), "{args:?}");
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        assert_eq!(v["ok"], false, "{out}");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty() && err.contains(msg), "{out} / {err}");
+    }
+}
+
 #[test]
 fn bad_serve_flags_are_usage_errors() {
     for (flag, value, needle) in [

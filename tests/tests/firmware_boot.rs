@@ -84,6 +84,17 @@ fn cloud_hypervisor_flags_that_mean_the_same_are_accepted() {
     }
 }
 
+/// A typo in the firmware's mode is a usage error (status 2), not a pass.
+#[test]
+fn an_unknown_run_mode_is_status_2() {
+    let Some((code, out)) = boot("1", "run=conformanse") else {
+        return;
+    };
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("invalid option run=conformanse"), "{out}");
+    assert!(out.contains("unknown run mode"), "{out}");
+}
+
 #[test]
 fn two_vcpus_are_reported() {
     let Some((code, out)) = boot("boot=2", "") else {

@@ -386,8 +386,14 @@ enum VgpuCommand {
     },
 }
 
-fn client_error(e: &ControlError) -> ExitCode {
-    eprintln!("tessera: {}", error_chain(e));
+/// Reports a failed request: the line on stderr and, for `--json`, a JSON error object on
+/// stdout, so a script reading stdout learns why too.
+fn client_error(e: &ControlError, json: bool) -> ExitCode {
+    let msg = error_chain(e);
+    eprintln!("tessera: {msg}");
+    if json {
+        println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+    }
     ExitCode::from(match e {
         ControlError::Refused(_) => EXIT_USAGE,
         _ => EXIT_FAILURE,
@@ -430,7 +436,7 @@ pub fn vgpu(args: VgpuArgs) -> ExitCode {
     let result = ControlClient::connect(&args.server.dir).and_then(|mut c| c.request(&req));
     let v = match result {
         Ok(v) => v,
-        Err(e) => return client_error(&e),
+        Err(e) => return client_error(&e, args.server.json),
     };
     if args.server.json {
         println!("{v:#}");
@@ -516,7 +522,7 @@ pub struct TopArgs {
 pub fn top(args: TopArgs) -> ExitCode {
     let mut client = match ControlClient::connect(&args.server.dir) {
         Ok(c) => c,
-        Err(e) => return client_error(&e),
+        Err(e) => return client_error(&e, args.server.json),
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut n = 0;
@@ -528,7 +534,7 @@ pub fn top(args: TopArgs) -> ExitCode {
         };
         let v = match client.request(&req) {
             Ok(v) => v,
-            Err(e) => return client_error(&e),
+            Err(e) => return client_error(&e, args.server.json),
         };
         if tty && !args.server.json && !args.prometheus {
             // Clear the screen between snapshots.

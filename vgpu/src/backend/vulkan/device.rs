@@ -283,15 +283,7 @@ impl Dev {
         let memory = unsafe { self.device.allocate_memory(&info, None) }
             .map_err(vk_err("cannot import host memory"))?;
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let binfo = vk::BufferCreateInfo::default()
-            .size(len)
-            .usage(
-                vk::BufferUsageFlags::TRANSFER_SRC
-                    | vk::BufferUsageFlags::TRANSFER_DST
-                    | vk::BufferUsageFlags::STORAGE_BUFFER,
-            )
-            .sharing_mode(vk::SharingMode::EXCLUSIVE)
-            .push_next(&mut external);
+        let binfo = buffer_info(len).push_next(&mut external);
         let free = |m| {
             // SAFETY: `m` was allocated above and nothing uses it.
             unsafe { self.device.free_memory(m, None) }
@@ -319,6 +311,18 @@ impl Dev {
     }
 }
 
+/// A buffer of `len` bytes that copies and shaders use.
+fn buffer_info<'a>(len: u64) -> vk::BufferCreateInfo<'a> {
+    vk::BufferCreateInfo::default()
+        .size(len)
+        .usage(
+            vk::BufferUsageFlags::TRANSFER_SRC
+                | vk::BufferUsageFlags::TRANSFER_DST
+                | vk::BufferUsageFlags::STORAGE_BUFFER,
+        )
+        .sharing_mode(vk::SharingMode::EXCLUSIVE)
+}
+
 /// Descriptor sets one device can have at once (one per running kernel).
 const MAX_SETS: u32 = 16;
 
@@ -327,14 +331,7 @@ impl Dev {
     /// copy of an operand).
     pub(super) fn staging(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
         let len = len.max(4).next_multiple_of(4);
-        let binfo = vk::BufferCreateInfo::default()
-            .size(len)
-            .usage(
-                vk::BufferUsageFlags::TRANSFER_SRC
-                    | vk::BufferUsageFlags::TRANSFER_DST
-                    | vk::BufferUsageFlags::STORAGE_BUFFER,
-            )
-            .sharing_mode(vk::SharingMode::EXCLUSIVE);
+        let binfo = buffer_info(len);
         // SAFETY: the device is live; `binfo` lives across the call.
         let buffer = unsafe { self.device.create_buffer(&binfo, None) }?;
         // SAFETY: the buffer was just made on this device.

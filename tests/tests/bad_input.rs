@@ -287,7 +287,11 @@ fn json_failures_are_json_on_stdout() {
         assert!(!status.success(), "{args:?}");
         let v: serde_json::Value =
             serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
-        assert_eq!(v["ok"], false, "{out}");
+        assert_eq!(
+            (&v["ok"], &v["schema"]),
+            (&false.into(), &1.into()),
+            "{out}"
+        );
         let msg = v["error"].as_str().unwrap_or_default();
         assert!(!msg.is_empty() && err.contains(msg), "{out} / {err}");
     }

@@ -38,6 +38,11 @@ fn four_busy_vms_share_equally() {
     };
     let jain = field(&out, "jain_busy");
     assert!(jain[0] >= 0.99, "{out}");
+    assert_eq!(
+        field(&out, "schema"),
+        [1.0],
+        "every JSON document says its schema: {out}"
+    );
     for share in field(&out, "share") {
         assert!((share - 0.25).abs() < 0.03, "{out}");
     }

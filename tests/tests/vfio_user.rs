@@ -354,6 +354,10 @@ fn conformance_over_vfio_user(name: &str, gpu: &str, says: &str) {
     let server = Server::start(name, &["--gpu", gpu]);
     let types = server.ok(&["vgpu", "types"]);
     assert!(types.starts_with(says), "{types}");
+    // Scripts can ask what they talk to.
+    let v = server.json(&["vgpu", "version"]);
+    assert_eq!(v["schema"], 1, "{v}");
+    assert!(v["version"].is_string(), "{v}");
     let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "own"]);
     let mut vm = user_vm(sock.trim(), "run=conformance");
     let status = vm.wait(Duration::from_secs(120));

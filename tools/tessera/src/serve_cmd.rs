@@ -347,6 +347,8 @@ pub struct VgpuArgs {
 enum VgpuCommand {
     /// The vGPU types and how many more of each fit.
     Types,
+    /// The server's version and the control protocol's (schema).
+    Version,
     /// Create an instance; prints its socket for `--user-device socket=…`.
     Create {
         /// The type (see `tessera vgpu types`).
@@ -392,7 +394,14 @@ fn client_error(e: &ControlError, json: bool) -> ExitCode {
     let msg = error_chain(e);
     eprintln!("tessera: {msg}");
     if json {
-        println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": false,
+                "schema": vgpu_server::control::SCHEMA,
+                "error": msg,
+            })
+        );
     }
     ExitCode::from(match e {
         ControlError::Refused(_) => EXIT_USAGE,
@@ -411,6 +420,7 @@ fn gib(bytes: u64) -> String {
 pub fn vgpu(args: VgpuArgs) -> ExitCode {
     let req = match args.command {
         VgpuCommand::Types => Request::Types,
+        VgpuCommand::Version => Request::Version,
         VgpuCommand::Create {
             profile,
             name,
@@ -466,6 +476,7 @@ pub fn vgpu(args: VgpuArgs) -> ExitCode {
             }
         }
         Request::Create { .. } => println!("{}", s(&v["instance"], "socket")),
+        Request::Version => println!("tessera {} (schema {})", s(&v, "version"), s(&v, "schema")),
         Request::List => {
             println!(
                 "{:<16} {:<6} {:>4} {:>6} {:>4} {:<9} SOCKET",

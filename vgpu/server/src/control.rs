@@ -15,6 +15,10 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 << 10;
 
+/// The version of the control protocol and of every JSON document Tessera prints (the
+/// `schema` field): bumped when a field changes meaning or goes away.
+pub const SCHEMA: u32 = 1;
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -53,6 +57,8 @@ pub enum Request {
     Stats,
     /// Live statistics, Prometheus text (in `text`).
     Metrics,
+    /// The server's version and the protocol's (`schema`).
+    Version,
     /// Switches the scheduling policy and slice at run time.
     Policy {
         /// Policy name (best-effort, equal-share, fixed-share, fixed-quantum).

@@ -433,17 +433,26 @@ impl Daemon {
                 Ok(_) => {}
             }
             let answer = if line.len() > MAX_REQUEST {
-                json!({"ok": false, "error": "request too long"})
+                json!({"ok": false, "schema": control::SCHEMA, "error": "request too long"})
             } else {
                 match serde_json::from_slice::<Request>(&line) {
                     Ok(req) => match self.handle(req) {
                         Ok(mut v) => {
                             v["ok"] = json!(true);
+                            v["schema"] = json!(control::SCHEMA);
                             v
                         }
-                        Err(e) => json!({"ok": false, "error": devices::error_chain(&e)}),
+                        Err(e) => json!({
+                            "ok": false,
+                            "schema": control::SCHEMA,
+                            "error": devices::error_chain(&e),
+                        }),
                     },
-                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                    Err(e) => json!({
+                        "ok": false,
+                        "schema": control::SCHEMA,
+                        "error": format!("bad request: {e}"),
+                    }),
                 }
             };
             let mut out = answer.to_string();
@@ -505,6 +514,7 @@ impl Daemon {
                 "vgpus": self.stats(),
             })),
             Request::Metrics => Ok(json!({ "text": prometheus(&self.stats()) })),
+            Request::Version => Ok(json!({ "version": env!("CARGO_PKG_VERSION") })),
             Request::Policy { policy, slice_ms } => {
                 let policy: Policy = policy.parse().map_err(RequestError::Policy)?;
                 let slice = match slice_ms {

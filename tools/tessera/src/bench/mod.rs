@@ -72,9 +72,17 @@ pub fn median(samples: &[f64]) -> f64 {
     }
 }
 
-/// Prints a report as pretty JSON on stdout.
+/// Prints a report as pretty JSON on stdout, with the `schema` version every Tessera JSON
+/// document carries.
 pub fn print_json(report: &impl serde::Serialize) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    let mut v = serde_json::to_value(report).map_err(|e| e.to_string())?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "schema".into(),
+            serde_json::json!(vgpu_server::control::SCHEMA),
+        );
+    }
+    let text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
     println!("{text}");
     Ok(())
 }

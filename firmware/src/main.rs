@@ -165,10 +165,20 @@ fn terminate(status: u8) -> ! {
     // SAFETY: port 0xf4 is the debug-exit device; writing it ends the VM or,
     // where no device is there, does nothing.
     unsafe { io::outb(boot::DEBUG_EXIT_PORT, status) };
+    // Still running: a VMM without a debug-exit port. Cloud Hypervisor has an
+    // ACPI sleep control register at 0x600; S5 (powered off) ends its VM, with
+    // status 0 (the serial output says how the run went).
+    // SAFETY: an I/O port write; where no device decodes 0x600 it does nothing.
+    unsafe { io::outb(ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_S5) };
     loop {
         core::hint::spin_loop();
     }
 }
+
+/// Cloud Hypervisor's ACPI sleep control register (its `AcpiShutdownDevice`).
+const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// Sleep type 5 (soft off) with the sleep-enable bit: `SLP_TYP << 2 | SLP_EN`.
+const ACPI_SLEEP_S5: u8 = 5 << 2 | 1 << 5;
 
 /// Print `tessera-fw: exit <status>` and end the VM with that status.
 pub fn exit(status: u8) -> ! {

@@ -277,9 +277,11 @@ fn cloud_hypervisor_conformance(name: &str, gpu: &str, rounds: u64) {
             .args(["--serial", "tty", "--console", "off"]);
         let mut vm = Vmm::spawn_with(&mut cmd);
         vm.expect_line(" passed", Duration::from_secs(120));
+        // Cloud Hypervisor has no debug-exit port: the firmware powers off through its ACPI
+        // sleep register, and Cloud Hypervisor ends by itself.
+        let status = vm.wait(Duration::from_secs(60));
         vm.assert_conformance(40);
-        // Cloud Hypervisor has no debug-exit port: the firmware halts, and we stop the VMM.
-        drop(vm);
+        assert!(status.success(), "{status}");
         let inst = wait_attached(&server, "ch", false);
         assert_eq!(inst["attachments"], round);
     }

@@ -505,18 +505,31 @@ fn fuzz(args: &[String]) -> Result<()> {
     }
 }
 
+/// `cargo xtask --help`.
+const HELP: &str = "\
+usage: cargo xtask TASK
+  demo          build everything and run the demo (a VM with a vGPU, a shared GPU, the server)
+  test          what CI runs: formatting, clippy, the guest images, every test, the fuzz harnesses
+  firmware      build target/firmware/tessera-fw.elf
+  guest-images  build the Linux guests into target/guest/
+  deps          install what the benchmarks need (qemu-system-x86)
+  fuzz [TARGET] [--time S] [--jobs N]
+                run the cargo-fuzz targets (nightly)";
+
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
+        "-h" | "--help" | "help" => {
+            println!("{HELP}");
+            Ok(())
+        }
         "demo" => demo(),
         "test" => test(),
         "firmware" => firmware().map(|p| eprintln!("xtask: built {}", p.display())),
         "guest-images" => guest_images(),
         "deps" => apt_install(&["qemu-system-x86"]),
         "fuzz" => fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
-        _ => Err(format!(
-            "unknown task {task:?}; tasks: demo, test, firmware, guest-images, deps, fuzz"
-        )),
+        _ => Err(format!("unknown task {task:?}\n{HELP}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

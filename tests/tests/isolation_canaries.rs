@@ -21,7 +21,7 @@ fn every_forbidden_place_faults_with_its_code_and_no_canary_changes() {
 #[test]
 fn every_forbidden_place_faults_on_a_vulkan_gpu_too() {
     if tessera_tests::vulkan_available() {
-        forbidden_places(vgpu::physical::GpuKind::Vulkan { device: 0 });
+        forbidden_places(vgpu::physical::GpuKind::vulkan());
     }
 }
 

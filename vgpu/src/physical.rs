@@ -35,36 +35,83 @@ pub enum GpuKind {
     Vulkan {
         /// Device index.
         device: usize,
+        /// VRAM in the device's own memory, the aperture trapped (`memory=device`); else
+        /// host memory imported, the aperture mapped (`memory=host`, the default).
+        device_memory: bool,
     },
 }
 
 impl std::str::FromStr for GpuKind {
     type Err = String;
-    /// `soft`, `vulkan` or `vulkan,device=N`.
+    /// `soft`, or `vulkan[,device=N][,memory=host|device]`.
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once(',') {
-            None if s == "soft" => Ok(GpuKind::Soft),
-            None if s == "vulkan" => Ok(GpuKind::Vulkan { device: 0 }),
-            Some(("vulkan", opt)) => opt
-                .strip_prefix("device=")
-                .and_then(|n| n.parse().ok())
-                .filter(|n| *n < 64)
-                .map(|device| GpuKind::Vulkan { device })
-                .ok_or_else(|| format!("{opt:?}: expected device=N (a device index 0..64)")),
-            _ => Err(format!(
-                "unknown GPU {s:?} (soft, vulkan or vulkan,device=N)"
-            )),
+        let mut parts = s.split(',');
+        match parts.next() {
+            Some("soft") if s == "soft" => return Ok(GpuKind::Soft),
+            Some("vulkan") => {}
+            _ => {
+                return Err(format!(
+                    "unknown GPU {s:?} (soft, or vulkan[,device=N][,memory=host|device])"
+                ));
+            }
         }
+        let mut kind = GpuKind::vulkan();
+        for opt in parts {
+            kind.set_vulkan_option(opt)?;
+        }
+        Ok(kind)
     }
 }
 
 impl GpuKind {
+    /// Vulkan device 0 with host VRAM.
+    pub fn vulkan() -> Self {
+        GpuKind::Vulkan {
+            device: 0,
+            device_memory: false,
+        }
+    }
+
+    /// Applies one `key=value` option of a Vulkan GPU (`device=N`, `memory=host|device`).
+    pub fn set_vulkan_option(&mut self, opt: &str) -> Result<(), String> {
+        let GpuKind::Vulkan {
+            device,
+            device_memory,
+        } = self
+        else {
+            return Err(format!("{opt:?}: only a Vulkan GPU takes it"));
+        };
+        match opt.split_once('=') {
+            Some(("device", n)) => {
+                *device = n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n < 64)
+                    .ok_or_else(|| format!("device={n}: expected a device index 0..64"))?;
+            }
+            Some(("memory", "host")) => *device_memory = false,
+            Some(("memory", "device")) => *device_memory = true,
+            _ => {
+                return Err(format!("{opt:?}: expected device=N or memory=host|device"));
+            }
+        }
+        Ok(())
+    }
+
     /// A backend of this kind for one partition.
     pub fn backend(self, p: &PartitionSpec) -> Result<Arc<dyn GpuBackend>, BackendError> {
         Ok(match self {
             GpuKind::Soft => Arc::new(SoftGpu::new(p.vram, p.engines)?),
-            GpuKind::Vulkan { device } => {
-                Arc::new(crate::backend::vulkan::VulkanGpu::new(device, p.vram)?)
+            GpuKind::Vulkan {
+                device,
+                device_memory,
+            } => {
+                let gpu = crate::backend::vulkan::VulkanGpu::new(device, p.vram)?;
+                Arc::new(if device_memory {
+                    gpu.device_local()
+                } else {
+                    gpu
+                })
             }
         })
     }

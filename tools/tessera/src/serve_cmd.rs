@@ -36,7 +36,7 @@ impl std::str::FromStr for GpuArg {
         let mut parts = s.split(',');
         let kind = match parts.next() {
             Some("soft") => GpuKind::Soft,
-            Some("vulkan") => GpuKind::Vulkan { device: 0 },
+            Some("vulkan") => GpuKind::vulkan(),
             Some("cuda") => {
                 return Err("the CUDA backend is not built into this binary (issue 9)".into());
             }
@@ -58,13 +58,8 @@ impl std::str::FromStr for GpuArg {
                         .filter(|&n| n >= 64 << 20)
                         .ok_or_else(|| format!("vram={v}: expected a size of at least 64M"))?;
                 }
-                "device" if matches!(g.kind, GpuKind::Vulkan { .. }) => {
-                    let device = v
-                        .parse()
-                        .ok()
-                        .filter(|n| *n < 64)
-                        .ok_or_else(|| format!("device={v}: expected a device index 0..64"))?;
-                    g.kind = GpuKind::Vulkan { device };
+                "device" | "memory" if matches!(g.kind, GpuKind::Vulkan { .. }) => {
+                    g.kind.set_vulkan_option(kv)?;
                 }
                 "engines" if g.kind == GpuKind::Soft => {
                     g.engines = v
@@ -87,7 +82,7 @@ impl std::str::FromStr for GpuArg {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown vulkan GPU option {k:?} (device, vram, partitions)"
+                        "unknown vulkan GPU option {k:?} (device, memory, vram, partitions)"
                     ));
                 }
             }
@@ -169,7 +164,7 @@ fn raise_file_limit() {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The physical GPU: soft[,vram=SIZE][,engines=N][,partitions=N], or a Vulkan device:
-    /// vulkan[,device=N][,vram=SIZE][,partitions=N].
+    /// vulkan[,device=N][,memory=host|device][,vram=SIZE][,partitions=N].
     #[arg(
         long,
         value_name = "soft[,vram=8G,engines=N] | vulkan[,device=N,vram=8G]",
@@ -609,11 +604,19 @@ mod tests {
         let g: GpuArg = "vulkan,device=1,vram=2G,partitions=2".parse().unwrap();
         assert_eq!(
             (g.kind, g.vram, g.engines, g.partitions),
-            (GpuKind::Vulkan { device: 1 }, 2 << 30, 2, 2)
+            (
+                GpuKind::Vulkan {
+                    device: 1,
+                    device_memory: false
+                },
+                2 << 30,
+                2,
+                2
+            )
         );
         assert_eq!(
             "vulkan".parse::<GpuArg>().map(|g| g.kind),
-            Ok(GpuKind::Vulkan { device: 0 })
+            Ok(GpuKind::vulkan())
         );
         for bad in [
             "vulkan,engines=2",

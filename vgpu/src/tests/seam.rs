@@ -255,3 +255,23 @@ fn a_lost_vulkan_device_resets_its_vgpu_alone() {
     assert_eq!(a.run(0, T0, &[copy], 1), wait::DONE);
     assert_eq!(b.run(0, T0, &[copy], 3), wait::DONE);
 }
+
+/// VRAM in the device's own memory (a discrete GPU's way): the aperture traps and says so in
+/// `CAPS`, guest accesses to it still reach VRAM, and every command runs as with host VRAM.
+#[test]
+fn vulkan_device_local_vram_traps_and_runs_every_command() {
+    let _alone = measuring_alone();
+    let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
+        return;
+    };
+    let vk = Arc::new(vk.device_local());
+    let mut g = Gpu::on(vk.clone());
+    assert!(g.dev.bar_memory(pci::BAR_VRAM).is_none());
+    assert_ne!(g.r(regs::CAPS) & vgpu_abi::caps::VRAM_TRAPPED, 0);
+    g.dev.write_bar(pci::BAR_VRAM, 0x1234, &[5, 6, 7, 8]);
+    let mut w = [0u8; 4];
+    g.dev.read_bar(pci::BAR_VRAM, 0x1234, &mut w);
+    assert_eq!(w, [5, 6, 7, 8]);
+    copy_fill_fence(&mut Gpu::on(vk.clone()));
+    every_kernel(&mut Gpu::on(vk));
+}

@@ -482,7 +482,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     let submit_us = match args.gpu {
         GpuKind::Soft => None,
-        GpuKind::Vulkan { device } => Some(
+        GpuKind::Vulkan { device, .. } => Some(
             vgpu::backend::vulkan::VulkanGpu::new(device, 1 << 20)
                 .and_then(|g| g.submit_cost(200))
                 .map_err(|e| e.to_string())?

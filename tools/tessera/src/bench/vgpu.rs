@@ -344,7 +344,13 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         .ok_or_else(|| format!("unknown vGPU profile {:?}", args.profile))?;
     let gpu_flag = match args.gpu {
         GpuKind::Soft => "soft".to_string(),
-        GpuKind::Vulkan { device } => format!("vulkan,device={device}"),
+        GpuKind::Vulkan {
+            device,
+            device_memory,
+        } => format!(
+            "vulkan,device={device},memory={}",
+            if device_memory { "device" } else { "host" }
+        ),
     };
     let in_process = vec![
         "--vgpu".to_string(),

@@ -330,6 +330,26 @@ impl Dev {
     /// `len` bytes of device memory the host can map, bound to a buffer (a kernel's staging
     /// copy of an operand).
     pub(super) fn staging(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
+        let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
+        self.allocate(len, host, host)
+    }
+
+    /// `len` bytes of device-local memory (a vGPU's VRAM on a GPU whose VRAM the host cannot
+    /// map into a guest), mapped for the host too where the device allows it.
+    pub(super) fn device_local(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
+        let local = vk::MemoryPropertyFlags::DEVICE_LOCAL;
+        let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
+        self.allocate(len, local | host, local)
+    }
+
+    /// `len` bytes of memory of a type with `prefer` (else `require`), bound to a buffer and
+    /// mapped when host-visible.
+    fn allocate(
+        self: &Arc<Self>,
+        len: u64,
+        prefer: vk::MemoryPropertyFlags,
+        require: vk::MemoryPropertyFlags,
+    ) -> Result<DeviceBuffer, vk::Result> {
         let len = len.max(4).next_multiple_of(4);
         let binfo = buffer_info(len);
         // SAFETY: the device is live; `binfo` lives across the call.
@@ -337,11 +357,13 @@ impl Dev {
         // SAFETY: the buffer was just made on this device.
         let req = unsafe { self.device.get_buffer_memory_requirements(buffer) };
         let mem = &self.inst.memory;
-        let want = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-        let kind = (0..mem.memory_type_count).find(|&i| {
-            req.memory_type_bits & (1 << i) != 0
-                && mem.memory_types[i as usize].property_flags.contains(want)
-        });
+        let pick = |want: vk::MemoryPropertyFlags| {
+            (0..mem.memory_type_count).find(|&i| {
+                req.memory_type_bits & (1 << i) != 0
+                    && mem.memory_types[i as usize].property_flags.contains(want)
+            })
+        };
+        let kind = pick(prefer).or_else(|| pick(require));
         let destroy = || {
             // SAFETY: made above; nothing uses it.
             unsafe { self.device.destroy_buffer(buffer, None) }
@@ -371,16 +393,23 @@ impl Dev {
             free();
             return Err(e);
         }
-        // SAFETY: host-visible memory, not mapped yet.
-        let ptr = match unsafe {
-            self.device
-                .map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
-        } {
-            Ok(p) => p.cast::<u8>(),
-            Err(e) => {
-                free();
-                return Err(e);
+        let visible = mem.memory_types[kind as usize].property_flags.contains(
+            vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT,
+        );
+        let ptr = if visible {
+            // SAFETY: host-visible memory, not mapped yet.
+            match unsafe {
+                self.device
+                    .map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
+            } {
+                Ok(p) => Some(p.cast::<u8>()),
+                Err(e) => {
+                    free();
+                    return Err(e);
+                }
             }
+        } else {
+            None
         };
         Ok(DeviceBuffer {
             dev: self.clone(),
@@ -443,7 +472,8 @@ pub(super) struct DeviceBuffer {
     dev: Arc<Dev>,
     pub(super) buffer: vk::Buffer,
     memory: vk::DeviceMemory,
-    ptr: *mut u8,
+    /// The host mapping, for host-visible memory.
+    ptr: Option<*mut u8>,
     pub(super) len: u64,
 }
 
@@ -454,10 +484,34 @@ unsafe impl Send for DeviceBuffer {}
 unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
-    /// The mapped bytes (read them only when no submission writing them is in flight).
+    /// The mapped bytes (read them only when no submission writing them is in flight); empty
+    /// when the memory is not host-visible.
     pub(super) fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` bytes for as long as the memory lives (this struct).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+        match self.ptr {
+            // SAFETY: `p` maps `len` bytes for as long as the memory lives (this struct).
+            Some(p) => unsafe { std::slice::from_raw_parts(p, self.len as usize) },
+            None => &[],
+        }
+    }
+
+    /// Writes `data` at `offset` of a host-visible buffer; `false` when it is not mapped or
+    /// the range does not fit.
+    pub(super) fn write_at(&self, offset: u64, data: &[u8]) -> bool {
+        let fits = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|e| e <= self.len);
+        match self.ptr {
+            Some(p) if fits => {
+                // SAFETY: `offset` lies inside the `len` mapped bytes (checked).
+                let dst = unsafe { p.add(offset as usize) };
+                // SAFETY: `offset + data.len()` lies inside the mapping (checked); the memory
+                // is plain device memory that the device model writes only between the
+                // submissions that use it, like guest RAM.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -489,7 +543,25 @@ impl Drop for HostBuffer {
 /// A vGPU's device and its VRAM buffer: replaced whole when the device is lost.
 pub(super) struct DevVram {
     pub(super) dev: Arc<Dev>,
-    pub(super) buffer: HostBuffer,
+    pub(super) memory: VramMemory,
+}
+
+/// Where a vGPU's VRAM lives on its device.
+pub(super) enum VramMemory {
+    /// The host memfd, imported (the aperture is a direct mapping).
+    Host(HostBuffer),
+    /// Device-local memory (the aperture traps).
+    Device(DeviceBuffer),
+}
+
+impl DevVram {
+    /// The buffer the VRAM is bound to.
+    pub(super) fn buffer(&self) -> vk::Buffer {
+        match &self.memory {
+            VramMemory::Host(b) => b.buffer,
+            VramMemory::Device(b) => b.buffer,
+        }
+    }
 }
 
 /// Guest RAM imported again into a device that replaced a lost one (the `Spaces`' own import
@@ -510,14 +582,16 @@ pub(super) struct VulkanVram {
     inst: Arc<Instance>,
     state: Mutex<Arc<DevVram>>,
     rebound: Mutex<Option<Rebound>>,
-    /// The memory itself, as the software GPU keeps it (a sealed memfd and its mapping).
-    host: SoftVram,
+    /// Host VRAM: the memory itself, as the software GPU keeps it (a sealed memfd and its
+    /// mapping). `None`: the VRAM is device-local memory.
+    host: Option<SoftVram>,
+    size: u64,
 }
 
 impl std::fmt::Debug for VulkanVram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VulkanVram")
-            .field("size", &self.host.size())
+            .field("size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -531,25 +605,96 @@ pub(super) struct Bound {
 }
 
 impl VulkanVram {
-    pub(super) fn new(inst: Arc<Instance>, size: u64) -> Result<Self, BackendError> {
-        let host = SoftVram::new(size)?;
-        let state = Self::device(&inst, &host)?;
+    /// `size` bytes of VRAM on a new device: host memory imported, or device-local memory.
+    pub(super) fn new(inst: Arc<Instance>, size: u64, local: bool) -> Result<Self, BackendError> {
+        let host = if local {
+            None
+        } else {
+            Some(SoftVram::new(size)?)
+        };
+        let state = Self::device(&inst, host.as_ref(), size)?;
         Ok(VulkanVram {
             inst,
             state: Mutex::new(Arc::new(state)),
             rebound: Mutex::new(None),
             host,
+            size,
         })
     }
 
-    /// A new device with `host` imported.
-    fn device(inst: &Arc<Instance>, host: &SoftVram) -> Result<DevVram, BackendError> {
+    /// A new device with `host` imported, or with `size` bytes of device-local VRAM.
+    fn device(
+        inst: &Arc<Instance>,
+        host: Option<&SoftVram>,
+        size: u64,
+    ) -> Result<DevVram, BackendError> {
         let dev = Dev::new(inst.clone())?;
-        // SAFETY: the VRAM mapping is one page-aligned mapping of `size` bytes that the
-        // `VulkanVram` keeps for as long as any `DevVram` of it (a launch's `Bound` holds an
-        // `Arc` of one only while the vGPU, and so its VRAM, lives).
-        let buffer = unsafe { dev.import(host.host_ptr(), host.size()) }?;
-        Ok(DevVram { dev, buffer })
+        let memory = match host {
+            // SAFETY: the VRAM mapping is one page-aligned mapping of `size` bytes that the
+            // `VulkanVram` keeps for as long as any `DevVram` of it (a launch's `Bound` holds
+            // an `Arc` of one only while the vGPU, and so its VRAM, lives).
+            Some(h) => VramMemory::Host(unsafe { dev.import(h.host_ptr(), h.size()) }?),
+            None => {
+                let b = dev
+                    .device_local(size)
+                    .map_err(vk_err("cannot allocate device-local VRAM"))?;
+                let zero = dev.run(|d, cmd| {
+                    // SAFETY: recording into the new device's command buffer; the buffer
+                    // is its own.
+                    unsafe { d.cmd_fill_buffer(cmd, b.buffer, 0, vk::WHOLE_SIZE, 0) }
+                });
+                zero.map_err(|_| BackendError::Vulkan("cannot clear new VRAM".into()))?;
+                VramMemory::Device(b)
+            }
+        };
+        Ok(DevVram { dev, memory })
+    }
+
+    /// Copies between device-local VRAM at `offset` and a staging buffer of `len` bytes, in
+    /// the direction `to_vram` says; returns the staging buffer.
+    fn through_staging(
+        s: &DevVram,
+        vram: vk::Buffer,
+        offset: u64,
+        data: Result<&[u8], usize>,
+    ) -> Result<DeviceBuffer, Fault> {
+        let len = match data {
+            Ok(d) => d.len(),
+            Err(n) => n,
+        } as u64;
+        let staging = s
+            .dev
+            .staging(len)
+            .map_err(|_| Fault::new(fault::VRAM_RANGE, offset))?;
+        let (src, dst, region) = match data {
+            Ok(d) => {
+                staging.write_at(0, d);
+                (
+                    staging.buffer,
+                    vram,
+                    vk::BufferCopy {
+                        src_offset: 0,
+                        dst_offset: offset,
+                        size: len,
+                    },
+                )
+            }
+            Err(_) => (
+                vram,
+                staging.buffer,
+                vk::BufferCopy {
+                    src_offset: offset,
+                    dst_offset: 0,
+                    size: len,
+                },
+            ),
+        };
+        s.dev.run(|d, cmd| {
+            // SAFETY: recording into the device's command buffer; both buffers are its own and
+            // the range lies inside both (the caller checked it against the VRAM size).
+            unsafe { d.cmd_copy_buffer(cmd, src, dst, &[region]) }
+        })?;
+        Ok(staging)
     }
 
     /// The device to run on now, and the guest RAM of `spaces` as imported into it.
@@ -642,35 +787,72 @@ fn import_into(
 
 impl Vram for VulkanVram {
     fn size(&self) -> u64 {
-        self.host.size()
+        self.size
     }
 
     fn aperture(&self) -> Aperture<'_> {
-        self.host.aperture()
+        self.host
+            .as_ref()
+            .map_or(Aperture::Trapped, SoftVram::aperture)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.host.read(offset, buf)
+        if let Some(h) = &self.host {
+            return h.read(offset, buf);
+        }
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let VramMemory::Device(b) = &s.memory else {
+            return Err(Fault::new(fault::VRAM_RANGE, offset));
+        };
+        let at = offset as usize;
+        if let Some(src) = b.bytes().get(at..at + buf.len()) {
+            buf.copy_from_slice(src);
+            return Ok(());
+        }
+        let staging = Self::through_staging(&s, b.buffer, offset, Err(buf.len()))?;
+        buf.copy_from_slice(&staging.bytes()[..buf.len()]);
+        Ok(())
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Fault> {
-        self.host.write(offset, buf)
+        if let Some(h) = &self.host {
+            return h.write(offset, buf);
+        }
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let VramMemory::Device(b) = &s.memory else {
+            return Err(Fault::new(fault::VRAM_RANGE, offset));
+        };
+        if b.write_at(offset, buf) {
+            return Ok(());
+        }
+        Self::through_staging(&s, b.buffer, offset, Ok(buf)).map(drop)
     }
 
     fn scrub(&self) {
-        // The device sees the same pages: zero after the punch (the import pins nothing).
-        self.host.scrub();
+        // Host VRAM: the device sees the same pages, zero after the punch (the import pins
+        // nothing).
+        if let Some(h) = &self.host {
+            h.scrub();
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.dev.is_lost() {
             // A reset after a device loss: this vGPU gets a new device (its neighbours never
-            // had this one).
-            match Self::device(&self.inst, &self.host) {
+            // had this one); device-local VRAM comes back zeroed.
+            match Self::device(&self.inst, self.host.as_ref(), self.size) {
                 Ok(fresh) => {
                     tracing::warn!("Vulkan device lost: the vGPU has a new one");
                     *state = Arc::new(fresh);
                 }
                 Err(e) => tracing::error!("cannot replace a lost Vulkan device: {e}"),
             }
+        } else if self.host.is_none() {
+            let s = state.clone();
+            let buffer = s.buffer();
+            let _ = s.dev.run(|d, cmd| {
+                // SAFETY: recording into the device's command buffer; the VRAM buffer is its
+                // own.
+                unsafe { d.cmd_fill_buffer(cmd, buffer, 0, vk::WHOLE_SIZE, 0) }
+            });
         }
     }
 

@@ -44,6 +44,8 @@ impl Drop for Instance {
 pub struct VulkanGpu {
     inst: Arc<Instance>,
     vram_size: u64,
+    /// VRAM in device-local memory (a trapped aperture) instead of imported host memory.
+    device_local: bool,
 }
 
 impl std::fmt::Debug for VulkanGpu {
@@ -177,11 +179,20 @@ impl VulkanGpu {
         Ok(VulkanGpu {
             inst: Arc::new(inst),
             vram_size,
+            device_local: false,
         })
     }
 }
 
 impl VulkanGpu {
+    /// Puts each vGPU's VRAM in device-local memory: the GPU's own memory on a discrete GPU,
+    /// which the host cannot hand to a guest, so the aperture (BAR 2) traps
+    /// (`CAPS.VRAM_TRAPPED`). The default imports host memory and maps the aperture.
+    pub fn device_local(mut self) -> Self {
+        self.device_local = true;
+        self
+    }
+
     /// The median wall time of one empty submission waited on its fence (the fixed cost of
     /// each slice of a kernel and of each COPY/FILL group), over `n` on a new device.
     pub fn submit_cost(&self, n: usize) -> Result<std::time::Duration, BackendError> {
@@ -206,7 +217,12 @@ fn page_size() -> u64 {
 
 impl GpuBackend for VulkanGpu {
     fn name(&self) -> String {
-        format!("vulkan ({})", self.inst.name)
+        let vram = if self.device_local {
+            ", device-local VRAM"
+        } else {
+            ""
+        };
+        format!("vulkan ({}{vram})", self.inst.name)
     }
 
     fn engines(&self) -> usize {
@@ -219,7 +235,11 @@ impl GpuBackend for VulkanGpu {
 
     fn alloc_vram(&self, offset: u64, size: u64) -> Result<Arc<dyn Vram>, BackendError> {
         check_range(offset, size, self.vram_size)?;
-        Ok(Arc::new(VulkanVram::new(self.inst.clone(), size)?))
+        Ok(Arc::new(VulkanVram::new(
+            self.inst.clone(),
+            size,
+            self.device_local,
+        )?))
     }
 
     fn prepare(&self, op: Op, spaces: Arc<Spaces>) -> Result<Box<dyn Launch>, Fault> {

@@ -17,7 +17,7 @@ use crate::mem::{Extent, Fault, Loc, ScatterList, Spaces};
 /// Where an extent lives on the bound device.
 fn locate(spaces: &Spaces, bound: &Bound, e: &Extent) -> Result<(vk::Buffer, u64), Fault> {
     match e.loc {
-        Loc::Vram => Ok((bound.vram.buffer.buffer, e.addr)),
+        Loc::Vram => Ok((bound.vram.buffer(), e.addr)),
         Loc::Sys => bound
             .fresh
             .as_deref()

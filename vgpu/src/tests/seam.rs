@@ -273,5 +273,23 @@ fn vulkan_device_local_vram_traps_and_runs_every_command() {
     g.dev.read_bar(pci::BAR_VRAM, 0x1234, &mut w);
     assert_eq!(w, [5, 6, 7, 8]);
     copy_fill_fence(&mut Gpu::on(vk.clone()));
-    every_kernel(&mut Gpu::on(vk));
+    every_kernel(&mut Gpu::on(vk.clone()));
+    // The same where the host cannot map the device's memory: each access is a copy through
+    // a staging buffer.
+    use std::sync::atomic::Ordering;
+    crate::backend::vulkan::UNMAPPED_VRAM.store(true, Ordering::Relaxed);
+    let mut g = Gpu::on(vk.clone());
+    g.dev.write_bar(pci::BAR_VRAM, 0x2345, &[1, 2, 3]);
+    let mut w = [0u8; 3];
+    g.dev.read_bar(pci::BAR_VRAM, 0x2345, &mut w);
+    let unmapped = (
+        w,
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copy_fill_fence(&mut g);
+            every_kernel(&mut Gpu::on(vk));
+        })),
+    );
+    crate::backend::vulkan::UNMAPPED_VRAM.store(false, Ordering::Relaxed);
+    assert_eq!(unmapped.0, [1, 2, 3]);
+    assert!(unmapped.1.is_ok(), "commands with unmapped device VRAM");
 }

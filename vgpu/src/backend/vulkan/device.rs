@@ -323,6 +323,11 @@ fn buffer_info<'a>(len: u64) -> vk::BufferCreateInfo<'a> {
         .sharing_mode(vk::SharingMode::EXCLUSIVE)
 }
 
+/// Tests: device-local VRAM behaves as if the host could not map it (every access through a
+/// staging buffer), as on a discrete GPU; lavapipe's device memory is host-visible.
+#[cfg(test)]
+pub(crate) static UNMAPPED_VRAM: AtomicBool = AtomicBool::new(false);
+
 /// Descriptor sets one device can have at once (one per running kernel).
 const MAX_SETS: u32 = 16;
 
@@ -339,7 +344,14 @@ impl Dev {
     pub(super) fn device_local(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
         let local = vk::MemoryPropertyFlags::DEVICE_LOCAL;
         let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-        self.allocate(len, local | host, local)
+        let mut b = self.allocate(len, local | host, local)?;
+        #[cfg(test)]
+        if UNMAPPED_VRAM.load(Ordering::Relaxed) {
+            // As on a GPU whose VRAM the host cannot map (the mapping stays until the memory
+            // is freed; nothing uses it).
+            b.ptr = None;
+        }
+        Ok(b)
     }
 
     /// `len` bytes of memory of a type with `prefer` (else `require`), bound to a buffer and

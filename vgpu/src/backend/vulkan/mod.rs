@@ -255,5 +255,9 @@ pub(crate) fn lose_device(vram: &dyn Vram) {
     }
 }
 
+/// See [`device::UNMAPPED_VRAM`].
+#[cfg(test)]
+pub(crate) use self::device::UNMAPPED_VRAM;
+
 #[cfg(test)]
 pub(crate) mod tests;

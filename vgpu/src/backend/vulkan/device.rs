@@ -344,13 +344,17 @@ impl Dev {
     pub(super) fn device_local(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
         let local = vk::MemoryPropertyFlags::DEVICE_LOCAL;
         let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-        let mut b = self.allocate(len, local | host, local)?;
+        let b = self.allocate(len, local | host, local)?;
         #[cfg(test)]
-        if UNMAPPED_VRAM.load(Ordering::Relaxed) {
-            // As on a GPU whose VRAM the host cannot map (the mapping stays until the memory
-            // is freed; nothing uses it).
-            b.ptr = None;
-        }
+        let b = {
+            let mut b = b;
+            if UNMAPPED_VRAM.load(Ordering::Relaxed) {
+                // As on a GPU whose VRAM the host cannot map (the mapping stays until the
+                // memory is freed; nothing uses it).
+                b.ptr = None;
+            }
+            b
+        };
         Ok(b)
     }
 

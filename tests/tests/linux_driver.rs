@@ -315,6 +315,20 @@ fn guest_tools_build() {
         );
         assert_eq!(status.code(), Some(1), "{tool}: {o}\n{e}");
         assert!(e.contains(needle), "{tool}: {e}");
+        // --help is usage on stdout and success, not an unknown job.
+        let (status, o, e) = run_with_deadline(
+            {
+                let mut c = Command::new(extra.join("usr/bin").join(tool));
+                c.arg("--help");
+                c
+            },
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "{tool} --help: {o}\n{e}");
+        assert!(
+            o.starts_with(&format!("usage: {tool}")),
+            "{tool} --help: {o}"
+        );
     }
 }
 

@@ -180,6 +180,11 @@ const JOBS: &[(&str, Job)] = &[
     ("fault", fault_job),
 ];
 
+/// `tessera-run --help`.
+const USAGE: &str = "usage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|fault|all]...
+Runs the built-in kernels on /dev/tessera/vgpuN (default 0) through libtessera and checks
+their results on the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.";
+
 fn main() -> ExitCode {
     let mut device = 0usize;
     let mut place = Placement::Vram;
@@ -195,13 +200,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
             "--sysmem" => place = Placement::Sysmem,
             "all" => jobs.extend(JOBS.iter().map(|(n, _)| *n)),
             j if JOBS.iter().any(|(n, _)| *n == j) => jobs.push(j),
             other => {
-                eprintln!(
-                    "tessera-run: unknown job {other:?}\nusage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|fault|all]..."
-                );
+                eprintln!("tessera-run: unknown job {other:?}\n{USAGE}");
                 return ExitCode::from(2);
             }
         }

@@ -85,10 +85,18 @@ fn show(index: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// `tessera-smi --help`.
+const USAGE: &str = "usage: tessera-smi [-d N]
+Lists the vGPUs (/dev/tessera/vgpuN): identity, VRAM, contexts, kernels, faults; -d N: one.";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let only = match args.as_slice() {
         [] => None,
+        [h] if h == "-h" || h == "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         [d, n] if d == "-d" => match n.parse::<usize>() {
             Ok(n) => Some(n),
             Err(_) => {
@@ -97,7 +105,7 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: tessera-smi [-d N]");
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };

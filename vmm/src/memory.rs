@@ -4,9 +4,7 @@
 //! same pages. RAM fills `[0, 3 GiB)` and continues at 4 GiB; the gap holds the 32-bit PCI
 //! window and the interrupt controllers.
 
-use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -38,12 +36,9 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 /// Errors while creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// memfd_create failed.
-    #[error("cannot create the guest memory file")]
-    Memfd(#[source] std::io::Error),
-    /// Sizing the memfd failed.
-    #[error("cannot size the guest memory file to {size} bytes")]
-    Truncate {
+    /// Creating, sizing or sealing the memfd failed.
+    #[error("cannot create the guest memory file of {size} bytes")]
+    Memfd {
         /// Requested size.
         size: u64,
         /// Cause.
@@ -77,37 +72,20 @@ pub struct GuestRam {
 
 /// Creates `size` bytes of guest RAM in a fresh memfd.
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
-    const NAME: &CStr = c"tessera-guest-ram";
-    // SAFETY: NAME is a valid NUL-terminated string; the flags are valid memfd flags.
-    let fd =
-        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Truncate { size, source })?;
-    // Its size is fixed from now on: a device server that maps it (vfio-user) can rely on
-    // that, and no holder of the fd can truncate it under the other's feet.
-    // SAFETY: fcntl on our own fd with a valid command and argument.
-    if unsafe {
-        libc::fcntl(
-            fd,
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-        )
-    } != 0
-    {
-        return Err(MemoryError::Truncate {
-            size,
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    use vgpu::backend::FileSeal;
+    let err = |source| MemoryError::Memfd { size, source };
+    // Its size is fixed: a device server that maps it (vfio-user) can rely on that, and no
+    // holder of the fd can truncate it under the other's feet.
+    let file = vgpu::backend::memfd_sealed(
+        "tessera-guest-ram",
+        size,
+        &[FileSeal::SealShrink, FileSeal::SealGrow],
+    )
+    .map_err(err)?;
     let mut offset = 0;
     let mut regions = Vec::new();
     for (base, len) in ram_ranges(size) {
-        let file = file.try_clone().map_err(MemoryError::Memfd)?;
+        let file = file.try_clone().map_err(err)?;
         regions.push((
             GuestAddress(base),
             len as usize,

@@ -25,7 +25,6 @@ pub mod vulkan;
 
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use devices::pci::HostMemory;
@@ -267,25 +266,32 @@ pub fn check_range(offset: u64, size: u64, vram: u64) -> Result<(), BackendError
     Ok(())
 }
 
-/// A memfd named `name` of `size` bytes; `sealed`: its size can no longer change.
+pub use memfd::FileSeal;
+
+/// A memfd named `name` of `size` bytes; `sealed`: its size can no longer change, nor its
+/// seals ([`memfd_sealed`] with shrink, grow and seal).
 pub fn memfd(name: &str, size: u64, sealed: bool) -> std::io::Result<File> {
-    let name = std::ffi::CString::new(name)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: `name` is NUL-terminated; flags are valid.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+    let seals: &[FileSeal] = if sealed {
+        &[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal]
+    } else {
+        &[]
+    };
+    memfd_sealed(name, size, seals)
+}
+
+/// A memfd (close-on-exec, sealable) named `name` of `size` bytes, then `seals` added.
+pub fn memfd_sealed(name: &str, size: u64, seals: &[FileSeal]) -> std::io::Result<File> {
+    let io = |e: memfd::Error| match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
+    };
+    let fd = memfd::MemfdOptions::new()
+        .allow_sealing(true)
+        .close_on_exec(true)
+        .create(name)
+        .map_err(io)?;
+    fd.as_file().set_len(size)?;
+    if !seals.is_empty() {
+        fd.add_seals(seals).map_err(io)?;
     }
-    // SAFETY: a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)?;
-    if sealed {
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on our own fd with a valid command and argument.
-        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(file)
+    Ok(fd.into_file())
 }

@@ -101,32 +101,43 @@ impl std::str::FromStr for GpuArg {
     }
 }
 
-fn parse_slice(s: &str) -> Result<Duration, String> {
-    let ms: u64 = s
-        .strip_suffix("ms")
-        .unwrap_or(s)
-        .parse()
-        .map_err(|_| format!("{s:?}: expected milliseconds like 2ms"))?;
-    if !(1..=30).contains(&ms) {
-        return Err(format!("{s}: the slice must be 1ms..=30ms"));
+/// A duration like `4s`, `300ms`, `1.5s` or `1m` (humantime) inside `range`, which the error
+/// names as `what`; `bare_ms`: a plain number is milliseconds.
+fn parse_duration(
+    s: &str,
+    range: std::ops::RangeInclusive<Duration>,
+    what: &str,
+    bare_ms: bool,
+) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(ms) if bare_ms => Duration::from_millis(ms),
+        _ => humantime::parse_duration(s)
+            .map_err(|_| format!("{s:?}: expected a duration like 4s or 300ms"))?,
+    };
+    if !range.contains(&d) {
+        return Err(format!("{s}: {what}"));
     }
-    Ok(Duration::from_millis(ms))
+    Ok(d)
+}
+
+/// A slice: `2ms` or just `2` (1 to 30 ms).
+fn parse_slice(s: &str) -> Result<Duration, String> {
+    parse_duration(
+        s,
+        Duration::from_millis(1)..=Duration::from_millis(30),
+        "the slice must be 1ms..=30ms",
+        true,
+    )
 }
 
 /// A watchdog limit: `4s`, `300ms` (10 ms to 10 minutes).
 fn parse_watchdog(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?}: expected a duration like 4s or 300ms");
-    let d = if let Some(ms) = s.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().map_err(|_| bad())?)
-    } else if let Some(secs) = s.strip_suffix('s') {
-        Duration::from_secs(secs.parse().map_err(|_| bad())?)
-    } else {
-        return Err(bad());
-    };
-    if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&d) {
-        return Err(format!("{s}: the watchdog must be 10ms..=600s"));
-    }
-    Ok(d)
+    parse_duration(
+        s,
+        Duration::from_millis(10)..=Duration::from_secs(600),
+        "the watchdog must be 10ms..=600s",
+        false,
+    )
 }
 
 /// A limit on mapped client memory: a size from 1M to 64T.
@@ -638,7 +649,8 @@ mod tests {
         assert!(parse_slice("fast").is_err());
         assert_eq!(parse_watchdog("4s"), Ok(Duration::from_secs(4)));
         assert_eq!(parse_watchdog("300ms"), Ok(Duration::from_millis(300)));
-        for bad in ["4", "5ms", "601s", "-1s", "1.5s", "soon"] {
+        assert_eq!(parse_watchdog("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["4", "5ms", "601s", "-1s", "soon"] {
             assert!(parse_watchdog(bad).is_err(), "{bad}");
         }
     }

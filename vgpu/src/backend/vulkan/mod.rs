@@ -7,13 +7,14 @@
 mod device;
 mod ops;
 mod pipelines;
+mod vram;
 
 use std::ffi::CStr;
 use std::sync::Arc;
 
 use ash::vk;
 
-use self::device::VulkanVram;
+use self::vram::VulkanVram;
 use super::{BackendError, GpuBackend, Launch, Op, Vram, check_range};
 use crate::mem::{Fault, Spaces};
 

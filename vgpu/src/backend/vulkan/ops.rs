@@ -9,8 +9,9 @@ use std::time::Instant;
 use ash::vk;
 use vgpu_abi::{fault, kernel};
 
-use super::device::{Bound, Dev, DeviceBuffer, VulkanImport, VulkanVram};
+use super::device::{Dev, DeviceBuffer};
 use super::pipelines::{self, Shader};
+use super::vram::{Bound, VulkanImport, VulkanVram};
 use crate::backend::{COPY_GROUP, CRC_GROUP, Dispatch, Launch, Op, RunControl};
 use crate::mem::{Extent, Fault, Loc, ScatterList, Spaces};
 

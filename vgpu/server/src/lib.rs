@@ -5,35 +5,36 @@
 //!
 //! Threads: the caller's thread runs [`Daemon::serve`] (accepts control connections); each
 //! control connection gets a short-lived thread; each instance has one thread that waits for a
-//! client, builds a fresh [`Vgpu`] for it and runs the vfio-user crate's server loop until the
-//! client leaves. The instance owns its VRAM [`Lease`] for its whole life; each attachment gets
+//! client, builds a fresh [`Vgpu`](vgpu::Vgpu) for it (`instance.rs`) and runs the vfio-user crate's server loop until the
+//! client leaves. The instance owns its VRAM [`Lease`](vgpu::physical::Lease) for its whole life; each attachment gets
 //! a new VRAM file, scrubbed when the client leaves, so a client that keeps a stale mapping
 //! sees zeros, never the next tenant's data. See docs/architecture.md.
 
 pub mod attach;
 pub mod control;
+mod instance;
 pub mod peer;
 pub mod remote;
 
+pub use instance::InstanceInfo;
+use instance::{Instance, InstanceWorker, Live, wait_readable};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::json;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use attach::{Attachment, DmaBudget, EventVectors};
+use attach::DmaBudget;
 use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
-use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
-use vgpu::physical::{Lease, PhysicalGpu, VgpuStats, prometheus};
+use vgpu::physical::{PhysicalGpu, VgpuStats, prometheus};
 use vgpu::profile::{self, Profile};
 use vgpu::sched::{Params, Policy};
 
@@ -148,93 +149,8 @@ pub const MAX_CONTROL_CONNECTIONS: usize = 32;
 /// A control connection that sends nothing for this long is closed.
 pub const CONTROL_IDLE: Duration = Duration::from_secs(120);
 
-/// What `list` reports about an instance.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstanceInfo {
-    /// Name.
-    pub name: String,
-    /// Profile.
-    #[serde(rename = "type")]
-    pub profile: &'static str,
-    /// VRAM bytes.
-    pub vram: u64,
-    /// Partition.
-    pub partition: usize,
-    /// Weight.
-    pub weight: u32,
-    /// Cap in percent.
-    pub cap: u32,
-    /// Its vfio-user socket.
-    pub socket: PathBuf,
-    /// The user whose VMM may attach (root always may).
-    pub owner: u32,
-    /// The connected client's process and user, once it has made a device access.
-    pub peer: Option<peer::Peer>,
-    /// Whether a client is connected.
-    pub attached: bool,
-    /// Clients served so far.
-    pub attachments: u64,
-}
-
-/// Counters of attachments that ended.
-#[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    busy_ns: u64,
-    switches: u64,
-    faults: u64,
-    resets: u64,
-}
-
-/// State an instance thread shares with the control side.
-#[derive(Debug, Default)]
-struct Live {
-    attached: AtomicBool,
-    attachments: AtomicU64,
-    monitor: Mutex<Option<VgpuMonitor>>,
-    totals: Mutex<Totals>,
-    /// The connected client's credentials (`None` between clients).
-    peer: Arc<Mutex<Option<peer::Peer>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Instance {
-    info: InstanceInfo,
-    live: Arc<Live>,
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Instance {
-    fn stats(&self) -> VgpuStats {
-        // Under the monitor lock the attachment's vGPU cannot go away (its counters are
-        // folded into the totals under the same lock first).
-        let monitor = lock(&self.live.monitor);
-        let t = *lock(&self.live.totals);
-        let (s, dev) = monitor
-            .as_ref()
-            .map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
-        drop(monitor);
-        let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
-        st.busy_ns += t.busy_ns;
-        st.context_switches += t.switches;
-        st.faults += t.faults;
-        st.resets += t.resets;
-        st
-    }
-
-    /// Stops the instance thread (it must be idle) and removes the socket.
-    fn stop(&mut self) {
-        if let Err(e) = self.stop.write(1) {
-            tracing::error!("cannot stop instance {}: {e}", self.info.name);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.info.socket);
-    }
 }
 
 /// See the module documentation.
@@ -714,148 +630,5 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Waits until `fd` is readable (`true`) or `stop` is signalled (`false`).
-fn wait_readable(fd: i32, stop: &EventFd) -> std::io::Result<bool> {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        if fds[0].revents != 0 {
-            return Ok(true);
-        }
-    }
-}
-
-/// The thread of one instance.
-struct InstanceWorker {
-    name: String,
-    profile: &'static Profile,
-    params: Params,
-    lease: Lease,
-    listener: UnixListener,
-    live: Arc<Live>,
-    stop: Arc<EventFd>,
-    require_sealed: bool,
-    watchdog: Duration,
-    budget: Arc<DmaBudget>,
-    socket: PathBuf,
-    owner: u32,
-}
-
-impl InstanceWorker {
-    fn run(self) {
-        let fd = self.listener.as_fd().as_raw_fd();
-        loop {
-            match wait_readable(fd, &self.stop) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::error!(name = self.name, "instance socket: {e}");
-                    return;
-                }
-            }
-            self.live.attached.store(true, Ordering::Release);
-            if let Err(e) = self.attach_once() {
-                tracing::error!(name = self.name, "cannot serve a client: {e}");
-                // Refuse the waiting client rather than spin on it.
-                if let Ok((s, _)) = self.listener.accept() {
-                    drop(s);
-                }
-            }
-            self.live.attachments.fetch_add(1, Ordering::AcqRel);
-            self.live.attached.store(false, Ordering::Release);
-        }
-    }
-
-    /// Serves one client from connect to disconnect.
-    fn attach_once(&self) -> Result<(), String> {
-        let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
-        let vectors = Arc::new(EventVectors::default());
-        let vgpu = Vgpu::new(VgpuSetup {
-            interrupts: Interrupts::Vectors(vectors.clone()),
-            sched_params: self.params,
-            watchdog: self.watchdog,
-            ..VgpuSetup::with_vram(&self.lease, vram.clone())
-        })
-        .map_err(|e| devices::error_chain(&e))?;
-        *lock(&self.live.monitor) = Some(vgpu.monitor());
-        let dup: OwnedFd = self
-            .listener
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| e.to_string())?;
-        let server = vfio_user::Server::from_owned_fd(
-            dup,
-            true,
-            attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
-            attach::regions(vram.size(), attach::mmap_fd(&*vram)),
-        );
-        let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
-            .with_gate(attach::Gate {
-                socket: self.socket.clone(),
-                allowed: vec![self.owner],
-                peer: self.live.peer.clone(),
-            });
-        tracing::info!(name = self.name, "client attached");
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
-        match result {
-            Ok(Ok(())) => tracing::info!(name = self.name, "client detached"),
-            Ok(Err(e)) => tracing::warn!(name = self.name, "client dropped: {e}"),
-            Err(_) => tracing::error!(
-                name = self.name,
-                "malformed vfio-user message; client dropped"
-            ),
-        }
-        if att.ignored > 0 {
-            tracing::info!(
-                name = self.name,
-                ignored = att.ignored,
-                "malformed accesses were ignored"
-            );
-        }
-        // Fold this attachment's counters into the totals before its vGPU goes away (both
-        // locks held, monitor first as readers take them, so no reader sees neither).
-        let mut monitor = lock(&self.live.monitor);
-        if let Some(m) = monitor.take() {
-            let (s, dev) = (m.sched_stats(), m.counters());
-            let mut t = lock(&self.live.totals);
-            t.busy_ns += s.busy_ns;
-            t.switches += s.switches;
-            t.faults += dev.1;
-            t.resets += dev.2;
-        }
-        drop(monitor);
-        // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
-        // file is punched, so a mapping the client kept reads zeros.
-        drop(att);
-        drop(server);
-        *lock(&self.live.peer) = None;
-        vram.scrub();
-        Ok(())
     }
 }

@@ -1,0 +1,249 @@
+//! One vGPU instance of the server: what `list` reports about it, the state its thread shares
+//! with the control side, and the thread itself, which waits for a client, builds a fresh
+//! vGPU for it on a fresh VRAM file and serves it until the client leaves.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::attach::{self, Attachment, DmaBudget, EventVectors};
+use crate::{lock, peer};
+use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
+use vgpu::physical::{Lease, VgpuStats};
+use vgpu::profile::Profile;
+use vgpu::sched::Params;
+
+/// What `list` reports about an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    /// Name.
+    pub name: String,
+    /// Profile.
+    #[serde(rename = "type")]
+    pub profile: &'static str,
+    /// VRAM bytes.
+    pub vram: u64,
+    /// Partition.
+    pub partition: usize,
+    /// Weight.
+    pub weight: u32,
+    /// Cap in percent.
+    pub cap: u32,
+    /// Its vfio-user socket.
+    pub socket: PathBuf,
+    /// The user whose VMM may attach (root always may).
+    pub owner: u32,
+    /// The connected client's process and user, once it has made a device access.
+    pub peer: Option<peer::Peer>,
+    /// Whether a client is connected.
+    pub attached: bool,
+    /// Clients served so far.
+    pub attachments: u64,
+}
+
+/// Counters of attachments that ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Totals {
+    pub(crate) busy_ns: u64,
+    pub(crate) switches: u64,
+    pub(crate) faults: u64,
+    pub(crate) resets: u64,
+}
+
+/// State an instance thread shares with the control side.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    pub(crate) attached: AtomicBool,
+    pub(crate) attachments: AtomicU64,
+    pub(crate) monitor: Mutex<Option<VgpuMonitor>>,
+    pub(crate) totals: Mutex<Totals>,
+    /// The connected client's credentials (`None` between clients).
+    pub(crate) peer: Arc<Mutex<Option<peer::Peer>>>,
+}
+
+pub(crate) struct Instance {
+    pub(crate) info: InstanceInfo,
+    pub(crate) live: Arc<Live>,
+    pub(crate) stop: Arc<EventFd>,
+    pub(crate) thread: Option<JoinHandle<()>>,
+}
+
+impl Instance {
+    pub(crate) fn stats(&self) -> VgpuStats {
+        // Under the monitor lock the attachment's vGPU cannot go away (its counters are
+        // folded into the totals under the same lock first).
+        let monitor = lock(&self.live.monitor);
+        let t = *lock(&self.live.totals);
+        let (s, dev) = monitor
+            .as_ref()
+            .map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
+        drop(monitor);
+        let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
+        st.busy_ns += t.busy_ns;
+        st.context_switches += t.switches;
+        st.faults += t.faults;
+        st.resets += t.resets;
+        st
+    }
+
+    /// Stops the instance thread (it must be idle) and removes the socket.
+    pub(crate) fn stop(&mut self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("cannot stop instance {}: {e}", self.info.name);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.info.socket);
+    }
+}
+
+/// Waits until `fd` is readable (`true`) or `stop` is signalled (`false`).
+pub(crate) fn wait_readable(fd: i32, stop: &EventFd) -> std::io::Result<bool> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// The thread of one instance.
+pub(crate) struct InstanceWorker {
+    pub(crate) name: String,
+    pub(crate) profile: &'static Profile,
+    pub(crate) params: Params,
+    pub(crate) lease: Lease,
+    pub(crate) listener: UnixListener,
+    pub(crate) live: Arc<Live>,
+    pub(crate) stop: Arc<EventFd>,
+    pub(crate) require_sealed: bool,
+    pub(crate) watchdog: Duration,
+    pub(crate) budget: Arc<DmaBudget>,
+    pub(crate) socket: PathBuf,
+    pub(crate) owner: u32,
+}
+
+impl InstanceWorker {
+    pub(crate) fn run(self) {
+        let fd = self.listener.as_fd().as_raw_fd();
+        loop {
+            match wait_readable(fd, &self.stop) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!(name = self.name, "instance socket: {e}");
+                    return;
+                }
+            }
+            self.live.attached.store(true, Ordering::Release);
+            if let Err(e) = self.attach_once() {
+                tracing::error!(name = self.name, "cannot serve a client: {e}");
+                // Refuse the waiting client rather than spin on it.
+                if let Ok((s, _)) = self.listener.accept() {
+                    drop(s);
+                }
+            }
+            self.live.attachments.fetch_add(1, Ordering::AcqRel);
+            self.live.attached.store(false, Ordering::Release);
+        }
+    }
+
+    /// Serves one client from connect to disconnect.
+    pub(crate) fn attach_once(&self) -> Result<(), String> {
+        let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
+        let vectors = Arc::new(EventVectors::default());
+        let vgpu = Vgpu::new(VgpuSetup {
+            interrupts: Interrupts::Vectors(vectors.clone()),
+            sched_params: self.params,
+            watchdog: self.watchdog,
+            ..VgpuSetup::with_vram(&self.lease, vram.clone())
+        })
+        .map_err(|e| devices::error_chain(&e))?;
+        *lock(&self.live.monitor) = Some(vgpu.monitor());
+        let dup: OwnedFd = self
+            .listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?;
+        let server = vfio_user::Server::from_owned_fd(
+            dup,
+            true,
+            attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
+            attach::regions(vram.size(), attach::mmap_fd(&*vram)),
+        );
+        let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
+            .with_gate(attach::Gate {
+                socket: self.socket.clone(),
+                allowed: vec![self.owner],
+                peer: self.live.peer.clone(),
+            });
+        tracing::info!(name = self.name, "client attached");
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
+        match result {
+            Ok(Ok(())) => tracing::info!(name = self.name, "client detached"),
+            Ok(Err(e)) => tracing::warn!(name = self.name, "client dropped: {e}"),
+            Err(_) => tracing::error!(
+                name = self.name,
+                "malformed vfio-user message; client dropped"
+            ),
+        }
+        if att.ignored > 0 {
+            tracing::info!(
+                name = self.name,
+                ignored = att.ignored,
+                "malformed accesses were ignored"
+            );
+        }
+        // Fold this attachment's counters into the totals before its vGPU goes away (both
+        // locks held, monitor first as readers take them, so no reader sees neither).
+        let mut monitor = lock(&self.live.monitor);
+        if let Some(m) = monitor.take() {
+            let (s, dev) = (m.sched_stats(), m.counters());
+            let mut t = lock(&self.live.totals);
+            t.busy_ns += s.busy_ns;
+            t.switches += s.switches;
+            t.faults += dev.1;
+            t.resets += dev.2;
+        }
+        drop(monitor);
+        // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
+        // file is punched, so a mapping the client kept reads zeros.
+        drop(att);
+        drop(server);
+        *lock(&self.live.peer) = None;
+        vram.scrub();
+        Ok(())
+    }
+}

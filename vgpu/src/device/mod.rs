@@ -187,6 +187,8 @@ struct Shared {
     /// Owner id of client memory mappings registered with [`crate::guard`] for this vGPU.
     dma_owner: u64,
     contexts: u32,
+    /// The `CAPS` register (fixed for the vGPU's life).
+    caps: u32,
     sched: Arc<Scheduler>,
     member: MemberId,
     watchdog: Duration,
@@ -325,6 +327,16 @@ impl Vgpu {
         let import = vram.import_domain(&sys, &domain)?.map(Arc::new);
         let (config, msix) = function_config(header, bars, vram.size(), interrupts)?;
         let contexts = profile.contexts.min(limits::MAX_CONTEXTS);
+        let trapped = match vram.aperture() {
+            Aperture::Trapped => caps::VRAM_TRAPPED,
+            Aperture::Mapped { .. } => 0,
+        };
+        let caps = caps::HUGE_PAGES
+            | caps::SYSMEM
+            | caps::TIMESTAMPS
+            | caps::WAIT
+            | caps::TAIL_SHADOW
+            | trapped;
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
         let kick = evt("create the vGPU wake event")?;
         let doorbells = (0..contexts)
@@ -367,6 +379,7 @@ impl Vgpu {
             deadline: Arc::new(Deadline::new()),
             dma_owner: crate::guard::new_owner(),
             contexts,
+            caps,
             sched,
             member,
             watchdog,

@@ -13,18 +13,7 @@ impl Vgpu {
             regs::VERSION => {
                 u32::from(vgpu_abi::VERSION_MAJOR) << 16 | u32::from(vgpu_abi::VERSION_MINOR)
             }
-            regs::CAPS => {
-                let trapped = match sh.vram.aperture() {
-                    Aperture::Trapped => caps::VRAM_TRAPPED,
-                    Aperture::Mapped { .. } => 0,
-                };
-                caps::HUGE_PAGES
-                    | caps::SYSMEM
-                    | caps::TIMESTAMPS
-                    | caps::WAIT
-                    | caps::TAIL_SHADOW
-                    | trapped
-            }
+            regs::CAPS => sh.caps,
             regs::NUM_CONTEXTS => sh.contexts,
             regs::VRAM_SIZE_LO => vram as u32,
             regs::VRAM_SIZE_HI => (vram >> 32) as u32,

@@ -5,7 +5,8 @@
 #   guest-images/guest-tools.sh OUTDIR        (the project uses OUTDIR=target/guest)
 #   -> OUTDIR/extra/lib/modules/<release>/extra/tessera_vgpu.ko   (driver/build-module.sh)
 #      OUTDIR/extra/usr/bin/tessera-smi, tessera-run              (static Rust tools, tools/)
-#      OUTDIR/extra/usr/bin/tessera-vgpu-check                    (load/run/unload/reload)
+#      OUTDIR/extra/usr/bin/tessera-check(-static)                (C, over libtessera)
+#      OUTDIR/extra/usr/bin/tessera-vgpu-check, tessera-user-check (the checks, shell)
 #      OUTDIR/extra/usr/lib/libtessera.{a,so,so.1}, usr/include/  (libtessera/)
 #   then: EXTRA_DIR=OUTDIR/extra guest-images/debian-image.sh OUTDIR
 #
@@ -30,28 +31,11 @@ REL=$(cat "$OUTDIR/tessera_vgpu.ko.release")
 mkdir -p "$OUTDIR/build"
 take_lock "$OUTDIR/build/.guest-tools.lock"
 
-ensure_packages gcc make libc6-dev binutils
-LIBOUT="$OUTDIR/build/libtessera"
-make -s -C "$HERE/libtessera" OUT="$LIBOUT" >&2 || die "libtessera build failed"
-CARGO=${CARGO:-cargo}
-# Static binaries (tools/.cargo/config.toml says so too, for builds from that directory).
-(cd "$HERE/tools" && RUSTFLAGS="-C target-feature=+crt-static" "$CARGO" build -q --release --locked \
-    --target-dir "$OUTDIR/build/guest-tools" >&2) || die "guest tools build failed"
-BIN="$OUTDIR/build/guest-tools/release"
-
 EXTRA="$OUTDIR/extra"
 rm -rf "$EXTRA.tmp"
-mkdir -p "$EXTRA.tmp/lib/modules/$REL/extra" "$EXTRA.tmp/usr/bin" "$EXTRA.tmp/usr/lib" \
-    "$EXTRA.tmp/usr/include"
+mkdir -p "$EXTRA.tmp/lib/modules/$REL/extra"
 strip --strip-debug -o "$EXTRA.tmp/lib/modules/$REL/extra/tessera_vgpu.ko" "$OUTDIR/tessera_vgpu.ko"
-install -m 0755 "$BIN/tessera-smi" "$BIN/tessera-run" "$HERE/tools/tessera-vgpu-check" "$EXTRA.tmp/usr/bin/"
-install -m 0644 "$LIBOUT/libtessera.a" "$EXTRA.tmp/usr/lib/"
-install -m 0755 "$LIBOUT/libtessera.so.1" "$EXTRA.tmp/usr/lib/"
-ln -s libtessera.so.1 "$EXTRA.tmp/usr/lib/libtessera.so"
-install -m 0644 "$LIBOUT"/include/*.h "$EXTRA.tmp/usr/include/"
-for tool in tessera-smi tessera-run; do
-    readelf -l "$EXTRA.tmp/usr/bin/$tool" | grep -q 'INTERP' && die "$tool is not statically linked"
-done
+install_user_tools "$OUTDIR" "$EXTRA.tmp"
 rm -rf "$EXTRA"
 mv "$EXTRA.tmp" "$EXTRA"
 log "ready: $EXTRA (module for Linux $REL, libtessera, tessera-smi, tessera-run)"

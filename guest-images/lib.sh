@@ -77,3 +77,51 @@ take_lock() {
 
 # fmt_duration SECONDS -> "3m 07s"
 fmt_duration() { printf '%dm %02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# install_user_tools OUTDIR DEST: builds libtessera with its C check program (make) and the
+# static Rust guest tools (cargo, tools/) under OUTDIR/build/, and installs them below DEST:
+#   usr/bin/tessera-smi, tessera-run, tessera-check-static, tessera-check, tessera-user-check
+#   usr/lib/libtessera.{a,so,so.1}, usr/include/tessera*.h
+# Incremental (make and cargo); needs cargo, a C compiler and the Debian packages below.
+install_user_tools() {
+    local outdir=$1 dest=$2 here libout bin tool
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+    ensure_packages gcc make libc6-dev binutils
+    libout="$outdir/build/libtessera"
+    make -s -C "$here/libtessera" OUT="$libout" >&2 || die "libtessera build failed"
+    # Static binaries (tools/.cargo/config.toml says so too, for builds from that directory).
+    (cd "$here/tools" && RUSTFLAGS="-C target-feature=+crt-static" "${CARGO:-cargo}" build -q \
+        --release --locked --target-dir "$outdir/build/guest-tools" >&2) || die "guest tools build failed"
+    bin="$outdir/build/guest-tools/release"
+    mkdir -p "$dest/usr/bin" "$dest/usr/lib" "$dest/usr/include"
+    for tool in tessera-smi tessera-run; do
+        strip --strip-all -o "$dest/usr/bin/$tool" "$bin/$tool"
+    done
+    strip --strip-all -o "$dest/usr/bin/tessera-check-static" "$libout/tessera-check-static"
+    strip --strip-all -o "$dest/usr/bin/tessera-check" "$libout/tessera-check"
+    install -m 0755 "$here/tools/tessera-vgpu-check" "$here/tools/tessera-user-check" "$dest/usr/bin/"
+    install -m 0644 "$libout/libtessera.a" "$dest/usr/lib/"
+    strip --strip-unneeded -o "$dest/usr/lib/libtessera.so.1" "$libout/libtessera.so.1"
+    ln -sf libtessera.so.1 "$dest/usr/lib/libtessera.so"
+    install -m 0644 "$libout"/include/*.h "$dest/usr/include/"
+    for tool in tessera-smi tessera-run tessera-check-static; do
+        readelf -l "$dest/usr/bin/$tool" | grep -q 'INTERP' && die "$tool is not statically linked"
+    done
+    readelf -d "$dest/usr/bin/tessera-check" | grep -q 'NEEDED.*libtessera.so.1' \
+        || die "tessera-check is not linked against libtessera.so.1"
+    # The C library the dynamic tessera-check needs: its interpreter and NEEDED libraries
+    # (besides libtessera), at the paths this host's glibc has them.
+    local interp lib path
+    interp=$(readelf -l "$libout/tessera-check" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+    [ -n "$interp" ] || die "tessera-check names no program interpreter"
+    mkdir -p "$dest$(dirname "$interp")"
+    cp -L "$interp" "$dest$interp"
+    for lib in $(readelf -d "$libout/tessera-check" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p'); do
+        [ "$lib" = libtessera.so.1 ] && continue
+        path=$(gcc -print-file-name="$lib")
+        [ -f "$path" ] || die "cannot find $lib, which tessera-check needs"
+        path=$(readlink -f "$path")
+        mkdir -p "$dest/lib/x86_64-linux-gnu"
+        cp "$path" "$dest/lib/x86_64-linux-gnu/$lib"
+    done
+}

@@ -99,6 +99,13 @@ pub fn guest_file(name: &str) -> Option<PathBuf> {
 pub const MINIMAL_CMDLINE: &str =
     "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid nopti";
 
+/// The minimal kernel's command line for Linux user space (tests/linux_user.rs, `tessera bench
+/// boot --guest linux`): [`MINIMAL_CMDLINE`] with `erms,fsrm` cleared too (PVM's emulator then
+/// copies 8 bytes per instruction, not 1) and `rodata=off` (write-protecting the kernel costs
+/// ~10 s of emulated time there). Add `pvm_quirks` on PVM hosts ([`host_is_pvm`]).
+pub const MINIMAL_USER_CMDLINE: &str = "console=ttyS0 noxsave \
+     clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,pcid,erms,fsrm nopti rodata=off panic=-1";
+
 /// Boots the minimal kernel (1 vCPU, 128 MiB, an in-process 256M vGPU) with `extra` appended
 /// to [`MINIMAL_CMDLINE`]; `None` (skipped, with a message) when the kernel was not built.
 pub fn spawn_minimal(extra: &str) -> Option<Vmm> {

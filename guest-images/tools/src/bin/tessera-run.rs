@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! tessera-run [-d N] [--sysmem] [JOB...]
-//!   JOB: saxpy | sgemm | reduce | crc32 | fault | all (default: all)
+//!   JOB: saxpy | sgemm | reduce | crc32 | copy | fill | fault | all (default: all)
 //!   --sysmem   buffers in guest RAM instead of VRAM
 //! ```
 //! One line per job, `tessera-run: <job> ok (...)` or `tessera-run: <job> FAIL: ...`.
@@ -133,6 +133,89 @@ fn crc32(d: &Device, place: Placement) -> Outcome {
     }
 }
 
+/// A COPY from guest RAM into a buffer of `place` (read back through its CPU mapping: for
+/// VRAM, the driver's mmap of the aperture), then one at odd offsets and an odd length inside
+/// `place`, whose neighbouring bytes must not change.
+fn copy(d: &Device, place: Placement) -> Outcome {
+    let len = 256usize << 10;
+    let (src_off, dst_off, odd) = (3usize, 5usize, 100_003usize);
+    let data: Vec<u8> = cpu::xorshift(7, len / 4)
+        .into_iter()
+        .flat_map(u32::to_le_bytes)
+        .collect();
+    let mut src = d
+        .buffer(len as u64, Placement::Sysmem, false)
+        .map_err(err("source buffer"))?;
+    let mid = d
+        .buffer(len as u64, place, true)
+        .map_err(err("middle buffer"))?;
+    let mut dst = d
+        .buffer(len as u64, place, true)
+        .map_err(err("destination buffer"))?;
+    src.write(0, &data);
+    dst.write(0, &vec![0x5a; len]);
+    d.run(&[pkt::copy(src.va(), mid.va(), len as u64)])
+        .map_err(err("copy"))?;
+    let mut got = vec![0u8; len];
+    mid.read(0, &mut got);
+    if got != data {
+        return Err("the destination does not hold the source".into());
+    }
+    d.run(&[pkt::copy(
+        mid.va() + src_off as u64,
+        dst.va() + dst_off as u64,
+        odd as u64,
+    )])
+    .map_err(err("copy at odd offsets"))?;
+    let mut want = vec![0x5a; len];
+    want[dst_off..dst_off + odd].copy_from_slice(&data[src_off..src_off + odd]);
+    dst.read(0, &mut got);
+    match got.iter().zip(&want).position(|(g, w)| g != w) {
+        None => Ok(format!(
+            "{} KiB, then {odd} bytes at odd offsets",
+            len >> 10
+        )),
+        Some(i) => Err(format!(
+            "byte {i} is {:#04x} after the odd copy, expected {:#04x}",
+            got[i], want[i]
+        )),
+    }
+}
+
+/// A FILL of a range inside a buffer: the range holds the pattern, its neighbours keep
+/// what the CPU wrote.
+fn fill(d: &Device, place: Placement) -> Outcome {
+    let words = 64usize << 10;
+    let (first, count, pattern) = (3usize, words - 7, 0xc0ff_ee11u32);
+    let mut b = d
+        .buffer((words * 4) as u64, place, true)
+        .map_err(err("buffer"))?;
+    let before: Vec<u32> = (0..words as u32).collect();
+    b.write_u32s(0, &before);
+    d.run(&[pkt::fill(
+        b.va() + (first * 4) as u64,
+        (count * 4) as u64,
+        pattern,
+    )])
+    .map_err(err("fill"))?;
+    let got = b.read_u32s(0, words);
+    let want = |i: usize| {
+        if (first..first + count).contains(&i) {
+            pattern
+        } else {
+            before[i]
+        }
+    };
+    match (0..words).find(|&i| got[i] != want(i)) {
+        None => Ok(format!("{count} words of {pattern:#x}")),
+        Some(i) => Err(format!(
+            "word {i} is {:#x}, expected {:#x}",
+            got[i],
+            want(i)
+        )),
+    }
+}
+
 fn fault_job(d: &Device, place: Placement) -> Outcome {
     let buf = d.buffer(4096, place, true).map_err(err("buffer"))?;
     // The page after a buffer is never mapped (the driver leaves a guard page).
@@ -177,11 +260,14 @@ const JOBS: &[(&str, Job)] = &[
     ("sgemm", sgemm),
     ("reduce", reduce),
     ("crc32", crc32),
+    ("copy", copy),
+    ("fill", fill),
     ("fault", fault_job),
 ];
 
 /// `tessera-run --help`.
-const USAGE: &str = "usage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|fault|all]...
+const USAGE: &str =
+    "usage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|copy|fill|fault|all]...
 Runs the built-in kernels on /dev/tessera/vgpuN (default 0) through libtessera and checks
 their results on the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.";
 

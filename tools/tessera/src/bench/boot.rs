@@ -1,5 +1,7 @@
-//! `tessera bench boot`: start → first serial line → exit of the firmware guest, Tessera vs
-//! QEMU `-M microvm`, alternating runs, medians and ratios.
+//! `tessera bench boot`: start → first serial line → exit of a guest, Tessera vs QEMU,
+//! alternating runs, medians and ratios. The guest is the firmware (QEMU `-M microvm`) or the
+//! minimal Linux kernel with its initramfs, up to its first user-space line (QEMU `-M pc`,
+//! `-cpu qemu64,-cx16`, the CPU model these hosts' emulator can run).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -7,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use super::{default_firmware, median};
@@ -21,19 +23,91 @@ pub struct BootArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The guest: the firmware, or the minimal Linux kernel and its initramfs.
+    #[arg(long, value_enum, default_value_t = Guest::Firmware)]
+    guest: Guest,
     /// Firmware PVH ELF (default: target/firmware/tessera-fw.elf).
     #[arg(long, value_name = "PATH")]
     firmware: Option<PathBuf>,
+    /// Where `vmlinux-minimal` and `minimal-initramfs.cpio` are (`--guest linux`).
+    #[arg(long, value_name = "DIR", default_value = "target/guest")]
+    guest_dir: PathBuf,
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Guest RAM for both VMMs, in MiB.
-    #[arg(long, default_value_t = 64)]
+    /// Guest RAM for both VMMs, in MiB (default: 64 for the firmware, 256 for Linux).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Guest {
+    Firmware,
+    Linux,
+}
+
+/// What is booted, the same way in both VMMs.
+struct Image {
+    guest: Guest,
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
     memory_mib: u32,
+    /// The line whose arrival is timed.
+    first_line: &'static str,
+    timeout: Duration,
+}
+
+impl Image {
+    fn new(args: &BootArgs) -> Result<Image, String> {
+        let found = |p: PathBuf, how: &str| {
+            if p.exists() {
+                Ok(p)
+            } else {
+                Err(format!("{} not found ({how})", p.display()))
+            }
+        };
+        Ok(match args.guest {
+            Guest::Firmware => Image {
+                guest: Guest::Firmware,
+                kernel: found(
+                    args.firmware.clone().unwrap_or_else(default_firmware),
+                    "build it with `cargo xtask firmware`",
+                )?,
+                initramfs: None,
+                cmdline: "run=info".into(),
+                memory_mib: args.memory_mib.unwrap_or(64),
+                first_line: "tessera-fw: boot",
+                timeout: Duration::from_secs(60),
+            },
+            Guest::Linux => {
+                let how = "build it with `cargo xtask guest-images`";
+                // /init's first line; then `true` runs and /init leaves with its status, 0.
+                let quirks = if vmm::pvm::host_is_pvm() {
+                    " pvm_quirks"
+                } else {
+                    ""
+                };
+                Image {
+                    guest: Guest::Linux,
+                    kernel: found(args.guest_dir.join("vmlinux-minimal"), how)?,
+                    initramfs: Some(found(args.guest_dir.join("minimal-initramfs.cpio"), how)?),
+                    cmdline: format!(
+                        "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,\
+                         pcid,erms,fsrm nopti rodata=off panic=-1{quirks} tessera.run=true"
+                    ),
+                    memory_mib: args.memory_mib.unwrap_or(256),
+                    first_line: "tessera-guest: ready",
+                    timeout: Duration::from_secs(600),
+                }
+            }
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    guest: &'static str,
     runs: u32,
     tessera_ms: f64,
     qemu_ms: f64,
@@ -48,11 +122,9 @@ struct Sample {
     exit: Duration,
 }
 
-const FIRST_LINE: &str = "tessera-fw: boot";
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Runs `cmd` once; times the first firmware line and the process exit.
-fn time_once(mut cmd: Command, expect_status: i32) -> Result<Sample, String> {
+/// Runs `cmd` once; times the image's first line and the process exit.
+fn time_once(mut cmd: Command, image: &Image, expect_status: i32) -> Result<Sample, String> {
+    let first = image.first_line;
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -61,9 +133,10 @@ fn time_once(mut cmd: Command, expect_status: i32) -> Result<Sample, String> {
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let pid = child.id();
+    let timeout = image.timeout;
     let (cancel_tx, cancel_rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = cancel_rx.recv_timeout(RUN_TIMEOUT) {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = cancel_rx.recv_timeout(timeout) {
             // SAFETY: kill(2) on the child's pid; at worst the pid is already gone.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
@@ -73,7 +146,7 @@ fn time_once(mut cmd: Command, expect_status: i32) -> Result<Sample, String> {
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if first_line.is_none() && line.contains(FIRST_LINE) {
+            if first_line.is_none() && line.contains(first) {
                 first_line = Some(start.elapsed());
             }
             transcript.push_str(&line);
@@ -92,49 +165,58 @@ fn time_once(mut cmd: Command, expect_status: i32) -> Result<Sample, String> {
     }
     let first_line = first_line.ok_or_else(|| {
         format!(
-            "{:?} never printed {FIRST_LINE:?}; output:\n{transcript}",
+            "{:?} never printed {first:?}; output:\n{transcript}",
             cmd.get_program()
         )
     })?;
     Ok(Sample { first_line, exit })
 }
 
-fn tessera_cmd(fw: &PathBuf, mem: u32) -> Result<Command, String> {
+fn tessera_cmd(image: &Image) -> Result<Command, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut c = Command::new(exe);
     c.args(["--log-level", "warn", "vm", "--kernel"])
-        .arg(fw)
-        .args(["--cmdline", "run=info", "--memory"])
-        .arg(format!("{mem}M"))
+        .arg(&image.kernel)
+        .args(["--cmdline", &image.cmdline, "--memory"])
+        .arg(format!("{}M", image.memory_mib))
         .args(["--cpus", "1", "--serial", "stdio"]);
+    if let Some(initramfs) = &image.initramfs {
+        c.arg("--initramfs").arg(initramfs);
+    }
     Ok(c)
 }
 
-fn qemu_cmd(qemu: &PathBuf, fw: &PathBuf, mem: u32) -> Command {
+fn qemu_cmd(qemu: &PathBuf, image: &Image) -> Command {
     let mut c = Command::new(qemu);
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-    ])
-    .arg(format!("{mem}M"))
-    .args([
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-    ])
-    .arg(fw)
-    .args(["-append", "run=info"]);
+    match image.guest {
+        Guest::Firmware => c.args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+            "-cpu",
+            "host,-arch-capabilities",
+        ]),
+        // The minimal kernel has no ACPI: its CPUs come from the MP table SeaBIOS writes.
+        Guest::Linux => c.args(["-M", "pc", "-no-acpi", "-cpu", "qemu64,-cx16", "-no-reboot"]),
+    };
+    c.args(["-enable-kvm", "-m"])
+        .arg(format!("{}M", image.memory_mib))
+        .args([
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+        ])
+        .arg(&image.kernel)
+        .args(["-append", &image.cmdline]);
+    if let Some(initramfs) = &image.initramfs {
+        c.arg("-initrd").arg(initramfs);
+    }
     c
 }
 
@@ -143,13 +225,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(args: BootArgs) -> Result<(), String> {
-    let fw = args.firmware.unwrap_or_else(default_firmware);
-    if !fw.exists() {
-        return Err(format!(
-            "firmware {} not found (build it with `cargo xtask firmware`)",
-            fw.display()
-        ));
-    }
+    let image = Image::new(&args)?;
     let mut tessera = Vec::new();
     let mut qemu = Vec::new();
     for i in 0..args.runs {
@@ -161,10 +237,10 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         };
         for is_tessera in order {
             if is_tessera {
-                tessera.push(time_once(tessera_cmd(&fw, args.memory_mib)?, 0)?);
+                tessera.push(time_once(tessera_cmd(&image)?, &image, 0)?);
             } else {
-                // isa-debug-exit reports (status << 1) | 1; the firmware exits with 0.
-                qemu.push(time_once(qemu_cmd(&args.qemu, &fw, args.memory_mib), 1)?);
+                // isa-debug-exit reports (status << 1) | 1; both guests exit with 0.
+                qemu.push(time_once(qemu_cmd(&args.qemu, &image), &image, 1)?);
             }
         }
     }
@@ -172,6 +248,10 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         median(&v.iter().map(|s| ms(f(s))).collect::<Vec<_>>())
     };
     let r = Report {
+        guest: match image.guest {
+            Guest::Firmware => "firmware",
+            Guest::Linux => "linux",
+        },
         runs: args.runs,
         tessera_ms: med(&tessera, |s| s.exit),
         qemu_ms: med(&qemu, |s| s.exit),
@@ -188,7 +268,11 @@ pub fn run(args: BootArgs) -> Result<(), String> {
     if args.json {
         super::print_json(&r)?;
     } else {
-        println!("firmware boot, {} runs each, medians (ms)", r.runs);
+        let what = match image.guest {
+            Guest::Firmware => "firmware boot",
+            Guest::Linux => "Linux boot to user space (minimal kernel, initramfs)",
+        };
+        println!("{what}, {} runs each, medians (ms)", r.runs);
         println!("{:<24}{:>12}{:>12}{:>10}", "", "tessera", "qemu", "ratio");
         println!(
             "{:<24}{:>12.2}{:>12.2}{:>10.3}",

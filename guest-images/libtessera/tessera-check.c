@@ -406,6 +406,36 @@ static int raw_bo(tessera_dev *d, uint64_t size, struct raw_bo *out)
 	return 0;
 }
 
+/* pipe() both ways and fork(): the child's pid, 0 in the child, -1 (with a message) on failure. */
+static pid_t fork_with_chan(struct chan *c)
+{
+	pid_t pid;
+
+	if (pipe(c->to_child) || pipe(c->to_parent))
+		return failf("pipe: %s", strerror(errno));
+	pid = fork();
+	return pid < 0 ? failf("fork: %s", strerror(errno)) : pid;
+}
+
+/* Ends a child: its failure on stdout, its verdict as the exit status. */
+static void __attribute__((noreturn)) child_exit(int ret, const char *who)
+{
+	if (ret)
+		printf("tessera-check: %s FAIL: %s\n", who, why);
+	fflush(stdout);
+	_exit(ret ? 1 : 0);
+}
+
+/* The parent's result `ret`, and then the child's: a failed parent kills the child first. */
+static int join_child(pid_t pid, int ret, const char *who)
+{
+	if (!ret)
+		return child_verdict(pid, who);
+	kill(pid, SIGKILL);
+	child_verdict(pid, who);
+	return ret;
+}
+
 /*
  * One side of `isolate`: a buffer at the start of this context's address space, filled with
  * its own pattern while the other side does the same at the same GPU address; then rounds of
@@ -484,25 +514,14 @@ static int isolate(void)
 	pid_t pid;
 	int ret;
 
-	if (pipe(c.to_child) || pipe(c.to_parent))
-		return failf("pipe: %s", strerror(errno));
-	pid = fork();
+	pid = fork_with_chan(&c);
 	if (pid < 0)
-		return failf("fork: %s", strerror(errno));
-	if (pid == 0) {
-		ret = isolate_side(c.to_parent[1], c.to_child[0], 0x22222222U, 0);
-		if (ret)
-			printf("tessera-check: isolate (child) FAIL: %s\n", why);
-		fflush(stdout);
-		_exit(ret ? 1 : 0);
-	}
+		return -1;
+	if (pid == 0)
+		child_exit(isolate_side(c.to_parent[1], c.to_child[0], 0x22222222U, 0),
+			   "isolate (child)");
 	ret = isolate_side(c.to_child[1], c.to_parent[0], 0x11111111U, 1);
-	if (ret) {
-		kill(pid, SIGKILL);
-		child_verdict(pid, "the child");
-		return ret;
-	}
-	return child_verdict(pid, "the child");
+	return join_child(pid, ret, "the child");
 }
 
 /*
@@ -517,11 +536,9 @@ static int fault_beside(void)
 	pid_t pid;
 	int ret;
 
-	if (pipe(c.to_child) || pipe(c.to_parent))
-		return failf("pipe: %s", strerror(errno));
-	pid = fork();
+	pid = fork_with_chan(&c);
 	if (pid < 0)
-		return failf("fork: %s", strerror(errno));
+		return -1;
 	if (pid == 0) {
 		tessera_dev *d = open_dev();
 		tessera_bo *src = NULL, *out = NULL;
@@ -536,10 +553,7 @@ static int fault_beside(void)
 			if (i == 0)
 				send_u64(c.to_parent[1], 1);
 		}
-		if (ret)
-			printf("tessera-check: fault (neighbour) FAIL: %s\n", why);
-		fflush(stdout);
-		_exit(ret ? 1 : 0);
+		child_exit(ret, "fault (neighbour)");
 	}
 	{
 		tessera_dev *d = open_dev();
@@ -578,12 +592,7 @@ static int fault_beside(void)
 			tessera_close(d);
 		}
 	}
-	if (ret) {
-		kill(pid, SIGKILL);
-		child_verdict(pid, "the neighbour");
-		return ret;
-	}
-	return child_verdict(pid, "the neighbour");
+	return join_child(pid, ret, "the neighbour");
 }
 
 /*
@@ -608,11 +617,9 @@ static int kill_mid_job(void)
 		return failf("kill: TVGPU_IOCTL_INFO: %s", strerror(errno));
 	}
 	tessera_close(d);
-	if (pipe(c.to_child) || pipe(c.to_parent))
-		return failf("pipe: %s", strerror(errno));
-	pid = fork();
+	pid = fork_with_chan(&c);
 	if (pid < 0)
-		return failf("fork: %s", strerror(errno));
+		return -1;
 	if (pid == 0) {
 		/*
 		 * 4 s of GPU time in four packets (each well inside the watchdog's budget; the

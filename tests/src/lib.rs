@@ -382,6 +382,16 @@ impl Server {
         }
     }
 
+    /// The GPU time instance `name` has had so far (`tessera top`), in ns.
+    pub fn busy_ns(&self, name: &str) -> u64 {
+        let stats = self.json(&["top", "-n", "1"]);
+        stats["vgpus"]
+            .as_array()
+            .and_then(|a| a.iter().find(|g| g["name"] == name))
+            .and_then(|g| g["busy_ns"].as_u64())
+            .unwrap_or_else(|| panic!("no stats for {name}: {stats}"))
+    }
+
     /// What the server logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("serve.log")).unwrap_or_default()

@@ -123,7 +123,10 @@ fn linux_user_space_runs_over_vfio_user() {
     assert_user_space_passed(&mut vm);
     let status = vm.wait(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", vm.transcript.join("\n"));
-    assert_gpu_time(&server, "linux");
+    assert!(
+        server.busy_ns("linux") > 0,
+        "the guest's work ran on the server"
+    );
 }
 
 #[test]
@@ -145,18 +148,8 @@ fn linux_user_space_runs_in_cloud_hypervisor() {
     // Hypervisor ends by itself.
     let status = vm.wait(Duration::from_secs(60));
     assert!(status.success(), "{status}: {}", vm.transcript.join("\n"));
-    assert_gpu_time(&server, "ch");
-}
-
-/// The server ran the guest's work: its vGPU got GPU time.
-fn assert_gpu_time(server: &Server, name: &str) {
-    let stats = server.json(&["top", "-n", "1"]);
-    let vgpu = stats["vgpus"]
-        .as_array()
-        .and_then(|a| a.iter().find(|g| g["name"] == name))
-        .unwrap_or_else(|| panic!("no {name} in {stats}"));
     assert!(
-        vgpu["busy_ns"].as_u64().unwrap_or(0) > 0,
-        "GPU time: {stats}"
+        server.busy_ns("ch") > 0,
+        "the guest's work ran on the server"
     );
 }

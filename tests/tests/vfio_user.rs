@@ -311,20 +311,11 @@ fn user_vm(socket: &str, cmdline: &str) -> Vmm {
     ])
 }
 
-fn busy_ns(server: &Server, name: &str) -> u64 {
-    let stats = server.json(&["top", "-n", "1"]);
-    stats["vgpus"]
-        .as_array()
-        .and_then(|a| a.iter().find(|g| g["name"] == name))
-        .and_then(|g| g["busy_ns"].as_u64())
-        .unwrap_or_else(|| panic!("no stats for {name}: {stats}"))
-}
-
 /// GPU time `name` gets per second of wall time, over `window`.
 fn gpu_rate(server: &Server, name: &str, window: Duration) -> f64 {
-    let (b0, t0) = (busy_ns(server, name), Instant::now());
+    let (b0, t0) = (server.busy_ns(name), Instant::now());
     std::thread::sleep(window);
-    let (b1, t1) = (busy_ns(server, name), Instant::now());
+    let (b1, t1) = (server.busy_ns(name), Instant::now());
     (b1 - b0) as f64 / (t1 - t0).as_nanos() as f64
 }
 
@@ -416,7 +407,7 @@ fn a_dead_server_is_seen_by_the_vmm_within_a_second() {
     let mut vm = user_vm(sock.trim(), "run=load kind=busy seconds=60");
     wait_attached(&server, "d", true);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while busy_ns(&server, "d") == 0 {
+    while server.busy_ns("d") == 0 {
         assert!(Instant::now() < deadline, "the load never started");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -129,7 +129,7 @@ fn instances_are_managed_like_mdev_types() {
     let out = server.ok(&["vgpu", "policy", "fixed-share", "--slice", "1ms"]);
     assert!(out.contains("fixed-share 1000 µs"), "{out}");
     let top = server.ok(&["top", "-n", "1", "--prometheus"]);
-    assert!(top.is_empty() || top.contains("tessera_vgpu"), "{top}");
+    assert!(top.contains("tessera_server_instances 0"), "{top}");
 
     let dir = server.dir.clone();
     let status = server.stop();
@@ -716,4 +716,78 @@ fn instances_belong_to_their_owner_and_record_their_peer() {
     drop(c);
     let status = server.stop();
     assert!(status.success(), "{status}");
+}
+
+/// `tessera serve --metrics-addr`: an HTTP scrape while a VM works shows its GPU time and the
+/// server's gauges, in the OpenMetrics format, and a second scrape sees the counters move.
+#[test]
+fn metrics_are_scraped_over_http_while_a_vm_runs() {
+    if firmware().is_none() {
+        return;
+    }
+    let server = Server::start(
+        "metrics",
+        &[
+            "--gpu",
+            "soft,vram=1G,engines=2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let log = server.log();
+    let url = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("url=http://"))
+        .unwrap_or_else(|| panic!("no metrics URL in the log: {log}"));
+    let (addr, path) = url.split_once('/').expect("host:port/path");
+    let sock = server.ok(&["vgpu", "create", "--type", "64M", "--name", "m"]);
+    let mut vm = user_vm(sock.trim(), "run=load kind=busy seconds=6");
+    wait_attached(&server, "m", true);
+    let busy = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("tessera_vgpu_busy_seconds_total{vgpu=\"m\",partition=\"0\"} ")
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no busy seconds of m in:\n{text}"))
+    };
+    let first = http_get(addr, &format!("/{path}"));
+    assert!(
+        first.starts_with("HTTP/1.0 200"),
+        "status line of:\n{first}"
+    );
+    assert!(first.contains("application/openmetrics-text"), "{first}");
+    for line in [
+        "# TYPE tessera_vgpu_busy_seconds counter",
+        "# HELP tessera_partition_vram_free_bytes",
+        "tessera_partition_vram_free_bytes{partition=\"0\"} 1006632960.0",
+        "tessera_server_instances 1.0",
+        "tessera_server_attached_instances 1.0",
+        "# EOF",
+    ] {
+        assert!(first.contains(line), "no {line:?} in:\n{first}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let second = http_get(addr, &format!("/{path}"));
+    assert!(
+        busy(&second) > busy(&first),
+        "the busy VM's GPU time did not move:\n{first}\n{second}"
+    );
+    assert!(http_get(addr, "/nothing").starts_with("HTTP/1.0 404"));
+    assert_eq!(vm.wait(Duration::from_secs(60)).code(), Some(0));
+}
+
+/// One HTTP/1.0 GET (the server closes the connection after answering): the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    response
 }

@@ -481,38 +481,6 @@ impl VgpuStats {
     }
 }
 
-/// Prometheus text exposition of `stats`.
-pub fn prometheus(stats: &[VgpuStats]) -> String {
-    let mut out = String::new();
-    type Metric = (&'static str, &'static str, fn(&VgpuStats) -> f64);
-    let metrics: [Metric; 6] = [
-        ("tessera_vgpu_busy_seconds_total", "counter", |s| {
-            s.busy_ns as f64 / 1e9
-        }),
-        ("tessera_vgpu_share", "gauge", |s| s.share),
-        ("tessera_vgpu_queue_depth", "gauge", |s| {
-            s.queue_depth as f64
-        }),
-        ("tessera_vgpu_context_switches_total", "counter", |s| {
-            s.context_switches as f64
-        }),
-        ("tessera_vgpu_faults_total", "counter", |s| s.faults as f64),
-        ("tessera_vgpu_resets_total", "counter", |s| s.resets as f64),
-    ];
-    for (name, kind, get) in metrics {
-        out.push_str(&format!("# TYPE {name} {kind}\n"));
-        for s in stats {
-            out.push_str(&format!(
-                "{name}{{vgpu=\"{}\",partition=\"{}\"}} {}\n",
-                s.name.replace('"', "'"),
-                s.partition,
-                get(s)
-            ));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,24 +557,5 @@ mod tests {
         g.set_policy(Policy::FixedQuantum, Duration::from_millis(6));
         assert_eq!(g.partitions()[1].policy, "fixed-quantum");
         assert_eq!(g.partitions()[1].slice_us, 6000);
-    }
-
-    #[test]
-    fn prometheus_text() {
-        let s = VgpuStats::new(
-            "vm1",
-            0,
-            MemberStats {
-                busy_ns: 2_000_000_000,
-                ..Default::default()
-            },
-            (3, 1, 0),
-        );
-        let t = prometheus(&[s]);
-        assert!(
-            t.contains("tessera_vgpu_busy_seconds_total{vgpu=\"vm1\",partition=\"0\"} 2\n"),
-            "{t}"
-        );
-        assert!(t.contains("tessera_vgpu_queue_depth{vgpu=\"vm1\",partition=\"0\"} 3\n"));
     }
 }

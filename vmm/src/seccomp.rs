@@ -311,6 +311,9 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     // The panic message of a malformed message caught on an instance thread
                     // (std shortens source paths against the working directory).
                     libc::SYS_getcwd,
+                    // The metrics listener (`--metrics-addr`, tiny_http) asks each
+                    // connection for its peer's address.
+                    libc::SYS_getpeername,
                 ],
             );
             allow(&mut r, &SOCKET_IO);

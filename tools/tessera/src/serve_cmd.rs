@@ -207,6 +207,10 @@ pub struct ServeArgs {
     /// Create these instances at start: TYPE[:NAME], repeatable.
     #[arg(long, value_name = "TYPE[:NAME]")]
     create: Vec<String>,
+    /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port
+    /// 0 picks a free one, and the log says which).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Sandbox every server thread with a seccomp filter (false: for debugging only).
     #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
     seccomp: bool,
@@ -280,6 +284,18 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         if let Err(e) = daemon.handle(req) {
             eprintln!("tessera: --create {c}: {}", devices::error_chain(&e));
             return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    // Bound before the sandbox: the listener is the only TCP socket the server opens.
+    if let Some(addr) = args.metrics_addr {
+        match vgpu_server::metrics::MetricsServer::start(addr, daemon.clone()) {
+            Ok(m) => {
+                tracing::info!(url = %format!("http://{}/metrics", m.addr()), "metrics served")
+            }
+            Err(e) => {
+                eprintln!("tessera: --metrics-addr {addr}: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
         }
     }
     let stop = match EventFd::new(EFD_NONBLOCK) {

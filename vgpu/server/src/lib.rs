@@ -13,6 +13,7 @@
 pub mod attach;
 pub mod control;
 mod instance;
+pub mod metrics;
 pub mod peer;
 pub mod remote;
 
@@ -34,7 +35,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use attach::DmaBudget;
 use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
-use vgpu::physical::{PhysicalGpu, VgpuStats, prometheus};
+use vgpu::physical::{PhysicalGpu, VgpuStats};
 use vgpu::profile::{self, Profile};
 use vgpu::sched::{Params, Policy};
 
@@ -429,7 +430,7 @@ impl Daemon {
                 "partitions": self.gpu.partitions(),
                 "vgpus": self.stats(),
             })),
-            Request::Metrics => Ok(json!({ "text": prometheus(&self.stats()) })),
+            Request::Metrics => Ok(json!({ "text": self.snapshot().text() })),
             Request::Version => Ok(json!({ "version": env!("CARGO_PKG_VERSION") })),
             Request::Policy { policy, slice_ms } => {
                 let policy: Policy = policy.parse().map_err(RequestError::Policy)?;
@@ -482,6 +483,24 @@ impl Daemon {
     }
 
     /// Live statistics of every instance.
+    /// What a metrics scrape reports ([`metrics`]).
+    pub fn snapshot(&self) -> metrics::Snapshot {
+        let (vgpus, attached) = {
+            let instances = lock(&self.instances);
+            let attached = instances
+                .values()
+                .filter(|i| i.live.attached.load(Ordering::Acquire))
+                .count();
+            (instances.values().map(Instance::stats).collect(), attached)
+        };
+        metrics::Snapshot {
+            vgpus,
+            partitions: self.gpu.partitions(),
+            attached,
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
     pub fn stats(&self) -> Vec<VgpuStats> {
         lock(&self.instances)
             .values()

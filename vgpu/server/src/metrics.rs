@@ -1,0 +1,361 @@
+//! The server's metrics in the OpenMetrics text format (prometheus-client), gathered at each
+//! scrape: per vGPU instance, per GPU partition and for the server. Served over HTTP by
+//! `tessera serve --metrics-addr` ([`MetricsServer`]) and over the control socket
+//! (`tessera top --prometheus`).
+//!
+//! Names follow Prometheus' conventions: base units in the name (`_seconds`, `_bytes`),
+//! counters end in `_total`, fractions in `_ratio`, and state that is a string (the policy) is
+//! an `_info` gauge of 1 with the string as a label.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use vgpu::physical::{PartitionInfo, VgpuStats};
+
+use crate::Daemon;
+
+/// What one scrape reports: a snapshot taken under the daemon's short locks.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Per instance.
+    pub vgpus: Vec<VgpuStats>,
+    /// Per partition.
+    pub partitions: Vec<PartitionInfo>,
+    /// Instances with a client attached.
+    pub attached: usize,
+    /// The server's version.
+    pub version: &'static str,
+}
+
+/// One metric family: its name (without unit and `_total`), help, unit and type, and its
+/// samples as (labels, value).
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    unit: Option<Unit>,
+    kind: MetricType,
+    samples: Vec<(Vec<(&'static str, String)>, f64)>,
+}
+
+impl Family<'_> {
+    fn encode(self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut metric =
+            encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), self.kind)?;
+        if let [(labels, value)] = self.samples.as_slice()
+            && labels.is_empty()
+        {
+            return sample(self.kind, *value, metric);
+        }
+        for (labels, value) in &self.samples {
+            sample(self.kind, *value, metric.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One sample of a counter or a gauge.
+fn sample(kind: MetricType, value: f64, to: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(to),
+        _ => ConstGauge::new(value).encode(to),
+    }
+}
+
+impl Snapshot {
+    fn families(&self) -> Vec<Family<'static>> {
+        let vgpu = |name, help, unit, kind, get: fn(&VgpuStats) -> f64| Family {
+            name,
+            help,
+            unit,
+            kind,
+            samples: self
+                .vgpus
+                .iter()
+                .map(|s| {
+                    let labels = vec![
+                        ("vgpu", s.name.clone()),
+                        ("partition", s.partition.to_string()),
+                    ];
+                    (labels, get(s))
+                })
+                .collect(),
+        };
+        let partition = |name, help, unit, get: fn(&PartitionInfo) -> f64| Family {
+            name,
+            help,
+            unit,
+            kind: MetricType::Gauge,
+            samples: self
+                .partitions
+                .iter()
+                .map(|p| (vec![("partition", p.index.to_string())], get(p)))
+                .collect(),
+        };
+        let server = |name, help, value: f64, labels: Vec<(&'static str, String)>| Family {
+            name,
+            help,
+            unit: None,
+            kind: MetricType::Gauge,
+            samples: vec![(labels, value)],
+        };
+        vec![
+            vgpu(
+                "tessera_vgpu_busy",
+                "GPU time the instance has had since it was created",
+                Some(Unit::Seconds),
+                MetricType::Counter,
+                |s| s.busy_ns as f64 / 1e9,
+            ),
+            vgpu(
+                "tessera_vgpu_share_ratio",
+                "The instance's share of its partition's GPU time over the last 100 ms (0 to 1)",
+                None,
+                MetricType::Gauge,
+                |s| s.share,
+            ),
+            vgpu(
+                "tessera_vgpu_queue_depth",
+                "Packets queued in the instance's contexts",
+                None,
+                MetricType::Gauge,
+                |s| s.queue_depth as f64,
+            ),
+            vgpu(
+                "tessera_vgpu_context_switches",
+                "Times the scheduler gave the instance the GPU",
+                None,
+                MetricType::Counter,
+                |s| s.context_switches as f64,
+            ),
+            vgpu(
+                "tessera_vgpu_faults",
+                "Faults the instance's contexts took",
+                None,
+                MetricType::Counter,
+                |s| s.faults as f64,
+            ),
+            vgpu(
+                "tessera_vgpu_resets",
+                "Watchdog resets of the instance",
+                None,
+                MetricType::Counter,
+                |s| s.resets as f64,
+            ),
+            partition(
+                "tessera_partition_vram",
+                "VRAM of the partition",
+                Some(Unit::Bytes),
+                |p| p.spec.vram as f64,
+            ),
+            partition(
+                "tessera_partition_vram_free",
+                "VRAM of the partition not leased to an instance",
+                Some(Unit::Bytes),
+                |p| p.vram_free as f64,
+            ),
+            partition(
+                "tessera_partition_engines",
+                "Engines (GPU workers) of the partition",
+                None,
+                |p| p.spec.engines as f64,
+            ),
+            partition(
+                "tessera_partition_slice",
+                "The scheduler's time slice",
+                Some(Unit::Seconds),
+                |p| p.slice_us as f64 / 1e6,
+            ),
+            Family {
+                name: "tessera_partition_policy_info",
+                help: "The partition's scheduling policy (label policy) and GPU (label gpu)",
+                unit: None,
+                kind: MetricType::Gauge,
+                samples: self
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        let labels = vec![
+                            ("partition", p.index.to_string()),
+                            ("policy", p.policy.clone()),
+                            ("gpu", p.gpu.clone()),
+                        ];
+                        (labels, 1.0)
+                    })
+                    .collect(),
+            },
+            server(
+                "tessera_server_instances",
+                "vGPU instances the server has",
+                self.vgpus.len() as f64,
+                vec![],
+            ),
+            server(
+                "tessera_server_attached_instances",
+                "Instances with a VMM attached",
+                self.attached as f64,
+                vec![],
+            ),
+            server(
+                "tessera_server_info",
+                "The server's version (label version)",
+                1.0,
+                vec![("version", self.version.to_string())],
+            ),
+        ]
+    }
+
+    /// The OpenMetrics text of this snapshot.
+    pub fn text(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(self.clone())));
+        let mut out = String::new();
+        // Writing into a String cannot fail; an error here would be a bug in the encoder.
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+            let _ = writeln!(out, "# EOF");
+        }
+        out
+    }
+}
+
+/// A registry collector that reports one snapshot.
+#[derive(Debug)]
+struct Fixed(Snapshot);
+
+impl Collector for Fixed {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for family in self.0.families() {
+            family.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// The content type of [`Snapshot::text`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `GET /metrics` over HTTP (tiny_http), on a thread of its own, until the process exits.
+/// (There is no stop: tiny_http wakes its blocked listener by connecting to it, which the
+/// server's seccomp filter refuses, since the listener is bound before the sandbox starts.)
+pub struct MetricsServer {
+    addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `daemon`'s metrics from then on.
+    pub fn start(addr: SocketAddr, daemon: Arc<Daemon>) -> std::io::Result<MetricsServer> {
+        let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+        let addr = http
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| std::io::Error::other("the metrics listener has no IP address"))?;
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for request in http.incoming_requests() {
+                    answer(request, &daemon);
+                }
+            })?;
+        Ok(MetricsServer { addr })
+    }
+
+    /// The address it listens on (the port the system picked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl std::fmt::Debug for MetricsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+fn answer(request: tiny_http::Request, daemon: &Daemon) {
+    use tiny_http::{Header, Method, Response};
+    let header = |v: &str| Header::from_bytes(&b"Content-Type"[..], v.as_bytes()).ok();
+    let response = match (request.method(), request.url()) {
+        (Method::Get, "/metrics") => {
+            let mut r = Response::from_string(daemon.snapshot().text());
+            if let Some(h) = header(CONTENT_TYPE) {
+                r.add_header(h);
+            }
+            r
+        }
+        (Method::Get, _) => {
+            Response::from_string("not found: the metrics are at /metrics\n").with_status_code(404)
+        }
+        _ => Response::from_string("only GET\n").with_status_code(405),
+    };
+    if let Err(e) = request.respond(response) {
+        tracing::debug!("metrics: the scraper went away: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vgpu::physical::PartitionSpec;
+    use vgpu::sched::MemberStats;
+
+    #[test]
+    fn openmetrics_text_with_help_types_units_and_labels() {
+        let snapshot = Snapshot {
+            vgpus: vec![VgpuStats::new(
+                "vm1",
+                0,
+                MemberStats {
+                    busy_ns: 2_500_000_000,
+                    window_share: 0.25,
+                    switches: 7,
+                    ..Default::default()
+                },
+                (3, 1, 0),
+            )],
+            partitions: vec![PartitionInfo {
+                index: 0,
+                spec: PartitionSpec {
+                    engines: 2,
+                    vram: 1 << 30,
+                },
+                vram_free: 768 << 20,
+                policy: "best-effort".into(),
+                slice_us: 2000,
+                gpu: "soft (2 engines)".into(),
+            }],
+            attached: 1,
+            version: "9.9.9",
+        };
+        let t = snapshot.text();
+        for line in [
+            "# HELP tessera_vgpu_busy_seconds GPU time the instance has had since it was created",
+            "# TYPE tessera_vgpu_busy_seconds counter",
+            "# UNIT tessera_vgpu_busy_seconds seconds",
+            "tessera_vgpu_busy_seconds_total{vgpu=\"vm1\",partition=\"0\"} 2.5",
+            "# TYPE tessera_vgpu_share_ratio gauge",
+            "tessera_vgpu_share_ratio{vgpu=\"vm1\",partition=\"0\"} 0.25",
+            "tessera_vgpu_queue_depth{vgpu=\"vm1\",partition=\"0\"} 3.0",
+            "tessera_vgpu_context_switches_total{vgpu=\"vm1\",partition=\"0\"} 7.0",
+            "tessera_vgpu_faults_total{vgpu=\"vm1\",partition=\"0\"} 1.0",
+            "tessera_partition_vram_bytes{partition=\"0\"} 1073741824.0",
+            "tessera_partition_vram_free_bytes{partition=\"0\"} 805306368.0",
+            "tessera_partition_slice_seconds{partition=\"0\"} 0.002",
+            "tessera_partition_policy_info{partition=\"0\",policy=\"best-effort\",gpu=\"soft (2 engines)\"} 1.0",
+            "tessera_server_instances 1.0",
+            "tessera_server_attached_instances 1.0",
+            "tessera_server_info{version=\"9.9.9\"} 1.0",
+            "# EOF",
+        ] {
+            assert!(t.lines().any(|l| l == line), "no line {line:?} in:\n{t}");
+        }
+    }
+}

@@ -344,6 +344,11 @@ pub struct Server {
 impl Server {
     /// Starts `tessera serve` with `extra` flags and waits until its control socket answers.
     pub fn start(name: &str, extra: &[&str]) -> Server {
+        Self::start_with_env(name, extra, &[])
+    }
+
+    /// Like [`Server::start`], with `env` added to the server's environment.
+    pub fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &Path)]) -> Server {
         let root = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("scratch dir");
@@ -354,6 +359,7 @@ impl Server {
             .arg("--dir")
             .arg(&dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -15,9 +15,12 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, about, long_about = None)]
 struct Cli {
-    /// Log filter for stderr (error, warn, info, debug, trace or a tracing directive list).
+    /// Log filter (error, warn, info, debug, trace or a tracing directive list).
     #[arg(long, global = true, default_value = "info", env = "TESSERA_LOG")]
     log_level: String,
+    /// Append log lines to this file instead of writing them to stderr.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,13 +78,32 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,vfio_user=warn"));
-    tracing_subscriber::fmt()
+    // Log lines carry UTC timestamps (RFC 3339), to stderr or appended to --log-file.
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .init();
+        .with_target(false);
+    match &cli.log_file {
+        Some(path) => {
+            let file = match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("tessera: --log-file {}: {e}", path.display());
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            log.with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .init();
+        }
+        None => log
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match cli.command {
         Command::Vm(args) => vm_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),

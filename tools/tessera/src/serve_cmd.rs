@@ -217,8 +217,11 @@ pub struct ServeArgs {
 }
 
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+/// The signal that stopped the server (0: none yet).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(sig, Ordering::Relaxed);
     let fd = STOP_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();
@@ -312,6 +315,11 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     }
+    // Ready: the control and instance sockets listen. systemd (Type=notify) is told now,
+    // before the sandbox, which refuses the connect(2) this takes; elsewhere it does nothing.
+    if let Err(e) = sd_notify::notify(true, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot notify the service manager of readiness: {e}");
+    }
     if args.seccomp {
         let sandbox = vmm::seccomp::install_sigsys_reporter()
             .map_err(|e| e.to_string())
@@ -336,6 +344,16 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     );
     let r = daemon.serve(&stop);
     STOP_FD.store(-1, Ordering::Relaxed);
+    let signal = match STOP_SIGNAL.load(Ordering::Relaxed) {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "none",
+    };
+    tracing::info!(
+        signal,
+        instances = daemon.list().len(),
+        "vGPU server stopping"
+    );
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

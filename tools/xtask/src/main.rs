@@ -141,6 +141,8 @@ fn test() -> Result<()> {
     // The Vulkan backend's tests run on Mesa's lavapipe (a CPU Vulkan driver); its committed
     // SPIR-V is checked against its GLSL with glslangValidator.
     apt_install(&["libvulkan1", "mesa-vulkan-drivers", "glslang-tools"])?;
+    // `systemd-analyze verify` checks contrib/systemd/tessera-serve.service (tests/service.rs).
+    apt_install(&["systemd"])?;
     run(cargo()
         .current_dir(root().join("firmware"))
         .args(["fmt", "--", "--check"]))?;

@@ -449,6 +449,7 @@ impl Daemon {
                         .map_or(vgpu::sched::DEFAULT_SLICE, |s| s.policy().1),
                 };
                 self.gpu.set_policy(policy, slice);
+                tracing::info!(%policy, slice_ms = slice.as_millis() as u64, "policy changed");
                 Ok(json!({ "partitions": self.gpu.partitions() }))
             }
         }

@@ -121,12 +121,22 @@ fn parse_duration(
 }
 
 /// A slice: `2ms` or just `2` (1 to 30 ms).
-fn parse_slice(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_slice(s: &str) -> Result<Duration, String> {
     parse_duration(
         s,
         Duration::from_millis(1)..=Duration::from_millis(30),
         "the slice must be 1ms..=30ms",
         true,
+    )
+}
+
+/// `top`'s refresh interval: `1s`, `250ms` (50 ms to an hour).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    parse_duration(
+        s,
+        Duration::from_millis(50)..=Duration::from_secs(3600),
+        "the interval must be 50ms..=1h",
+        false,
     )
 }
 
@@ -562,9 +572,9 @@ pub struct TopArgs {
     /// Print Prometheus text instead of a table.
     #[arg(long)]
     prometheus: bool,
-    /// Refresh interval in ms.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    interval_ms: u64,
+    /// Refresh interval, e.g. 1s or 250ms (50ms to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    interval: Duration,
     /// Print this many snapshots, then exit (0: until interrupted).
     #[arg(long, short = 'n', value_name = "N", default_value_t = 0)]
     iterations: u64,
@@ -602,7 +612,7 @@ pub fn top(args: TopArgs) -> ExitCode {
         if args.iterations != 0 && n >= args.iterations {
             return ExitCode::SUCCESS;
         }
-        std::thread::sleep(Duration::from_millis(args.interval_ms.max(50)));
+        std::thread::sleep(args.interval);
     }
 }
 

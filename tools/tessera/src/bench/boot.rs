@@ -35,9 +35,18 @@ pub struct BootArgs {
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Guest RAM for both VMMs, in MiB (default: 64 for the firmware, 256 for Linux).
-    #[arg(long)]
-    memory_mib: Option<u32>,
+    /// Guest RAM for both VMMs, e.g. 64M (whole MiB; default: 64M for the firmware, 256M for
+    /// Linux).
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+    memory: Option<u32>,
+}
+
+/// A size in whole MiB, written as `vm --memory` takes it (`64M`, `1G`).
+fn parse_mib(s: &str) -> Result<u32, String> {
+    vmm::config::parse_size(s)
+        .filter(|n| n % (1 << 20) == 0 && (8 << 20..=64 << 30).contains(n))
+        .map(|n| (n >> 20) as u32)
+        .ok_or_else(|| format!("{s:?}: expected whole MiB from 8M to 64G, e.g. 64M"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,7 +85,7 @@ impl Image {
                 )?,
                 initramfs: None,
                 cmdline: "run=info".into(),
-                memory_mib: args.memory_mib.unwrap_or(64),
+                memory_mib: args.memory.unwrap_or(64),
                 first_line: "tessera-fw: boot",
                 timeout: Duration::from_secs(60),
             },
@@ -96,7 +105,7 @@ impl Image {
                         "console=ttyS0 noxsave clearcpuid=smap,smep,popcnt,xsave,cx16,fsgsbase,\
                          pcid,erms,fsrm nopti rodata=off panic=-1{quirks} tessera.run=true"
                     ),
-                    memory_mib: args.memory_mib.unwrap_or(256),
+                    memory_mib: args.memory.unwrap_or(256),
                     first_line: "tessera-guest: ready",
                     timeout: Duration::from_secs(600),
                 }

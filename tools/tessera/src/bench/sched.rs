@@ -29,10 +29,11 @@ pub struct SchedArgs {
     /// Policy for the fairness run (best-effort, equal-share, fixed-share, fixed-quantum).
     #[arg(long, default_value = "equal-share")]
     policy: Policy,
-    /// Time slice of the fairness phase, ms (1–30). With 2 ms slices, 8 vGPUs and 100 ms
-    /// windows, whole slices alone bound Jain at 0.9952 (50 slices: six vGPUs get 6, two get 7).
-    #[arg(long, default_value_t = 2)]
-    slice_ms: u64,
+    /// Time slice of the fairness phase, e.g. 2ms (1ms to 30ms). With 2 ms slices, 8 vGPUs
+    /// and 100 ms windows, whole slices alone bound Jain at 0.9952 (50 slices: six vGPUs get
+    /// 6, two get 7).
+    #[arg(long, value_name = "DURATION", default_value = "2ms", value_parser = crate::serve_cmd::parse_slice)]
+    slice: Duration,
     /// Seconds per phase.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -249,11 +250,11 @@ fn jain(x: &[f64]) -> f64 {
     }
 }
 
-fn spec(kind: GpuKind, policy: Policy, slice_ms: u64) -> GpuSpec {
+fn spec(kind: GpuKind, policy: Policy, slice: Duration) -> GpuSpec {
     GpuSpec {
         kind,
         policy,
-        slice: Duration::from_millis(slice_ms),
+        slice,
         ..GpuSpec::whole(128 << 20, ENGINES)
     }
 }
@@ -325,7 +326,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 1. N busy vGPUs, the chosen policy (equal share by default): Jain over 100 ms windows.
     let f = Fleet::start(
-        &spec(args.gpu, args.policy, args.slice_ms),
+        &spec(args.gpu, args.policy, args.slice),
         &vec![(busy, Params::default()); args.vgpus],
     )?;
     std::thread::sleep(Duration::from_millis(200));
@@ -352,7 +353,10 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
             )
         })
         .collect();
-    let f = Fleet::start(&spec(args.gpu, Policy::FixedShare, 2), &loads)?;
+    let f = Fleet::start(
+        &spec(args.gpu, Policy::FixedShare, Duration::from_millis(2)),
+        &loads,
+    )?;
     std::thread::sleep(Duration::from_millis(200));
     let before = f.busy();
     let w = windows(&f, secs);
@@ -386,7 +390,10 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     // 3. Best effort, 4 busy + 4 idle: GPU busy time over wall time.
     let mut loads = vec![(busy, Params::default()); 4];
     loads.extend(vec![(Load::Idle, Params::default()); 4]);
-    let f = Fleet::start(&spec(args.gpu, Policy::BestEffort, 2), &loads)?;
+    let f = Fleet::start(
+        &spec(args.gpu, Policy::BestEffort, Duration::from_millis(2)),
+        &loads,
+    )?;
     std::thread::sleep(Duration::from_millis(200));
     let (b0, t0) = (f.busy().iter().sum::<u64>(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -407,7 +414,10 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         (busy, Params::default()),
         (busy, Params::default()),
     ];
-    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &loads)?;
+    let f = Fleet::start(
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
+        &loads,
+    )?;
     let s = f.gpu.scheduler(0).ok_or("no scheduler")?;
     s.clear_samples();
     std::thread::sleep(Duration::from_secs_f64(secs.max(1.5)));
@@ -420,13 +430,13 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 5. Scale: throughput of 64 busy vGPUs vs 1 alone; memory per idle vGPU.
     let one = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, 2),
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
         &[(busy, Params::default())],
     )?;
     std::thread::sleep(Duration::from_secs_f64(secs));
     let solo: u64 = one.finish()?.iter().sum();
     let many = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, 2),
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
         &[(busy, Params::default()); 64],
     )?;
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -434,7 +444,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let scale64_ratio = all as f64 / solo.max(1) as f64;
     let rss0 = rss_kib();
     let idle = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, 2),
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
         &[(Load::Idle, Params::default()); 64],
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -446,7 +456,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let mut sw = Vec::new();
     for ms in [1, 2, 10] {
         let f = Fleet::start(
-            &spec(args.gpu, Policy::EqualShare, ms),
+            &spec(args.gpu, Policy::EqualShare, Duration::from_millis(ms)),
             &[(busy, Params::default()); 4],
         )?;
         let s = f.gpu.scheduler(0).ok_or("no scheduler")?;
@@ -460,12 +470,18 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
 
     // 7. A hung vGPU among 4 busy ones: its watchdog (150 ms of GPU time) resets it alone.
     let four = [(busy, Params::default()); 4];
-    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &four)?;
+    let f = Fleet::start(
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
+        &four,
+    )?;
     std::thread::sleep(Duration::from_secs_f64(secs));
     let alone: u64 = f.finish()?.iter().sum();
     let mut loads = four.to_vec();
     loads.push((Load::Hung, Params::default()));
-    let f = Fleet::start(&spec(args.gpu, Policy::EqualShare, 2), &loads)?;
+    let f = Fleet::start(
+        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
+        &loads,
+    )?;
     let t0 = Instant::now();
     while f.done[4].load(Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(2));

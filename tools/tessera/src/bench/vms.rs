@@ -26,9 +26,9 @@ pub struct VmsArgs {
     /// Scheduling policy.
     #[arg(long, default_value = "equal-share")]
     policy: Policy,
-    /// Time slice in ms (1–30).
-    #[arg(long, default_value_t = 2)]
-    slice_ms: u64,
+    /// Time slice, e.g. 2ms (1ms to 30ms).
+    #[arg(long, value_name = "DURATION", default_value = "2ms", value_parser = crate::serve_cmd::parse_slice)]
+    slice: Duration,
     /// Seconds each VM runs its load.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
@@ -81,7 +81,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     let spec = GpuSpec {
         kind: args.gpu,
         policy: args.policy,
-        slice: Duration::from_millis(args.slice_ms),
+        slice: args.slice,
         ..GpuSpec::whole(profile.vram * n as u64, profile.engines)
     };
     // Built on a filtered thread: the shared GPU's engine threads inherit the device filter,
@@ -201,7 +201,8 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     } else {
         println!(
             "{n} firmware VMs on one GPU, {}, {} ms slices",
-            r.policy, args.slice_ms
+            r.policy,
+            args.slice.as_millis()
         );
         println!("  vm  load     weight  share   busy ms   jobs  exit");
         for (i, v) in r.vms.iter().enumerate() {

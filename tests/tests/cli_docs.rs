@@ -1,0 +1,129 @@
+//! The README's synopsis blocks and `--help` describe the same CLI: every flag a subcommand's
+//! `--help` lists is in the README's synopsis of that subcommand, and every flag the synopsis
+//! shows exists. (The global `--log-level` and `--log-file` are in the README's table.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use tessera_tests::tessera_bin;
+
+/// The README's synopsis entries: `tessera SUBCOMMAND [--flag …]` lines in code blocks, with
+/// their indented continuation lines, keyed by subcommand (`vm`, `bench boot`, …); the lines
+/// of one subcommand (`tessera vgpu …` several times) are merged.
+fn readme_synopses() -> BTreeMap<String, BTreeSet<String>> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut in_code = false;
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+            current = None;
+            continue;
+        }
+        if !in_code {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("tessera ") {
+            // A synopsis shows optional flags in brackets; an example does not.
+            current = line.contains("[--").then(|| {
+                rest.split_whitespace()
+                    .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+        } else if !line.starts_with(' ') {
+            current = None;
+        }
+        if let Some(key) = &current {
+            out.entry(key.clone()).or_default().extend(long_flags(line));
+        }
+    }
+    out
+}
+
+/// `--name` tokens of a line.
+fn long_flags(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.match_indices("--").filter_map(|(i, _)| {
+        let name: String = text[i + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        (!name.is_empty()).then(|| format!("--{name}"))
+    })
+}
+
+/// The long flags `tessera ARGS --help` lists (without --help, --version and the global ones).
+fn help_flags(args: &[&str]) -> BTreeSet<String> {
+    let out = Command::new(tessera_bin())
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run tessera --help");
+    assert!(out.status.success(), "tessera {args:?} --help: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let l = l
+                .strip_prefix("-")
+                .and_then(|s| s.get(3..))
+                .filter(|_| l.as_bytes().get(2) == Some(&b','))
+                .unwrap_or(l);
+            l.starts_with("--").then(|| long_flags(l).next()).flatten()
+        })
+        .filter(|f| !["--help", "--version", "--log-level", "--log-file"].contains(&f.as_str()))
+        .collect()
+}
+
+#[test]
+fn the_readme_synopsis_and_help_list_the_same_flags() {
+    let readme = readme_synopses();
+    // Each README entry and the `--help` pages it summarises.
+    let pages: [(&str, &[&[&str]]); 9] = [
+        ("vm", &[&["vm"]]),
+        ("serve", &[&["serve"]]),
+        (
+            "vgpu",
+            &[
+                &["vgpu"],
+                &["vgpu", "types"],
+                &["vgpu", "version"],
+                &["vgpu", "create"],
+                &["vgpu", "list"],
+                &["vgpu", "remove"],
+                &["vgpu", "policy"],
+            ],
+        ),
+        ("top", &[&["top"]]),
+        ("bench boot", &[&["bench", "boot"]]),
+        ("bench vgpu", &[&["bench", "vgpu"]]),
+        ("bench sched", &[&["bench", "sched"]]),
+        ("bench vms", &[&["bench", "vms"]]),
+        ("bench soak", &[&["bench", "soak"]]),
+    ];
+    let mut wrong = Vec::new();
+    for (key, helps) in pages {
+        let documented = readme.get(key).cloned().unwrap_or_default();
+        let actual: BTreeSet<String> = helps.iter().flat_map(|a| help_flags(a)).collect();
+        let missing: Vec<_> = actual.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&actual).collect();
+        if !missing.is_empty() || !stale.is_empty() {
+            wrong.push(format!(
+                "tessera {key}: not in the README {missing:?}; in the README but not in --help {stale:?}"
+            ));
+        }
+    }
+    let extra: Vec<_> = readme
+        .keys()
+        .filter(|k| !pages.iter().any(|(p, _)| p == k))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "README synopses of unknown subcommands: {extra:?}"
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

@@ -7,8 +7,8 @@
 //! through the debug-exit port (Tessera: status N) or Cloud Hypervisor's ACPI power-off.
 //!
 //! On PVM hosts the kernel needs `pvm_quirks` (guest-images/patches/) to run user space;
-//! there a VM takes 3–4 minutes alone (emulated ring 0: every system call, page fault and
-//! process start is slow), so the three run side by side in one test.
+//! there the three VMs take 3–4 minutes each (emulated ring 0: every system call, page fault
+//! and process start is slow), so they run side by side.
 
 use std::process::Command;
 use std::time::Duration;
@@ -99,37 +99,8 @@ fn assert_user_space_passed(vm: &mut Vmm) {
     }
 }
 
-/// The three transports at once (each VM is one busy vCPU for minutes on PVM; one after the
-/// other they would take three times as long), each failure reported with its transport.
 #[test]
-fn linux_user_space_runs_on_every_transport() {
-    let transports: [(&str, fn()); 3] = [
-        ("in-process", in_process),
-        ("vfio-user", over_vfio_user),
-        ("Cloud Hypervisor", in_cloud_hypervisor),
-    ];
-    let failed: Vec<String> = std::thread::scope(|s| {
-        let runs: Vec<_> = transports
-            .iter()
-            .map(|&(name, run)| (name, s.spawn(run)))
-            .collect();
-        runs.into_iter()
-            .filter_map(|(name, run)| {
-                run.join().err().map(|e| {
-                    let why = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    format!("{name}: {why}")
-                })
-            })
-            .collect()
-    });
-    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
-}
-
-fn in_process() {
+fn linux_user_space_runs_over_an_in_process_vgpu() {
     let Some(mut vm) = tessera_vm(&["--vgpu", "profile=256M"]) else {
         return;
     };
@@ -139,7 +110,8 @@ fn in_process() {
     assert_eq!(status.code(), Some(0), "{}", vm.transcript.join("\n"));
 }
 
-fn over_vfio_user() {
+#[test]
+fn linux_user_space_runs_over_vfio_user() {
     if images().is_none() {
         return;
     }
@@ -157,7 +129,8 @@ fn over_vfio_user() {
     );
 }
 
-fn in_cloud_hypervisor() {
+#[test]
+fn linux_user_space_runs_in_cloud_hypervisor() {
     let (Some(ch), Some((kernel, initramfs))) = (cloud_hypervisor(), images()) else {
         return;
     };

@@ -1,7 +1,6 @@
 //! `tessera bench boot`: start → first serial line → exit of a guest, Tessera vs QEMU,
 //! alternating runs, medians and ratios. The guest is the firmware (QEMU `-M microvm`) or the
-//! minimal Linux kernel with its initramfs, up to its first user-space line (QEMU `-M pc`,
-//! `-cpu qemu64,-cx16`, the CPU model these hosts' emulator can run).
+//! minimal Linux kernel with its initramfs, up to its first user-space line (QEMU `-M pc`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -204,8 +203,17 @@ fn qemu_cmd(qemu: &PathBuf, image: &Image) -> Command {
             "-cpu",
             "host,-arch-capabilities",
         ]),
-        // The minimal kernel has no ACPI: its CPUs come from the MP table SeaBIOS writes.
-        Guest::Linux => c.args(["-M", "pc", "-no-acpi", "-cpu", "qemu64,-cx16", "-no-reboot"]),
+        // The minimal kernel has no ACPI: its CPUs come from the MP table SeaBIOS writes. The
+        // host's CPU model, as Tessera gives the guest: under `qemu64,-cx16` on PVM hosts the
+        // guest reaches /init but hangs when its first command ends (measured 2026-12-06).
+        Guest::Linux => c.args([
+            "-M",
+            "pc",
+            "-no-acpi",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-no-reboot",
+        ]),
     };
     c.args(["-enable-kvm", "-m"])
         .arg(format!("{}M", image.memory_mib))

@@ -359,6 +359,8 @@ impl Server {
             .arg("--dir")
             .arg(&dir)
             .args(extra)
+            // Never the host's definitions.
+            .env("TESSERA_STATE_DIR", root.join("state"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -409,6 +411,7 @@ impl Server {
         cmd.args(args)
             .arg("--dir")
             .arg(&self.dir)
+            .env("TESSERA_STATE_DIR", self.root.join("state"))
             .stdin(Stdio::null());
         run_with_deadline(cmd, Duration::from_secs(30))
     }

@@ -79,36 +79,66 @@ fn help_flags(args: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// `args` and, for each subcommand its `--help` lists under "Commands:", `args` + it.
+fn with_subcommands(args: &[&str]) -> Vec<Vec<String>> {
+    let out = Command::new(tessera_bin())
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run tessera --help");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let own: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut pages = vec![own.clone()];
+    let mut in_commands = false;
+    for line in text.lines() {
+        if line == "Commands:" {
+            in_commands = true;
+        } else if in_commands && line.starts_with("  ") {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name != "help" {
+                let mut page = own.clone();
+                page.push(name.to_string());
+                pages.push(page);
+            }
+        } else {
+            in_commands = false;
+        }
+    }
+    pages
+}
+
 #[test]
 fn the_readme_synopsis_and_help_list_the_same_flags() {
     let readme = readme_synopses();
     // Each README entry and the `--help` pages it summarises.
-    let pages: [(&str, &[&[&str]]); 9] = [
-        ("vm", &[&["vm"]]),
-        ("serve", &[&["serve"]]),
-        (
-            "vgpu",
-            &[
-                &["vgpu"],
-                &["vgpu", "types"],
-                &["vgpu", "version"],
-                &["vgpu", "create"],
-                &["vgpu", "list"],
-                &["vgpu", "remove"],
-                &["vgpu", "policy"],
-            ],
-        ),
-        ("top", &[&["top"]]),
-        ("bench boot", &[&["bench", "boot"]]),
-        ("bench vgpu", &[&["bench", "vgpu"]]),
-        ("bench sched", &[&["bench", "sched"]]),
-        ("bench vms", &[&["bench", "vms"]]),
-        ("bench soak", &[&["bench", "soak"]]),
-    ];
+    // Each README entry and the `--help` pages it summarises: the subcommand's and those of
+    // its own subcommands (`vgpu create`, `vgpu define`, …), found in its `--help`.
+    let pages: Vec<(&str, Vec<Vec<String>>)> = [
+        ("vm", &["vm"][..]),
+        ("serve", &["serve"]),
+        ("vgpu", &["vgpu"]),
+        ("top", &["top"]),
+        ("bench boot", &["bench", "boot"]),
+        ("bench vgpu", &["bench", "vgpu"]),
+        ("bench sched", &["bench", "sched"]),
+        ("bench vms", &["bench", "vms"]),
+        ("bench soak", &["bench", "soak"]),
+    ]
+    .into_iter()
+    .map(|(key, args)| (key, with_subcommands(args)))
+    .collect();
+    assert!(
+        pages[2].1.len() >= 10,
+        "vgpu's subcommands not found: {:?}",
+        pages[2].1
+    );
     let mut wrong = Vec::new();
-    for (key, helps) in pages {
-        let documented = readme.get(key).cloned().unwrap_or_default();
-        let actual: BTreeSet<String> = helps.iter().flat_map(|a| help_flags(a)).collect();
+    for (key, helps) in &pages {
+        let documented = readme.get(*key).cloned().unwrap_or_default();
+        let actual: BTreeSet<String> = helps
+            .iter()
+            .flat_map(|a| help_flags(&a.iter().map(String::as_str).collect::<Vec<_>>()))
+            .collect();
         let missing: Vec<_> = actual.difference(&documented).collect();
         let stale: Vec<_> = documented.difference(&actual).collect();
         if !missing.is_empty() || !stale.is_empty() {

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use crate::backend::{BackendError, GpuBackend, SoftGpu, Vram};
@@ -17,7 +17,7 @@ use crate::profile::Profile;
 use crate::sched::{Clock, MemberStats, MonotonicClock, Policy, Scheduler};
 
 /// One spatial partition's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionSpec {
     /// Engines (software GPU threads).
     pub engines: usize,
@@ -257,7 +257,7 @@ impl Drop for Lease {
 }
 
 /// Scheduler statistics of one partition.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartitionInfo {
     /// Index.
     pub index: usize,
@@ -445,7 +445,7 @@ impl PhysicalGpu {
 }
 
 /// Live statistics of one vGPU instance.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VgpuStats {
     /// Instance name.
     pub name: String,

@@ -7,10 +7,14 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use uuid::Uuid;
 use vgpu::physical::{GpuKind, GpuSpec, PartitionSpec, PhysicalGpu};
 use vgpu::sched::Policy;
-use vgpu_server::control::{ControlClient, ControlError, Request};
+use vgpu_server::control::{
+    ControlClient, ControlError, CreateReply, Envelope, ListReply, MetricsReply, PolicyReply,
+    RemoveReply, Request, StatsReply, TypesReply, VersionReply,
+};
+use vgpu_server::definitions::{DEFAULT_STATE_DIR, Definition, DefinitionError, Store};
 use vgpu_server::{Daemon, ServeOptions};
 use vmm::error_chain;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -98,6 +102,58 @@ impl std::str::FromStr for GpuArg {
             ));
         }
         Ok(g)
+    }
+}
+
+/// `serve --create TYPE[:NAME][,weight=W][,cap=PCT][,partition=P][,owner=UID][,uuid=UUID]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateArg(Request);
+
+impl std::str::FromStr for CreateArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (ty, name) = match head.split_once(':') {
+            Some((t, n)) => (t, Some(n.to_string())),
+            None => (head, None),
+        };
+        if ty.is_empty() {
+            return Err("expected TYPE[:NAME][,weight=W,cap=PCT,partition=P]".into());
+        }
+        let (mut weight, mut cap, mut partition, mut owner, mut uuid) =
+            (None, None, None, None, None);
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {kv:?}"))?;
+            let num = |what: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{what}={v}: expected a number"))
+            };
+            match k {
+                "weight" => weight = Some(num(k)?),
+                "cap" => cap = Some(num(k)?),
+                "partition" => partition = Some(num(k)? as usize),
+                "owner" => owner = Some(num(k)?),
+                "uuid" => uuid = Some(Uuid::parse_str(v).map_err(|e| format!("uuid={v}: {e}"))?),
+                _ => {
+                    return Err(format!(
+                        "unknown --create option {k:?} (weight, cap, partition, owner, uuid)"
+                    ));
+                }
+            }
+        }
+        // Ranges and the type are checked where every create is: at the server.
+        Ok(CreateArg(Request::Create {
+            profile: ty.to_string(),
+            name,
+            uuid,
+            partition,
+            weight,
+            cap,
+            owner,
+        }))
     }
 }
 
@@ -214,9 +270,13 @@ pub struct ServeArgs {
     /// Client memory all clients together may make the server map, e.g. 32T.
     #[arg(long, value_name = "SIZE", default_value = "32T", value_parser = parse_memory_limit)]
     max_mapped: u64,
-    /// Create these instances at start: TYPE[:NAME], repeatable.
-    #[arg(long, value_name = "TYPE[:NAME]")]
-    create: Vec<String>,
+    /// Create this instance at start (until the server stops), repeatable:
+    /// TYPE[:NAME][,weight=W][,cap=PCT][,partition=P][,owner=UID][,uuid=UUID].
+    #[arg(long, value_name = "TYPE[:NAME][,weight=W,cap=PCT,partition=P]")]
+    create: Vec<CreateArg>,
+    /// Persistent definitions (`tessera vgpu define`): the `--auto` ones are created at start.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR, env = "TESSERA_STATE_DIR")]
+    state_dir: PathBuf,
     /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port
     /// 0 picks a free one, and the log says which).
     #[arg(long, value_name = "ADDR")]
@@ -281,21 +341,25 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE });
         }
     };
+    // Definitions first (a corrupt one stops the start, naming its file), then --create.
+    let store = Store::new(&args.state_dir);
+    let defs = match store.load() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tessera: {}", error_chain(&e));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let started = daemon.autostart(&defs);
+    tracing::info!(
+        state_dir = %args.state_dir.display(),
+        defined = defs.len(),
+        started,
+        "vGPU definitions loaded"
+    );
     for c in &args.create {
-        let (ty, name) = match c.split_once(':') {
-            Some((t, n)) => (t, Some(n.to_string())),
-            None => (c.as_str(), None),
-        };
-        let req = Request::Create {
-            profile: ty.to_string(),
-            name,
-            partition: None,
-            weight: None,
-            cap: None,
-            owner: None,
-        };
-        if let Err(e) = daemon.handle(req) {
-            eprintln!("tessera: --create {c}: {}", devices::error_chain(&e));
+        if let Err(e) = daemon.handle(c.0.clone()) {
+            eprintln!("tessera: --create: {}", devices::error_chain(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     }
@@ -389,8 +453,52 @@ pub struct ServerDir {
 pub struct VgpuArgs {
     #[command(flatten)]
     server: ServerDir,
+    /// Where persistent definitions live (`define`, `undefine`, `start`, `list --defined`).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR, env = "TESSERA_STATE_DIR", global = true)]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: VgpuCommand,
+}
+
+/// What an instance is: the flags `create` and `define` share.
+#[derive(Debug, Args)]
+struct InstanceSpec {
+    /// The type (see `tessera vgpu types`).
+    #[arg(long = "type", value_name = "TYPE")]
+    profile: String,
+    /// Instance name (default: vgpuN for `create`, vgpu-UUIDPREFIX for `define`).
+    #[arg(long)]
+    name: Option<String>,
+    /// The instance's UUID (default: a random one).
+    #[arg(long)]
+    uuid: Option<Uuid>,
+    /// Spatial partition (default: wherever it fits).
+    #[arg(long)]
+    partition: Option<usize>,
+    /// Weight under fixed-share scheduling, 1..=1000.
+    #[arg(long)]
+    weight: Option<u32>,
+    /// Cap on GPU time in percent, 1..=100.
+    #[arg(long)]
+    cap: Option<u32>,
+    /// The user (numeric uid) whose VMM may attach, besides root (default: the server's
+    /// user). Needs a server running as root.
+    #[arg(long, value_name = "UID")]
+    owner: Option<u32>,
+}
+
+impl InstanceSpec {
+    fn request(self) -> Request {
+        Request::Create {
+            profile: self.profile,
+            name: self.name,
+            uuid: self.uuid,
+            partition: self.partition,
+            weight: self.weight,
+            cap: self.cap,
+            owner: self.owner,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,33 +507,19 @@ enum VgpuCommand {
     Types,
     /// The server's version and the control protocol's (schema).
     Version,
-    /// Create an instance; prints its socket for `--user-device socket=…`.
-    Create {
-        /// The type (see `tessera vgpu types`).
-        #[arg(long = "type", value_name = "TYPE")]
-        profile: String,
-        /// Instance name (default vgpuN).
-        #[arg(long)]
-        name: Option<String>,
-        /// Spatial partition (default: wherever it fits).
-        #[arg(long)]
-        partition: Option<usize>,
-        /// Weight under fixed-share scheduling, 1..=1000.
-        #[arg(long)]
-        weight: Option<u32>,
-        /// Cap on GPU time in percent, 1..=100.
-        #[arg(long)]
-        cap: Option<u32>,
-        /// The user (numeric uid) whose VMM may attach, besides root (default: the server's
-        /// user). Needs a server running as root.
-        #[arg(long, value_name = "UID")]
-        owner: Option<u32>,
-    },
+    /// Create an instance (until the server stops); prints its socket for
+    /// `--user-device socket=…`.
+    Create(InstanceSpec),
     /// The instances and whether a VM is attached.
-    List,
+    List {
+        /// The persistent definitions instead, and whether each is running.
+        #[arg(long)]
+        defined: bool,
+    },
     /// Remove an idle instance (its VRAM is scrubbed and returned).
     Remove {
-        /// Instance name.
+        /// Instance name or UUID.
+        #[arg(value_name = "NAME|UUID")]
         name: String,
     },
     /// Switch the scheduling policy (and slice) at run time.
@@ -436,27 +530,47 @@ enum VgpuCommand {
         #[arg(long, value_parser = parse_slice)]
         slice: Option<Duration>,
     },
+    /// Define an instance that persists (in --state-dir): `start` creates it, and with
+    /// `--auto` the server creates it whenever it starts. Prints its UUID.
+    Define {
+        #[command(flatten)]
+        spec: InstanceSpec,
+        /// Create it whenever the server starts.
+        #[arg(long)]
+        auto: bool,
+    },
+    /// Delete a definition (a running instance of it keeps running).
+    Undefine {
+        /// Definition name or UUID.
+        #[arg(value_name = "NAME|UUID")]
+        name: String,
+    },
+    /// Create the instance a definition describes; prints its socket.
+    Start {
+        /// Definition name or UUID.
+        #[arg(value_name = "NAME|UUID")]
+        name: String,
+    },
 }
 
-/// Reports a failed request: the line on stderr and, for `--json`, a JSON error object on
-/// stdout, so a script reading stdout learns why too.
-fn client_error(e: &ControlError, json: bool) -> ExitCode {
-    let msg = error_chain(e);
+/// Reports a failed command: the line on stderr and, for `--json`, a JSON error object on
+/// stdout, so a script reading stdout learns why too. `usage`: the request was refused
+/// (status 2) rather than impossible to carry out (status 1).
+fn fail(msg: &str, usage: bool, json: bool) -> ExitCode {
     eprintln!("tessera: {msg}");
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "ok": false,
-                "schema": vgpu_server::control::SCHEMA,
-                "error": msg,
-            })
-        );
+        println!("{}", Envelope::<()>::error(msg).pretty());
     }
-    ExitCode::from(match e {
-        ControlError::Refused(_) => EXIT_USAGE,
-        _ => EXIT_FAILURE,
-    })
+    ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
+}
+
+fn client_error(e: &ControlError, json: bool) -> ExitCode {
+    fail(&error_chain(e), matches!(e, ControlError::Refused(_)), json)
+}
+
+fn definition_error(e: &DefinitionError, json: bool) -> ExitCode {
+    let usage = !matches!(e, DefinitionError::Io { .. });
+    fail(&error_chain(e), usage, json)
 }
 
 fn gib(bytes: u64) -> String {
@@ -467,100 +581,243 @@ fn gib(bytes: u64) -> String {
     }
 }
 
+/// A table for people: a header, columns padded to their widest cell, numbers (the columns
+/// in `right`) aligned right.
+fn table(header: &[&str], right: &[usize], rows: Vec<Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec())
+        .add_rows(rows);
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if right.contains(&i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t.lines().map(|l| l.trim_end().to_string() + "\n").collect()
+}
+
+/// Prints `body` as a JSON document (`ok`, `schema` and its fields).
+fn print_json<T: serde::Serialize>(body: T) -> ExitCode {
+    println!("{}", Envelope::ok(body).pretty());
+    ExitCode::SUCCESS
+}
+
 pub fn vgpu(args: VgpuArgs) -> ExitCode {
-    let req = match args.command {
-        VgpuCommand::Types => Request::Types,
-        VgpuCommand::Version => Request::Version,
-        VgpuCommand::Create {
-            profile,
-            name,
-            partition,
-            weight,
-            cap,
-            owner,
-        } => Request::Create {
-            profile,
-            name,
-            partition,
-            weight,
-            cap,
-            owner,
-        },
-        VgpuCommand::List => Request::List,
-        VgpuCommand::Remove { name } => Request::Remove { name },
-        VgpuCommand::Policy { policy, slice } => Request::Policy {
-            policy,
-            slice_ms: slice.map(|s| s.as_millis() as u64),
-        },
-    };
-    let result = ControlClient::connect(&args.server.dir).and_then(|mut c| c.request(&req));
-    let v = match result {
-        Ok(v) => v,
-        Err(e) => return client_error(&e, args.server.json),
-    };
-    if args.server.json {
-        println!("{v:#}");
-        return ExitCode::SUCCESS;
-    }
-    let s = |v: &Value, k: &str| match &v[k] {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
-    match req {
-        Request::Types => {
-            println!("GPU: {}", s(&v, "gpu"));
-            println!(
-                "{:<8} {:>6} {:>9} {:>10}",
-                "TYPE", "VRAM", "CONTEXTS", "AVAILABLE"
-            );
-            for t in v["types"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<8} {:>6} {:>9} {:>10}",
-                    s(t, "name"),
-                    gib(u(t, "vram")),
-                    u(t, "contexts"),
-                    u(t, "available_instances")
-                );
+    let json = args.server.json;
+    let store = Store::new(&args.state_dir);
+    let connect = || ControlClient::connect(&args.server.dir);
+    macro_rules! call {
+        ($req:expr) => {
+            match connect().and_then(|mut c| c.call($req)) {
+                Ok(v) => v,
+                Err(e) => return client_error(&e, json),
             }
-        }
-        Request::Create { .. } => println!("{}", s(&v["instance"], "socket")),
-        Request::Version => println!("tessera {} (schema {})", s(&v, "version"), s(&v, "schema")),
-        Request::List => {
-            println!(
-                "{:<16} {:<6} {:>4} {:>6} {:>4} {:<9} SOCKET",
-                "NAME", "TYPE", "PART", "WEIGHT", "CAP", "ATTACHED"
+        };
+    }
+    match args.command {
+        VgpuCommand::Types => {
+            let r: TypesReply = call!(&Request::Types);
+            if json {
+                return print_json(r);
+            }
+            println!("GPU: {}", r.gpu);
+            let rows = r.types.iter().map(|t| {
+                vec![
+                    t.name.clone(),
+                    gib(t.vram),
+                    t.contexts.to_string(),
+                    t.available_instances.to_string(),
+                    t.device_api.clone(),
+                    t.description.clone(),
+                ]
+            });
+            print!(
+                "{}",
+                table(
+                    &[
+                        "TYPE",
+                        "VRAM",
+                        "CONTEXTS",
+                        "AVAILABLE",
+                        "API",
+                        "DESCRIPTION"
+                    ],
+                    &[1, 2, 3],
+                    rows.collect()
+                )
             );
-            for i in v["instances"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<16} {:<6} {:>4} {:>6} {:>4} {:<9} {}",
-                    s(i, "name"),
-                    s(i, "type"),
-                    u(i, "partition"),
-                    u(i, "weight"),
-                    u(i, "cap"),
-                    if i["attached"].as_bool() == Some(true) {
-                        "yes"
-                    } else {
-                        "no"
+        }
+        VgpuCommand::Version => {
+            let r: VersionReply = call!(&Request::Version);
+            if json {
+                return print_json(r);
+            }
+            println!(
+                "tessera {} (schema {})",
+                r.version,
+                vgpu_server::control::SCHEMA
+            );
+        }
+        VgpuCommand::Create(spec) => {
+            let r: CreateReply = call!(&spec.request());
+            if json {
+                return print_json(r);
+            }
+            println!("{}", r.instance.socket.display());
+        }
+        VgpuCommand::Start { name } => {
+            let def = match store.find(&name) {
+                Ok(d) => d,
+                Err(e) => return definition_error(&e, json),
+            };
+            let r: CreateReply = call!(&def.request());
+            if json {
+                return print_json(r);
+            }
+            println!("{}", r.instance.socket.display());
+        }
+        VgpuCommand::List { defined: false } => {
+            let r: ListReply = call!(&Request::List);
+            if json {
+                return print_json(r);
+            }
+            let rows = r.instances.iter().map(|i| {
+                vec![
+                    i.name.clone(),
+                    i.profile.clone(),
+                    i.partition.to_string(),
+                    i.weight.to_string(),
+                    i.cap.to_string(),
+                    match (i.attached, i.peer) {
+                        (true, Some(p)) => format!("pid {} uid {}", p.pid, p.uid),
+                        (true, None) => "yes".into(),
+                        (false, _) => "no".into(),
                     },
-                    s(i, "socket")
-                );
+                    i.uuid.to_string(),
+                    i.socket.display().to_string(),
+                ]
+            });
+            print!(
+                "{}",
+                table(
+                    &[
+                        "NAME", "TYPE", "PART", "WEIGHT", "CAP", "ATTACHED", "UUID", "SOCKET"
+                    ],
+                    &[2, 3, 4],
+                    rows.collect()
+                )
+            );
+        }
+        VgpuCommand::List { defined: true } => return list_defined(&store, &args.server.dir, json),
+        VgpuCommand::Remove { name } => {
+            let r: RemoveReply = call!(&Request::Remove { name });
+            if json {
+                return print_json(r);
             }
         }
-        Request::Policy { .. } => {
-            for p in v["partitions"].as_array().into_iter().flatten() {
-                println!(
-                    "partition {}: {} {} µs",
-                    u(p, "index"),
-                    s(p, "policy"),
-                    u(p, "slice_us")
-                );
+        VgpuCommand::Policy { policy, slice } => {
+            let r: PolicyReply = call!(&Request::Policy {
+                policy,
+                slice_ms: slice.map(|s| s.as_millis() as u64),
+            });
+            if json {
+                return print_json(r);
+            }
+            for p in &r.partitions {
+                println!("partition {}: {} {} µs", p.index, p.policy, p.slice_us);
             }
         }
-        _ => {}
+        VgpuCommand::Define { spec, auto } => {
+            let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
+            let def = Definition {
+                schema: vgpu_server::control::SCHEMA,
+                uuid,
+                name: spec
+                    .name
+                    .unwrap_or_else(|| format!("vgpu-{}", &uuid.simple().to_string()[..8])),
+                profile: spec.profile,
+                partition: spec.partition,
+                weight: spec.weight.unwrap_or(1),
+                cap: spec.cap.unwrap_or(100),
+                owner: spec.owner,
+                autostart: auto,
+            };
+            if let Err(e) = store.define(&def) {
+                return definition_error(&e, json);
+            }
+            if json {
+                return print_json(def);
+            }
+            println!("{uuid}");
+        }
+        VgpuCommand::Undefine { name } => match store.undefine(&name) {
+            Ok(def) if json => return print_json(def),
+            Ok(_) => {}
+            Err(e) => return definition_error(&e, json),
+        },
     }
+    ExitCode::SUCCESS
+}
+
+/// A definition and whether an instance of it runs now (`None`: no server answered).
+#[derive(Debug, serde::Serialize)]
+struct DefinedRow {
+    #[serde(flatten)]
+    definition: Definition,
+    running: Option<bool>,
+}
+
+/// `vgpu list --defined`: every definition, and whether the server runs it.
+fn list_defined(store: &Store, dir: &std::path::Path, json: bool) -> ExitCode {
+    let defs = match store.load() {
+        Ok(d) => d,
+        Err(e) => return definition_error(&e, json),
+    };
+    // Definitions are listed without a server too; whether they run is then unknown.
+    let running: Option<ListReply> = ControlClient::connect(dir)
+        .and_then(|mut c| c.call(&Request::List))
+        .ok();
+    let rows: Vec<DefinedRow> = defs
+        .into_iter()
+        .map(|d| DefinedRow {
+            running: running
+                .as_ref()
+                .map(|r| r.instances.iter().any(|i| i.uuid == d.uuid)),
+            definition: d,
+        })
+        .collect();
+    if json {
+        return print_json(serde_json::json!({ "definitions": rows }));
+    }
+    let rows = rows.iter().map(|r| {
+        let d = &r.definition;
+        vec![
+            d.name.clone(),
+            d.profile.clone(),
+            d.partition.map_or("-".into(), |p| p.to_string()),
+            d.weight.to_string(),
+            d.cap.to_string(),
+            if d.autostart { "auto" } else { "manual" }.into(),
+            match r.running {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "unknown",
+            }
+            .into(),
+            d.uuid.to_string(),
+        ]
+    });
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME", "TYPE", "PART", "WEIGHT", "CAP", "START", "RUNNING", "UUID"
+            ],
+            &[2, 3, 4],
+            rows.collect()
+        )
+    );
     ExitCode::SUCCESS
 }
 
@@ -588,26 +845,29 @@ pub fn top(args: TopArgs) -> ExitCode {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut n = 0;
     loop {
-        let req = if args.prometheus {
-            Request::Metrics
+        let shown = if args.prometheus {
+            client
+                .call::<MetricsReply>(&Request::Metrics)
+                .map(|r| r.text)
         } else {
-            Request::Stats
+            client.call::<StatsReply>(&Request::Stats).map(|r| {
+                if args.server.json {
+                    // One document per line, so a stream of snapshots is JSON lines.
+                    Envelope::ok(r).line() + "\n"
+                } else {
+                    top_table(&r)
+                }
+            })
         };
-        let v = match client.request(&req) {
-            Ok(v) => v,
+        let text = match shown {
+            Ok(t) => t,
             Err(e) => return client_error(&e, args.server.json),
         };
         if tty && !args.server.json && !args.prometheus {
             // Clear the screen between snapshots.
             print!("\x1b[H\x1b[2J");
         }
-        if args.prometheus {
-            print!("{}", v["text"].as_str().unwrap_or_default());
-        } else if args.server.json {
-            println!("{v}");
-        } else {
-            print_top(&v);
-        }
+        print!("{text}");
         n += 1;
         if args.iterations != 0 && n >= args.iterations {
             return ExitCode::SUCCESS;
@@ -616,36 +876,39 @@ pub fn top(args: TopArgs) -> ExitCode {
     }
 }
 
-fn print_top(v: &Value) {
-    for p in v["partitions"].as_array().into_iter().flatten() {
-        println!(
-            "partition {}: {}, {} engines, {} VRAM free, {} {} µs slices",
-            p["index"],
-            p["gpu"].as_str().unwrap_or("?"),
-            p["spec"]["engines"],
-            gib(p["vram_free"].as_u64().unwrap_or(0)),
-            p["policy"].as_str().unwrap_or("?"),
-            p["slice_us"]
+fn top_table(r: &StatsReply) -> String {
+    let mut out = String::new();
+    for p in &r.partitions {
+        out += &format!(
+            "partition {}: {}, {} engines, {} VRAM free, {} {} µs slices\n",
+            p.index,
+            p.gpu,
+            p.spec.engines,
+            gib(p.vram_free),
+            p.policy,
+            p.slice_us
         );
     }
-    println!(
-        "{:<16} {:>4} {:>7} {:>12} {:>6} {:>9} {:>7} {:>7}",
-        "VGPU", "PART", "SHARE", "BUSY_MS", "QUEUE", "SWITCHES", "FAULTS", "RESETS"
+    let rows = r.vgpus.iter().map(|g| {
+        vec![
+            g.name.clone(),
+            g.partition.to_string(),
+            format!("{:.1}%", g.share * 100.0),
+            format!("{:.1}", g.busy_ns as f64 / 1e6),
+            g.queue_depth.to_string(),
+            g.context_switches.to_string(),
+            g.faults.to_string(),
+            g.resets.to_string(),
+        ]
+    });
+    out += &table(
+        &[
+            "VGPU", "PART", "SHARE", "BUSY_MS", "QUEUE", "SWITCHES", "FAULTS", "RESETS",
+        ],
+        &[1, 2, 3, 4, 5, 6, 7],
+        rows.collect(),
     );
-    for g in v["vgpus"].as_array().into_iter().flatten() {
-        let u = |k: &str| g[k].as_u64().unwrap_or(0);
-        println!(
-            "{:<16} {:>4} {:>6.1}% {:>12.1} {:>6} {:>9} {:>7} {:>7}",
-            g["name"].as_str().unwrap_or("?"),
-            u("partition"),
-            g["share"].as_f64().unwrap_or(0.0) * 100.0,
-            u("busy_ns") as f64 / 1e6,
-            u("queue_depth"),
-            u("context_switches"),
-            u("faults"),
-            u("resets")
-        );
-    }
+    out
 }
 
 #[cfg(test)]
@@ -686,6 +949,29 @@ mod tests {
             "cuda",
         ] {
             assert!(bad.parse::<GpuArg>().is_err(), "{bad}");
+        }
+        let c: CreateArg = "64M:a,weight=3,cap=50,partition=1".parse().unwrap();
+        assert_eq!(
+            c.0,
+            Request::Create {
+                profile: "64M".into(),
+                name: Some("a".into()),
+                uuid: None,
+                partition: Some(1),
+                weight: Some(3),
+                cap: Some(50),
+                owner: None,
+            }
+        );
+        for bad in [
+            "",
+            ":a",
+            "64M,weight",
+            "64M,weight=x",
+            "64M,colour=red",
+            "64M,uuid=nope",
+        ] {
+            assert!(bad.parse::<CreateArg>().is_err(), "{bad}");
         }
         assert_eq!(parse_slice("2ms"), Ok(Duration::from_millis(2)));
         assert_eq!(parse_slice("30"), Ok(Duration::from_millis(30)));

@@ -4,10 +4,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vgpu::physical::{PartitionInfo, VgpuStats};
+
+use crate::peer::Peer;
 
 /// Name of the control socket in the server's directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -23,9 +28,9 @@ pub const SCHEMA: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// The vGPU types (profiles) and how many more of each fit.
+    /// The vGPU types (profiles) and how many more of each fit ([`TypesReply`]).
     Types,
-    /// Creates an instance and its socket.
+    /// Creates an instance and its socket ([`CreateReply`]).
     Create {
         /// Profile name.
         #[serde(rename = "type")]
@@ -33,6 +38,9 @@ pub enum Request {
         /// Instance name (default `vgpuN`).
         #[serde(default)]
         name: Option<String>,
+        /// The instance's UUID (default: a random one), as mdev devices have.
+        #[serde(default)]
+        uuid: Option<Uuid>,
         /// Partition (default: wherever it fits).
         #[serde(default)]
         partition: Option<usize>,
@@ -46,20 +54,20 @@ pub enum Request {
         #[serde(default)]
         owner: Option<u32>,
     },
-    /// The instances.
+    /// The instances ([`ListReply`]).
     List,
-    /// Removes an idle instance; its VRAM is scrubbed and returned.
+    /// Removes an idle instance; its VRAM is scrubbed and returned ([`RemoveReply`]).
     Remove {
-        /// Instance name.
+        /// Instance name or UUID.
         name: String,
     },
-    /// Live statistics, JSON.
+    /// Live statistics ([`StatsReply`]).
     Stats,
-    /// Live statistics, Prometheus text (in `text`).
+    /// Live statistics, Prometheus text ([`MetricsReply`]).
     Metrics,
-    /// The server's version and the protocol's (`schema`).
+    /// The server's version and the protocol's (`schema`) ([`VersionReply`]).
     Version,
-    /// Switches the scheduling policy and slice at run time.
+    /// Switches the scheduling policy and slice at run time ([`PolicyReply`]).
     Policy {
         /// Policy name (best-effort, equal-share, fixed-share, fixed-quantum).
         policy: String,
@@ -67,6 +75,187 @@ pub enum Request {
         #[serde(default)]
         slice_ms: Option<u64>,
     },
+}
+
+/// One vGPU type, as mdev describes its types.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeInfo {
+    /// Name (`64M`, `256M`, `1G`).
+    pub name: String,
+    /// What an instance gets, in words.
+    pub description: String,
+    /// The interface a VMM sees (`vfio-pci`, as mdev's `device_api`).
+    pub device_api: String,
+    /// VRAM bytes.
+    pub vram: u64,
+    /// GPU contexts.
+    pub contexts: u32,
+    /// How many more instances of it fit now.
+    pub available_instances: u64,
+}
+
+/// What `list` reports about an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Name.
+    pub name: String,
+    /// UUID (mdev-style address; `remove` takes it as well as the name).
+    pub uuid: Uuid,
+    /// Type.
+    #[serde(rename = "type")]
+    pub profile: String,
+    /// VRAM bytes.
+    pub vram: u64,
+    /// Partition.
+    pub partition: usize,
+    /// Weight.
+    pub weight: u32,
+    /// Cap in percent.
+    pub cap: u32,
+    /// Its vfio-user socket.
+    pub socket: PathBuf,
+    /// The user whose VMM may attach (root always may).
+    pub owner: u32,
+    /// The connected client's process and user, once it has made a device access.
+    pub peer: Option<Peer>,
+    /// Whether a client is connected.
+    pub attached: bool,
+    /// Clients served so far.
+    pub attachments: u64,
+}
+
+/// Reply to [`Request::Types`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TypesReply {
+    /// The GPU under the vGPUs.
+    pub gpu: String,
+    /// The types.
+    pub types: Vec<TypeInfo>,
+}
+
+/// Reply to [`Request::Create`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateReply {
+    /// The new instance.
+    pub instance: InstanceInfo,
+}
+
+/// Reply to [`Request::List`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListReply {
+    /// The instances, by name.
+    pub instances: Vec<InstanceInfo>,
+}
+
+/// Reply to [`Request::Remove`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveReply {
+    /// The instance removed.
+    pub removed: String,
+}
+
+/// Reply to [`Request::Stats`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// Each partition of the GPU.
+    pub partitions: Vec<PartitionInfo>,
+    /// Each instance.
+    pub vgpus: Vec<VgpuStats>,
+}
+
+/// Reply to [`Request::Metrics`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsReply {
+    /// OpenMetrics text, as `/metrics` serves it.
+    pub text: String,
+}
+
+/// Reply to [`Request::Version`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionReply {
+    /// The server's version.
+    pub version: String,
+}
+
+/// Reply to [`Request::Policy`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyReply {
+    /// Each partition, with its new policy.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// Any reply's body.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// [`TypesReply`].
+    Types(TypesReply),
+    /// [`CreateReply`].
+    Create(CreateReply),
+    /// [`ListReply`].
+    List(ListReply),
+    /// [`RemoveReply`].
+    Remove(RemoveReply),
+    /// [`StatsReply`].
+    Stats(StatsReply),
+    /// [`MetricsReply`].
+    Metrics(MetricsReply),
+    /// [`VersionReply`].
+    Version(VersionReply),
+    /// [`PolicyReply`].
+    Policy(PolicyReply),
+}
+
+/// A JSON document as Tessera prints or sends it: `ok`, the [`SCHEMA`] version, and the body's
+/// fields (or `error`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The body (absent on failure).
+    #[serde(flatten)]
+    pub body: Option<T>,
+}
+
+impl<T> Envelope<T> {
+    /// A success carrying `body`.
+    pub fn ok(body: T) -> Self {
+        Envelope {
+            ok: true,
+            schema: SCHEMA,
+            error: None,
+            body: Some(body),
+        }
+    }
+
+    /// A failure saying `error`.
+    pub fn error(error: impl Into<String>) -> Self {
+        Envelope {
+            ok: false,
+            schema: SCHEMA,
+            error: Some(error.into()),
+            body: None,
+        }
+    }
+}
+
+impl<T: Serialize> Envelope<T> {
+    /// The document on one line.
+    pub fn line(&self) -> String {
+        // Serializing plain structs, strings and numbers cannot fail.
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+    }
+
+    /// The document, indented for people.
+    pub fn pretty(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|_| self.line())
+    }
 }
 
 /// Errors talking to a server.
@@ -115,8 +304,9 @@ impl ControlClient {
         })
     }
 
-    /// Sends `req` and returns the response's fields (without `ok`).
-    pub fn request(&mut self, req: &Request) -> Result<serde_json::Value, ControlError> {
+    /// Sends `req` and returns the reply's body, `T` being the reply type the request
+    /// names.
+    pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ControlError> {
         let mut line = serde_json::to_string(req)?;
         line.push('\n');
         self.writer.write_all(line.as_bytes())?;
@@ -124,17 +314,15 @@ impl ControlClient {
         if self.reader.read_line(&mut answer)? == 0 {
             return Err(ControlError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        let mut v: serde_json::Value = serde_json::from_str(&answer)?;
-        let obj = v
-            .as_object_mut()
-            .ok_or_else(|| ControlError::Refused("response is not an object".into()))?;
-        match obj.remove("ok") {
-            Some(serde_json::Value::Bool(true)) => Ok(v),
-            _ => Err(ControlError::Refused(
-                obj.get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("request failed")
-                    .to_string(),
+        let reply: Envelope<serde_json::Value> = serde_json::from_str(&answer)?;
+        match reply {
+            Envelope {
+                ok: true,
+                body: Some(body),
+                ..
+            } => Ok(serde_json::from_value(body)?),
+            Envelope { error, .. } => Err(ControlError::Refused(
+                error.unwrap_or_else(|| "request failed".into()),
             )),
         }
     }
@@ -153,6 +341,7 @@ mod tests {
             Request::Create {
                 profile: "64M".into(),
                 name: Some("a".into()),
+                uuid: None,
                 partition: None,
                 weight: Some(2),
                 cap: None,

@@ -10,43 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::attach::{self, Attachment, DmaBudget, EventVectors};
+use crate::control::InstanceInfo;
 use crate::{lock, peer};
 use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
 use vgpu::physical::{Lease, VgpuStats};
 use vgpu::profile::Profile;
 use vgpu::sched::Params;
-
-/// What `list` reports about an instance.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstanceInfo {
-    /// Name.
-    pub name: String,
-    /// Profile.
-    #[serde(rename = "type")]
-    pub profile: &'static str,
-    /// VRAM bytes.
-    pub vram: u64,
-    /// Partition.
-    pub partition: usize,
-    /// Weight.
-    pub weight: u32,
-    /// Cap in percent.
-    pub cap: u32,
-    /// Its vfio-user socket.
-    pub socket: PathBuf,
-    /// The user whose VMM may attach (root always may).
-    pub owner: u32,
-    /// The connected client's process and user, once it has made a device access.
-    pub peer: Option<peer::Peer>,
-    /// Whether a client is connected.
-    pub attached: bool,
-    /// Clients served so far.
-    pub attachments: u64,
-}
 
 /// Counters of attachments that ended.
 #[derive(Debug, Default, Clone, Copy)]

@@ -12,12 +12,13 @@
 
 pub mod attach;
 pub mod control;
+pub mod definitions;
 mod instance;
 pub mod metrics;
 pub mod peer;
 pub mod remote;
 
-pub use instance::InstanceInfo;
+pub use control::InstanceInfo;
 use instance::{Instance, InstanceWorker, Live, wait_readable};
 
 use std::collections::BTreeMap;
@@ -30,11 +31,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::json;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use attach::DmaBudget;
-use control::{CONTROL_SOCKET, MAX_REQUEST, Request};
+use control::{
+    CONTROL_SOCKET, CreateReply, Envelope, ListReply, MAX_REQUEST, MetricsReply, PolicyReply,
+    RemoveReply, Reply, Request, StatsReply, TypeInfo, TypesReply, VersionReply,
+};
+use definitions::Definition;
+use uuid::Uuid;
 use vgpu::physical::{PhysicalGpu, VgpuStats};
 use vgpu::profile::{self, Profile};
 use vgpu::sched::{Params, Policy};
@@ -190,7 +195,7 @@ fn bind_private(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name
             .bytes()
@@ -235,8 +240,17 @@ impl Daemon {
             for e in entries.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                if name == CONTROL_SOCKET || (name.starts_with("vgpu-") && name.ends_with(".sock"))
+                if name == CONTROL_SOCKET {
+                    let _ = std::fs::remove_file(e.path());
+                } else if let Some(instance) = name
+                    .strip_prefix("vgpu-")
+                    .and_then(|n| n.strip_suffix(".sock"))
                 {
+                    tracing::warn!(
+                        name = instance,
+                        "removing a socket left by a server that stopped: its instance is gone \
+                         unless a definition (`tessera vgpu define --auto`) brings it back"
+                    );
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -296,9 +310,10 @@ impl Daemon {
             if busy >= MAX_CONTROL_CONNECTIONS {
                 self.control_threads.fetch_sub(1, Ordering::AcqRel);
                 let mut s = stream;
-                let _ = s.write_all(
-                    b"{\"ok\":false,\"error\":\"too many control connections; retry\"}\n",
-                );
+                let mut line =
+                    Envelope::<Reply>::error("too many control connections; retry").line();
+                line.push('\n');
+                let _ = s.write_all(line.as_bytes());
                 continue;
             }
             let _ = stream.set_read_timeout(Some(CONTROL_IDLE));
@@ -350,29 +365,17 @@ impl Daemon {
                 Ok(_) => {}
             }
             let answer = if line.len() > MAX_REQUEST {
-                json!({"ok": false, "schema": control::SCHEMA, "error": "request too long"})
+                Envelope::error("request too long")
             } else {
                 match serde_json::from_slice::<Request>(&line) {
                     Ok(req) => match self.handle(req) {
-                        Ok(mut v) => {
-                            v["ok"] = json!(true);
-                            v["schema"] = json!(control::SCHEMA);
-                            v
-                        }
-                        Err(e) => json!({
-                            "ok": false,
-                            "schema": control::SCHEMA,
-                            "error": devices::error_chain(&e),
-                        }),
+                        Ok(reply) => Envelope::ok(reply),
+                        Err(e) => Envelope::error(devices::error_chain(&e)),
                     },
-                    Err(e) => json!({
-                        "ok": false,
-                        "schema": control::SCHEMA,
-                        "error": format!("bad request: {e}"),
-                    }),
+                    Err(e) => Envelope::error(format!("bad request: {e}")),
                 }
             };
-            let mut out = answer.to_string();
+            let mut out = answer.line();
             out.push('\n');
             if writer.write_all(out.as_bytes()).is_err() || line.len() > MAX_REQUEST {
                 return;
@@ -381,57 +384,42 @@ impl Daemon {
     }
 
     /// Carries out one control request.
-    pub fn handle(&self, req: Request) -> Result<serde_json::Value, RequestError> {
-        match req {
-            Request::Types => Ok(json!({
-                "types": self.types(),
-                "gpu": self.gpu.backend_name(0),
-            })),
+    pub fn handle(&self, req: Request) -> Result<Reply, RequestError> {
+        Ok(match req {
+            Request::Types => Reply::Types(TypesReply {
+                types: self.types(),
+                gpu: self.gpu.backend_name(0).unwrap_or_default(),
+            }),
             Request::Create {
                 profile,
                 name,
+                uuid,
                 partition,
                 weight,
                 cap,
                 owner,
             } => {
-                let p = profile::find(&profile).ok_or_else(|| {
-                    let known: Vec<_> = profile::PROFILES.iter().map(|p| p.name).collect();
-                    RequestError::UnknownType {
-                        name: profile.clone(),
-                        known: known.join(", "),
-                    }
-                })?;
-                let params = Params {
-                    weight: weight.unwrap_or(1),
-                    cap_percent: cap.unwrap_or(100),
-                };
-                let (w, c) = (vgpu::sched::WEIGHTS, vgpu::sched::CAPS);
-                for (what, value, range) in
-                    [("weight", params.weight, w), ("cap", params.cap_percent, c)]
-                {
-                    if !range.contains(&value) {
-                        return Err(RequestError::OutOfRange {
-                            what,
-                            value: value.into(),
-                            allowed: format!("{range:?}"),
-                        });
-                    }
-                }
-                let info = self.create_owned(p, name, partition, params, owner)?;
-                Ok(json!({ "instance": info }))
+                let c = definitions::check(&profile, name.as_deref(), weight, cap)?;
+                let instance =
+                    self.create_owned(c.profile, name, uuid, partition, c.params, owner)?;
+                Reply::Create(CreateReply { instance })
             }
-            Request::List => Ok(json!({ "instances": self.list() })),
-            Request::Remove { name } => {
-                self.remove(&name)?;
-                Ok(json!({}))
-            }
-            Request::Stats => Ok(json!({
-                "partitions": self.gpu.partitions(),
-                "vgpus": self.stats(),
-            })),
-            Request::Metrics => Ok(json!({ "text": self.snapshot().text() })),
-            Request::Version => Ok(json!({ "version": env!("CARGO_PKG_VERSION") })),
+            Request::List => Reply::List(ListReply {
+                instances: self.list(),
+            }),
+            Request::Remove { name } => Reply::Remove(RemoveReply {
+                removed: self.remove(&name)?,
+            }),
+            Request::Stats => Reply::Stats(StatsReply {
+                partitions: self.gpu.partitions(),
+                vgpus: self.stats(),
+            }),
+            Request::Metrics => Reply::Metrics(MetricsReply {
+                text: self.snapshot().text(),
+            }),
+            Request::Version => Reply::Version(VersionReply {
+                version: env!("CARGO_PKG_VERSION").into(),
+            }),
             Request::Policy { policy, slice_ms } => {
                 let policy: Policy = policy.parse().map_err(RequestError::Policy)?;
                 let slice = match slice_ms {
@@ -450,22 +438,50 @@ impl Daemon {
                 };
                 self.gpu.set_policy(policy, slice);
                 tracing::info!(%policy, slice_ms = slice.as_millis() as u64, "policy changed");
-                Ok(json!({ "partitions": self.gpu.partitions() }))
+                Reply::Policy(PolicyReply {
+                    partitions: self.gpu.partitions(),
+                })
+            }
+        })
+    }
+
+    /// Creates the instances of `defs` that start with the server, logging each, and returns
+    /// how many came up. One that cannot be created (its type no longer fits, say) is logged
+    /// as an error and the others still start.
+    pub fn autostart(&self, defs: &[Definition]) -> usize {
+        let mut started = 0;
+        for d in defs.iter().filter(|d| d.autostart) {
+            match self.handle(d.request()) {
+                Ok(_) => {
+                    tracing::info!(name = d.name, uuid = %d.uuid, "vGPU instance started from its definition");
+                    started += 1;
+                }
+                Err(e) => tracing::error!(
+                    name = d.name,
+                    uuid = %d.uuid,
+                    "cannot start the defined vGPU instance: {}",
+                    devices::error_chain(&e)
+                ),
             }
         }
+        started
     }
 
     /// The types and how many more of each fit.
-    pub fn types(&self) -> Vec<serde_json::Value> {
+    pub fn types(&self) -> Vec<TypeInfo> {
         profile::PROFILES
             .iter()
-            .map(|p| {
-                json!({
-                    "name": p.name,
-                    "vram": p.vram,
-                    "contexts": p.contexts,
-                    "available_instances": self.gpu.available_instances(p),
-                })
+            .map(|p| TypeInfo {
+                name: p.name.into(),
+                description: format!(
+                    "{} MiB of VRAM, {} GPU contexts, a time-sliced share of the GPU",
+                    p.vram >> 20,
+                    p.contexts
+                ),
+                device_api: "vfio-pci".into(),
+                vram: p.vram,
+                contexts: p.contexts,
+                available_instances: self.gpu.available_instances(p),
             })
             .collect()
     }
@@ -518,7 +534,7 @@ impl Daemon {
         partition: Option<usize>,
         params: Params,
     ) -> Result<InstanceInfo, RequestError> {
-        self.create_owned(profile, name, partition, params, None)
+        self.create_owned(profile, name, None, partition, params, None)
     }
 
     /// Like [`Daemon::create`], for the VMM of user `owner` (default: this server's user):
@@ -528,6 +544,7 @@ impl Daemon {
         &self,
         profile: &'static Profile,
         name: Option<String>,
+        uuid: Option<Uuid>,
         partition: Option<usize>,
         params: Params,
         owner: Option<u32>,
@@ -550,6 +567,10 @@ impl Daemon {
         };
         if inst.contains_key(&name) {
             return Err(RequestError::Exists(name));
+        }
+        let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+        if inst.values().any(|i| i.info.uuid == uuid) {
+            return Err(RequestError::Exists(uuid.to_string()));
         }
         let lease = self.gpu.lease(profile, partition)?;
         let socket = self.opts.dir.join(format!("vgpu-{name}.sock"));
@@ -578,7 +599,8 @@ impl Daemon {
         let live = Arc::new(Live::default());
         let info = InstanceInfo {
             name: name.clone(),
-            profile: profile.name,
+            uuid,
+            profile: profile.name.into(),
             vram: profile.vram,
             partition: lease.partition(),
             weight: params.weight,
@@ -613,7 +635,7 @@ impl Daemon {
                     source,
                 }
             })?;
-        tracing::info!(name, profile = profile.name, "vGPU instance created");
+        tracing::info!(name, %uuid, profile = profile.name, "vGPU instance created");
         inst.insert(
             name,
             Instance {
@@ -626,16 +648,20 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Removes an idle instance: its socket goes away, its VRAM is scrubbed and returned.
-    pub fn remove(&self, name: &str) -> Result<(), RequestError> {
+    /// Removes the idle instance named `key` (its name or UUID) and returns its name: its
+    /// socket goes away, its VRAM is scrubbed and returned.
+    pub fn remove(&self, key: &str) -> Result<String, RequestError> {
         let mut inst = lock(&self.instances);
-        let i = inst
-            .get(name)
-            .ok_or_else(|| RequestError::NoInstance(name.into()))?;
-        if i.live.attached.load(Ordering::Acquire) {
-            return Err(RequestError::Busy(name.into()));
+        let uuid = Uuid::parse_str(key).ok();
+        let name = inst
+            .values()
+            .find(|i| i.info.name == key || Some(i.info.uuid) == uuid)
+            .map(|i| i.info.name.clone())
+            .ok_or_else(|| RequestError::NoInstance(key.into()))?;
+        if inst[&name].live.attached.load(Ordering::Acquire) {
+            return Err(RequestError::Busy(name));
         }
-        let removed = inst.remove(name);
+        let removed = inst.remove(&name);
         // The instance thread is joined without the instances lock, so a client that
         // connects at this very moment delays only this request, not list, create or stats.
         drop(inst);
@@ -643,7 +669,7 @@ impl Daemon {
             i.stop();
         }
         tracing::info!(name, "vGPU instance removed");
-        Ok(())
+        Ok(name)
     }
 }
 

@@ -19,7 +19,7 @@ use std::path::Path;
 const MAX_FD: RawFd = 1 << 16;
 
 /// Credentials of a connected peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Peer {
     /// The peer's process id when it connected.
     pub pid: i32,

@@ -56,6 +56,7 @@ fn only_the_owner_and_root_are_served() {
             profile,
             Some("o".into()),
             None,
+            None,
             Params::default(),
             Some(OWNER),
         )

@@ -17,7 +17,7 @@
 //! faster than real time, so its shortest slice ends inside the short work an input runs.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -120,13 +120,7 @@ pub fn guest_memory() -> (GuestMemoryMmap, File) {
 
 /// A memfd of `len` bytes.
 pub fn memfd(len: u64) -> File {
-    // SAFETY: a NUL-terminated name and valid flags.
-    let fd = unsafe { libc::memfd_create(c"tessera-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len).expect("size the memfd");
-    file
+    vgpu::backend::memfd("tessera-fuzz", len, false).expect("memfd")
 }
 
 /// The DMA domain: RAM minus its canary tail.

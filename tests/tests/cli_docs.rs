@@ -157,3 +157,30 @@ fn the_readme_synopsis_and_help_list_the_same_flags() {
     );
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The guest tools (static binaries, so they run on the host too) answer `--help` with their
+/// usage and status 0, and refuse an unknown flag or a malformed number with status 2 and the
+/// usage on stderr.
+#[test]
+fn the_guest_tools_take_help() {
+    let tools = [
+        ("build/guest-tools/release/tessera-smi", "tessera-smi"),
+        ("build/guest-tools/release/tessera-run", "tessera-run"),
+        ("build/libtessera/tessera-check-static", "tessera-check"),
+    ];
+    for (path, name) in tools {
+        let Some(bin) = tessera_tests::guest_file(path) else {
+            return;
+        };
+        let out = Command::new(&bin).arg("--help").output().expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name} --help: {out:?}");
+        assert!(stdout.starts_with(&format!("usage: {name}")), "{stdout}");
+        for bad in [&["--no-such-flag"][..], &["-d", "x"]] {
+            let out = Command::new(&bin).args(bad).output().expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name} {bad:?}: {stderr}");
+            assert!(stderr.contains("usage:"), "{name} {bad:?}: {stderr}");
+        }
+    }
+}

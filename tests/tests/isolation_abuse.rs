@@ -3,7 +3,6 @@
 
 mod isolation;
 
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -189,13 +188,7 @@ fn rss_anon() -> u64 {
 }
 
 fn memfd(size: u64) -> std::fs::File {
-    // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"isolation-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let f = unsafe { std::fs::File::from_raw_fd(fd) };
-    f.set_len(size).expect("size the memfd");
-    f
+    vgpu::backend::memfd("isolation-ram", size, false).expect("memfd")
 }
 
 #[test]

@@ -91,25 +91,23 @@ pub const GPU_DRIVER: &[libc::c_long] = &[
     libc::SYS_dup,
 ];
 
-/// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl request number.
-const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    dir << 30 | (size as u64) << 16 | 0xae << 8 | nr
-}
-const IOC_NONE: u64 = 0;
-const IOC_WRITE: u64 = 1;
+/// KVM's ioctl type (`KVMIO`, linux/kvm.h).
+const KVMIO: u32 = 0xae;
 
-/// `KVM_RUN`.
-pub const KVM_RUN: u64 = kvm_ioc(IOC_NONE, 0x80, 0);
-/// `KVM_SET_USER_MEMORY_REGION`: a guest moves a memory BAR (VRAM).
-pub const KVM_SET_USER_MEMORY_REGION: u64 = kvm_ioc(
-    IOC_WRITE,
+// The KVM ioctl request numbers a filter lets through, from their definitions in
+// linux/kvm.h (vmm-sys-util computes `_IOC(dir, KVMIO, nr, size)`).
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+// A guest moves a memory BAR (VRAM).
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
     0x46,
-    size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+    kvm_bindings::kvm_userspace_memory_region
 );
-/// `KVM_IOEVENTFD`: a guest moves the doorbell BAR.
-pub const KVM_IOEVENTFD: u64 = kvm_ioc(IOC_WRITE, 0x79, size_of::<kvm_bindings::kvm_ioeventfd>());
-/// `KVM_SIGNAL_MSI`: an MSI-X message.
-pub const KVM_SIGNAL_MSI: u64 = kvm_ioc(IOC_WRITE, 0xa5, size_of::<kvm_bindings::kvm_msi>());
+// A guest moves the doorbell BAR.
+vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
+// An MSI-X message.
+vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_bindings::kvm_msi);
 
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -211,10 +209,10 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 any_of(
                     1,
                     &[
-                        KVM_RUN,
-                        KVM_SET_USER_MEMORY_REGION,
-                        KVM_IOEVENTFD,
-                        KVM_SIGNAL_MSI,
+                        KVM_RUN(),
+                        KVM_SET_USER_MEMORY_REGION(),
+                        KVM_IOEVENTFD(),
+                        KVM_SIGNAL_MSI(),
                     ],
                 )?,
             );
@@ -268,7 +266,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 libc::SYS_fcntl,
                 any_of(1, &[F_GETFD, F_DUPFD_CLOEXEC, libc::F_ADD_SEALS as u64])?,
             );
-            r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI])?);
+            r.insert(libc::SYS_ioctl, any_of(1, &[KVM_SIGNAL_MSI()])?);
         }
         Thread::Server | Thread::GpuServer => {
             allow(
@@ -642,7 +640,7 @@ mod tests {
             "kvm_run" => {
                 apply(role(name)).expect("install");
                 // SAFETY: an ioctl on an invalid descriptor; the filter decides first.
-                unsafe { libc::ioctl(-1, KVM_RUN as libc::c_ulong) };
+                unsafe { libc::ioctl(-1, KVM_RUN()) };
                 12
             }
             "report" => {
@@ -757,9 +755,9 @@ mod tests {
 
     #[test]
     fn kvm_request_numbers() {
-        assert_eq!(KVM_RUN, 0xae80);
-        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
-        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
-        assert_eq!(KVM_SIGNAL_MSI, 0x4020_aea5);
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
     }
 }

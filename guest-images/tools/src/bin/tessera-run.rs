@@ -266,42 +266,67 @@ const JOBS: &[(&str, Job)] = &[
 ];
 
 /// `tessera-run --help`.
-const USAGE: &str =
-    "usage: tessera-run [-d N] [--sysmem] [saxpy|sgemm|reduce|crc32|copy|fill|fault|all]...
+const USAGE: &str = "usage: tessera-run [-d|--device N] [--sysmem] [saxpy|sgemm|reduce|crc32|copy|fill|fault|all]...
 Runs the built-in kernels on /dev/tessera/vgpuN (default 0) through libtessera and checks
-their results on the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.";
+their results on the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.
+Exit status: 0 when every job passed, 1 otherwise, 2 on bad usage.";
 
-fn main() -> ExitCode {
-    let mut device = 0usize;
-    let mut place = Placement::Vram;
-    let mut jobs: Vec<&str> = Vec::new();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-d" => match it.next().and_then(|n| n.parse().ok()) {
-                Some(n) => device = n,
-                None => {
-                    eprintln!("tessera-run: -d needs a device number");
-                    return ExitCode::from(2);
+/// What the command line asks for.
+struct Args {
+    device: usize,
+    place: Placement,
+    jobs: Vec<&'static str>,
+}
+
+/// Reads the command line; `None`: only the usage (`--help`).
+fn parse_args() -> Result<Option<Args>, lexopt::Error> {
+    use lexopt::prelude::*;
+    let (mut device, mut place, mut jobs) = (0usize, Placement::Vram, Vec::new());
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('d') | Long("device") => device = p.value()?.parse()?,
+            Long("sysmem") => place = Placement::Sysmem,
+            Short('h') | Long("help") => return Ok(None),
+            Value(v) => {
+                let v = v.string()?;
+                if v == "all" {
+                    jobs.extend(JOBS.iter().map(|(n, _)| *n));
+                } else if let Some((n, _)) = JOBS.iter().find(|(n, _)| *n == v) {
+                    jobs.push(*n);
+                } else {
+                    return Err(format!("unknown job {v:?}").into());
                 }
-            },
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
             }
-            "--sysmem" => place = Placement::Sysmem,
-            "all" => jobs.extend(JOBS.iter().map(|(n, _)| *n)),
-            j if JOBS.iter().any(|(n, _)| *n == j) => jobs.push(j),
-            other => {
-                eprintln!("tessera-run: unknown job {other:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
+            _ => return Err(arg.unexpected()),
         }
     }
     if jobs.is_empty() {
         jobs.extend(JOBS.iter().map(|(n, _)| *n));
     }
+    Ok(Some(Args {
+        device,
+        place,
+        jobs,
+    }))
+}
+
+fn main() -> ExitCode {
+    let Args {
+        device,
+        place,
+        jobs,
+    } = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("tessera-run: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     let dev = match Device::open(device) {
         Ok(d) => d,
         Err(e) => {

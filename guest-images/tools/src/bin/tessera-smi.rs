@@ -86,26 +86,34 @@ fn show(index: usize) -> Result<(), String> {
 }
 
 /// `tessera-smi --help`.
-const USAGE: &str = "usage: tessera-smi [-d N]
-Lists the vGPUs (/dev/tessera/vgpuN): identity, VRAM, contexts, kernels, faults; -d N: one.";
+const USAGE: &str = "usage: tessera-smi [-d|--device N]
+Lists the vGPUs (/dev/tessera/vgpuN): identity, VRAM, contexts, kernels, faults; -d N: one.
+Exit status: 0, 1 when a vGPU cannot be read, 2 on bad usage.";
+
+/// The one device asked for (`Some(None)`: all; `None`: only the usage, `--help`).
+fn parse_args() -> Result<Option<Option<usize>>, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut only = None;
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('d') | Long("device") => only = Some(p.value()?.parse()?),
+            Short('h') | Long("help") => return Ok(None),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Some(only))
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let only = match args.as_slice() {
-        [] => None,
-        [h] if h == "-h" || h == "--help" => {
+    let only = match parse_args() {
+        Ok(Some(only)) => only,
+        Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        [d, n] if d == "-d" => match n.parse::<usize>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                eprintln!("tessera-smi: bad device number {n:?}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => {
-            eprintln!("{USAGE}");
+        Err(e) => {
+            eprintln!("tessera-smi: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };

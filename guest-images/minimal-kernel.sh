@@ -163,8 +163,21 @@ done < "$FRAGMENT"
 
 # --- build ---
 log "make -j$JOBS vmlinux (log: $BUILDLOG)"
+# A line every 30 s while make runs (a first build takes minutes): objects built so far.
+progress() {
+    local t=0
+    while sleep 30; do
+        t=$((t + 30))
+        log "still building vmlinux: ${t} s, $(find "$SRCDIR" -name '*.o' | wc -l) objects"
+    done
+}
+progress &
+TICKER=$!
+trap 'kill "$TICKER" 2>/dev/null' EXIT
 "${KMAKE[@]}" -j"$JOBS" vmlinux >> "$BUILDLOG" 2>&1 \
     || { tail -n 40 "$BUILDLOG" >&2; die "kernel build failed (log: $BUILDLOG)"; }
+kill "$TICKER" 2>/dev/null
+trap - EXIT
 # The built-in driver compiles without warnings (driver/build-module.sh checks W=1 as well).
 if grep -E '^drivers/gpu/tessera/.*(warning|error):' "$BUILDLOG" >&2; then
     die "the built-in tessera_vgpu driver has warnings (log: $BUILDLOG)"

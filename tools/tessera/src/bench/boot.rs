@@ -245,7 +245,9 @@ pub fn run(args: BootArgs) -> Result<(), String> {
     let image = Image::new(&args)?;
     let mut tessera = Vec::new();
     let mut qemu = Vec::new();
+    let mut progress = super::Progress::new("boot", args.runs as usize);
     for i in 0..args.runs {
+        progress.step(format!("run {} of Tessera and QEMU", i + 1));
         // Alternate which VMM goes first so drift on a noisy machine hits both alike.
         let order = if i % 2 == 0 {
             [true, false]

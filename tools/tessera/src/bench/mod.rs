@@ -60,6 +60,49 @@ pub fn default_firmware() -> PathBuf {
     PathBuf::from("target").join(rel)
 }
 
+/// Progress lines on stderr while a benchmark runs (stdout keeps only the report), one per
+/// step: `tessera: bench sched [3/7, 12.4 s]: best effort, 4 busy + 4 idle`.
+#[derive(Debug)]
+pub struct Progress {
+    what: &'static str,
+    total: usize,
+    done: usize,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    /// A benchmark `what` of `total` steps.
+    pub fn new(what: &'static str, total: usize) -> Self {
+        Progress {
+            what,
+            total,
+            done: 0,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Steps so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Says that the next step, `step`, begins.
+    pub fn step(&mut self, step: impl std::fmt::Display) {
+        self.done += 1;
+        eprintln!("{}", self.line(&step));
+    }
+
+    fn line(&self, step: &dyn std::fmt::Display) -> String {
+        format!(
+            "tessera: bench {} [{}/{}, {:.1} s]: {step}",
+            self.what,
+            self.done,
+            self.total,
+            self.start.elapsed().as_secs_f64()
+        )
+    }
+}
+
 /// Median of a non-empty sample (mean of the middle two for even counts).
 pub fn median(samples: &[f64]) -> f64 {
     let mut v = samples.to_vec();
@@ -89,7 +132,18 @@ pub fn print_json(report: &impl serde::Serialize) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{Progress, median};
+
+    #[test]
+    fn progress_lines_count_steps() {
+        let mut p = Progress::new("sched", 7);
+        p.done = 3;
+        let l = p.line(&"best effort");
+        assert!(
+            l.starts_with("tessera: bench sched [3/7, 0.") && l.ends_with(" s]: best effort"),
+            "{l}"
+        );
+    }
 
     #[test]
     fn medians() {

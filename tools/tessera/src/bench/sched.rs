@@ -280,50 +280,87 @@ fn rss_kib() -> u64 {
         .map_or(0, |pages| pages * 4)
 }
 
-fn plot(path: &std::path::Path, series: &[Vec<f64>], labels: &[String]) -> Result<(), String> {
-    let (w, h, pad) = (720.0, 360.0, 40.0);
-    let n = series.first().map_or(0, Vec::len).max(2);
-    let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    ];
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\">GPU-time share per vGPU (100 ms windows)</text>\n<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - pad,
-        w - pad,
-        h - pad,
-        h - pad
-    );
-    let ymax = series.iter().flatten().copied().fold(0.1f64, f64::max) * 1.1;
+/// One line of a share plot: its label, its share per 100 ms window, and the share it
+/// should get.
+struct Series {
+    label: String,
+    shares: Vec<f64>,
+    target: f64,
+}
+
+/// Writes an SVG plot of each vGPU's share per 100 ms window against time, with its target
+/// share as a dashed line of the same colour; axes with ticks and units, the legend above the
+/// lines (the y axis runs to 100 % and no share here goes above 60 %).
+fn plot(path: &std::path::Path, title: &str, series: &[Series]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| format!("cannot plot {}: {e}", path.display());
+    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let windows = series
+        .iter()
+        .map(|s| s.shares.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let seconds = windows as f64 * 0.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..seconds, 0.0..1.0)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("share of GPU time")
+        .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
+        .x_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(|e| err(&e))?;
     for (k, s) in series.iter().enumerate() {
-        let pts: Vec<String> = s
+        let colour = Palette99::pick(k).to_rgba();
+        // A window's share is plotted at its end.
+        let points = s
+            .shares
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                let x = pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
-                let y = h - pad - (h - 2.0 * pad) * v / ymax;
-                format!("{x:.1},{y:.1}")
-            })
-            .collect();
-        let c = colors[k % colors.len()];
-        svg.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{c}\">{}</text>\n",
-            pts.join(" "),
-            w - pad + 2.0 - 30.0,
-            pad + 14.0 * k as f64,
-            labels[k]
-        ));
+            .map(|(i, &v)| ((i + 1) as f64 * 0.1, v));
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(format!("{} (target {:.1}%)", s.label, s.target * 100.0))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(0.0, s.target), (seconds, s.target)],
+                6,
+                4,
+                colour.stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?;
     }
-    svg.push_str(&format!(
-        "<text x=\"{pad}\" y=\"{}\">share (max {ymax:.2})</text>\n</svg>\n",
-        pad - 4.0
-    ));
-    std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
 }
 
 pub fn run(args: SchedArgs) -> Result<(), String> {
     let busy = Load::Busy { us: 250, groups: 8 };
     let secs = args.seconds;
+    let mut progress = super::Progress::new("sched", 7);
 
+    progress.step(format!(
+        "{} busy vGPUs under {}: fairness",
+        args.vgpus, args.policy
+    ));
     // 1. N busy vGPUs, the chosen policy (equal share by default): Jain over 100 ms windows.
     let f = Fleet::start(
         &spec(args.gpu, args.policy, args.slice),
@@ -339,6 +376,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     let jain_mean = jains.iter().sum::<f64>() / jains.len().max(1) as f64;
     let jain_min = jains.iter().copied().fold(1.0, f64::min);
 
+    progress.step("weights 1:2:4:8 under fixed-share");
     // 2. Weights 1:2:4:8: share error over the whole phase.
     let weights = [1u32, 2, 4, 8];
     let loads: Vec<_> = weights
@@ -376,17 +414,26 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         .map(|(s, w)| (s - f64::from(w) / wsum).abs())
         .fold(0.0, f64::max);
     if let Some(p) = &args.plot {
-        let series: Vec<Vec<f64>> = (0..weights.len())
-            .map(|k| {
-                w.iter()
+        let series: Vec<Series> = weights
+            .iter()
+            .enumerate()
+            .map(|(k, &weight)| Series {
+                label: format!("weight {weight}"),
+                shares: w
+                    .iter()
                     .map(|v| v[k] as f64 / v.iter().sum::<u64>().max(1) as f64)
-                    .collect()
+                    .collect(),
+                target: f64::from(weight) / wsum,
             })
             .collect();
-        let labels: Vec<String> = weights.iter().map(|w| format!("w={w}")).collect();
-        plot(p, &series, &labels)?;
+        plot(
+            p,
+            "fixed-share, weights 1:2:4:8: GPU-time share per vGPU (100 ms windows)",
+            &series,
+        )?;
     }
 
+    progress.step("best effort, 4 busy + 4 idle: utilisation");
     // 3. Best effort, 4 busy + 4 idle: GPU busy time over wall time.
     let mut loads = vec![(busy, Params::default()); 4];
     loads.extend(vec![(Load::Idle, Params::default()); 4]);
@@ -401,6 +448,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     f.finish()?;
     let utilization = (b1 - b0) as f64 / t1.as_nanos() as f64;
 
+    progress.step("a neighbour running a 1 s kernel: slice overrun");
     // 4. A neighbour running one 1-second kernel (8000 workgroups of 250 µs on 2 engines):
     //    how far slices overrun while the other vGPUs wait.
     let loads = vec![
@@ -428,6 +476,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         .get((over.len() * 99 / 100).min(over.len().saturating_sub(1)))
         .map_or(f64::NAN, |&v| v as f64 / 1e6);
 
+    progress.step("64 vGPUs vs 1: throughput and memory");
     // 5. Scale: throughput of 64 busy vGPUs vs 1 alone; memory per idle vGPU.
     let one = Fleet::start(
         &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
@@ -452,6 +501,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     idle.finish()?;
     let mem_per_vgpu_kib = rss1.saturating_sub(rss0) as f64 / 64.0;
 
+    progress.step("context switch cost at 1, 2 and 10 ms slices");
     // 6. Context switch cost (scheduler handoff) at 1, 2 and 10 ms slices, 4 busy vGPUs.
     let mut sw = Vec::new();
     for ms in [1, 2, 10] {
@@ -468,6 +518,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         sw.push(median(&h));
     }
 
+    progress.step("a hung vGPU among 4 busy ones: watchdog");
     // 7. A hung vGPU among 4 busy ones: its watchdog (150 ms of GPU time) resets it alone.
     let four = [(busy, Params::default()); 4];
     let f = Fleet::start(
@@ -563,4 +614,43 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plot has a title, axis names with units, ticks in percent and seconds, one line per
+    /// vGPU, a dashed target line for each, and a legend naming each with its target.
+    #[test]
+    fn plots_have_axes_ticks_targets_and_a_legend() {
+        let path = std::env::temp_dir().join(format!("tessera-plot-{}.svg", std::process::id()));
+        let series: Vec<Series> = [1.0, 3.0]
+            .iter()
+            .map(|&w| Series {
+                label: format!("weight {w}"),
+                shares: (0..20).map(|i| w / 4.0 + 0.01 * (i % 3) as f64).collect(),
+                target: w / 4.0,
+            })
+            .collect();
+        plot(&path, "shares", &series).expect("plot");
+        let svg = std::fs::read_to_string(&path).expect("svg");
+        for text in [
+            "shares",
+            "time (s)",
+            "share of GPU time",
+            "50%",
+            "100%",
+            "1.0",
+            "2.0",
+            "weight 1 (target 25.0%)",
+            "weight 3 (target 75.0%)",
+        ] {
+            assert!(svg.contains(text), "no {text:?} in the plot");
+        }
+        // Two measured polylines plus the dashes of two target lines.
+        assert!(svg.matches("<polyline").count() >= 2, "{svg}");
+        assert!(svg.matches("<line").count() > 20, "ticks and dashes");
+        let _ = std::fs::remove_file(&path);
+    }
 }

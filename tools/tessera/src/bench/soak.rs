@@ -501,10 +501,22 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
 
     let sampler = {
         let stop = stop.clone();
+        let steps = (length.as_secs() / 30).max(1) as usize;
         std::thread::spawn(move || {
-            let mut out = Vec::new();
+            let mut out: Vec<Sample> = Vec::new();
+            // A line every 30 s: how far, and the server's footprint.
+            let mut progress = super::Progress::new("soak", steps);
             while !stop.load(Ordering::Relaxed) {
                 if let Some(s) = sample(pid, start) {
+                    if s.at_s >= 30.0 * (progress.done() + 1) as f64 && progress.done() < steps {
+                        progress.step(format!(
+                            "server: {} MiB resident ({} MiB anonymous), {} fds, {} threads",
+                            s.rss_kib >> 10,
+                            s.anon_kib >> 10,
+                            s.fds,
+                            s.threads
+                        ));
+                    }
                     out.push(s);
                 }
                 std::thread::sleep(Duration::from_secs(1));

@@ -371,11 +371,16 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     let mut local = Series::default();
     let mut remote = Series::default();
     let mut native: HashMap<&str, Vec<f64>> = HashMap::new();
-    for _ in 0..args.runs {
+    let steps = if user_device.is_some() { 3 } else { 2 };
+    let mut progress = super::Progress::new("vgpu", args.runs as usize * steps);
+    for run in 1..=args.runs {
+        progress.step(format!("run {run}: a firmware VM with an in-process vGPU"));
         local.measure(&fw, &in_process, args.iters)?;
         if let Some(dev) = &user_device {
+            progress.step(format!("run {run}: a firmware VM with a vfio-user vGPU"));
             remote.measure(&fw, dev, args.iters)?;
         }
+        progress.step(format!("run {run}: the same kernels natively"));
         for w in [SGEMM, SAXPY] {
             native
                 .entry(w.0)

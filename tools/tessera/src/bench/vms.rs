@@ -98,6 +98,8 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("tessera-bench-vms-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut progress = super::Progress::new("vms", 3);
+    progress.step(format!("starting {n} firmware VMs on one GPU"));
     let (probe_tx, probe_rx) = mpsc::channel();
     let mut threads = Vec::new();
     for (i, load) in args.loads.iter().enumerate() {
@@ -143,10 +145,12 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
     };
     // Measure the middle of the run: boots and shutdowns are not sharing.
     let margin = Duration::from_millis(400);
+    progress.step(format!("measuring the GPU's shares for {} s", args.seconds));
     std::thread::sleep(margin);
     let (b0, t0) = (busy(&probes), Instant::now());
     std::thread::sleep(Duration::from_secs(args.seconds).saturating_sub(2 * margin));
     let (b1, wall) = (busy(&probes), t0.elapsed());
+    progress.step("waiting for the VMs to finish");
     let mut exits = Vec::new();
     for t in threads {
         exits.push(match t.join() {

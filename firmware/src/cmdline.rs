@@ -4,8 +4,9 @@
 //! |----------|-----------------|---------|
 //! | `run`    | `info`, `echo`, `panic`, `fault`, `conformance`, `bench-latency`, `bench-throughput`, `first-fence`, `load` | `info` |
 //! | `exit`   | `0`..=`255`     | `0`     |
-//! | `mode`   | `fast`, `poll`, `trapped` (`run=bench-latency`) | `fast` |
+//! | `mode`   | `fast`, `suppress`, `poll`, `trapped` (`run=bench-latency`) | `fast` |
 //! | `iters`  | `1`..=`100000` (`run=bench-latency`) | `1000` |
+//! | `gap_us` | `0`..=`1000000` (`run=bench-latency`: idle time before each round trip) | `0` |
 //! | `kernel` | `sgemm`, `saxpy` (`run=bench-throughput`) | `sgemm` |
 //! | `size`   | `1`..=`268435456` (`run=bench-throughput`; sgemm: at most 4096) | `256` |
 //! | `batch`  | `1`..=`4095` (`run=bench-throughput`) | `8` |
@@ -51,6 +52,9 @@ pub enum RunMode {
 pub enum Submit {
     /// Tail shadow + doorbell write (an ioeventfd in the VMM).
     Fast,
+    /// Tail shadow, then the doorbell only when the GPU's hint asks for one
+    /// (`CTX_CONTROL.SUPPRESS`).
+    Suppress,
     /// Tail shadow only; the GPU polls it (`CTX_CONTROL.POLL`).
     Poll,
     /// `CTX_RING_TAIL` write (trapped MMIO, handled by the VMM).
@@ -61,6 +65,7 @@ impl Submit {
     pub fn name(self) -> &'static str {
         match self {
             Self::Fast => "fast",
+            Self::Suppress => "suppress",
             Self::Poll => "poll",
             Self::Trapped => "trapped",
         }
@@ -133,6 +138,8 @@ pub const MAX_BATCH: u32 = 4095;
 pub struct BenchOptions {
     pub submit: Submit,
     pub iters: u32,
+    /// Idle time before each round trip, in µs (`run=bench-latency`).
+    pub gap_us: u32,
     pub kernel: Kernel,
     pub size: u64,
     pub batch: u32,
@@ -162,6 +169,7 @@ impl Default for Options {
             bench: BenchOptions {
                 submit: Submit::Fast,
                 iters: 1000,
+                gap_us: 0,
                 kernel: Kernel::Sgemm,
                 size: 256,
                 batch: 8,
@@ -248,6 +256,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             b"mode" => {
                 let submit = match value {
                     b"fast" => Some(Submit::Fast),
+                    b"suppress" => Some(Submit::Suppress),
                     b"poll" => Some(Submit::Poll),
                     b"trapped" => Some(Submit::Trapped),
                     _ => None,
@@ -256,6 +265,9 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             }
             b"iters" => parse_dec(value, 1, u64::from(MAX_ITERS))
                 .map(|n| b.iters = n as u32)
+                .is_some(),
+            b"gap_us" => parse_dec(value, 0, 1_000_000)
+                .map(|n| b.gap_us = n as u32)
                 .is_some(),
             b"kernel" => {
                 let kernel = match value {

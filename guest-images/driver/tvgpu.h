@@ -96,6 +96,8 @@ struct tvgpu_context {
 	u32 id;
 	enum tvgpu_loc loc;		/* where its page tables, ring and fence page live */
 	bool doorbell;			/* submit through the tail shadow + doorbell */
+	bool suppress;			/* ... ringing only when the device's hint asks */
+	u64 doorbells_saved;		/* submissions the device saw without a doorbell */
 	struct mutex lock;		/* submission, mappings, recovery */
 	struct tvgpu_pt *root;
 	struct tvgpu_mem *ring;

@@ -110,7 +110,10 @@ static u64 tvgpu_ctx_program(struct tvgpu_context *ctx)
 		       ctx->doorbell ? TVGPU_FENCE_VA + TVGPU_TAIL_SHADOW_OFF : 0);
 	tvgpu_ctx_wr(vgpu, id, TVGPU_CTX_IRQ_VECTOR, tvgpu_ctx_vector(vgpu, id));
 	tvgpu_ctx_wr(vgpu, id, TVGPU_CTX_TLB_INVALIDATE, 1);
-	tvgpu_ctx_wr(vgpu, id, TVGPU_CTX_CONTROL, TVGPU_CTX_CONTROL_ENABLE);
+	/* With suppression the device writes the hint next to the tail (zeroed above). */
+	tvgpu_ctx_wr(vgpu, id, TVGPU_CTX_CONTROL,
+		     TVGPU_CTX_CONTROL_ENABLE |
+		     (ctx->suppress ? TVGPU_CTX_CONTROL_SUPPRESS : 0));
 	return tvgpu_rd64(vgpu, TVGPU_CTX_REG(id, TVGPU_CTX_FENCE_LO));
 }
 
@@ -167,6 +170,7 @@ struct tvgpu_context *tvgpu_ctx_create(struct tvgpu_device *vgpu, enum tvgpu_loc
 	ctx->id = id;
 	ctx->loc = loc;
 	ctx->doorbell = doorbell && (vgpu->caps & TVGPU_CAP_TAIL_SHADOW);
+	ctx->suppress = ctx->doorbell && (vgpu->caps & TVGPU_CAP_DOORBELL_SUPPRESS);
 	ctx->ring_entries = ring_entries;
 	ctx->next_va = TVGPU_VA_USER_START;
 	mutex_init(&ctx->lock);
@@ -465,10 +469,26 @@ int tvgpu_ctx_submit(struct tvgpu_context *ctx, const struct tvgpu_packet *pkts,
 	if (ctx->doorbell) {
 		u32 tail = ctx->tail;
 
+		u32 hint = 0;
+
 		tvgpu_mem_write(ctx->fence, TVGPU_TAIL_SHADOW_OFF, &tail, sizeof(tail));
-		/* The tail shadow lands before the doorbell makes the device read it. */
-		wmb();
-		tvgpu_wr(vgpu, TVGPU_DOORBELL(ctx->id), 1);
+		if (ctx->suppress) {
+			/*
+			 * The tail is visible before the hint is read (a store-load barrier):
+			 * the device clears the hint, fences and reads the tail once more
+			 * before it stops watching, so one of the two sees the other.
+			 */
+			mb();
+			tvgpu_mem_read(ctx->fence, TVGPU_TAIL_SHADOW_OFF + TVGPU_SHADOW_HINT,
+				       &hint, sizeof(hint));
+		}
+		if (hint & TVGPU_SHADOW_POLLING) {
+			ctx->doorbells_saved++;
+		} else {
+			/* The tail shadow lands before the doorbell makes the device read it. */
+			wmb();
+			tvgpu_wr(vgpu, TVGPU_DOORBELL(ctx->id), 1);
+		}
 	} else {
 		tvgpu_ctx_wr(vgpu, ctx->id, TVGPU_CTX_RING_TAIL, ctx->tail);
 	}

@@ -354,6 +354,9 @@ static int st_page_tables(struct tvgpu_st *st, enum tvgpu_loc loc, bool doorbell
 		return -EINVAL;
 	ST_CHECK(st, ctx->doorbell == (doorbell && (st->vgpu->caps & TVGPU_CAP_TAIL_SHADOW)),
 		 "doorbell path not selected");
+	ST_CHECK(st, ctx->suppress == (ctx->doorbell &&
+				       (st->vgpu->caps & TVGPU_CAP_DOORBELL_SUPPRESS)),
+		 "doorbell suppression not selected");
 	ST_CHECK(st, (tvgpu_pt_root_reg(ctx) & TVGPU_PTE_VRAM) == (loc == TVGPU_LOC_VRAM ?
 		 TVGPU_PTE_VRAM : 0), "page-table root %#llx not in %s", tvgpu_pt_root_reg(ctx),
 		 st_loc(loc));

@@ -145,7 +145,11 @@ fn driver_selftest(vm: &mut Vmm, slot: u32) {
         deadline,
     );
     // The BAR lines follow the id line.
-    let t_probe = vm.expect_line(&format!("tessera_vgpu {dev}: Tessera vGPU 1.0: "), deadline);
+    let version = format!("{}.{}", vgpu_abi::VERSION_MAJOR, vgpu_abi::VERSION_MINOR);
+    let t_probe = vm.expect_line(
+        &format!("tessera_vgpu {dev}: Tessera vGPU {version}: "),
+        deadline,
+    );
     let bar0 = bar_line(vm, slot, 0).unwrap_or_else(|| panic!("no BAR 0 line:\n{}", vm_output(vm)));
     let bar2 = bar_line(vm, slot, 2).unwrap_or_else(|| panic!("no BAR 2 line:\n{}", vm_output(vm)));
     let (s0, e0) = mem_range(&bar0).expect("BAR 0 range");

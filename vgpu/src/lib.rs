@@ -19,6 +19,7 @@ pub mod host;
 pub mod mem;
 pub mod mmu;
 pub mod physical;
+pub mod poll;
 pub mod profile;
 pub mod sched;
 #[cfg(test)]

@@ -271,6 +271,18 @@ pub struct PartitionInfo {
     pub slice_us: u64,
     /// The GPU under it (`soft (4 engines)`, `vulkan (llvmpipe …)`).
     pub gpu: String,
+    /// Longest polling window of its vGPUs, µs (`crate::poll`).
+    #[serde(default)]
+    pub poll_window_us: u64,
+    /// CPU one vGPU may spend polling, percent of a core.
+    #[serde(default)]
+    pub poll_vgpu_percent: u32,
+    /// CPU all vGPUs of the GPU may spend polling, percent of a core.
+    #[serde(default)]
+    pub poll_total_percent: u32,
+    /// Host CPU the GPU's vGPUs have spent polling (ns; the GPU's, shared by its partitions).
+    #[serde(default)]
+    pub poll_ns: u64,
 }
 
 impl PhysicalGpu {
@@ -311,6 +323,8 @@ impl PhysicalGpu {
             return Err(PhysicalError::Shape("a GPU needs a backend".into()));
         }
         let mut partitions = Vec::new();
+        // One polling budget for the whole GPU (`tessera serve --poll-cpu-total`).
+        let poll = Arc::new(crate::poll::PollBudget::default());
         for gpu in backends {
             let spec = PartitionSpec {
                 engines: gpu.engines(),
@@ -320,7 +334,7 @@ impl PhysicalGpu {
                 .map_err(|e| PhysicalError::Shape(format!("VRAM of {} bytes: {e}", spec.vram)))?;
             partitions.push(Partition {
                 gpu,
-                sched: Scheduler::new(policy, slice, clock.clone()),
+                sched: Scheduler::with_poll(policy, slice, clock.clone(), poll.clone()),
                 vram: Mutex::new(vram),
                 spec,
             });
@@ -426,6 +440,8 @@ impl PhysicalGpu {
                     }
                     size /= 2;
                 }
+                let poll = p.sched.poll_budget();
+                let limits = poll.limits();
                 PartitionInfo {
                     index,
                     spec: p.spec,
@@ -433,9 +449,18 @@ impl PhysicalGpu {
                     policy: policy.to_string(),
                     slice_us: slice.as_micros() as u64,
                     gpu: p.gpu.name(),
+                    poll_window_us: limits.window.as_micros() as u64,
+                    poll_vgpu_percent: limits.vgpu_percent,
+                    poll_total_percent: limits.total_percent,
+                    poll_ns: poll.spent().as_nanos() as u64,
                 }
             })
             .collect()
+    }
+
+    /// The polling limits of every vGPU of this GPU (shared by its partitions).
+    pub fn poll_budget(&self) -> Arc<crate::poll::PollBudget> {
+        self.partitions[0].sched.poll_budget().clone()
     }
 
     /// The scheduler of `partition`.
@@ -463,6 +488,9 @@ pub struct VgpuStats {
     pub faults: u64,
     /// Watchdog resets.
     pub resets: u64,
+    /// Host CPU its command processor has spent polling tail shadows (ns).
+    #[serde(default)]
+    pub poll_ns: u64,
 }
 
 impl VgpuStats {
@@ -477,6 +505,7 @@ impl VgpuStats {
             context_switches: s.switches,
             faults: dev.1,
             resets: dev.2,
+            poll_ns: 0,
         }
     }
 }

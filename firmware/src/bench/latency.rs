@@ -11,7 +11,7 @@ use vgpu_abi::{ctx_control, regs};
 
 use super::{
     CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, finish, gpu_map_statics,
-    open_gpu, page, poke32, rdtsc, spin_fence, start_ctx,
+    open_gpu, page, poke32, publish_tail, rdtsc, spin_fence, start_ctx,
 };
 use crate::cmdline::{BenchOptions, MAX_ITERS, Submit};
 use crate::conformance::Fail;
@@ -72,36 +72,50 @@ fn run(o: &BenchOptions) -> Result<(), Fail> {
     };
     let (tail_shadow, control) = match o.submit {
         Submit::Fast => (Some(shadow), ctx_control::ENABLE),
+        Submit::Suppress => (Some(shadow), ctx_control::ENABLE | ctx_control::SUPPRESS),
         Submit::Poll => (Some(shadow), ctx_control::ENABLE | ctx_control::POLL),
         Submit::Trapped => (None, ctx_control::ENABLE),
     };
     start_ctx(&gpu, &ring, tail_shadow, control);
 
-    let doorbell = regs::doorbell(CTX);
     let mut value = 0u64;
-    let mut round_trip = |ring: &mut Ring| {
+    let mut doorbells = 0u64;
+    // Returns whether it rang the doorbell.
+    let mut round_trip = |ring: &mut Ring| -> Result<bool, Fail> {
         value += 1;
         ring.push(&fence(fence_va, value, 0));
         // `push` wrote the packet with plain stores; register accesses are
         // compiler barriers, and the shadow store is volatile after this one.
         crate::io::barrier();
-        match o.submit {
-            Submit::Fast => {
-                poke32(shadow, ring.tail);
-                gpu.wr(doorbell, 1);
+        let rang = match o.submit {
+            Submit::Fast | Submit::Suppress => {
+                publish_tail(&gpu, shadow, ring.tail, o.submit == Submit::Suppress)
             }
-            Submit::Poll => poke32(shadow, ring.tail),
-            Submit::Trapped => gpu.ctx_wr(CTX, regs::CTX_RING_TAIL, ring.tail),
-        }
-        spin_fence(&gpu, fence_va, value)
+            Submit::Poll => {
+                poke32(shadow, ring.tail);
+                false
+            }
+            Submit::Trapped => {
+                gpu.ctx_wr(CTX, regs::CTX_RING_TAIL, ring.tail);
+                false
+            }
+        };
+        spin_fence(&gpu, fence_va, value).map(|()| rang)
     };
     for _ in 0..WARMUP {
         round_trip(&mut ring)?;
     }
     let samples = SAMPLES.0.get().cast::<u32>();
     for i in 0..n {
+        if o.gap_us != 0 {
+            // Idle: the GPU's polling window closes (the GPU clock is a trapped read).
+            let until = gpu.timestamp() + u64::from(o.gap_us) * 1000;
+            while gpu.timestamp() < until {
+                core::hint::spin_loop();
+            }
+        }
         let t0 = rdtsc();
-        round_trip(&mut ring)?;
+        doorbells += u64::from(round_trip(&mut ring)?);
         let ticks = rdtsc() - t0;
         // SAFETY: `i < n <= MAX_ITERS`, inside the static buffer, which
         // nothing else uses; a raw write initialises the element.
@@ -126,11 +140,13 @@ fn run(o: &BenchOptions) -> Result<(), Fail> {
     let ns = |ticks: u64| (u128::from(ticks) * u128::from(dns) / u128::from(dtsc)) as u64;
     let sum: u64 = samples.iter().map(|&t| u64::from(t)).sum();
     fw_println!(
-        "bench latency mode={} iters={n} p50_ns={} p99_ns={} mean_ns={}",
+        "bench latency mode={} iters={n} gap_us={} p50_ns={} p99_ns={} mean_ns={} doorbells={}",
         o.submit.name(),
+        o.gap_us,
         ns(u64::from(samples[(n - 1) * 50 / 100])),
         ns(u64::from(samples[(n - 1) * 99 / 100])),
-        ns(sum) / n as u64
+        ns(sum) / n as u64,
+        doorbells
     );
     Ok(())
 }

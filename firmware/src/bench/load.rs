@@ -17,11 +17,11 @@
 // Errors are the conformance suite's `Fail` (see `bench/mod.rs`).
 #![allow(clippy::result_large_err)]
 
-use vgpu_abi::{ctx_control, ctx_status, kernel, regs, wait};
+use vgpu_abi::{caps, ctx_control, ctx_status, kernel, regs, wait};
 
 use super::{
     CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, gpu_map_statics,
-    open_gpu, page, peek64, poke32, start_ctx,
+    open_gpu, page, peek64, publish_tail, start_ctx,
 };
 use crate::cmdline::{LoadKind, LoadOptions};
 use crate::conformance::Fail;
@@ -94,6 +94,8 @@ struct Load<'g> {
     t0: u64,
     /// Planned end of the run (GPU time).
     end: u64,
+    /// The context suppresses doorbells the GPU does not need.
+    suppress: bool,
 }
 
 impl<'g> Load<'g> {
@@ -107,7 +109,14 @@ impl<'g> Load<'g> {
             size: STATIC_RING_ENTRIES,
             tail: 0,
         };
-        start_ctx(gpu, &ring, Some(shadow), ctx_control::ENABLE);
+        // Doorbells only when the GPU asks for them, where it can say so.
+        let suppress = gpu.rd(regs::CAPS) & caps::DOORBELL_SUPPRESS != 0;
+        let control = if suppress {
+            ctx_control::ENABLE | ctx_control::SUPPRESS
+        } else {
+            ctx_control::ENABLE
+        };
+        start_ctx(gpu, &ring, Some(shadow), control);
         // Only context 0 is ever waited for: WAIT_CTX is written once.
         gpu.wr(regs::WAIT_CTX, CTX);
         let t0 = gpu.timestamp();
@@ -116,6 +125,7 @@ impl<'g> Load<'g> {
             ring,
             fence_va,
             shadow,
+            suppress,
             submitted: 0,
             t0,
             end: t0 + u64::from(seconds) * NS_PER_S,
@@ -153,16 +163,15 @@ impl<'g> Load<'g> {
     }
 
     /// Queue SPIN_US `[us, groups]` and its fence; publish the tail through
-    /// the tail shadow and the doorbell (an ioeventfd: no exit to the VMM's
-    /// user space).
+    /// the tail shadow and, unless the GPU is watching it, the doorbell (an
+    /// ioeventfd: no exit to the VMM's user space).
     fn submit(&mut self, us: u64, groups: u64) {
         self.submitted += 1;
         self.ring.push(&dispatch(kernel::SPIN_US, &[us, groups]));
         self.ring.push(&fence(self.fence_va, self.submitted, 0));
         // The packets are plain stores; the shadow store is volatile after them.
         barrier();
-        poke32(self.shadow, self.ring.tail);
-        self.gpu.wr(regs::doorbell(CTX), 1);
+        publish_tail(self.gpu, self.shadow, self.ring.tail, self.suppress);
     }
 
     /// Keep [`IN_FLIGHT`] dispatches queued until GPU time `until`: submit

@@ -106,6 +106,28 @@ fn peek64(addr: u64) -> u64 {
     unsafe { core::ptr::with_exposed_provenance::<u64>(addr as usize).read_volatile() }
 }
 
+/// Read the u32 at `addr` with one volatile load (as [`peek64`]).
+fn peek32(addr: u64) -> u32 {
+    // SAFETY: as in `peek64`, for an aligned u32.
+    unsafe { core::ptr::with_exposed_provenance::<u32>(addr as usize).read_volatile() }
+}
+
+/// Publish `tail` in the tail shadow at `shadow` and tell the GPU: always ring the doorbell,
+/// or (`suppress`) only when the GPU's hint asks for one (vgpu-spec §3: store the tail, a
+/// full barrier, load the hint). Returns whether it rang.
+fn publish_tail(gpu: &Gpu, shadow: u64, tail: u32, suppress: bool) -> bool {
+    poke32(shadow + vgpu_abi::shadow::TAIL, tail);
+    if suppress {
+        // The tail store must be visible before the hint is read (store-load: mfence).
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        if peek32(shadow + vgpu_abi::shadow::HINT) & vgpu_abi::shadow::POLLING != 0 {
+            return false;
+        }
+    }
+    gpu.wr(regs::doorbell(CTX), 1);
+    true
+}
+
 /// The time-stamp counter, after earlier instructions finished (`lfence`).
 fn rdtsc() -> u64 {
     // SAFETY: `lfence` and `rdtsc` only order execution and read the TSC

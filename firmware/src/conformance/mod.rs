@@ -220,6 +220,7 @@ const CASES: &[Case] = &[
     ("ring-wrap", work_cases::ring_wrap),
     ("doorbell", work_cases::doorbell),
     ("tail-poll", work_cases::tail_poll),
+    ("doorbell-suppress", work_cases::doorbell_suppress),
     ("wait-register", work_cases::wait_register),
     ("fault-not-present", fault_cases::not_present),
     ("fault-write-protect", fault_cases::write_protect),

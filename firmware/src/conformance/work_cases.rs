@@ -1,6 +1,6 @@
 //! Commands, kernels, fences, the ring protocol, doorbells and `WAIT`.
 
-use vgpu_abi::{ctx_control, ctx_status, int, kernel, regs, wait};
+use vgpu_abi::{caps, ctx_control, ctx_status, fault, int, kernel, regs, shadow, wait};
 
 use super::driver::{
     Buf, Env, FENCE_VA, Gpu, Loc, PAGE, copy, dispatch, fence, fill, nop, pattern_byte, timestamp,
@@ -454,6 +454,98 @@ pub fn doorbell(s: &mut Suite) -> Outcome {
             "FILL submitted through the doorbell"
         );
     }
+    Ok(())
+}
+
+/// Publish the tail in the shadow and ring the doorbell only when the hint
+/// does not say `POLLING` (vgpu-spec §3); returns whether it rang.
+fn publish_suppressed(env: &mut Env, g: &Gpu) -> bool {
+    crate::io::barrier();
+    env.ctx.fence.write_u32(SHADOW + shadow::TAIL, env.ctx.tail);
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    if env.ctx.fence.read_u32(SHADOW + shadow::HINT) & shadow::POLLING != 0 {
+        return false;
+    }
+    env.ctx.ring_doorbell(g);
+    true
+}
+
+pub fn doorbell_suppress(s: &mut Suite) -> Outcome {
+    let mut env = Env::new(s, 0, Loc::Sys)?;
+    let g = &s.gpu;
+    ensure!(
+        g.rd(regs::CAPS) & caps::DOORBELL_SUPPRESS != 0,
+        "CAPS.DOORBELL_SUPPRESS is clear"
+    );
+    let suppress = ctx_control::ENABLE | ctx_control::SUPPRESS;
+    // The hint shares the tail's page: a shadow that is not 8-byte aligned is
+    // refused when the context is enabled.
+    g.ctx_wr(0, regs::CTX_CONTROL, 0);
+    g.ctx_wr64(0, regs::CTX_TAIL_ADDR_LO, FENCE_VA + SHADOW + 4);
+    g.ctx_wr(0, regs::CTX_CONTROL, suppress);
+    ensure_eq!(
+        g.ctx_rd(0, regs::CTX_FAULT_CODE),
+        fault::RING_CONFIG,
+        "fault code after enabling SUPPRESS with a 4-byte aligned shadow"
+    );
+    ensure_eq!(
+        g.ctx_rd64(0, regs::CTX_FAULT_ADDR_LO),
+        FENCE_VA + SHADOW + 4,
+        "fault address"
+    );
+    env.ctx.restart(g, &env.space);
+    g.ctx_wr(0, regs::CTX_CONTROL, 0);
+    env.ctx.fence.write_u32(SHADOW + shadow::HINT, 0);
+    g.ctx_wr64(0, regs::CTX_TAIL_ADDR_LO, FENCE_VA + SHADOW);
+    g.ctx_wr(0, regs::CTX_CONTROL, suppress);
+    // Back to back, every submission runs, and the GPU watched the tail for
+    // some of them (their doorbells were not needed).
+    const ROUNDS: u32 = 64;
+    let mut rang = 0;
+    for round in 0..ROUNDS {
+        let at = FENCE_VA + OUT + u64::from(round % 16) * 4;
+        env.ctx.push(&fill(at, 4, 0x5eed_0000 + round));
+        let v = env.ctx.push_fence(0);
+        rang += u32::from(publish_suppressed(&mut env, g));
+        // Back to back: spin on the fence in memory, without register accesses (each is a
+        // round trip to the VMM, over vfio-user longer than the GPU's polling window).
+        let f = env.ctx.fence;
+        ensure!(
+            poll_until(g, 2000, || f.poll_u64(0) == v),
+            "fence {v} not written within 2 s ({})",
+            g.ctx_state(0)
+        );
+        ensure_eq!(
+            env.ctx.fence.read_u32(OUT + u64::from(round % 16) * 4),
+            0x5eed_0000 + round,
+            "FILL {round} submitted with doorbell suppression"
+        );
+    }
+    env.ctx.finish(g, env.ctx.last_fence)?;
+    ensure!(
+        rang < ROUNDS,
+        "all {ROUNDS} back-to-back submissions needed a doorbell: the hint never said POLLING"
+    );
+    // Idle, the GPU stops watching and says so: doorbells are needed again.
+    let f = env.ctx.fence;
+    ensure!(
+        poll_until(g, 2000, || f.read_u32(SHADOW + shadow::HINT)
+            & shadow::POLLING
+            == 0),
+        "the hint still says POLLING 2 s after the last submission"
+    );
+    env.ctx.push(&fill(FENCE_VA + OUT, 4, 0x1d1e));
+    let v = env.ctx.push_fence(0);
+    ensure!(
+        publish_suppressed(&mut env, g),
+        "an idle GPU's hint said POLLING"
+    );
+    env.ctx.finish(g, v)?;
+    ensure_eq!(
+        env.ctx.fence.read_u32(OUT),
+        0x1d1e,
+        "FILL submitted to an idle GPU"
+    );
     Ok(())
 }
 

@@ -206,6 +206,29 @@ fn parse_watchdog(s: &str) -> Result<Duration, String> {
     )
 }
 
+/// A polling window: `300us`, `1ms`, `0` (off); at most 10 ms.
+fn parse_poll_window(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(
+        s,
+        Duration::ZERO..=vgpu::poll::MAX_WINDOW,
+        "the polling window must be 0..=10ms",
+        false,
+    )
+}
+
+/// A share of one CPU core: `25%` or `25`, 0 to 6400 (64 cores).
+fn parse_percent(s: &str) -> Result<u32, String> {
+    s.strip_suffix('%')
+        .unwrap_or(s)
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p <= 6400)
+        .ok_or_else(|| format!("{s:?}: expected a percentage of one core, like 25%"))
+}
+
 /// A limit on mapped client memory: a size from 1M to 64T.
 fn parse_memory_limit(s: &str) -> Result<u64, String> {
     vmm::config::parse_size(s)
@@ -274,6 +297,17 @@ pub struct ServeArgs {
     /// TYPE[:NAME][,weight=W][,cap=PCT][,partition=P][,owner=UID][,uuid=UUID].
     #[arg(long, value_name = "TYPE[:NAME][,weight=W,cap=PCT,partition=P]")]
     create: Vec<CreateArg>,
+    /// Longest time a vGPU's command processor keeps polling its tail shadows after work
+    /// (adaptive up to this; guests with doorbell suppression then ring no doorbell), e.g.
+    /// 300us; 0 turns polling off.
+    #[arg(long, value_name = "DURATION", default_value = "300us", value_parser = parse_poll_window)]
+    poll_window: Duration,
+    /// Host CPU one vGPU may spend polling, in percent of a core (per 100 ms), e.g. 25%.
+    #[arg(long, value_name = "PERCENT", default_value = "25%", value_parser = parse_percent)]
+    poll_cpu: u32,
+    /// Host CPU all vGPUs together may spend polling, in percent of a core, e.g. 100%.
+    #[arg(long, value_name = "PERCENT", default_value = "100%", value_parser = parse_percent)]
+    poll_cpu_total: u32,
     /// Persistent definitions (`tessera vgpu define`): the `--auto` ones are created at start.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR, env = "TESSERA_STATE_DIR")]
     state_dir: PathBuf,
@@ -321,6 +355,11 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    gpu.poll_budget().set_limits(vgpu::poll::PollLimits {
+        window: args.poll_window,
+        vgpu_percent: args.poll_cpu,
+        total_percent: args.poll_cpu_total,
+    });
     let opts = ServeOptions {
         dir: args.dir,
         require_sealed: args.require_sealed,
@@ -880,13 +919,17 @@ fn top_table(r: &StatsReply) -> String {
     let mut out = String::new();
     for p in &r.partitions {
         out += &format!(
-            "partition {}: {}, {} engines, {} VRAM free, {} {} µs slices\n",
+            "partition {}: {}, {} engines, {} VRAM free, {} {} µs slices; polling up to {} µs, \
+             {}% of a core per vGPU, {}% in all\n",
             p.index,
             p.gpu,
             p.spec.engines,
             gib(p.vram_free),
             p.policy,
-            p.slice_us
+            p.slice_us,
+            p.poll_window_us,
+            p.poll_vgpu_percent,
+            p.poll_total_percent
         );
     }
     let rows = r.vgpus.iter().map(|g| {
@@ -899,13 +942,14 @@ fn top_table(r: &StatsReply) -> String {
             g.context_switches.to_string(),
             g.faults.to_string(),
             g.resets.to_string(),
+            format!("{:.1}", g.poll_ns as f64 / 1e6),
         ]
     });
     out += &table(
         &[
-            "VGPU", "PART", "SHARE", "BUSY_MS", "QUEUE", "SWITCHES", "FAULTS", "RESETS",
+            "VGPU", "PART", "SHARE", "BUSY_MS", "QUEUE", "SWITCHES", "FAULTS", "RESETS", "POLL_MS",
         ],
-        &[1, 2, 3, 4, 5, 6, 7],
+        &[1, 2, 3, 4, 5, 6, 7, 8],
         rows.collect(),
     );
     out
@@ -973,6 +1017,14 @@ mod tests {
         ] {
             assert!(bad.parse::<CreateArg>().is_err(), "{bad}");
         }
+        assert_eq!(parse_poll_window("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_poll_window("300us"), Ok(Duration::from_micros(300)));
+        assert!(parse_poll_window("11ms").is_err() && parse_poll_window("fast").is_err());
+        assert_eq!(
+            (parse_percent("25%"), parse_percent("100")),
+            (Ok(25), Ok(100))
+        );
+        assert!(parse_percent("-1%").is_err() && parse_percent("6401").is_err());
         assert_eq!(parse_slice("2ms"), Ok(Duration::from_millis(2)));
         assert_eq!(parse_slice("30"), Ok(Duration::from_millis(30)));
         assert!(parse_slice("0ms").is_err() && parse_slice("31ms").is_err());

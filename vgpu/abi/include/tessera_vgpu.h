@@ -5,7 +5,7 @@
 #define TESSERA_VGPU_H
 
 #define TVGPU_VERSION_MAJOR                0x1ULL
-#define TVGPU_VERSION_MINOR                0x0ULL
+#define TVGPU_VERSION_MINOR                0x1ULL
 #define TVGPU_PCI_VENDOR_ID                0x7e55ULL
 #define TVGPU_PCI_DEVICE_ID                0x1ULL
 #define TVGPU_PCI_CLASS                    0x3ULL
@@ -76,6 +76,11 @@
 #define TVGPU_CTX_CONTROL_ENABLE           0x1ULL
 #define TVGPU_CTX_CONTROL_RESET            0x2ULL
 #define TVGPU_CTX_CONTROL_POLL             0x4ULL
+#define TVGPU_CTX_CONTROL_SUPPRESS         0x8ULL
+#define TVGPU_CAP_DOORBELL_SUPPRESS        0x40ULL
+#define TVGPU_SHADOW_TAIL                  0x0ULL
+#define TVGPU_SHADOW_HINT                  0x4ULL
+#define TVGPU_SHADOW_POLLING               0x1ULL
 #define TVGPU_CTX_STATUS_ENABLED           0x1ULL
 #define TVGPU_CTX_STATUS_BUSY              0x2ULL
 #define TVGPU_CTX_STATUS_FAULTED           0x4ULL

@@ -14,7 +14,7 @@
 /// ABI major version: a driver must refuse a device whose major differs.
 pub const VERSION_MAJOR: u16 = 1;
 /// ABI minor version: additions only.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 /// PCI identity.
 pub mod pci {
@@ -195,6 +195,9 @@ pub mod caps {
     /// device (a GPU whose VRAM the host cannot map). It still reads and writes VRAM, but
     /// slowly: move bulk data with `COPY` from system memory instead.
     pub const VRAM_TRAPPED: u32 = 1 << 5;
+    /// Doorbell suppression (since 1.1): `CTX_CONTROL.SUPPRESS` and the doorbell hint next
+    /// to the tail shadow ([`shadow`](super::shadow)).
+    pub const DOORBELL_SUPPRESS: u32 = 1 << 6;
 }
 
 /// `STATUS` bits.
@@ -224,6 +227,26 @@ pub mod ctx_control {
     pub const RESET: u32 = 1 << 1;
     /// The GPU polls the tail shadow while the context is enabled (no doorbell needed).
     pub const POLL: u32 = 1 << 2;
+    /// Doorbell suppression: the tail shadow is 8 bytes (8-byte aligned, writable by the
+    /// GPU), and the GPU keeps its second word, the hint, at [`shadow::POLLING`](super::shadow)
+    /// while it watches the tail without needing a doorbell. Enabling with a tail shadow that
+    /// is not 8-byte aligned faults the context with `RING_CONFIG`.
+    pub const SUPPRESS: u32 = 1 << 3;
+}
+
+/// The tail shadow of a context with `CTX_CONTROL.SUPPRESS`: the driver's tail, then the
+/// GPU's doorbell hint. Submitting: write the packets, store the tail, a full memory barrier
+/// (a store-load fence: `mfence` on x86), then load the hint and ring the doorbell unless it
+/// has [`POLLING`](shadow::POLLING). The GPU clears the hint, fences, and reads the tail once
+/// more before it stops watching, so one of the two always sees the other's store: no
+/// submission is ever left without a doorbell or a poll.
+pub mod shadow {
+    /// Offset of the tail (u32, written by the driver).
+    pub const TAIL: u64 = 0;
+    /// Offset of the doorbell hint (u32, written by the GPU).
+    pub const HINT: u64 = 4;
+    /// Hint bit: the GPU is watching the tail now; a doorbell is not needed.
+    pub const POLLING: u32 = 1 << 0;
 }
 
 /// `CTX_STATUS` bits.
@@ -446,7 +469,10 @@ defines! {
     "STATUS_READY" = status::READY, "STATUS_FAULTED" = status::FAULTED,
     "INT_FAULT" = int::FAULT, "INT_FENCE_SHIFT" = 16,
     "CTX_CONTROL_ENABLE" = ctx_control::ENABLE, "CTX_CONTROL_RESET" = ctx_control::RESET,
-    "CTX_CONTROL_POLL" = ctx_control::POLL,
+    "CTX_CONTROL_POLL" = ctx_control::POLL, "CTX_CONTROL_SUPPRESS" = ctx_control::SUPPRESS,
+    "CAP_DOORBELL_SUPPRESS" = caps::DOORBELL_SUPPRESS,
+    "SHADOW_TAIL" = shadow::TAIL, "SHADOW_HINT" = shadow::HINT,
+    "SHADOW_POLLING" = shadow::POLLING,
     "CTX_STATUS_ENABLED" = ctx_status::ENABLED, "CTX_STATUS_BUSY" = ctx_status::BUSY,
     "CTX_STATUS_FAULTED" = ctx_status::FAULTED,
     "WAIT_DONE" = wait::DONE, "WAIT_FAULTED" = wait::FAULTED, "WAIT_TIMEOUT" = wait::TIMEOUT,

@@ -27,6 +27,7 @@ pub(crate) struct Totals {
     pub(crate) switches: u64,
     pub(crate) faults: u64,
     pub(crate) resets: u64,
+    pub(crate) poll_ns: u64,
 }
 
 /// State an instance thread shares with the control side.
@@ -53,11 +54,12 @@ impl Instance {
         // folded into the totals under the same lock first).
         let monitor = lock(&self.live.monitor);
         let t = *lock(&self.live.totals);
-        let (s, dev) = monitor
-            .as_ref()
-            .map_or_else(Default::default, |m| (m.sched_stats(), m.counters()));
+        let (s, dev, poll) = monitor.as_ref().map_or_else(Default::default, |m| {
+            (m.sched_stats(), m.counters(), m.poll_time())
+        });
         drop(monitor);
         let mut st = VgpuStats::new(&self.info.name, self.info.partition, s, dev);
+        st.poll_ns = poll.as_nanos() as u64 + t.poll_ns;
         st.busy_ns += t.busy_ns;
         st.context_switches += t.switches;
         st.faults += t.faults;
@@ -208,6 +210,7 @@ impl InstanceWorker {
             t.switches += s.switches;
             t.faults += dev.1;
             t.resets += dev.2;
+            t.poll_ns += m.poll_time().as_nanos() as u64;
         }
         drop(monitor);
         // Stops running work at the next workgroup and leaves the scheduler; then the VRAM

@@ -46,11 +46,10 @@ use processor::Processor;
 
 /// How often the command processor polls tail shadows of `POLL` contexts when idle.
 const POLL_INTERVAL_US: i32 = 200;
-/// After executing a packet the command processor keeps looking for the next one without
-/// sleeping for this long, so back-to-back submissions see no wake-up latency; an idle vGPU
-/// costs no CPU. Not under the fuzzers (cargo-fuzz builds with `--cfg fuzzing`): there the
-/// spinning would take a CPU from the engines and the harness, for latency nobody measures.
-const SPIN_WINDOW: Duration = Duration::from_micros(if cfg!(fuzzing) { 0 } else { 300 });
+/// Whether the command processor polls at all (`crate::poll`). Not under the fuzzers
+/// (cargo-fuzz builds with `--cfg fuzzing`): there the spinning would take a CPU from the
+/// engines and the harness, for latency nobody measures.
+const POLLING: bool = !cfg!(fuzzing);
 /// Longest a reset waits for the command processor.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,6 +195,8 @@ struct Shared {
     tdr_resets: std::sync::atomic::AtomicU64,
     /// GPU time the last packet the watchdog stopped had used past the limit (ns).
     tdr_overshoot_ns: std::sync::atomic::AtomicU64,
+    /// Host CPU the command processor has spent polling tail shadows (ns).
+    poll_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -336,6 +337,7 @@ impl Vgpu {
             | caps::TIMESTAMPS
             | caps::WAIT
             | caps::TAIL_SHADOW
+            | caps::DOORBELL_SUPPRESS
             | trapped;
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| VgpuError::Os(what, e));
         let kick = evt("create the vGPU wake event")?;
@@ -385,6 +387,7 @@ impl Vgpu {
             watchdog,
             tdr_resets: std::sync::atomic::AtomicU64::new(0),
             tdr_overshoot_ns: std::sync::atomic::AtomicU64::new(0),
+            poll_ns: std::sync::atomic::AtomicU64::new(0),
         });
         let add = |fd: i32, data: u64| {
             shared

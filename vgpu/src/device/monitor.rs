@@ -36,6 +36,11 @@ impl VgpuMonitor {
         Duration::from_nanos(self.0.tdr_overshoot_ns.load(Ordering::Relaxed))
     }
 
+    /// Host CPU time its command processor has spent polling tail shadows (`crate::poll`).
+    pub fn poll_time(&self) -> Duration {
+        Duration::from_nanos(self.0.poll_ns.load(Ordering::Relaxed))
+    }
+
     /// See [`Vgpu::sched_stats`].
     pub fn sched_stats(&self) -> crate::sched::MemberStats {
         self.0.sched.stats(self.0.member)

@@ -4,7 +4,9 @@
 
 use super::exec::{Effect, execute};
 use super::*;
+use crate::poll::{Period, Window};
 use crate::sched::Holder;
+use vgpu_abi::shadow;
 
 /// A context as the processor sees it for one packet.
 struct Snapshot {
@@ -41,6 +43,15 @@ pub(super) struct Processor {
     holder: Holder,
     /// [`crate::guard`]'s hit counter as last seen.
     guard_seen: u64,
+    /// Watching the tail shadows of `SUPPRESS` contexts (a polling window is open, or the
+    /// last look before sleeping).
+    watching: bool,
+    /// The hint of the `SUPPRESS` contexts says `POLLING`.
+    hinted: bool,
+    /// The adaptive polling window.
+    window: Window,
+    /// CPU spent polling in the current period.
+    period: Period,
 }
 
 impl Processor {
@@ -52,15 +63,28 @@ impl Processor {
             tlbs: (0..n).map(|_| (Tlb::default(), 0)).collect(),
             next: 0,
             guard_seen: 0,
+            watching: false,
+            hinted: false,
+            window: Window::default(),
+            period: Period::default(),
         }
     }
 
+    /// Serves the contexts until shutdown. While it is awake, the hint of every `SUPPRESS`
+    /// context says that no doorbell is needed, and it reads their tail shadows after every
+    /// packet. Out of work, it polls (`crate::poll`): it keeps looking at doorbells and tail
+    /// shadows for an adaptive window; then it clears the hints, fences, looks once more (a
+    /// submission that saw the hint still set is caught here), and sleeps until a doorbell or
+    /// a register write.
     pub(super) fn run(mut self) {
-        let mut last_work: Option<Instant> = None;
+        // When the current polling stretch began.
+        let mut idle_since: Option<Instant> = None;
         loop {
             let polling = {
                 let mut st = self.sh.lock();
                 if st.shutdown {
+                    drop(st);
+                    self.set_hints(false);
                     return;
                 }
                 if st.reset_pending {
@@ -70,19 +94,96 @@ impl Processor {
                     .iter()
                     .any(|c| c.runnable() && c.control & ctx_control::POLL != 0)
             };
+            // Awake, the processor looks at the tail shadows after every packet: a guest
+            // needs no doorbell while it works, nor during the window after.
+            if POLLING && !self.hinted {
+                self.set_hints(true);
+            }
+            self.watching = self.hinted;
             if self.round() {
-                last_work = Some(Instant::now());
+                if let Some(t) = idle_since.take() {
+                    self.charge_polling(t.elapsed());
+                }
                 continue;
             }
             // Out of work: the GPU goes to someone else.
             self.holder.give_back();
-            if last_work.is_some_and(|t| t.elapsed() < SPIN_WINDOW) {
-                // Busy a moment ago: pick up doorbells without blocking.
+            let start = *idle_since.get_or_insert_with(Instant::now);
+            let budget = self.sh.sched.poll_budget().clone();
+            let max = budget.limits().window;
+            if POLLING
+                && start.elapsed() < self.window.get(max)
+                && !self.sh.sched.contended()
+                && budget.allows(&mut self.period)
+            {
                 self.drain_events(0);
                 std::hint::spin_loop();
-            } else {
-                last_work = None;
-                self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
+                continue;
+            }
+            idle_since = None;
+            self.charge_polling(start.elapsed());
+            if self.hinted {
+                // Doorbells are needed again; one last look catches a submission that read
+                // the hint before it was cleared.
+                self.set_hints(false);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                self.watching = true;
+                if self.round() {
+                    continue;
+                }
+            }
+            self.watching = false;
+            let slept = Instant::now();
+            self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
+            self.window.after_sleep(slept.elapsed(), max);
+        }
+    }
+
+    fn charge_polling(&mut self, spent: Duration) {
+        self.sh
+            .poll_ns
+            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+        self.sh.sched.poll_budget().charge(&mut self.period, spent);
+    }
+
+    /// Writes the doorbell hint of every runnable `SUPPRESS` context: `POLLING` (`on`) or 0.
+    /// A hint the context's page tables do not let the GPU write faults that context.
+    fn set_hints(&mut self, on: bool) {
+        self.hinted = on;
+        let (spaces, targets) = {
+            let mut st = self.sh.lock();
+            let targets: Vec<(usize, Root, u64, u64, u64)> = st
+                .ctx
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    c.runnable() && c.control & ctx_control::SUPPRESS != 0 && c.tail_addr != 0
+                })
+                .map(|(i, c)| (i, Root(c.pt_root), c.tail_addr, c.generation, c.tlb_epoch))
+                .collect();
+            if targets.is_empty() || st.reset_pending {
+                return;
+            }
+            st.dma_in_use = Some(st.dma_epoch);
+            (st.spaces.clone(), targets)
+        };
+        let _in_use = DmaGuard(self.sh.clone());
+        let value = if on { shadow::POLLING } else { 0 }.to_le_bytes();
+        for (i, root, tail_addr, generation, tlb_epoch) in targets {
+            let (tlb, epoch) = &mut self.tlbs[i];
+            if *epoch != tlb_epoch {
+                tlb.invalidate();
+                *epoch = tlb_epoch;
+            }
+            let addr = tail_addr.wrapping_add(shadow::HINT);
+            let written = mmu::resolve(&spaces, root, tlb, addr, 4, true)
+                .and_then(|sl| sl.write(&spaces, 0, &value));
+            if let Err(f) = written {
+                let mut st = self.sh.lock();
+                if st.ctx.get(i).is_some_and(|c| c.generation == generation) {
+                    st.record_fault(i, f);
+                    self.sh.progress.notify_all();
+                }
             }
         }
     }
@@ -191,8 +292,9 @@ impl Processor {
         if !c.runnable() {
             return None;
         }
+        let watched = self.watching && c.control & ctx_control::SUPPRESS != 0;
         let refresh_tail = c.tail_addr != 0
-            && (std::mem::take(&mut c.doorbell) || c.control & ctx_control::POLL != 0);
+            && (std::mem::take(&mut c.doorbell) || c.control & ctx_control::POLL != 0 || watched);
         if !refresh_tail && c.head == c.tail {
             return None;
         }

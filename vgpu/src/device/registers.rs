@@ -165,15 +165,18 @@ impl Vgpu {
                     return;
                 }
                 let was = c.enabled();
-                c.control = v & (ctx_control::ENABLE | ctx_control::POLL);
+                c.control = v & (ctx_control::ENABLE | ctx_control::POLL | ctx_control::SUPPRESS);
                 if c.enabled() && !was {
                     let size_ok =
                         c.ring_size.is_power_of_two() && c.ring_size <= limits::MAX_RING_ENTRIES;
                     let base_ok = c.ring_base.is_multiple_of(vgpu_abi::pte::PAGE_SIZE)
                         && c.ring_base < 1 << vgpu_abi::pte::VA_BITS;
-                    if !(size_ok && base_ok) {
-                        let base = c.ring_base;
-                        st.record_fault(i, Fault::new(fault::RING_CONFIG, base));
+                    // The hint shares the tail's page: an 8-byte shadow, 8-byte aligned.
+                    let shadow_ok =
+                        c.control & ctx_control::SUPPRESS == 0 || c.tail_addr.is_multiple_of(8);
+                    if !(size_ok && base_ok && shadow_ok) {
+                        let at = if shadow_ok { c.ring_base } else { c.tail_addr };
+                        st.record_fault(i, Fault::new(fault::RING_CONFIG, at));
                         self.shared.progress.notify_all();
                         return;
                     }

@@ -255,6 +255,8 @@ pub struct Scheduler {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
     contended: AtomicBool,
+    /// The polling limits of the GPU this scheduler shares (`crate::poll`).
+    poll: Arc<crate::poll::PollBudget>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -268,11 +270,34 @@ impl std::fmt::Debug for Scheduler {
 impl Scheduler {
     /// A scheduler with `policy` and `slice` (clamped to 1–30 ms).
     pub fn new(policy: Policy, slice: Duration, clock: Arc<dyn Clock>) -> Arc<Self> {
+        Self::with_poll(policy, slice, clock, Arc::default())
+    }
+
+    /// Like [`Scheduler::new`], its members' polling bounded by `poll` (shared by the
+    /// schedulers of one GPU's partitions).
+    pub fn with_poll(
+        policy: Policy,
+        slice: Duration,
+        clock: Arc<dyn Clock>,
+        poll: Arc<crate::poll::PollBudget>,
+    ) -> Arc<Self> {
         Arc::new(Scheduler {
             state: Mutex::new(State::new(policy, slice)),
             clock,
             contended: AtomicBool::new(false),
+            poll,
         })
+    }
+
+    /// The polling limits of its members.
+    pub fn poll_budget(&self) -> &Arc<crate::poll::PollBudget> {
+        &self.poll
+    }
+
+    /// Whether a member is waiting for the GPU (a holder should hurry; an idle member should
+    /// not spin on a CPU the engines need).
+    pub fn contended(&self) -> bool {
+        self.contended.load(Ordering::Relaxed)
     }
 
     /// A best-effort scheduler for a GPU that only one vGPU uses.

@@ -80,6 +80,18 @@ struct VfioReport {
 struct Report {
     fast_p50_us: f64,
     fast_p99_us: f64,
+    /// Doorbell suppression, back to back: round trip, and doorbells rung per submission.
+    suppress_p50_us: f64,
+    suppress_p99_us: f64,
+    suppress_doorbells_per_submit: f64,
+    /// After 2 ms idle (the window has closed): always ringing, and with suppression.
+    fast_idle_p50_us: f64,
+    suppress_idle_p50_us: f64,
+    suppress_idle_doorbells_per_submit: f64,
+    /// Host CPU an idle vGPU polls in the second after its last work (percent of a core),
+    /// and in the second after that (ns).
+    poll_cpu_idle_percent: f64,
+    poll_ns_after_window: u64,
     poll_p50_us: f64,
     poll_p99_us: f64,
     trapped_p50_us: f64,
@@ -100,6 +112,8 @@ struct Report {
 #[derive(Debug, Default)]
 struct Series {
     lat: HashMap<&'static str, (Vec<f64>, Vec<f64>)>,
+    /// Doorbells rung per submission, per latency mode.
+    doorbells: HashMap<&'static str, Vec<f64>>,
     guest: HashMap<&'static str, Vec<f64>>,
     first: Vec<f64>,
 }
@@ -111,6 +125,9 @@ impl Series {
             .map(|(a, b)| (median(a), median(b)))
             .unwrap_or((f64::NAN, f64::NAN))
     }
+    fn doorbells(&self, k: &str) -> f64 {
+        self.doorbells.get(k).map_or(f64::NAN, |v| median(v))
+    }
     fn guest(&self, k: &str) -> f64 {
         self.guest.get(k).map_or(f64::NAN, |v| median(v))
     }
@@ -120,16 +137,30 @@ impl Series {
 
     /// One run of every guest measurement with the vGPU given by `device` (VM flags).
     fn measure(&mut self, fw: &Path, device: &[String], iters: u32) -> Result<(), String> {
-        for mode in ["fast", "poll", "trapped"] {
+        // Back to back, and (`_idle`) with 2 ms of idleness before each round trip: the
+        // command processor's polling window has closed, so it sleeps until the doorbell.
+        let idle_iters = (iters / 10).max(20);
+        for (key, mode, gap_us, n) in [
+            ("fast", "fast", 0, iters),
+            ("suppress", "suppress", 0, iters),
+            ("fast_idle", "fast", IDLE_GAP_US, idle_iters),
+            ("suppress_idle", "suppress", IDLE_GAP_US, idle_iters),
+            ("poll", "poll", 0, iters),
+            ("trapped", "trapped", 0, iters),
+        ] {
             let (f, _) = firmware_line(
                 fw,
                 device,
-                &format!("run=bench-latency mode={mode} iters={iters}"),
+                &format!("run=bench-latency mode={mode} iters={n} gap_us={gap_us}"),
                 "bench latency",
             )?;
-            let e = self.lat.entry(mode).or_default();
+            let e = self.lat.entry(key).or_default();
             e.0.push(field(&f, "p50_ns")? / 1e3);
             e.1.push(field(&f, "p99_ns")? / 1e3);
+            self.doorbells
+                .entry(key)
+                .or_default()
+                .push(field(&f, "doorbells")? / f64::from(n));
         }
         for w in [SGEMM, SAXPY] {
             let (f, _) = firmware_line(
@@ -215,6 +246,31 @@ impl Drop for BenchServer {
         }
         let _ = std::fs::remove_dir_all(self.daemon.dir());
     }
+}
+
+/// Idle time before each round trip of the `_idle` latency runs (longer than the longest
+/// polling window).
+const IDLE_GAP_US: u32 = 2000;
+
+/// Host CPU an idle vGPU's command processor spends polling: in the second after its last
+/// work (percent of a core), and in the second after that (ns; 0 once the window closed).
+fn idle_polling(profile: &vgpu::Profile, kind: GpuKind) -> Result<(f64, u64), String> {
+    let gpu = PhysicalGpu::new(&GpuSpec {
+        kind,
+        ..GpuSpec::whole(profile.vram, profile.engines)
+    })
+    .map_err(|e| e.to_string())?;
+    let lease = gpu.lease(profile, None).map_err(|e| e.to_string())?;
+    let mut c = HostClient::new(vgpu::VgpuSetup::from_lease(&lease), 16 << 20)
+        .map_err(|e| e.to_string())?;
+    c.run(&[]).map_err(|e| e.to_string())?;
+    let m = c.device().ok_or("the host client has no vGPU")?.monitor();
+    let p0 = m.poll_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let p1 = m.poll_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let p2 = m.poll_time();
+    Ok(((p1 - p0).as_secs_f64() * 100.0, (p2 - p1).as_nanos() as u64))
 }
 
 /// Throughput workloads: (kernel, size, batch).
@@ -372,7 +428,7 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     let mut remote = Series::default();
     let mut native: HashMap<&str, Vec<f64>> = HashMap::new();
     let steps = if user_device.is_some() { 3 } else { 2 };
-    let mut progress = super::Progress::new("vgpu", args.runs as usize * steps);
+    let mut progress = super::Progress::new("vgpu", args.runs as usize * steps + 1);
     for run in 1..=args.runs {
         progress.step(format!("run {run}: a firmware VM with an in-process vGPU"));
         local.measure(&fw, &in_process, args.iters)?;
@@ -391,6 +447,9 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     drop(server);
     let n = |k: &str| native.get(k).map_or(f64::NAN, |v| median(v));
     let (fast, poll, trapped) = (local.lat("fast"), local.lat("poll"), local.lat("trapped"));
+    let suppress = local.lat("suppress");
+    progress.step("an idle host vGPU's polling CPU");
+    let (poll_cpu_idle_percent, poll_ns_after_window) = idle_polling(profile, args.gpu)?;
     let g = |k: &str| local.guest(k);
     let vfio_user = user_device.as_ref().map(|_| {
         let vfast = remote.lat("fast");
@@ -410,6 +469,14 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     let r = Report {
         fast_p50_us: fast.0,
         fast_p99_us: fast.1,
+        suppress_p50_us: suppress.0,
+        suppress_p99_us: suppress.1,
+        suppress_doorbells_per_submit: local.doorbells("suppress"),
+        fast_idle_p50_us: local.lat("fast_idle").0,
+        suppress_idle_p50_us: local.lat("suppress_idle").0,
+        suppress_idle_doorbells_per_submit: local.doorbells("suppress_idle"),
+        poll_cpu_idle_percent,
+        poll_ns_after_window,
         poll_p50_us: poll.0,
         poll_p99_us: poll.1,
         trapped_p50_us: trapped.0,
@@ -435,11 +502,25 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         println!("submit → fence round trip (µs):   p50      p99");
         for (name, v) in [
             ("  fast (ioeventfd doorbell)", fast),
+            ("  doorbell suppression", suppress),
+            ("  fast, 2 ms idle before", local.lat("fast_idle")),
+            (
+                "  suppression, 2 ms idle before",
+                local.lat("suppress_idle"),
+            ),
             ("  host polling (no exit)", poll),
             ("  trapped (BAR0 tail write)", trapped),
         ] {
             println!("{name:<32}{:>8.1}{:>9.1}", v.0, v.1);
         }
+        println!(
+            "  doorbells per submission with suppression: {:.3} back to back, {:.3} after idle",
+            r.suppress_doorbells_per_submit, r.suppress_idle_doorbells_per_submit
+        );
+        println!(
+            "  an idle vGPU polls {:.3} % of a core in the second after work, {} ns in the next",
+            r.poll_cpu_idle_percent, r.poll_ns_after_window
+        );
         println!(
             "  fast ÷ trapped {:.3}, polling ÷ trapped {:.3}",
             r.fast_over_trapped, r.poll_over_trapped

@@ -46,9 +46,10 @@ use processor::Processor;
 
 /// How often the command processor polls tail shadows of `POLL` contexts when idle.
 const POLL_INTERVAL_US: i32 = 200;
-/// Whether the command processor polls at all (`crate::poll`). Not under the fuzzers
+/// Whether the command processor polls after work (`crate::poll`). Not under the fuzzers
 /// (cargo-fuzz builds with `--cfg fuzzing`): there the spinning would take a CPU from the
-/// engines and the harness, for latency nobody measures.
+/// engines and the harness, for latency nobody measures. The doorbell hints are kept there
+/// too (set while awake, cleared before sleeping).
 const POLLING: bool = !cfg!(fuzzing);
 /// Longest a reset waits for the command processor.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);

@@ -77,8 +77,8 @@ impl Processor {
     /// submission that saw the hint still set is caught here), and sleeps until a doorbell or
     /// a register write.
     pub(super) fn run(mut self) {
-        // When the current polling stretch began.
-        let mut idle_since: Option<Instant> = None;
+        // When the current polling stretch began, and whether the budget allowed it.
+        let mut idle_since: Option<(Instant, bool)> = None;
         loop {
             let polling = {
                 let mut st = self.sh.lock();
@@ -96,25 +96,27 @@ impl Processor {
             };
             // Awake, the processor looks at the tail shadows after every packet: a guest
             // needs no doorbell while it works, nor during the window after.
-            if POLLING && !self.hinted {
+            if !self.hinted {
                 self.set_hints(true);
             }
             self.watching = self.hinted;
             if self.round() {
-                if let Some(t) = idle_since.take() {
+                if let Some((t, _)) = idle_since.take() {
                     self.charge_polling(t.elapsed());
                 }
                 continue;
             }
             // Out of work: the GPU goes to someone else.
             self.holder.give_back();
-            let start = *idle_since.get_or_insert_with(Instant::now);
             let budget = self.sh.sched.poll_budget().clone();
             let max = budget.limits().window;
+            // The CPU budget is asked once per stretch (its lock is shared by the GPU's vGPUs).
+            let (start, allowed) = *idle_since
+                .get_or_insert_with(|| (Instant::now(), budget.allows(&mut self.period)));
             if POLLING
+                && allowed
                 && start.elapsed() < self.window.get(max)
                 && !self.sh.sched.contended()
-                && budget.allows(&mut self.period)
             {
                 self.drain_events(0);
                 std::hint::spin_loop();

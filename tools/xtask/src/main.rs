@@ -255,32 +255,22 @@ fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
     // Measure from when every VM is attached.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let list: serde_json::Value =
-            serde_json::from_str(&tessera(&["vgpu", "list", "--json"])?).unwrap_or_default();
-        let attached = list["instances"]
-            .as_array()
-            .is_some_and(|a| a.iter().all(|i| i["attached"] == true));
+        let list: Listed = parse_json(&tessera(&["vgpu", "list", "--json"])?)?;
+        let attached = list.instances.iter().all(|i| i.attached);
         if attached || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     print!("{}", tessera(&["vgpu", "list"])?);
-    let busy = |stats: &str| -> Vec<(String, f64)> {
-        serde_json::from_str::<serde_json::Value>(stats)
-            .ok()
-            .and_then(|v| v["vgpus"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .map(|g| {
-                (
-                    g["name"].as_str().unwrap_or("?").to_string(),
-                    g["busy_ns"].as_f64().unwrap_or(0.0),
-                )
-            })
-            .collect()
+    let busy = |stats: &str| -> Result<Vec<(String, f64)>> {
+        let s: Stats = parse_json(stats)?;
+        Ok(s.vgpus
+            .into_iter()
+            .map(|g| (g.name, g.busy_ns as f64))
+            .collect())
     };
-    let before = busy(&tessera(&["top", "--json", "-n", "1"])?);
+    let before = busy(&tessera(&["top", "--json", "-n", "1"])?)?;
     let mut failed = Vec::new();
     for (name, child) in children {
         let out = child
@@ -295,7 +285,7 @@ fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
             failed.push(name);
         }
     }
-    let after = busy(&tessera(&["top", "--json", "-n", "1"])?);
+    let after = busy(&tessera(&["top", "--json", "-n", "1"])?)?;
     let delta: Vec<(String, f64)> = after
         .iter()
         .map(|(n, b)| {
@@ -315,6 +305,33 @@ fn demo_with_server(bin: &Path, fw: &Path, dir: &Path) -> Result<()> {
     } else {
         Err(format!("VMs failed: {failed:?}"))
     }
+}
+
+/// The parts of `tessera vgpu list --json` and `tessera top --json` the demo reads (the
+/// server's `ListReply` and `StatsReply`; xtask does not build the server's crate).
+#[derive(serde::Deserialize)]
+struct Listed {
+    instances: Vec<Attached>,
+}
+
+#[derive(serde::Deserialize)]
+struct Attached {
+    attached: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct Stats {
+    vgpus: Vec<Busy>,
+}
+
+#[derive(serde::Deserialize)]
+struct Busy {
+    name: String,
+    busy_ns: u64,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| format!("tessera printed unexpected JSON ({e}): {text}"))
 }
 
 /// The fuzz harnesses on stable, without libFuzzer (their own workspace): formatting, clippy,

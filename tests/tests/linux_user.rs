@@ -74,10 +74,15 @@ fn assert_user_space_passed(vm: &mut Vmm) {
     assert!(vm.saw("tessera-user-check: passed"), "{out}");
     assert!(vm.saw("tessera-guest: exit 0"), "{out}");
     // tessera-smi listed the device (its PCI address depends on the VMM).
+    let abi = format!(
+        "Tessera vGPU ABI {}.{}",
+        vgpu_abi::VERSION_MAJOR,
+        vgpu_abi::VERSION_MINOR
+    );
     assert!(
         vm.transcript
             .iter()
-            .any(|l| l.starts_with("vgpu0  0000:00:") && l.contains("Tessera vGPU ABI 1.0")),
+            .any(|l| l.starts_with("vgpu0  0000:00:") && l.contains(&abi)),
         "{out}"
     );
     let count = |prefix: &str| {

@@ -40,6 +40,10 @@ pub struct SchedArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Watchdog of the hung vGPU in the last phase (GPU time), e.g. 150ms: what a hang costs
+    /// its neighbours.
+    #[arg(long, value_name = "DURATION", default_value = "150ms", value_parser = parse_hung_watchdog)]
+    hung_watchdog: Duration,
     /// Write an SVG plot of each vGPU's share over time (weighted phase).
     #[arg(long, value_name = "PATH")]
     plot: Option<std::path::PathBuf>,
@@ -73,6 +77,10 @@ struct Report {
     tdr_neighbour_share_ratio: f64,
     /// Neighbours' jobs/s over the hung phase vs the same four alone.
     tdr_neighbour_rate_ratio: f64,
+    /// The hung vGPU's watchdog (GPU time) and the phase's length: a hang should cost the
+    /// neighbours about the watchdog's worth of GPU time, 1 - watchdog/phase of their rate.
+    tdr_watchdog_ms: f64,
+    tdr_phase_s: f64,
     /// How far past its watchdog limit the hung vGPU's packet ran before the reset (the
     /// watchdog checks at preemption points, so up to a slice plus in-flight workgroups).
     tdr_reset_ms: f64,
@@ -102,12 +110,9 @@ enum Load {
     Idle,
     /// One long dispatch of `groups` × `us`, then busy.
     Long { us: u64, groups: u64 },
-    /// A job far past the vGPU's watchdog (150 ms of GPU time); it must fault and reset.
-    Hung,
+    /// A job far past the vGPU's `watchdog` (GPU time); it must fault and reset.
+    Hung { watchdog: Duration },
 }
-
-/// Watchdog of the `Hung` load's vGPU.
-const HUNG_WATCHDOG: Duration = Duration::from_millis(150);
 
 fn spin(us: u64, groups: u64) -> Packet {
     Packet {
@@ -139,7 +144,7 @@ impl Fleet {
         for (i, &(load, params)) in loads.iter().enumerate() {
             let lease = gpu.lease(&PROFILE, None).map_err(|e| e.to_string())?;
             let watchdog = match load {
-                Load::Hung => HUNG_WATCHDOG,
+                Load::Hung { watchdog } => watchdog,
                 _ => vgpu::device::DEFAULT_WATCHDOG,
             };
             let setup = VgpuSetup {
@@ -162,11 +167,11 @@ impl Fleet {
                 let mut inflight = std::collections::VecDeque::new();
                 while !stop.load(Ordering::Relaxed) {
                     let pkt = match (load, first) {
-                        (Load::Idle, _) | (Load::Hung, false) => {
+                        (Load::Idle, _) | (Load::Hung { .. }, false) => {
                             std::thread::sleep(Duration::from_millis(5));
                             continue;
                         }
-                        (Load::Hung, true) => {
+                        (Load::Hung { .. }, true) => {
                             first = false;
                             // 60 s of work: only the watchdog ends it.
                             match client.run(&[spin(1000, 60_000)]) {
@@ -278,6 +283,14 @@ fn rss_kib() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4)
+}
+
+/// The hung vGPU's watchdog: 10 ms to 2 s.
+fn parse_hung_watchdog(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .ok()
+        .filter(|d| (Duration::from_millis(10)..=Duration::from_secs(2)).contains(d))
+        .ok_or_else(|| format!("{s:?}: expected a duration from 10ms to 2s"))
 }
 
 /// One line of a share plot: its label, its share per 100 ms window, and the share it
@@ -519,7 +532,8 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     }
 
     progress.step("a hung vGPU among 4 busy ones: watchdog");
-    // 7. A hung vGPU among 4 busy ones: its watchdog (150 ms of GPU time) resets it alone.
+    // 7. A hung vGPU among 4 busy ones: its watchdog (--hung-watchdog of GPU time) resets
+    // it alone.
     let four = [(busy, Params::default()); 4];
     let f = Fleet::start(
         &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
@@ -528,7 +542,12 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs_f64(secs));
     let alone: u64 = f.finish()?.iter().sum();
     let mut loads = four.to_vec();
-    loads.push((Load::Hung, Params::default()));
+    loads.push((
+        Load::Hung {
+            watchdog: args.hung_watchdog,
+        },
+        Params::default(),
+    ));
     let f = Fleet::start(
         &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
         &loads,
@@ -561,6 +580,8 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         submit_us,
         tdr_neighbour_share_ratio: neighbour_share / 0.8,
         tdr_neighbour_rate_ratio: tdr_rate,
+        tdr_watchdog_ms: args.hung_watchdog.as_secs_f64() * 1e3,
+        tdr_phase_s: phase.as_secs_f64(),
         tdr_reset_ms: reset_late.as_secs_f64() * 1e3,
         jain: jain_mean,
         jain_min,
@@ -605,9 +626,13 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
             sw[0], sw[1], sw[2]
         );
         println!(
-            "  a hung vGPU among 4 busy: neighbours' share {:.3} of fair, their jobs/s {:.3} \
-             of alone, reset {:.2} ms past the watchdog",
-            r.tdr_neighbour_share_ratio, r.tdr_neighbour_rate_ratio, r.tdr_reset_ms
+            "  a hung vGPU among 4 busy ({:.0} ms watchdog, {:.1} s phase): neighbours' share \
+             {:.3} of fair, their jobs/s {:.3} of alone, reset {:.2} ms past the watchdog",
+            r.tdr_watchdog_ms,
+            r.tdr_phase_s,
+            r.tdr_neighbour_share_ratio,
+            r.tdr_neighbour_rate_ratio,
+            r.tdr_reset_ms
         );
         if let Some(us) = r.submit_us {
             println!("  Vulkan submission (submit + fence wait) median: {us:.1} µs");

@@ -79,6 +79,8 @@ impl Processor {
     pub(super) fn run(mut self) {
         // When the current polling stretch began, and whether the budget allowed it.
         let mut idle_since: Option<(Instant, bool)> = None;
+        // The last sleep was a timed nap that no event ended.
+        let mut napped = false;
         loop {
             let polling = {
                 let mut st = self.sh.lock();
@@ -104,6 +106,7 @@ impl Processor {
                 if let Some((t, _)) = idle_since.take() {
                     self.charge_polling(t.elapsed());
                 }
+                napped = false;
                 continue;
             }
             // Out of work: the GPU goes to someone else.
@@ -115,6 +118,7 @@ impl Processor {
                 .get_or_insert_with(|| (Instant::now(), budget.allows(&mut self.period)));
             if POLLING
                 && allowed
+                && !napped
                 && start.elapsed() < self.window.get(max)
                 && !self.sh.sched.contended()
             {
@@ -136,8 +140,14 @@ impl Processor {
             }
             self.watching = false;
             let slept = Instant::now();
-            self.sleep(if polling { POLL_INTERVAL_US } else { -1 });
-            self.window.after_sleep(slept.elapsed(), max);
+            if self.sleep(if polling { POLL_INTERVAL_US } else { -1 }) {
+                self.window.after_sleep(slept.elapsed(), max);
+                napped = false;
+            } else {
+                // A `POLL` context's timed nap found no doorbell: look at the shadows and
+                // nap again, without a polling window (that would spin on an idle vGPU).
+                napped = true;
+            }
         }
     }
 
@@ -216,25 +226,28 @@ impl Processor {
         self.sh.progress.notify_all();
     }
 
-    fn sleep(&mut self, timeout_us: i32) {
+    /// Sleeps until the kick or a doorbell, or at most `timeout_us` (-1: no limit); returns
+    /// whether an event ended it.
+    fn sleep(&mut self, timeout_us: i32) -> bool {
         if (0..1000).contains(&timeout_us) {
             // epoll has millisecond resolution: nap briefly, then look at the events.
             std::thread::sleep(Duration::from_micros(timeout_us as u64));
-            self.drain_events(0);
+            self.drain_events(0) > 0
         } else {
             self.drain_events(if timeout_us < 0 {
                 -1
             } else {
                 timeout_us / 1000
-            });
+            }) > 0
         }
     }
 
-    /// Waits up to `timeout_ms` (-1: forever) for the kick or doorbells and records them.
-    fn drain_events(&mut self, timeout_ms: i32) {
+    /// Waits up to `timeout_ms` (-1: forever) for the kick or doorbells and records them;
+    /// returns how many it found.
+    fn drain_events(&mut self, timeout_ms: i32) -> usize {
         let mut events = [EpollEvent::default(); 2 * limits::MAX_CONTEXTS as usize + 1];
         let Ok(n) = self.sh.epoll.wait(timeout_ms, &mut events) else {
-            return;
+            return 0;
         };
         for ev in &events[..n] {
             match ev.data() {
@@ -270,6 +283,7 @@ impl Processor {
                 }
             }
         }
+        n
     }
 
     /// Runs at most one packet of each runnable context; returns whether anything ran.

@@ -198,6 +198,9 @@ struct Shared {
     tdr_overshoot_ns: std::sync::atomic::AtomicU64,
     /// Host CPU the command processor has spent polling tail shadows (ns).
     poll_ns: std::sync::atomic::AtomicU64,
+    /// A context's control or tail shadow changed: the command processor writes the
+    /// doorbell hints again (a context enabled with `SUPPRESS` while it is awake).
+    rehint: AtomicBool,
 }
 
 impl Shared {
@@ -389,6 +392,7 @@ impl Vgpu {
             tdr_resets: std::sync::atomic::AtomicU64::new(0),
             tdr_overshoot_ns: std::sync::atomic::AtomicU64::new(0),
             poll_ns: std::sync::atomic::AtomicU64::new(0),
+            rehint: AtomicBool::new(false),
         });
         let add = |fd: i32, data: u64| {
             shared

@@ -98,7 +98,7 @@ impl Processor {
             };
             // Awake, the processor looks at the tail shadows after every packet: a guest
             // needs no doorbell while it works, nor during the window after.
-            if !self.hinted {
+            if !self.hinted || self.sh.rehint.swap(false, Ordering::AcqRel) {
                 self.set_hints(true);
             }
             self.watching = self.hinted;

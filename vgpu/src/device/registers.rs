@@ -181,6 +181,7 @@ impl Vgpu {
                         return;
                     }
                 }
+                self.shared.rehint.store(true, Ordering::Release);
                 self.shared.wake();
             }
             regs::CTX_PT_ROOT_LO => {

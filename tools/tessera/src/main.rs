@@ -5,6 +5,7 @@
 
 mod bench;
 mod serve_cmd;
+mod vgpu_cmd;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -35,9 +36,9 @@ enum Command {
     /// Own one (software) GPU and serve its vGPUs to other VMMs over vfio-user.
     Serve(serve_cmd::ServeArgs),
     /// Manage the vGPU instances of a running `tessera serve`: types, create, list, remove.
-    Vgpu(serve_cmd::VgpuArgs),
+    Vgpu(vgpu_cmd::VgpuArgs),
     /// Live per-vGPU statistics of a running `tessera serve`.
-    Top(serve_cmd::TopArgs),
+    Top(vgpu_cmd::TopArgs),
 }
 
 /// Status for bad usage.
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => vm_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => serve_cmd::serve(args),
-        Command::Vgpu(args) => serve_cmd::vgpu(args),
-        Command::Top(args) => serve_cmd::top(args),
+        Command::Vgpu(args) => vgpu_cmd::vgpu(args),
+        Command::Top(args) => vgpu_cmd::top(args),
     }
 }

@@ -521,6 +521,7 @@ impl Drop for Vgpu {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.cancel.store(true, Ordering::Release);
+        self.shared.sched.interrupt(self.shared.member);
         self.shared.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -107,6 +107,7 @@ impl Vgpu {
             regs::RESET if v == regs::RESET_VALUE => {
                 st.reset_pending = true;
                 sh.cancel.store(true, Ordering::Release);
+                sh.sched.interrupt(sh.member);
                 sh.wake();
                 let deadline = Instant::now() + RESET_TIMEOUT;
                 while st.reset_pending && Instant::now() < deadline {

@@ -324,6 +324,7 @@ impl Scheduler {
         if let Some(m) = st.members.get_mut(id) {
             m.alive = false;
             m.waiting = false;
+            m.cv.notify_all();
         }
         let now = self.clock.now_ns();
         if st.owner.is_some_and(|o| o.0 == id) {
@@ -338,12 +339,23 @@ impl Scheduler {
         let mut st = self.lock();
         st.policy = policy;
         st.slice_ns = slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64;
+        st.hand_off(self.clock.now_ns());
     }
 
-    /// Changes a member's weight and cap.
+    /// Changes a member's weight and cap (a raised cap may let a waiter run at once).
     pub fn set_params(&self, id: MemberId, params: Params) {
-        if let Some(m) = self.lock().members.get_mut(id) {
+        let mut st = self.lock();
+        if let Some(m) = st.members.get_mut(id) {
             m.params = params;
+        }
+        st.hand_off(self.clock.now_ns());
+    }
+
+    /// Wakes member `id` if it waits in [`Scheduler::acquire`], so that it sees its cancel
+    /// flag (set before this call).
+    pub fn interrupt(&self, id: MemberId) {
+        if let Some(m) = self.lock().members.get(id) {
+            m.cv.notify_all();
         }
     }
 
@@ -388,11 +400,19 @@ impl Scheduler {
                 self.update_contention(&st);
                 return None;
             }
-            // The timeout re-checks caps (the window moves) and cancellation.
-            st = cv
-                .wait_timeout(st, Duration::from_millis(1))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            // Asleep until the GPU is handed to this member (`hand_off`), it is cancelled or
+            // unregistered (`interrupt`), or, while the GPU idles because every waiter is
+            // over its cap, until the first of them comes under it.
+            let now = self.clock.now_ns();
+            st = match st.capped_until(now) {
+                Some(t) => {
+                    let wait = Duration::from_nanos(t.saturating_sub(now).max(20_000));
+                    cv.wait_timeout(st, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
             st.hand_off(self.clock.now_ns());
         }
     }
@@ -605,5 +625,55 @@ mod tests {
         let busy: Vec<f64> = ids.iter().map(|&i| s.stats(i).busy_ns as f64).collect();
         assert!(jain(&busy) > 0.95, "{busy:?}");
         assert!(ids.iter().all(|&i| s.stats(i).switches > 10));
+    }
+
+    #[test]
+    fn capped_waiters_run_again_when_the_window_slides() {
+        let _alone = crate::tests::measuring_alone();
+        let s = Scheduler::new(
+            Policy::EqualShare,
+            Duration::from_millis(2),
+            Arc::new(MonotonicClock::default()),
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let capped = Params {
+            weight: 1,
+            cap_percent: 20,
+        };
+        let ids: Vec<_> = (0..2).map(|_| s.register(capped)).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let (s, c, stop) = (s.clone(), cancel.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(g) = s.acquire(id, &c) else { break };
+                        while !g.should_yield() && !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                        s.release(&g);
+                    }
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(450));
+        stop.store(true, Ordering::Relaxed);
+        // Both may be asleep waiting for the window: cancelling wakes them.
+        cancel.store(true, Ordering::Release);
+        for &id in &ids {
+            s.interrupt(id);
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        let elapsed = t0.elapsed().as_nanos() as f64;
+        for &id in &ids {
+            // Four windows and a half at 20 %: a waiter that slept through the window's
+            // slide would have run for one window's cap only (≈ 4 %).
+            let share = s.stats(id).busy_ns as f64 / elapsed;
+            assert!((0.12..=0.23).contains(&share), "member {id} ran {share:.3}");
+        }
     }
 }

@@ -109,11 +109,20 @@ impl State {
         self.policy.discipline().weight(&m.params)
     }
 
-    /// Whether `id` is under its cap right now.
+    /// Whether `id` is under its cap right now (the owner's time since its grant counts).
     pub(super) fn under_cap(&self, id: MemberId, now: u64) -> bool {
         let m = &self.members[id];
-        m.params.cap_percent >= 100
-            || m.busy_in_window(now, WINDOW_NS) * 100 < u64::from(m.params.cap_percent) * WINDOW_NS
+        if m.params.cap_percent >= 100 {
+            return true;
+        }
+        let running = match self.owner {
+            Some((o, start)) if o == id => {
+                now.saturating_sub(start.max(now.saturating_sub(WINDOW_NS)))
+            }
+            _ => 0,
+        };
+        (m.busy_in_window(now, WINDOW_NS) + running) * 100
+            < u64::from(m.params.cap_percent) * WINDOW_NS
     }
 
     /// Marks `id` as wanting the GPU.
@@ -209,7 +218,39 @@ impl State {
         if let Some(next) = self.pick(now) {
             self.grant(next, now);
             self.members[next].cv.notify_one();
+        } else if self.capped_until(now).is_some() {
+            // The GPU idles because every waiter is over its cap: they wake and wait with a
+            // timeout until the first of them comes under it (waiters otherwise sleep until
+            // they are handed the GPU).
+            for m in self.members.iter().filter(|m| m.alive && m.waiting) {
+                m.cv.notify_one();
+            }
         }
+    }
+
+    /// While the GPU is free and members wait but none may run (all over their caps): when
+    /// the first of them comes under its cap, as the window slides past its busy time.
+    pub(super) fn capped_until(&self, now: u64) -> Option<u64> {
+        if self.owner.is_some() {
+            return None;
+        }
+        (0..self.members.len())
+            .filter(|&i| self.members[i].alive && self.members[i].waiting)
+            .map(|i| {
+                // No member is running, so its busy time in the window only falls as time
+                // goes on: the first instant it is under its cap, by bisection.
+                let (mut lo, mut hi) = (now, now + WINDOW_NS);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if self.under_cap(i, mid) {
+                        hi = mid;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                lo
+            })
+            .min()
     }
 
     /// Charges the owner for its time and frees the GPU.
@@ -364,6 +405,33 @@ mod tests {
         // A capped member alone leaves the GPU idle for the rest of the window.
         let busy = simulate(Policy::BestEffort, &params[..1], &[true], 1000);
         assert!((busy[0] as f64 / total as f64) <= 0.26, "{busy:?}");
+    }
+
+    #[test]
+    fn a_gpu_idled_by_caps_knows_when_the_first_waiter_may_run() {
+        let capped = |pct| Params {
+            weight: 1,
+            cap_percent: pct,
+        };
+        let mut st = State::new(Policy::EqualShare, DEFAULT_SLICE);
+        let (a, b) = (st.add(capped(25)), st.add(capped(10)));
+        // a ran 25 ms from 0, b 10 ms from 25 ms: both used their whole cap.
+        st.wait(a, 0);
+        st.grant(a, 0);
+        st.charge(25_000_000);
+        st.wait(b, 25_000_000);
+        st.grant(b, 25_000_000);
+        st.charge(35_000_000);
+        st.wait(a, 35_000_000);
+        st.wait(b, 35_000_000);
+        assert_eq!(st.pick(35_000_000), None);
+        // a comes under 25 % as soon as the window has slid past the first nanosecond of
+        // its run; b only once the window passes the start of its own.
+        assert_eq!(st.capped_until(35_000_000), Some(100_000_001));
+        assert_eq!(st.pick(100_000_001), Some(a));
+        // Nobody waiting, or the GPU held: nothing to wait for.
+        st.grant(a, 100_000_001);
+        assert_eq!(st.capped_until(100_000_001), None);
     }
 
     #[test]

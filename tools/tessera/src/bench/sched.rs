@@ -71,6 +71,9 @@ struct Report {
     utilization: f64,
     overrun_p99_ms: f64,
     scale64_ratio: f64,
+    /// 256 busy vGPUs' jobs over one alone's in the same time.
+    scale256_ratio: f64,
+    /// Host memory (RSS) per idle vGPU, measured over 256 of them, VRAM excluded.
     mem_per_vgpu_kib: f64,
     switch_us: SwitchUs,
     /// Neighbours' GPU share while a fifth vGPU hung, over their fair share (4/5).
@@ -261,6 +264,16 @@ fn spec(kind: GpuKind, policy: Policy, slice: Duration) -> GpuSpec {
         policy,
         slice,
         ..GpuSpec::whole(128 << 20, ENGINES)
+    }
+}
+
+/// Equal share, 2 ms slices, and VRAM for `n` vGPUs of the bench profile.
+fn scale_spec(kind: GpuKind, n: usize) -> GpuSpec {
+    GpuSpec {
+        kind,
+        policy: Policy::EqualShare,
+        slice: Duration::from_millis(2),
+        ..GpuSpec::whole((n as u64 * PROFILE.vram).max(128 << 20), ENGINES)
     }
 }
 
@@ -489,30 +502,34 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         .get((over.len() * 99 / 100).min(over.len().saturating_sub(1)))
         .map_or(f64::NAN, |&v| v as f64 / 1e6);
 
-    progress.step("64 vGPUs vs 1: throughput and memory");
-    // 5. Scale: throughput of 64 busy vGPUs vs 1 alone; memory per idle vGPU.
-    let one = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
-        &[(busy, Params::default())],
-    )?;
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let solo: u64 = one.finish()?.iter().sum();
-    let many = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
-        &[(busy, Params::default()); 64],
-    )?;
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let all: u64 = many.finish()?.iter().sum();
-    let scale64_ratio = all as f64 / solo.max(1) as f64;
+    progress.step("64 and 256 vGPUs vs 1 (three rounds): throughput and memory");
+    // 5. Scale: throughput of 64 and of 256 busy vGPUs vs 1 alone; memory per idle vGPU.
+    let jobs = |n: usize| -> Result<u64, String> {
+        let f = Fleet::start(
+            &scale_spec(args.gpu, n),
+            &vec![(busy, Params::default()); n],
+        )?;
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        Ok(f.finish()?.iter().sum())
+    };
+    // The host's speed drifts by several percent over seconds: three rounds of solo, 64 and
+    // 256 back to back, each ratio against its round's solo, medians.
+    let (mut r64, mut r256) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let solo = jobs(1)?.max(1) as f64;
+        r64.push(jobs(64)? as f64 / solo);
+        r256.push(jobs(256)? as f64 / solo);
+    }
+    let (scale64_ratio, scale256_ratio) = (median(&r64), median(&r256));
     let rss0 = rss_kib();
     let idle = Fleet::start(
-        &spec(args.gpu, Policy::EqualShare, Duration::from_millis(2)),
-        &[(Load::Idle, Params::default()); 64],
+        &scale_spec(args.gpu, 256),
+        &[(Load::Idle, Params::default()); 256],
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let rss1 = rss_kib();
     idle.finish()?;
-    let mem_per_vgpu_kib = rss1.saturating_sub(rss0) as f64 / 64.0;
+    let mem_per_vgpu_kib = rss1.saturating_sub(rss0) as f64 / 256.0;
 
     progress.step("context switch cost at 1, 2 and 10 ms slices");
     // 6. Context switch cost (scheduler handoff) at 1, 2 and 10 ms slices, 4 busy vGPUs.
@@ -590,6 +607,7 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
         utilization,
         overrun_p99_ms,
         scale64_ratio,
+        scale256_ratio,
         mem_per_vgpu_kib,
         switch_us: SwitchUs {
             ms1: sw[0],
@@ -618,8 +636,9 @@ pub fn run(args: SchedArgs) -> Result<(), String> {
             r.overrun_p99_ms
         );
         println!(
-            "  64 vGPUs vs 1: throughput ratio {:.3}; host memory per idle vGPU {:.0} KiB",
-            r.scale64_ratio, r.mem_per_vgpu_kib
+            "  64 and 256 vGPUs vs 1: throughput ratio {:.3} and {:.3}; host memory per idle \
+             vGPU {:.0} KiB",
+            r.scale64_ratio, r.scale256_ratio, r.mem_per_vgpu_kib
         );
         println!(
             "  switch (handoff) median µs: 1 ms {:.1}, 2 ms {:.1}, 10 ms {:.1}",

@@ -475,6 +475,10 @@ impl PciDevice for UserDevice {
         lock(&self.local).config.bar_mappings()
     }
 
+    fn bar_placements(&self) -> Vec<BarMapping> {
+        lock(&self.local).config.bar_placements()
+    }
+
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
         use vm_memory::MemoryRegionAddress;
         if bar != abi_pci::BAR_VRAM {

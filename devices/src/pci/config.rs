@@ -255,6 +255,11 @@ impl PciConfiguration {
         if self.command() & COMMAND_MEMORY == 0 {
             return Vec::new();
         }
+        self.bar_placements()
+    }
+
+    /// The BARs as programmed (not at 0), whether or not memory decoding is on.
+    pub fn bar_placements(&self) -> Vec<BarMapping> {
         (0..NUM_BARS)
             .filter_map(|bar| {
                 let b = self.bars[bar]?;

@@ -107,6 +107,13 @@ pub trait PciDevice: Send {
     /// The BARs that decode right now ([`PciConfiguration::bar_mappings`]).
     fn bar_mappings(&self) -> Vec<BarMapping>;
 
+    /// The BARs as programmed, decoding or not ([`PciConfiguration::bar_placements`]): the
+    /// root maps memory BARs ([`PciDevice::bar_memory`]) there before the guest enables
+    /// decoding. The default, [`PciDevice::bar_mappings`], maps them when it does.
+    fn bar_placements(&self) -> Vec<BarMapping> {
+        self.bar_mappings()
+    }
+
     /// If BAR `bar` is plain memory (a VRAM aperture), its host mapping: the root then maps it
     /// straight into the guest through its [`GuestMapper`] and guest accesses never exit.
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
@@ -146,6 +153,10 @@ pub trait PciDeviceSync: Send + Sync {
     fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]);
     /// See [`PciDevice::bar_mappings`].
     fn bar_mappings(&self) -> Vec<BarMapping>;
+    /// See [`PciDevice::bar_placements`].
+    fn bar_placements(&self) -> Vec<BarMapping> {
+        self.bar_mappings()
+    }
     /// See [`PciDevice::bar_memory`].
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
         let _ = bar;

@@ -36,6 +36,14 @@ pub enum PciRootError {
         #[source]
         source: BusError,
     },
+    /// A BAR would decode over another function's BAR.
+    #[error("BAR {bar} of device {slot} overlaps another device's BAR")]
+    Overlap {
+        /// Slot.
+        slot: u8,
+        /// BAR.
+        bar: usize,
+    },
     /// A memory BAR could not be mapped into the guest.
     #[error("cannot map memory BAR {bar} of device {slot}")]
     MapMemory {
@@ -80,6 +88,12 @@ impl Function {
             Function::Sync(d) => d.bar_mappings(),
         }
     }
+    fn bar_placements(&self) -> Vec<BarMapping> {
+        match self {
+            Function::Locked(d) => lock(d).bar_placements(),
+            Function::Sync(d) => d.bar_placements(),
+        }
+    }
     fn bar_memory(&self, bar: usize) -> Option<super::HostMemory> {
         match self {
             Function::Locked(d) => lock(d).bar_memory(bar),
@@ -118,7 +132,16 @@ impl BusDeviceSync for BarWindow {
 struct Slot {
     dev: Function,
     windows: Vec<Arc<dyn BusDeviceSync>>,
+    /// What is on the MMIO bus or in the guest mapper because it decodes now.
     mapped: Vec<BarMapping>,
+    /// Memory BARs left in the guest mapper where they last were (or were placed) while they
+    /// do not decode (see [`PciRoot::sync_bars`]).
+    parked: Vec<BarMapping>,
+}
+
+/// Whether two BARs share an address.
+fn overlap(a: &BarMapping, b: &BarMapping) -> bool {
+    a.addr < b.addr.saturating_add(b.size) && b.addr < a.addr.saturating_add(a.size)
 }
 
 /// See the module documentation.
@@ -196,9 +219,61 @@ impl PciRoot {
                 dev,
                 windows,
                 mapped: Vec::new(),
+                parked: Vec::new(),
             },
         );
+        self.park_placements(slot);
         self.sync_bars(slot)
+    }
+
+    /// Whether `m` is a memory BAR that the guest mapper maps (rather than a trapped one).
+    fn is_memory(&self, dev: &Function, m: &BarMapping) -> bool {
+        self.mapper.is_some() && dev.bar_memory(m.bar).is_some()
+    }
+
+    /// Maps `slot`'s memory BARs where they are programmed before the guest enables decoding
+    /// (the way Cloud Hypervisor maps BAR memory at device creation): a memory slot costs
+    /// milliseconds on some KVM hosts, and the guest would otherwise pay it on the way to its
+    /// first GPU command. One that overlaps anything mapped waits for decoding.
+    fn park_placements(&mut self, slot: u8) {
+        let Some(dev) = self.slots.get(&slot).map(|s| s.dev.clone()) else {
+            return;
+        };
+        for m in dev.bar_placements() {
+            let taken = self
+                .slots
+                .values()
+                .flat_map(|s| s.mapped.iter().chain(&s.parked))
+                .any(|o| overlap(o, &m));
+            if taken || !self.in_window(&m) || !self.is_memory(&dev, &m) {
+                continue;
+            }
+            match self.map_bar(slot, &dev, &m) {
+                Ok(()) => {
+                    if let Some(s) = self.slots.get_mut(&slot) {
+                        s.parked.push(m);
+                    }
+                }
+                Err(e) => tracing::warn!("memory BAR not mapped ahead of decoding: {e}"),
+            }
+        }
+    }
+
+    /// Unmaps the parked memory BARs of functions other than `slot` that `wanted` overlaps.
+    fn evict_parked(&mut self, slot: u8, wanted: &[BarMapping]) {
+        let Some(mapper) = self.mapper.clone() else {
+            return;
+        };
+        for (&other, s) in self.slots.iter_mut().filter(|(k, _)| **k != slot) {
+            s.parked.retain(|p| {
+                let keep = !wanted.iter().any(|w| overlap(w, p));
+                if !keep {
+                    tracing::debug!(slot = other, ?p, "parked memory BAR evicted");
+                    mapper.unmap(p.addr);
+                }
+                keep
+            });
+        }
     }
 
     fn in_window(&self, m: &BarMapping) -> bool {
@@ -208,6 +283,13 @@ impl PciRoot {
     }
 
     /// Brings the MMIO bus (and the guest mapper) in line with what `slot`'s BARs decode now.
+    ///
+    /// A memory BAR that stops decoding (memory decoding turned off, or the BAR being sized)
+    /// stays in the guest mapper where it was, parked: turning decoding back on at the same
+    /// address then costs nothing, where a KVM memory slot costs milliseconds on some hosts.
+    /// A parked BAR is moved when its BAR decodes elsewhere, and removed when any BAR that
+    /// decodes overlaps it. While parked the guest reads the device's memory there instead of
+    /// all-ones: its own memory, at an address the guest gave it.
     fn sync_bars(&mut self, slot: u8) -> Result<(), PciRootError> {
         let Some(s) = self.slots.get(&slot) else {
             return Ok(());
@@ -224,17 +306,51 @@ impl PciRoot {
                 ok
             })
             .collect();
-        let old = match self.slots.get_mut(&slot) {
-            Some(s) if s.mapped != wanted => std::mem::take(&mut s.mapped),
+        let (old, mut parked) = match self.slots.get_mut(&slot) {
+            Some(s) if s.mapped != wanted => {
+                (std::mem::take(&mut s.mapped), std::mem::take(&mut s.parked))
+            }
             _ => return Ok(()),
         };
+        self.evict_parked(slot, &wanted);
         for m in old.iter().filter(|m| !wanted.contains(m)) {
-            self.unmap_bar(&dev, m);
+            if self.is_memory(&dev, m) {
+                parked.push(*m);
+            } else {
+                self.unmap_bar(&dev, m);
+            }
         }
+        // This function's parked BARs under one that decodes now go, unless it is the same
+        // BAR at the same place (adopted below).
+        parked.retain(|p| {
+            let keep = wanted.contains(p) || !wanted.iter().any(|w| overlap(w, p));
+            if !keep {
+                self.unmap_bar(&dev, p);
+            }
+            keep
+        });
         let mut mapped: Vec<BarMapping> = old.into_iter().filter(|m| wanted.contains(m)).collect();
         let mut result = Ok(());
         let missing: Vec<BarMapping> = wanted.into_iter().filter(|m| !mapped.contains(m)).collect();
         for m in missing {
+            if let Some(i) = parked.iter().position(|p| *p == m) {
+                mapped.push(parked.swap_remove(i));
+                continue;
+            }
+            if let Some(i) = parked.iter().position(|p| p.bar == m.bar) {
+                let p = parked.swap_remove(i);
+                self.unmap_bar(&dev, &p);
+            }
+            // A memory slot would shadow another function's trapped BAR, and a trapped BAR
+            // would be shadowed by another's memory slot: refused, like overlapping traps.
+            let taken = self
+                .slots
+                .iter()
+                .any(|(&k, s)| k != slot && s.mapped.iter().any(|o| overlap(o, &m)));
+            if taken {
+                result = Err(PciRootError::Overlap { slot, bar: m.bar });
+                break;
+            }
             match self.map_bar(slot, &dev, &m) {
                 Ok(()) => mapped.push(m),
                 Err(e) => {
@@ -245,6 +361,7 @@ impl PciRoot {
         }
         if let Some(s) = self.slots.get_mut(&slot) {
             s.mapped = mapped;
+            s.parked = parked;
         }
         result
     }
@@ -526,6 +643,9 @@ mod tests {
         fn bar_mappings(&self) -> Vec<BarMapping> {
             self.config.bar_mappings()
         }
+        fn bar_placements(&self) -> Vec<BarMapping> {
+            self.config.bar_placements()
+        }
         fn bar_memory(&self, bar: usize) -> Option<crate::pci::HostMemory> {
             // SAFETY: the vector's buffer is this process's memory, allocated once and freed
             // only with the last clone of `memory`, which the handle holds.
@@ -546,17 +666,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn memory_bars_and_ioevents_follow_the_guest() {
-        let mmio = Arc::new(Bus::new());
-        let mapper = Arc::new(FakeMapper::default());
-        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
-            .with_guest_mapper(mapper.clone());
+    fn vram_device(bar0: u32, bar2: u32) -> Arc<Mutex<Vram>> {
         let mut config = PciConfiguration::new(PciHeader::for_tests());
         config
             .add_bar(
                 0,
-                0xc000_0000,
+                u64::from(bar0),
                 0x1000,
                 BarKind::Mmio32 {
                     prefetchable: false,
@@ -566,34 +681,97 @@ mod tests {
         config
             .add_bar(
                 2,
-                0xc800_0000,
+                u64::from(bar2),
                 0x10_0000,
                 BarKind::Mmio64 { prefetchable: true },
             )
             .unwrap();
-        let dev = Arc::new(Mutex::new(Vram {
+        Arc::new(Mutex::new(Vram {
             config,
             doorbell: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
             memory: std::sync::Arc::new(vec![0; 0x10_0000]),
-        }));
-        root.add_device(1, dev).unwrap();
+        }))
+    }
+
+    #[test]
+    fn memory_bars_and_ioevents_follow_the_guest() {
+        let mmio = Arc::new(Bus::new());
+        let mapper = Arc::new(FakeMapper::default());
+        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
+            .with_guest_mapper(mapper.clone());
+        root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
+            .unwrap();
+        let log = |m: &FakeMapper| std::mem::take(&mut *m.log.lock().unwrap());
+        assert_eq!(
+            log(&mapper),
+            ["map 0xc8000000 0x100000"],
+            "the memory BAR is mapped where it is placed, before decoding"
+        );
         write32(&mut root, 1, 1, 0x2);
+        assert_eq!(
+            log(&mapper),
+            ["ioevent 0xc0000100"],
+            "enabling decoding at the placed address costs no mapping"
+        );
         write32(&mut root, 1, 6, 0xc900_000c);
         write32(&mut root, 1, 1, 0x0);
-        let log = mapper.log.lock().unwrap().clone();
-        let want = [
-            "ioevent 0xc0000100",
-            "map 0xc8000000 0x100000",
-            "unmap 0xc8000000",
-            "map 0xc9000000 0x100000",
-            "noioevent 0xc0000100",
-            "unmap 0xc9000000",
-        ];
-        assert_eq!(log, want);
+        assert_eq!(
+            log(&mapper),
+            [
+                "unmap 0xc8000000",
+                "map 0xc9000000 0x100000",
+                "noioevent 0xc0000100",
+            ],
+            "a BAR moved while decoding moves; decoding off parks it"
+        );
+        // Sizing with decoding off, then back on at the same address: nothing moves.
+        write32(&mut root, 1, 6, u32::MAX);
+        write32(&mut root, 1, 6, 0xc900_000c);
+        write32(&mut root, 1, 1, 0x2);
+        assert_eq!(log(&mapper), ["ioevent 0xc0000100"]);
         let mut d = [0u8; 4];
         assert!(
             mmio.read(0xc800_0000, &mut d).is_err(),
             "memory BARs never trap"
         );
+    }
+
+    #[test]
+    fn a_bar_that_decodes_over_a_parked_one_evicts_it() {
+        let mmio = Arc::new(Bus::new());
+        let mapper = Arc::new(FakeMapper::default());
+        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
+            .with_guest_mapper(mapper.clone());
+        root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
+            .unwrap();
+        // A second device whose VRAM would overlap the first's is not mapped ahead.
+        root.add_device(2, vram_device(0xc010_0000, 0xc800_0000))
+            .unwrap();
+        assert_eq!(
+            std::mem::take(&mut *mapper.log.lock().unwrap()),
+            ["map 0xc8000000 0x100000"]
+        );
+        // The guest moves device 2's registers onto device 1's parked VRAM and enables them:
+        // the parked VRAM goes, so the registers trap instead of being shadowed.
+        write32(&mut root, 2, 4, 0xc800_0000);
+        write32(&mut root, 2, 6, 0xcc00_000c);
+        write32(&mut root, 2, 1, 0x2);
+        let log = std::mem::take(&mut *mapper.log.lock().unwrap());
+        assert_eq!(
+            log,
+            [
+                "unmap 0xc8000000",
+                "ioevent 0xc8000100",
+                "map 0xcc000000 0x100000"
+            ]
+        );
+        mmio.write(0xc800_0004, &[1]).unwrap();
+        // Device 1 enables decoding with its VRAM over device 2's registers: that BAR is
+        // refused (its registers still map), so device 2's registers still trap.
+        write32(&mut root, 1, 1, 0x2);
+        let log = std::mem::take(&mut *mapper.log.lock().unwrap());
+        assert_eq!(log, ["ioevent 0xc0000100"]);
+        let mut d = [0u8; 4];
+        mmio.read(0xc800_0004, &mut d).unwrap();
     }
 }

@@ -61,6 +61,10 @@ impl PciDeviceSync for Vgpu {
         self.shared.lock().config.bar_mappings()
     }
 
+    fn bar_placements(&self) -> Vec<BarMapping> {
+        self.shared.lock().config.bar_placements()
+    }
+
     fn bar_memory(&self, bar: usize) -> Option<HostMemory> {
         if bar != abi_pci::BAR_VRAM {
             return None;

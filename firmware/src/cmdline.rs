@@ -7,6 +7,8 @@
 //! | `mode`   | `fast`, `suppress`, `poll`, `trapped` (`run=bench-latency`) | `fast` |
 //! | `iters`  | `1`..=`100000` (`run=bench-latency`) | `1000` |
 //! | `gap_us` | `0`..=`1000000` (`run=bench-latency`: idle time before each round trip) | `0` |
+//! | `wait`   | `spin`, `block`, `hybrid` (how the benchmarks and `run=load` wait for a fence: spin on its memory word; block in the `WAIT` register; spin up to `spin_us`, then block) | `spin` for `run=bench-latency`, `hybrid` otherwise |
+//! | `spin_us` | `0`..=`10000` (`wait=hybrid`: longest spin before blocking) | `50` |
 //! | `kernel` | `sgemm`, `saxpy` (`run=bench-throughput`) | `sgemm` |
 //! | `size`   | `1`..=`268435456` (`run=bench-throughput`; sgemm: at most 4096) | `256` |
 //! | `batch`  | `1`..=`4095` (`run=bench-throughput`) | `8` |
@@ -72,6 +74,38 @@ impl Submit {
     }
 }
 
+/// How a benchmark (or `run=load`) waits for a fence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Spin on the fence word in memory (no exit; the vCPU stays busy).
+    Spin,
+    /// Block in the `WAIT` register (an exit; the vCPU thread sleeps).
+    Block,
+    /// Spin up to `spin_us`, then block.
+    Hybrid,
+}
+
+impl Wait {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Spin => "spin",
+            Self::Block => "block",
+            Self::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// `wait=` and `spin_us=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitOptions {
+    /// `None`: the mode's default.
+    pub how: Option<Wait>,
+    pub spin_us: u32,
+}
+
+/// Longest `spin_us=`.
+pub const MAX_SPIN_US: u32 = 10_000;
+
 /// The kernel `run=bench-throughput` dispatches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -124,6 +158,7 @@ pub struct LoadOptions {
     pub us: u64,
     /// SPIN_US workgroups (`None`: the kind's default).
     pub groups: Option<u64>,
+    pub wait: WaitOptions,
 }
 
 /// Most round trips `run=bench-latency` measures.
@@ -143,6 +178,7 @@ pub struct BenchOptions {
     pub kernel: Kernel,
     pub size: u64,
     pub batch: u32,
+    pub wait: WaitOptions,
 }
 
 /// Parsed options.
@@ -159,6 +195,11 @@ pub struct Options {
     pub load: LoadOptions,
 }
 
+const DEFAULT_WAIT: WaitOptions = WaitOptions {
+    how: None,
+    spin_us: 50,
+};
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -173,12 +214,14 @@ impl Default for Options {
                 kernel: Kernel::Sgemm,
                 size: 256,
                 batch: 8,
+                wait: DEFAULT_WAIT,
             },
             load: LoadOptions {
                 kind: LoadKind::Busy,
                 seconds: 2,
                 us: 250,
                 groups: None,
+                wait: DEFAULT_WAIT,
             },
         }
     }
@@ -269,6 +312,18 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             b"gap_us" => parse_dec(value, 0, 1_000_000)
                 .map(|n| b.gap_us = n as u32)
                 .is_some(),
+            b"wait" => {
+                let how = match value {
+                    b"spin" => Some(Wait::Spin),
+                    b"block" => Some(Wait::Block),
+                    b"hybrid" => Some(Wait::Hybrid),
+                    _ => None,
+                };
+                how.map(|w| b.wait.how = Some(w)).is_some()
+            }
+            b"spin_us" => parse_dec(value, 0, u64::from(MAX_SPIN_US))
+                .map(|n| b.wait.spin_us = n as u32)
+                .is_some(),
             b"kernel" => {
                 let kernel = match value {
                     b"sgemm" => Some(Kernel::Sgemm),
@@ -309,5 +364,6 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
             ignored(Ignored::InvalidValue(token));
         }
     }
+    opts.load.wait = opts.bench.wait;
     opts
 }

@@ -12,6 +12,8 @@
 #include <linux/bitops.h>
 #include <linux/err.h>
 #include <linux/jiffies.h>
+#include <linux/ktime.h>
+#include <linux/moduleparam.h>
 #include <linux/sched.h>
 #include <linux/string.h>
 #include <linux/slab.h>
@@ -537,6 +539,40 @@ static void tvgpu_ctx_poll(struct tvgpu_context *ctx)
 	spin_unlock_irqrestore(&ctx->vgpu->irq_lock, flags);
 }
 
+static unsigned int wait_spin_us = 50;
+module_param(wait_spin_us, uint, 0644);
+MODULE_PARM_DESC(wait_spin_us,
+		 "Spin on the fence word this long (µs) before sleeping on the fence interrupt (0: never spin)");
+
+/*
+ * Spins up to wait_spin_us on the context's fence word (written by the device before its
+ * fence interrupt: no exit to read it) until it reaches seqno; notes what it saw. A short job
+ * then completes without the interrupt's wake-up; a long one costs this much CPU, then the
+ * caller sleeps and leaves the CPU to others (on a small host, the GPU's own threads).
+ */
+static void tvgpu_ctx_spin(struct tvgpu_context *ctx, u64 seqno)
+{
+	u64 spin_ns = (u64)READ_ONCE(wait_spin_us) * NSEC_PER_USEC;
+	u64 end = ktime_get_ns() + spin_ns;
+	unsigned long flags;
+	u64 f;
+
+	if (!spin_ns)
+		return;
+	do {
+		f = tvgpu_mem_rd64(ctx->fence, 0);
+		if (f >= seqno)
+			break;
+		cpu_relax();
+	} while (ktime_get_ns() < end && !need_resched());
+	/* Reads of the results must not pass the read of the fence. */
+	rmb();
+	spin_lock_irqsave(&ctx->vgpu->irq_lock, flags);
+	if (f > ctx->completed)
+		ctx->completed = f;
+	spin_unlock_irqrestore(&ctx->vgpu->irq_lock, flags);
+}
+
 /*
  * Waits until seqno completed: 0; -ETIME after timeout_ns (< 0: none); -EIO if the context
  * stopped on a fault first; -ECANCELED if a recovery dropped it (one of the last few); -EINTR on a signal
@@ -552,6 +588,8 @@ int tvgpu_ctx_wait(struct tvgpu_context *ctx, u64 seqno, s64 timeout_ns, bool in
 		return -EINVAL;
 	if (!forever)
 		end = jiffies + nsecs_to_jiffies(timeout_ns);
+	if (timeout_ns && !tvgpu_ctx_settled(ctx, seqno, &res))
+		tvgpu_ctx_spin(ctx, seqno);
 	for (;;) {
 		long slice = TVGPU_POLL_SLICE, r;
 

@@ -1,8 +1,10 @@
-//! `run=bench-latency mode=fast|poll|trapped iters=N`: N submit → fence
-//! round trips of one FENCE packet each, timed with the TSC, the TSC
-//! calibrated against the GPU clock (`TIMESTAMP`, ns) over the whole run.
+//! `run=bench-latency mode=fast|suppress|poll|trapped [wait=spin|block|hybrid] iters=N`: N
+//! submit → fence round trips of one FENCE packet each, timed with the TSC,
+//! the TSC calibrated against the GPU clock (`TIMESTAMP`, ns) over the whole
+//! run. The wait for each fence spins on it by default (`wait=`).
 //!
-//! Output: `bench latency mode=M iters=N p50_ns=X p99_ns=Y mean_ns=Z`.
+//! Output: `bench latency mode=M wait=W iters=N gap_us=G p50_ns=X p99_ns=Y
+//! mean_ns=Z doorbells=D`.
 
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
@@ -10,12 +12,12 @@ use core::mem::MaybeUninit;
 use vgpu_abi::{ctx_control, regs};
 
 use super::{
-    CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, finish, gpu_map_statics,
-    open_gpu, page, poke32, publish_tail, rdtsc, spin_fence, start_ctx,
+    CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, SPIN_LIMIT_NS, STATIC_RING_ENTRIES, Waiter,
+    clock_pair, finish, gpu_map_statics, open_gpu, page, poke32, publish_tail, rdtsc, start_ctx,
 };
-use crate::cmdline::{BenchOptions, MAX_ITERS, Submit};
+use crate::cmdline::{BenchOptions, MAX_ITERS, Submit, Wait};
 use crate::conformance::Fail;
-use crate::conformance::driver::{Gpu, fence};
+use crate::conformance::driver::fence;
 use crate::serial::fw_println;
 
 /// Unmeasured round trips first (device threads awake, caches and TLBs warm).
@@ -32,26 +34,6 @@ unsafe impl Sync for Samples {}
 
 #[unsafe(link_section = ".noinit.bench_samples")]
 static SAMPLES: Samples = Samples(UnsafeCell::new(MaybeUninit::uninit()));
-
-/// A TSC reading paired with the GPU clock.
-#[derive(Clone, Copy)]
-struct ClockPair {
-    tsc: u64,
-    ns: u64,
-}
-
-/// Read `TIMESTAMP` (the `_LO` read latches the value) between two TSC
-/// reads; the pair's TSC is their midpoint.
-fn clock_pair(gpu: &Gpu) -> ClockPair {
-    let a = rdtsc();
-    let lo = gpu.rd(regs::TIMESTAMP_LO);
-    let b = rdtsc();
-    let hi = gpu.rd(regs::TIMESTAMP_HI);
-    ClockPair {
-        tsc: a + (b - a) / 2,
-        ns: u64::from(hi) << 32 | u64::from(lo),
-    }
-}
 
 /// `run=bench-latency`; returns the exit status.
 pub fn latency(o: &BenchOptions) -> u8 {
@@ -77,6 +59,8 @@ fn run(o: &BenchOptions) -> Result<(), Fail> {
         Submit::Trapped => (None, ctx_control::ENABLE),
     };
     start_ctx(&gpu, &ring, tail_shadow, control);
+    let waiter = Waiter::new(&gpu, o.wait, Wait::Spin);
+    gpu.wr(regs::WAIT_CTX, CTX);
 
     let mut value = 0u64;
     let mut doorbells = 0u64;
@@ -100,7 +84,9 @@ fn run(o: &BenchOptions) -> Result<(), Fail> {
                 false
             }
         };
-        spin_fence(&gpu, fence_va, value).map(|()| rang)
+        waiter
+            .wait(&gpu, fence_va, value, SPIN_LIMIT_NS)
+            .map(|()| rang)
     };
     for _ in 0..WARMUP {
         round_trip(&mut ring)?;
@@ -140,8 +126,10 @@ fn run(o: &BenchOptions) -> Result<(), Fail> {
     let ns = |ticks: u64| (u128::from(ticks) * u128::from(dns) / u128::from(dtsc)) as u64;
     let sum: u64 = samples.iter().map(|&t| u64::from(t)).sum();
     fw_println!(
-        "bench latency mode={} iters={n} gap_us={} p50_ns={} p99_ns={} mean_ns={} doorbells={}",
+        "bench latency mode={} wait={} iters={n} gap_us={} p50_ns={} p99_ns={} mean_ns={} \
+         doorbells={}",
         o.submit.name(),
+        waiter.how.name(),
         o.gap_us,
         ns(u64::from(samples[(n - 1) * 50 / 100])),
         ns(u64::from(samples[(n - 1) * 99 / 100])),

@@ -5,11 +5,13 @@
 //! The load is SPIN_US dispatches on context 0, each followed by a FENCE
 //! whose value counts the dispatches (fence n completes dispatch n), so the
 //! fence word in memory is the number of completed dispatches. Up to
-//! [`IN_FLIGHT`] dispatches are queued; the vCPU never spins: it blocks in the
-//! `WAIT` register, for the oldest fence when the queue is full, or for a
-//! fence value nothing will reach when it has nothing to do (each such read
-//! returns TIMEOUT after `WAIT_TIMEOUT_MS`, having burnt no guest CPU). On a
-//! host with few cores the GPU's engine threads need that CPU.
+//! [`IN_FLIGHT`] dispatches are queued; when the queue is full the vCPU spins
+//! on the oldest fence for at most `spin_us` (50 µs) and then blocks in the
+//! `WAIT` register; when it has nothing to do it blocks for a fence value
+//! nothing will reach (each such read returns TIMEOUT after
+//! `WAIT_TIMEOUT_MS`, having burnt no guest CPU). On a host with few cores
+//! the GPU's engine threads need that CPU. `wait=block` never spins,
+//! `wait=spin` never blocks.
 //!
 //! Time is the GPU clock (`TIMESTAMP`, ns). Output:
 //! `load kind=K jobs=N gpu_ns=T faults=0|1`.
@@ -20,10 +22,10 @@
 use vgpu_abi::{caps, ctx_control, ctx_status, kernel, regs, wait};
 
 use super::{
-    CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, gpu_map_statics,
+    CTX, FENCE_PAGE, RING_PAGE, Ring, SHADOW_OFFSET, STATIC_RING_ENTRIES, Waiter, gpu_map_statics,
     open_gpu, page, peek64, publish_tail, start_ctx,
 };
-use crate::cmdline::{LoadKind, LoadOptions};
+use crate::cmdline::{LoadKind, LoadOptions, Wait};
 use crate::conformance::Fail;
 use crate::conformance::driver::{Gpu, dispatch, fence};
 use crate::io::barrier;
@@ -57,7 +59,7 @@ pub fn load(o: &LoadOptions) -> u8 {
     if let Err(why) = gpu_map_statics() {
         return failed(why);
     }
-    let mut l = Load::start(&gpu, o.seconds);
+    let mut l = Load::start(&gpu, o);
     let outcome = l.run(o);
     let gpu_ns = gpu.timestamp().saturating_sub(l.t0);
     let faulted = gpu.ctx_rd(CTX, regs::CTX_STATUS) & ctx_status::FAULTED != 0;
@@ -96,12 +98,14 @@ struct Load<'g> {
     end: u64,
     /// The context suppresses doorbells the GPU does not need.
     suppress: bool,
+    /// How fences are waited for.
+    waiter: Waiter,
 }
 
 impl<'g> Load<'g> {
     /// Enable context [`CTX`] with the static ring (empty) and a tail shadow,
     /// point `WAIT` at it, and start the clock.
-    fn start(gpu: &'g Gpu, seconds: u32) -> Self {
+    fn start(gpu: &'g Gpu, o: &LoadOptions) -> Self {
         let fence_va = page(FENCE_PAGE);
         let shadow = fence_va + SHADOW_OFFSET;
         let ring = Ring {
@@ -119,8 +123,10 @@ impl<'g> Load<'g> {
         start_ctx(gpu, &ring, Some(shadow), control);
         // Only context 0 is ever waited for: WAIT_CTX is written once.
         gpu.wr(regs::WAIT_CTX, CTX);
+        let waiter = Waiter::new(gpu, o.wait, Wait::Hybrid);
         let t0 = gpu.timestamp();
         Self {
+            waiter,
             gpu,
             ring,
             fence_va,
@@ -128,7 +134,7 @@ impl<'g> Load<'g> {
             suppress,
             submitted: 0,
             t0,
-            end: t0 + u64::from(seconds) * NS_PER_S,
+            end: t0 + u64::from(o.seconds) * NS_PER_S,
         }
     }
 
@@ -205,10 +211,19 @@ impl<'g> Load<'g> {
         Ok(())
     }
 
-    /// Block in `WAIT` until fence `value` completed, reading it again while
-    /// it times out; a fault, a stopped context or no progress by
-    /// [`GRACE_NS`] after the planned end is an error.
+    /// Wait until fence `value` completed: spin on the fence word briefly
+    /// (`wait=hybrid`, the default; not at all with `wait=block`), then block
+    /// in `WAIT`, reading it again while it times out; a fault, a stopped
+    /// context or no progress by [`GRACE_NS`] after the planned end is an
+    /// error.
     fn wait_for(&self, value: u64) -> Result<(), Fail> {
+        if self.waiter.how == Wait::Spin {
+            let left = (self.end + GRACE_NS).saturating_sub(self.gpu.timestamp());
+            return self.waiter.wait(self.gpu, self.fence_va, value, left);
+        }
+        if self.waiter.how == Wait::Hybrid && self.waiter.spin_briefly(self.fence_va, value) {
+            return Ok(());
+        }
         self.gpu.wr(regs::WAIT_VALUE, value as u32);
         loop {
             match self.gpu.rd(regs::WAIT) {

@@ -25,8 +25,9 @@ mod throughput;
 
 use core::cell::UnsafeCell;
 
-use vgpu_abi::{Packet, ctx_status, packet, pci as abi_pci, pte, regs};
+use vgpu_abi::{Packet, ctx_status, packet, pci as abi_pci, pte, regs, wait};
 
+use crate::cmdline::{Wait, WaitOptions};
 use crate::conformance::Fail;
 use crate::conformance::driver::Gpu;
 use crate::io::barrier;
@@ -49,8 +50,10 @@ const GPU_MAP_LIMIT: u64 = 1 << 32;
 const L2_TABLES: usize = (GPU_MAP_LIMIT >> 30) as usize;
 /// Packets in the static ring.
 const STATIC_RING_ENTRIES: u32 = (PAGE / packet::PACKET_SIZE) as u32;
-/// GPU time a fence may take before a spinning wait gives up.
+/// GPU time a round trip's fence may take before its wait gives up.
 const SPIN_LIMIT_NS: u64 = 2_000_000_000;
+/// GPU time a batch's fence may take before its wait gives up.
+const BATCH_LIMIT_NS: u64 = 60_000_000_000;
 /// Spins between looks at the device (context state, GPU clock) in a spinning
 /// wait: a millisecond or more, so a normal round trip never pays for one.
 const SPINS_PER_CHECK: u32 = 1 << 16;
@@ -258,8 +261,8 @@ fn start_ctx(gpu: &Gpu, ring: &Ring, tail_shadow: Option<u64>, control: u32) {
 
 /// Spin at CPL3 until the u64 at `fence` holds `value`. Every
 /// [`SPINS_PER_CHECK`] spins it looks at the device and gives up when the
-/// context faulted or stopped, or after [`SPIN_LIMIT_NS`] of GPU time.
-fn spin_fence(gpu: &Gpu, fence: u64, value: u64) -> Result<(), Fail> {
+/// context faulted or stopped, or after `limit_ns` of GPU time.
+fn spin_fence(gpu: &Gpu, fence: u64, value: u64, limit_ns: u64) -> Result<(), Fail> {
     let mut spins: u32 = 0;
     let mut since = None;
     while peek64(fence) != value {
@@ -275,10 +278,10 @@ fn spin_fence(gpu: &Gpu, fence: u64, value: u64) -> Result<(), Fail> {
                     gpu.ctx_state(CTX)
                 )));
             }
-            if waited > SPIN_LIMIT_NS {
+            if waited > limit_ns {
                 return Err(Fail::new(format_args!(
                     "fence {value} not written within {} s ({})",
-                    SPIN_LIMIT_NS / 1_000_000_000,
+                    limit_ns / 1_000_000_000,
                     gpu.ctx_state(CTX)
                 )));
             }
@@ -286,6 +289,111 @@ fn spin_fence(gpu: &Gpu, fence: u64, value: u64) -> Result<(), Fail> {
     }
     barrier();
     Ok(())
+}
+
+/// A TSC reading paired with the GPU clock.
+#[derive(Clone, Copy)]
+struct ClockPair {
+    tsc: u64,
+    ns: u64,
+}
+
+/// Read `TIMESTAMP` (the `_LO` read latches the value) between two TSC
+/// reads; the pair's TSC is their midpoint.
+fn clock_pair(gpu: &Gpu) -> ClockPair {
+    let a = rdtsc();
+    let lo = gpu.rd(regs::TIMESTAMP_LO);
+    let b = rdtsc();
+    let hi = gpu.rd(regs::TIMESTAMP_HI);
+    ClockPair {
+        tsc: a + (b - a) / 2,
+        ns: u64::from(hi) << 32 | u64::from(lo),
+    }
+}
+
+/// How a mode waits for its fences ([`Wait`]), with the spin of
+/// [`Wait::Hybrid`] in TSC ticks.
+#[derive(Clone, Copy)]
+struct Waiter {
+    how: Wait,
+    spin_ticks: u64,
+}
+
+impl Waiter {
+    /// `o` (its `how`, else `default`); a hybrid wait measures the TSC
+    /// against the GPU clock over 1 ms to turn `spin_us` into ticks.
+    fn new(gpu: &Gpu, o: WaitOptions, default: Wait) -> Self {
+        let how = o.how.unwrap_or(default);
+        let spin_ticks = if how == Wait::Hybrid && o.spin_us > 0 {
+            let a = clock_pair(gpu);
+            let mut b = clock_pair(gpu);
+            while b.ns.saturating_sub(a.ns) < 1_000_000 {
+                b = clock_pair(gpu);
+            }
+            let per_us = (b.tsc - a.tsc) * 1000 / (b.ns - a.ns).max(1);
+            per_us.max(1) * u64::from(o.spin_us)
+        } else {
+            0
+        };
+        Waiter { how, spin_ticks }
+    }
+
+    /// Waits until the u64 at `fence` reaches `value` (fence values only
+    /// grow): spinning, blocking in `WAIT` for context [`CTX`] (`WAIT_CTX`
+    /// must name it), or spinning briefly first. Gives up after `limit_ns` of
+    /// GPU time, or when the context faulted or stopped.
+    fn wait(&self, gpu: &Gpu, fence: u64, value: u64, limit_ns: u64) -> Result<(), Fail> {
+        match self.how {
+            Wait::Spin => spin_fence(gpu, fence, value, limit_ns),
+            Wait::Hybrid if self.spin_briefly(fence, value) => Ok(()),
+            Wait::Block | Wait::Hybrid => block_fence(gpu, value, limit_ns),
+        }
+    }
+
+    /// Spins on the fence word for at most the hybrid spin; whether it
+    /// reached `value`.
+    fn spin_briefly(&self, fence: u64, value: u64) -> bool {
+        let t0 = rdtsc();
+        loop {
+            if peek64(fence) >= value {
+                barrier();
+                return true;
+            }
+            if rdtsc().wrapping_sub(t0) >= self.spin_ticks {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Blocks in the `WAIT` register until context [`CTX`] completed fence
+/// `value` (no guest CPU burnt), reading it again while it times out, for at
+/// most `limit_ns` of GPU time.
+fn block_fence(gpu: &Gpu, value: u64, limit_ns: u64) -> Result<(), Fail> {
+    gpu.wr(regs::WAIT_VALUE, value as u32);
+    let mut since = None;
+    loop {
+        match gpu.rd(regs::WAIT) {
+            wait::DONE => return Ok(()),
+            wait::TIMEOUT => {
+                let now = gpu.timestamp();
+                if now.saturating_sub(*since.get_or_insert(now)) > limit_ns {
+                    return Err(Fail::new(format_args!(
+                        "fence {value} not done after {} s ({})",
+                        limit_ns / 1_000_000_000,
+                        gpu.ctx_state(CTX)
+                    )));
+                }
+            }
+            r => {
+                return Err(Fail::new(format_args!(
+                    "fence {value}: WAIT returned {r} ({})",
+                    gpu.ctx_state(CTX)
+                )));
+            }
+        }
+    }
 }
 
 /// Report a benchmark's outcome; returns the exit status (0: it measured).
@@ -314,7 +422,7 @@ pub fn first_fence() -> u8 {
         let fence = page(FENCE_PAGE);
         ring.push(&crate::conformance::driver::fence(fence, 1, 0));
         gpu.ctx_wr(CTX, regs::CTX_RING_TAIL, ring.tail);
-        spin_fence(&gpu, fence, 1)
+        spin_fence(&gpu, fence, 1, SPIN_LIMIT_NS)
     })();
     if outcome.is_ok() {
         fw_println!("first-fence");

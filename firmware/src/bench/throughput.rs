@@ -1,32 +1,31 @@
-//! `run=bench-throughput kernel=sgemm|saxpy size=S batch=B`: B dispatches
-//! and a fence, timed with the GPU clock, waited for with the blocking `WAIT`
-//! register (a spinning vCPU would take CPU time from the GPU's engine
-//! threads on a small host).
+//! `run=bench-throughput kernel=sgemm|saxpy size=S batch=B [wait=...]`: B
+//! dispatches and a fence, timed with the GPU clock, waited for by default
+//! with a short spin and then the blocking `WAIT` register (a vCPU spinning
+//! all along, `wait=spin`, takes CPU time from the GPU's engine threads on a
+//! small host).
 //!
 //! The inputs match the host-side run of `tessera bench vgpu`: element i is
 //! `(i % 7) as f32` in A and B (sgemm, S×S each; C is S×S) or in x and y
 //! (saxpy, S elements, a = 2.0). Buffers are guest RAM from 4 MiB up,
 //! identity-mapped for the GPU with 2 MiB leaves.
 //!
-//! Output: `bench throughput kernel=K size=S batch=B ns=T`.
+//! Output: `bench throughput kernel=K size=S batch=B wait=W ns=T`.
 
-use vgpu_abi::{ctx_control, kernel, limits, packet, regs, wait};
+use vgpu_abi::{ctx_control, kernel, limits, packet, regs};
 
 use super::{
-    CTX, FENCE_PAGE, GPU_MAP_LIMIT, PAGE, PAGE_2M, Ring, finish, gpu_map, gpu_map_statics,
-    open_gpu, page,
+    BATCH_LIMIT_NS, CTX, FENCE_PAGE, GPU_MAP_LIMIT, PAGE, PAGE_2M, Ring, Waiter, finish, gpu_map,
+    gpu_map_statics, open_gpu, page,
 };
 use crate::arena::Arena;
-use crate::cmdline::{BenchOptions, Kernel};
+use crate::cmdline::{BenchOptions, Kernel, Wait};
 use crate::conformance::Fail;
-use crate::conformance::driver::{Gpu, dispatch, fence};
+use crate::conformance::driver::{dispatch, fence};
 use crate::pvh::StartInfo;
 use crate::serial::fw_println;
 
 /// Lowest RAM the buffers use (the firmware image ends below 2 MiB).
 const RAM_FLOOR: u64 = 4 << 20;
-/// `WAIT` reads (each at most `WAIT_TIMEOUT_MS`) before giving up: 60 s.
-const WAIT_TRIES: u32 = 60_000 / limits::WAIT_TIMEOUT_MS;
 
 /// `run=bench-throughput`; returns the exit status.
 pub fn throughput(info: Option<&StartInfo>, o: &BenchOptions) -> u8 {
@@ -71,30 +70,6 @@ fn init_f32(addr: u64, n: u64, zero: bool) {
     for (i, v) in s.iter_mut().enumerate() {
         *v = if zero { 0.0 } else { (i % 7) as f32 };
     }
-}
-
-/// Wait with the blocking `WAIT` register until context [`CTX`] completed
-/// fence `value` (no guest CPU burnt).
-fn wait_fence(gpu: &Gpu, value: u64) -> Result<(), Fail> {
-    gpu.wr(regs::WAIT_CTX, CTX);
-    gpu.wr(regs::WAIT_VALUE, value as u32);
-    for _ in 0..WAIT_TRIES {
-        match gpu.rd(regs::WAIT) {
-            wait::DONE => return Ok(()),
-            wait::TIMEOUT => {}
-            r => {
-                return Err(Fail::new(format_args!(
-                    "fence {value}: WAIT returned {r} ({})",
-                    gpu.ctx_state(CTX)
-                )));
-            }
-        }
-    }
-    Err(Fail::new(format_args!(
-        "fence {value} not done after {} s ({})",
-        WAIT_TRIES * limits::WAIT_TIMEOUT_MS / 1000,
-        gpu.ctx_state(CTX)
-    )))
 }
 
 fn run(info: Option<&StartInfo>, o: &BenchOptions) -> Result<(), Fail> {
@@ -152,12 +127,14 @@ fn run(info: Option<&StartInfo>, o: &BenchOptions) -> Result<(), Fail> {
     };
     super::start_ctx(&gpu, &ring, None, ctx_control::ENABLE);
     let fence_va = page(FENCE_PAGE);
+    let waiter = Waiter::new(&gpu, o.wait, Wait::Hybrid);
+    gpu.wr(regs::WAIT_CTX, CTX);
 
     // Warm-up: one dispatch (page walks, engine threads awake).
     ring.push(&packet);
     ring.push(&fence(fence_va, 1, 0));
     gpu.ctx_wr(CTX, regs::CTX_RING_TAIL, ring.tail);
-    wait_fence(&gpu, 1)?;
+    waiter.wait(&gpu, fence_va, 1, BATCH_LIMIT_NS)?;
 
     let t0 = gpu.timestamp();
     for _ in 0..o.batch {
@@ -165,12 +142,13 @@ fn run(info: Option<&StartInfo>, o: &BenchOptions) -> Result<(), Fail> {
     }
     ring.push(&fence(fence_va, 2, 0));
     gpu.ctx_wr(CTX, regs::CTX_RING_TAIL, ring.tail);
-    wait_fence(&gpu, 2)?;
+    waiter.wait(&gpu, fence_va, 2, BATCH_LIMIT_NS)?;
     let t1 = gpu.timestamp();
     fw_println!(
-        "bench throughput kernel={} size={s} batch={} ns={}",
+        "bench throughput kernel={} size={s} batch={} wait={} ns={}",
         o.kernel.name(),
         o.batch,
+        waiter.how.name(),
         t1.saturating_sub(t0)
     );
     Ok(())

@@ -7,8 +7,9 @@
 //! are reported.
 //!
 //! The firmware prints one result line per benchmark (see firmware/README.md):
-//! `tessera-fw: bench latency mode=M iters=N p50_ns=X p99_ns=Y`,
-//! `tessera-fw: bench throughput kernel=K size=S batch=B ns=T` and `tessera-fw: first-fence`.
+//! `tessera-fw: bench latency mode=M wait=W iters=N gap_us=G p50_ns=X p99_ns=Y mean_ns=Z
+//! doorbells=D`, `tessera-fw: bench throughput kernel=K size=S batch=B wait=W ns=T` and
+//! `tessera-fw: first-fence`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -67,6 +68,9 @@ struct VfioReport {
     fast_p99_us: f64,
     poll_p50_us: f64,
     trapped_p50_us: f64,
+    suppress_p50_us: f64,
+    suppress_doorbells_per_submit: f64,
+    hybrid_p50_us: f64,
     sgemm_guest_ms: f64,
     saxpy_guest_ms: f64,
     start_to_first_fence_ms: f64,
@@ -92,6 +96,11 @@ struct Report {
     /// and in the second after that (ns).
     poll_cpu_idle_percent: f64,
     poll_ns_after_window: u64,
+    /// The guest waits for the fence in the `WAIT` register (an exit, the vCPU thread
+    /// sleeps), or spins up to 50 µs first (hybrid: the default of the firmware's
+    /// throughput and load modes).
+    block_p50_us: f64,
+    hybrid_p50_us: f64,
     poll_p50_us: f64,
     poll_p99_us: f64,
     trapped_p50_us: f64,
@@ -99,6 +108,8 @@ struct Report {
     fast_over_trapped: f64,
     poll_over_trapped: f64,
     sgemm_guest_ms: f64,
+    /// The same batch with the vCPU spinning on the fence all along.
+    sgemm_guest_spin_ms: f64,
     sgemm_native_ms: f64,
     saxpy_guest_ms: f64,
     saxpy_native_ms: f64,
@@ -140,18 +151,24 @@ impl Series {
         // Back to back, and (`_idle`) with 2 ms of idleness before each round trip: the
         // command processor's polling window has closed, so it sleeps until the doorbell.
         let idle_iters = (iters / 10).max(20);
-        for (key, mode, gap_us, n) in [
-            ("fast", "fast", 0, iters),
-            ("suppress", "suppress", 0, iters),
-            ("fast_idle", "fast", IDLE_GAP_US, idle_iters),
-            ("suppress_idle", "suppress", IDLE_GAP_US, idle_iters),
-            ("poll", "poll", 0, iters),
-            ("trapped", "trapped", 0, iters),
+        // The guest waits for each fence spinning on it, except in `block` (the `WAIT`
+        // register only) and `hybrid` (a 50 µs spin, then `WAIT`).
+        for (key, mode, wait, gap_us, n) in [
+            ("fast", "fast", "spin", 0, iters),
+            ("suppress", "suppress", "spin", 0, iters),
+            ("fast_idle", "fast", "spin", IDLE_GAP_US, idle_iters),
+            ("suppress_idle", "suppress", "spin", IDLE_GAP_US, idle_iters),
+            ("poll", "poll", "spin", 0, iters),
+            ("trapped", "trapped", "spin", 0, iters),
+            ("block", "fast", "block", 0, iters),
+            ("hybrid", "fast", "hybrid", 0, iters),
         ] {
             let (f, _) = firmware_line(
                 fw,
                 device,
-                &format!("run=bench-latency mode={mode} iters={n} gap_us={gap_us}"),
+                &format!(
+                    "run=bench-latency mode={mode} wait={wait} iters={n} gap_us={gap_us}"
+                ),
                 "bench latency",
             )?;
             let e = self.lat.entry(key).or_default();
@@ -162,18 +179,24 @@ impl Series {
                 .or_default()
                 .push(field(&f, "doorbells")? / f64::from(n));
         }
-        for w in [SGEMM, SAXPY] {
+        // The throughput runs wait the default way (a short spin, then `WAIT`); `sgemm_spin`
+        // spins for the whole batch, a vCPU competing with the engines for the host's CPUs.
+        for (key, w, wait) in [
+            ("sgemm", SGEMM, "hybrid"),
+            ("saxpy", SAXPY, "hybrid"),
+            ("sgemm_spin", SGEMM, "spin"),
+        ] {
             let (f, _) = firmware_line(
                 fw,
                 device,
                 &format!(
-                    "run=bench-throughput kernel={} size={} batch={}",
+                    "run=bench-throughput kernel={} size={} batch={} wait={wait}",
                     w.0, w.1, w.2
                 ),
                 "bench throughput",
             )?;
             self.guest
-                .entry(w.0)
+                .entry(key)
                 .or_default()
                 .push(field(&f, "ns")? / 1e6);
         }
@@ -458,6 +481,9 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             fast_p99_us: vfast.1,
             poll_p50_us: remote.lat("poll").0,
             trapped_p50_us: remote.lat("trapped").0,
+            suppress_p50_us: remote.lat("suppress").0,
+            suppress_doorbells_per_submit: remote.doorbells("suppress"),
+            hybrid_p50_us: remote.lat("hybrid").0,
             sgemm_guest_ms: remote.guest("sgemm"),
             saxpy_guest_ms: remote.guest("saxpy"),
             start_to_first_fence_ms: remote.first(),
@@ -477,6 +503,8 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         suppress_idle_doorbells_per_submit: local.doorbells("suppress_idle"),
         poll_cpu_idle_percent,
         poll_ns_after_window,
+        block_p50_us: local.lat("block").0,
+        hybrid_p50_us: local.lat("hybrid").0,
         poll_p50_us: poll.0,
         poll_p99_us: poll.1,
         trapped_p50_us: trapped.0,
@@ -484,6 +512,7 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         fast_over_trapped: fast.0 / trapped.0,
         poll_over_trapped: poll.0 / trapped.0,
         sgemm_guest_ms: g("sgemm"),
+        sgemm_guest_spin_ms: g("sgemm_spin"),
         sgemm_native_ms: n("sgemm"),
         saxpy_guest_ms: g("saxpy"),
         saxpy_native_ms: n("saxpy"),
@@ -510,6 +539,8 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             ),
             ("  host polling (no exit)", poll),
             ("  trapped (BAR0 tail write)", trapped),
+            ("  fast, waiting in WAIT", local.lat("block")),
+            ("  fast, 50 µs spin then WAIT", local.lat("hybrid")),
         ] {
             println!("{name:<32}{:>8.1}{:>9.1}", v.0, v.1);
         }
@@ -534,6 +565,10 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             "  saxpy {} ×{}{:>20.2}{:>9.2}",
             SAXPY.1, SAXPY.2, r.saxpy_guest_ms, r.saxpy_native_ms
         );
+        println!(
+            "  sgemm with the vCPU spinning on the fence{:>8.2}",
+            r.sgemm_guest_spin_ms
+        );
         println!("  guest ÷ native throughput {:.3}", r.guest_over_native);
         println!(
             "VM start → first fence: {:.2} ms",
@@ -542,8 +577,14 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         if let Some(v) = &r.vfio_user {
             println!("over vfio-user (separate server process), same runs:");
             println!(
-                "  round trip p50 (µs): fast {:.1}, polling {:.1}, trapped {:.1}",
-                v.fast_p50_us, v.poll_p50_us, v.trapped_p50_us
+                "  round trip p50 (µs): fast {:.1}, suppression {:.1} ({:.3} doorbells per \
+                 submission), polling {:.1}, trapped {:.1}, spin then WAIT {:.1}",
+                v.fast_p50_us,
+                v.suppress_p50_us,
+                v.suppress_doorbells_per_submit,
+                v.poll_p50_us,
+                v.trapped_p50_us,
+                v.hybrid_p50_us
             );
             println!(
                 "  sgemm {:.2} ms, saxpy {:.2} ms per batch; start → first fence {:.2} ms",

@@ -166,9 +166,7 @@ impl Series {
             let (f, _) = firmware_line(
                 fw,
                 device,
-                &format!(
-                    "run=bench-latency mode={mode} wait={wait} iters={n} gap_us={gap_us}"
-                ),
+                &format!("run=bench-latency mode={mode} wait={wait} iters={n} gap_us={gap_us}"),
                 "bench latency",
             )?;
             let e = self.lat.entry(key).or_default();

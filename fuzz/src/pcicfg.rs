@@ -9,9 +9,9 @@
 //! Invariants: no panic; ids, class, subsystem and BAR type bits never change; BAR sizing
 //! reads back the size mask; the capability list stays well formed; absent functions read
 //! all ones; the MMIO bus and the mapper hold exactly the BARs that decode inside the windows
-//! (nothing else, never outside; the VRAM BAR may stay parked, mapped where it last was, while
-//! it does not decode, never over live registers), with no double map and no unmap of
-//! something not mapped.
+//! (nothing else, never outside; before it first decodes, the VRAM BAR may be mapped where it
+//! was placed, never over live registers), with no double map and no unmap of something not
+//! mapped.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -347,8 +347,8 @@ impl Fixture {
                 "VRAM BAR mappings (BAR2 at {a2:#x}, decode {decoding})"
             );
         } else {
-            // Not decoding, the VRAM may stay parked where it last decoded (or where it was
-            // placed): one mapping of the whole VRAM at most, never over live registers.
+            // Not decoding, the VRAM may still be mapped where the root placed it before it
+            // ever decoded: one mapping of the whole VRAM at most, never over live registers.
             assert!(maps.len() <= 1, "VRAM mapped twice: {maps:x?}");
             for (&a, &l) in &maps {
                 assert_eq!(l, VRAM_SIZE, "parked VRAM at {a:#x}");

@@ -134,8 +134,8 @@ struct Slot {
     windows: Vec<Arc<dyn BusDeviceSync>>,
     /// What is on the MMIO bus or in the guest mapper because it decodes now.
     mapped: Vec<BarMapping>,
-    /// Memory BARs left in the guest mapper where they last were (or were placed) while they
-    /// do not decode (see [`PciRoot::sync_bars`]).
+    /// Memory BARs mapped where the VMM placed them before they ever decoded (see
+    /// [`PciRoot::park_placements`]).
     parked: Vec<BarMapping>,
 }
 
@@ -231,10 +231,12 @@ impl PciRoot {
         self.mapper.is_some() && dev.bar_memory(m.bar).is_some()
     }
 
-    /// Maps `slot`'s memory BARs where they are programmed before the guest enables decoding
-    /// (the way Cloud Hypervisor maps BAR memory at device creation): a memory slot costs
-    /// milliseconds on some KVM hosts, and the guest would otherwise pay it on the way to its
-    /// first GPU command. One that overlaps anything mapped waits for decoding.
+    /// Maps `slot`'s memory BARs where they are programmed, before the guest first enables
+    /// decoding (Cloud Hypervisor maps BAR memory at device creation too): a memory slot
+    /// added while vCPUs run costs milliseconds on some KVM hosts, and the guest would pay it
+    /// on the way to its first GPU command. One that overlaps anything mapped waits for
+    /// decoding. Until the guest first enables decoding, it reads the device's memory there
+    /// instead of all ones.
     fn park_placements(&mut self, slot: u8) {
         let Some(dev) = self.slots.get(&slot).map(|s| s.dev.clone()) else {
             return;
@@ -284,12 +286,10 @@ impl PciRoot {
 
     /// Brings the MMIO bus (and the guest mapper) in line with what `slot`'s BARs decode now.
     ///
-    /// A memory BAR that stops decoding (memory decoding turned off, or the BAR being sized)
-    /// stays in the guest mapper where it was, parked: turning decoding back on at the same
-    /// address then costs nothing, where a KVM memory slot costs milliseconds on some hosts.
-    /// A parked BAR is moved when its BAR decodes elsewhere, and removed when any BAR that
-    /// decodes overlaps it. While parked the guest reads the device's memory there instead of
-    /// all-ones: its own memory, at an address the guest gave it.
+    /// A memory BAR mapped ahead ([`PciRoot::park_placements`]) is adopted when it first
+    /// decodes where it was placed (no mapping call), moved when it first decodes elsewhere,
+    /// and removed when any BAR that decodes overlaps it. From then on the BAR follows the
+    /// decode bit strictly: decoding off unmaps it.
     fn sync_bars(&mut self, slot: u8) -> Result<(), PciRootError> {
         let Some(s) = self.slots.get(&slot) else {
             return Ok(());
@@ -314,11 +314,7 @@ impl PciRoot {
         };
         self.evict_parked(slot, &wanted);
         for m in old.iter().filter(|m| !wanted.contains(m)) {
-            if self.is_memory(&dev, m) {
-                parked.push(*m);
-            } else {
-                self.unmap_bar(&dev, m);
-            }
+            self.unmap_bar(&dev, m);
         }
         // This function's parked BARs under one that decodes now go, unless it is the same
         // BAR at the same place (adopted below).
@@ -721,14 +717,15 @@ mod tests {
                 "unmap 0xc8000000",
                 "map 0xc9000000 0x100000",
                 "noioevent 0xc0000100",
+                "unmap 0xc9000000",
             ],
-            "a BAR moved while decoding moves; decoding off parks it"
+            "a BAR moved while decoding moves; once it has decoded, decoding off unmaps it"
         );
-        // Sizing with decoding off, then back on at the same address: nothing moves.
-        write32(&mut root, 1, 6, u32::MAX);
-        write32(&mut root, 1, 6, 0xc900_000c);
         write32(&mut root, 1, 1, 0x2);
-        assert_eq!(log(&mapper), ["ioevent 0xc0000100"]);
+        assert_eq!(
+            log(&mapper),
+            ["ioevent 0xc0000100", "map 0xc9000000 0x100000"]
+        );
         let mut d = [0u8; 4];
         assert!(
             mmio.read(0xc800_0000, &mut d).is_err(),

@@ -372,12 +372,24 @@ impl Server {
         s
     }
 
-    /// Waits until the control socket accepts connections (the server is ready) or the
-    /// server exits.
+    /// Waits until the control socket answers a request (the server is ready: it serves the
+    /// control socket only once the instances of `--create` exist) or the server exits.
     fn wait_ready(&mut self, timeout: Duration) {
         let sock = self.dir.join("control.sock");
         let deadline = Instant::now() + timeout;
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        let answers = || -> std::io::Result<()> {
+            use std::io::{BufRead, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&sock)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(b"{\"op\":\"version\"}\n")?;
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line)?;
+            if line.is_empty() {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(())
+        };
+        while answers().is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("tessera serve exited with {status}: {}", self.log());
             }

@@ -94,7 +94,7 @@ impl DmaBudget {
     }
 
     /// Takes `size` bytes and one region for a client that already holds `held` bytes.
-    fn charge(self: &Arc<Self>, size: u64, held: u64) -> std::io::Result<Charge> {
+    pub(crate) fn charge(self: &Arc<Self>, size: u64, held: u64) -> std::io::Result<Charge> {
         if held.saturating_add(size) > self.per_client {
             return Err(einval(format_args!(
                 "DMA region of {size:#x} bytes would take this client past its limit of \
@@ -131,7 +131,7 @@ impl DmaBudget {
 
 /// Bytes and a region taken from a [`DmaBudget`], given back on drop.
 #[derive(Debug)]
-struct Charge {
+pub(crate) struct Charge {
     budget: Arc<DmaBudget>,
     size: u64,
 }

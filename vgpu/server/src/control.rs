@@ -114,6 +114,9 @@ pub struct InstanceInfo {
     pub cap: u32,
     /// Its vfio-user socket.
     pub socket: PathBuf,
+    /// Its session socket (`TESSERA_DEVICE=unix:PATH` for a session client).
+    #[serde(default)]
+    pub session_socket: PathBuf,
     /// The user whose VMM may attach (root always may).
     pub owner: u32,
     /// The connected client's process and user, once it has made a device access.

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::attach::{self, Attachment, DmaBudget, EventVectors};
 use crate::control::InstanceInfo;
+use crate::session::SessionServer;
 use crate::{lock, peer};
 use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
 use vgpu::physical::{Lease, VgpuStats};
@@ -76,26 +77,28 @@ impl Instance {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.info.socket);
+        let _ = std::fs::remove_file(&self.info.session_socket);
     }
 }
 
 /// Waits until `fd` is readable (`true`) or `stop` is signalled (`false`).
 pub(crate) fn wait_readable(fd: i32, stop: &EventFd) -> std::io::Result<bool> {
+    Ok(wait_any(&[fd], stop)?.is_some())
+}
+
+/// Waits until one of `fds` is readable (its index) or `stop` is signalled (`None`).
+pub(crate) fn wait_any(fds: &[i32], stop: &EventFd) -> std::io::Result<Option<usize>> {
+    let mut polled: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
+        .chain(fds.iter().copied())
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: `polled` is a valid array of pollfd, of this length, for the call.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -103,11 +106,11 @@ pub(crate) fn wait_readable(fd: i32, stop: &EventFd) -> std::io::Result<bool> {
             }
             return Err(e);
         }
-        if fds[1].revents != 0 {
-            return Ok(false);
+        if polled[0].revents != 0 {
+            return Ok(None);
         }
-        if fds[0].revents != 0 {
-            return Ok(true);
+        if let Some(i) = polled[1..].iter().position(|p| p.revents != 0) {
+            return Ok(Some(i));
         }
     }
 }
@@ -119,6 +122,8 @@ pub(crate) struct InstanceWorker {
     pub(crate) params: Params,
     pub(crate) lease: Lease,
     pub(crate) listener: UnixListener,
+    /// Its session socket (`vgpu_session` clients).
+    pub(crate) sessions: UnixListener,
     pub(crate) live: Arc<Live>,
     pub(crate) stop: Arc<EventFd>,
     pub(crate) require_sealed: bool,
@@ -130,17 +135,28 @@ pub(crate) struct InstanceWorker {
 
 impl InstanceWorker {
     pub(crate) fn run(self) {
-        let fd = self.listener.as_fd().as_raw_fd();
+        let fds = [
+            self.listener.as_fd().as_raw_fd(),
+            self.sessions.as_fd().as_raw_fd(),
+        ];
         loop {
-            match wait_readable(fd, &self.stop) {
-                Ok(true) => {}
-                Ok(false) => return,
+            let which = match wait_any(&fds, &self.stop) {
+                Ok(Some(i)) => i,
+                Ok(None) => return,
                 Err(e) => {
                     tracing::error!(name = self.name, "instance socket: {e}");
                     return;
                 }
-            }
+            };
             self.live.attached.store(true, Ordering::Release);
+            if which == 1 {
+                if let Err(e) = self.session_once() {
+                    tracing::error!(name = self.name, "cannot serve a session: {e}");
+                }
+                self.live.attachments.fetch_add(1, Ordering::AcqRel);
+                self.live.attached.store(false, Ordering::Release);
+                continue;
+            }
             if let Err(e) = self.attach_once() {
                 tracing::error!(name = self.name, "cannot serve a client: {e}");
                 // Refuse the waiting client rather than spin on it.
@@ -200,8 +216,59 @@ impl InstanceWorker {
                 "malformed accesses were ignored"
             );
         }
-        // Fold this attachment's counters into the totals before its vGPU goes away (both
-        // locks held, monitor first as readers take them, so no reader sees neither).
+        self.fold_counters();
+        // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
+        // file is punched, so a mapping the client kept reads zeros.
+        drop(att);
+        drop(server);
+        *lock(&self.live.peer) = None;
+        vram.scrub();
+        Ok(())
+    }
+
+    /// Serves one session client (`vgpu_session`) from connect to disconnect, on a fresh
+    /// vGPU and VRAM file as a VM would get.
+    fn session_once(&self) -> Result<(), String> {
+        let (sock, _) = self.sessions.accept().map_err(|e| e.to_string())?;
+        let peer = peer::of(sock.as_raw_fd()).ok_or("the session client has no credentials")?;
+        if peer.uid != self.owner && peer.uid != 0 {
+            tracing::warn!(
+                name = self.name,
+                uid = peer.uid,
+                pid = peer.pid,
+                "session refused: the instance belongs to uid {}",
+                self.owner
+            );
+            return Ok(());
+        }
+        *lock(&self.live.peer) = Some(peer);
+        let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
+        let vgpu = Vgpu::new(VgpuSetup {
+            sched_params: self.params,
+            watchdog: self.watchdog,
+            ..VgpuSetup::with_vram(&self.lease, vram.clone())
+        })
+        .map_err(|e| devices::error_chain(&e))?;
+        *lock(&self.live.monitor) = Some(vgpu.monitor());
+        tracing::info!(
+            name = self.name,
+            pid = peer.pid,
+            uid = peer.uid,
+            "session opened"
+        );
+        let served = SessionServer::new(&vgpu, &self.name, self.profile.name, self.budget.clone())
+            .map(|mut s| s.serve(&sock, &self.stop));
+        tracing::info!(name = self.name, "session closed");
+        self.fold_counters();
+        drop(vgpu);
+        *lock(&self.live.peer) = None;
+        vram.scrub();
+        served
+    }
+
+    /// Folds the ending attachment's counters into the totals before its vGPU goes away
+    /// (both locks held, monitor first as readers take them, so no reader sees neither).
+    fn fold_counters(&self) {
         let mut monitor = lock(&self.live.monitor);
         if let Some(m) = monitor.take() {
             let (s, dev) = (m.sched_stats(), m.counters());
@@ -212,13 +279,5 @@ impl InstanceWorker {
             t.resets += dev.2;
             t.poll_ns += m.poll_time().as_nanos() as u64;
         }
-        drop(monitor);
-        // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
-        // file is punched, so a mapping the client kept reads zeros.
-        drop(att);
-        drop(server);
-        *lock(&self.live.peer) = None;
-        vram.scrub();
-        Ok(())
     }
 }

@@ -17,6 +17,7 @@ mod instance;
 pub mod metrics;
 pub mod peer;
 pub mod remote;
+mod session;
 
 pub use control::InstanceInfo;
 use instance::{Instance, InstanceWorker, Live, wait_readable};
@@ -574,22 +575,15 @@ impl Daemon {
         }
         let lease = self.gpu.lease(profile, partition)?;
         let socket = self.opts.dir.join(format!("vgpu-{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let listener = bind_private(&socket)?;
-        if owner != me {
-            // Hand the socket to its user, and let that user (like everyone) pass through
-            // the directory, but not list or change it.
-            let handed = std::os::unix::fs::chown(&socket, Some(owner), None).and_then(|()| {
-                std::fs::set_permissions(&self.opts.dir, std::fs::Permissions::from_mode(0o711))
-            });
-            if let Err(e) = handed {
+        let session_socket = self.opts.dir.join(format!("vgpu-{name}.session"));
+        let listener = self.instance_socket(&socket, owner)?;
+        let sessions = match self.instance_socket(&session_socket, owner) {
+            Ok(l) => l,
+            Err(e) => {
                 let _ = std::fs::remove_file(&socket);
-                return Err(RequestError::Os {
-                    what: format!("hand the socket to uid {owner}"),
-                    source: e,
-                });
+                return Err(e);
             }
-        }
+        };
         let stop = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|source| RequestError::Os {
                 what: "create an eventfd".into(),
@@ -606,6 +600,7 @@ impl Daemon {
             weight: params.weight,
             cap: params.cap_percent,
             socket: socket.clone(),
+            session_socket: session_socket.clone(),
             owner,
             peer: None,
             attached: false,
@@ -617,6 +612,7 @@ impl Daemon {
             params,
             lease,
             listener,
+            sessions,
             live: live.clone(),
             stop: stop.clone(),
             require_sealed: self.opts.require_sealed,
@@ -630,6 +626,7 @@ impl Daemon {
             .spawn(move || worker.run())
             .map_err(|source| {
                 let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(&session_socket);
                 RequestError::Os {
                     what: "start the instance thread".into(),
                     source,
@@ -646,6 +643,27 @@ impl Daemon {
             },
         );
         Ok(info)
+    }
+
+    /// A private listener at `path` (mode 0600) that belongs to `owner`.
+    fn instance_socket(&self, path: &Path, owner: u32) -> Result<UnixListener, RequestError> {
+        let _ = std::fs::remove_file(path);
+        let listener = bind_private(path)?;
+        if owner != self.euid {
+            // Hand the socket to its user, and let that user (like everyone) pass through
+            // the directory, but not list or change it.
+            let handed = std::os::unix::fs::chown(path, Some(owner), None).and_then(|()| {
+                std::fs::set_permissions(&self.opts.dir, std::fs::Permissions::from_mode(0o711))
+            });
+            if let Err(e) = handed {
+                let _ = std::fs::remove_file(path);
+                return Err(RequestError::Os {
+                    what: format!("hand the socket to uid {owner}"),
+                    source: e,
+                });
+            }
+        }
+        Ok(listener)
     }
 
     /// Removes the idle instance named `key` (its name or UUID) and returns its name: its

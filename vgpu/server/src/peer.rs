@@ -69,26 +69,28 @@ pub fn connection(path: &Path) -> Option<(RawFd, Peer)> {
         if !local_path_is(fd, want) || sockopt_int(fd, libc::SO_ACCEPTCONN) != Some(0) {
             return None;
         }
-        // SAFETY: ucred is plain data; all zeroes is valid.
-        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0).then_some((
+        of(fd).map(|p| (fd, p))
+    })
+}
+
+/// The credentials of the peer of the connected socket `fd`.
+pub fn of(fd: RawFd) -> Option<Peer> {
+    // SAFETY: ucred is plain data; all zeroes is valid.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
             fd,
-            Peer {
-                pid: cred.pid,
-                uid: cred.uid,
-            },
-        ))
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
     })
 }
 

@@ -1,0 +1,362 @@
+//! GPU sessions without a VM (issue #21): a client process uses an instance of a real
+//! `tessera serve` (seccomp on) through its session socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use tessera_tests::Server;
+use vgpu_abi::fault;
+use vgpu_session::proto::{ErrorKind, Reply, Request};
+use vgpu_session::{Command, Session, SessionError, WaitResult};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn session(server: &Server, name: &str) -> Session {
+    Session::connect(&format!(
+        "unix:{}",
+        server.dir.join(format!("vgpu-{name}.session")).display()
+    ))
+    .expect("open a session")
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn refused(r: Result<impl std::fmt::Debug, SessionError>) -> (ErrorKind, String) {
+    match r {
+        Err(SessionError::Refused { kind, message }) => (kind, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_session_runs_every_kernel_bit_exactly_in_client_memory_and_vram() {
+    let server = Server::start("session-kernels", &["--create", "64M:s1"]);
+    let mut s = session(&server, "s1");
+    assert_eq!(
+        (s.info().instance.as_str(), s.info().profile.as_str()),
+        ("s1", "64M")
+    );
+    assert_eq!(s.info().vram, 64 << 20);
+    let ctx = s.create_context().expect("context");
+
+    // SAXPY in client memory, zero copy: the GPU reads and writes the client's memfd.
+    let n = 1 << 20;
+    let (mem, host) = s.map_memory(8 * n).expect("client memory");
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 11.0).collect();
+    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * 1.13 + 0.5).collect();
+    host.write(0, &f32_bytes(&x)).unwrap();
+    host.write(4 * n, &f32_bytes(&y)).unwrap();
+    let a = 2.5f32;
+    s.run(
+        ctx,
+        &[Command::Saxpy {
+            n,
+            a,
+            x: mem.at(0),
+            y: mem.at(4 * n),
+        }],
+    )
+    .expect("saxpy");
+    let mut out = vec![0u8; 4 * n as usize];
+    host.read(4 * n, &mut out).unwrap();
+    let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| a.mul_add(*x, *y)).collect();
+    assert!(
+        f32s(&out)
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits()),
+        "saxpy differs from the CPU's fused a·x + y"
+    );
+
+    // SGEMM with its operands in VRAM, written and read through the connection.
+    let (m, k, nn) = (48u64, 40u64, 56u64);
+    let am: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.0)
+        .collect();
+    let bm: Vec<f32> = (0..k * nn)
+        .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+        .collect();
+    let va = s.alloc_vram(4 * m * k).unwrap();
+    let vb = s.alloc_vram(4 * k * nn).unwrap();
+    let vc = s.alloc_vram(4 * m * nn).unwrap();
+    s.write(va.at(0), &f32_bytes(&am)).unwrap();
+    s.write(vb.at(0), &f32_bytes(&bm)).unwrap();
+    s.run(
+        ctx,
+        &[Command::Sgemm {
+            m,
+            n: nn,
+            k,
+            a: va.at(0),
+            b: vb.at(0),
+            c: vc.at(0),
+        }],
+    )
+    .expect("sgemm");
+    let c = f32s(&s.read(vc.at(0), 4 * m * nn).unwrap());
+    for r in 0..m as usize {
+        for j in 0..nn as usize {
+            let want = (0..k as usize).fold(0f32, |acc, p| {
+                am[r * k as usize + p].mul_add(bm[p * nn as usize + j], acc)
+            });
+            assert_eq!(
+                c[r * nn as usize + j].to_bits(),
+                want.to_bits(),
+                "C[{r}][{j}]"
+            );
+        }
+    }
+
+    // COPY from VRAM to client memory, FILL, REDUCE_SUM and CRC-32 in one submission.
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let (small, host2) = s.map_memory(1 << 20).unwrap();
+    let vd = s.alloc_vram(data.len() as u64).unwrap();
+    s.write(vd.at(0), &data).unwrap();
+    s.run(
+        ctx,
+        &[
+            Command::Copy {
+                src: vd.at(0),
+                dst: small.at(0),
+                len: data.len() as u64,
+            },
+            Command::Fill {
+                dst: small.at(200_000),
+                len: 4096,
+                value: 0x0102_0304,
+            },
+            Command::ReduceSum {
+                n: 25_000,
+                x: small.at(0),
+                out: small.at(300_000),
+            },
+            Command::Crc32 {
+                len: data.len() as u64,
+                src: vd.at(0),
+                out: small.at(300_008),
+            },
+        ],
+    )
+    .expect("copy, fill, reduce, crc");
+    let mut back = vec![0u8; data.len()];
+    host2.read(0, &mut back).unwrap();
+    assert_eq!(back, data, "COPY");
+    let mut filled = vec![0u8; 4096];
+    host2.read(200_000, &mut filled).unwrap();
+    assert!(filled.chunks_exact(4).all(|w| w == [4, 3, 2, 1]), "FILL");
+    let mut res = [0u8; 12];
+    host2.read(300_000, &mut res).unwrap();
+    let sum = data
+        .chunks_exact(4)
+        .map(|w| u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+        .fold(0u64, u64::wrapping_add);
+    assert_eq!(
+        u64::from_le_bytes(res[..8].try_into().unwrap()),
+        sum,
+        "REDUCE_SUM"
+    );
+    assert_eq!(
+        u32::from_le_bytes(res[8..].try_into().unwrap()),
+        crc32fast::hash(&data),
+        "CRC32"
+    );
+
+    // Pipelined: many submissions sent before any reply is read, replies in order.
+    let ctx2 = s.create_context().unwrap();
+    for _ in 0..200 {
+        s.send(&Request::Submit {
+            ctx: ctx2,
+            commands: vec![Command::Fill {
+                dst: small.at(400_000),
+                len: 64,
+                value: 7,
+            }],
+        })
+        .unwrap();
+    }
+    let fences: Vec<u64> = (0..200)
+        .map(|_| match s.recv().unwrap() {
+            Reply::Submitted { fence } => fence,
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    assert_eq!(fences, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(s.wait(ctx2, 200, MINUTE).unwrap(), WaitResult::Done);
+}
+
+#[test]
+fn quotas_and_bad_requests_get_clear_errors_and_change_nothing() {
+    let server = Server::start("session-quota", &["--create", "64M:q1"]);
+    let mut s = session(&server, "q1");
+    let ctx = s.create_context().unwrap();
+    // The type's VRAM is the quota.
+    let big = s.alloc_vram(48 << 20).unwrap();
+    let (kind, msg) = refused(s.alloc_vram(32 << 20));
+    assert_eq!(kind, ErrorKind::Exhausted, "{msg}");
+    assert!(msg.contains("67108864 bytes of VRAM"), "{msg}");
+    assert_eq!(refused(s.alloc_vram(128 << 20)).0, ErrorKind::BadArgument);
+    assert_eq!(refused(s.alloc_vram(0)).0, ErrorKind::BadArgument);
+    s.free(big).unwrap();
+    let again = s.alloc_vram(60 << 20).expect("freed VRAM is usable again");
+    // Operands past their buffer, unknown buffers and contexts: refused before anything is
+    // queued, so the next fence is still 1.
+    let (kind, msg) = refused(s.submit(
+        ctx,
+        &[Command::Copy {
+            src: again.at(0),
+            dst: again.at((60 << 20) - 8),
+            len: 16,
+        }],
+    ));
+    assert_eq!(kind, ErrorKind::BadArgument, "{msg}");
+    assert_eq!(
+        refused(s.submit(
+            ctx,
+            &[Command::Fill {
+                dst: again.at(0).with_buffer(999),
+                len: 4,
+                value: 0
+            }]
+        ))
+        .0,
+        ErrorKind::NoSuchObject
+    );
+    assert_eq!(refused(s.submit(7, &[])).0, ErrorKind::NoSuchObject);
+    assert_eq!(
+        refused(s.read(again.at(u64::MAX), 2)).0,
+        ErrorKind::BadArgument
+    );
+    assert_eq!(s.submit(ctx, &[]).unwrap(), 1);
+    // Client memory must be sealed against shrinking: a plain file is refused.
+    let plain = tempfile();
+    let fd = std::fs::File::open(&plain).unwrap();
+    let sock = raw_session(&server, "q1");
+    // (The instance serves one connection at a time: this one waits until `s` is gone.)
+    drop(s);
+    vgpu_session::frame::send(&sock, &Request::Hello { version: 1 }, None).unwrap();
+    assert!(matches!(
+        vgpu_session::frame::recv::<Reply>(&sock).unwrap().0,
+        Reply::Welcome { .. }
+    ));
+    vgpu_session::frame::send(&sock, &Request::MapMemory { size: 4096 }, Some(&fd)).unwrap();
+    match vgpu_session::frame::recv::<Reply>(&sock).unwrap().0 {
+        Reply::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::BadMemory);
+            assert!(message.contains("sealed"), "{message}");
+        }
+        r => panic!("{r:?}"),
+    }
+    let _ = std::fs::remove_file(plain);
+}
+
+#[test]
+fn faults_reach_the_session_and_a_reset_context_goes_on() {
+    let server = Server::start("session-fault", &["--create", "64M:f1"]);
+    let mut s = session(&server, "f1");
+    let ctx = s.create_context().unwrap();
+    let b = s.alloc_vram(4096).unwrap();
+    // FILL needs 4-byte alignment: the device faults the packet, not the server.
+    let f = s
+        .submit(
+            ctx,
+            &[Command::Fill {
+                dst: b.at(2),
+                len: 8,
+                value: 1,
+            }],
+        )
+        .unwrap();
+    match s.wait(ctx, f, MINUTE).unwrap() {
+        WaitResult::Fault { code, .. } => assert_eq!(code, fault::BAD_PACKET),
+        w => panic!("expected a fault, got {w:?}"),
+    }
+    s.reset_context(ctx).unwrap();
+    s.run(
+        ctx,
+        &[Command::Fill {
+            dst: b.at(0),
+            len: 8,
+            value: 0x0909_0909,
+        }],
+    )
+    .expect("work after the reset");
+    assert_eq!(s.read(b.at(0), 8).unwrap(), vec![9u8; 8]);
+}
+
+#[test]
+fn a_garbage_speaking_client_is_refused_and_the_next_one_is_served_on_scrubbed_vram() {
+    let server = Server::start("session-garbage", &["--create", "64M:g1"]);
+    // A first client leaves a secret in VRAM and goes away without a word.
+    let mut s = session(&server, "g1");
+    let b = s.alloc_vram(1 << 20).unwrap();
+    s.write(b.at(0), &[0x5a; 4096]).unwrap();
+    drop(s);
+    // Garbage: a frame that is no request, an oversized length, no Hello first.
+    for junk in [
+        vec![5, 0, 0, 0, 0xff, 0xee, 0xdd, 0xcc, 0xbb],
+        u32::MAX.to_le_bytes().to_vec(),
+    ] {
+        let mut sock = raw_session(&server, "g1");
+        sock.write_all(&junk).unwrap();
+        match vgpu_session::frame::recv::<Reply>(&sock).unwrap().0 {
+            Reply::Error { kind, .. } => assert_eq!(kind, ErrorKind::Protocol),
+            r => panic!("{r:?}"),
+        }
+        let mut rest = Vec::new();
+        sock.set_read_timeout(Some(MINUTE)).unwrap();
+        assert_eq!(
+            sock.read_to_end(&mut rest).unwrap(),
+            0,
+            "closed after the error"
+        );
+    }
+    let sock = raw_session(&server, "g1");
+    vgpu_session::frame::send(&sock, &Request::CreateContext, None).unwrap();
+    match vgpu_session::frame::recv::<Reply>(&sock).unwrap().0 {
+        Reply::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::Protocol);
+            assert!(message.contains("Hello"), "{message}");
+        }
+        r => panic!("{r:?}"),
+    }
+    drop(sock);
+    // The server is unharmed, and the next tenant sees zeros where the secret was.
+    let mut s = session(&server, "g1");
+    let b = s.alloc_vram(1 << 20).unwrap();
+    assert_eq!(s.read(b.at(0), 4096).unwrap(), vec![0u8; 4096]);
+    assert!(
+        server.log().contains("session client refused"),
+        "{}",
+        server.log()
+    );
+}
+
+fn raw_session(server: &Server, name: &str) -> UnixStream {
+    UnixStream::connect(server.dir.join(format!("vgpu-{name}.session"))).expect("connect")
+}
+
+fn tempfile() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("tessera-plain-{}", std::process::id()));
+    std::fs::write(&p, vec![0u8; 4096]).expect("a plain file");
+    p
+}
+
+trait WithBuffer {
+    fn with_buffer(self, id: u32) -> Self;
+}
+
+impl WithBuffer for vgpu_session::BufRef {
+    fn with_buffer(mut self, id: u32) -> Self {
+        self.buffer = id;
+        self
+    }
+}

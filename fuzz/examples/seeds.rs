@@ -17,6 +17,7 @@ fn main() {
                     "command_stream" => tessera_fuzz::stream::run,
                     "page_tables" => tessera_fuzz::ptables::run,
                     "vfio_user_messages" => tessera_fuzz::vfu::run,
+                    "session_messages" => tessera_fuzz::sess::run,
                     _ => tessera_fuzz::pcicfg::run,
                 };
                 run(&bytes);

@@ -7,6 +7,7 @@
 //! - [`refmmu`]: a reference GPU page-table walker written from the `vgpu-abi` contract, for
 //!   differential checks of the device's MMU.
 //! - [`vfu`]: a garbage-speaking vfio-user client against the vGPU server's connection code.
+//! - [`sess`]: a garbage-speaking session client against the server's session code.
 //! - [`seeds`]: encoders for the targets' input formats, used to write the seed corpus
 //!   (`cargo +nightly run --manifest-path fuzz/Cargo.toml --example seeds`).
 //!
@@ -21,5 +22,6 @@ pub mod ptables;
 pub mod refmmu;
 pub mod rig;
 pub mod seeds;
+pub mod sess;
 pub mod stream;
 pub mod vfu;

@@ -519,5 +519,61 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("page_tables", page_tables()),
         ("pci_config", pci_config()),
         ("vfio_user_messages", vfio_user()),
+        ("session_messages", session()),
     ]
+}
+
+/// `session_messages` seeds (the format of `sess::decode`).
+pub fn session() -> Seeds {
+    // `small`: selector 1, a u16 times 4.
+    fn small(o: &mut Vec<u8>, v: u16) {
+        o.push(1);
+        o.extend_from_slice(&v.to_le_bytes());
+    }
+    // A buffer (1..=7) and an offset.
+    fn at(o: &mut Vec<u8>, buffer: u8, offset: u16) {
+        o.push(buffer);
+        small(o, offset);
+    }
+    let mut work = vec![1]; // Hello
+    work.push(1); // CreateContext: context 0
+    work.push(2); // AllocVram 16 KiB: buffer 1
+    small(&mut work, 4096);
+    work.push(3); // MapMemory of a sealed 64 KiB memfd: buffer 2
+    small(&mut work, 16384);
+    work.extend_from_slice(&[1, 2]);
+    work.push(5); // Write 64 bytes at buffer 1 + 0
+    at(&mut work, 1, 0);
+    work.extend_from_slice(&64u16.to_le_bytes());
+    work.extend_from_slice(&[7; 64]);
+    work.extend_from_slice(&[7, 3]); // Submit three commands
+    work.push(0); // Copy 64 bytes from buffer 1 to buffer 2
+    at(&mut work, 1, 0);
+    at(&mut work, 2, 0);
+    small(&mut work, 16);
+    work.push(1); // Fill 1 KiB of buffer 2 at 4 KiB
+    at(&mut work, 2, 1024);
+    small(&mut work, 256);
+    work.extend_from_slice(&0x0102_0304u32.to_le_bytes());
+    work.push(2); // Saxpy of 256 elements in buffer 2
+    small(&mut work, 64);
+    work.extend_from_slice(&2.0f32.to_bits().to_le_bytes());
+    at(&mut work, 2, 0);
+    at(&mut work, 2, 2048);
+    work.push(0); // on context 0
+    work.extend_from_slice(&[10, 0, 1]); // Wait for fence 1 of context 0, 20 ms
+    work.extend_from_slice(&20u32.to_le_bytes());
+    work.extend_from_slice(&[6]); // Read 64 bytes of buffer 2
+    at(&mut work, 2, 0);
+    small(&mut work, 16);
+    let mut bad = vec![1, 1];
+    bad.extend_from_slice(&[7, 1, 1]); // Submit a Fill misaligned for the device
+    at(&mut bad, 7, 1);
+    small(&mut bad, 1);
+    bad.extend_from_slice(&[0, 0, 0, 0, 0]);
+    bad.extend_from_slice(&[12, 5, 0xff, 0xee, 0xdd, 0xcc, 0xbb]); // no request
+    let mut cut = vec![1, 14, 3];
+    at(&mut cut, 1, 0);
+    cut.push(9);
+    vec![("work", work), ("refusals", bad), ("cut", cut)]
 }

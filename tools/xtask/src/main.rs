@@ -350,12 +350,13 @@ fn fuzz_harnesses() -> Result<()> {
 }
 
 /// The cargo-fuzz targets under `fuzz/`.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "bar0_registers",
     "command_stream",
     "page_tables",
     "pci_config",
     "vfio_user_messages",
+    "session_messages",
 ];
 
 /// `cargo xtask fuzz [TARGET] [--time S] [--jobs N]`: runs every fuzz target (or one) for S

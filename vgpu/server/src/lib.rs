@@ -17,7 +17,7 @@ mod instance;
 pub mod metrics;
 pub mod peer;
 pub mod remote;
-mod session;
+pub mod session;
 
 pub use control::InstanceInfo;
 use instance::{Instance, InstanceWorker, Live, wait_readable};

@@ -97,7 +97,7 @@ fn refuse(kind: ErrorKind, message: impl Into<String>) -> Refusal {
 }
 
 /// One session, from `Hello` to disconnect.
-pub(crate) struct SessionServer<'a> {
+pub struct SessionServer<'a> {
     vgpu: &'a Vgpu,
     instance: &'a str,
     profile: &'a str,
@@ -113,9 +113,19 @@ pub(crate) struct SessionServer<'a> {
     greeted: bool,
 }
 
+impl std::fmt::Debug for SessionServer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionServer")
+            .field("instance", &self.instance)
+            .field("buffers", &self.buffers.len())
+            .field("contexts", &self.contexts.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> SessionServer<'a> {
     /// A session on `vgpu` (fresh, no memory yet) of instance `instance`.
-    pub(crate) fn new(
+    pub fn new(
         vgpu: &'a Vgpu,
         instance: &'a str,
         profile: &'a str,
@@ -157,7 +167,7 @@ impl<'a> SessionServer<'a> {
 
     /// Serves `sock` until the client leaves, sends something that is not a request of this
     /// protocol, or `stop` is signalled.
-    pub(crate) fn serve(&mut self, sock: &UnixStream, stop: &EventFd) {
+    pub fn serve(&mut self, sock: &UnixStream, stop: &EventFd) {
         loop {
             match crate::instance::wait_readable(sock.as_raw_fd(), stop) {
                 Ok(true) => {}

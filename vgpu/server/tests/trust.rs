@@ -90,6 +90,58 @@ fn only_the_owner_and_root_are_served() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same for sessions (`vgpu-NAME.session`): the socket is the owner's, mode 0600, and a
+/// stranger who reaches it anyway is refused before the session opens.
+#[test]
+fn only_the_owner_and_root_open_sessions() {
+    if devices::files::euid() != 0 {
+        eprintln!("skipped: needs root to act as other users");
+        return;
+    }
+    let dir = PathBuf::from(format!("/tmp/tessera-trust-s-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gpu = PhysicalGpu::new(&GpuSpec::whole(256 << 20, 1)).expect("GPU");
+    let daemon = Daemon::new(
+        gpu,
+        ServeOptions {
+            dir: dir.clone(),
+            ..ServeOptions::default()
+        },
+    )
+    .expect("server");
+    let profile = vgpu::profile::find("64M").expect("profile");
+    let info = daemon
+        .create_owned(
+            profile,
+            Some("o".into()),
+            None,
+            None,
+            Params::default(),
+            Some(OWNER),
+        )
+        .expect("instance");
+    let socket = info.session_socket.clone();
+    let m = std::fs::metadata(&socket).expect("session socket");
+    assert_eq!((m.uid(), m.mode() & 0o777), (OWNER, 0o600));
+    let open = |path: PathBuf| {
+        move || {
+            vgpu_session::Session::connect_unix(&path)
+                .map(|s| s.info().instance.clone())
+                .map_err(|e| devices::error_chain(&e))
+        }
+    };
+    assert_eq!(as_user(OWNER, open(socket.clone())), Ok("o".to_string()));
+    assert_eq!(open(socket.clone())(), Ok("o".to_string()), "root");
+    let e = as_user(STRANGER, open(socket.clone())).expect_err("stranger refused");
+    assert!(e.contains("ermission denied"), "{e}");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let r = as_user(STRANGER, open(socket.clone()));
+    assert!(r.is_err(), "a stranger opened a session: {r:?}");
+    assert_eq!(as_user(OWNER, open(socket.clone())), Ok("o".to_string()));
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_directory_another_user_owns_or_can_write_is_refused() {
     if devices::files::euid() != 0 {

@@ -360,3 +360,29 @@ impl WithBuffer for vgpu_session::BufRef {
         self
     }
 }
+
+#[test]
+fn the_cdi_spec_mounts_the_session_socket_and_names_it() {
+    let server = Server::start("session-cdi", &["--create", "64M:c1"]);
+    let spec: serde_json::Value =
+        serde_json::from_str(&server.ok(&["vgpu", "cdi", "c1"])).expect("JSON");
+    assert_eq!(spec["cdiVersion"], "0.6.0");
+    assert_eq!(spec["kind"], "tessera.dev/vgpu");
+    let dev = &spec["devices"][0];
+    assert_eq!(dev["name"], "c1");
+    let mount = &dev["containerEdits"]["mounts"][0];
+    let host = server.dir.join("vgpu-c1.session");
+    assert_eq!(mount["hostPath"], host.display().to_string());
+    assert_eq!(mount["containerPath"], "/run/tessera/vgpu.session");
+    assert_eq!(mount["options"][0], "bind");
+    assert_eq!(
+        dev["containerEdits"]["env"][0],
+        "TESSERA_DEVICE=unix:/run/tessera/vgpu.session"
+    );
+    // The socket it names opens a session.
+    let s = Session::connect_unix(&host).expect("session");
+    assert_eq!(s.info().instance, "c1");
+    let (status, _, err) = server.client(&["vgpu", "cdi", "nope"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("no instance \"nope\""), "{err}");
+}

@@ -141,6 +141,50 @@ enum VgpuCommand {
         #[arg(value_name = "NAME|UUID")]
         name: String,
     },
+    /// Print a CDI (Container Device Interface) spec for an instance's session socket: a
+    /// container engine given the device `tessera.dev/vgpu=NAME` bind-mounts the socket and
+    /// sets TESSERA_DEVICE.
+    Cdi {
+        /// Instance name or UUID.
+        #[arg(value_name = "NAME|UUID")]
+        name: String,
+        /// Where the socket appears inside the container.
+        #[arg(long, value_name = "PATH", default_value = CDI_CONTAINER_PATH)]
+        container_path: std::path::PathBuf,
+    },
+}
+
+/// Where `vgpu cdi` puts the session socket inside a container by default.
+const CDI_CONTAINER_PATH: &str = "/run/tessera/vgpu.session";
+
+/// A CDI spec (github.com/cncf-tags/container-device-interface, spec 0.6.0) with one device.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CdiSpec {
+    cdi_version: &'static str,
+    kind: &'static str,
+    devices: Vec<CdiDevice>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CdiDevice {
+    name: String,
+    container_edits: CdiEdits,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct CdiEdits {
+    env: Vec<String>,
+    mounts: Vec<CdiMount>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CdiMount {
+    host_path: std::path::PathBuf,
+    container_path: std::path::PathBuf,
+    options: Vec<&'static str>,
 }
 
 /// Reports a failed command: the line on stderr and, for `--json`, a JSON error object on
@@ -300,6 +344,42 @@ pub fn vgpu(args: VgpuArgs) -> ExitCode {
             );
         }
         VgpuCommand::List { defined: true } => return list_defined(&store, &args.server.dir, json),
+        VgpuCommand::Cdi {
+            name,
+            container_path,
+        } => {
+            let r: ListReply = call!(&Request::List);
+            let Some(i) = r
+                .instances
+                .into_iter()
+                .find(|i| i.name == name || i.uuid.to_string() == name)
+            else {
+                return fail(&format!("no instance {name:?}"), true, json);
+            };
+            let spec = CdiSpec {
+                cdi_version: "0.6.0",
+                kind: "tessera.dev/vgpu",
+                devices: vec![CdiDevice {
+                    name: i.name,
+                    container_edits: CdiEdits {
+                        env: vec![format!(
+                            "{}=unix:{}",
+                            vgpu_session::DEVICE_ENV,
+                            container_path.display()
+                        )],
+                        mounts: vec![CdiMount {
+                            host_path: i.session_socket,
+                            container_path,
+                            options: vec!["bind"],
+                        }],
+                    },
+                }],
+            };
+            match serde_json::to_string_pretty(&spec) {
+                Ok(text) => println!("{text}"),
+                Err(e) => return fail(&e.to_string(), false, json),
+            }
+        }
         VgpuCommand::Remove { name } => {
             let r: RemoveReply = call!(&Request::Remove { name });
             if json {

@@ -386,3 +386,57 @@ fn the_cdi_spec_mounts_the_session_socket_and_names_it() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("no instance \"nope\""), "{err}");
 }
+
+/// A container's view: a process in its own user, mount and network namespaces (`unshare`)
+/// where the server's directory is hidden under an empty tmpfs and only the instance's
+/// session socket is bind-mounted in, at the path the CDI spec names. It runs its work there.
+#[test]
+fn a_process_in_its_own_namespaces_uses_only_its_bind_mounted_socket() {
+    let unshare = std::path::Path::new("/usr/bin/unshare");
+    if !unshare.exists() {
+        eprintln!("skipped: no /usr/bin/unshare (util-linux)");
+        return;
+    }
+    let server = Server::start("session-ns", &["--create", "64M:ct"]);
+    let root = server.dir.parent().expect("scratch").join("ct");
+    std::fs::create_dir_all(&root).expect("mount point");
+    let host = server.dir.join("vgpu-ct.session");
+    let script = format!(
+        "set -ex; mount -t tmpfs none {root}; touch {root}/vgpu.session; \
+         mount --bind {host} {root}/vgpu.session; mount -t tmpfs none {dir}; \
+         test ! -e {dir}/control.sock; test \"$(ls {dir})\" = ''; \
+         test \"$(awk 'NR > 2 {{print $1}}' /proc/net/dev)\" = lo:; \
+         TESSERA_DEVICE=unix:{root}/vgpu.session exec {client}",
+        root = root.display(),
+        host = host.display(),
+        dir = server.dir.display(),
+        client = env!("CARGO_BIN_EXE_session-client"),
+    );
+    let out = std::process::Command::new(unshare)
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--net",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env_remove("TESSERA_DEVICE")
+        .output()
+        .expect("run unshare");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("skipped: user namespaces are not available here: {stderr}");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    assert_eq!(stdout.trim(), "session ok instance=ct");
+}

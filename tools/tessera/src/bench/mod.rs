@@ -2,6 +2,7 @@
 
 mod boot;
 mod sched;
+mod session;
 mod soak;
 mod vgpu;
 mod vms;
@@ -24,6 +25,9 @@ pub enum BenchCommand {
     Vms(vms::VmsArgs),
     /// Eight tenants on one vGPU server for N minutes: every result checked, server growth.
     Soak(soak::SoakArgs),
+    /// GPU sessions without a VM: throughput against the device, per-call latency, pipelined
+    /// call rate.
+    Session(session::SessionArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -33,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Vms(args) => vms::run(args),
         BenchCommand::Soak(args) => soak::run(args),
+        BenchCommand::Session(args) => session::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -205,15 +205,17 @@ impl Series {
 }
 
 /// A vfio-user server in this process with one instance of `profile`; stops when dropped.
-struct BenchServer {
+pub(super) struct BenchServer {
     daemon: Arc<vgpu_server::Daemon>,
     stop: Arc<vmm_sys_util::eventfd::EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: PathBuf,
+    /// The instance's session socket.
+    pub(super) session_socket: PathBuf,
 }
 
 impl BenchServer {
-    fn start(profile: &'static vgpu::Profile, kind: GpuKind) -> Result<Self, String> {
+    pub(super) fn start(profile: &'static vgpu::Profile, kind: GpuKind) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         let gpu = PhysicalGpu::new(&GpuSpec {
             kind,
@@ -255,6 +257,7 @@ impl BenchServer {
             stop,
             thread: Some(thread),
             socket: info.socket,
+            session_socket: info.session_socket,
         })
     }
 }
@@ -295,8 +298,8 @@ fn idle_polling(profile: &vgpu::Profile, kind: GpuKind) -> Result<(f64, u64), St
 }
 
 /// Throughput workloads: (kernel, size, batch).
-const SGEMM: (&str, u64, u64) = ("sgemm", 256, 8);
-const SAXPY: (&str, u64, u64) = ("saxpy", 1 << 22, 8);
+pub(super) const SGEMM: (&str, u64, u64) = ("sgemm", 256, 8);
+pub(super) const SAXPY: (&str, u64, u64) = ("saxpy", 1 << 22, 8);
 
 /// Boots the firmware with `cmdline`; returns the `key=value` fields of the first line
 /// containing `needle`, and the time from spawn to that line.
@@ -350,7 +353,7 @@ fn field(f: &HashMap<String, String>, k: &str) -> Result<f64, String> {
 }
 
 /// The same kernels as the firmware's throughput mode, submitted by this process.
-fn native_ms(
+pub(super) fn native_ms(
     profile: &vgpu::Profile,
     (name, size, batch): (&str, u64, u64),
     kind: GpuKind,

@@ -445,6 +445,14 @@ fn a_process_in_its_own_namespaces_uses_only_its_bind_mounted_socket() {
     assert_eq!(stdout.trim(), "session ok instance=ct");
 }
 
+/// The share and cap tests measure GPU time against wall time: they take turns, so neither
+/// runs beside the other's VMs and loads on a small host.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn measuring() -> std::sync::MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Keeps four 2 ms SPIN_US jobs queued on a session until `stop`.
 fn session_load(mut s: Session, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -485,6 +493,7 @@ fn sessions_and_vms_share_one_gpu_by_weight() {
     if firmware().is_none() {
         return;
     }
+    let _turn = measuring();
     let server = Server::start(
         "session-shares",
         &[
@@ -547,6 +556,7 @@ fn sessions_and_vms_share_one_gpu_by_weight() {
 /// A session capped at 25 % gets 25 % (within 1 %) of an otherwise idle GPU.
 #[test]
 fn a_capped_session_gets_its_cap_of_an_idle_gpu() {
+    let _turn = measuring();
     let server = Server::start("session-cap", &["--create", "64M:c25,cap=25"]);
     let stop = Arc::new(AtomicBool::new(false));
     let load = session_load(session(&server, "c25"), stop.clone());

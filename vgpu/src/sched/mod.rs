@@ -181,7 +181,8 @@ impl Grant {
         if !forced && (!contended || st.owner_still_first(self.id, now)) {
             // Alone on the GPU, or still the one fair queuing would pick next: keep going
             // for another slice instead of paying for a switch.
-            self.deadline.store(now + st.slice_ns, Ordering::Relaxed);
+            self.deadline
+                .store(st.slice_end(self.id, now), Ordering::Relaxed);
             return false;
         }
         let _ =

@@ -111,9 +111,15 @@ impl State {
 
     /// Whether `id` is under its cap right now (the owner's time since its grant counts).
     pub(super) fn under_cap(&self, id: MemberId, now: u64) -> bool {
+        self.cap_left(id, now) > 0
+    }
+
+    /// GPU time `id` may still use before it reaches its cap in the window ending `now` (the
+    /// owner's time since its grant counts); `u64::MAX` without a cap.
+    pub(super) fn cap_left(&self, id: MemberId, now: u64) -> u64 {
         let m = &self.members[id];
         if m.params.cap_percent >= 100 {
-            return true;
+            return u64::MAX;
         }
         let running = match self.owner {
             Some((o, start)) if o == id => {
@@ -121,8 +127,14 @@ impl State {
             }
             _ => 0,
         };
-        (m.busy_in_window(now, WINDOW_NS) + running) * 100
-            < u64::from(m.params.cap_percent) * WINDOW_NS
+        let allowed = u64::from(m.params.cap_percent) * WINDOW_NS / 100;
+        allowed.saturating_sub(m.busy_in_window(now, WINDOW_NS) + running)
+    }
+
+    /// When the slice of owner `id` starting `now` ends: a slice later, or sooner where its
+    /// cap runs out first (so a capped vGPU stops at its cap, not a slice past it).
+    pub(super) fn slice_end(&self, id: MemberId, now: u64) -> u64 {
+        now.saturating_add(self.slice_ns.min(self.cap_left(id, now)))
     }
 
     /// Marks `id` as wanting the GPU.
@@ -207,7 +219,7 @@ impl State {
         m.waiting = false;
         m.switches += 1;
         self.owner = Some((id, now));
-        self.deadline = now + self.slice_ns;
+        self.deadline = self.slice_end(id, now);
     }
 
     /// Hands a free GPU to the next eligible waiter, if any, and wakes exactly that waiter.

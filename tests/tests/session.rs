@@ -453,11 +453,15 @@ fn measuring() -> std::sync::MutexGuard<'static, ()> {
     MEASURING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Keeps four 2 ms SPIN_US jobs queued on a session until `stop`.
+/// Keeps four 4 ms SPIN_US jobs queued on a session until `stop` (the spinning engines take
+/// both cores of a small host: 16 ms of queued work rides out a client that waits for a CPU).
 fn session_load(mut s: Session, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let ctx = s.create_context().expect("context");
-        let job = [Command::SpinUs { us: 500, groups: 8 }];
+        let job = [Command::SpinUs {
+            us: 1000,
+            groups: 8,
+        }];
         let mut queued = std::collections::VecDeque::new();
         while !stop.load(Ordering::Relaxed) {
             queued.push_back(s.submit(ctx, &job).expect("submit"));
@@ -479,7 +483,7 @@ fn vm_load(server: &Server, name: &str) -> Vmm {
         "--memory",
         "64M",
         "--cmdline",
-        "run=load kind=busy seconds=60",
+        "run=load kind=busy seconds=60 us=1000",
         "--user-device",
         &format!("socket={}", socket.display()),
     ])

@@ -625,8 +625,11 @@ impl<'a> SessionServer<'a> {
                 >= RING_ENTRIES
             {
                 let st = self.reg(regs::ctx_reg(ctx, regs::CTX_STATUS));
-                if st & vgpu_abi::ctx_status::FAULTED != 0 || started.elapsed() > WATCHDOG_GRACE {
-                    // A stopped context never frees its ring; the wait reports the fault.
+                let stopped = st & vgpu_abi::ctx_status::FAULTED != 0
+                    || st & vgpu_abi::ctx_status::ENABLED == 0;
+                if stopped || started.elapsed() > WATCHDOG_GRACE {
+                    // A stopped context (a fault, or a watchdog reset of the vGPU) never frees
+                    // its ring.
                     self.contexts[ctx as usize] = c;
                     return Err(refuse(
                         ErrorKind::Device,

@@ -711,3 +711,52 @@ mod tests {
         t.join().expect("sender");
     }
 }
+
+/// Memory a server-side target must never touch: a neighbouring vGPU's VRAM, filled with a
+/// canary, and a host memfd never offered to the client, filled with a secret.
+#[derive(Debug)]
+pub struct Bystanders {
+    /// The neighbour's VRAM.
+    pub neighbour: Arc<SoftVram>,
+    /// Host memory never offered.
+    pub secret: File,
+}
+
+const NEIGHBOUR_CANARY: u8 = 0x5a;
+const SECRET_LEN: usize = 1 << 16;
+const SECRET_BYTE: u8 = 0xee;
+
+impl Bystanders {
+    /// Both, filled.
+    pub fn new() -> Bystanders {
+        let neighbour = Arc::new(SoftVram::new(VRAM_SIZE).expect("neighbour"));
+        fill(neighbour.memory(), 0, VRAM_SIZE, NEIGHBOUR_CANARY);
+        let secret = memfd(SECRET_LEN as u64);
+        std::io::Write::write_all(&mut &secret, &[SECRET_BYTE; SECRET_LEN]).expect("fill secret");
+        Bystanders { neighbour, secret }
+    }
+
+    /// Asserts that neither changed. (Slice comparisons, i.e. memcmp: a byte loop would be
+    /// most of an input's cost under the fuzzer's comparison tracing.)
+    pub fn check(&self) {
+        check_filled(
+            self.neighbour.memory(),
+            0,
+            VRAM_SIZE,
+            NEIGHBOUR_CANARY,
+            "neighbour VRAM",
+        );
+        let mut s = vec![0u8; SECRET_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&self.secret, &mut s, 0).expect("secret");
+        assert!(
+            s == [SECRET_BYTE; SECRET_LEN],
+            "host memory never offered changed"
+        );
+    }
+}
+
+impl Default for Bystanders {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -289,6 +289,23 @@ impl Vmm {
     }
 }
 
+/// The firmware with `cmdline` in a 64 MiB VM whose vGPU is the server instance at `socket`
+/// (`--user-device`).
+pub fn user_vm(socket: &str, cmdline: &str) -> Vmm {
+    let fw = firmware().expect("firmware");
+    Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        fw.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        cmdline,
+        "--user-device",
+        &format!("socket={socket}"),
+    ])
+}
+
 impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use tessera_tests::{Server, Vmm, firmware};
+use tessera_tests::{Server, Vmm, firmware, user_vm};
 use vgpu_abi::fault;
 use vgpu_session::proto::{ErrorKind, Reply, Request};
 use vgpu_session::{Command, Session, SessionError, WaitResult};
@@ -474,19 +474,11 @@ fn session_load(mut s: Session, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
 }
 
 fn vm_load(server: &Server, name: &str) -> Vmm {
-    let fw = firmware().expect("firmware");
     let socket = server.dir.join(format!("vgpu-{name}.sock"));
-    Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--memory",
-        "64M",
-        "--cmdline",
+    user_vm(
+        &socket.display().to_string(),
         "run=load kind=busy seconds=60 us=1000",
-        "--user-device",
-        &format!("socket={}", socket.display()),
-    ])
+    )
 }
 
 /// Sessions and VMs share one GPU under one policy: two sessions and two firmware VMs with

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tessera_tests::{Server, Vmm, cloud_hypervisor, firmware};
+use tessera_tests::{Server, Vmm, cloud_hypervisor, firmware, user_vm};
 
 /// Waits until instance `name` reports `attached == want`.
 fn wait_attached(server: &Server, name: &str, want: bool) -> serde_json::Value {
@@ -296,21 +296,6 @@ fn cloud_hypervisor_conformance(name: &str, gpu: &str, rounds: u64) {
 }
 
 /// `tessera vm` with the firmware and one vfio-user vGPU.
-fn user_vm(socket: &str, cmdline: &str) -> Vmm {
-    let fw = firmware().expect("firmware");
-    Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--memory",
-        "64M",
-        "--cmdline",
-        cmdline,
-        "--user-device",
-        &format!("socket={socket}"),
-    ])
-}
-
 /// GPU time `name` gets per second of wall time, over `window`.
 fn gpu_rate(server: &Server, name: &str, window: Duration) -> f64 {
     let (b0, t0) = (server.busy_ns(name), Instant::now());

@@ -26,20 +26,9 @@ fn as_user<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) 
     .expect("thread")
 }
 
-fn config_id(socket: &Path) -> Result<u32, String> {
-    let mut c = vfio_user::Client::new(socket).map_err(|e| e.to_string())?;
-    let mut id = [0u8; 4];
-    c.region_read(7, 0, &mut id).map_err(|e| e.to_string())?;
-    Ok(u32::from_le_bytes(id))
-}
-
-#[test]
-fn only_the_owner_and_root_are_served() {
-    if devices::files::euid() != 0 {
-        eprintln!("skipped: needs root to act as other users");
-        return;
-    }
-    let dir = PathBuf::from(format!("/tmp/tessera-trust-{}", std::process::id()));
+/// A server in `/tmp/tessera-NAME-PID` with one instance, "o", that belongs to [`OWNER`].
+fn owned_instance(name: &str) -> (PathBuf, std::sync::Arc<Daemon>, vgpu_server::InstanceInfo) {
+    let dir = PathBuf::from(format!("/tmp/tessera-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let gpu = PhysicalGpu::new(&GpuSpec::whole(256 << 20, 1)).expect("GPU");
     let daemon = Daemon::new(
@@ -61,6 +50,23 @@ fn only_the_owner_and_root_are_served() {
             Some(OWNER),
         )
         .expect("instance");
+    (dir, daemon, info)
+}
+
+fn config_id(socket: &Path) -> Result<u32, String> {
+    let mut c = vfio_user::Client::new(socket).map_err(|e| e.to_string())?;
+    let mut id = [0u8; 4];
+    c.region_read(7, 0, &mut id).map_err(|e| e.to_string())?;
+    Ok(u32::from_le_bytes(id))
+}
+
+#[test]
+fn only_the_owner_and_root_are_served() {
+    if devices::files::euid() != 0 {
+        eprintln!("skipped: needs root to act as other users");
+        return;
+    }
+    let (dir, daemon, info) = owned_instance("trust");
     let socket = info.socket.clone();
     let m = std::fs::metadata(&socket).expect("socket");
     assert_eq!((m.uid(), m.mode() & 0o777), (OWNER, 0o600));
@@ -98,28 +104,7 @@ fn only_the_owner_and_root_open_sessions() {
         eprintln!("skipped: needs root to act as other users");
         return;
     }
-    let dir = PathBuf::from(format!("/tmp/tessera-trust-s-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let gpu = PhysicalGpu::new(&GpuSpec::whole(256 << 20, 1)).expect("GPU");
-    let daemon = Daemon::new(
-        gpu,
-        ServeOptions {
-            dir: dir.clone(),
-            ..ServeOptions::default()
-        },
-    )
-    .expect("server");
-    let profile = vgpu::profile::find("64M").expect("profile");
-    let info = daemon
-        .create_owned(
-            profile,
-            Some("o".into()),
-            None,
-            None,
-            Params::default(),
-            Some(OWNER),
-        )
-        .expect("instance");
+    let (dir, daemon, info) = owned_instance("trust-s");
     let socket = info.session_socket.clone();
     let m = std::fs::metadata(&socket).expect("session socket");
     assert_eq!((m.uid(), m.mode() & 0o777), (OWNER, 0o600));

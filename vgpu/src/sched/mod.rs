@@ -592,19 +592,15 @@ mod tests {
         assert!("fastest".parse::<Policy>().is_err());
     }
 
-    #[test]
-    fn real_threads_share_and_preempt() {
-        let _alone = crate::tests::measuring_alone();
-        let s = Scheduler::new(
-            Policy::EqualShare,
-            Duration::from_millis(2),
-            Arc::new(MonotonicClock::default()),
-        );
-        let cancel = Arc::new(AtomicBool::new(false));
-        let ids: Vec<_> = (0..3).map(|_| s.register(Params::default())).collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = ids
-            .iter()
+    /// A thread per member that always wants the GPU and holds it until told to yield, until
+    /// `stop` (or a cancelled wait).
+    fn always_busy(
+        s: &Arc<Scheduler>,
+        ids: &[MemberId],
+        cancel: &Arc<AtomicBool>,
+        stop: &Arc<AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        ids.iter()
             .map(|&id| {
                 let (s, c, stop) = (s.clone(), cancel.clone(), stop.clone());
                 std::thread::spawn(move || {
@@ -617,7 +613,21 @@ mod tests {
                     }
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn real_threads_share_and_preempt() {
+        let _alone = crate::tests::measuring_alone();
+        let s = Scheduler::new(
+            Policy::EqualShare,
+            Duration::from_millis(2),
+            Arc::new(MonotonicClock::default()),
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ids: Vec<_> = (0..3).map(|_| s.register(Params::default())).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = always_busy(&s, &ids, &cancel, &stop);
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
         for t in threads {
@@ -643,21 +653,7 @@ mod tests {
         };
         let ids: Vec<_> = (0..2).map(|_| s.register(capped)).collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = ids
-            .iter()
-            .map(|&id| {
-                let (s, c, stop) = (s.clone(), cancel.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let Some(g) = s.acquire(id, &c) else { break };
-                        while !g.should_yield() && !stop.load(Ordering::Relaxed) {
-                            std::hint::spin_loop();
-                        }
-                        s.release(&g);
-                    }
-                })
-            })
-            .collect();
+        let threads = always_busy(&s, &ids, &cancel, &stop);
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_millis(450));
         stop.store(true, Ordering::Relaxed);

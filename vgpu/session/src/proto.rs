@@ -268,25 +268,3 @@ pub enum Reply {
         message: String,
     },
 }
-
-impl Command {
-    /// The operands this command reads or writes: (where, bytes).
-    pub fn extents(&self) -> Vec<(BufRef, u64)> {
-        let f32s = |n: u64| n.saturating_mul(4);
-        match *self {
-            Command::Copy { src, dst, len } => vec![(src, len), (dst, len)],
-            Command::Fill { dst, len, .. } => vec![(dst, len)],
-            Command::Saxpy { n, x, y, .. } => vec![(x, f32s(n)), (y, f32s(n))],
-            Command::Sgemm {
-                m, n, k, a, b, c, ..
-            } => vec![
-                (a, f32s(m.saturating_mul(k))),
-                (b, f32s(k.saturating_mul(n))),
-                (c, f32s(m.saturating_mul(n))),
-            ],
-            Command::ReduceSum { n, x, out } => vec![(x, f32s(n)), (out, 8)],
-            Command::Crc32 { len, src, out } => vec![(src, len), (out, 4)],
-            Command::SpinUs { .. } => Vec::new(),
-        }
-    }
-}

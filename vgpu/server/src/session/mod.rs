@@ -17,46 +17,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::pci::PciDeviceSync;
-use vgpu::DmaDomain;
 use vgpu::device::Vgpu;
-use vgpu_abi::{Packet, ctx_control, kernel, packet, pci, pte, regs, wait};
+use vgpu_abi::{Packet, ctx_control, kernel, packet, pci, regs, wait};
 use vgpu_session::frame::{self, FrameError};
 use vgpu_session::proto::{
     BufRef, Command, ErrorKind, MAX_BUFFERS, MAX_COMMANDS, MAX_INLINE, MAX_WAIT_MS, Reply, Request,
     VERSION, WaitResult,
 };
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::attach::{Charge, DmaBudget};
+use crate::attach::DmaBudget;
 
-/// GPU VA of the instance's VRAM.
-pub const VRAM_VA: u64 = 1 << 40;
-/// Size of the control memory (page tables, rings, fences).
-const CTRL_SIZE: u64 = 4 << 20;
-/// Page-table pages live in `[PT_BASE, RINGS)` of the control memory.
-const PML4: u64 = 0;
-const PT_BASE: u64 = 0x1000;
-const RINGS: u64 = 0x10_0000;
-/// Packets per context ring.
-const RING_ENTRIES: u32 = 1024;
-const RING_BYTES: u64 = RING_ENTRIES as u64 * packet::PACKET_SIZE;
-/// Fence words (8 bytes per context) in the last page of the control memory.
-const FENCES: u64 = CTRL_SIZE - 0x1000;
-/// Client memory starts here, each region 2 MiB-aligned.
-const CLIENT_BASE: u64 = 4 << 30;
-/// Client memory ends here (512 GiB of address space).
-const CLIENT_END: u64 = 516 << 30;
-const HUGE: u64 = 2 << 20;
+mod space;
+
+use space::Space;
+pub use space::VRAM_VA;
+
 /// VRAM granule.
 const VRAM_ALIGN: u64 = 4096;
-
-// Rings for every context fit below the fence page.
-const _: () = assert!(RINGS + vgpu_abi::limits::MAX_CONTEXTS as u64 * RING_BYTES <= FENCES);
 
 /// A buffer of the session.
 #[derive(Debug)]
@@ -73,13 +53,6 @@ enum Place {
     Vram { offset: u64 },
     /// A client memfd mapped at `va` (its region is in `regions`).
     Client,
-}
-
-/// A mapped client memfd.
-#[derive(Debug)]
-struct ClientRegion {
-    region: Arc<GuestRegionMmap>,
-    _charge: Charge,
 }
 
 /// One context: its ring and fence sequence.
@@ -101,15 +74,12 @@ pub struct SessionServer<'a> {
     vgpu: &'a Vgpu,
     instance: &'a str,
     profile: &'a str,
-    ctrl: Arc<GuestRegionMmap>,
-    regions: BTreeMap<u64, ClientRegion>,
+    space: Space<'a>,
     buffers: BTreeMap<u32, Buffer>,
     next_buffer: u32,
     vram: AddressAllocator,
     vram_size: u64,
     contexts: Vec<Context>,
-    next_pt: u64,
-    budget: Arc<DmaBudget>,
     greeted: bool,
 }
 
@@ -131,38 +101,21 @@ impl<'a> SessionServer<'a> {
         profile: &'a str,
         budget: Arc<DmaBudget>,
     ) -> Result<Self, String> {
-        let file = vgpu::backend::memfd("tessera-session-ctrl", CTRL_SIZE, true)
-            .map_err(|e| format!("cannot make the session's control memory: {e}"))?;
-        let ctrl = GuestRegionMmap::from_range(
-            GuestAddress(0),
-            CTRL_SIZE as usize,
-            Some(FileOffset::new(file, 0)),
-        )
-        .map_err(|e| format!("cannot map the session's control memory: {e}"))?;
         let vram_size = vgpu.vram().size();
         let vram = AddressAllocator::new(0, vram_size.max(1))
             .map_err(|e| format!("cannot manage the instance's VRAM: {e}"))?;
-        let mut s = SessionServer {
+        Ok(SessionServer {
             vgpu,
             instance,
             profile,
-            ctrl: Arc::new(ctrl),
-            regions: BTreeMap::new(),
+            space: Space::new(vgpu, budget)?,
             buffers: BTreeMap::new(),
             next_buffer: 1,
             vram,
             vram_size,
             contexts: Vec::new(),
-            next_pt: PT_BASE,
-            budget,
             greeted: false,
-        };
-        // Control memory and VRAM are mapped once; client memory comes and goes.
-        s.map_range(0, 0, CTRL_SIZE, 0)
-            .and_then(|()| s.map_range(VRAM_VA, 0, vram_size, pte::VRAM))
-            .map_err(|Refusal(_, m)| m)?;
-        s.apply_dma().map_err(|Refusal(_, m)| m)?;
-        Ok(s)
+        })
     }
 
     /// Serves `sock` until the client leaves, sends something that is not a request of this
@@ -278,23 +231,15 @@ impl<'a> SessionServer<'a> {
         self.vgpu.write_bar(pci::BAR_REGS, off, &v.to_le_bytes());
     }
 
-    fn ring(ctx: u32) -> u64 {
-        RINGS + u64::from(ctx) * RING_BYTES
-    }
-
-    fn fence_addr(ctx: u32) -> u64 {
-        FENCES + u64::from(ctx) * 8
-    }
-
     /// Points context `ctx` at the session's page tables and its (empty) ring, and enables
     /// it.
     fn enable(&mut self, ctx: u32) {
-        let ring = Self::ring(ctx);
-        self.set_reg(regs::ctx_reg(ctx, regs::CTX_PT_ROOT_LO), PML4 as u32);
+        let ring = space::ring(ctx);
+        self.set_reg(regs::ctx_reg(ctx, regs::CTX_PT_ROOT_LO), space::ROOT as u32);
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_PT_ROOT_HI), 0);
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_BASE_LO), ring as u32);
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_BASE_HI), 0);
-        self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_SIZE), RING_ENTRIES);
+        self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_SIZE), space::RING_ENTRIES);
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_CONTROL), ctx_control::ENABLE);
         if let Some(c) = self.contexts.get_mut(ctx as usize) {
             c.tail = 0;
@@ -368,7 +313,7 @@ impl<'a> SessionServer<'a> {
                 )
             })?;
         let offset = range.start();
-        match self.new_buffer(VRAM_VA + offset, bytes, Place::Vram { offset }) {
+        match self.new_buffer(space::VRAM_VA + offset, bytes, Place::Vram { offset }) {
             Ok(id) => Ok(Reply::Buffer {
                 buffer: id,
                 size: bytes,
@@ -381,90 +326,13 @@ impl<'a> SessionServer<'a> {
     }
 
     fn map_memory(&mut self, size: u64, fd: Option<File>) -> Result<Reply, Refusal> {
-        let bad = |m: String| refuse(ErrorKind::BadMemory, m);
-        let fd = fd.ok_or_else(|| bad("MapMemory needs a memfd sent with it".into()))?;
-        if size == 0 || size > isize::MAX as u64 {
-            return Err(refuse(
-                ErrorKind::BadArgument,
-                format!("client memory of {size} bytes"),
-            ));
-        }
-        let len = fd
-            .metadata()
-            .map_err(|e| bad(format!("cannot stat the memfd: {e}")))?
-            .len();
-        if size > len {
-            return Err(bad(format!("{size} bytes asked of a {len}-byte file")));
-        }
-        // SAFETY: F_GET_SEALS only reads the seals of a descriptor we own.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(bad(
-                "client memory must be a memfd sealed against shrinking (F_SEAL_SHRINK)".into(),
-            ));
-        }
-        let span = size.next_multiple_of(HUGE);
-        let iova = self.free_iova(span).ok_or_else(|| {
-            refuse(
-                ErrorKind::Exhausted,
-                "the session's client address space is full",
-            )
-        })?;
-        let held = self.regions.values().map(|r| r.region.len()).sum();
-        let charge = self
-            .budget
-            .charge(size, held)
-            .map_err(|e| refuse(ErrorKind::Exhausted, e.to_string()))?;
-        let region = GuestRegionMmap::from_range(
-            GuestAddress(iova),
-            size as usize,
-            Some(FileOffset::new(fd, 0)),
-        )
-        .map_err(|e| bad(format!("cannot map client memory: {e}")))?;
-        self.map_range(iova, iova, span, 0)?;
-        self.regions.insert(
-            iova,
-            ClientRegion {
-                region: Arc::new(region),
-                _charge: charge,
-            },
-        );
-        if let Err(e) = self.apply_dma() {
-            self.regions.remove(&iova);
-            self.unmap_range(iova, span);
-            return Err(e);
-        }
+        let iova = self.space.map_client(size, fd)?;
         match self.new_buffer(iova, size, Place::Client) {
             Ok(id) => Ok(Reply::Buffer { buffer: id, size }),
             Err(e) => {
-                self.drop_region(iova);
+                self.space.drop_client(iova);
                 Err(e)
             }
-        }
-    }
-
-    /// The lowest 2 MiB-aligned address with `span` bytes free in the client range.
-    fn free_iova(&self, span: u64) -> Option<u64> {
-        let mut at = CLIENT_BASE;
-        for (&start, r) in &self.regions {
-            if at + span <= start {
-                break;
-            }
-            at = (start + r.region.len()).next_multiple_of(HUGE);
-        }
-        (at.checked_add(span)? <= CLIENT_END).then_some(at)
-    }
-
-    fn drop_region(&mut self, iova: u64) {
-        if let Some(r) = self.regions.remove(&iova) {
-            let span = r.region.len().next_multiple_of(HUGE);
-            self.unmap_range(iova, span);
-            // Returns once no packet uses the old mapping; only then is the region unmapped
-            // (dropped here).
-            if let Err(Refusal(_, m)) = self.apply_dma() {
-                tracing::warn!("session: the GPU could not import the remaining memory: {m}");
-            }
-            drop(r);
         }
     }
 
@@ -479,7 +347,7 @@ impl<'a> SessionServer<'a> {
                     let _ = self.vram.free(&r);
                 }
             }
-            Place::Client => self.drop_region(b.va),
+            Place::Client => self.space.drop_client(b.va),
         }
         Ok(Reply::Done)
     }
@@ -515,14 +383,17 @@ impl<'a> SessionServer<'a> {
                 .vram()
                 .read(base + offset, d)
                 .map_err(|f| dev(format!("VRAM read faulted: {f:?}"))),
-            (Place::Client, Access::Write(d)) => self.regions[&b.va]
-                .region
-                .write_slice(d, MemoryRegionAddress(offset))
-                .map_err(|e| dev(e.to_string())),
-            (Place::Client, Access::Read(d)) => self.regions[&b.va]
-                .region
-                .read_slice(d, MemoryRegionAddress(offset))
-                .map_err(|e| dev(e.to_string())),
+            (Place::Client, what) => {
+                let r = self
+                    .space
+                    .client(b.va)
+                    .ok_or_else(|| dev(format!("client memory at {:#x} is gone", b.va)))?;
+                match what {
+                    Access::Write(d) => r.write_slice(d, MemoryRegionAddress(offset)),
+                    Access::Read(d) => r.read_slice(d, MemoryRegionAddress(offset)),
+                }
+                .map_err(|e| dev(e.to_string()))
+            }
         }
     }
 
@@ -531,10 +402,8 @@ impl<'a> SessionServer<'a> {
         Ok(self.extent(at, len)?.va + at.offset)
     }
 
+    /// The packet of `c`, every operand's extent checked against its buffer (by [`Self::va`]).
     fn packet(&self, c: &Command) -> Result<Packet, Refusal> {
-        for (at, len) in c.extents() {
-            self.extent(at, len)?;
-        }
         let p = |opcode, flags, args: &[u64]| {
             let mut a = [0u64; 7];
             a[..args.len()].copy_from_slice(args);
@@ -614,7 +483,7 @@ impl<'a> SessionServer<'a> {
         pkts.push(Packet {
             opcode: packet::OP_FENCE,
             flags: 0,
-            args: [Self::fence_addr(ctx), c.fence, 0, 0, 0, 0, 0],
+            args: [space::fence_addr(ctx), c.fence, 0, 0, 0, 0, 0],
         });
         for p in &pkts {
             // Never overrun the ring: wait until the device has taken a slot.
@@ -622,7 +491,7 @@ impl<'a> SessionServer<'a> {
             while c
                 .tail
                 .wrapping_sub(self.reg(regs::ctx_reg(ctx, regs::CTX_RING_HEAD)))
-                >= RING_ENTRIES
+                >= space::RING_ENTRIES
             {
                 let st = self.reg(regs::ctx_reg(ctx, regs::CTX_STATUS));
                 let stopped = st & vgpu_abi::ctx_status::FAULTED != 0
@@ -640,13 +509,9 @@ impl<'a> SessionServer<'a> {
                 self.set_reg(regs::WAIT_VALUE, c.fence.saturating_sub(1) as u32);
                 let _ = self.reg(regs::WAIT);
             }
-            let slot = u64::from(c.tail % RING_ENTRIES);
-            self.ctrl
-                .write_slice(
-                    &p.to_bytes(),
-                    MemoryRegionAddress(Self::ring(ctx) + slot * packet::PACKET_SIZE),
-                )
-                .map_err(|e| refuse(ErrorKind::Device, e.to_string()))?;
+            let slot = u64::from(c.tail % space::RING_ENTRIES);
+            self.space
+                .write_ctrl(space::ring(ctx) + slot * packet::PACKET_SIZE, &p.to_bytes())?;
             c.tail = c.tail.wrapping_add(1);
         }
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_TAIL), c.tail);
@@ -679,11 +544,7 @@ impl<'a> SessionServer<'a> {
         }
         let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
         loop {
-            let mut w = [0u8; 8];
-            let _ = self
-                .ctrl
-                .read_slice(&mut w, MemoryRegionAddress(Self::fence_addr(ctx)));
-            if u64::from_le_bytes(w) >= fence {
+            if self.space.fence(ctx) >= fence {
                 return Ok(Reply::Waited(WaitResult::Done));
             }
             self.set_reg(regs::WAIT_CTX, ctx);
@@ -712,72 +573,6 @@ impl<'a> SessionServer<'a> {
                 return Err(refuse(ErrorKind::Protocol, "the client went away"));
             }
         }
-    }
-
-    /// Maps `[va, va + len)` to system address `pa` (+ `flags`) with 2 MiB leaves.
-    fn map_range(&mut self, va: u64, pa: u64, len: u64, flags: u64) -> Result<(), Refusal> {
-        let mut off = 0;
-        while off < len {
-            let pd = self.table_for(va + off)?;
-            let leaf = (pa + off) | pte::PRESENT | pte::WRITABLE | pte::HUGE | flags;
-            self.write_pte(pd + ((va + off) >> 21 & 511) * 8, leaf)?;
-            off += HUGE;
-        }
-        Ok(())
-    }
-
-    fn unmap_range(&mut self, va: u64, len: u64) {
-        let mut off = 0;
-        while off < len {
-            if let Ok(pd) = self.table_for(va + off) {
-                let _ = self.write_pte(pd + ((va + off) >> 21 & 511) * 8, 0);
-            }
-            off += HUGE;
-        }
-    }
-
-    /// The page directory covering `va`, made on first use.
-    fn table_for(&mut self, va: u64) -> Result<u64, Refusal> {
-        let pdpt = self.child(PML4 + (va >> 39 & 511) * 8)?;
-        self.child(pdpt + (va >> 30 & 511) * 8)
-    }
-
-    /// The table entry `slot` points to, made if absent.
-    fn child(&mut self, slot: u64) -> Result<u64, Refusal> {
-        let e: u64 = self
-            .ctrl
-            .read_obj(MemoryRegionAddress(slot))
-            .map_err(|e| refuse(ErrorKind::Device, e.to_string()))?;
-        if e & pte::PRESENT != 0 {
-            return Ok(e & pte::ADDR_MASK);
-        }
-        if self.next_pt >= RINGS {
-            return Err(refuse(
-                ErrorKind::Exhausted,
-                "the session's page tables are full",
-            ));
-        }
-        let t = self.next_pt;
-        self.next_pt += 0x1000;
-        self.write_pte(slot, t | pte::PRESENT)?;
-        Ok(t)
-    }
-
-    fn write_pte(&self, at: u64, v: u64) -> Result<(), Refusal> {
-        self.ctrl
-            .write_obj(v, MemoryRegionAddress(at))
-            .map_err(|e| refuse(ErrorKind::Device, e.to_string()))
-    }
-
-    fn apply_dma(&self) -> Result<(), Refusal> {
-        let mut regions = vec![self.ctrl.clone()];
-        regions.extend(self.regions.values().map(|r| r.region.clone()));
-        let domain = DmaDomain::new(regions.iter().map(|r| (r.start_addr().0, r.len())));
-        let sys = GuestMemoryMmap::from_arc_regions(regions)
-            .map_err(|e| refuse(ErrorKind::Device, e.to_string()))?;
-        self.vgpu
-            .set_dma(sys, domain)
-            .map_err(|e| refuse(ErrorKind::Device, e.to_string()))
     }
 }
 

@@ -24,6 +24,7 @@ use vgpu_abi::{pci, regs};
 use vgpu_server::attach::DmaBudget;
 use vgpu_server::session::SessionServer;
 use vgpu_session::frame;
+use vgpu_session::link::Link;
 use vgpu_session::proto::{BufRef, Command, Request, VERSION};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -268,9 +269,10 @@ pub fn run(data: &[u8]) {
     let stop = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let mut server =
         SessionServer::new(&vgpu, "fuzz", "fuzz", Arc::new(DmaBudget::default())).expect("session");
-    server.serve(&server_side, &stop);
+    let mut link = Link::Unix(server_side);
+    server.serve(&mut link, &stop);
     drop(server);
-    drop(server_side);
+    drop(link);
     writer.join().expect("client thread");
     // The device still answers.
     let mut magic = [0u8; 4];

@@ -6,6 +6,8 @@
 //! With `TESSERA_REQUIRE_GUESTS=1` (set by `cargo xtask test`) a missing image fails the test
 //! instead of skipping it.
 
+pub mod workload;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

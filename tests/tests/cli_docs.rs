@@ -118,6 +118,7 @@ fn the_readme_synopsis_and_help_list_the_same_flags() {
         ("serve", &["serve"]),
         ("vgpu", &["vgpu"]),
         ("top", &["top"]),
+        ("tls", &["tls"]),
         ("bench boot", &["bench", "boot"]),
         ("bench vgpu", &["bench", "vgpu"]),
         ("bench sched", &["bench", "sched"]),

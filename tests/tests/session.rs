@@ -9,9 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use tessera_tests::{Server, Vmm, firmware, user_vm};
+use std::path::{Path, PathBuf};
+use tessera_tests::{Server, Vmm, firmware, user_vm, workload};
 use vgpu_abi::fault;
+
+use rustls::pki_types::pem::PemObject;
+use vgpu_session::link::Link;
 use vgpu_session::proto::{ErrorKind, Reply, Request};
+use vgpu_session::tls::{TlsAddr, TlsFiles};
 use vgpu_session::{Command, Session, SessionError, WaitResult};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -22,16 +27,6 @@ fn session(server: &Server, name: &str) -> Session {
         server.dir.join(format!("vgpu-{name}.session")).display()
     ))
     .expect("open a session")
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 fn refused(r: Result<impl std::fmt::Debug, SessionError>) -> (ErrorKind, String) {
@@ -50,151 +45,34 @@ fn a_session_runs_every_kernel_bit_exactly_in_client_memory_and_vram() {
         ("s1", "64M")
     );
     assert_eq!(s.info().vram, 64 << 20);
+    workload::check(&mut s).expect("the workload over a UNIX socket");
+    pipelined_submissions_are_answered_in_order(&mut s);
+}
+
+/// Many submissions sent before any reply is read: replies come in order.
+fn pipelined_submissions_are_answered_in_order(s: &mut Session) {
     let ctx = s.create_context().expect("context");
-
-    // SAXPY in client memory, zero copy: the GPU reads and writes the client's memfd.
-    let n = 1 << 20;
-    let (mem, host) = s.map_memory(8 * n).expect("client memory");
-    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 11.0).collect();
-    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * 1.13 + 0.5).collect();
-    host.write(0, &f32_bytes(&x)).unwrap();
-    host.write(4 * n, &f32_bytes(&y)).unwrap();
-    let a = 2.5f32;
-    s.run(
-        ctx,
-        &[Command::Saxpy {
-            n,
-            a,
-            x: mem.at(0),
-            y: mem.at(4 * n),
-        }],
-    )
-    .expect("saxpy");
-    let mut out = vec![0u8; 4 * n as usize];
-    host.read(4 * n, &mut out).unwrap();
-    let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| a.mul_add(*x, *y)).collect();
-    assert!(
-        f32s(&out)
-            .iter()
-            .zip(&want)
-            .all(|(g, w)| g.to_bits() == w.to_bits()),
-        "saxpy differs from the CPU's fused a·x + y"
-    );
-
-    // SGEMM with its operands in VRAM, written and read through the connection.
-    let (m, k, nn) = (48u64, 40u64, 56u64);
-    let am: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.0)
-        .collect();
-    let bm: Vec<f32> = (0..k * nn)
-        .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
-        .collect();
-    let va = s.alloc_vram(4 * m * k).unwrap();
-    let vb = s.alloc_vram(4 * k * nn).unwrap();
-    let vc = s.alloc_vram(4 * m * nn).unwrap();
-    s.write(va.at(0), &f32_bytes(&am)).unwrap();
-    s.write(vb.at(0), &f32_bytes(&bm)).unwrap();
-    s.run(
-        ctx,
-        &[Command::Sgemm {
-            m,
-            n: nn,
-            k,
-            a: va.at(0),
-            b: vb.at(0),
-            c: vc.at(0),
-        }],
-    )
-    .expect("sgemm");
-    let c = f32s(&s.read(vc.at(0), 4 * m * nn).unwrap());
-    for r in 0..m as usize {
-        for j in 0..nn as usize {
-            let want = (0..k as usize).fold(0f32, |acc, p| {
-                am[r * k as usize + p].mul_add(bm[p * nn as usize + j], acc)
-            });
-            assert_eq!(
-                c[r * nn as usize + j].to_bits(),
-                want.to_bits(),
-                "C[{r}][{j}]"
-            );
-        }
-    }
-
-    // COPY from VRAM to client memory, FILL, REDUCE_SUM and CRC-32 in one submission.
-    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
-    let (small, host2) = s.map_memory(1 << 20).unwrap();
-    let vd = s.alloc_vram(data.len() as u64).unwrap();
-    s.write(vd.at(0), &data).unwrap();
-    s.run(
-        ctx,
-        &[
-            Command::Copy {
-                src: vd.at(0),
-                dst: small.at(0),
-                len: data.len() as u64,
-            },
-            Command::Fill {
-                dst: small.at(200_000),
-                len: 4096,
-                value: 0x0102_0304,
-            },
-            Command::ReduceSum {
-                n: 25_000,
-                x: small.at(0),
-                out: small.at(300_000),
-            },
-            Command::Crc32 {
-                len: data.len() as u64,
-                src: vd.at(0),
-                out: small.at(300_008),
-            },
-        ],
-    )
-    .expect("copy, fill, reduce, crc");
-    let mut back = vec![0u8; data.len()];
-    host2.read(0, &mut back).unwrap();
-    assert_eq!(back, data, "COPY");
-    let mut filled = vec![0u8; 4096];
-    host2.read(200_000, &mut filled).unwrap();
-    assert!(filled.chunks_exact(4).all(|w| w == [4, 3, 2, 1]), "FILL");
-    let mut res = [0u8; 12];
-    host2.read(300_000, &mut res).unwrap();
-    let sum = data
-        .chunks_exact(4)
-        .map(|w| u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
-        .fold(0u64, u64::wrapping_add);
-    assert_eq!(
-        u64::from_le_bytes(res[..8].try_into().unwrap()),
-        sum,
-        "REDUCE_SUM"
-    );
-    assert_eq!(
-        u32::from_le_bytes(res[8..].try_into().unwrap()),
-        crc32fast::hash(&data),
-        "CRC32"
-    );
-
-    // Pipelined: many submissions sent before any reply is read, replies in order.
-    let ctx2 = s.create_context().unwrap();
+    let b = s.alloc_vram(4096).expect("VRAM");
     for _ in 0..200 {
         s.send(&Request::Submit {
-            ctx: ctx2,
+            ctx,
             commands: vec![Command::Fill {
-                dst: small.at(400_000),
+                dst: b.at(0),
                 len: 64,
                 value: 7,
             }],
         })
-        .unwrap();
+        .expect("send");
     }
     let fences: Vec<u64> = (0..200)
-        .map(|_| match s.recv().unwrap() {
+        .map(|_| match s.recv().expect("reply") {
             Reply::Submitted { fence } => fence,
             r => panic!("{r:?}"),
         })
         .collect();
     assert_eq!(fences, (1..=200).collect::<Vec<u64>>());
-    assert_eq!(s.wait(ctx2, 200, MINUTE).unwrap(), WaitResult::Done);
+    assert_eq!(s.wait(ctx, 200, MINUTE).expect("wait"), WaitResult::Done);
+    assert_eq!(s.read(b.at(0), 64).expect("read"), [7, 0, 0, 0].repeat(16));
 }
 
 #[test]
@@ -573,4 +451,214 @@ fn a_capped_session_gets_its_cap_of_an_idle_gpu() {
         (share - 0.25).abs() <= 0.01,
         "capped at 25 %, got {share:.4}"
     );
+}
+
+/// A server that also serves sessions over TCP with mutual TLS on loopback, with a test CA
+/// whose client certificate names `names`: the server, the TLS files' directory and the
+/// listener's address (from the log).
+fn tls_server(tag: &str, create: &[&str], names: &[&str]) -> (Server, PathBuf, String) {
+    let certs = std::env::temp_dir().join(format!("tessera-{tag}-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&certs);
+    test_ca(&certs, names);
+    let file = |f: &str| certs.join(f).display().to_string();
+    let mut args: Vec<String> = create.iter().map(|c| c.to_string()).collect();
+    args.extend(
+        [
+            "--session-tls",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &file("server.pem"),
+            "--tls-key",
+            &file("server-key.pem"),
+            "--tls-client-ca",
+            &file("ca.pem"),
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(tag, &args);
+    let log = server.log();
+    let addr = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tls="))
+        .unwrap_or_else(|| panic!("no TLS address in the log: {log}"))
+        .to_string();
+    (server, certs, addr)
+}
+
+/// `tessera tls test-ca DIR --instance …` (a fresh CA each time).
+fn test_ca(dir: &Path, names: &[&str]) {
+    let mut args = vec![
+        "tls",
+        "test-ca",
+        dir.to_str().expect("utf-8 path"),
+        "--force",
+    ];
+    for n in names {
+        args.extend(["--instance", n]);
+    }
+    let (status, out, err) = tessera_tests::run_tessera(&args, &[]);
+    assert!(status.success(), "test-ca: {out}{err}");
+}
+
+fn tls_files(dir: &Path) -> TlsFiles {
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client-key.pem"),
+    }
+}
+
+fn tls_addr(addr: &str, instance: &str) -> TlsAddr {
+    format!("tls://{addr}/{instance}").parse().expect("address")
+}
+
+/// The workload over TCP with mutual TLS: a separate process that finds its server and its
+/// certificates in the environment, as a program on a GPU-less machine would; then, in this
+/// process, client memory is refused (nothing is shared) and pipelined calls are answered in
+/// order.
+#[test]
+fn a_tls_session_runs_the_workload_bit_exactly_on_loopback() {
+    let (server, certs, addr) = tls_server("session-tls", &["--create", "64M:t1"], &["t1"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-client"))
+        .env("TESSERA_DEVICE", format!("tls://{addr}/t1"))
+        .env("TESSERA_TLS_DIR", &certs)
+        .output()
+        .expect("run the session client");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}\n{}", server.log());
+    assert_eq!(stdout.trim(), "session ok instance=t1");
+
+    let mut s = Session::connect_tls(&tls_addr(&addr, "t1"), &tls_files(&certs)).expect("session");
+    assert!(s.is_remote());
+    assert_eq!(
+        (s.info().instance.as_str(), s.info().vram),
+        ("t1", 64 << 20)
+    );
+    let err = s.map_memory(4096).expect_err("no shared memory over TLS");
+    assert!(err.to_string().contains("VRAM buffers"), "{err}");
+    pipelined_submissions_are_answered_in_order(&mut s);
+    // The VRAM quota holds here too.
+    let (kind, message) = refused(s.alloc_vram(65 << 20));
+    assert_eq!(kind, ErrorKind::BadArgument, "{message}");
+}
+
+/// Whether a client that got this far was served: it sends `Open` and `Hello` and reads.
+fn served(mut link: Link, instance: &str) -> Result<Reply, String> {
+    link.send(
+        &Request::Open {
+            instance: instance.into(),
+        },
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    link.send(
+        &Request::Hello {
+            version: vgpu_session::proto::VERSION,
+        },
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    match link.recv::<Reply>() {
+        Ok((Reply::Welcome { .. }, _)) => Ok(Reply::Done),
+        Ok((r, _)) => Err(format!("{r:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The TLS listener serves no one without a certificate from its client CA, nor plain TCP,
+/// nor a certificate that does not name the instance; the log says why each time, and a
+/// good client is served afterwards.
+#[test]
+fn the_tls_listener_refuses_clients_without_a_valid_certificate() {
+    let (server, certs, addr) = tls_server(
+        "session-tls-refusals",
+        &["--create", "64M:t1", "--create", "64M:t2"],
+        &["t1"],
+    );
+    let good = tls_files(&certs);
+    let connect = |config: Arc<rustls::ClientConfig>| {
+        let a = tls_addr(&addr, "t1");
+        vgpu_session::tls::connect(&a, config)
+    };
+
+    // No client certificate (the server's is trusted).
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::pem_file_iter(&good.ca)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    roots.add(ca).unwrap();
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+        #[allow(deprecated)]
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let r = connect(Arc::new(anonymous)).map_err(|e| e.to_string());
+    let r = r.and_then(|link| served(link, "t1"));
+    assert!(r.is_err(), "served without a certificate: {r:?}");
+
+    // A certificate from another CA that names the instance.
+    let other = certs.with_extension("other");
+    test_ca(&other, &["t1"]);
+    let foreign = TlsFiles {
+        ca: good.ca.clone(),
+        ..tls_files(&other)
+    };
+    let r = Session::connect_tls(&tls_addr(&addr, "t1"), &foreign);
+    assert!(r.is_err(), "served with another CA's certificate: {r:?}");
+
+    // Plain TCP speaking the session protocol.
+    let mut plain = std::net::TcpStream::connect(&addr).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for req in [
+        Request::Open {
+            instance: "t1".into(),
+        },
+        Request::Hello {
+            version: vgpu_session::proto::VERSION,
+        },
+    ] {
+        let _ = plain.write_all(&vgpu_session::frame::encode(&req).unwrap());
+    }
+    let mut back = Vec::new();
+    let _ = plain.read_to_end(&mut back);
+    let reply = vgpu_session::frame::read::<Reply>(&mut &back[..]);
+    assert!(
+        !matches!(reply, Ok(Reply::Welcome { .. })),
+        "plain TCP was served"
+    );
+
+    // A good certificate, for another instance.
+    let r = Session::connect_tls(&tls_addr(&addr, "t2"), &good);
+    let (kind, message) = refused(r);
+    assert_eq!(kind, ErrorKind::Protocol);
+    assert!(
+        message.contains("does not name instance \"t2\""),
+        "{message}"
+    );
+
+    let log = server.log();
+    for why in [
+        "TLS session refused: handshake: peer sent no certificates",
+        "TLS session refused: handshake: invalid peer certificate: UnknownIssuer",
+        "TLS session refused: handshake: received corrupt message",
+        "TLS session refused: the client certificate does not name instance \"t2\"",
+    ] {
+        assert!(log.contains(why), "the log does not say {why:?}:\n{log}");
+    }
+    // The server is unharmed: a good client is served.
+    let mut s = Session::connect_tls(&tls_addr(&addr, "t1"), &good).expect("a good client");
+    let ctx = s.create_context().unwrap();
+    s.run(ctx, &[Command::SpinUs { us: 10, groups: 1 }])
+        .expect("work");
 }

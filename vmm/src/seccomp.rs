@@ -150,6 +150,20 @@ fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::Back
         .collect()
 }
 
+/// `setsockopt(_, level, name)` for each of `names`.
+fn level_and_name(
+    level: libc::c_int,
+    names: &[libc::c_int],
+) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let eq = |arg, v: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
+    };
+    names
+        .iter()
+        .map(|&n| SeccompRule::new(vec![eq(1, level)?, eq(2, n)?]))
+        .collect()
+}
+
 fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
     for &c in calls {
         rules.insert(c, Vec::new());
@@ -316,11 +330,12 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             );
             allow(&mut r, &SOCKET_IO);
             r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
-            // The idle timeout of control connections.
-            r.insert(
-                libc::SYS_setsockopt,
-                any_of(2, &[libc::SO_RCVTIMEO as u64])?,
-            );
+            // The idle timeout of control connections; the timeouts of TLS session
+            // connections and their TCP_NODELAY (`vgpu_server::tls`).
+            let mut opts =
+                level_and_name(libc::SOL_SOCKET, &[libc::SO_RCVTIMEO, libc::SO_SNDTIMEO])?;
+            opts.extend(level_and_name(libc::IPPROTO_TCP, &[libc::TCP_NODELAY])?);
+            r.insert(libc::SYS_setsockopt, opts);
             // Finding an instance's connection and its peer (`vgpu_server::peer`).
             r.insert(
                 libc::SYS_getsockopt,

@@ -5,6 +5,7 @@
 
 mod bench;
 mod serve_cmd;
+mod tls_cmd;
 mod vgpu_cmd;
 mod vm_cmd;
 
@@ -39,6 +40,9 @@ enum Command {
     Vgpu(vgpu_cmd::VgpuArgs),
     /// Live per-vGPU statistics of a running `tessera serve`.
     Top(vgpu_cmd::TopArgs),
+    /// Certificates for GPU sessions over TCP with mutual TLS.
+    #[command(subcommand)]
+    Tls(tls_cmd::TlsCommand),
 }
 
 /// Status for bad usage.
@@ -111,5 +115,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve_cmd::serve(args),
         Command::Vgpu(args) => vgpu_cmd::vgpu(args),
         Command::Top(args) => vgpu_cmd::top(args),
+        Command::Tls(cmd) => tls_cmd::run(cmd),
     }
 }

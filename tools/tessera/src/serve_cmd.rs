@@ -302,6 +302,20 @@ pub struct ServeArgs {
     /// 0 picks a free one, and the log says which).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve GPU sessions over TCP with mutual TLS at ADDR (e.g. 0.0.0.0:7070; port 0 picks a
+    /// free one, and the log says which). Needs --tls-cert, --tls-key and --tls-client-ca.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    session_tls: Option<std::net::SocketAddr>,
+    /// The server's certificate chain (PEM), for --session-tls.
+    #[arg(long, value_name = "PATH", requires = "session_tls")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM), for --session-tls.
+    #[arg(long, value_name = "PATH", requires = "session_tls")]
+    tls_key: Option<PathBuf>,
+    /// The CA whose client certificates are accepted (PEM), for --session-tls. A client
+    /// certificate opens the instances its subjectAltName names as DNS names.
+    #[arg(long, value_name = "PATH", requires = "session_tls")]
+    tls_client_ca: Option<PathBuf>,
     /// Sandbox every server thread with a seccomp filter (false: for debugging only).
     #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
     seccomp: bool,
@@ -389,7 +403,8 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     }
-    // Bound before the sandbox: the listener is the only TCP socket the server opens.
+    // Bound before the sandbox: the metrics and TLS listeners are the only TCP sockets the
+    // server opens.
     if let Some(addr) = args.metrics_addr {
         match vgpu_server::metrics::MetricsServer::start(addr, daemon.clone()) {
             Ok(m) => {
@@ -397,6 +412,27 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("tessera: --metrics-addr {addr}: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    if let (Some(addr), Some(cert), Some(key), Some(ca)) = (
+        args.session_tls,
+        args.tls_cert,
+        args.tls_key,
+        args.tls_client_ca,
+    ) {
+        let files = vgpu_session::tls::TlsFiles { ca, cert, key };
+        let started = vgpu_session::tls::server_config(&files)
+            .map_err(|e| error_chain(&e))
+            .and_then(|config| {
+                vgpu_server::tls::TlsListener::start(addr, config, &daemon)
+                    .map_err(|e| format!("--session-tls {addr}: {e}"))
+            });
+        match started {
+            Ok(l) => tracing::info!(tls = %l.addr(), "sessions served over TLS"),
+            Err(e) => {
+                eprintln!("tessera: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         }

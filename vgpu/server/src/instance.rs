@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vgpu_session::link::Link;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::attach::{self, Attachment, DmaBudget, EventVectors};
 use crate::control::InstanceInfo;
 use crate::session::SessionServer;
+use crate::tls::RemoteQueue;
 use crate::{lock, peer};
 use vgpu::device::{Interrupts, Vgpu, VgpuMonitor, VgpuSetup};
 use vgpu::physical::{Lease, VgpuStats};
@@ -46,6 +48,8 @@ pub(crate) struct Instance {
     pub(crate) info: InstanceInfo,
     pub(crate) live: Arc<Live>,
     pub(crate) stop: Arc<EventFd>,
+    /// TLS sessions waiting for the thread.
+    pub(crate) remote: Arc<RemoteQueue>,
     pub(crate) thread: Option<JoinHandle<()>>,
 }
 
@@ -124,6 +128,8 @@ pub(crate) struct InstanceWorker {
     pub(crate) listener: UnixListener,
     /// Its session socket (`vgpu_session` clients).
     pub(crate) sessions: UnixListener,
+    /// Sessions that came over TLS ([`crate::tls`]).
+    pub(crate) remote: Arc<RemoteQueue>,
     pub(crate) live: Arc<Live>,
     pub(crate) stop: Arc<EventFd>,
     pub(crate) require_sealed: bool,
@@ -138,6 +144,7 @@ impl InstanceWorker {
         let fds = [
             self.listener.as_fd().as_raw_fd(),
             self.sessions.as_fd().as_raw_fd(),
+            self.remote.ready.as_raw_fd(),
         ];
         loop {
             let which = match wait_any(&fds, &self.stop) {
@@ -148,15 +155,18 @@ impl InstanceWorker {
                     return;
                 }
             };
-            self.live.attached.store(true, Ordering::Release);
-            if which == 1 {
-                if let Err(e) = self.session_once() {
-                    tracing::error!(name = self.name, "cannot serve a session: {e}");
+            if which == 2 {
+                let _ = self.remote.ready.read();
+                while let Some((link, peer)) = self.remote.pop() {
+                    self.session(link, None, &peer.to_string());
                 }
-                self.live.attachments.fetch_add(1, Ordering::AcqRel);
-                self.live.attached.store(false, Ordering::Release);
                 continue;
             }
+            if which == 1 {
+                self.unix_session();
+                continue;
+            }
+            self.live.attached.store(true, Ordering::Release);
             if let Err(e) = self.attach_once() {
                 tracing::error!(name = self.name, "cannot serve a client: {e}");
                 // Refuse the waiting client rather than spin on it.
@@ -226,11 +236,23 @@ impl InstanceWorker {
         Ok(())
     }
 
-    /// Serves one session client (`vgpu_session`) from connect to disconnect, on a fresh
-    /// vGPU and VRAM file as a VM would get.
-    fn session_once(&self) -> Result<(), String> {
-        let (sock, _) = self.sessions.accept().map_err(|e| e.to_string())?;
-        let peer = peer::of(sock.as_raw_fd()).ok_or("the session client has no credentials")?;
+    /// Accepts a client of the session socket; serves it if it is the instance's owner or
+    /// root.
+    fn unix_session(&self) {
+        let sock = match self.sessions.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::error!(name = self.name, "session socket: {e}");
+                return;
+            }
+        };
+        let Some(peer) = peer::of(sock.as_raw_fd()) else {
+            tracing::warn!(
+                name = self.name,
+                "session refused: the client has no credentials"
+            );
+            return;
+        };
         if peer.uid != self.owner && peer.uid != 0 {
             tracing::warn!(
                 name = self.name,
@@ -239,9 +261,26 @@ impl InstanceWorker {
                 "session refused: the instance belongs to uid {}",
                 self.owner
             );
-            return Ok(());
+            return;
         }
-        *lock(&self.live.peer) = Some(peer);
+        let who = format!("pid {} uid {}", peer.pid, peer.uid);
+        self.session(Link::Unix(sock), Some(peer), &who);
+    }
+
+    /// Serves one session client (`vgpu_session`) from its `Hello` to disconnect, on a fresh
+    /// vGPU and VRAM file as a VM would get.
+    fn session(&self, mut link: Link, peer: Option<peer::Peer>, who: &str) {
+        self.live.attached.store(true, Ordering::Release);
+        *lock(&self.live.peer) = peer;
+        if let Err(e) = self.serve_session(&mut link, who) {
+            tracing::error!(name = self.name, "cannot serve a session: {e}");
+        }
+        *lock(&self.live.peer) = None;
+        self.live.attachments.fetch_add(1, Ordering::AcqRel);
+        self.live.attached.store(false, Ordering::Release);
+    }
+
+    fn serve_session(&self, link: &mut Link, who: &str) -> Result<(), String> {
         let vram = self.lease.fresh_vram().map_err(|e| e.to_string())?;
         let vgpu = Vgpu::new(VgpuSetup {
             sched_params: self.params,
@@ -250,18 +289,12 @@ impl InstanceWorker {
         })
         .map_err(|e| devices::error_chain(&e))?;
         *lock(&self.live.monitor) = Some(vgpu.monitor());
-        tracing::info!(
-            name = self.name,
-            pid = peer.pid,
-            uid = peer.uid,
-            "session opened"
-        );
+        tracing::info!(name = self.name, client = who, "session opened");
         let served = SessionServer::new(&vgpu, &self.name, self.profile.name, self.budget.clone())
-            .map(|mut s| s.serve(&sock, &self.stop));
-        tracing::info!(name = self.name, "session closed");
+            .map(|mut s| s.serve(link, &self.stop));
+        tracing::info!(name = self.name, client = who, "session closed");
         self.fold_counters();
         drop(vgpu);
-        *lock(&self.live.peer) = None;
         vram.scrub();
         served
     }

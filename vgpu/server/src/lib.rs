@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod peer;
 pub mod remote;
 pub mod session;
+pub mod tls;
 
 pub use control::InstanceInfo;
 use instance::{Instance, InstanceWorker, Live, wait_readable};
@@ -584,12 +585,12 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let stop = Arc::new(
-            EventFd::new(EFD_NONBLOCK).map_err(|source| RequestError::Os {
-                what: "create an eventfd".into(),
-                source,
-            })?,
-        );
+        let eventfd = |source| RequestError::Os {
+            what: "create an eventfd".into(),
+            source,
+        };
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(eventfd)?);
+        let remote = Arc::new(tls::RemoteQueue::new().map_err(eventfd)?);
         let live = Arc::new(Live::default());
         let info = InstanceInfo {
             name: name.clone(),
@@ -613,6 +614,7 @@ impl Daemon {
             lease,
             listener,
             sessions,
+            remote: remote.clone(),
             live: live.clone(),
             stop: stop.clone(),
             require_sealed: self.opts.require_sealed,
@@ -639,10 +641,16 @@ impl Daemon {
                 info: info.clone(),
                 live,
                 stop,
+                remote,
                 thread: Some(thread),
             },
         );
         Ok(info)
+    }
+
+    /// Where TLS sessions of instance `name` wait for its thread.
+    pub(crate) fn remote_queue(&self, name: &str) -> Option<Arc<tls::RemoteQueue>> {
+        lock(&self.instances).get(name).map(|i| i.remote.clone())
     }
 
     /// A private listener at `path` (mode 0600) that belongs to `owner`.

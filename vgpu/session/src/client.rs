@@ -7,23 +7,29 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
 
-use crate::frame::{self, FrameError};
+use crate::frame::FrameError;
+use crate::link::Link;
 use crate::proto::{BufRef, Command, ErrorKind, MAX_WAIT_MS, Reply, Request, VERSION, WaitResult};
+use crate::tls::{self, TlsAddr, TlsError, TlsFiles};
 
-/// The environment variable naming the device a program uses (`unix:PATH`).
+/// The environment variable naming the device a program uses (`unix:PATH` or
+/// `tls://HOST:PORT/INSTANCE`).
 pub const DEVICE_ENV: &str = "TESSERA_DEVICE";
 
 /// Errors of a session.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The address is not one this client understands.
-    #[error("unknown device address {0:?} (expected unix:PATH)")]
+    #[error("unknown device address {0:?} (expected unix:PATH or tls://HOST:PORT/INSTANCE)")]
     Address(String),
     /// `TESSERA_DEVICE` is not set.
     #[error(
         "{DEVICE_ENV} is not set (for example {DEVICE_ENV}=unix:/run/tessera/vgpu-NAME.session)"
     )]
     NoDevice,
+    /// TLS could not be set up (files, configuration).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The server could not be reached.
     #[error("cannot connect to {path}")]
     Connect {
@@ -122,7 +128,7 @@ impl ClientMemory {
 /// A session: one connection to one instance.
 #[derive(Debug)]
 pub struct Session {
-    sock: UnixStream,
+    link: Link,
     info: SessionInfo,
 }
 
@@ -133,12 +139,17 @@ impl Session {
         Session::connect(&addr)
     }
 
-    /// Connects to `addr` (`unix:PATH`) and opens the session.
+    /// Connects to `addr` (`unix:PATH`, or `tls://HOST:PORT/INSTANCE` with the TLS files
+    /// the environment names: [`TlsFiles::from_env`]) and opens the session.
     pub fn connect(addr: &str) -> Result<Session, SessionError> {
-        let path = addr
-            .strip_prefix("unix:")
-            .ok_or_else(|| SessionError::Address(addr.to_string()))?;
-        Session::connect_unix(Path::new(path))
+        if let Some(path) = addr.strip_prefix("unix:") {
+            return Session::connect_unix(Path::new(path));
+        }
+        if addr.starts_with("tls://") {
+            let a: TlsAddr = addr.parse().map_err(SessionError::Address)?;
+            return Session::connect_tls(&a, &TlsFiles::from_env()?);
+        }
+        Err(SessionError::Address(addr.to_string()))
     }
 
     /// Connects to the session socket at `path` and opens the session.
@@ -147,8 +158,25 @@ impl Session {
             path: path.display().to_string(),
             source,
         })?;
+        Session::open(Link::Unix(sock), None)
+    }
+
+    /// Connects to instance `addr.instance` of the server at `addr` over TCP with mutual TLS
+    /// (this side's certificate and CA from `files`) and opens the session.
+    pub fn connect_tls(addr: &TlsAddr, files: &TlsFiles) -> Result<Session, SessionError> {
+        let config = tls::client_config(files)?;
+        let link = tls::connect(addr, config).map_err(|source| SessionError::Connect {
+            path: format!("{}:{}", addr.host, addr.port),
+            source,
+        })?;
+        Session::open(link, Some(&addr.instance))
+    }
+
+    /// Opens the session on `link` (naming `instance` first on TCP, where one listener
+    /// serves every instance).
+    fn open(link: Link, instance: Option<&str>) -> Result<Session, SessionError> {
         let mut s = Session {
-            sock,
+            link,
             info: SessionInfo {
                 instance: String::new(),
                 profile: String::new(),
@@ -156,6 +184,11 @@ impl Session {
                 contexts: 0,
             },
         };
+        if let Some(name) = instance {
+            s.send(&Request::Open {
+                instance: name.to_string(),
+            })?;
+        }
         match s.call(&Request::Hello { version: VERSION })? {
             Reply::Welcome {
                 instance,
@@ -181,15 +214,27 @@ impl Session {
         &self.info
     }
 
+    /// Whether the session runs over TLS (then there is no client memory: data goes inline
+    /// with [`Session::write`] and [`Session::read`]).
+    pub fn is_remote(&self) -> bool {
+        self.link.is_tls()
+    }
+
     /// Sends `req` without waiting for its reply (pipelining; [`Session::recv`] reads the
-    /// replies in order).
+    /// replies in order). Over TLS requests are batched: they leave when the session reads
+    /// a reply, when [`Session::flush`] is called, or when enough are queued.
     pub fn send(&mut self, req: &Request) -> Result<(), SessionError> {
-        Ok(frame::send(&self.sock, req, None)?)
+        Ok(self.link.send(req, None)?)
+    }
+
+    /// Sends the requests queued by [`Session::send`] now.
+    pub fn flush(&mut self) -> Result<(), SessionError> {
+        Ok(self.link.flush()?)
     }
 
     /// Reads the next reply; a refusal is an error.
     pub fn recv(&mut self) -> Result<Reply, SessionError> {
-        match frame::recv::<Reply>(&self.sock)?.0 {
+        match self.link.recv::<Reply>()?.0 {
             Reply::Error { kind, message } => Err(SessionError::Refused { kind, message }),
             r => Ok(r),
         }
@@ -218,6 +263,12 @@ impl Session {
     /// GPU reaches it as.
     pub fn map_memory(&mut self, size: u64) -> Result<(Buffer, ClientMemory), SessionError> {
         let mem = |e: &dyn std::fmt::Display| SessionError::Memory(e.to_string());
+        if self.link.is_tls() {
+            return Err(mem(
+                &"a remote (TLS) session shares no memory with its server: use VRAM buffers, \
+                  with write and read",
+            ));
+        }
         let file = memfd::MemfdOptions::new()
             .allow_sealing(true)
             .close_on_exec(true)
@@ -232,7 +283,7 @@ impl Session {
             size as usize,
         )
         .map_err(|e| mem(&e))?;
-        frame::send(&self.sock, &Request::MapMemory { size }, Some(&file))?;
+        self.link.send(&Request::MapMemory { size }, Some(&file))?;
         let b = buffer(self.recv()?)?;
         Ok((
             b,

@@ -1,5 +1,6 @@
 //! Frames on a stream socket: a little-endian `u32` length, then that many bytes of postcard.
-//! A frame may carry one file descriptor (SCM_RIGHTS, with its first bytes).
+//! On a UNIX socket a frame may carry one file descriptor (SCM_RIGHTS, with its first bytes);
+//! over TLS ([`crate::link`]) frames are the same bytes, without descriptors.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -27,6 +28,9 @@ pub enum FrameError {
     /// The bytes are not a message of this protocol.
     #[error("malformed message: {0}")]
     Malformed(#[from] postcard::Error),
+    /// A descriptor cannot travel on this connection (TCP).
+    #[error("file descriptors travel only on a UNIX socket")]
+    NoDescriptors,
 }
 
 /// Encodes `msg` as one frame.
@@ -75,14 +79,38 @@ pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Option<File>),
         }
         got += n;
     }
+    Ok((body(head, &mut &*sock)?, fd))
+}
+
+/// Reads one frame from a byte stream that carries no descriptors (TLS).
+pub fn read<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            // A peer that went away without closing TLS, between frames, has closed too.
+            Err(e) if got == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(FrameError::Closed);
+            }
+            Ok(0) => return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    body(head, r)
+}
+
+/// The message of a frame whose length is `head`, its bytes read from `r`.
+fn body<T: DeserializeOwned>(head: [u8; 4], r: &mut impl Read) -> Result<T, FrameError> {
     let len = u32::from_le_bytes(head) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLong(len));
     }
     let mut body = vec![0u8; len];
-    (&*sock).read_exact(&mut body)?;
-    let msg = postcard::from_bytes(&body)?;
-    Ok((msg, fd))
+    r.read_exact(&mut body)?;
+    Ok(postcard::from_bytes(&body)?)
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@
 //!
 //! - [`proto`]: the requests and replies.
 //! - [`frame`]: how they travel (length-prefixed postcard frames on a UNIX stream socket, a
-//!   memfd passed with SCM_RIGHTS for client memory).
+//!   memfd passed with SCM_RIGHTS for client memory), and [`link`]: on which connection (a
+//!   UNIX socket, or TCP with mutual TLS from [`tls`], data inline).
 //! - [`Session`]: the Rust client.
 
 pub mod client;
 pub mod frame;
+pub mod link;
 pub mod proto;
+pub mod tls;
 
 pub use client::{Buffer, ClientMemory, DEVICE_ENV, Session, SessionError, SessionInfo};
 pub use proto::{BufRef, Command, WaitResult};

@@ -179,6 +179,13 @@ pub enum Request {
         /// The context.
         ctx: u32,
     },
+    /// The first request on TCP, where one listener serves every instance: the instance to
+    /// open (the client's certificate must name it). No reply of its own: `Hello` follows,
+    /// and is answered by the instance (or an error ends the connection).
+    Open {
+        /// The instance's name.
+        instance: String,
+    },
 }
 
 /// How a wait ended.

@@ -11,15 +11,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::pci::PciDeviceSync;
 use vgpu::device::Vgpu;
 use vgpu_abi::{Packet, ctx_control, kernel, packet, pci, regs, wait};
-use vgpu_session::frame::{self, FrameError};
+use vgpu_session::frame::FrameError;
+use vgpu_session::link::Link;
 use vgpu_session::proto::{
     BufRef, Command, ErrorKind, MAX_BUFFERS, MAX_COMMANDS, MAX_INLINE, MAX_WAIT_MS, Reply, Request,
     VERSION, WaitResult,
@@ -118,15 +118,21 @@ impl<'a> SessionServer<'a> {
         })
     }
 
-    /// Serves `sock` until the client leaves, sends something that is not a request of this
-    /// protocol, or `stop` is signalled.
-    pub fn serve(&mut self, sock: &UnixStream, stop: &EventFd) {
+    /// Serves `link` until the client leaves, sends something that is not a request of this
+    /// protocol, or `stop` is signalled. Replies to pipelined requests that arrived together
+    /// leave together (over TLS; a UNIX link sends each at once).
+    pub fn serve(&mut self, link: &mut Link, stop: &EventFd) {
         loop {
-            match crate::instance::wait_readable(sock.as_raw_fd(), stop) {
-                Ok(true) => {}
-                Ok(false) | Err(_) => return,
+            if !link.buffered() {
+                if link.flush().is_err() {
+                    return;
+                }
+                match crate::instance::wait_readable(link.fd(), stop) {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => return,
+                }
             }
-            let (req, fd) = match frame::recv::<Request>(sock) {
+            let (req, fd) = match link.recv::<Request>() {
                 Ok(r) => r,
                 Err(FrameError::Closed) => return,
                 Err(FrameError::Io(e)) => {
@@ -135,7 +141,8 @@ impl<'a> SessionServer<'a> {
                 }
                 Err(e) => {
                     tracing::warn!(instance = self.instance, "session client refused: {e}");
-                    let _ = frame::send(sock, &error(ErrorKind::Protocol, e.to_string()), None);
+                    let _ = link.send(&error(ErrorKind::Protocol, e.to_string()), None);
+                    let _ = link.flush();
                     return;
                 }
             };
@@ -143,7 +150,7 @@ impl<'a> SessionServer<'a> {
             let reply = if protocol_error {
                 error(ErrorKind::Protocol, "the first request must be Hello")
             } else {
-                match self.handle(req, fd, sock) {
+                match self.handle(req, fd, link.fd()) {
                     Ok(r) => r,
                     Err(Refusal(kind, message)) => error(kind, message),
                 }
@@ -156,18 +163,14 @@ impl<'a> SessionServer<'a> {
                         ..
                     }
                 );
-            if frame::send(sock, &reply, None).is_err() || fatal {
+            if link.send(&reply, None).is_err() || fatal {
+                let _ = link.flush();
                 return;
             }
         }
     }
 
-    fn handle(
-        &mut self,
-        req: Request,
-        fd: Option<File>,
-        sock: &UnixStream,
-    ) -> Result<Reply, Refusal> {
+    fn handle(&mut self, req: Request, fd: Option<File>, sock: RawFd) -> Result<Reply, Refusal> {
         match req {
             Request::Hello { version } => {
                 if version != VERSION {
@@ -218,6 +221,10 @@ impl<'a> SessionServer<'a> {
                 self.enable(ctx);
                 Ok(Reply::Done)
             }
+            Request::Open { .. } => Err(refuse(
+                ErrorKind::Protocol,
+                "Open names an instance on TCP, before Hello; this session has one",
+            )),
         }
     }
 
@@ -524,7 +531,7 @@ impl<'a> SessionServer<'a> {
         ctx: u32,
         fence: u64,
         timeout_ms: u32,
-        sock: &UnixStream,
+        sock: RawFd,
     ) -> Result<Reply, Refusal> {
         let c = self.context(ctx)?;
         if fence > c.fence {
@@ -592,9 +599,9 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
 }
 
 /// Whether the peer of `sock` has hung up.
-fn hung_up(sock: &UnixStream) -> bool {
+fn hung_up(sock: RawFd) -> bool {
     let mut fds = [libc::pollfd {
-        fd: sock.as_raw_fd(),
+        fd: sock,
         events: libc::POLLRDHUP,
         revents: 0,
     }];

@@ -301,10 +301,18 @@ impl Session {
 
     /// Writes `data` at `at` (VRAM or client memory) through the connection.
     pub fn write(&mut self, at: BufRef, data: &[u8]) -> Result<(), SessionError> {
-        done(self.call(&Request::Write {
+        self.send_write(at, data)?;
+        done(self.recv()?)
+    }
+
+    /// Sends the `Write` of `data` at `at` without waiting for its reply (pipelining, like
+    /// [`Session::send`]); `data` is not copied into a message.
+    pub fn send_write(&mut self, at: BufRef, data: &[u8]) -> Result<(), SessionError> {
+        let empty = Request::Write {
             at,
-            data: data.to_vec(),
-        })?)
+            data: Vec::new(),
+        };
+        Ok(self.link.send_with_tail(&empty, data)?)
     }
 
     /// Reads `len` bytes at `at` through the connection.

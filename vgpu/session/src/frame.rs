@@ -44,6 +44,36 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// The frame of `msg` whose last field is an empty byte string, with `tail` as that field,
+/// as a head (length, and the message up to the field's bytes) to send before `tail`: the
+/// same bytes as [`encode`] of the message holding `tail`, without copying `tail`.
+///
+/// postcard writes a byte string as its length (a varint) and its bytes, and a message's
+/// last field last, so the head is the encoding with the empty field's length (one zero
+/// byte) replaced by `tail`'s.
+pub fn encode_head<T: Serialize>(msg: &T, tail: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let mut head = postcard::to_extend(msg, vec![0u8; 4])?;
+    if head.pop() != Some(0) {
+        return Err(FrameError::Malformed(postcard::Error::SerializeBufferFull));
+    }
+    let mut n = tail.len() as u64;
+    loop {
+        let low = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            head.push(low);
+            break;
+        }
+        head.push(low | 0x80);
+    }
+    let len = head.len() - 4 + tail.len();
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLong(len));
+    }
+    head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(head)
+}
+
 /// Sends `msg`, with `fd` when given.
 pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&File>) -> Result<(), FrameError> {
     let bytes = encode(msg)?;
@@ -59,6 +89,12 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&File>) -> Resu
 
 /// Receives one frame: the message, and a descriptor if one came with it.
 pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Option<File>), FrameError> {
+    let (len, fd) = recv_head(sock)?;
+    Ok((body(len, &mut &*sock)?, fd))
+}
+
+/// Reads a frame's length from `sock`, and a descriptor if one came with it.
+pub fn recv_head(sock: &UnixStream) -> Result<(usize, Option<File>), FrameError> {
     let mut head = [0u8; 4];
     let mut got = 0;
     let mut fd = None;
@@ -79,11 +115,17 @@ pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> Result<(T, Option<File>),
         }
         got += n;
     }
-    Ok((body(head, &mut &*sock)?, fd))
+    Ok((frame_len(head)?, fd))
 }
 
 /// Reads one frame from a byte stream that carries no descriptors (TLS).
 pub fn read<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let len = read_head(r)?;
+    body(len, r)
+}
+
+/// Reads a frame's length from a byte stream that carries no descriptors.
+pub fn read_head(r: &mut impl Read) -> Result<usize, FrameError> {
     let mut head = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -99,15 +141,19 @@ pub fn read<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
             Err(e) => return Err(e.into()),
         }
     }
-    body(head, r)
+    frame_len(head)
 }
 
-/// The message of a frame whose length is `head`, its bytes read from `r`.
-fn body<T: DeserializeOwned>(head: [u8; 4], r: &mut impl Read) -> Result<T, FrameError> {
+fn frame_len(head: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(head) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLong(len));
     }
+    Ok(len)
+}
+
+/// The message of a frame of `len` bytes, read from `r`.
+fn body<T: DeserializeOwned>(len: usize, r: &mut impl Read) -> Result<T, FrameError> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Ok(postcard::from_bytes(&body)?)
@@ -142,6 +188,37 @@ mod tests {
         assert_eq!((got, fd.is_none()), (Request::CreateContext, true));
         drop(a);
         assert!(matches!(recv::<Request>(&b), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn a_head_and_its_tail_are_the_frame_of_the_whole_message() {
+        use crate::proto::Reply;
+        for len in [0usize, 1, 127, 128, 300, 16_384, 1 << 21] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let at = BufRef {
+                buffer: 9,
+                offset: 1 << 40,
+            };
+            let empty = Request::Write {
+                at,
+                data: Vec::new(),
+            };
+            let mut whole = encode_head(&empty, &data).unwrap();
+            whole.extend_from_slice(&data);
+            assert_eq!(
+                whole,
+                encode(&Request::Write {
+                    at,
+                    data: data.clone()
+                })
+                .unwrap()
+            );
+            let mut whole = encode_head(&Reply::Data { data: Vec::new() }, &data).unwrap();
+            whole.extend_from_slice(&data);
+            assert_eq!(whole, encode(&Reply::Data { data }).unwrap());
+        }
+        // A message whose last field is not an empty byte string has no head.
+        assert!(encode_head(&Request::CreateContext, b"x").is_err());
     }
 
     #[test]

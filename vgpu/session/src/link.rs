@@ -7,7 +7,7 @@
 //! sends its replies in one batch.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -17,9 +17,31 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::frame::{self, FrameError};
+use crate::proto::{BufRef, Request, WRITE_HEAD_MAX, write_head};
 
 /// Pending TLS bytes that make a link send before it is asked to.
 pub const FLUSH_AT: usize = 256 << 10;
+
+/// Bytes one read of a TLS link's socket may bring (rustls asks for 4 KiB at a time: one
+/// system call per 4 KiB, a quarter of a record, would cost more than the cipher).
+const READ_AHEAD: usize = 256 << 10;
+
+/// A request as the server receives it.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A whole request, and the descriptor that came with it.
+    Request(Request, Option<File>),
+    /// A `Write` of `len` bytes at `at`: `first` holds its first bytes, the rest are still in
+    /// the link ([`Link::read_exact`] them, all of them, before the next frame).
+    Write {
+        /// Where.
+        at: BufRef,
+        /// How many bytes.
+        len: u64,
+        /// The first of them.
+        first: Vec<u8>,
+    },
+}
 
 /// A connection between a session client and its server.
 #[derive(Debug)]
@@ -34,7 +56,8 @@ pub enum Link {
 #[derive(Debug)]
 pub struct Tls {
     conn: rustls::Connection,
-    sock: TcpStream,
+    /// The socket; what it brought and rustls has not taken yet waits in the buffer.
+    sock: BufReader<TcpStream>,
     unflushed: usize,
 }
 
@@ -50,7 +73,7 @@ impl Tls {
         conn.set_buffer_limit(None);
         Tls {
             conn,
-            sock,
+            sock: BufReader::with_capacity(READ_AHEAD, sock),
             unflushed: 0,
         }
     }
@@ -59,7 +82,7 @@ impl Tls {
     /// refused it; the other side learns it from an alert on its first read).
     pub fn handshake(&mut self) -> std::io::Result<()> {
         while self.conn.is_handshaking() {
-            self.conn.complete_io(&mut self.sock)?;
+            self.conn.complete_io(self.sock.get_mut())?;
         }
         self.flush()
     }
@@ -71,7 +94,7 @@ impl Tls {
 
     fn flush(&mut self) -> std::io::Result<()> {
         while self.conn.wants_write() {
-            self.conn.write_tls(&mut self.sock)?;
+            self.conn.write_tls(self.sock.get_mut())?;
         }
         self.unflushed = 0;
         Ok(())
@@ -86,11 +109,14 @@ impl Tls {
         Ok(())
     }
 
-    /// Whether decrypted bytes wait to be read (a poll of the socket would not show them).
+    /// Whether bytes wait in the link, decrypted or not (a poll of the socket would not show
+    /// them).
     fn buffered(&mut self) -> bool {
-        self.conn
-            .process_new_packets()
-            .is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
+        !self.sock.buffer().is_empty()
+            || self
+                .conn
+                .process_new_packets()
+                .is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
     }
 }
 
@@ -133,6 +159,27 @@ impl Link {
         }
     }
 
+    /// Sends `msg`, whose last field is an empty byte string, with `tail` as that field
+    /// ([`frame::encode_head`]), without copying `tail` into a frame: large writes and reads
+    /// stream from the caller's buffer into the socket (through the cipher, 64 KiB at a
+    /// time, over TLS).
+    pub fn send_with_tail<T: Serialize>(&mut self, msg: &T, tail: &[u8]) -> Result<(), FrameError> {
+        let head = frame::encode_head(msg, tail)?;
+        match self {
+            Link::Unix(s) => {
+                (&*s).write_all(&head)?;
+                (&*s).write_all(tail)?;
+            }
+            Link::Tls(t) => {
+                t.write(&head)?;
+                for piece in tail.chunks(64 << 10) {
+                    t.write(piece)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sends what is queued.
     pub fn flush(&mut self) -> Result<(), FrameError> {
         match self {
@@ -149,6 +196,39 @@ impl Link {
         }
     }
 
+    /// Receives a request; a `Write` comes as its head, its data left in the link.
+    pub fn recv_request(&mut self) -> Result<Incoming, FrameError> {
+        let (len, fd) = match self {
+            Link::Unix(s) => frame::recv_head(s)?,
+            Link::Tls(t) => (frame::read_head(&mut **t)?, None),
+        };
+        let mut body = vec![0u8; len.min(WRITE_HEAD_MAX)];
+        self.read_exact(&mut body)?;
+        if fd.is_none()
+            && let Some((at, n, used)) = write_head(&body)
+            && (used as u64).checked_add(n) == Some(len as u64)
+        {
+            return Ok(Incoming::Write {
+                at,
+                len: n,
+                first: body.split_off(used),
+            });
+        }
+        let start = body.len();
+        body.resize(len, 0);
+        self.read_exact(&mut body[start..])?;
+        Ok(Incoming::Request(postcard::from_bytes(&body)?, fd))
+    }
+
+    /// Reads exactly `buf.len()` bytes of the frame being received.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
+        match self {
+            Link::Unix(s) => (&*s).read_exact(buf)?,
+            Link::Tls(t) => t.read_exact(buf)?,
+        }
+        Ok(())
+    }
+
     /// Whether a frame's bytes already arrived and wait, decrypted, in the link: then a poll
     /// of [`Link::fd`] need not say so.
     pub fn buffered(&mut self) -> bool {
@@ -162,7 +242,7 @@ impl Link {
     pub fn fd(&self) -> RawFd {
         match self {
             Link::Unix(s) => s.as_raw_fd(),
-            Link::Tls(t) => t.sock.as_raw_fd(),
+            Link::Tls(t) => t.sock.get_ref().as_raw_fd(),
         }
     }
 
@@ -174,8 +254,8 @@ impl Link {
                 s.set_write_timeout(d)
             }
             Link::Tls(t) => {
-                t.sock.set_read_timeout(d)?;
-                t.sock.set_write_timeout(d)
+                t.sock.get_ref().set_read_timeout(d)?;
+                t.sock.get_ref().set_write_timeout(d)
             }
         }
     }

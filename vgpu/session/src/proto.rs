@@ -30,6 +30,21 @@ pub const MAX_BUFFERS: usize = 4096;
 /// Longest `Wait` (ms); a longer one is refused.
 pub const MAX_WAIT_MS: u32 = 600_000;
 
+/// Longest head of a `Write` frame: its variant, its `at` and its data's length, as postcard
+/// varints.
+pub const WRITE_HEAD_MAX: usize = 5 + 5 + 10 + 10;
+
+/// The position of [`Request::Write`] in [`Request`] (postcard's variant number).
+const WRITE_VARIANT: u32 = 5;
+
+/// If `bytes` start a `Write` request: where it writes, how many bytes, and how many bytes of
+/// `bytes` the head took (its data follows them). A server reads the head, checks it, and
+/// moves the data into place as it arrives, without holding the whole message.
+pub fn write_head(bytes: &[u8]) -> Option<(BufRef, u64, usize)> {
+    let ((variant, at, len), rest) = postcard::take_from_bytes::<(u32, BufRef, u64)>(bytes).ok()?;
+    (variant == WRITE_VARIANT).then_some((at, len, bytes.len() - rest.len()))
+}
+
 /// A buffer and a byte offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufRef {
@@ -274,4 +289,42 @@ pub enum Reply {
         /// One line saying what and why.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_of_a_write_is_found_and_nothing_else_is_taken_for_one() {
+        for (buffer, offset, len) in [
+            (1u32, 0u64, 0usize),
+            (u32::MAX, u64::MAX, 300),
+            (7, 1 << 40, 5),
+        ] {
+            let at = BufRef { buffer, offset };
+            let data = vec![0xabu8; len];
+            let bytes = postcard::to_stdvec(&Request::Write { at, data }).unwrap();
+            let (got, n, used) = write_head(&bytes).expect("a write head");
+            assert_eq!((got, n, used + len), (at, len as u64, bytes.len()));
+            assert!(used <= WRITE_HEAD_MAX);
+        }
+        for other in [
+            Request::Hello { version: 1 },
+            Request::Read {
+                at: BufRef {
+                    buffer: 1,
+                    offset: 2,
+                },
+                len: 3,
+            },
+            Request::Free { buffer: 5 },
+        ] {
+            assert_eq!(
+                write_head(&postcard::to_stdvec(&other).unwrap()),
+                None,
+                "{other:?}"
+            );
+        }
+    }
 }

@@ -2,14 +2,20 @@
 //! side in one run. A vGPU server runs in this process with one instance; a session opens on
 //! its UNIX socket (operands in client memory, zero copy) and runs the same batches as a host
 //! process driving an identical vGPU directly (`bench vgpu`'s native runs). Then the cost of
-//! one call (an empty submission and its wait) and the rate of pipelined small calls.
+//! one call (an empty submission and its wait) and the rate of pipelined small calls. Then the
+//! same instance over TCP with mutual TLS on loopback (a test CA made for the run): the same
+//! call measurements, and the bandwidth of large writes into VRAM against a plain TCP copy of
+//! the same bytes between two threads of this process.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
 use vgpu::physical::GpuKind;
 use vgpu_session::proto::{Reply, Request};
+use vgpu_session::tls::{TlsAddr, TlsFiles};
 use vgpu_session::{Command, Session, WaitResult};
 
 use super::median;
@@ -49,6 +55,85 @@ struct Report {
     unix_call_p99_us: f64,
     /// Empty submissions sent back to back, replies read after (calls per second).
     unix_pipelined_calls_per_s: f64,
+    /// The same over TCP with mutual TLS on loopback.
+    tls_call_p50_us: f64,
+    tls_call_p99_us: f64,
+    tls_pipelined_calls_per_s: f64,
+    /// Pipelined small-call rate over TLS ÷ over the UNIX socket (target ≥ 0.5).
+    tls_over_unix_calls: f64,
+    /// Large writes into VRAM over TLS (MB/s, 10^6 bytes).
+    tls_write_mb_s: f64,
+    /// Large reads from VRAM over TLS (MB/s).
+    tls_read_mb_s: f64,
+    /// The same bytes through a plain TCP socket on loopback, between two threads (MB/s).
+    plain_tcp_mb_s: f64,
+    /// TLS writes ÷ the plain socket copy (target ≥ 0.9).
+    tls_over_plain_copy: f64,
+}
+
+/// Bytes of one large write or read, and how many make one bandwidth run.
+const CHUNK: u64 = 8 << 20;
+const CHUNKS: u64 = 32;
+
+/// Writes (`read` false) or reads `CHUNKS` chunks of `CHUNK` bytes of VRAM through `s`,
+/// pipelined (up to 4 requests ahead); MB/s.
+fn inline_mb_s(s: &mut Session, read: bool) -> Result<f64, String> {
+    let e = |e: vgpu_session::SessionError| e.to_string();
+    let buf = s.alloc_vram(CHUNK).map_err(e)?;
+    let data: Vec<u8> = (0..CHUNK).map(|i| (i * 13 % 251) as u8).collect();
+    let t = Instant::now();
+    let (mut sent, mut done) = (0, 0);
+    while done < CHUNKS {
+        while sent < CHUNKS && sent - done < 4 {
+            if read {
+                s.send(&Request::Read {
+                    at: buf.at(0),
+                    len: CHUNK,
+                })
+            } else {
+                s.send_write(buf.at(0), &data)
+            }
+            .map_err(e)?;
+            sent += 1;
+        }
+        match s.recv().map_err(e)? {
+            Reply::Done | Reply::Data { .. } => done += 1,
+            r => return Err(format!("unexpected reply {r:?}")),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    s.free(buf).map_err(e)?;
+    Ok((CHUNK * CHUNKS) as f64 / secs / 1e6)
+}
+
+/// The same bytes as [`inline_mb_s`] through a plain TCP connection on loopback, from this
+/// thread to another that reads them into a buffer; MB/s.
+fn plain_tcp_mb_s() -> Result<f64, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let addr = listener.local_addr().map_err(io)?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for _ in 0..CHUNKS {
+            c.read_exact(&mut buf)?;
+        }
+        c.write_all(&[1])
+    });
+    let mut c = TcpStream::connect(addr).map_err(io)?;
+    c.set_nodelay(true).map_err(io)?;
+    let data: Vec<u8> = (0..CHUNK).map(|i| (i * 13 % 251) as u8).collect();
+    let t = Instant::now();
+    for _ in 0..CHUNKS {
+        c.write_all(&data).map_err(io)?;
+    }
+    c.read_exact(&mut [0u8]).map_err(io)?;
+    let secs = t.elapsed().as_secs_f64();
+    reader
+        .join()
+        .map_err(|_| "the reader thread panicked".to_string())?
+        .map_err(io)?;
+    Ok((CHUNK * CHUNKS) as f64 / secs / 1e6)
 }
 
 /// Runs `(name, size, batch)` once through the session: operands in client memory, the
@@ -156,9 +241,47 @@ pub fn run(args: SessionArgs) -> Result<(), String> {
         xg.push(session_ms(&mut s, ctx, SAXPY)?);
         xd.push(native_ms(profile, SAXPY, args.gpu)?);
     }
-    progress.step("per-call latency and pipelined rate");
+    progress.step("per-call latency and pipelined rate, UNIX socket then TLS");
     let lat = call_latency(&mut s, ctx, args.calls)?;
     let rate = pipelined_rate(&mut s, ctx, args.calls)?;
+    // One client at a time: the TLS session is served once this one has left.
+    drop(s);
+    let pki = std::env::temp_dir().join(format!("tessera-bench-pki-{}", std::process::id()));
+    crate::tls_cmd::test_ca(&pki, &["localhost".into()], &["bench".into()])?;
+    let files = TlsFiles {
+        ca: pki.join("ca.pem"),
+        cert: pki.join("client.pem"),
+        key: pki.join("client-key.pem"),
+    };
+    let tls = vgpu_session::tls::server_config(&TlsFiles {
+        cert: pki.join("server.pem"),
+        key: pki.join("server-key.pem"),
+        ..files.clone()
+    })
+    .map_err(|e| e.to_string())?;
+    let listener = vgpu_server::tls::TlsListener::start(
+        "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        tls,
+        &server.daemon,
+    )
+    .map_err(|e| e.to_string())?;
+    let addr = TlsAddr {
+        host: "localhost".into(),
+        port: listener.addr().port(),
+        instance: "bench".into(),
+    };
+    let mut t = Session::connect_tls(&addr, &files).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&pki);
+    let ctx = t.create_context().map_err(|e| e.to_string())?;
+    let tls_lat = call_latency(&mut t, ctx, args.calls)?;
+    let tls_rate = pipelined_rate(&mut t, ctx, args.calls)?;
+    let (mut tw, mut tr, mut pl) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        tw.push(inline_mb_s(&mut t, false)?);
+        tr.push(inline_mb_s(&mut t, true)?);
+        pl.push(plain_tcp_mb_s()?);
+    }
+    let (tls_write_mb_s, plain_tcp_mb_s) = (median(&tw), median(&pl));
     let pick = |v: &[f64], q: usize| v[((v.len() - 1) * q / 100).min(v.len() - 1)];
     let (sgemm_session_ms, sgemm_device_ms) = (median(&sg), median(&sd));
     let (saxpy_session_ms, saxpy_device_ms) = (median(&xg), median(&xd));
@@ -172,6 +295,14 @@ pub fn run(args: SessionArgs) -> Result<(), String> {
         unix_call_p50_us: pick(&lat, 50),
         unix_call_p99_us: pick(&lat, 99),
         unix_pipelined_calls_per_s: rate,
+        tls_call_p50_us: pick(&tls_lat, 50),
+        tls_call_p99_us: pick(&tls_lat, 99),
+        tls_pipelined_calls_per_s: tls_rate,
+        tls_over_unix_calls: tls_rate / rate,
+        tls_write_mb_s,
+        tls_read_mb_s: median(&tr),
+        plain_tcp_mb_s,
+        tls_over_plain_copy: tls_write_mb_s / plain_tcp_mb_s,
     };
     if args.json {
         return super::print_json(&r);
@@ -191,8 +322,23 @@ pub fn run(args: SessionArgs) -> Result<(), String> {
     );
     println!("  session ÷ device throughput {:.3}", r.unix_over_device);
     println!(
-        "one call (empty submission + wait): p50 {:.1} µs, p99 {:.1} µs; pipelined {:.0} calls/s",
+        "one call (empty submission + wait), UNIX socket: p50 {:.1} µs, p99 {:.1} µs; \
+         pipelined {:.0} calls/s",
         r.unix_call_p50_us, r.unix_call_p99_us, r.unix_pipelined_calls_per_s
+    );
+    println!(
+        "one call, TCP + mutual TLS on loopback: p50 {:.1} µs, p99 {:.1} µs; pipelined {:.0} \
+         calls/s ({:.3} of the UNIX socket's)",
+        r.tls_call_p50_us, r.tls_call_p99_us, r.tls_pipelined_calls_per_s, r.tls_over_unix_calls
+    );
+    println!(
+        "large copies over TLS ({} MiB requests): write {:.0} MB/s, read {:.0} MB/s; plain TCP \
+         {:.0} MB/s; TLS write ÷ plain {:.3}",
+        CHUNK >> 20,
+        r.tls_write_mb_s,
+        r.tls_read_mb_s,
+        r.plain_tcp_mb_s,
+        r.tls_over_plain_copy
     );
     Ok(())
 }

@@ -206,7 +206,7 @@ impl Series {
 
 /// A vfio-user server in this process with one instance of `profile`; stops when dropped.
 pub(super) struct BenchServer {
-    daemon: Arc<vgpu_server::Daemon>,
+    pub(super) daemon: Arc<vgpu_server::Daemon>,
     stop: Arc<vmm_sys_util::eventfd::EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: PathBuf,

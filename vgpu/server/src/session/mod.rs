@@ -19,7 +19,7 @@ use devices::pci::PciDeviceSync;
 use vgpu::device::Vgpu;
 use vgpu_abi::{Packet, ctx_control, kernel, packet, pci, regs, wait};
 use vgpu_session::frame::FrameError;
-use vgpu_session::link::Link;
+use vgpu_session::link::{Incoming, Link};
 use vgpu_session::proto::{
     BufRef, Command, ErrorKind, MAX_BUFFERS, MAX_COMMANDS, MAX_INLINE, MAX_WAIT_MS, Reply, Request,
     VERSION, WaitResult,
@@ -132,7 +132,7 @@ impl<'a> SessionServer<'a> {
                     Ok(false) | Err(_) => return,
                 }
             }
-            let (req, fd) = match link.recv::<Request>() {
+            let incoming = match link.recv_request() {
                 Ok(r) => r,
                 Err(FrameError::Closed) => return,
                 Err(FrameError::Io(e)) => {
@@ -146,11 +146,27 @@ impl<'a> SessionServer<'a> {
                     return;
                 }
             };
-            let protocol_error = !self.greeted && !matches!(req, Request::Hello { .. });
+            let protocol_error =
+                !self.greeted && !matches!(incoming, Incoming::Request(Request::Hello { .. }, _));
             let reply = if protocol_error {
                 error(ErrorKind::Protocol, "the first request must be Hello")
             } else {
-                match self.handle(req, fd, link.fd()) {
+                let handled = match incoming {
+                    Incoming::Request(req, fd) => self.handle(req, fd, link.fd()),
+                    Incoming::Write { at, len, first } => {
+                        match self.write_from(link, at, len, &first) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::info!(
+                                    instance = self.instance,
+                                    "session connection lost in a write: {e}"
+                                );
+                                return;
+                            }
+                        }
+                    }
+                };
+                match handled {
                     Ok(r) => r,
                     Err(Refusal(kind, message)) => error(kind, message),
                 }
@@ -163,7 +179,14 @@ impl<'a> SessionServer<'a> {
                         ..
                     }
                 );
-            if link.send(&reply, None).is_err() || fatal {
+            let sent = match reply {
+                // The bytes read go out from where they were read to.
+                Reply::Data { data } => {
+                    link.send_with_tail(&Reply::Data { data: Vec::new() }, &data)
+                }
+                r => link.send(&r, None),
+            };
+            if sent.is_err() || fatal {
                 let _ = link.flush();
                 return;
             }
@@ -226,6 +249,39 @@ impl<'a> SessionServer<'a> {
                 "Open names an instance on TCP, before Hello; this session has one",
             )),
         }
+    }
+
+    /// A `Write` whose data is still in `link`: its extent is checked first, then its bytes
+    /// go into place [`STREAM_CHUNK`] at a time as they arrive, never held whole. A refused
+    /// write still takes its bytes off the link (the next frame follows them). `Err`: the
+    /// link failed.
+    fn write_from(
+        &mut self,
+        link: &mut Link,
+        at: BufRef,
+        len: u64,
+        first: &[u8],
+    ) -> Result<Result<Reply, Refusal>, FrameError> {
+        let mut outcome = self.extent(at, len).map(|_| Reply::Done);
+        let mut put = |this: &Self, done: u64, bytes: &[u8]| {
+            if outcome.is_ok()
+                && let Err(r) = this
+                    .extent(at, len)
+                    .and_then(|b| this.access(b, at.offset + done, Access::Write(bytes)))
+            {
+                outcome = Err(r);
+            }
+        };
+        put(self, 0, first);
+        let mut done = first.len() as u64;
+        let mut scratch = vec![0u8; STREAM_CHUNK.min(len - done) as usize];
+        while done < len {
+            let n = STREAM_CHUNK.min(len - done) as usize;
+            link.read_exact(&mut scratch[..n])?;
+            put(self, done, &scratch[..n]);
+            done += n as u64;
+        }
+        Ok(outcome)
     }
 
     fn reg(&self, off: u64) -> u32 {
@@ -582,6 +638,9 @@ impl<'a> SessionServer<'a> {
         }
     }
 }
+
+/// Bytes of a streamed `Write` moved at a time (they stay in the CPU's caches).
+const STREAM_CHUNK: u64 = 64 << 10;
 
 /// How long a full ring may stay full before a submission gives up.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(60);

@@ -81,7 +81,7 @@ fn bufref(input: &mut Input<'_>) -> BufRef {
 }
 
 fn command(input: &mut Input<'_>) -> Command {
-    match input.u8() % 7 {
+    match input.u8() % 8 {
         0 => Command::Copy {
             src: bufref(input),
             dst: bufref(input),
@@ -115,6 +115,9 @@ fn command(input: &mut Input<'_>) -> Command {
             len: small(input),
             src: bufref(input),
             out: bufref(input),
+        },
+        7 => Command::Timestamp {
+            dst: bufref(input),
         },
         _ => Command::SpinUs {
             us: u64::from(input.u8()),

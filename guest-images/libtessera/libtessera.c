@@ -15,9 +15,64 @@
 
 #define TESSERA_EXPORT __attribute__((visibility("default")))
 
+struct tessera__sess;
+
 struct tessera_dev {
-	int fd;
+	int fd;			/* the device node, or -1 for a session */
+	struct tessera__sess *sess;
 };
+
+#ifdef TESSERA_SESSIONS
+/* The session transports (vgpu/capi, a Rust static library linked in: SESSION_LIB=). */
+struct tessera__sess *tessera__sess_open(const char *addr);
+void tessera__sess_close(struct tessera__sess *s);
+const char *tessera__sess_error(void);
+int tessera__sess_info(struct tessera__sess *s, uint64_t *vram_size, uint64_t *vram_free,
+		       uint32_t *contexts, uint32_t *max_packets, uint32_t *kernels,
+		       uint32_t *version);
+int tessera__sess_bo_create(struct tessera__sess *s, uint64_t size, uint32_t flags,
+			    uint64_t *va, void **cpu, uint64_t *size_out);
+void tessera__sess_bo_destroy(struct tessera__sess *s, uint64_t va);
+int tessera__sess_submit(struct tessera__sess *s, const void *packets, uint32_t count,
+			 uint64_t *seqno);
+int tessera__sess_wait(struct tessera__sess *s, uint64_t seqno, int64_t timeout_ns);
+int tessera__sess_state(struct tessera__sess *s, uint32_t *faulted, uint32_t *code,
+			uint32_t *faults, uint64_t *addr, uint64_t *submitted,
+			uint64_t *completed);
+int tessera__sess_recover(struct tessera__sess *s);
+#endif
+
+static __thread char last_error[256];
+
+static int failed(int err, const char *what)
+{
+	snprintf(last_error, sizeof(last_error), "%s: %s", what, strerror(-err));
+	return err;
+}
+
+#ifdef TESSERA_SESSIONS
+/* A session call's result; its reason is kept for tessera_last_error(). */
+static int sess_result(int err)
+{
+	if (err)
+		snprintf(last_error, sizeof(last_error), "%s", tessera__sess_error());
+	return err;
+}
+#endif
+
+/* Whether `addr` names a session (unix:PATH, tls://HOST:PORT/INSTANCE), not a device node. */
+static int is_session(const char *addr)
+{
+	return !strncmp(addr, "unix:", 5) || !strncmp(addr, "tls://", 6);
+}
+
+/* TESSERA_DEVICE, when set and not empty. */
+static const char *device_env(void)
+{
+	const char *e = getenv("TESSERA_DEVICE");
+
+	return e && *e ? e : NULL;
+}
 
 struct tessera_bo {
 	tessera_dev *dev;
@@ -42,11 +97,19 @@ static int xioctl(tessera_dev *dev, unsigned long req, void *arg)
 	return r < 0 ? neg_errno() : 0;
 }
 
+TESSERA_EXPORT const char *tessera_last_error(void)
+{
+	return last_error;
+}
+
 TESSERA_EXPORT int tessera_count(void)
 {
 	char path[64];
 	struct stat st;
 	int n = 0;
+
+	if (device_env())
+		return 1;
 
 	for (;;) {
 		snprintf(path, sizeof(path), TVGPU_DEV_DIR "/vgpu%d", n);
@@ -59,13 +122,31 @@ TESSERA_EXPORT int tessera_count(void)
 TESSERA_EXPORT tessera_dev *tessera_open_path(const char *path)
 {
 	tessera_dev *dev = calloc(1, sizeof(*dev));
+	int e;
 
 	if (!dev)
 		return NULL;
+	dev->fd = -1;
+	if (is_session(path)) {
+#ifdef TESSERA_SESSIONS
+		dev->sess = tessera__sess_open(path);
+		if (dev->sess)
+			return dev;
+		e = errno;
+		snprintf(last_error, sizeof(last_error), "%s: %s", path, tessera__sess_error());
+#else
+		e = EPROTONOSUPPORT;
+		snprintf(last_error, sizeof(last_error),
+			 "%s: this libtessera was built without session transports", path);
+#endif
+		free(dev);
+		errno = e;
+		return NULL;
+	}
 	dev->fd = open(path, O_RDWR | O_CLOEXEC);
 	if (dev->fd < 0) {
-		int e = errno;
-
+		e = errno;
+		snprintf(last_error, sizeof(last_error), "%s: %s", path, strerror(e));
 		free(dev);
 		errno = e;
 		return NULL;
@@ -75,8 +156,19 @@ TESSERA_EXPORT tessera_dev *tessera_open_path(const char *path)
 
 TESSERA_EXPORT tessera_dev *tessera_open(int index)
 {
+	const char *env = device_env();
 	char path[64];
 
+	if (env) {
+		/* TESSERA_DEVICE names the one device this program uses. */
+		if (index != 0) {
+			snprintf(last_error, sizeof(last_error),
+				 "TESSERA_DEVICE names one device; there is no device %d", index);
+			errno = ENODEV;
+			return NULL;
+		}
+		return tessera_open_path(env);
+	}
 	snprintf(path, sizeof(path), TVGPU_DEV_DIR "/vgpu%d", index);
 	return tessera_open_path(path);
 }
@@ -85,7 +177,12 @@ TESSERA_EXPORT void tessera_close(tessera_dev *dev)
 {
 	if (!dev)
 		return;
-	close(dev->fd);
+#ifdef TESSERA_SESSIONS
+	if (dev->sess)
+		tessera__sess_close(dev->sess);
+#endif
+	if (dev->fd >= 0)
+		close(dev->fd);
 	free(dev);
 }
 
@@ -97,6 +194,25 @@ TESSERA_EXPORT int tessera_fd(const tessera_dev *dev)
 TESSERA_EXPORT int tessera_info(tessera_dev *dev, struct tvgpu_info *info)
 {
 	memset(info, 0, sizeof(*info));
+#ifdef TESSERA_SESSIONS
+	if (dev->sess) {
+		uint64_t size = 0, free_bytes = 0;
+		uint32_t contexts = 0, packets = 0, kernels = 0, version = 0;
+		int err = tessera__sess_info(dev->sess, &size, &free_bytes, &contexts, &packets,
+					     &kernels, &version);
+
+		info->ioctl_version = TVGPU_IOCTL_VERSION;
+		info->vram_size = size;
+		info->vram_free = free_bytes;
+		info->num_contexts = contexts;
+		info->contexts_in_use = 1;	/* this session's */
+		/* A submission holds at most ring_entries - 1 packets. */
+		info->ring_entries = packets + 1;
+		info->kernels = kernels;
+		info->abi_version = version;
+		return sess_result(err);
+	}
+#endif
 	return xioctl(dev, TVGPU_IOCTL_INFO, info);
 }
 
@@ -111,10 +227,23 @@ TESSERA_EXPORT int tessera_bo_create(tessera_dev *dev, uint64_t size, uint32_t f
 
 	*out = NULL;
 	if (flags & ~(TESSERA_BO_SYSMEM | TESSERA_BO_GPU_READONLY))
-		return -EINVAL;
+		return failed(-EINVAL, "buffer flags");
 	bo = calloc(1, sizeof(*bo));
 	if (!bo)
 		return -ENOMEM;
+#ifdef TESSERA_SESSIONS
+	if (dev->sess) {
+		bo->dev = dev;
+		err = sess_result(tessera__sess_bo_create(dev->sess, size, flags, &bo->va,
+							  &bo->cpu, &bo->size));
+		if (err) {
+			free(bo);
+			return err;
+		}
+		*out = bo;
+		return 0;
+	}
+#endif
 	err = xioctl(dev, TVGPU_IOCTL_BO_CREATE, &req);
 	if (err) {
 		free(bo);
@@ -154,6 +283,13 @@ TESSERA_EXPORT void tessera_bo_destroy(tessera_bo *bo)
 
 	if (!bo)
 		return;
+#ifdef TESSERA_SESSIONS
+	if (bo->dev->sess) {
+		tessera__sess_bo_destroy(bo->dev->sess, bo->va);
+		free(bo);
+		return;
+	}
+#endif
 	unmap.va = bo->va;
 	xioctl(bo->dev, TVGPU_IOCTL_UNMAP, &unmap);
 	munmap(bo->cpu, bo->size);
@@ -184,8 +320,13 @@ TESSERA_EXPORT int tessera_submit(tessera_dev *dev, const struct tvgpu_packet *p
 		.packets = (uint64_t)(uintptr_t)packets,
 		.count = count,
 	};
-	int err = xioctl(dev, TVGPU_IOCTL_SUBMIT, &req);
+	int err;
 
+#ifdef TESSERA_SESSIONS
+	if (dev->sess)
+		return sess_result(tessera__sess_submit(dev->sess, packets, count, seqno));
+#endif
+	err = xioctl(dev, TVGPU_IOCTL_SUBMIT, &req);
 	if (!err && seqno)
 		*seqno = req.seqno;
 	return err;
@@ -195,6 +336,10 @@ TESSERA_EXPORT int tessera_wait(tessera_dev *dev, uint64_t seqno, int64_t timeou
 {
 	struct tvgpu_wait req = { .seqno = seqno, .timeout_ns = timeout_ns };
 
+#ifdef TESSERA_SESSIONS
+	if (dev->sess)
+		return sess_result(tessera__sess_wait(dev->sess, seqno, timeout_ns));
+#endif
 	return xioctl(dev, TVGPU_IOCTL_WAIT, &req);
 }
 
@@ -210,11 +355,31 @@ TESSERA_EXPORT int tessera_run(tessera_dev *dev, const struct tvgpu_packet *pack
 TESSERA_EXPORT int tessera_ctx_state(tessera_dev *dev, struct tvgpu_ctx_state *state)
 {
 	memset(state, 0, sizeof(*state));
+#ifdef TESSERA_SESSIONS
+	if (dev->sess) {
+		uint32_t faulted = 0, code = 0, faults = 0;
+		uint64_t addr = 0, submitted = 0, completed = 0;
+		int err = tessera__sess_state(dev->sess, &faulted, &code, &faults, &addr,
+					      &submitted, &completed);
+
+		state->flags = faulted ? TVGPU_STATE_FAULTED : 0;
+		state->fault_code = code;
+		state->faults = faults;
+		state->fault_addr = addr;
+		state->submitted = submitted;
+		state->completed = completed;
+		return sess_result(err);
+	}
+#endif
 	return xioctl(dev, TVGPU_IOCTL_CTX_STATE, state);
 }
 
 TESSERA_EXPORT int tessera_recover(tessera_dev *dev)
 {
+#ifdef TESSERA_SESSIONS
+	if (dev->sess)
+		return sess_result(tessera__sess_recover(dev->sess));
+#endif
 	return xioctl(dev, TVGPU_IOCTL_RECOVER, NULL);
 }
 

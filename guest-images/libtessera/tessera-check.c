@@ -17,6 +17,10 @@
  *   kill     a process killed while its job runs leaves the device usable: the next process
  *            runs a job, and the killed one's context is released
  *
+ * The device is TESSERA_DEVICE when it is set (a device node, unix:PATH or
+ * tls://HOST:PORT/INSTANCE: the same tests run over a GPU session; jobs and sysmem are the
+ * ones that mean the same there), else /dev/tessera/vgpuN.
+ *
  * One line per test: "tessera-check: <test> ok (...)" or "tessera-check: <test> FAIL: ...".
  * Exit status: 0 when all passed, 1 otherwise, 2 on bad usage.
  */
@@ -320,7 +324,7 @@ static tessera_dev *open_dev(void)
 	tessera_dev *d = tessera_open(dev_index);
 
 	if (!d)
-		failf("open /dev/tessera/vgpu%d: %s", dev_index, strerror(errno));
+		failf("open device %d: %s", dev_index, tessera_last_error());
 	return d;
 }
 

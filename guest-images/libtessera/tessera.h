@@ -34,15 +34,28 @@ typedef struct tessera_bo tessera_bo;
 /* Map the buffer read-only for the GPU. */
 #define TESSERA_BO_GPU_READONLY	0x100U
 
-/* Number of vGPUs (/dev/tessera/vgpu0 .. N-1 that exist). */
+/*
+ * The device a program uses: TESSERA_DEVICE when it is set, else /dev/tessera/vgpuN. It
+ * names a device node (in a VM, over the guest driver), unix:PATH (an instance's session
+ * socket: a host process or a container) or tls://HOST:PORT/INSTANCE (a remote server, with
+ * the certificates TESSERA_TLS_DIR holds: ca.pem, client.pem, client-key.pem). Sessions
+ * need a libtessera built with its session transports (SESSION_LIB=; see the Makefile).
+ * Over a session, a buffer's CPU mapping is shared with the GPU for system memory on a UNIX
+ * socket; otherwise it is a copy the library keeps coherent at submit (what the packets
+ * read is sent) and at a completed wait (what they wrote is brought back).
+ */
+
+/* Number of vGPUs (/dev/tessera/vgpu0 .. N-1 that exist; 1 when TESSERA_DEVICE is set). */
 int tessera_count(void);
-/* Opens vGPU `index`; NULL with errno set on failure. */
+/* Opens vGPU `index` (TESSERA_DEVICE: only 0); NULL with errno set on failure. */
 tessera_dev *tessera_open(int index);
-/* Opens a device node by path. */
+/* Opens a device by address: a device node path, unix:PATH or tls://HOST:PORT/INSTANCE. */
 tessera_dev *tessera_open_path(const char *path);
+/* Why the last failed call of this thread failed, in words ("" if none did). */
+const char *tessera_last_error(void);
 /* Closes it: its context and every buffer object still alive go away. */
 void tessera_close(tessera_dev *dev);
-/* The file descriptor (for poll-free raw ioctls). */
+/* The file descriptor (for poll-free raw ioctls); -1 for a session. */
 int tessera_fd(const tessera_dev *dev);
 
 int tessera_info(tessera_dev *dev, struct tvgpu_info *info);

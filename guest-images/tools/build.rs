@@ -17,8 +17,12 @@ fn main() {
     let src = root.join("guest-images/libtessera/libtessera.c");
     let obj = out.join("libtessera.o");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    // With the `sessions` feature libtessera calls the session transports of tessera-capi
+    // (a dependency, so its symbols are linked into the tools).
+    let sessions = std::env::var_os("CARGO_FEATURE_SESSIONS").is_some();
     run(Command::new(&cc)
         .args(["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-c"])
+        .args(sessions.then_some("-DTESSERA_SESSIONS"))
         .arg("-I")
         .arg(root.join("guest-images/libtessera"))
         .arg("-I")

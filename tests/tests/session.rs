@@ -662,3 +662,139 @@ fn the_tls_listener_refuses_clients_without_a_valid_certificate() {
     s.run(ctx, &[Command::SpinUs { us: 10, groups: 1 }])
         .expect("work");
 }
+
+/// libtessera's C check (`guest-images/libtessera/tessera-check.c`, the program the Linux
+/// guest runs over its device node) built with the session transports, linked dynamically and
+/// statically, runs its `jobs` and `sysmem` checks (SAXPY, SGEMM, REDUCE_SUM, CRC-32, COPY,
+/// FILL, bit-exact against the CPU; buffers in VRAM and in system memory) through the same
+/// binary over a UNIX socket and over TCP with mutual TLS, the transport picked by
+/// `TESSERA_DEVICE`; a device that cannot be reached is one clear line.
+#[test]
+fn the_c_library_runs_its_checks_over_each_transport_linked_both_ways() {
+    let lib = tessera_tests::tessera_bin().with_file_name("libtessera_capi.a");
+    if !lib.exists() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
+            "{} is missing (cargo build --workspace builds it)",
+            lib.display()
+        );
+        eprintln!(
+            "skipped: {} is missing: cargo build -p tessera-capi",
+            lib.display()
+        );
+        return;
+    }
+    let (server, certs, addr) = tls_server("session-capi", &["--create", "256M:c1"], &["c1"]);
+    let out = server.dir.parent().expect("scratch").join("libtessera");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let made = std::process::Command::new("make")
+        .arg("-C")
+        .arg(root.join("guest-images/libtessera"))
+        .arg(format!("OUT={}", out.display()))
+        .arg(format!("SESSION_LIB={}", lib.display()))
+        .output()
+        .expect("run make");
+    assert!(
+        made.status.success(),
+        "make: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let unix = format!("unix:{}", server.dir.join("vgpu-c1.session").display());
+    let tls = format!("tls://{addr}/c1");
+    let run = |binary: &str, device: &str, tests: &[&str]| {
+        let out = std::process::Command::new(out.join(binary))
+            .args(tests)
+            .env("TESSERA_DEVICE", device)
+            .env("TESSERA_TLS_DIR", &certs)
+            .env("LD_LIBRARY_PATH", &out)
+            .output()
+            .expect("run tessera-check");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status, text)
+    };
+    for binary in ["tessera-check", "tessera-check-static"] {
+        for device in [&unix, &tls] {
+            let (status, text) = run(binary, device, &["jobs", "sysmem"]);
+            assert!(status.success(), "{binary} over {device}:\n{text}");
+            for t in ["jobs ok", "sysmem ok"] {
+                assert!(
+                    text.contains(t),
+                    "{binary} over {device}: no {t:?}:\n{text}"
+                );
+            }
+        }
+    }
+    let (status, text) = run("tessera-check", "unix:/nonexistent/vgpu.session", &["jobs"]);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("unix:/nonexistent/vgpu.session: cannot connect to /nonexistent/vgpu.session: No such file or directory"),
+        "{text}"
+    );
+}
+
+/// `tessera-run` and `tessera-smi`, the guest's tools, built for this host with libtessera's
+/// session transports (`cargo xtask test` builds them into target/host-tools), work on an
+/// instance over a UNIX socket and over TLS as they do on a guest's device node: every job
+/// passes (the fault job too: this library's MMU faults an address no buffer holds, as the
+/// device would), and the instance's VRAM and kernels are listed.
+#[test]
+fn tessera_run_and_smi_work_over_each_transport() {
+    let tools = tessera_tests::tessera_bin()
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("host-tools/release");
+    if !tools.join("tessera-run").exists() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
+            "{} is missing (cargo xtask test builds it)",
+            tools.display()
+        );
+        eprintln!(
+            "skipped: {} is missing (cargo xtask test builds it)",
+            tools.display()
+        );
+        return;
+    }
+    let (server, certs, addr) = tls_server("session-tools", &["--create", "256M:c1"], &["c1"]);
+    let unix = format!("unix:{}", server.dir.join("vgpu-c1.session").display());
+    let tls = format!("tls://{addr}/c1");
+    for device in [&unix, &tls] {
+        let run = |tool: &str, args: &[&str]| {
+            let out = std::process::Command::new(tools.join(tool))
+                .args(args)
+                .env("TESSERA_DEVICE", device)
+                .env("TESSERA_TLS_DIR", &certs)
+                .output()
+                .expect("run the tool");
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{tool} {args:?} over {device}:\n{text}"
+            );
+            text
+        };
+        let smi = run("tessera-smi", &[]);
+        for want in [
+            format!("{device}  Tessera vGPU ABI"),
+            "vram      256 MiB total".to_string(),
+            "kernels   saxpy sgemm reduce_sum crc32 spin_us".to_string(),
+        ] {
+            assert!(
+                smi.contains(&want),
+                "tessera-smi over {device}: no {want:?}:\n{smi}"
+            );
+        }
+        for args in [&["all"][..], &["--sysmem", "all"]] {
+            let out = run("tessera-run", args);
+            for job in ["saxpy", "sgemm", "reduce", "crc32", "copy", "fill", "fault"] {
+                assert!(
+                    out.contains(&format!("tessera-run: {job} ok")),
+                    "tessera-run {args:?} over {device}: {job}:\n{out}"
+                );
+            }
+        }
+    }
+}

@@ -11,6 +11,10 @@ pub use vgpu_abi::{Packet, fault, kernel, packet};
 
 pub mod reference;
 
+// libtessera's session transports (`tessera__sess_*`), which the C library calls.
+#[cfg(feature = "sessions")]
+use tessera_capi as _;
+
 /// `struct tvgpu_info`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -83,6 +87,7 @@ unsafe extern "C" {
     fn tessera_ctx_state(dev: *mut RawDev, state: *mut CtxState) -> c_int;
     fn tessera_recover(dev: *mut RawDev) -> c_int;
     fn tessera_fault_name(code: u32) -> *const c_char;
+    fn tessera_last_error() -> *const c_char;
 }
 
 fn check(r: c_int) -> io::Result<()> {
@@ -93,7 +98,16 @@ fn check(r: c_int) -> io::Result<()> {
     }
 }
 
-/// Number of vGPUs (`/dev/tessera/vgpu*`).
+/// The device `index` names: `TESSERA_DEVICE` when it is set (a device node, `unix:PATH` or
+/// `tls://HOST:PORT/INSTANCE`), else `/dev/tessera/vgpu<index>`.
+pub fn device_name(index: usize) -> String {
+    match std::env::var("TESSERA_DEVICE") {
+        Ok(d) if !d.is_empty() => d,
+        _ => format!("/dev/tessera/vgpu{index}"),
+    }
+}
+
+/// Number of vGPUs (`/dev/tessera/vgpu*`; 1 when `TESSERA_DEVICE` names one).
 pub fn count() -> usize {
     // SAFETY: no arguments; it only stats device nodes.
     let n = unsafe { tessera_count() };
@@ -122,15 +136,18 @@ pub enum Placement {
 }
 
 impl Device {
-    /// Opens `/dev/tessera/vgpu<index>`.
+    /// Opens device `index` ([`device_name`]).
     pub fn open(index: usize) -> io::Result<Device> {
         let index =
             c_int::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: plain call; a NULL return sets errno.
         let raw = unsafe { tessera_open(index) };
-        NonNull::new(raw)
-            .map(|raw| Device { raw })
-            .ok_or_else(io::Error::last_os_error)
+        NonNull::new(raw).map(|raw| Device { raw }).ok_or_else(|| {
+            let errno = io::Error::last_os_error();
+            // SAFETY: tessera_last_error returns this thread's NUL-terminated message.
+            let why = unsafe { CStr::from_ptr(tessera_last_error()) }.to_string_lossy();
+            io::Error::new(errno.kind(), why.into_owned())
+        })
     }
 
     pub fn info(&self) -> io::Result<Info> {

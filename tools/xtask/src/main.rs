@@ -157,6 +157,7 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    host_tools()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("TESSERA_REQUIRE_GUESTS", "1")
@@ -167,6 +168,26 @@ fn test() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// tessera-run and tessera-smi built for this host with libtessera's session transports
+/// (`target/host-tools/release/`; tests/session.rs runs them over a UNIX socket and TLS).
+/// The guest image's build of the same tools is static and leaves the transports out.
+fn host_tools() -> Result<()> {
+    let root = root();
+    run(cargo()
+        .current_dir(root.join("guest-images/tools"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--features",
+            "sessions",
+            "--target-dir",
+        ])
+        .arg(root.join("target/host-tools"))
+        // Not the static linking its .cargo/config.toml asks for (that is for the guest).
+        .env("RUSTFLAGS", ""))
 }
 
 fn demo() -> Result<()> {

@@ -119,6 +119,11 @@ impl ClientMemory {
         self.region.size() as u64
     }
 
+    /// Where it is mapped in this process (for a C caller that writes it in place).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
     /// Whether it is empty (never: a mapping has at least one page).
     pub fn is_empty(&self) -> bool {
         self.region.size() == 0

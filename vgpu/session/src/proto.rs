@@ -126,6 +126,11 @@ pub enum Command {
         /// Workgroups.
         groups: u64,
     },
+    /// The GPU clock (ns, u64) written at `dst` when the command runs.
+    Timestamp {
+        /// Where (8 bytes).
+        dst: BufRef,
+    },
 }
 
 /// A request.

@@ -267,8 +267,9 @@ const JOBS: &[(&str, Job)] = &[
 
 /// `tessera-run --help`.
 const USAGE: &str = "usage: tessera-run [-d|--device N] [--sysmem] [saxpy|sgemm|reduce|crc32|copy|fill|fault|all]...
-Runs the built-in kernels on /dev/tessera/vgpuN (default 0) through libtessera and checks
-their results on the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.
+Runs the built-in kernels on /dev/tessera/vgpuN (default 0), or on the device TESSERA_DEVICE
+names (unix:PATH, tls://HOST:PORT/INSTANCE), through libtessera and checks their results on
+the CPU; buffers in VRAM, or in system memory with --sysmem. No job: all.
 Exit status: 0 when every job passed, 1 otherwise, 2 on bad usage.";
 
 /// What the command line asks for.
@@ -330,7 +331,7 @@ fn main() -> ExitCode {
     let dev = match Device::open(device) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("tessera-run: /dev/tessera/vgpu{device}: {e}");
+            eprintln!("tessera-run: {e}");
             return ExitCode::FAILURE;
         }
     };

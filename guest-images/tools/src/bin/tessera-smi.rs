@@ -1,14 +1,14 @@
 //! `tessera-smi`: the vGPUs of this guest, their memory, contexts and faults.
 //!
 //! ```text
-//! tessera-smi            every /dev/tessera/vgpu<N>
+//! tessera-smi            every /dev/tessera/vgpu<N> (or the device TESSERA_DEVICE names)
 //! tessera-smi -d N       only vgpu<N>
 //! ```
 //! Exit status: 0, or 1 when there is no vGPU or one cannot be queried.
 
 use std::process::ExitCode;
 
-use tessera_guest_tools::{Device, IOCTL_VERSION, count};
+use tessera_guest_tools::{Device, IOCTL_VERSION, count, device_name};
 use vgpu_abi::{caps, kernel};
 
 fn names(bits: u32, table: &[(u32, &str)]) -> String {
@@ -25,27 +25,35 @@ fn names(bits: u32, table: &[(u32, &str)]) -> String {
 }
 
 fn show(index: usize) -> Result<(), String> {
-    let dev = Device::open(index).map_err(|e| format!("/dev/tessera/vgpu{index}: {e}"))?;
-    let i = dev
-        .info()
-        .map_err(|e| format!("/dev/tessera/vgpu{index}: info: {e}"))?;
+    let name = device_name(index);
+    let dev = Device::open(index).map_err(|e| e.to_string())?;
+    let i = dev.info().map_err(|e| format!("{name}: info: {e}"))?;
     if i.ioctl_version != IOCTL_VERSION {
         return Err(format!(
-            "/dev/tessera/vgpu{index}: driver speaks ioctl version {}, this tool {IOCTL_VERSION}",
+            "{name}: driver speaks ioctl version {}, this tool {IOCTL_VERSION}",
             i.ioctl_version
         ));
     }
     let mib = |b: u64| b >> 20;
-    println!(
-        "vgpu{index}  {:04x}:{:02x}:{:02x}.{}  Tessera vGPU ABI {}.{}  profile {}",
-        i.pci_domain,
-        i.pci_bus,
-        i.pci_devfn >> 3,
-        i.pci_devfn & 7,
-        i.abi_version >> 16,
-        i.abi_version & 0xffff,
-        i.subsystem_id
-    );
+    if !name.starts_with('/') {
+        // A GPU session: no PCI function here.
+        println!(
+            "{name}  Tessera vGPU ABI {}.{}  (session)",
+            i.abi_version >> 16,
+            i.abi_version & 0xffff
+        );
+    } else {
+        println!(
+            "vgpu{index}  {:04x}:{:02x}:{:02x}.{}  Tessera vGPU ABI {}.{}  profile {}",
+            i.pci_domain,
+            i.pci_bus,
+            i.pci_devfn >> 3,
+            i.pci_devfn & 7,
+            i.abi_version >> 16,
+            i.abi_version & 0xffff,
+            i.subsystem_id
+        );
+    }
     println!(
         "  vram      {} MiB total, {} MiB free",
         mib(i.vram_size),
@@ -87,7 +95,8 @@ fn show(index: usize) -> Result<(), String> {
 
 /// `tessera-smi --help`.
 const USAGE: &str = "usage: tessera-smi [-d|--device N]
-Lists the vGPUs (/dev/tessera/vgpuN): identity, VRAM, contexts, kernels, faults; -d N: one.
+Lists the vGPUs (/dev/tessera/vgpuN, or the device TESSERA_DEVICE names: unix:PATH,
+tls://HOST:PORT/INSTANCE): identity, VRAM, contexts, kernels, faults; -d N: one.
 Exit status: 0, 1 when a vGPU cannot be read, 2 on bad usage.";
 
 /// The one device asked for (`Some(None)`: all; `None`: only the usage, `--help`).

@@ -523,6 +523,7 @@ impl<'a> SessionServer<'a> {
             Command::SpinUs { us, groups } => {
                 p(packet::OP_DISPATCH, kernel::SPIN_US, &[us, groups])
             }
+            Command::Timestamp { dst } => p(packet::OP_TIMESTAMP, 0, &[self.va(dst, 8)?]),
         })
     }
 

@@ -672,16 +672,7 @@ fn the_tls_listener_refuses_clients_without_a_valid_certificate() {
 #[test]
 fn the_c_library_runs_its_checks_over_each_transport_linked_both_ways() {
     let lib = tessera_tests::tessera_bin().with_file_name("libtessera_capi.a");
-    if !lib.exists() {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
-            "{} is missing (cargo build --workspace builds it)",
-            lib.display()
-        );
-        eprintln!(
-            "skipped: {} is missing: cargo build -p tessera-capi",
-            lib.display()
-        );
+    if !built(&lib, "cargo build -p tessera-capi") {
         return;
     }
     let (server, certs, addr) = tls_server("session-capi", &["--create", "256M:c1"], &["c1"]);
@@ -745,16 +736,7 @@ fn tessera_run_and_smi_work_over_each_transport() {
         .and_then(Path::parent)
         .expect("target dir")
         .join("host-tools/release");
-    if !tools.join("tessera-run").exists() {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
-            "{} is missing (cargo xtask test builds it)",
-            tools.display()
-        );
-        eprintln!(
-            "skipped: {} is missing (cargo xtask test builds it)",
-            tools.display()
-        );
+    if !built(&tools.join("tessera-run"), "cargo xtask test builds it") {
         return;
     }
     let (server, certs, addr) = tls_server("session-tools", &["--create", "256M:c1"], &["c1"]);
@@ -797,4 +779,19 @@ fn tessera_run_and_smi_work_over_each_transport() {
             }
         }
     }
+}
+
+/// Whether `path` was built: when it was not, the test is skipped (with a message saying
+/// `how` to build it), or fails where built artefacts are required (`cargo xtask test`).
+fn built(path: &Path, how: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
+        "{} is missing ({how})",
+        path.display()
+    );
+    eprintln!("skipped: {} is missing ({how})", path.display());
+    false
 }

@@ -412,14 +412,7 @@ impl Device {
                     ));
                 }
                 WaitResult::Fault { code, addr } => {
-                    self.state.faulted = true;
-                    self.state.fault_code = code;
-                    self.state.fault_addr = addr;
-                    self.state.faults += 1;
-                    return Err(fail(
-                        libc::EIO,
-                        format!("the context stopped on fault {code} at {addr:#x}"),
-                    ));
+                    return Err(self.stopped(code, addr, format!("fault {code}")));
                 }
             }
         }
@@ -442,16 +435,21 @@ impl Device {
         }
         if let Some((_, code, addr)) = faulted {
             self.fault_at = None;
-            self.state.faulted = true;
-            self.state.fault_code = code;
-            self.state.fault_addr = addr;
-            self.state.faults += 1;
-            return Err(fail(
-                libc::EIO,
-                format!("the context stopped on a fault: no buffer at {addr:#x}"),
-            ));
+            return Err(self.stopped(code, addr, "no buffer".into()));
         }
         Ok(())
+    }
+
+    /// Records that the context stopped on fault `code` at `addr`; the failure to report.
+    fn stopped(&mut self, code: u32, addr: u64, what: String) -> Failure {
+        self.state.faulted = true;
+        self.state.fault_code = code;
+        self.state.fault_addr = addr;
+        self.state.faults += 1;
+        fail(
+            libc::EIO,
+            format!("the context stopped on a fault: {what} at {addr:#x}"),
+        )
     }
 
     /// Restarts the context after a fault; work not yet done is dropped.

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
 use vgpu_session::link::Link;
@@ -24,8 +24,10 @@ use crate::{Daemon, lock};
 
 /// Handshakes in progress at once; more connections are closed at once.
 pub const MAX_HANDSHAKES: usize = 32;
-/// Longest a client may take over its handshake and its `Open`.
+/// Longest a client may take over its handshake and its `Open`, all reads together.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `Open` frame (an instance name is at most 32 bytes).
+const MAX_OPEN: usize = 256;
 /// Longest one read or write of an open TLS session may block (a client that stops in the
 /// middle of a frame, or stops reading its replies, is dropped after this).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -135,11 +137,13 @@ fn open(
     daemon: &Weak<Daemon>,
 ) -> Result<(), String> {
     let io = |e: std::io::Error| e.to_string();
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
     sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(io)?;
     sock.set_nodelay(true).map_err(io)?;
-    let tls = tls::accept(sock, config).map_err(|e| format!("handshake: {e}"))?;
+    // One deadline for the handshake and `Open` together: a client that sends a byte now
+    // and then does not keep a handshake thread.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = tls::accept(sock, config, deadline).map_err(|e| format!("handshake: {e}"))?;
     let cert = tls
         .peer_certificates()
         .and_then(|c| c.first())
@@ -153,9 +157,9 @@ fn open(
         let _ = link.flush();
         Ok(())
     };
-    let instance = match link.recv::<Request>() {
-        Ok((Request::Open { instance }, _)) => instance,
-        Ok((other, _)) => {
+    let instance = match link.recv_at_most::<Request>(MAX_OPEN) {
+        Ok(Request::Open { instance }) => instance,
+        Ok(other) => {
             let what = format!("the first request on TCP must be Open, not {other:?}");
             return refuse(&mut link, ErrorKind::Protocol, what);
         }
@@ -172,6 +176,9 @@ fn open(
         let what = format!("no instance {instance:?}");
         return refuse(&mut link, ErrorKind::NoSuchObject, what);
     };
+    if let Link::Tls(t) = &mut link {
+        t.set_deadline(None).map_err(io)?;
+    }
     link.set_timeouts(Some(IO_TIMEOUT)).map_err(io)?;
     tracing::info!(%peer, instance, "TLS session accepted");
     match queue.push(link, peer) {

@@ -120,7 +120,15 @@ pub fn recv_head(sock: &UnixStream) -> Result<(usize, Option<File>), FrameError>
 
 /// Reads one frame from a byte stream that carries no descriptors (TLS).
 pub fn read<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    read_at_most(r, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` bytes (a longer one is refused before it is read).
+pub fn read_at_most<T: DeserializeOwned>(r: &mut impl Read, max: usize) -> Result<T, FrameError> {
     let len = read_head(r)?;
+    if len > max {
+        return Err(FrameError::TooLong(len));
+    }
     body(len, r)
 }
 

@@ -11,7 +11,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -59,6 +59,8 @@ pub struct Tls {
     /// The socket; what it brought and rustls has not taken yet waits in the buffer.
     sock: BufReader<TcpStream>,
     unflushed: usize,
+    /// When set, reads fail once it has passed, however slowly the peer sends.
+    deadline: Option<Instant>,
 }
 
 fn tls_error(e: rustls::Error) -> std::io::Error {
@@ -75,6 +77,7 @@ impl Tls {
             conn,
             sock: BufReader::with_capacity(READ_AHEAD, sock),
             unflushed: 0,
+            deadline: None,
         }
     }
 
@@ -82,9 +85,49 @@ impl Tls {
     /// refused it; the other side learns it from an alert on its first read).
     pub fn handshake(&mut self) -> std::io::Result<()> {
         while self.conn.is_handshaking() {
-            self.conn.complete_io(self.sock.get_mut())?;
+            self.flush()?;
+            if self.conn.is_handshaking() && self.conn.wants_read() {
+                if self.fill()? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                if let Err(e) = self.conn.process_new_packets() {
+                    // Tell the peer why (an alert), then fail.
+                    let _ = self.flush();
+                    return Err(tls_error(e));
+                }
+            }
         }
         self.flush()
+    }
+
+    /// From now on reads fail (`TimedOut`) once `deadline` has passed, however the peer
+    /// trickles its bytes (`None`: only the socket's timeouts apply).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> std::io::Result<()> {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            self.sock.get_ref().set_read_timeout(None)?;
+        }
+        Ok(())
+    }
+
+    /// Gives rustls what the socket has (at most [`READ_AHEAD`] per system call).
+    fn fill(&mut self) -> std::io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.sock.get_ref().set_read_timeout(Some(left))?;
+            // The socket's timeout ends a read with EAGAIN.
+            return self
+                .conn
+                .read_tls(&mut self.sock)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::WouldBlock => std::io::ErrorKind::TimedOut.into(),
+                    _ => e,
+                });
+        }
+        self.conn.read_tls(&mut self.sock)
     }
 
     /// The peer's certificate chain, end entity first (after the handshake).
@@ -130,7 +173,7 @@ impl Read for Tls {
             // Nothing decrypted yet: whatever this side still has to say goes first (the
             // peer may be waiting for it), then more records.
             self.flush()?;
-            let n = self.conn.read_tls(&mut self.sock)?;
+            let n = self.fill()?;
             if let Err(e) = self.conn.process_new_packets() {
                 // Tell the peer why (an alert), then fail.
                 let _ = self.flush();
@@ -193,6 +236,22 @@ impl Link {
         match self {
             Link::Unix(s) => frame::recv(s),
             Link::Tls(t) => Ok((frame::read(&mut **t)?, None)),
+        }
+    }
+
+    /// Receives one frame of at most `max` bytes (a longer one is refused unread).
+    pub fn recv_at_most<T: DeserializeOwned>(&mut self, max: usize) -> Result<T, FrameError> {
+        match self {
+            Link::Unix(s) => {
+                let (len, _) = frame::recv_head(s)?;
+                if len > max {
+                    return Err(FrameError::TooLong(len));
+                }
+                let mut body = vec![0u8; len];
+                (&*s).read_exact(&mut body)?;
+                Ok(postcard::from_bytes(&body)?)
+            }
+            Link::Tls(t) => frame::read_at_most(&mut **t, max),
         }
     }
 

@@ -197,11 +197,16 @@ pub fn connect(addr: &TlsAddr, config: Arc<ClientConfig>) -> std::io::Result<Lin
 }
 
 /// The server's side of a new connection: the handshake (the client's certificate checked
-/// against the client CA), bounded by the socket's timeouts.
-pub fn accept(sock: TcpStream, config: Arc<ServerConfig>) -> std::io::Result<Tls> {
+/// against the client CA), to be done by `deadline`, which stays set ([`Tls::set_deadline`]).
+pub fn accept(
+    sock: TcpStream,
+    config: Arc<ServerConfig>,
+    deadline: std::time::Instant,
+) -> std::io::Result<Tls> {
     let conn = ServerConnection::new(config)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let mut tls = Tls::new(conn, sock);
+    tls.set_deadline(Some(deadline))?;
     tls.handshake()?;
     Ok(tls)
 }
@@ -209,9 +214,18 @@ pub fn accept(sock: TcpStream, config: Arc<ServerConfig>) -> std::io::Result<Tls
 /// Whether the client certificate `cert` names `instance` (a DNS name of its
 /// subjectAltName).
 pub fn names_instance(cert: &CertificateDer<'_>, instance: &str) -> bool {
+    // An instance name is one label (letters, digits, '-', '_'): nothing DNS would read as
+    // another name (a trailing dot, a wildcard).
+    let plain = !instance.is_empty()
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let Ok(name) = ServerName::try_from(instance) else {
         return false;
     };
+    if !plain {
+        return false;
+    }
     webpki::EndEntityCert::try_from(cert)
         .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
 }
@@ -219,6 +233,137 @@ pub fn names_instance(cert: &CertificateDer<'_>, instance: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{Reply, Request};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    /// A CA, a server certificate for `localhost` and a client certificate naming
+    /// `instances`, as files: (server's files, client's files, the directory).
+    fn pki(instances: &[&str]) -> (TlsFiles, TlsFiles, tempfile::TempDir) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf = |names: Vec<String>, name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca, &ca_key)
+                .unwrap();
+            let (c, k) = (
+                dir.path().join(format!("{name}.pem")),
+                dir.path().join(format!("{name}-key.pem")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        };
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let (sc, sk) = leaf(vec!["localhost".into()], "server");
+        let (cc, ck) = leaf(instances.iter().map(|s| s.to_string()).collect(), "client");
+        (
+            TlsFiles {
+                ca: ca_file.clone(),
+                cert: sc,
+                key: sk,
+            },
+            TlsFiles {
+                ca: ca_file,
+                cert: cc,
+                key: ck,
+            },
+            dir,
+        )
+    }
+
+    #[test]
+    fn a_client_certificate_names_its_instances_and_no_others() {
+        let (_, client, _dir) = pki(&["c1", "tenant_2"]);
+        let cert = certs(&client.cert).unwrap().remove(0);
+        assert!(names_instance(&cert, "c1"));
+        assert!(
+            names_instance(&cert, "tenant_2"),
+            "instance names may hold '_'"
+        );
+        for other in ["c2", "c", "c1.", "", "C1x", "*"] {
+            assert!(!names_instance(&cert, other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn frames_cross_a_tls_link_both_ways_pipelined() {
+        let (server, client, _dir) = pki(&["c1"]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = server_config(&server).unwrap();
+        let srv = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut link = Link::Tls(Box::new(accept(sock, config, deadline).unwrap()));
+            for _ in 0..100 {
+                let (req, _) = link.recv::<Request>().unwrap();
+                let Request::Free { buffer } = req else {
+                    panic!("{req:?}")
+                };
+                link.send(&Reply::Buffer { buffer, size: 0 }, None).unwrap();
+            }
+            link.flush().unwrap();
+        });
+        let addr = TlsAddr {
+            host: "localhost".into(),
+            port,
+            instance: "c1".into(),
+        };
+        let mut link = connect(&addr, client_config(&client).unwrap()).unwrap();
+        for buffer in 0..100 {
+            link.send(&Request::Free { buffer }, None).unwrap();
+        }
+        for want in 0..100 {
+            let (r, _) = link.recv::<Reply>().unwrap();
+            assert_eq!(
+                r,
+                Reply::Buffer {
+                    buffer: want,
+                    size: 0
+                }
+            );
+        }
+        srv.join().unwrap();
+    }
+
+    #[test]
+    fn a_handshake_that_trickles_ends_at_its_deadline() {
+        let (server, _, _dir) = pki(&["c1"]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let trickle = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // A TLS record header, then a byte now and then: never a whole ClientHello.
+            for b in [22u8, 3, 1, 0x40, 0].iter().cycle().take(40) {
+                if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (sock, _) = listener.accept().unwrap();
+        let started = Instant::now();
+        let r = accept(
+            sock,
+            server_config(&server).unwrap(),
+            started + Duration::from_millis(400),
+        );
+        let took = started.elapsed();
+        assert_eq!(
+            r.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::TimedOut)
+        );
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+        trickle.join().unwrap();
+    }
 
     #[test]
     fn addresses() {

@@ -795,3 +795,102 @@ fn built(path: &Path, how: &str) -> bool {
     eprintln!("skipped: {} is missing ({how})", path.display());
     false
 }
+
+/// The workload through a session on a server in this very process (`vgpu_server::Daemon`,
+/// as an embedding program would run it): the in-process transport.
+#[test]
+fn an_in_process_server_runs_the_workload_bit_exactly() {
+    use vgpu::physical::{GpuSpec, PhysicalGpu};
+    let dir = std::env::temp_dir().join(format!("tessera-inproc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let profile = vgpu::profile::find("64M").expect("profile");
+    let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, 2)).expect("GPU");
+    let daemon = vgpu_server::Daemon::new(
+        gpu,
+        vgpu_server::ServeOptions {
+            dir: dir.clone(),
+            ..Default::default()
+        },
+    )
+    .expect("server");
+    let info = daemon
+        .create(profile, Some("p1".into()), None, Default::default())
+        .expect("instance");
+    let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"));
+    let (d, st) = (daemon.clone(), stop.clone());
+    let serving = std::thread::spawn(move || d.serve(&st));
+    let mut s = Session::connect_unix(&info.session_socket).expect("session");
+    workload::check(&mut s).expect("the workload in process");
+    drop(s);
+    stop.write(1).expect("stop");
+    serving.join().expect("server thread").expect("served");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two sessions at once on two instances of one GPU: each names only its own buffers (the
+/// same numbers mean its own), a number it was not given is refused, and its whole VRAM holds
+/// nothing of the other's.
+#[test]
+fn two_sessions_see_only_their_own_buffers() {
+    let server = Server::start(
+        "session-isolation",
+        &["--create", "64M:a", "--create", "64M:b"],
+    );
+    let mut a = session(&server, "a");
+    let mut b = session(&server, "b");
+    let secret = a.alloc_vram(1 << 20).expect("VRAM");
+    a.write(secret.at(0), &[0x5a; 1 << 20]).expect("write");
+    // `b` has no buffer of that number: the number names nothing of `a`'s.
+    let (kind, _) = refused(b.read(secret.at(0), 4096));
+    assert_eq!(kind, ErrorKind::NoSuchObject);
+    // Its own buffer with the same number, and all of its VRAM, read zeros.
+    let own = b.alloc_vram(64 << 20).expect("all of b's VRAM");
+    assert_eq!(own.id, secret.id, "numbers are per session");
+    let all = b.read(own.at(0), 64 << 20).expect("read");
+    assert!(all.iter().all(|&x| x == 0), "b's VRAM holds a's bytes");
+    // A copy from past its own buffer is refused before it reaches the device.
+    let ctx = b.create_context().expect("context");
+    let (kind, _) = refused(b.submit(
+        ctx,
+        &[Command::Copy {
+            src: own.at(64 << 20),
+            dst: own.at(0),
+            len: 4096,
+        }],
+    ));
+    assert_eq!(kind, ErrorKind::BadArgument);
+    assert_eq!(a.read(secret.at(0), 8).expect("read"), [0x5a; 8]);
+}
+
+/// A client killed while it holds its instance (SIGKILL, no goodbye): the instance is served
+/// to the next client, on VRAM that holds nothing of the killed one's.
+#[test]
+fn a_killed_clients_instance_is_reclaimed_and_scrubbed() {
+    use std::io::BufRead;
+    let server = Server::start("session-kill", &["--create", "64M:k1"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-client"))
+        .arg("--hold")
+        .env(
+            "TESSERA_DEVICE",
+            format!("unix:{}", server.dir.join("vgpu-k1.session").display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the client");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "holding");
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    let mut s = session(&server, "k1");
+    let b = s.alloc_vram(1 << 20).expect("VRAM");
+    assert!(
+        s.read(b.at(0), 1 << 20)
+            .expect("read")
+            .iter()
+            .all(|&x| x == 0),
+        "the killed client's secret is still there"
+    );
+}

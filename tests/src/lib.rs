@@ -239,6 +239,21 @@ impl Vmm {
         }
     }
 
+    /// The lines printed within `window` (none from a paused guest): an observation window
+    /// for asserting that nothing happens, not a wait for something to happen.
+    pub fn lines_within(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut seen = Vec::new();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.transcript.push(line.clone());
+            seen.push(line);
+        }
+        seen
+    }
+
     /// Sends `bytes` to the guest's serial input.
     pub fn send(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin open");

@@ -434,6 +434,8 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Install seccomp filters on the VMM's threads (`vmm::seccomp`); off only for debugging.
     pub seccomp: bool,
+    /// The control socket (`--api-socket`): pause, resume, info, shutdown.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {

@@ -6,6 +6,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod cpuid;
 mod event_loop;
 mod kvm_glue;

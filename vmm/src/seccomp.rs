@@ -245,7 +245,19 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_tgkill,
                     // Tearing down: returning VRAM (hole punching) and unmapping.
                     libc::SYS_fallocate,
+                    // The control socket (`--api-socket`): its connections, and removing it
+                    // when the VM ends.
+                    libc::SYS_accept4,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
                 ],
+            );
+            // Reading a control request, writing its reply.
+            allow(&mut r, &SOCKET_IO);
+            // A control connection's request timeout.
+            r.insert(
+                libc::SYS_setsockopt,
+                level_and_name(libc::SOL_SOCKET, &[libc::SO_RCVTIMEO])?,
             );
             // Restoring the terminal.
             r.insert(libc::SYS_ioctl, any_of(1, &[TCGETS, TCSETS])?);

@@ -213,6 +213,8 @@ pub struct VcpuRunner {
     pub exit: ExitHandle,
     /// Set when the VM is stopping; checked after every exit.
     pub stop: Arc<AtomicBool>,
+    /// Passed before every `KVM_RUN`: where the vCPU waits while the VM is paused.
+    pub gate: Arc<crate::control::PauseGate>,
 }
 
 impl VcpuRunner {
@@ -220,6 +222,10 @@ impl VcpuRunner {
     pub fn run(mut self) {
         let cpu = self.cpu;
         while !self.stop.load(Ordering::Acquire) {
+            self.gate.pass(&self.stop);
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if self.pio.write(u64::from(port), data).is_err() {

@@ -29,6 +29,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::boot::{self, BootSources};
 use crate::config::{SerialConfig, VgpuConfig, VmConfig};
+use crate::control::{ApiServer, Controls, PauseGate};
 use crate::cpuid::{self, Feature};
 use crate::event_loop::{ExitWatcher, SerialInput};
 use crate::kvm_glue::{KvmMapper, KvmMsi};
@@ -63,6 +64,12 @@ pub enum VmError {
         source: std::io::Error,
     },
     /// The serial output file cannot be created.
+    #[error("cannot listen on control socket {path}")]
+    ApiSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open serial output file {path}")]
     SerialFile {
         /// Path.
@@ -143,6 +150,7 @@ impl VmError {
             VmError::KernelOpen { .. }
                 | VmError::InitramfsOpen { .. }
                 | VmError::SerialFile { .. }
+                | VmError::ApiSocket { .. }
                 | VmError::TooManyCpus { .. }
                 | VmError::Config(_)
                 | VmError::UserDevice(
@@ -182,6 +190,10 @@ pub struct Vm {
     _leases: Vec<vgpu::physical::Lease>,
     /// The vGPUs (the PCI root refers to them too; they lock inside).
     vgpus: Vec<Arc<Vgpu>>,
+    /// What the control socket acts on (the pause gate the vCPUs pass).
+    controls: Controls,
+    /// The control socket, when asked for.
+    api: Option<ApiServer>,
 }
 
 /// Live statistics of a VM's vGPUs, usable from another thread while the VM runs (it reads
@@ -465,6 +477,21 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let controls = Controls {
+            gate: Arc::new(PauseGate::default()),
+            exit: exit.clone(),
+            threads: Arc::new(Mutex::new(Vec::new())),
+            kick_signal: kick_signal(),
+        };
+        let api = match &config.api_socket {
+            Some(path) => Some(ApiServer::bind(path, controls.clone()).map_err(|source| {
+                VmError::ApiSocket {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
         let mut vcpus = Vec::new();
         for cpu in 0..config.cpus.boot {
             let fd = vm_fd
@@ -482,6 +509,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 exit: exit.clone(),
                 stop: stop.clone(),
+                gate: controls.gate.clone(),
             });
         }
         tracing::debug!(?entry, cpus = config.cpus.boot, mem = ram.size, "VM built");
@@ -502,6 +530,8 @@ impl Vm {
             seccomp: config.seccomp,
             _leases: leases,
             vgpus,
+            controls,
+            api,
         })
     }
 
@@ -527,6 +557,9 @@ impl Vm {
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(VmError::EventLoop)?;
         em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
+        if let Some(api) = self.api.take() {
+            em.add_subscriber(Arc::new(Mutex::new(api)));
+        }
         let _termios = match (&self.serial, self.stdin_input) {
             (Some(serial), true) => {
                 em.add_subscriber(Arc::new(Mutex::new(SerialInput {
@@ -570,6 +603,12 @@ impl Vm {
             }
         }
         drop(done_tx);
+        *self
+            .controls
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            threads.iter().map(|h| h.as_pthread_t()).collect();
         if self.seccomp
             && let Err(e) = crate::seccomp::apply(crate::seccomp::Thread::Main)
         {
@@ -589,6 +628,8 @@ impl Vm {
         if let Some(stop) = stop {
             stop.store(true, Ordering::Release);
         }
+        // Parked (paused) vCPUs wake to see it.
+        self.controls.gate.release();
         let mut running = threads.len();
         while running > 0 {
             for h in threads.iter().filter(|h| !h.is_finished()) {

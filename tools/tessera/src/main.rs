@@ -8,6 +8,7 @@ mod serve_cmd;
 mod tls_cmd;
 mod vgpu_cmd;
 mod vm_cmd;
+mod vmctl_cmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,8 @@ struct Cli {
 enum Command {
     /// Boot a VM from a kernel (PVH ELF or bzImage).
     Vm(vm_cmd::VmArgs),
+    /// Control a running VM through its --api-socket: pause, resume, info, shutdown.
+    Vmctl(vmctl_cmd::VmctlArgs),
     /// Benchmarks that compare Tessera with other VMMs side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Vm(args) => vm_cmd::run(args),
+        Command::Vmctl(args) => vmctl_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => serve_cmd::serve(args),
         Command::Vgpu(args) => vgpu_cmd::vgpu(args),

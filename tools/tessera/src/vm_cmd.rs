@@ -54,6 +54,19 @@ pub struct VmArgs {
     /// Sandbox the VMM's threads with seccomp filters (false: for debugging only).
     #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
     seccomp: bool,
+    /// A control socket (mode 0600) for `tessera vmctl`: pause, resume, info, shutdown.
+    /// Cloud Hypervisor's flag: PATH or path=PATH.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
+    api_socket: Option<PathBuf>,
+}
+
+/// `--api-socket PATH` or `path=PATH`.
+fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
+    let p = s.strip_prefix("path=").unwrap_or(s);
+    if p.is_empty() || p.contains(",") && s.starts_with("path=") {
+        return Err(format!("{s:?}: expected PATH or path=PATH"));
+    }
+    Ok(PathBuf::from(p))
 }
 
 /// The KVM device node; tests override it with `TESSERA_KVM_DEVICE`.
@@ -77,6 +90,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         user_devices: args.user_device,
         kvm_path: kvm_path(),
         seccomp: args.seccomp,
+        api_socket: args.api_socket,
     };
     let result = Vm::new(&config).and_then(Vm::run);
     match result {

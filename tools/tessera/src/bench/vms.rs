@@ -121,6 +121,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
             gpu: spec.kind,
             kvm_path: PathBuf::from("/dev/kvm"),
             seccomp: true,
+            api_socket: None,
         };
         let (gpu, tx) = (gpu.clone(), probe_tx.clone());
         threads.push(std::thread::spawn(move || -> Result<ExitReason, String> {

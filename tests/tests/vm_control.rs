@@ -163,3 +163,49 @@ fn unusable_sockets_are_clear_errors() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("cannot connect"), "{err}");
 }
+
+/// Pausing a VM pauses its in-process vGPU too: its work stops at the next preemption point
+/// and its GPU time stands still until resume; then the guest's load finishes with every
+/// job's result right (the firmware checks them and counts faults).
+#[test]
+fn a_paused_vms_vgpu_does_no_work_until_resumed() {
+    let Some(fw) = firmware() else { return };
+    let dir = scratch("vmctl-vgpu");
+    let sock = dir.join("vm.api");
+    let mut vm = Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        fw.to_str().expect("utf-8"),
+        "--cmdline",
+        "run=load kind=busy seconds=3",
+        "--memory",
+        "64M",
+        "--vgpu",
+        "profile=64M",
+        "--api-socket",
+        sock.to_str().expect("utf-8"),
+    ]);
+    let busy = |v: &serde_json::Value| v["vgpu_busy_ns"][0].as_u64().expect("busy ns");
+    // (The load prints nothing else until it ends.)
+    vm.expect_line("tessera-fw: boot", T);
+    // Wait until the guest's GPU load runs.
+    let deadline = std::time::Instant::now() + T;
+    while !sock.exists() || busy(&vmctl(&sock, "info").1) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load never started"
+        );
+        std::thread::yield_now();
+    }
+    let (code, paused) = vmctl(&sock, "pause");
+    assert_eq!(code, Some(0), "{paused}");
+    let before = busy(&paused);
+    let printed = vm.lines_within(Duration::from_millis(500));
+    assert!(printed.is_empty(), "a paused guest printed {printed:?}");
+    let still = busy(&vmctl(&sock, "info").1);
+    assert_eq!(still, before, "the paused vGPU kept working");
+    assert_eq!(vmctl(&sock, "resume").0, Some(0));
+    vm.expect_line("tessera-fw: load kind=busy", T);
+    assert!(vm.saw("faults=0"), "{}", vm.transcript.join("\n"));
+    assert_eq!(vm.wait(T).code(), Some(0));
+}

@@ -149,6 +149,9 @@ pub struct Reply {
     /// vCPUs stopped in the pause gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus_paused: Option<usize>,
+    /// GPU time each in-process vGPU has used so far (ns).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vgpu_busy_ns: Vec<u64>,
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -161,6 +164,7 @@ impl Reply {
             state: None,
             vcpus: None,
             vcpus_paused: None,
+            vgpu_busy_ns: Vec::new(),
             error: Some(e.into()),
         }
     }
@@ -175,6 +179,8 @@ pub struct Controls {
     pub threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// The signal that kicks them.
     pub kick_signal: libc::c_int,
+    /// The in-process vGPUs: paused with the vCPUs.
+    pub vgpus: Vec<Arc<vgpu::Vgpu>>,
 }
 
 impl Controls {
@@ -193,8 +199,21 @@ impl Controls {
             state: Some(state.into()),
             vcpus: Some(vcpus),
             vcpus_paused: Some(parked),
+            vgpu_busy_ns: self
+                .vgpus
+                .iter()
+                .map(|v| v.monitor().sched_stats().busy_ns)
+                .collect(),
             error: None,
         }
+    }
+
+    /// Lets the vGPUs, then the vCPUs, run again.
+    fn resume(&self) {
+        for v in &self.vgpus {
+            v.resume();
+        }
+        self.gate.resume();
     }
 
     /// Does `req`.
@@ -214,19 +233,26 @@ impl Controls {
                         unsafe { libc::pthread_kill(t, self.kick_signal) };
                     }
                 };
+                // The vCPUs first (no new GPU work), then the vGPUs.
                 if let Err(e) = self.gate.pause(threads.len(), kick, PAUSE_TIMEOUT) {
                     return Reply::error(e);
+                }
+                for (i, v) in self.vgpus.iter().enumerate() {
+                    if let Err(e) = v.pause(PAUSE_TIMEOUT) {
+                        self.resume();
+                        return Reply::error(format!("vGPU {i}: {e}; the VM runs on"));
+                    }
                 }
                 tracing::info!("VM paused");
             }
             Request::Resume => {
-                self.gate.resume();
+                self.resume();
                 tracing::info!("VM resumed");
             }
             Request::Shutdown => {
                 tracing::info!("shutdown requested on the control socket");
                 self.exit.request(ExitReason::PowerOff);
-                self.gate.resume();
+                self.resume();
             }
         }
         self.reply()

@@ -482,6 +482,7 @@ impl Vm {
             exit: exit.clone(),
             threads: Arc::new(Mutex::new(Vec::new())),
             kick_signal: kick_signal(),
+            vgpus: vgpus.clone(),
         };
         let api = match &config.api_socket {
             Some(path) => Some(ApiServer::bind(path, controls.clone()).map_err(|source| {

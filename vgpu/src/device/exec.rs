@@ -62,11 +62,14 @@ struct Control {
     grant: Option<Arc<Grant>>,
     cancel: Arc<AtomicBool>,
     deadline: Arc<Deadline>,
+    /// A pause stops the range at the next group, like a preemption.
+    paused: Arc<AtomicBool>,
 }
 
 impl RunControl for Control {
     fn stop(&self) -> bool {
         self.abandoned()
+            || self.paused.load(Ordering::Relaxed)
             || self.grant.as_ref().is_some_and(|g| {
                 let stop = g.should_yield();
                 if stop {
@@ -181,6 +184,7 @@ fn run_op(
             grant: holder.grant(),
             cancel: sh.cancel.clone(),
             deadline: sh.deadline.clone(),
+            paused: sh.paused.clone(),
         });
         let t = Instant::now();
         sh.deadline.arm(t, sh.watchdog.saturating_sub(used));
@@ -201,6 +205,10 @@ fn run_op(
         }
         if next < groups {
             holder.give_back();
+            if sh.paused.load(Ordering::Acquire) {
+                // Paused in the middle of the packet: it goes on from `next` after.
+                sh.park_while_paused();
+            }
         }
     }
     launch.finish()

@@ -133,6 +133,8 @@ struct State {
     ctx: Vec<Ctx>,
     reset_pending: bool,
     shutdown: bool,
+    /// The command processor is stopped for a pause ([`Vgpu::pause`]).
+    cp_parked: bool,
     /// The memories the device reaches; replaced whole by `Vgpu::set_dma`.
     spaces: Arc<Spaces>,
     /// Bumped by every `set_dma`.
@@ -201,12 +203,26 @@ struct Shared {
     /// A context's control or tail shadow changed: the command processor writes the
     /// doorbell hints again (a context enabled with `SUPPRESS` while it is awake).
     rehint: AtomicBool,
+    /// Paused ([`Vgpu::pause`]): work stops at the next preemption point and none starts.
+    paused: Arc<AtomicBool>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// The command processor's side of a pause: stopped (counted, so [`Vgpu::pause`] can
+    /// return) until resumed, reset or shut down.
+    fn park_while_paused(&self) {
+        let mut st = self.lock();
+        st.cp_parked = true;
+        self.progress.notify_all();
+        while self.paused.load(Ordering::Acquire) && !st.shutdown && !st.reset_pending {
+            st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.cp_parked = false;
+    }
+
     fn wake(&self) {
         if let Err(e) = self.kick.write(1) {
             tracing::error!("cannot wake the vGPU command processor: {e}");
@@ -367,6 +383,7 @@ impl Vgpu {
                 ctx: fresh_contexts(contexts),
                 reset_pending: false,
                 shutdown: false,
+                cp_parked: false,
                 spaces: Arc::new(Spaces {
                     sys,
                     domain,
@@ -393,6 +410,7 @@ impl Vgpu {
             tdr_overshoot_ns: std::sync::atomic::AtomicU64::new(0),
             poll_ns: std::sync::atomic::AtomicU64::new(0),
             rehint: AtomicBool::new(false),
+            paused: Arc::new(AtomicBool::new(false)),
         });
         let add = |fd: i32, data: u64| {
             shared
@@ -463,6 +481,46 @@ impl Vgpu {
         VgpuMonitor(self.shared.clone())
     }
 
+    /// Pauses the device: work on the engines stops at its next preemption point (a
+    /// workgroup boundary; the packet keeps its place and resumes there), and nothing starts
+    /// until [`Vgpu::resume`]. Returns once the command processor has stopped; after
+    /// `within` without that, the pause is undone and an error says so. Registers still
+    /// answer (a paused VM's vCPUs make no accesses).
+    pub fn pause(&self, within: Duration) -> Result<(), String> {
+        let sh = &self.shared;
+        sh.paused.store(true, Ordering::Release);
+        sh.wake();
+        let deadline = Instant::now() + within;
+        let mut st = sh.lock();
+        while !st.cp_parked && !st.shutdown {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                self.resume();
+                return Err(format!(
+                    "the vGPU's work did not reach a preemption point within {} ms",
+                    within.as_millis()
+                ));
+            }
+            st = sh
+                .progress
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Ends a pause: the stopped work goes on where it stopped.
+    pub fn resume(&self) {
+        let sh = &self.shared;
+        sh.paused.store(false, Ordering::Release);
+        let _st = sh.lock();
+        sh.progress.notify_all();
+        drop(_st);
+        sh.wake();
+    }
+
     /// Replaces the guest memory and DMA domain the device reaches (a vfio-user client mapping
     /// or unmapping guest RAM). Returns once no packet started under the old mapping is still
     /// executing, so the caller may then tear the old memory down. If the GPU cannot import
@@ -520,6 +578,8 @@ impl Vgpu {
 impl Drop for Vgpu {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
+        // A command processor stopped by a pause sees it.
+        self.shared.progress.notify_all();
         self.shared.cancel.store(true, Ordering::Release);
         self.shared.sched.interrupt(self.shared.member);
         self.shared.wake();

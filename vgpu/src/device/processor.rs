@@ -82,6 +82,13 @@ impl Processor {
         // The last sleep was a timed nap that no event ended.
         let mut napped = false;
         loop {
+            if self.sh.paused.load(Ordering::Acquire) {
+                // Paused between packets: the GPU goes to someone else meanwhile; doorbells
+                // stay latched in their eventfds for after.
+                self.holder.give_back();
+                self.sh.park_while_paused();
+                continue;
+            }
             let polling = {
                 let mut st = self.sh.lock();
                 if st.shutdown {

@@ -38,6 +38,15 @@ pub fn measuring_alone() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A session on instance `name` of `server`, over its UNIX session socket.
+pub fn session(server: &Server, name: &str) -> vgpu_session::Session {
+    vgpu_session::Session::connect(&format!(
+        "unix:{}",
+        server.dir.join(format!("vgpu-{name}.session")).display()
+    ))
+    .expect("open a session")
+}
+
 /// Whether this machine has a Vulkan driver (`tessera serve --gpu vulkan` can start). Without
 /// one, Vulkan tests skip, unless `TESSERA_REQUIRE_VULKAN=1` (set by `cargo xtask test`).
 pub fn vulkan_available() -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use std::path::{Path, PathBuf};
-use tessera_tests::{Server, workload};
+use tessera_tests::{Server, guest_image, session, workload};
 use vgpu_abi::fault;
 
 use rustls::pki_types::pem::PemObject;
@@ -18,14 +18,6 @@ use vgpu_session::tls::{TlsAddr, TlsFiles};
 use vgpu_session::{Command, Session, SessionError, WaitResult};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn session(server: &Server, name: &str) -> Session {
-    Session::connect(&format!(
-        "unix:{}",
-        server.dir.join(format!("vgpu-{name}.session")).display()
-    ))
-    .expect("open a session")
-}
 
 fn refused(r: Result<impl std::fmt::Debug, SessionError>) -> (ErrorKind, String) {
     match r {
@@ -540,9 +532,9 @@ fn the_tls_listener_refuses_clients_without_a_valid_certificate() {
 #[test]
 fn the_c_library_runs_its_checks_over_each_transport_linked_both_ways() {
     let lib = tessera_tests::tessera_bin().with_file_name("libtessera_capi.a");
-    if !built(&lib, "cargo build -p tessera-capi") {
+    let Some(lib) = guest_image(lib, "cargo build -p tessera-capi") else {
         return;
-    }
+    };
     let (server, certs, addr) = tls_server("session-capi", &["--create", "256M:c1"], &["c1"]);
     let out = server.dir.parent().expect("scratch").join("libtessera");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -604,7 +596,7 @@ fn tessera_run_and_smi_work_over_each_transport() {
         .and_then(Path::parent)
         .expect("target dir")
         .join("host-tools/release");
-    if !built(&tools.join("tessera-run"), "cargo xtask test builds it") {
+    if guest_image(tools.join("tessera-run"), "cargo xtask test builds it").is_none() {
         return;
     }
     let (server, certs, addr) = tls_server("session-tools", &["--create", "256M:c1"], &["c1"]);
@@ -647,21 +639,6 @@ fn tessera_run_and_smi_work_over_each_transport() {
             }
         }
     }
-}
-
-/// Whether `path` was built: when it was not, the test is skipped (with a message saying
-/// `how` to build it), or fails where built artefacts are required (`cargo xtask test`).
-fn built(path: &Path, how: &str) -> bool {
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("TESSERA_REQUIRE_GUESTS").is_none(),
-        "{} is missing ({how})",
-        path.display()
-    );
-    eprintln!("skipped: {} is missing ({how})", path.display());
-    false
 }
 
 /// The workload through a session on a server in this very process (`vgpu_server::Daemon`,

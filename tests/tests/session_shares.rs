@@ -7,18 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tessera_tests::{Server, Vmm, firmware, measuring_alone as measuring, user_vm};
+use tessera_tests::{Server, Vmm, firmware, measuring_alone as measuring, session, user_vm};
 use vgpu_session::{Command, Session, WaitResult};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn session(server: &Server, name: &str) -> Session {
-    Session::connect(&format!(
-        "unix:{}",
-        server.dir.join(format!("vgpu-{name}.session")).display()
-    ))
-    .expect("open a session")
-}
 
 /// Keeps four 4 ms SPIN_US jobs queued on a session until `stop` (the spinning engines take
 /// both cores of a small host: 16 ms of queued work rides out a client that waits for a CPU).

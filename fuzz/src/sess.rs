@@ -116,9 +116,7 @@ fn command(input: &mut Input<'_>) -> Command {
             src: bufref(input),
             out: bufref(input),
         },
-        7 => Command::Timestamp {
-            dst: bufref(input),
-        },
+        7 => Command::Timestamp { dst: bufref(input) },
         _ => Command::SpinUs {
             us: u64::from(input.u8()),
             groups: u64::from(input.u8() % 4),

@@ -13,6 +13,7 @@ mod kvm_glue;
 pub mod memory;
 pub mod pvm;
 pub mod seccomp;
+pub mod snapshot;
 pub mod user_device;
 pub mod vcpu;
 mod vm;

@@ -120,15 +120,7 @@ pub fn recv_head(sock: &UnixStream) -> Result<(usize, Option<File>), FrameError>
 
 /// Reads one frame from a byte stream that carries no descriptors (TLS).
 pub fn read<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
-    read_at_most(r, MAX_FRAME)
-}
-
-/// Reads one frame of at most `max` bytes (a longer one is refused before it is read).
-pub fn read_at_most<T: DeserializeOwned>(r: &mut impl Read, max: usize) -> Result<T, FrameError> {
     let len = read_head(r)?;
-    if len > max {
-        return Err(FrameError::TooLong(len));
-    }
     body(len, r)
 }
 
@@ -161,7 +153,7 @@ fn frame_len(head: [u8; 4]) -> Result<usize, FrameError> {
 }
 
 /// The message of a frame of `len` bytes, read from `r`.
-fn body<T: DeserializeOwned>(len: usize, r: &mut impl Read) -> Result<T, FrameError> {
+pub(crate) fn body<T: DeserializeOwned>(len: usize, r: &mut impl Read) -> Result<T, FrameError> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Ok(postcard::from_bytes(&body)?)

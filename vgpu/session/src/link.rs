@@ -191,6 +191,18 @@ impl Read for Tls {
     }
 }
 
+/// The bytes of the frame being received, whichever the link.
+struct Body<'a>(&'a mut Link);
+
+impl Read for Body<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut *self.0 {
+            Link::Unix(s) => (&*s).read(buf),
+            Link::Tls(t) => t.read(buf),
+        }
+    }
+}
+
 impl Link {
     /// Sends `msg`, with `fd` when given (UNIX only). Over TLS it may stay queued until the
     /// link reads, [`Link::flush`]es or has [`FLUSH_AT`] bytes queued.
@@ -233,34 +245,30 @@ impl Link {
 
     /// Receives one frame (what was queued leaves first).
     pub fn recv<T: DeserializeOwned>(&mut self) -> Result<(T, Option<File>), FrameError> {
-        match self {
-            Link::Unix(s) => frame::recv(s),
-            Link::Tls(t) => Ok((frame::read(&mut **t)?, None)),
-        }
+        let (len, fd) = self.head()?;
+        Ok((frame::body(len, &mut Body(self))?, fd))
     }
 
     /// Receives one frame of at most `max` bytes (a longer one is refused unread).
     pub fn recv_at_most<T: DeserializeOwned>(&mut self, max: usize) -> Result<T, FrameError> {
+        let (len, _) = self.head()?;
+        if len > max {
+            return Err(FrameError::TooLong(len));
+        }
+        frame::body(len, &mut Body(self))
+    }
+
+    /// A frame's length, and the descriptor that came with it (UNIX only).
+    fn head(&mut self) -> Result<(usize, Option<File>), FrameError> {
         match self {
-            Link::Unix(s) => {
-                let (len, _) = frame::recv_head(s)?;
-                if len > max {
-                    return Err(FrameError::TooLong(len));
-                }
-                let mut body = vec![0u8; len];
-                (&*s).read_exact(&mut body)?;
-                Ok(postcard::from_bytes(&body)?)
-            }
-            Link::Tls(t) => frame::read_at_most(&mut **t, max),
+            Link::Unix(s) => frame::recv_head(s),
+            Link::Tls(t) => Ok((frame::read_head(&mut **t)?, None)),
         }
     }
 
     /// Receives a request; a `Write` comes as its head, its data left in the link.
     pub fn recv_request(&mut self) -> Result<Incoming, FrameError> {
-        let (len, fd) = match self {
-            Link::Unix(s) => frame::recv_head(s)?,
-            Link::Tls(t) => (frame::read_head(&mut **t)?, None),
-        };
+        let (len, fd) = self.head()?;
         let mut body = vec![0u8; len.min(WRITE_HEAD_MAX)];
         self.read_exact(&mut body)?;
         if fd.is_none()
@@ -281,11 +289,7 @@ impl Link {
 
     /// Reads exactly `buf.len()` bytes of the frame being received.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
-        match self {
-            Link::Unix(s) => (&*s).read_exact(buf)?,
-            Link::Tls(t) => t.read_exact(buf)?,
-        }
-        Ok(())
+        Ok(Body(self).read_exact(buf)?)
     }
 
     /// Whether a frame's bytes already arrived and wait, decrypted, in the link: then a poll

@@ -36,6 +36,23 @@ impl SerialDevice {
 
     /// Queues host input for the guest to read. Returns how many bytes fit in the FIFO;
     /// the rest are dropped, as a real UART drops bytes on overrun.
+    /// A UART in the state `state` (a restored snapshot's); refused when the state is not one
+    /// a UART can be in (more input bytes than its FIFO holds).
+    pub fn with_state(
+        interrupt: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, interrupt, NoEvents, out)
+            .map(|uart| SerialDevice { uart })
+            .map_err(|e| format!("serial port state: {e:?}"))
+    }
+
+    /// The UART's registers and pending input (for a snapshot).
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(input.len());
         if room == 0 {

@@ -274,6 +274,43 @@ impl PciConfiguration {
             .collect()
     }
 
+    /// The register file as the guest sees it (for a snapshot).
+    pub fn registers(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Restores registers saved by [`PciConfiguration::registers`] into a function built the
+    /// same way: only bits the guest may write are taken; every read-only bit (ids, BAR
+    /// sizes and types, capabilities) must equal this function's, else nothing changes and
+    /// the first register that differs is named.
+    pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), String> {
+        if saved.len() != NUM_REGS {
+            return Err(format!(
+                "{} configuration registers saved, a function has {NUM_REGS}",
+                saved.len()
+            ));
+        }
+        for (reg, (&v, (&ours, &w))) in saved
+            .iter()
+            .zip(self.regs.iter().zip(&self.writable))
+            .enumerate()
+        {
+            // The status register's bits (upper half of the command register) are read-only
+            // here, as are the capability pointers and ids.
+            if v & !w != ours & !w {
+                return Err(format!(
+                    "configuration register {reg:#x} is {v:#010x}, read-only bits of this \
+                     function give {:#010x}",
+                    ours & !w
+                ));
+            }
+        }
+        for (r, (&v, &w)) in self.regs.iter_mut().zip(saved.iter().zip(&self.writable)) {
+            *r = (*r & !w) | (v & w);
+        }
+        Ok(())
+    }
+
     /// The command register.
     pub fn command(&self) -> u16 {
         self.regs[REG_COMMAND] as u16

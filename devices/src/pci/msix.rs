@@ -230,6 +230,48 @@ impl MsixState {
         self.pending.fill(0);
     }
 
+    /// The table and pending bits (for a snapshot): per vector address low, address high,
+    /// data and control words; then the pending-bit array.
+    pub fn save(&self) -> (Vec<[u32; 4]>, Vec<u64>) {
+        let table = self
+            .entries
+            .iter()
+            .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+            .collect();
+        (table, self.pending.clone())
+    }
+
+    /// Restores what [`MsixState::save`] returned, checked as guest writes are (reserved bits
+    /// dropped). Sends nothing: pending vectors stay pending until the guest unmasks them.
+    pub fn restore(&mut self, table: &[[u32; 4]], pending: &[u64]) -> Result<(), String> {
+        if table.len() != self.entries.len() || pending.len() != self.pending.len() {
+            return Err(format!(
+                "MSI-X state for {} vectors, this function has {}",
+                table.len(),
+                self.entries.len()
+            ));
+        }
+        for (e, &[addr_lo, addr_hi, data, control]) in self.entries.iter_mut().zip(table) {
+            *e = Entry {
+                addr_lo: addr_lo & !0x3,
+                addr_hi,
+                data,
+                control: control & ENTRY_MASKED,
+            };
+        }
+        let vectors = self.entries.len();
+        for (i, (p, &v)) in self.pending.iter_mut().zip(pending).enumerate() {
+            // Bits past the last vector stay clear.
+            let valid = vectors.saturating_sub(i * 64).min(64);
+            *p = if valid == 64 {
+                v
+            } else {
+                v & ((1u64 << valid) - 1)
+            };
+        }
+        Ok(())
+    }
+
     /// The capability's offset in configuration space.
     pub fn cap_offset(&self) -> usize {
         self.cap_offset

@@ -417,6 +417,22 @@ impl PciRoot {
         }
     }
 
+    /// The configuration address latch (port 0xcf8), for a snapshot.
+    pub fn address_latch(&self) -> u32 {
+        self.address
+    }
+
+    /// Restores the address latch and brings every function's BAR mappings in line with its
+    /// (restored) configuration space, as after guest writes.
+    pub fn restore(&mut self, address: u32) -> Result<(), PciRootError> {
+        self.address = address & !0x3;
+        let slots: Vec<u8> = self.slots.keys().copied().collect();
+        for slot in slots {
+            self.sync_bars(slot)?;
+        }
+        Ok(())
+    }
+
     /// The enabled slot and register that the address port selects, if it selects a present
     /// function 0 on bus 0.
     fn selected(&self) -> Option<(u8, usize)> {

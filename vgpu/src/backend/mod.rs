@@ -219,6 +219,19 @@ impl Op {
     }
 }
 
+impl Op {
+    /// Whether the operation resumes at its first group that did not run with nothing but
+    /// memory carried over: every group writes only its own part of the outputs. A reduction
+    /// (REDUCE_SUM, CRC-32) keeps partial results in its launch until the last group; it
+    /// restarts from group 0 when a restored snapshot resumes it (its groups only read).
+    pub fn resumes_from_memory(&self) -> bool {
+        !matches!(
+            self,
+            Op::Dispatch(Dispatch::ReduceSum { .. } | Dispatch::Crc32 { .. })
+        )
+    }
+}
+
 /// What a running operation asks its caller (the command processor, which holds the GPU from
 /// the scheduler and arms the watchdog).
 pub trait RunControl: Send + Sync {

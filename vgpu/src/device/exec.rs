@@ -102,6 +102,7 @@ pub(super) fn execute(
     spaces: &Arc<Spaces>,
     root: Root,
     pkt_va: u64,
+    progress: &mut InFlight,
 ) -> Result<Effect, Fault> {
     let sp = &**spaces;
     let mut raw = [0u8; packet::PACKET_SIZE as usize];
@@ -158,11 +159,12 @@ pub(super) fn execute(
             Kernel::SpinUs { us, groups } => Dispatch::SpinUs { us, groups },
         }),
     };
-    run_op(sh, holder, spaces, op, pkt_va)?;
+    run_op(sh, holder, spaces, op, pkt_va, progress)?;
     Ok(Effect::None)
 }
 
-/// Runs `op` to completion in group ranges, each under the grant and the watchdog. A reset
+/// Runs `op` to completion in group ranges, each under the grant and the watchdog, from
+/// `progress` (where a restored snapshot's packet stopped; group 0 for a new packet). A reset
 /// meanwhile ends it early with `Ok` (its result is dropped); the watchdog with `TIMEOUT`.
 fn run_op(
     sh: &Shared,
@@ -170,12 +172,19 @@ fn run_op(
     spaces: &Arc<Spaces>,
     op: Op,
     pkt_va: u64,
+    progress: &mut InFlight,
 ) -> Result<(), Fault> {
     let groups = op.groups();
-    let mut launch = sh.backend.prepare(op, spaces.clone())?;
     // GPU time this packet used, excluding time spent waiting for the GPU.
-    let mut used = Duration::ZERO;
-    let mut next = 0;
+    let (mut next, mut used) = if op.resumes_from_memory() {
+        (
+            progress.next_group.min(groups),
+            Duration::from_nanos(progress.used_ns),
+        )
+    } else {
+        (0, Duration::ZERO)
+    };
+    let mut launch = sh.backend.prepare(op, spaces.clone())?;
     while next < groups {
         if !holder.hold() {
             return Ok(());
@@ -206,8 +215,11 @@ fn run_op(
         if next < groups {
             holder.give_back();
             if sh.paused.load(Ordering::Acquire) {
-                // Paused in the middle of the packet: it goes on from `next` after.
-                sh.park_while_paused();
+                // Paused in the middle of the packet: it goes on from `next` after (and a
+                // snapshot taken meanwhile records that).
+                progress.next_group = next;
+                progress.used_ns = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+                sh.park_while_paused(Some(*progress));
             }
         }
     }

@@ -38,11 +38,13 @@ mod monitor;
 mod pci;
 mod processor;
 mod registers;
+mod state;
 
 use exec::Deadline;
 pub use monitor::VgpuMonitor;
 pub use pci::function_config;
 use processor::Processor;
+pub use state::{CtxState, InFlight, VgpuState};
 
 /// How often the command processor polls tail shadows of `POLL` contexts when idle.
 const POLL_INTERVAL_US: i32 = 200;
@@ -135,6 +137,10 @@ struct State {
     shutdown: bool,
     /// The command processor is stopped for a pause ([`Vgpu::pause`]).
     cp_parked: bool,
+    /// Where it stopped inside a packet, while parked there.
+    in_flight: Option<InFlight>,
+    /// Where a restored snapshot's packet goes on (taken when that packet starts).
+    resume: Option<InFlight>,
     /// The memories the device reaches; replaced whole by `Vgpu::set_dma`.
     spaces: Arc<Spaces>,
     /// Bumped by every `set_dma`.
@@ -213,14 +219,17 @@ impl Shared {
     }
     /// The command processor's side of a pause: stopped (counted, so [`Vgpu::pause`] can
     /// return) until resumed, reset or shut down.
-    fn park_while_paused(&self) {
+    /// `at`: the packet it stopped inside, if any (recorded for a snapshot).
+    fn park_while_paused(&self, at: Option<InFlight>) {
         let mut st = self.lock();
         st.cp_parked = true;
+        st.in_flight = at;
         self.progress.notify_all();
         while self.paused.load(Ordering::Acquire) && !st.shutdown && !st.reset_pending {
             st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.cp_parked = false;
+        st.in_flight = None;
     }
 
     fn wake(&self) {
@@ -384,6 +393,8 @@ impl Vgpu {
                 reset_pending: false,
                 shutdown: false,
                 cp_parked: false,
+                in_flight: None,
+                resume: None,
                 spaces: Arc::new(Spaces {
                     sys,
                     domain,

@@ -86,7 +86,7 @@ impl Processor {
                 // Paused between packets: the GPU goes to someone else meanwhile; doorbells
                 // stay latched in their eventfds for after.
                 self.holder.give_back();
-                self.sh.park_while_paused();
+                self.sh.park_while_paused(None);
                 continue;
             }
             let polling = {
@@ -219,6 +219,7 @@ impl Processor {
         st.wait_ctx = 0;
         st.wait_value = 0;
         st.ts_base = Instant::now();
+        st.resume = None;
         let gens: Vec<(u64, u64)> = st.ctx.iter().map(|c| (c.generation, c.tlb_epoch)).collect();
         st.ctx = fresh_contexts(self.sh.contexts);
         for (c, (g, t)) in st.ctx.iter_mut().zip(gens) {
@@ -389,6 +390,21 @@ impl Processor {
         if !self.holder.hold() {
             return true;
         }
+        // A restored snapshot's packet goes on where it stopped.
+        let mut progress = InFlight {
+            ctx: i as u32,
+            head: s.head,
+            next_group: 0,
+            used_ns: 0,
+        };
+        {
+            let mut st = self.sh.lock();
+            if let Some(r) = st.resume.take_if(|r| r.ctx as usize == i)
+                && r.head == s.head
+            {
+                progress = r;
+            }
+        }
         let mut result = execute(
             &self.sh,
             &mut self.holder,
@@ -396,6 +412,7 @@ impl Processor {
             &s.spaces,
             s.root,
             pkt_va,
+            &mut progress,
         );
         // The client truncated memory this packet used (the guard turned the SIGBUS into
         // zero pages): the packet faults, and the vGPU loses its system memory until the

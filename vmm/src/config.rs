@@ -436,6 +436,9 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// The control socket (`--api-socket`): pause, resume, info, shutdown.
     pub api_socket: Option<PathBuf>,
+    /// Restore this snapshot directory instead of booting `kernel` (the VM's shape then comes
+    /// from the snapshot: see `vmm::vm_snapshot::restore_config`).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {

@@ -27,11 +27,28 @@ const MAX_REQUEST: u64 = 4096;
 /// as a vGPU `WAIT` of at most 100 ms).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Default)]
+/// Work a parked vCPU thread does on its own vCPU (reading its state for a snapshot: KVM
+/// vCPU ioctls belong to the thread that runs it).
+pub type VcpuJob =
+    Arc<dyn Fn(&kvm_ioctls::VcpuFd) -> Result<crate::kvm_state::VcpuState, String> + Send + Sync>;
+
+#[derive(Default)]
 struct GateState {
     paused: bool,
     /// vCPUs waiting in the gate.
     parked: usize,
+    /// The job each parked vCPU does once, and what each did (by vCPU index).
+    job: Option<VcpuJob>,
+    results: Vec<Option<Result<crate::kvm_state::VcpuState, String>>>,
+}
+
+impl std::fmt::Debug for GateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateState")
+            .field("paused", &self.paused)
+            .field("parked", &self.parked)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where vCPU threads wait while the VM is paused.
@@ -48,7 +65,8 @@ impl PauseGate {
 
     /// A vCPU thread's check before `KVM_RUN`: returns at once while the VM runs; while it is
     /// paused, waits (counted as parked) until it is resumed or `stop` is raised.
-    pub fn pass(&self, stop: &AtomicBool) {
+    /// While parked, vCPU `cpu` does the job posted by [`PauseGate::on_each_vcpu`] on `fd`.
+    pub fn pass(&self, stop: &AtomicBool, cpu: usize, fd: Option<&kvm_ioctls::VcpuFd>) {
         let mut s = self.lock();
         if !s.paused {
             return;
@@ -56,6 +74,14 @@ impl PauseGate {
         s.parked += 1;
         self.changed.notify_all();
         while s.paused && !stop.load(Ordering::Acquire) {
+            if let Some(job) = s.job.clone()
+                && s.results.get(cpu).is_some_and(|r| r.is_none())
+            {
+                let r = fd.map_or_else(|| Err("no vCPU to read".into()), |fd| job(fd));
+                s.results[cpu] = Some(r);
+                self.changed.notify_all();
+                continue;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.parked -= 1;
@@ -94,6 +120,45 @@ impl PauseGate {
         Ok(())
     }
 
+    /// Has each of the `vcpus` parked vCPUs run `job` on itself; returns their results in
+    /// vCPU order. Only while the VM is paused with every vCPU parked.
+    pub fn on_each_vcpu(
+        &self,
+        vcpus: usize,
+        job: VcpuJob,
+        within: Duration,
+    ) -> Result<Vec<crate::kvm_state::VcpuState>, String> {
+        let deadline = Instant::now() + within;
+        let mut s = self.lock();
+        if !s.paused || s.parked < vcpus {
+            return Err("the VM is not paused (pause it first)".into());
+        }
+        s.results = (0..vcpus).map(|_| None).collect();
+        s.job = Some(job);
+        self.changed.notify_all();
+        while s.results.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                s.job = None;
+                return Err("the vCPUs did not report their state in time".into());
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.job = None;
+        std::mem::take(&mut s.results)
+            .into_iter()
+            .enumerate()
+            .map(|(cpu, r)| {
+                r.unwrap_or_else(|| Err("no state".into()))
+                    .map_err(|e| format!("vCPU {cpu}: {e}"))
+            })
+            .collect()
+    }
+
     /// Resumes: the parked vCPUs go back to the guest.
     pub fn resume(&self) {
         self.lock().paused = false;
@@ -113,12 +178,15 @@ impl PauseGate {
     }
 }
 
-/// A request line on the control socket: `{"op":"pause"}`.
+/// A request line on the control socket: `{"op":"pause"}`, `{"op":"snapshot","dir":"…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestLine {
     /// What to do.
     pub op: Request,
+    /// Where a snapshot goes (`snapshot` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 /// What a request asks.
@@ -133,6 +201,8 @@ pub enum Request {
     Info,
     /// End the VM as if the guest had powered off.
     Shutdown,
+    /// Write the paused VM's state to a directory (`dir`); it stays paused.
+    Snapshot,
 }
 
 /// A reply on the control socket.
@@ -152,6 +222,9 @@ pub struct Reply {
     /// GPU time each in-process vGPU has used so far (ns).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vgpu_busy_ns: Vec<u64>,
+    /// What a snapshot wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::vm_snapshot::Taken>,
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -165,6 +238,7 @@ impl Reply {
             vcpus: None,
             vcpus_paused: None,
             vgpu_busy_ns: Vec::new(),
+            snapshot: None,
             error: Some(e.into()),
         }
     }
@@ -181,6 +255,8 @@ pub struct Controls {
     pub kick_signal: libc::c_int,
     /// The in-process vGPUs: paused with the vCPUs.
     pub vgpus: Vec<Arc<vgpu::Vgpu>>,
+    /// What a snapshot is taken of.
+    pub snapshot: Arc<crate::vm_snapshot::Sources>,
 }
 
 impl Controls {
@@ -204,6 +280,7 @@ impl Controls {
                 .iter()
                 .map(|v| v.monitor().sched_stats().busy_ns)
                 .collect(),
+            snapshot: None,
             error: None,
         }
     }
@@ -216,9 +293,24 @@ impl Controls {
         self.gate.resume();
     }
 
-    /// Does `req`.
-    pub fn handle(&self, req: &Request) -> Reply {
+    /// Does `req` (`dir`: a snapshot's directory).
+    pub fn handle(&self, req: &Request, dir: Option<&Path>) -> Reply {
         match req {
+            Request::Snapshot => {
+                let Some(dir) = dir else {
+                    return Reply::error("snapshot needs a directory (\"dir\")");
+                };
+                return match self.snapshot.take(dir, &self.gate) {
+                    Ok(taken) => {
+                        tracing::info!(dir = %dir.display(), bytes = taken.bytes, ms = taken.ms, "VM snapshot taken");
+                        Reply {
+                            snapshot: Some(taken),
+                            ..self.reply()
+                        }
+                    }
+                    Err(e) => Reply::error(format!("snapshot: {e}")),
+                };
+            }
             Request::Info => {}
             Request::Pause => {
                 let threads = self
@@ -294,7 +386,7 @@ impl ApiServer {
 
     fn serve(&self, conn: UnixStream) {
         let reply = match read_request(&conn) {
-            Ok(req) => self.controls.handle(&req),
+            Ok(req) => self.controls.handle(&req.op, req.dir.as_deref()),
             Err(e) => Reply::error(e),
         };
         let mut line = serde_json::to_string(&reply).unwrap_or_else(|_| "{\"ok\":false}".into());
@@ -303,7 +395,7 @@ impl ApiServer {
     }
 }
 
-fn read_request(conn: &UnixStream) -> Result<Request, String> {
+fn read_request(conn: &UnixStream) -> Result<RequestLine, String> {
     // (An accepted socket blocks, whatever its listener does.)
     conn.set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -311,14 +403,13 @@ fn read_request(conn: &UnixStream) -> Result<Request, String> {
     BufReader::new(std::io::Read::take(conn, MAX_REQUEST))
         .read_line(&mut line)
         .map_err(|e| format!("no request: {e}"))?;
-    serde_json::from_str::<RequestLine>(line.trim())
-        .map(|l| l.op)
-        .map_err(|e| {
-            format!(
-                "bad request {:?}: {e} (expected {{\"op\":\"pause|resume|info|shutdown\"}})",
-                line.trim()
-            )
-        })
+    serde_json::from_str::<RequestLine>(line.trim()).map_err(|e| {
+        format!(
+            "bad request {:?}: {e} (expected {{\"op\":\"pause|resume|info|shutdown\"}} or \
+             {{\"op\":\"snapshot\",\"dir\":\"PATH\"}})",
+            line.trim()
+        )
+    })
 }
 
 impl Drop for ApiServer {
@@ -355,7 +446,7 @@ mod tests {
                 let (g, s, r) = (gate.clone(), stop.clone(), runs.clone());
                 std::thread::spawn(move || {
                     while !s.load(Ordering::Acquire) {
-                        g.pass(&s);
+                        g.pass(&s, 0, None);
                         r.fetch_add(1, Ordering::Relaxed);
                         std::thread::yield_now();
                     }
@@ -400,7 +491,11 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_str::<RequestLine>(text).unwrap().op, want);
             assert_eq!(
-                serde_json::to_string(&RequestLine { op: want }).unwrap(),
+                serde_json::to_string(&RequestLine {
+                    op: want,
+                    dir: None
+                })
+                .unwrap(),
                 text
             );
         }

@@ -98,6 +98,37 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
+/// The feature words a guest given `cpuid` depends on: the vendor (leaf 0), then the feature
+/// registers of leaves 1, 7 and 0x8000_0001 and the XSAVE sizes of leaf 0xd (a snapshot's
+/// guest may use any of these, so it is restored only where they are the same).
+pub fn features(cpuid: &CpuId) -> Vec<u32> {
+    let find = |function: u32, index: u32| {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+    };
+    let mut out = Vec::new();
+    for (function, index, regs) in [
+        (0, 0, "bdc"),
+        (1, 0, "cd"),
+        (7, 0, "bcd"),
+        (0xd, 0, "ac"),
+        (0x8000_0001, 0, "cd"),
+    ] {
+        let e = find(function, index);
+        for r in regs.chars() {
+            out.push(e.map_or(0, |e| match r {
+                'a' => e.eax,
+                'b' => e.ebx,
+                'c' => e.ecx,
+                _ => e.edx,
+            }));
+        }
+    }
+    out
+}
+
 /// Adapts `base` (KVM's supported CPUID) for vCPU `cpu` of `ncpus`, hiding `hidden`.
 pub fn vcpu_cpuid(base: &CpuId, cpu: u8, ncpus: u8, hidden: &[Feature]) -> CpuId {
     let mut cpuid = base.clone();

@@ -10,6 +10,7 @@ pub mod control;
 pub mod cpuid;
 mod event_loop;
 mod kvm_glue;
+pub mod kvm_state;
 pub mod memory;
 pub mod pvm;
 pub mod seccomp;
@@ -17,6 +18,7 @@ pub mod snapshot;
 pub mod user_device;
 pub mod vcpu;
 mod vm;
+pub mod vm_snapshot;
 
 pub use config::{CpusConfig, MemoryConfig, SerialConfig, UserDeviceConfig, VgpuConfig, VmConfig};
 pub use devices::ExitReason;

@@ -49,6 +49,10 @@ pub enum SeccompError {
 pub enum Thread {
     /// The thread that runs the event loop and stops the VM.
     Main,
+    /// [`Thread::Main`] of a VM with a control socket (`--api-socket`), which writes
+    /// snapshots where its user asks: it may also create files and directories, read guest
+    /// RAM's memfd at offsets, and read the KVM VM's state (irqchip, PIT, clock).
+    Controlled,
     /// A vCPU thread.
     Vcpu,
     /// A device thread (vGPU command processor, software GPU engines) and the thread that
@@ -108,6 +112,26 @@ vmm_sys_util::ioctl_iow_nr!(
 vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
 // An MSI-X message.
 vmm_sys_util::ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_bindings::kvm_msi);
+// A parked vCPU reading its own state for a snapshot.
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+// The control socket's thread reading the VM's state for a snapshot.
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
 
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -227,6 +251,16 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                         KVM_SET_USER_MEMORY_REGION(),
                         KVM_IOEVENTFD(),
                         KVM_SIGNAL_MSI(),
+                        KVM_GET_REGS(),
+                        KVM_GET_SREGS(),
+                        KVM_GET_MSRS(),
+                        KVM_GET_FPU(),
+                        KVM_GET_LAPIC(),
+                        KVM_GET_MP_STATE(),
+                        KVM_GET_VCPU_EVENTS(),
+                        KVM_GET_DEBUGREGS(),
+                        KVM_GET_XSAVE(),
+                        KVM_GET_XCRS(),
                     ],
                 )?,
             );
@@ -234,7 +268,7 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             // socket.
             allow(&mut r, &SOCKET_IO);
         }
-        Thread::Main => {
+        Thread::Main | Thread::Controlled => {
             allow(
                 &mut r,
                 &[
@@ -259,8 +293,42 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 libc::SYS_setsockopt,
                 level_and_name(libc::SOL_SOCKET, &[libc::SO_RCVTIMEO])?,
             );
-            // Restoring the terminal.
-            r.insert(libc::SYS_ioctl, any_of(1, &[TCGETS, TCSETS])?);
+            if thread == Thread::Controlled {
+                // Writing a snapshot: its directory and files, guest RAM read at offsets.
+                allow(
+                    &mut r,
+                    &[
+                        libc::SYS_openat,
+                        libc::SYS_mkdir,
+                        libc::SYS_mkdirat,
+                        libc::SYS_rename,
+                        libc::SYS_renameat,
+                        libc::SYS_renameat2,
+                        libc::SYS_fsync,
+                        libc::SYS_fstat,
+                        libc::SYS_newfstatat,
+                        libc::SYS_statx,
+                        libc::SYS_pread64,
+                    ],
+                );
+                // Restoring the terminal; the VM's state.
+                r.insert(
+                    libc::SYS_ioctl,
+                    any_of(
+                        1,
+                        &[
+                            TCGETS,
+                            TCSETS,
+                            KVM_GET_IRQCHIP(),
+                            KVM_GET_CLOCK(),
+                            KVM_GET_PIT2(),
+                        ],
+                    )?,
+                );
+            } else {
+                // Restoring the terminal.
+                r.insert(libc::SYS_ioctl, any_of(1, &[TCGETS, TCSETS])?);
+            }
         }
         Thread::Device | Thread::GpuDevice => {
             allow(
@@ -433,7 +501,9 @@ fn device_clone3() -> Result<BpfProgram, SeccompError> {
 fn denials(thread: Thread) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(thread, e);
     let mut r = Rules::new();
-    r.insert(libc::SYS_openat, Vec::new());
+    if thread != Thread::Controlled {
+        r.insert(libc::SYS_openat, Vec::new());
+    }
     let f = SeccompFilter::new(
         r,
         SeccompAction::Allow,
@@ -620,8 +690,9 @@ mod tests {
     }
 
     /// Every role's name in [`role`].
-    const ROLES: [&str; 6] = [
+    const ROLES: [&str; 7] = [
         "main",
+        "controlled",
         "vcpu",
         "device",
         "server",
@@ -632,6 +703,7 @@ mod tests {
     fn role(name: &str) -> Thread {
         match name {
             "main" => Thread::Main,
+            "controlled" => Thread::Controlled,
             "vcpu" => Thread::Vcpu,
             "server" => Thread::Server,
             "gpu-server" => Thread::GpuServer,

@@ -215,7 +215,7 @@ impl Snapshot {
         let fingerprint: Fingerprint = serde_json::from_slice(&fp)
             .map_err(|e| SnapshotError::Corrupt(format!("fingerprint: {e}")))?;
         if let Some(want) = expected {
-            mismatch(&fingerprint, want)?;
+            check_fingerprint(&fingerprint, want)?;
         }
         // Nothing may follow the checksum.
         let mut extra = [0u8; 1];
@@ -230,7 +230,7 @@ impl Snapshot {
 }
 
 /// The first way `got` differs from `want`, in words.
-fn mismatch(got: &Fingerprint, want: &Fingerprint) -> Result<(), SnapshotError> {
+pub fn check_fingerprint(got: &Fingerprint, want: &Fingerprint) -> Result<(), SnapshotError> {
     let m = |what: String| Err(SnapshotError::Mismatch(what));
     if got.vcpus != want.vcpus {
         return m(format!("{} vCPUs, this VM has {}", got.vcpus, want.vcpus));

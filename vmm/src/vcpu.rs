@@ -222,7 +222,7 @@ impl VcpuRunner {
     pub fn run(mut self) {
         let cpu = self.cpu;
         while !self.stop.load(Ordering::Acquire) {
-            self.gate.pass(&self.stop);
+            self.gate.pass(&self.stop, usize::from(cpu), Some(&self.fd));
             if self.stop.load(Ordering::Acquire) {
                 break;
             }

@@ -34,7 +34,9 @@ use crate::cpuid::{self, Feature};
 use crate::event_loop::{ExitWatcher, SerialInput};
 use crate::kvm_glue::{KvmMapper, KvmMsi};
 use crate::memory::{self, GuestRam, PCI_MMIO32, PCI_MMIO64};
+use crate::snapshot::Fingerprint;
 use crate::vcpu::{self, VcpuRunner};
+use crate::vm_snapshot::{Machine, Restore, Sources};
 use devices::files::open_regular;
 
 /// Where KVM's real-mode TSS goes (three pages just below the BIOS ROM area of 4 GiB).
@@ -139,12 +141,18 @@ pub enum VmError {
     /// The options do not fit together.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A snapshot that cannot be restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::vm_snapshot::VmSnapshotError),
 }
 
 impl VmError {
     /// True when the error is about the user's arguments (exit status 2), not the host.
     pub fn is_usage(&self) -> bool {
         use boot::BootError as B;
+        if let VmError::Snapshot(e) = self {
+            return e.is_usage();
+        }
         matches!(
             self,
             VmError::KernelOpen { .. }
@@ -286,11 +294,21 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let kpath = config.kernel.display().to_string();
         config.validate()?;
-        let mut kernel = open_regular(&config.kernel).map_err(|source| VmError::KernelOpen {
-            path: kpath.clone(),
-            source,
-        })?;
-        let mut initramfs = match &config.initramfs {
+        // A restored VM boots nothing: its memory and registers come from the snapshot.
+        let mut kernel = match config.restore {
+            Some(_) => None,
+            None => Some(
+                open_regular(&config.kernel).map_err(|source| VmError::KernelOpen {
+                    path: kpath.clone(),
+                    source,
+                })?,
+            ),
+        };
+        let mut initramfs = match config
+            .initramfs
+            .as_ref()
+            .filter(|_| config.restore.is_none())
+        {
             Some(p) => Some((
                 open_regular(p).map_err(|source| VmError::InitramfsOpen {
                     path: p.display().to_string(),
@@ -329,6 +347,31 @@ impl Vm {
                     .filter_map(|n| n.parse::<Feature>().ok()),
             );
         }
+
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
+        let fingerprint = Fingerprint {
+            vcpus: config.cpus.boot,
+            memory: config.memory.size,
+            vgpus: config
+                .vgpus
+                .iter()
+                .map(|v| v.profile.name.to_string())
+                .collect(),
+            cpu_features: cpuid::features(&cpuid::vcpu_cpuid(
+                &base_cpuid,
+                0,
+                config.cpus.boot,
+                &hidden,
+            )),
+        };
+        let restore = match &config.restore {
+            Some(dir) => Some(Restore::open(dir, &fingerprint)?),
+            None => None,
+        };
+        let msrs = crate::kvm_state::msr_index_list(&kvm)
+            .map_err(|e| VmError::Os("list the MSRs KVM saves", std::io::Error::other(e)))?;
 
         let vm_fd = Arc::new(
             kvm.create_vm()
@@ -388,7 +431,19 @@ impl Vm {
                 vm_fd
                     .register_irqfd(&irq, COM1_IRQ)
                     .map_err(|e| VmError::Kvm("wire the serial interrupt", e))?;
-                let s = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger::new(irq), out)));
+                let trigger = EventFdTrigger::new(irq);
+                let uart = match restore.as_ref().map(Restore::serial).transpose()?.flatten() {
+                    Some(state) => {
+                        SerialDevice::with_state(trigger, out, &state).map_err(|why| {
+                            crate::vm_snapshot::VmSnapshotError::Section {
+                                section: "serial".into(),
+                                why,
+                            }
+                        })?
+                    }
+                    None => SerialDevice::new(trigger, out),
+                };
+                let s = Arc::new(Mutex::new(uart));
                 add_pio(s.clone(), COM1_BASE, COM1_LEN)?;
                 Some(s)
             }
@@ -460,29 +515,81 @@ impl Vm {
             )
             .map_err(devices_err(format!("user device {k}")))?;
         }
-        add_pio(Arc::new(Mutex::new(root)), CONF1_BASE, CONF1_LEN)?;
+        let root = Arc::new(Mutex::new(root));
+        add_pio(root.clone(), CONF1_BASE, CONF1_LEN)?;
 
-        let entry = boot::load(
-            &ram.memory,
-            ram.size,
-            config.cpus.boot,
-            BootSources {
-                kernel: (&mut kernel, &kpath),
-                initramfs: initramfs.as_mut().map(|(f, p)| (f, p.as_str())),
-                cmdline: &config.cmdline,
-            },
-        )?;
+        let entry = match kernel.as_mut() {
+            Some(kernel) => Some(boot::load(
+                &ram.memory,
+                ram.size,
+                config.cpus.boot,
+                BootSources {
+                    kernel: (kernel, &kpath),
+                    initramfs: initramfs.as_mut().map(|(f, p)| (f, p.as_str())),
+                    cmdline: &config.cmdline,
+                },
+            )?),
+            None => None,
+        };
 
-        let base_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(PauseGate::default());
+        let mut vcpus = Vec::new();
+        for cpu in 0..config.cpus.boot {
+            let fd = vm_fd
+                .create_vcpu(u64::from(cpu))
+                .map_err(|e| VmError::Kvm("create a vCPU", e))?;
+            let cpuid = cpuid::vcpu_cpuid(&base_cpuid, cpu, config.cpus.boot, &hidden);
+            vcpu::configure_common(&fd, cpu, &cpuid)?;
+            match (&restore, entry) {
+                (Some(r), _) => r.vcpu(cpu)?.restore(&fd).map_err(|e| {
+                    VmError::Snapshot(crate::vm_snapshot::VmSnapshotError::State(format!(
+                        "vCPU {cpu}: {e}"
+                    )))
+                })?,
+                (None, Some(entry)) if cpu == 0 => {
+                    vcpu::configure_boot_cpu(&fd, &ram.memory, entry)?
+                }
+                _ => {}
+            }
+            vcpus.push(VcpuRunner {
+                cpu,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+                stop: stop.clone(),
+                gate: gate.clone(),
+            });
+        }
+        if let Some(r) = &restore {
+            r.devices(&vm_fd, &ram.file, ram.size, &vgpus, &root)?;
+            tracing::info!(
+                dir = %config.restore.as_deref().unwrap_or(Path::new("")).display(),
+                "VM restored from a snapshot"
+            );
+        }
         let controls = Controls {
-            gate: Arc::new(PauseGate::default()),
+            gate,
             exit: exit.clone(),
             threads: Arc::new(Mutex::new(Vec::new())),
             kick_signal: kick_signal(),
             vgpus: vgpus.clone(),
+            snapshot: Arc::new(Sources {
+                vm_fd: vm_fd.clone(),
+                ram: ram
+                    .file
+                    .try_clone()
+                    .map_err(os_err("share guest RAM with the control socket"))?,
+                ram_size: ram.size,
+                serial: serial.clone(),
+                root,
+                vgpus: vgpus.clone(),
+                fingerprint,
+                machine: Machine::of(config),
+                msrs,
+                user_devices: config.user_devices.len(),
+            }),
         };
         let api = match &config.api_socket {
             Some(path) => Some(ApiServer::bind(path, controls.clone()).map_err(|source| {
@@ -493,26 +600,6 @@ impl Vm {
             })?),
             None => None,
         };
-        let mut vcpus = Vec::new();
-        for cpu in 0..config.cpus.boot {
-            let fd = vm_fd
-                .create_vcpu(u64::from(cpu))
-                .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-            let cpuid = cpuid::vcpu_cpuid(&base_cpuid, cpu, config.cpus.boot, &hidden);
-            vcpu::configure_common(&fd, cpu, &cpuid)?;
-            if cpu == 0 {
-                vcpu::configure_boot_cpu(&fd, &ram.memory, entry)?;
-            }
-            vcpus.push(VcpuRunner {
-                cpu,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                exit: exit.clone(),
-                stop: stop.clone(),
-                gate: controls.gate.clone(),
-            });
-        }
         tracing::debug!(?entry, cpus = config.cpus.boot, mem = ram.size, "VM built");
         if pvm {
             log_pvm_once(config.cpus.pvm_defaults);
@@ -558,6 +645,7 @@ impl Vm {
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(VmError::EventLoop)?;
         em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
+        let controlled = self.api.is_some();
         if let Some(api) = self.api.take() {
             em.add_subscriber(Arc::new(Mutex::new(api)));
         }
@@ -611,7 +699,11 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner()) =
             threads.iter().map(|h| h.as_pthread_t()).collect();
         if self.seccomp
-            && let Err(e) = crate::seccomp::apply(crate::seccomp::Thread::Main)
+            && let Err(e) = crate::seccomp::apply(if controlled {
+                crate::seccomp::Thread::Controlled
+            } else {
+                crate::seccomp::Thread::Main
+            })
         {
             self.exit.request(ExitReason::Failure(error_chain(&e)));
         }

@@ -15,8 +15,18 @@ use crate::{EXIT_FAILURE, EXIT_USAGE};
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// Kernel image: a PVH ELF (vmlinux, the Tessera firmware) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Restore a snapshot directory (`tessera vmctl snapshot`) instead of booting a kernel:
+    /// the VM's shape (vCPUs, RAM, vGPUs) comes from it; --serial, --api-socket and
+    /// --seccomp apply. Cloud Hypervisor's flag: DIR or source_url=file://DIR.
+    #[arg(
+        long,
+        value_name = "DIR",
+        value_parser = parse_restore,
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu", "user_device"]
+    )]
+    restore: Option<PathBuf>,
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -60,6 +70,20 @@ pub struct VmArgs {
     api_socket: Option<PathBuf>,
 }
 
+/// `--restore DIR` or `source_url=file://DIR`.
+fn parse_restore(s: &str) -> Result<PathBuf, String> {
+    let p = match s.strip_prefix("source_url=") {
+        Some(url) => url
+            .strip_prefix("file://")
+            .ok_or_else(|| format!("{s:?}: only file:// sources are supported"))?,
+        None => s,
+    };
+    if p.is_empty() {
+        return Err(format!("{s:?}: expected DIR or source_url=file://DIR"));
+    }
+    Ok(PathBuf::from(p))
+}
+
 /// `--api-socket PATH` or `path=PATH`.
 fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
     let p = s.strip_prefix("path=").unwrap_or(s);
@@ -79,7 +103,7 @@ fn kvm_path() -> PathBuf {
 pub fn run(args: VmArgs) -> ExitCode {
     let ConsoleConfig = args.console;
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.unwrap_or_default(),
         initramfs: args.initramfs,
         cmdline: args.cmdline,
         cpus: args.cpus,
@@ -91,6 +115,21 @@ pub fn run(args: VmArgs) -> ExitCode {
         kvm_path: kvm_path(),
         seccomp: args.seccomp,
         api_socket: args.api_socket,
+        restore: None,
+    };
+    let config = match &args.restore {
+        Some(dir) => match vmm::vm_snapshot::restore_config(dir, &config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tessera: cannot restore: {}", error_chain(&e));
+                return ExitCode::from(if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILURE
+                });
+            }
+        },
+        None => config,
     };
     let result = Vm::new(&config).and_then(Vm::run);
     match result {

@@ -23,6 +23,9 @@ pub enum Op {
     Info,
     /// End the VM as if the guest had powered off.
     Shutdown,
+    /// Write the paused VM's state to DIR (pause first; it stays paused). Restore it with
+    /// `tessera vm --restore DIR`.
+    Snapshot,
 }
 
 /// `tessera vmctl` options.
@@ -37,6 +40,9 @@ pub struct VmctlArgs {
     /// What to do.
     #[arg(value_enum)]
     op: Op,
+    /// The snapshot directory (snapshot only).
+    #[arg(value_name = "DIR", required_if_eq("op", "snapshot"))]
+    dir: Option<PathBuf>,
 }
 
 /// An answer timeout: 1 s to 10 minutes.
@@ -57,8 +63,22 @@ pub fn run(args: VmctlArgs) -> ExitCode {
         Op::Resume => Request::Resume,
         Op::Info => Request::Info,
         Op::Shutdown => Request::Shutdown,
+        Op::Snapshot => Request::Snapshot,
     };
-    match ask(&args.api_socket, &req, args.timeout) {
+    if args.dir.is_some() && req != Request::Snapshot {
+        eprintln!("tessera: only snapshot takes a directory");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // A relative directory is the caller's, not the VM's.
+    let dir = match args.dir.map(std::path::absolute) {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            eprintln!("tessera: snapshot directory: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => None,
+    };
+    match ask(&args.api_socket, &req, dir, args.timeout) {
         Ok((line, reply)) => {
             println!("{line}");
             if reply.ok {
@@ -77,12 +97,14 @@ pub fn run(args: VmctlArgs) -> ExitCode {
 fn ask(
     path: &std::path::Path,
     req: &Request,
+    dir: Option<PathBuf>,
     timeout: Duration,
 ) -> Result<(String, Reply), String> {
     let mut s = UnixStream::connect(path).map_err(|e| format!("cannot connect: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let mut line = serde_json::to_string(&RequestLine { op: *req }).map_err(|e| e.to_string())?;
+    let mut line =
+        serde_json::to_string(&RequestLine { op: *req, dir }).map_err(|e| e.to_string())?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
     let mut answer = String::new();

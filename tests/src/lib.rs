@@ -339,6 +339,24 @@ impl Drop for Vmm {
     }
 }
 
+/// A fresh, empty directory for test `name` under the temporary directory (per process).
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// `tessera vmctl --api-socket SOCK ARGS…`: its status and its reply (one JSON line).
+pub fn vmctl(sock: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = vec!["vmctl", "--api-socket", sock.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    let (status, out, err) = run_tessera(&all, &[]);
+    let v = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("vmctl {args:?}: not JSON ({e}): {out}{err}"));
+    (status.code(), v)
+}
+
 /// Runs `tessera` to completion with a deadline; returns (status, stdout, stderr).
 pub fn run_tessera(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
     let mut cmd = Command::new(tessera_bin());

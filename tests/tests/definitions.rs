@@ -7,14 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::{Server, run_with_deadline, tessera_bin};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}
+use tessera_tests::{Server, run_with_deadline, scratch, tessera_bin};
 
 fn names(list: &serde_json::Value, key: &str) -> Vec<String> {
     list[key]

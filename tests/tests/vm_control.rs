@@ -4,29 +4,16 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use tessera_tests::{Vmm, firmware, run_tessera};
+use tessera_tests::{Vmm, firmware, run_tessera, scratch};
 
 const T: Duration = Duration::from_secs(60);
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}
-
 /// `tessera vmctl --api-socket SOCK OP`: its status and its reply.
 fn vmctl(sock: &Path, op: &str) -> (Option<i32>, serde_json::Value) {
-    let (status, out, err) = run_tessera(
-        &["vmctl", "--api-socket", sock.to_str().expect("utf-8"), op],
-        &[],
-    );
-    let v = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("vmctl {op}: not JSON ({e}): {out}{err}"));
-    (status.code(), v)
+    tessera_tests::vmctl(sock, &[op])
 }
 
 fn echo_vm(sock: &Path) -> Option<Vmm> {

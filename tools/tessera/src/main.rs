@@ -30,9 +30,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Boot a VM from a kernel (PVH ELF or bzImage).
+    /// Boot a VM from a kernel (PVH ELF or bzImage), or restore one from a snapshot.
     Vm(vm_cmd::VmArgs),
-    /// Control a running VM through its --api-socket: pause, resume, info, shutdown.
+    /// Control a running VM through its --api-socket: pause, resume, info, shutdown, snapshot.
     Vmctl(vmctl_cmd::VmctlArgs),
     /// Benchmarks that compare Tessera with other VMMs side by side.
     #[command(subcommand)]

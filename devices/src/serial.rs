@@ -18,6 +18,8 @@ pub const COM1_IRQ: u32 = 4;
 /// A 16550 UART whose output goes to `W` and whose interrupt is an eventfd.
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// The interrupt line (kept to rebuild the UART in a restored state).
+    interrupt: EventFdTrigger,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -30,22 +32,31 @@ impl SerialDevice {
     /// A UART that raises `interrupt` and writes what the guest sends to `out`.
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
-            uart: Serial::new(interrupt, out),
+            uart: Serial::new(interrupt.clone(), out),
+            interrupt,
         }
     }
 
     /// Queues host input for the guest to read. Returns how many bytes fit in the FIFO;
     /// the rest are dropped, as a real UART drops bytes on overrun.
-    /// A UART in the state `state` (a restored snapshot's); refused when the state is not one
-    /// a UART can be in (more input bytes than its FIFO holds).
-    pub fn with_state(
-        interrupt: EventFdTrigger,
-        out: Box<dyn Write + Send>,
-        state: &vm_superio::serial::SerialState,
-    ) -> Result<Self, String> {
-        Serial::from_state(state, interrupt, NoEvents, out)
-            .map(|uart| SerialDevice { uart })
-            .map_err(|e| format!("serial port state: {e:?}"))
+    /// Puts the UART in the state `state` (a restored snapshot's), keeping its output and
+    /// interrupt line; refused, changing nothing, when the state is not one a UART can be in
+    /// (more input bytes than its FIFO holds).
+    pub fn restore(&mut self, state: &vm_superio::serial::SerialState) -> Result<(), String> {
+        // The FIFO's size: what it holds plus the room left.
+        let fifo = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
+        if state.in_buffer.len() > fifo {
+            return Err(format!(
+                "serial port state: {} input bytes, the FIFO holds {fifo}",
+                state.in_buffer.len()
+            ));
+        }
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(&mut self.uart, Serial::new(self.interrupt.clone(), sink));
+        let out = old.into_writer();
+        self.uart = Serial::from_state(state, self.interrupt.clone(), NoEvents, out)
+            .map_err(|e| format!("serial port state: {e:?}"))?;
+        Ok(())
     }
 
     /// The UART's registers and pending input (for a snapshot).

@@ -436,9 +436,22 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// The control socket (`--api-socket`): pause, resume, info, shutdown.
     pub api_socket: Option<PathBuf>,
-    /// Restore this snapshot directory instead of booting `kernel` (the VM's shape then comes
-    /// from the snapshot: see `vmm::vm_snapshot::restore_config`).
-    pub restore: Option<PathBuf>,
+    /// Where the VM's memory and registers come from.
+    pub from: VmSource,
+}
+
+/// Where a VM's memory and registers come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum VmSource {
+    /// Boot `kernel` (with `initramfs` and `cmdline`).
+    #[default]
+    Kernel,
+    /// Restore this snapshot directory (the VM's shape comes from the snapshot: see
+    /// `vmm::vm_snapshot::restore_config`).
+    Snapshot(PathBuf),
+    /// An incoming migration fills memory and then hands over the state
+    /// (`vmm::migration`).
+    Migration,
 }
 
 impl VmConfig {

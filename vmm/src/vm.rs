@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::boot::{self, BootSources};
+use crate::config::VmSource;
 use crate::config::{SerialConfig, VgpuConfig, VmConfig};
 use crate::control::{ApiServer, Controls, PauseGate};
 use crate::cpuid::{self, Feature};
@@ -36,7 +37,7 @@ use crate::kvm_glue::{KvmMapper, KvmMsi};
 use crate::memory::{self, GuestRam, PCI_MMIO32, PCI_MMIO64};
 use crate::snapshot::Fingerprint;
 use crate::vcpu::{self, VcpuRunner};
-use crate::vm_snapshot::{Machine, Restore, Sources};
+use crate::vm_snapshot::{Machine, Restore, Sources, VmSnapshotError};
 use devices::files::open_regular;
 
 /// Where KVM's real-mode TSS goes (three pages just below the BIOS ROM area of 4 GiB).
@@ -295,20 +296,17 @@ impl Vm {
         let kpath = config.kernel.display().to_string();
         config.validate()?;
         // A restored VM boots nothing: its memory and registers come from the snapshot.
-        let mut kernel = match config.restore {
-            Some(_) => None,
-            None => Some(
+        let boots = config.from == VmSource::Kernel;
+        let mut kernel = match boots {
+            false => None,
+            true => Some(
                 open_regular(&config.kernel).map_err(|source| VmError::KernelOpen {
                     path: kpath.clone(),
                     source,
                 })?,
             ),
         };
-        let mut initramfs = match config
-            .initramfs
-            .as_ref()
-            .filter(|_| config.restore.is_none())
-        {
+        let mut initramfs = match config.initramfs.as_ref().filter(|_| boots) {
             Some(p) => Some((
                 open_regular(p).map_err(|source| VmError::InitramfsOpen {
                     path: p.display().to_string(),
@@ -366,9 +364,10 @@ impl Vm {
                 &hidden,
             )),
         };
-        let restore = match &config.restore {
-            Some(dir) => Some(Restore::open(dir, &fingerprint)?),
-            None => None,
+        // A snapshot is checked whole before anything is built.
+        let restore = match &config.from {
+            VmSource::Snapshot(dir) => Some(Restore::open(dir, &fingerprint)?),
+            _ => None,
         };
         let msrs = crate::kvm_state::msr_index_list(&kvm)
             .map_err(|e| VmError::Os("list the MSRs KVM saves", std::io::Error::other(e)))?;
@@ -431,19 +430,7 @@ impl Vm {
                 vm_fd
                     .register_irqfd(&irq, COM1_IRQ)
                     .map_err(|e| VmError::Kvm("wire the serial interrupt", e))?;
-                let trigger = EventFdTrigger::new(irq);
-                let uart = match restore.as_ref().map(Restore::serial).transpose()?.flatten() {
-                    Some(state) => {
-                        SerialDevice::with_state(trigger, out, &state).map_err(|why| {
-                            crate::vm_snapshot::VmSnapshotError::Section {
-                                section: "serial".into(),
-                                why,
-                            }
-                        })?
-                    }
-                    None => SerialDevice::new(trigger, out),
-                };
-                let s = Arc::new(Mutex::new(uart));
+                let s = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger::new(irq), out)));
                 add_pio(s.clone(), COM1_BASE, COM1_LEN)?;
                 Some(s)
             }
@@ -541,16 +528,8 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("create a vCPU", e))?;
             let cpuid = cpuid::vcpu_cpuid(&base_cpuid, cpu, config.cpus.boot, &hidden);
             vcpu::configure_common(&fd, cpu, &cpuid)?;
-            match (&restore, entry) {
-                (Some(r), _) => r.vcpu(cpu)?.restore(&fd).map_err(|e| {
-                    VmError::Snapshot(crate::vm_snapshot::VmSnapshotError::State(format!(
-                        "vCPU {cpu}: {e}"
-                    )))
-                })?,
-                (None, Some(entry)) if cpu == 0 => {
-                    vcpu::configure_boot_cpu(&fd, &ram.memory, entry)?
-                }
-                _ => {}
+            if let (Some(entry), 0) = (entry, cpu) {
+                vcpu::configure_boot_cpu(&fd, &ram.memory, entry)?;
             }
             vcpus.push(VcpuRunner {
                 cpu,
@@ -561,13 +540,6 @@ impl Vm {
                 stop: stop.clone(),
                 gate: gate.clone(),
             });
-        }
-        if let Some(r) = &restore {
-            r.devices(&vm_fd, &ram.file, ram.size, &vgpus, &root)?;
-            tracing::info!(
-                dir = %config.restore.as_deref().unwrap_or(Path::new("")).display(),
-                "VM restored from a snapshot"
-            );
         }
         let controls = Controls {
             gate,
@@ -605,7 +577,7 @@ impl Vm {
             log_pvm_once(config.cpus.pvm_defaults);
         }
 
-        Ok(Vm {
+        let mut vm = Vm {
             vm_fd,
             ram,
             exit,
@@ -620,7 +592,42 @@ impl Vm {
             vgpus,
             controls,
             api,
-        })
+        };
+        if let Some(r) = &restore {
+            vm.apply(r)?;
+            tracing::info!("VM restored from a snapshot");
+        }
+        Ok(vm)
+    }
+
+    /// Puts a snapshot's (or an incoming migration's) state into this VM, built of its shape
+    /// and not yet run: the UART, every vCPU (after its CPUID), then memory, the vGPUs, the
+    /// KVM VM and the PCI root ([`Restore::devices`]). An error leaves a VM that must not run.
+    pub fn apply(&mut self, r: &Restore) -> Result<(), VmError> {
+        if let (Some(serial), Some(state)) = (&self.serial, r.serial()?) {
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(&state)
+                .map_err(|why| VmSnapshotError::Section {
+                    section: "serial".into(),
+                    why,
+                })?;
+        }
+        for v in &self.vcpus {
+            r.vcpu(v.cpu)?
+                .restore(&v.fd)
+                .map_err(|e| VmSnapshotError::State(format!("vCPU {}: {e}", v.cpu)))?;
+        }
+        let sources = &self.controls.snapshot;
+        r.devices(
+            &self.vm_fd,
+            &self.ram.file,
+            self.ram.size,
+            &self.vgpus,
+            &sources.root,
+        )?;
+        Ok(())
     }
 
     /// A handle on the vGPUs' live statistics.

@@ -164,7 +164,7 @@ impl Machine {
             memory: crate::config::MemoryConfig { size: self.memory },
             vgpus,
             gpu,
-            restore: Some(dir.to_path_buf()),
+            from: crate::config::VmSource::Snapshot(dir.to_path_buf()),
             ..host.clone()
         })
     }

@@ -115,7 +115,7 @@ pub fn run(args: VmArgs) -> ExitCode {
         kvm_path: kvm_path(),
         seccomp: args.seccomp,
         api_socket: args.api_socket,
-        restore: None,
+        from: vmm::config::VmSource::Kernel,
     };
     let config = match &args.restore {
         Some(dir) => match vmm::vm_snapshot::restore_config(dir, &config) {

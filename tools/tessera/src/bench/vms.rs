@@ -122,7 +122,7 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
             kvm_path: PathBuf::from("/dev/kvm"),
             seccomp: true,
             api_socket: None,
-            restore: None,
+            from: vmm::config::VmSource::Kernel,
         };
         let (gpu, tx) = (gpu.clone(), probe_tx.clone());
         threads.push(std::thread::spawn(move || -> Result<ExitReason, String> {

@@ -104,13 +104,47 @@ pub(super) fn execute(
     pkt_va: u64,
     progress: &mut InFlight,
 ) -> Result<Effect, Fault> {
+    // Every buffer the packet may write, recorded in the dirty log once written (also when
+    // it faults part-way: a partial write is a write).
+    let mut written = Vec::new();
+    let result = execute_packet(
+        sh,
+        holder,
+        tlb,
+        spaces,
+        root,
+        pkt_va,
+        progress,
+        &mut written,
+    );
+    for sl in &written {
+        sh.mark_written(sl);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute_packet(
+    sh: &Shared,
+    holder: &mut Holder,
+    tlb: &mut Tlb,
+    spaces: &Arc<Spaces>,
+    root: Root,
+    pkt_va: u64,
+    progress: &mut InFlight,
+    written: &mut Vec<ScatterList>,
+) -> Result<Effect, Fault> {
     let sp = &**spaces;
     let mut raw = [0u8; packet::PACKET_SIZE as usize];
     mmu::resolve(sp, root, tlb, pkt_va, packet::PACKET_SIZE, false)?.read(sp, 0, &mut raw)?;
     let cmd =
         Command::decode(&Packet::from_bytes(&raw)).map_err(|code| Fault::new(code, pkt_va))?;
     let mut resolve = |va: u64, len: u64, write: bool| -> Result<ScatterList, Fault> {
-        mmu::resolve(sp, root, tlb, va, len, write)
+        let sl = mmu::resolve(sp, root, tlb, va, len, write)?;
+        if write {
+            written.push(sl.clone());
+        }
+        Ok(sl)
     };
     let op = match cmd {
         Command::Nop => return Ok(Effect::None),
@@ -159,7 +193,7 @@ pub(super) fn execute(
             Kernel::SpinUs { us, groups } => Dispatch::SpinUs { us, groups },
         }),
     };
-    run_op(sh, holder, spaces, op, pkt_va, progress)?;
+    run_op(sh, holder, spaces, op, pkt_va, progress, written)?;
     Ok(Effect::None)
 }
 
@@ -173,6 +207,7 @@ fn run_op(
     op: Op,
     pkt_va: u64,
     progress: &mut InFlight,
+    written: &[ScatterList],
 ) -> Result<(), Fault> {
     let groups = op.groups();
     // GPU time this packet used, excluding time spent waiting for the GPU.
@@ -219,6 +254,10 @@ fn run_op(
                 // snapshot taken meanwhile records that).
                 progress.next_group = next;
                 progress.used_ns = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+                // What ran so far is written: a migration's last round must see it.
+                for sl in written {
+                    sh.mark_written(sl);
+                }
                 sh.park_while_paused(Some(*progress));
             }
         }

@@ -211,7 +211,25 @@ struct Shared {
     rehint: AtomicBool,
     /// Paused ([`Vgpu::pause`]): work stops at the next preemption point and none starts.
     paused: Arc<AtomicBool>,
+    /// The pages the device wrote since the dirty log was started or last taken (live
+    /// migration: KVM's log does not see DMA), while it is on.
+    dirty: Mutex<Option<DirtyPages>>,
+    /// Whether `dirty` is on (read without its lock on every packet).
+    logging: AtomicBool,
 }
+
+/// Pages (4 KiB) written by the device: guest-physical page numbers of guest RAM, and page
+/// numbers of VRAM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// Guest RAM pages.
+    pub sys: std::collections::BTreeSet<u64>,
+    /// VRAM pages.
+    pub vram: std::collections::BTreeSet<u64>,
+}
+
+/// The page size of the dirty log.
+pub const DIRTY_PAGE: u64 = 4096;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -230,6 +248,31 @@ impl Shared {
         }
         st.cp_parked = false;
         st.in_flight = None;
+    }
+
+    /// Records that the device wrote (or may have written) `sl` (call after the write).
+    fn mark_written(&self, sl: &crate::mem::ScatterList) {
+        if !self.logging.load(Ordering::Acquire) {
+            return;
+        }
+        for e in sl.extents() {
+            self.mark_range(e.loc, e.addr, e.len);
+        }
+    }
+
+    /// Records a write of `len` bytes at `addr` of `loc` while the dirty log is on.
+    fn mark_range(&self, loc: crate::mem::Loc, addr: u64, len: u64) {
+        if len == 0 || !self.logging.load(Ordering::Acquire) {
+            return;
+        }
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = d.as_mut() else { return };
+        let set = match loc {
+            crate::mem::Loc::Sys => &mut d.sys,
+            crate::mem::Loc::Vram => &mut d.vram,
+        };
+        let last = addr.saturating_add(len - 1) / DIRTY_PAGE;
+        set.extend(addr / DIRTY_PAGE..=last);
     }
 
     fn wake(&self) {
@@ -422,6 +465,8 @@ impl Vgpu {
             poll_ns: std::sync::atomic::AtomicU64::new(0),
             rehint: AtomicBool::new(false),
             paused: Arc::new(AtomicBool::new(false)),
+            dirty: Mutex::new(None),
+            logging: AtomicBool::new(false),
         });
         let add = |fd: i32, data: u64| {
             shared
@@ -520,6 +565,28 @@ impl Vgpu {
                 .0;
         }
         Ok(())
+    }
+
+    /// Starts recording the pages the device writes in guest RAM and VRAM (live migration:
+    /// KVM's dirty log sees only the CPU's writes). Every write that completes from now on is
+    /// in the next [`Vgpu::take_dirty_log`].
+    pub fn start_dirty_log(&self) {
+        let sh = &self.shared;
+        *sh.dirty.lock().unwrap_or_else(|e| e.into_inner()) = Some(DirtyPages::default());
+        sh.logging.store(true, Ordering::Release);
+    }
+
+    /// The pages written since the log started or was last taken; the log goes on, empty.
+    pub fn take_dirty_log(&self) -> DirtyPages {
+        let mut d = self.shared.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Stops recording.
+    pub fn stop_dirty_log(&self) {
+        let sh = &self.shared;
+        sh.logging.store(false, Ordering::Release);
+        *sh.dirty.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Ends a pause: the stopped work goes on where it stopped.

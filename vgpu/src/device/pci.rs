@@ -127,7 +127,11 @@ impl PciDeviceSync for Vgpu {
             }
             abi_pci::BAR_VRAM => {
                 let spaces = self.shared.lock().spaces.clone();
-                let _ = spaces.write(crate::mem::Loc::Vram, offset, data);
+                if spaces.write(crate::mem::Loc::Vram, offset, data).is_ok() {
+                    // A trapped aperture: KVM's dirty log does not see this write.
+                    self.shared
+                        .mark_range(crate::mem::Loc::Vram, offset, data.len() as u64);
+                }
             }
             _ => {}
         }

@@ -84,7 +84,17 @@ impl Processor {
         loop {
             if self.sh.paused.load(Ordering::Acquire) {
                 // Paused between packets: the GPU goes to someone else meanwhile; doorbells
-                // stay latched in their eventfds for after.
+                // stay latched in their eventfds for after. A shutdown or a reset ends the
+                // wait: both are carried out here, paused or not.
+                {
+                    let mut st = self.sh.lock();
+                    if st.shutdown {
+                        return;
+                    }
+                    if st.reset_pending {
+                        self.reset(&mut st);
+                    }
+                }
                 self.holder.give_back();
                 self.sh.park_while_paused(None);
                 continue;
@@ -195,8 +205,11 @@ impl Processor {
                 *epoch = tlb_epoch;
             }
             let addr = tail_addr.wrapping_add(shadow::HINT);
-            let written = mmu::resolve(&spaces, root, tlb, addr, 4, true)
-                .and_then(|sl| sl.write(&spaces, 0, &value));
+            let written = mmu::resolve(&spaces, root, tlb, addr, 4, true).and_then(|sl| {
+                let w = sl.write(&spaces, 0, &value);
+                self.sh.mark_written(&sl);
+                w
+            });
             if let Err(f) = written {
                 let mut st = self.sh.lock();
                 if st.ctx.get(i).is_some_and(|c| c.generation == generation) {

@@ -171,7 +171,10 @@ impl Vgpu {
     }
 }
 
-/// A saved context as the device keeps it, checked as the register path checks an enable.
+/// A saved context as the device keeps it. Ring size, base and shadow are not checked: a
+/// guest may reprogram them on an enabled context (they are checked only when it is
+/// enabled), so a real VM's snapshot can hold any values, and the command processor copes
+/// with any of them (a bad ring or shadow becomes the context's fault when it next runs).
 fn checked_context(i: usize, c: &CtxState) -> Result<Ctx, String> {
     let control = c.control & (ctx_control::ENABLE | ctx_control::POLL | ctx_control::SUPPRESS);
     if control != c.control {
@@ -194,19 +197,5 @@ fn checked_context(i: usize, c: &CtxState) -> Result<Ctx, String> {
         fault,
         ..Ctx::default()
     };
-    if ctx.runnable() {
-        let size_ok = c.ring_size.is_power_of_two() && c.ring_size <= limits::MAX_RING_ENTRIES;
-        let base_ok = c.ring_base.is_multiple_of(vgpu_abi::pte::PAGE_SIZE)
-            && c.ring_base < 1 << vgpu_abi::pte::VA_BITS;
-        let shadow_ok = control & ctx_control::SUPPRESS == 0 || c.tail_addr.is_multiple_of(8);
-        if !(size_ok && base_ok && shadow_ok) {
-            return Err(format!(
-                "context {i}: an enabled ring must have a power-of-two size of at most {}, \
-                 a page-aligned base below 2^{} and an 8-byte aligned shadow with SUPPRESS",
-                limits::MAX_RING_ENTRIES,
-                vgpu_abi::pte::VA_BITS
-            ));
-        }
-    }
     Ok(ctx)
 }

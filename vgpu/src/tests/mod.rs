@@ -797,3 +797,4 @@ fn dma_mapping_can_change_between_packets() {
 }
 
 mod seam;
+mod state;

@@ -12,7 +12,7 @@
 //! | `kernel` | `sgemm`, `saxpy` (`run=bench-throughput`) | `sgemm` |
 //! | `size`   | `1`..=`268435456` (`run=bench-throughput`; sgemm: at most 4096) | `256` |
 //! | `batch`  | `1`..=`4095` (`run=bench-throughput`) | `8` |
-//! | `kind`   | `busy`, `bursty`, `long`, `idle` (`run=load`) | `busy` |
+//! | `kind`   | `busy`, `bursty`, `long`, `idle`, `dirty` (`run=load`) | `busy` |
 //! | `seconds` | `1`..=`600` (`run=load`) | `2` |
 //! | `us`     | `1`..=`1000000` (`run=load`: SPIN_US µs per workgroup) | `250` |
 //! | `groups` | `1`..=`65536` (`run=load`: SPIN_US workgroups) | `8` (`kind=long`: `4000` for the first dispatch) |
@@ -133,6 +133,9 @@ pub enum LoadKind {
     Long,
     /// No GPU work at all.
     Idle,
+    /// Memory written all the time, for live migration: the GPU fills guest RAM and the CPU
+    /// writes VRAM through the aperture, job after job; at the end every byte is checked.
+    Dirty,
 }
 
 impl LoadKind {
@@ -142,6 +145,7 @@ impl LoadKind {
             Self::Bursty => "bursty",
             Self::Long => "long",
             Self::Idle => "idle",
+            Self::Dirty => "dirty",
         }
     }
 }
@@ -342,6 +346,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut ignored: impl FnMut(Ignored<'a>)) -> Opt
                     b"bursty" => Some(LoadKind::Bursty),
                     b"long" => Some(LoadKind::Long),
                     b"idle" => Some(LoadKind::Idle),
+                    b"dirty" => Some(LoadKind::Dirty),
                     _ => None,
                 };
                 kind.map(|k| opts.load.kind = k).is_some()

@@ -55,7 +55,10 @@ pub extern "C" fn main(start_info: u64) -> ! {
     // reports ignored options: a wrong `seconds=` should not pass unnoticed.
     match cmdline::parse(cmdline, |_| {}).run {
         RunMode::FirstFence => exit(bench::first_fence()),
-        RunMode::Load => exit(bench::load(&cmdline::parse(cmdline, report_ignored).load)),
+        RunMode::Load => exit(bench::load(
+            info.as_ref().ok(),
+            &cmdline::parse(cmdline, report_ignored).load,
+        )),
         _ => {}
     }
     serial::print_line(format_args!("cmdline \""), &[cmdline, b"\""]);
@@ -85,7 +88,7 @@ pub extern "C" fn main(start_info: u64) -> ! {
         RunMode::BenchLatency => exit(bench::latency(&opts.bench)),
         RunMode::BenchThroughput => exit(bench::throughput(info.as_ref().ok(), &opts.bench)),
         RunMode::FirstFence => exit(bench::first_fence()),
-        RunMode::Load => exit(bench::load(&opts.load)),
+        RunMode::Load => exit(bench::load(info.as_ref().ok(), &opts.load)),
     }
     exit(opts.exit_status)
 }

@@ -187,6 +187,9 @@ pub struct RequestLine {
     /// Where a snapshot goes (`snapshot` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
+    /// Where a migration goes (`send-migration` only): `unix:PATH` or `tcp:IP:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// What a request asks.
@@ -203,6 +206,8 @@ pub enum Request {
     Shutdown,
     /// Write the paused VM's state to a directory (`dir`); it stays paused.
     Snapshot,
+    /// Move the running VM to a `tessera vm --receive-migration` at `url`; it ends here.
+    SendMigration,
 }
 
 /// A reply on the control socket.
@@ -225,6 +230,9 @@ pub struct Reply {
     /// What a snapshot wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<crate::vm_snapshot::Taken>,
+    /// What a migration did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::Report>,
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -239,6 +247,7 @@ impl Reply {
             vcpus_paused: None,
             vgpu_busy_ns: Vec::new(),
             snapshot: None,
+            migration: None,
             error: Some(e.into()),
         }
     }
@@ -281,21 +290,68 @@ impl Controls {
                 .map(|v| v.monitor().sched_stats().busy_ns)
                 .collect(),
             snapshot: None,
+            migration: None,
             error: None,
         }
     }
 
+    /// Stops the vCPUs (no new GPU work), then the vGPUs; on an error the VM runs on.
+    pub(crate) fn pause(&self) -> Result<(), String> {
+        let threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let kick = || {
+            for &t in &threads {
+                // SAFETY: `t` is a vCPU thread of this VM, joined only after the event loop
+                // (which runs this) has ended.
+                unsafe { libc::pthread_kill(t, self.kick_signal) };
+            }
+        };
+        self.gate.pause(threads.len(), kick, PAUSE_TIMEOUT)?;
+        for (i, v) in self.vgpus.iter().enumerate() {
+            if let Err(e) = v.pause(PAUSE_TIMEOUT) {
+                self.resume();
+                return Err(format!("vGPU {i}: {e}; the VM runs on"));
+            }
+        }
+        Ok(())
+    }
+
     /// Lets the vGPUs, then the vCPUs, run again.
-    fn resume(&self) {
+    pub(crate) fn resume(&self) {
         for v in &self.vgpus {
             v.resume();
         }
         self.gate.resume();
     }
 
-    /// Does `req` (`dir`: a snapshot's directory).
-    pub fn handle(&self, req: &Request, dir: Option<&Path>) -> Reply {
+    /// Does `req` (`dir`: a snapshot's directory; `url`: a migration's destination).
+    pub fn handle(&self, req: &Request, dir: Option<&Path>, url: Option<&str>) -> Reply {
         match req {
+            Request::SendMigration => {
+                let peer = match url.map(str::parse::<crate::migration::Peer>) {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => return Reply::error(e),
+                    None => return Reply::error("send-migration needs a destination (\"url\")"),
+                };
+                tracing::info!(%peer, "sending the VM");
+                return match crate::migration::send_vm(self, &peer) {
+                    Ok(report) => {
+                        tracing::info!(?report, "VM migrated; it ends here");
+                        self.exit.request(ExitReason::PowerOff);
+                        Reply {
+                            migration: Some(report),
+                            ..self.reply()
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("migration to {peer} failed, the VM runs on: {e}");
+                        Reply::error(format!("migration: {e}; the VM runs on"))
+                    }
+                };
+            }
             Request::Snapshot => {
                 let Some(dir) = dir else {
                     return Reply::error("snapshot needs a directory (\"dir\")");
@@ -313,27 +369,8 @@ impl Controls {
             }
             Request::Info => {}
             Request::Pause => {
-                let threads = self
-                    .threads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let kick = || {
-                    for &t in &threads {
-                        // SAFETY: `t` is a vCPU thread of this VM, joined only after the event
-                        // loop (which runs this) has ended.
-                        unsafe { libc::pthread_kill(t, self.kick_signal) };
-                    }
-                };
-                // The vCPUs first (no new GPU work), then the vGPUs.
-                if let Err(e) = self.gate.pause(threads.len(), kick, PAUSE_TIMEOUT) {
+                if let Err(e) = self.pause() {
                     return Reply::error(e);
-                }
-                for (i, v) in self.vgpus.iter().enumerate() {
-                    if let Err(e) = v.pause(PAUSE_TIMEOUT) {
-                        self.resume();
-                        return Reply::error(format!("vGPU {i}: {e}; the VM runs on"));
-                    }
                 }
                 tracing::info!("VM paused");
             }
@@ -386,7 +423,9 @@ impl ApiServer {
 
     fn serve(&self, conn: UnixStream) {
         let reply = match read_request(&conn) {
-            Ok(req) => self.controls.handle(&req.op, req.dir.as_deref()),
+            Ok(req) => self
+                .controls
+                .handle(&req.op, req.dir.as_deref(), req.url.as_deref()),
             Err(e) => Reply::error(e),
         };
         let mut line = serde_json::to_string(&reply).unwrap_or_else(|_| "{\"ok\":false}".into());
@@ -493,7 +532,8 @@ mod tests {
             assert_eq!(
                 serde_json::to_string(&RequestLine {
                     op: want,
-                    dir: None
+                    dir: None,
+                    url: None
                 })
                 .unwrap(),
                 text

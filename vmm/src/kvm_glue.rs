@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{GuestMapper, HostMemory, MsiSink};
-use kvm_bindings::{kvm_msi, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_msi, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,6 +23,8 @@ struct Slots {
     by_gpa: HashMap<u64, (u32, HostMemory)>,
     /// The next free slot.
     next: u32,
+    /// KVM logs the guest's writes to every slot (live migration).
+    logging: bool,
 }
 
 impl KvmMapper {
@@ -33,15 +35,24 @@ impl KvmMapper {
             slots: Mutex::new(Slots {
                 by_gpa: HashMap::new(),
                 next: first_free_slot,
+                logging: false,
             }),
         }
     }
 
-    /// Points `slot` at `mem` (`len` bytes of it; 0 removes the slot).
-    fn set(&self, slot: u32, gpa: u64, mem: &HostMemory, len: u64) -> std::io::Result<()> {
+    /// Points `slot` at `mem` (`len` bytes of it; 0 removes the slot), logging writes when
+    /// `logging`.
+    fn set(
+        &self,
+        slot: u32,
+        gpa: u64,
+        mem: &HostMemory,
+        len: u64,
+        logging: bool,
+    ) -> std::io::Result<()> {
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if logging { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: gpa,
             memory_size: len.min(mem.len()),
             userspace_addr: mem.host_addr(),
@@ -53,11 +64,91 @@ impl KvmMapper {
     }
 }
 
+impl KvmMapper {
+    /// Turns KVM's log of guest writes on or off for every memory BAR mapped now or later.
+    pub fn set_dirty_logging(&self, on: bool) -> std::io::Result<()> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for (&gpa, (slot, mem)) in &s.by_gpa {
+            self.set(*slot, gpa, mem, mem.len(), on)?;
+        }
+        s.logging = on;
+        Ok(())
+    }
+
+    /// The pages the guest wrote in each mapped memory BAR since the last call: (the host
+    /// address of the memory mapped, page indexes in it).
+    pub fn take_dirty(&self) -> std::io::Result<Vec<(u64, Vec<u64>)>> {
+        let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (slot, mem) in s.by_gpa.values() {
+            let bitmap = self.vm.get_dirty_log(*slot, mem.len() as usize)?;
+            out.push((mem.host_addr(), pages(&bitmap)));
+        }
+        Ok(out)
+    }
+}
+
+/// The page indexes set in a KVM dirty bitmap.
+pub fn pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            out.push(w as u64 * 64 + u64::from(b));
+            bits &= bits - 1;
+        }
+    }
+    out
+}
+
+/// Guest RAM's KVM memory slots, for turning on the dirty log and reading it.
+#[derive(Debug)]
+pub struct RamSlots {
+    vm: Arc<VmFd>,
+    regions: Vec<kvm_userspace_memory_region>,
+}
+
+impl RamSlots {
+    /// The slots registered with `regions` (flags 0).
+    pub fn new(vm: Arc<VmFd>, regions: Vec<kvm_userspace_memory_region>) -> Self {
+        RamSlots { vm, regions }
+    }
+
+    /// Turns KVM's log of guest writes to RAM on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> std::io::Result<()> {
+        for r in &self.regions {
+            let region = kvm_userspace_memory_region {
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                ..*r
+            };
+            // SAFETY: the same region as registered at boot (a live mapping of guest RAM that
+            // the VM owns until after the KVM VM is gone), only the flags differ.
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// The guest-physical page numbers the guest wrote since the last call.
+    pub fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in &self.regions {
+            let bitmap = self
+                .vm
+                .get_dirty_log(r.slot, r.memory_size as usize)
+                .map_err(std::io::Error::from)?;
+            let base = r.guest_phys_addr / 4096;
+            out.extend(pages(&bitmap).into_iter().map(|p| base + p));
+        }
+        Ok(out)
+    }
+}
+
 impl GuestMapper for KvmMapper {
     fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = s.next;
-        self.set(slot, gpa, &mem, mem.len())?;
+        self.set(slot, gpa, &mem, mem.len(), s.logging)?;
         s.by_gpa.insert(gpa, (slot, mem));
         s.next += 1;
         Ok(())
@@ -66,7 +157,7 @@ impl GuestMapper for KvmMapper {
     fn unmap(&self, gpa: u64) {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((slot, mem)) = s.by_gpa.remove(&gpa)
-            && let Err(e) = self.set(slot, gpa, &mem, 0)
+            && let Err(e) = self.set(slot, gpa, &mem, 0, false)
         {
             tracing::error!("cannot remove the guest mapping at {gpa:#x}: {e}");
             // KVM may still map it: keep the memory alive rather than free it under the

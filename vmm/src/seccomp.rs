@@ -132,6 +132,7 @@ vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
 vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
+vmm_sys_util::ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_bindings::kvm_dirty_log);
 
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -309,8 +310,25 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                         libc::SYS_newfstatat,
                         libc::SYS_statx,
                         libc::SYS_pread64,
+                        // Sending a migration: one connection to its destination.
+                        libc::SYS_connect,
                     ],
                 );
+                r.insert(
+                    libc::SYS_socket,
+                    any_of(
+                        0,
+                        &[
+                            libc::AF_UNIX as u64,
+                            libc::AF_INET as u64,
+                            libc::AF_INET6 as u64,
+                        ],
+                    )?,
+                );
+                let mut opts =
+                    level_and_name(libc::SOL_SOCKET, &[libc::SO_RCVTIMEO, libc::SO_SNDTIMEO])?;
+                opts.extend(level_and_name(libc::IPPROTO_TCP, &[libc::TCP_NODELAY])?);
+                r.insert(libc::SYS_setsockopt, opts);
                 // Restoring the terminal; the VM's state.
                 r.insert(
                     libc::SYS_ioctl,
@@ -322,6 +340,9 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                             KVM_GET_IRQCHIP(),
                             KVM_GET_CLOCK(),
                             KVM_GET_PIT2(),
+                            // A migration's dirty logs.
+                            KVM_GET_DIRTY_LOG(),
+                            KVM_SET_USER_MEMORY_REGION(),
                         ],
                     )?,
                 );
@@ -728,11 +749,11 @@ mod tests {
                 let n = unsafe { libc::write(2, b"allowed\n".as_ptr().cast(), 8) };
                 if n == 8 { 0 } else { 10 }
             }
-            // No role opens sockets.
+            // No role opens a netlink socket (only a migration's sender opens stream ones).
             "socket" => {
                 apply(role(name)).expect("install");
                 // SAFETY: a plain system call with constant arguments.
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
                 11
             }
             // KVM_RUN belongs to vCPU threads only.
@@ -746,7 +767,7 @@ mod tests {
                 install_sigsys_reporter().expect("handler");
                 apply(role(name)).expect("install");
                 // SAFETY: as above.
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
                 13
             }
             // Threads started under the device filter inherit it, and starting them works.

@@ -33,7 +33,7 @@ use crate::config::{SerialConfig, VgpuConfig, VmConfig};
 use crate::control::{ApiServer, Controls, PauseGate};
 use crate::cpuid::{self, Feature};
 use crate::event_loop::{ExitWatcher, SerialInput};
-use crate::kvm_glue::{KvmMapper, KvmMsi};
+use crate::kvm_glue::{KvmMapper, KvmMsi, RamSlots};
 use crate::memory::{self, GuestRam, PCI_MMIO32, PCI_MMIO64};
 use crate::snapshot::Fingerprint;
 use crate::vcpu::{self, VcpuRunner};
@@ -145,6 +145,9 @@ pub enum VmError {
     /// A snapshot that cannot be restored.
     #[error(transparent)]
     Snapshot(#[from] crate::vm_snapshot::VmSnapshotError),
+    /// An incoming migration failed.
+    #[error("migration: {0}")]
+    Migration(String),
 }
 
 impl VmError {
@@ -393,6 +396,7 @@ impl Vm {
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
 
         let ram = memory::create_guest_ram(config.memory.size)?;
+        let mut ram_regions = Vec::new();
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -411,6 +415,7 @@ impl Vm {
             // long as the KVM VM exists (vm_fd is dropped first, see field order).
             unsafe { vm_fd.set_user_memory_region(mr) }
                 .map_err(|e| VmError::Kvm("register guest RAM with KVM", e))?;
+            ram_regions.push(mr);
         }
 
         let exit = ExitHandle::new().map_err(os_err("create the exit event"))?;
@@ -447,8 +452,9 @@ impl Vm {
             DEBUG_EXIT_LEN,
         )?;
         let ram_slots = ram.memory.num_regions() as u32;
+        let mapper = Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots));
         let mut root = PciRoot::new(mmio.clone(), vec![PCI_MMIO32, PCI_MMIO64])
-            .with_guest_mapper(Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots)));
+            .with_guest_mapper(mapper.clone());
         root.add_device(0, Arc::new(Mutex::new(HostBridge::new())))
             .map_err(devices_err("the PCI host bridge"))?;
         let mut bars = BarAllocator::new(PCI_MMIO32, PCI_MMIO64)
@@ -561,6 +567,9 @@ impl Vm {
                 machine: Machine::of(config),
                 msrs,
                 user_devices: config.user_devices.len(),
+                ram_slots: RamSlots::new(vm_fd.clone(), ram_regions),
+                mapper,
+                ram_memory: ram.memory.clone(),
             }),
         };
         let api = match &config.api_socket {
@@ -633,6 +642,21 @@ impl Vm {
     /// A handle on the vGPUs' live statistics.
     pub fn vgpu_probe(&self) -> VgpuProbe {
         VgpuProbe(self.vgpus.iter().map(|v| v.monitor()).collect())
+    }
+
+    /// What a snapshot or migration of this VM must match.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.controls.snapshot.fingerprint
+    }
+
+    /// The in-process vGPUs.
+    pub fn vgpus(&self) -> &[Arc<Vgpu>] {
+        &self.vgpus
+    }
+
+    /// Guest RAM as devices see it.
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        &self.ram.memory
     }
 
     /// The memfd backing guest RAM (for sharing it with another process).

@@ -131,8 +131,12 @@ impl Machine {
     }
 
     /// `host` (serial, control socket, sandboxing, KVM device: the host's side) with this
-    /// shape, restoring from `dir`.
-    fn into_config(self, host: &VmConfig, dir: &Path) -> Result<VmConfig, VmSnapshotError> {
+    /// shape, its state coming `from` a snapshot or a migration.
+    pub fn into_config(
+        self,
+        host: &VmConfig,
+        from: crate::config::VmSource,
+    ) -> Result<VmConfig, VmSnapshotError> {
         let bad = |why: String| VmSnapshotError::Section {
             section: "machine".into(),
             why,
@@ -164,7 +168,7 @@ impl Machine {
             memory: crate::config::MemoryConfig { size: self.memory },
             vgpus,
             gpu,
-            from: crate::config::VmSource::Snapshot(dir.to_path_buf()),
+            from,
             ..host.clone()
         })
     }
@@ -251,6 +255,12 @@ pub struct Sources {
     pub msrs: Vec<u32>,
     /// vGPUs served over vfio-user: their state is in another process.
     pub user_devices: usize,
+    /// Guest RAM's KVM slots (dirty logging for migration).
+    pub ram_slots: crate::kvm_glue::RamSlots,
+    /// The memory BARs' KVM slots (VRAM; dirty logging for migration).
+    pub mapper: Arc<crate::kvm_glue::KvmMapper>,
+    /// Guest RAM as the devices see it.
+    pub ram_memory: vm_memory::GuestMemoryMmap,
 }
 
 impl std::fmt::Debug for Sources {
@@ -382,10 +392,9 @@ fn read_file(
 }
 
 impl Sources {
-    /// Writes a snapshot of the paused VM (every vCPU parked in `gate`, every vGPU paused)
-    /// to `dir` (created if needed; a snapshot there is replaced).
-    pub fn take(&self, dir: &Path, gate: &PauseGate) -> Result<Taken, VmSnapshotError> {
-        let started = Instant::now();
+    /// The paused VM's state (every vCPU parked in `gate`, every vGPU paused) as the
+    /// snapshot's sections, without memory.
+    pub fn sections(&self, gate: &PauseGate) -> Result<Vec<(String, Vec<u8>)>, VmSnapshotError> {
         if self.user_devices > 0 {
             return Err(VmSnapshotError::State(
                 "a VM with a vGPU served over vfio-user (--user-device) cannot be \
@@ -419,6 +428,32 @@ impl Sources {
                 .address_latch(),
         };
 
+        let mut sections = vec![
+            (
+                "machine".to_string(),
+                serde_json::to_vec(&self.machine).map_err(|e| state_err(e.to_string()))?,
+            ),
+            section("vm", &vm)?,
+            section("pci", &pci)?,
+        ];
+        if let Some(s) = &serial {
+            sections.push(section("serial", s)?);
+        }
+        for (i, v) in vcpus.iter().enumerate() {
+            sections.push(section(&format!("vcpu.{i}"), v)?);
+        }
+        for (i, v) in vgpus.iter().enumerate() {
+            sections.push(section(&format!("vgpu.{i}"), v)?);
+        }
+        Ok(sections)
+    }
+
+    /// Writes a snapshot of the paused VM (every vCPU parked in `gate`, every vGPU paused)
+    /// to `dir` (created if needed; a snapshot there is replaced).
+    pub fn take(&self, dir: &Path, gate: &PauseGate) -> Result<Taken, VmSnapshotError> {
+        let started = Instant::now();
+        let mut sections = self.sections(gate)?;
+
         std::fs::create_dir_all(dir).map_err(|e| VmSnapshotError::File {
             path: dir.display().to_string(),
             why: format!("cannot create the directory: {e}"),
@@ -451,24 +486,7 @@ impl Sources {
                 },
             )?);
         }
-        let mut sections = vec![
-            (
-                "machine".to_string(),
-                serde_json::to_vec(&self.machine).map_err(|e| state_err(e.to_string()))?,
-            ),
-            section("vm", &vm)?,
-            section("pci", &pci)?,
-            section("files", &files)?,
-        ];
-        if let Some(s) = &serial {
-            sections.push(section("serial", s)?);
-        }
-        for (i, v) in vcpus.iter().enumerate() {
-            sections.push(section(&format!("vcpu.{i}"), v)?);
-        }
-        for (i, v) in vgpus.iter().enumerate() {
-            sections.push(section(&format!("vgpu.{i}"), v)?);
-        }
+        sections.push(section("files", &files)?);
         let snap = Snapshot {
             fingerprint: self.fingerprint.clone(),
             sections: sections.into_iter().collect(),
@@ -522,13 +540,14 @@ pub fn restore_config(dir: &Path, host: &VmConfig) -> Result<VmConfig, VmSnapsho
             section: "machine".into(),
             why: format!("does not decode: {e}"),
         })?;
-    machine.into_config(host, dir)
+    machine.into_config(host, crate::config::VmSource::Snapshot(dir.to_path_buf()))
 }
 
 /// A loaded snapshot, put into a VM piece by piece while it is built (before any vCPU runs).
 #[derive(Debug)]
 pub struct Restore {
-    dir: PathBuf,
+    /// Where the memory files are; `None`: memory is in place already (a migration).
+    dir: Option<PathBuf>,
     snap: Snapshot,
 }
 
@@ -543,9 +562,21 @@ impl Restore {
             }
         })?;
         Ok(Restore {
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             snap,
         })
+    }
+
+    /// The state of an incoming migration (its memory was copied into the VM already),
+    /// checked against the VM it goes into.
+    pub fn incoming(snap: Snapshot, fingerprint: &Fingerprint) -> Result<Restore, VmSnapshotError> {
+        crate::snapshot::check_fingerprint(&snap.fingerprint, fingerprint).map_err(|source| {
+            VmSnapshotError::Container {
+                path: "the migration's state".into(),
+                source,
+            }
+        })?;
+        Ok(Restore { dir: None, snap })
     }
 
     /// The serial port's state, if the snapshot has one.
@@ -570,7 +601,10 @@ impl Restore {
         vgpus: &[Arc<Vgpu>],
         root: &Mutex<PciRoot>,
     ) -> Result<(), VmSnapshotError> {
-        let files: Vec<FileSum> = decode(&self.snap, "files")?;
+        let files: Vec<FileSum> = match self.dir {
+            Some(_) => decode(&self.snap, "files")?,
+            None => Vec::new(),
+        };
         let file = |name: &str| {
             files
                 .iter()
@@ -580,21 +614,20 @@ impl Restore {
                     why: format!("does not list {name}"),
                 })
         };
-        read_file(&self.dir, file(MEMORY_FILE)?, ram_size, |at, b| {
-            ram.write_all_at(b, at).map_err(|e| e.to_string())
-        })?;
+        if let Some(dir) = &self.dir {
+            read_file(dir, file(MEMORY_FILE)?, ram_size, |at, b| {
+                ram.write_all_at(b, at).map_err(|e| e.to_string())
+            })?;
+        }
         for (i, v) in vgpus.iter().enumerate() {
             let state: vgpu::device::VgpuState = decode(&self.snap, &format!("vgpu.{i}"))?;
             let vram = v.vram();
-            read_file(
-                &self.dir,
-                file(&format!("vram.{i}"))?,
-                vram.size(),
-                |at, b| {
+            if let Some(dir) = &self.dir {
+                read_file(dir, file(&format!("vram.{i}"))?, vram.size(), |at, b| {
                     vram.write(at, b)
                         .map_err(|f| format!("VRAM fault {:#x}", f.code))
-                },
-            )?;
+                })?;
+            }
             v.restore(&state).map_err(|why| VmSnapshotError::Section {
                 section: format!("vgpu.{i}"),
                 why: format!("is not a state this vGPU can be in: {why}"),

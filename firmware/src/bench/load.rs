@@ -29,7 +29,10 @@ use crate::cmdline::{LoadKind, LoadOptions, Wait};
 use crate::conformance::Fail;
 use crate::conformance::driver::{Gpu, dispatch, fence};
 use crate::io::barrier;
+use crate::pci;
+use crate::pvh::StartInfo;
 use crate::serial::fw_println;
+use vgpu_abi::pci as abi_pci;
 
 /// Dispatches (each with its fence) queued at most.
 const IN_FLIGHT: u64 = 4;
@@ -47,11 +50,20 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// for a hung device.
 const GRACE_NS: u64 = 60 * NS_PER_S;
 
+/// `kind=dirty`: slots of memory written per job, and their size.
+const DIRTY_SLOTS: u64 = 256;
+const DIRTY_SLOT: u64 = 64 << 10;
+
+/// The FILL pattern of `kind=dirty`'s job `job`.
+fn dirty_pattern(job: u64) -> u32 {
+    0xd100_0000 | (job as u32 & 0xff_ffff)
+}
+
 // Packets in flight must fit in the static ring.
 const _: () = assert!(2 * IN_FLIGHT <= STATIC_RING_ENTRIES as u64);
 
 /// `run=load`; returns the exit status (0: the load ran without a fault).
-pub fn load(o: &LoadOptions) -> u8 {
+pub fn load(info: Option<&StartInfo>, o: &LoadOptions) -> u8 {
     let gpu = match open_gpu() {
         Ok(gpu) => gpu,
         Err(why) => return failed(why),
@@ -60,6 +72,18 @@ pub fn load(o: &LoadOptions) -> u8 {
         return failed(why);
     }
     let mut l = Load::start(&gpu, o);
+    if o.kind == LoadKind::Dirty {
+        return match l.dirty(info) {
+            Ok(jobs) => {
+                fw_println!(
+                    "load kind=dirty jobs={jobs} gpu_ns={} faults=0 mismatches=0",
+                    gpu.timestamp().saturating_sub(l.t0)
+                );
+                0
+            }
+            Err(why) => failed(why),
+        };
+    }
     let outcome = l.run(o);
     let gpu_ns = gpu.timestamp().saturating_sub(l.t0);
     let faulted = gpu.ctx_rd(CTX, regs::CTX_STATUS) & ctx_status::FAULTED != 0;
@@ -154,13 +178,84 @@ impl<'g> Load<'g> {
                     phase = self.gpu.timestamp();
                 }
             }
-            LoadKind::Idle => self.pause_until(self.end)?,
+            LoadKind::Idle | LoadKind::Dirty => self.pause_until(self.end)?,
         }
         // Let the queued work finish: `jobs` counts completed dispatches.
         if self.completed() != self.submitted {
             self.wait_for(self.submitted)?;
         }
         Ok(())
+    }
+
+    /// `kind=dirty`: [`DIRTY_SLOTS`] jobs spread evenly over the run; job `n` writes slot `n`
+    /// once: the CPU writes it in VRAM through the aperture (KVM's dirty log sees that) and
+    /// the GPU fills it in guest RAM (only the vGPU's own log sees that), each with a pattern
+    /// of the job's number, and a RAM table records the job. Nothing is written twice, so a
+    /// page a migration lost stays lost: at the end every slot is checked word by word.
+    /// Returns the jobs done.
+    fn dirty(&mut self, info: Option<&StartInfo>) -> Result<u64, Fail> {
+        let bdf = self.gpu.bdf;
+        let bar = |i: u8| u64::from(bdf.read_u32(pci::REG_BAR0 + 4 * i));
+        let vram = (bar(abi_pci::BAR_VRAM as u8) & !0xf) | bar(abi_pci::BAR_VRAM as u8 + 1) << 32;
+        let ram = super::throughput::ram_arena(info)
+            .and_then(|mut a| a.alloc((DIRTY_SLOTS + 1) * DIRTY_SLOT, DIRTY_SLOT))
+            .ok_or_else(|| Fail::new(format_args!("not enough RAM for kind=dirty")))?;
+        if vram == 0 {
+            return Err(Fail::new(format_args!("BAR2 is not assigned")));
+        }
+        super::gpu_map(ram, ram + (DIRTY_SLOTS + 1) * DIRTY_SLOT)?;
+        // The table of the last job per slot (0: none), past the slots.
+        let table = ram + DIRTY_SLOTS * DIRTY_SLOT;
+        let mut jobs = 0u64;
+        let period = (self.end - self.t0) / DIRTY_SLOTS;
+        while jobs < DIRTY_SLOTS {
+            // Job n starts n periods into the run.
+            while self.gpu.timestamp() < self.t0 + jobs * period {
+                core::hint::spin_loop();
+            }
+            let slot = jobs;
+            jobs += 1;
+            let words = DIRTY_SLOT / 8;
+            for w in 0..words {
+                super::poke64(vram + slot * DIRTY_SLOT + w * 8, jobs << 32 | w);
+            }
+            super::poke64(table + slot * 8, jobs);
+            self.submitted += 1;
+            self.ring.push(&crate::conformance::driver::fill(
+                ram + slot * DIRTY_SLOT,
+                DIRTY_SLOT,
+                dirty_pattern(jobs),
+            ));
+            self.ring.push(&fence(self.fence_va, self.submitted, 0));
+            barrier();
+            publish_tail(self.gpu, self.shadow, self.ring.tail, self.suppress);
+            self.wait_for(self.submitted)?;
+        }
+        for slot in 0..DIRTY_SLOTS {
+            let job = super::peek64(table + slot * 8);
+            if job == 0 {
+                continue;
+            }
+            for w in 0..DIRTY_SLOT / 8 {
+                let v = super::peek64(vram + slot * DIRTY_SLOT + w * 8);
+                if v != job << 32 | w {
+                    return Err(Fail::new(format_args!(
+                        "VRAM slot {slot} word {w} is {v:#x}, job {job} wrote {:#x}",
+                        job << 32 | w
+                    )));
+                }
+            }
+            for w in 0..DIRTY_SLOT / 4 {
+                let v = super::peek32(ram + slot * DIRTY_SLOT + w * 4);
+                if v != dirty_pattern(job) {
+                    return Err(Fail::new(format_args!(
+                        "RAM slot {slot} word {w} is {v:#x}, job {job} filled {:#x}",
+                        dirty_pattern(job)
+                    )));
+                }
+            }
+        }
+        Ok(jobs)
     }
 
     /// Dispatches completed: the fence word in memory.

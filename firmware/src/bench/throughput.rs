@@ -33,7 +33,7 @@ pub fn throughput(info: Option<&StartInfo>, o: &BenchOptions) -> u8 {
 }
 
 /// The largest RAM range above [`RAM_FLOOR`] and below 4 GiB.
-fn ram_arena(info: Option<&StartInfo>) -> Option<Arena> {
+pub(super) fn ram_arena(info: Option<&StartInfo>) -> Option<Arena> {
     let ram = crate::conformance::ram_map(info);
     ram.ranges[..ram.count]
         .iter()

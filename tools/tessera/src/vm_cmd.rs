@@ -15,7 +15,7 @@ use crate::{EXIT_FAILURE, EXIT_USAGE};
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// Kernel image: a PVH ELF (vmlinux, the Tessera firmware) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "receive_migration"])]
     kernel: Option<PathBuf>,
     /// Restore a snapshot directory (`tessera vmctl snapshot`) instead of booting a kernel:
     /// the VM's shape (vCPUs, RAM, vGPUs) comes from it; --serial, --api-socket and
@@ -27,6 +27,15 @@ pub struct VmArgs {
         conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu", "user_device"]
     )]
     restore: Option<PathBuf>,
+    /// Wait for a VM sent by `tessera vmctl send-migration` at unix:PATH or tcp:IP:PORT and
+    /// run it: its shape and state come from the sender; --serial, --api-socket and --seccomp
+    /// apply.
+    #[arg(
+        long,
+        value_name = "unix:PATH|tcp:IP:PORT",
+        conflicts_with_all = ["restore", "kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu", "user_device"]
+    )]
+    receive_migration: Option<vmm::migration::Peer>,
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -131,7 +140,14 @@ pub fn run(args: VmArgs) -> ExitCode {
         },
         None => config,
     };
-    let result = Vm::new(&config).and_then(Vm::run);
+    let vm = match &args.receive_migration {
+        Some(peer) => {
+            tracing::info!(%peer, "waiting for an incoming migration");
+            vmm::migration::receive_vm(peer, &config)
+        }
+        None => Vm::new(&config),
+    };
+    let result = vm.and_then(Vm::run);
     match result {
         Ok(reason) => {
             match &reason {

@@ -26,6 +26,10 @@ pub enum Op {
     /// Write the paused VM's state to DIR (pause first; it stays paused). Restore it with
     /// `tessera vm --restore DIR`.
     Snapshot,
+    /// Move the running VM to DEST (unix:PATH or tcp:HOST:PORT), where `tessera vm
+    /// --receive-migration` waits; it ends here once the destination runs it, or runs on
+    /// here if the migration fails.
+    SendMigration,
 }
 
 /// `tessera vmctl` options.
@@ -40,8 +44,12 @@ pub struct VmctlArgs {
     /// What to do.
     #[arg(value_enum)]
     op: Op,
-    /// The snapshot directory (snapshot only).
-    #[arg(value_name = "DIR", required_if_eq("op", "snapshot"))]
+    /// The snapshot directory (snapshot), or the destination (send-migration).
+    #[arg(
+        value_name = "DIR|DEST",
+        required_if_eq("op", "snapshot"),
+        required_if_eq("op", "send-migration")
+    )]
     dir: Option<PathBuf>,
 }
 
@@ -64,10 +72,22 @@ pub fn run(args: VmctlArgs) -> ExitCode {
         Op::Info => Request::Info,
         Op::Shutdown => Request::Shutdown,
         Op::Snapshot => Request::Snapshot,
+        Op::SendMigration => Request::SendMigration,
     };
-    if args.dir.is_some() && req != Request::Snapshot {
-        eprintln!("tessera: only snapshot takes a directory");
+    if args.dir.is_some() && !matches!(req, Request::Snapshot | Request::SendMigration) {
+        eprintln!("tessera: only snapshot and send-migration take an argument");
         return ExitCode::from(EXIT_USAGE);
+    }
+    if req == Request::SendMigration {
+        let dest = args.dir.unwrap_or_default();
+        let url = match resolve_peer(&dest.to_string_lossy()) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("tessera: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        return answer(&args.api_socket, &req, None, Some(url), args.timeout);
     }
     // A relative directory is the caller's, not the VM's.
     let dir = match args.dir.map(std::path::absolute) {
@@ -78,7 +98,37 @@ pub fn run(args: VmctlArgs) -> ExitCode {
         }
         None => None,
     };
-    match ask(&args.api_socket, &req, dir, args.timeout) {
+    answer(&args.api_socket, &req, dir, None, args.timeout)
+}
+
+/// `unix:PATH` (made absolute) or `tcp:HOST:PORT` (the host name resolved here: the VM
+/// resolves no names) as the VM takes it.
+fn resolve_peer(dest: &str) -> Result<String, String> {
+    if let Some(p) = dest.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        let p = std::path::absolute(p).map_err(|e| format!("{dest}: {e}"))?;
+        return Ok(format!("unix:{}", p.display()));
+    }
+    if let Some(hp) = dest.strip_prefix("tcp:") {
+        use std::net::ToSocketAddrs;
+        let addr = hp
+            .to_socket_addrs()
+            .map_err(|e| format!("{dest}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{dest}: no address"))?;
+        return Ok(format!("tcp:{addr}"));
+    }
+    Err(format!("{dest:?}: expected unix:PATH or tcp:HOST:PORT"))
+}
+
+/// Asks and prints the reply.
+fn answer(
+    sock: &std::path::Path,
+    req: &Request,
+    dir: Option<PathBuf>,
+    url: Option<String>,
+    timeout: Duration,
+) -> ExitCode {
+    match ask(sock, req, dir, url, timeout) {
         Ok((line, reply)) => {
             println!("{line}");
             if reply.ok {
@@ -88,7 +138,7 @@ pub fn run(args: VmctlArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("tessera: {}: {e}", args.api_socket.display());
+            eprintln!("tessera: {}: {e}", sock.display());
             ExitCode::from(EXIT_USAGE)
         }
     }
@@ -98,13 +148,14 @@ fn ask(
     path: &std::path::Path,
     req: &Request,
     dir: Option<PathBuf>,
+    url: Option<String>,
     timeout: Duration,
 ) -> Result<(String, Reply), String> {
     let mut s = UnixStream::connect(path).map_err(|e| format!("cannot connect: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let mut line =
-        serde_json::to_string(&RequestLine { op: *req, dir }).map_err(|e| e.to_string())?;
+        serde_json::to_string(&RequestLine { op: *req, dir, url }).map_err(|e| e.to_string())?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
     let mut answer = String::new();

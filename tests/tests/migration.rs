@@ -102,7 +102,7 @@ fn a_vm_writing_ram_and_vram_moves_with_every_byte_over_unix_and_tcp() {
             report["bytes"].as_u64().unwrap_or(0) >= 128 << 20,
             "{report}"
         );
-        assert!(report["downtime_ms"].as_u64().is_some(), "{report}");
+        assert!(report["downtime_us"].as_u64().is_some(), "{report}");
         assert!(
             report["peer"]
                 .as_str()

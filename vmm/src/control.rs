@@ -309,7 +309,12 @@ impl Controls {
                 unsafe { libc::pthread_kill(t, self.kick_signal) };
             }
         };
-        self.gate.pause(threads.len(), kick, PAUSE_TIMEOUT)?;
+        if let Err(e) = self.gate.pause(threads.len(), kick, PAUSE_TIMEOUT) {
+            if self.exit.reason().is_some() {
+                return Err("the VM is ending (its vCPUs stopped for good)".into());
+            }
+            return Err(e);
+        }
         for (i, v) in self.vgpus.iter().enumerate() {
             if let Err(e) = v.pause(PAUSE_TIMEOUT) {
                 self.resume();
@@ -348,6 +353,7 @@ impl Controls {
                     }
                     Err(e) => {
                         tracing::warn!("migration to {peer} failed, the VM runs on: {e}");
+                        let e = e.trim_end_matches("; the VM runs on");
                         Reply::error(format!("migration: {e}; the VM runs on"))
                     }
                 };

@@ -226,8 +226,16 @@ pub struct Report {
     pub stopped_pages: u64,
     /// From the start to the destination's `RESUMED` (ms).
     pub total_ms: u64,
-    /// From the pause to the destination's `RESUMED` (ms): the guest's downtime.
-    pub downtime_ms: u64,
+    /// From the pause to the destination's `RESUMED` (µs): the guest's downtime (the
+    /// destination's vCPU threads start right after).
+    pub downtime_us: u64,
+    /// Where the downtime went (µs): stopping the vCPUs and vGPUs; reading the last dirty
+    /// logs and sending those pages; reading and sending the device state; the destination
+    /// putting it in and answering.
+    pub pause_us: u64,
+    pub last_copy_us: u64,
+    pub state_us: u64,
+    pub apply_us: u64,
 }
 
 /// Dirty pages of one round: guest-physical RAM pages, and per vGPU its VRAM pages.
@@ -431,12 +439,17 @@ pub fn send_vm(c: &Controls, peer: &Peer) -> Result<Report, String> {
             rounds += 1;
             pending = src.collect()?;
         }
+        let stopped = Instant::now();
         c.pause()?;
         paused = true;
-        let stopped = Instant::now();
+        let us = |t: Instant| t.elapsed().as_micros() as u64;
+        let pause_us = us(stopped);
+        let t = Instant::now();
         pending.merge(src.collect()?);
         let stopped_pages = pending.count() as u64;
         src.send_dirty(&pending)?;
+        let last_copy_us = us(t);
+        let t = Instant::now();
         let sections = c.snapshot.sections(&c.gate).map_err(|e| e.to_string())?;
         let mut state = Vec::new();
         Snapshot {
@@ -447,14 +460,21 @@ pub fn send_vm(c: &Controls, peer: &Peer) -> Result<Report, String> {
         .map_err(|e| e.to_string())?;
         send(&mut *src.conn, STATE, 0, 0, &state)?;
         src.bytes += state.len() as u64;
+        let state_us = us(t);
+        let t = Instant::now();
         expect(&mut *src.conn, RESUMED, "RESUMED")?;
+        let apply_us = us(t);
         Ok(Report {
             peer: peer.to_string(),
             rounds,
             bytes: src.bytes,
             stopped_pages,
             total_ms: started.elapsed().as_millis() as u64,
-            downtime_ms: stopped.elapsed().as_millis() as u64,
+            downtime_us: us(stopped),
+            pause_us,
+            last_copy_us,
+            state_us,
+            apply_us,
         })
     })();
     if let Err(e) = src.logging(false) {

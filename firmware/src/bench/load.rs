@@ -197,12 +197,18 @@ impl<'g> Load<'g> {
         let bdf = self.gpu.bdf;
         let bar = |i: u8| u64::from(bdf.read_u32(pci::REG_BAR0 + 4 * i));
         let vram = (bar(abi_pci::BAR_VRAM as u8) & !0xf) | bar(abi_pci::BAR_VRAM as u8 + 1) << 32;
-        let ram = super::throughput::ram_arena(info)
-            .and_then(|mut a| a.alloc((DIRTY_SLOTS + 1) * DIRTY_SLOT, DIRTY_SLOT))
+        let mut arena = super::throughput::ram_arena(info)
+            .ok_or_else(|| Fail::new(format_args!("no RAM for kind=dirty")))?;
+        let ram = arena
+            .alloc((DIRTY_SLOTS + 1) * DIRTY_SLOT, DIRTY_SLOT)
             .ok_or_else(|| Fail::new(format_args!("not enough RAM for kind=dirty")))?;
         if vram == 0 {
             return Err(Fail::new(format_args!("BAR2 is not assigned")));
         }
+        // A BAR placed above 4 GiB (a large VRAM) is outside the boot identity map.
+        let mut alloc_page = || arena.alloc(4096, 4096);
+        crate::pages::map_identity(vram, DIRTY_SLOTS * DIRTY_SLOT, &mut alloc_page)
+            .map_err(|e| Fail::new(format_args!("cannot map BAR2: {e}")))?;
         super::gpu_map(ram, ram + (DIRTY_SLOTS + 1) * DIRTY_SLOT)?;
         // The table of the last job per slot (0: none), past the slots.
         let table = ram + DIRTY_SLOTS * DIRTY_SLOT;

@@ -1,6 +1,7 @@
 //! `tessera bench …`: side-by-side benchmarks that print medians and ratios from one run.
 
 mod boot;
+mod migrate;
 mod sched;
 mod session;
 mod soak;
@@ -28,6 +29,9 @@ pub enum BenchCommand {
     /// GPU sessions without a VM: throughput against the device, per-call latency, pipelined
     /// call rate.
     Session(session::SessionArgs),
+    /// Live migration of a busy firmware VM that writes RAM and VRAM between two processes:
+    /// downtime and total time per vGPU profile.
+    Migrate(migrate::MigrateArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -38,6 +42,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Vms(args) => vms::run(args),
         BenchCommand::Soak(args) => soak::run(args),
         BenchCommand::Session(args) => session::run(args),
+        BenchCommand::Migrate(args) => migrate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

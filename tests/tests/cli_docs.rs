@@ -125,6 +125,7 @@ fn the_readme_synopsis_and_help_list_the_same_flags() {
         ("bench vms", &["bench", "vms"]),
         ("bench soak", &["bench", "soak"]),
         ("bench session", &["bench", "session"]),
+        ("bench migrate", &["bench", "migrate"]),
     ]
     .into_iter()
     .map(|(key, args)| (key, with_subcommands(args)))

@@ -357,6 +357,43 @@ pub fn vmctl(sock: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
     (status.code(), v)
 }
 
+/// A firmware VM (`fw`) running `cmdline` with `memory` of RAM, one in-process vGPU of
+/// `profile` and the control socket `sock`, past its first line.
+pub fn firmware_vm(fw: &Path, cmdline: &str, memory: &str, profile: &str, sock: &Path) -> Vmm {
+    let vgpu = format!("profile={profile}");
+    let mut vm = Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        fw.to_str().expect("utf-8"),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        memory,
+        "--vgpu",
+        &vgpu,
+        "--api-socket",
+        sock.to_str().expect("utf-8"),
+    ]);
+    vm.expect_line("tessera-fw: boot", Duration::from_secs(120));
+    vm
+}
+
+/// Waits until the VM behind the control socket `sock` reports GPU time on its first vGPU.
+pub fn wait_until_vgpu_busy(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if sock.exists()
+            && vmctl(sock, &["info"]).1["vgpu_busy_ns"][0]
+                .as_u64()
+                .is_some_and(|ns| ns > 0)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the vGPU never got busy");
+        std::thread::yield_now();
+    }
+}
+
 /// Runs `tessera` to completion with a deadline; returns (status, stdout, stderr).
 pub fn run_tessera(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
     let mut cmd = Command::new(tessera_bin());

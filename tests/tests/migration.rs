@@ -16,37 +16,17 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tessera_tests::{Vmm, firmware, run_tessera, scratch, vmctl};
+use tessera_tests::{
+    Vmm, firmware, firmware_vm, run_tessera, scratch, vmctl, wait_until_vgpu_busy,
+};
 
 const T: Duration = Duration::from_secs(120);
 
-/// A firmware VM running `cmdline` with a 64M vGPU and a control socket.
+/// A firmware VM running `cmdline` with a 64M vGPU and a control socket, its GPU busy.
 fn source(fw: &Path, sock: &Path, cmdline: &str) -> Vmm {
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
-        cmdline,
-        "--memory",
-        "64M",
-        "--vgpu",
-        "profile=64M",
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
-    vm.expect_line("tessera-fw: boot", T);
-    let deadline = Instant::now() + T;
-    loop {
-        if sock.exists() {
-            let (_, info) = vmctl(sock, &["info"]);
-            if info["vgpu_busy_ns"][0].as_u64().is_some_and(|ns| ns > 0) {
-                return vm;
-            }
-        }
-        assert!(Instant::now() < deadline, "the vGPU never got busy");
-        std::thread::yield_now();
-    }
+    let vm = firmware_vm(fw, cmdline, "64M", "64M", sock);
+    wait_until_vgpu_busy(sock);
+    vm
 }
 
 fn send(sock: &Path, dest: &str) -> (Option<i32>, serde_json::Value) {

@@ -13,26 +13,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tessera_tests::{Vmm, firmware, run_tessera, scratch, spawn_minimal_with, vmctl};
+use tessera_tests::{
+    Vmm, firmware, firmware_vm, run_tessera, scratch, spawn_minimal_with, vmctl,
+    wait_until_vgpu_busy,
+};
 
 const T: Duration = Duration::from_secs(120);
-
-/// Waits until the VM's control socket answers `info` with its vGPU busy.
-fn wait_until_gpu_busy(sock: &Path) {
-    let deadline = Instant::now() + T;
-    loop {
-        if sock.exists() {
-            let (_, info) = vmctl(sock, &["info"]);
-            if info["vgpu_busy_ns"][0].as_u64().is_some_and(|ns| ns > 0) {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "the vGPU never got busy");
-        std::thread::yield_now();
-    }
-}
 
 /// Pauses the VM behind `sock` and snapshots it to `dir`; returns the reply.
 fn pause_and_snapshot(sock: &Path, dir: &Path) -> serde_json::Value {
@@ -55,21 +43,8 @@ fn a_vm_caught_in_a_long_dispatch_is_restored_twice_and_both_finish() {
     let sock = work.join("vm.api");
     let dir = work.join("snap");
     // kind=long: the first dispatch has 4000 groups of 250 µs (a second of GPU time).
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
-        "run=load kind=long seconds=3",
-        "--memory",
-        "64M",
-        "--vgpu",
-        "profile=64M",
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
-    vm.expect_line("tessera-fw: boot", T);
-    wait_until_gpu_busy(&sock);
+    let mut vm = firmware_vm(&fw, "run=load kind=long seconds=3", "64M", "64M", &sock);
+    wait_until_vgpu_busy(&sock);
     let snap = pause_and_snapshot(&sock, &dir);
     // RAM and VRAM (64 MiB each) and the state.
     let bytes = snap["snapshot"]["bytes"].as_u64().expect("bytes");
@@ -110,19 +85,7 @@ fn the_conformance_suite_snapshotted_between_cases_passes_after_restore() {
     let work = scratch("snap-conformance");
     let sock = work.join("vm.api");
     let dir = work.join("snap");
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
-        "run=conformance",
-        "--memory",
-        "128M",
-        "--vgpu",
-        "profile=256M",
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
+    let mut vm = firmware_vm(&fw, "run=conformance", "128M", "256M", &sock);
     vm.expect_line("case kernel-saxpy ok", T);
     pause_and_snapshot(&sock, &dir);
     assert_eq!(vmctl(&sock, &["resume"]).0, Some(0));
@@ -211,19 +174,7 @@ fn incomplete_or_changed_snapshots_are_refused_with_one_line() {
     let work = scratch("snap-refused");
     let sock = work.join("vm.api");
     let good = work.join("good");
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
-        "run=echo exit=7",
-        "--memory",
-        "32M",
-        "--vgpu",
-        "profile=64M",
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
+    let mut vm = firmware_vm(&fw, "run=echo exit=7", "32M", "64M", &sock);
     vm.expect_line("tessera-fw: echo ready", T);
     // A running VM is not snapshotted.
     let (code, v) = vmctl(&sock, &["snapshot", good.to_str().expect("utf-8")]);

@@ -159,31 +159,11 @@ fn a_paused_vms_vgpu_does_no_work_until_resumed() {
     let Some(fw) = firmware() else { return };
     let dir = scratch("vmctl-vgpu");
     let sock = dir.join("vm.api");
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
-        "run=load kind=busy seconds=3",
-        "--memory",
-        "64M",
-        "--vgpu",
-        "profile=64M",
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
+    let mut vm =
+        tessera_tests::firmware_vm(&fw, "run=load kind=busy seconds=3", "64M", "64M", &sock);
     let busy = |v: &serde_json::Value| v["vgpu_busy_ns"][0].as_u64().expect("busy ns");
-    // (The load prints nothing else until it ends.)
-    vm.expect_line("tessera-fw: boot", T);
-    // Wait until the guest's GPU load runs.
-    let deadline = std::time::Instant::now() + T;
-    while !sock.exists() || busy(&vmctl(&sock, "info").1) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the load never started"
-        );
-        std::thread::yield_now();
-    }
+    // (The load prints nothing else until it ends.) Wait until the guest's GPU load runs.
+    tessera_tests::wait_until_vgpu_busy(&sock);
     let (code, paused) = vmctl(&sock, "pause");
     assert_eq!(code, Some(0), "{paused}");
     let before = busy(&paused);

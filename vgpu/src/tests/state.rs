@@ -722,3 +722,57 @@ fn a_paused_vgpu_can_be_dropped() {
         "a vGPU paused between packets dropped: {between}; inside a packet: {inside}"
     );
 }
+
+/// Live migration's half that KVM cannot see: while the dirty log is on, every page the
+/// engines write (a FILL of guest RAM, a COPY into VRAM, the fence) is in the next
+/// `take_dirty_log`, and nothing the device only read; taking empties it; off, nothing is
+/// recorded.
+#[test]
+fn the_dirty_log_holds_every_page_the_engines_wrote_and_only_those() {
+    let mut g = Gpu::new();
+    g.setup_ctx(0, T0, B0, 16);
+    let fill = |va: u64, len: u64| Packet::new(packet::OP_FILL, 0, &[va, len, 0x5a5a_5a5a]);
+    let copy = |src: u64, dst: u64, len: u64| Packet::new(packet::OP_COPY, 0, &[src, dst, len]);
+    // Off: nothing recorded.
+    assert_eq!(g.run(0, T0, &[fill(SYS_VA, 0x100)], 1), wait::DONE);
+    g.dev.start_dirty_log();
+    assert_eq!(g.dev.take_dirty_log(), Default::default());
+    // Two pages of guest RAM filled (crossing a page boundary), one VRAM page copied into
+    // from guest RAM (read only), the fence page.
+    assert_eq!(
+        g.run(
+            0,
+            T0,
+            &[
+                fill(SYS_VA + 0x1ff0, 0x20),
+                copy(SYS_VA + 0x5000, VRAM_VA + 0x3000, 0x800),
+            ],
+            2
+        ),
+        wait::DONE
+    );
+    let d = g.dev.take_dirty_log();
+    let page = |pa: u64| pa / crate::device::DIRTY_PAGE;
+    let sys: Vec<u64> = d.sys.iter().copied().collect();
+    assert_eq!(
+        sys,
+        vec![page(B0 + 0x1000), page(B0 + 0x2000), page(B0 + 0xf000)],
+        "guest RAM pages written: the fill's two and the fence's"
+    );
+    let vram: Vec<u64> = d.vram.iter().copied().collect();
+    assert_eq!(
+        vram,
+        vec![page(B0 + 0x3000)],
+        "VRAM page written by the copy"
+    );
+    // Taken: empty until the next write.
+    assert_eq!(g.dev.take_dirty_log(), Default::default());
+    // Guest CPU writes that reach the device (a trapped aperture; a mapped one is KVM's).
+    g.dev.write_bar(pci::BAR_VRAM, 0x4_0000, &[1, 2, 3, 4]);
+    let d = g.dev.take_dirty_log();
+    assert_eq!(d.vram.into_iter().collect::<Vec<_>>(), vec![page(0x4_0000)]);
+    assert!(d.sys.is_empty());
+    g.dev.stop_dirty_log();
+    assert_eq!(g.run(0, T0, &[fill(SYS_VA, 0x100)], 3), wait::DONE);
+    assert_eq!(g.dev.take_dirty_log(), Default::default());
+}

@@ -38,7 +38,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_user::Client;
+use vfu::{Client, DeviceState};
 use vgpu_abi::vfio_user::DOORBELL_IRQ_INDEX;
 use vgpu_abi::{limits, pci as abi_pci, regs};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -119,7 +119,7 @@ impl Link {
     }
 
     /// Runs `f` on the client; a failure marks the device lost (once, with one error line).
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, vfio_user::Error>) -> Option<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, vfu::Error>) -> Option<T> {
         self.call(&mut self.lock(), f)
     }
 
@@ -128,7 +128,7 @@ impl Link {
     fn call<T>(
         &self,
         slot: &mut Option<Client>,
-        f: impl FnOnce(&mut Client) -> Result<T, vfio_user::Error>,
+        f: impl FnOnce(&mut Client) -> Result<T, vfu::Error>,
     ) -> Option<T> {
         match f(slot.as_mut()?) {
             Ok(v) => Some(v),
@@ -150,6 +150,121 @@ fn lock(l: &Mutex<Local>) -> MutexGuard<'_, Local> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What migration, snapshots and pauses need of a user device, shared with the control
+/// side: its connection, its local configuration space and MSI-X, its VRAM mapping, and the
+/// migration state the server was last moved to.
+#[derive(Clone)]
+pub struct UserHandle {
+    link: Arc<Link>,
+    local: Arc<Mutex<Local>>,
+    vram: Arc<GuestRegionMmap>,
+    state: Arc<Mutex<DeviceState>>,
+}
+
+/// The client's own part of a user device's state (configuration space and MSI-X live here,
+/// not in the server).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LocalState {
+    config: Vec<u32>,
+    msix_table: Vec<[u32; 4]>,
+    msix_pending: Vec<u64>,
+}
+
+impl std::fmt::Debug for UserHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserHandle")
+            .field("socket", &self.link.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserHandle {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Client) -> Result<T, vfu::Error>,
+    ) -> Result<T, String> {
+        let mut slot = self.link.lock();
+        let c = slot
+            .as_mut()
+            .ok_or_else(|| format!("the vGPU server at {} is gone", self.link.path.display()))?;
+        f(c).map_err(|e| format!("vGPU server at {}: {what}: {e}", self.link.path.display()))
+    }
+
+    /// Moves the server's device to `to` (VFIO migration v2 states).
+    pub fn set_state(&self, to: DeviceState) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *st != to {
+            self.call(&format!("move to {to:?}"), |c| c.set_device_state(to))?;
+            *st = to;
+        }
+        Ok(())
+    }
+
+    /// The state the server was last moved to.
+    pub fn state(&self) -> DeviceState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next at most `max` bytes of the device's migration data (empty: none now).
+    pub fn read(&self, max: usize) -> Result<Vec<u8>, String> {
+        self.call("read its state", |c| c.mig_read(max))
+    }
+
+    /// Gives the device the next bytes of a state (RESUMING).
+    pub fn write(&self, data: &[u8]) -> Result<(), String> {
+        self.call("write its state", |c| c.mig_write(data))
+    }
+
+    /// Starts (or stops) the server's log of its DMA writes into `ranges` of guest RAM.
+    pub fn dma_logging(&self, ranges: Option<&[(u64, u64)]>) -> Result<(), String> {
+        match ranges {
+            Some(r) => self.call("start its DMA log", |c| c.logging_start(r)),
+            None => self.call("stop its DMA log", |c| c.logging_stop()),
+        }
+    }
+
+    /// Guest RAM pages (addresses) the device wrote in `[gpa, gpa + len)` since last asked.
+    pub fn dma_dirty(&self, gpa: u64, len: u64) -> Result<Vec<u64>, String> {
+        // One report covers at most 8 Mi pages (a 1 MiB bitmap).
+        const STEP: u64 = 32 << 30;
+        let mut out = Vec::new();
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = STEP.min(gpa + len - at);
+            out.extend(self.call("report its DMA log", |c| c.logging_report(at, n))?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// The VRAM mapping the guest's BAR 2 is.
+    pub fn vram(&self) -> &GuestRegionMmap {
+        &self.vram
+    }
+
+    /// Configuration space and MSI-X.
+    pub fn local_state(&self) -> LocalState {
+        let l = lock(&self.local);
+        let (msix_table, msix_pending) = l.msix.save();
+        LocalState {
+            config: l.config.registers(),
+            msix_table,
+            msix_pending,
+        }
+    }
+
+    /// Puts back configuration space and MSI-X (read-only bits must match).
+    pub fn restore_local(&self, s: &LocalState) -> Result<(), String> {
+        let mut l = lock(&self.local);
+        let mut config = l.config.clone();
+        config.restore_registers(&s.config)?;
+        l.msix.restore(&s.msix_table, &s.msix_pending)?;
+        l.config = config;
+        Ok(())
+    }
+}
+
 /// See the module documentation.
 pub struct UserDevice {
     link: Arc<Link>,
@@ -160,6 +275,7 @@ pub struct UserDevice {
     doorbells: Vec<EventFd>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    state: Arc<Mutex<DeviceState>>,
 }
 
 impl std::fmt::Debug for UserDevice {
@@ -235,7 +351,7 @@ impl UserDevice {
             path: path.to_path_buf(),
             why,
         };
-        let proto = |what: &str, e: vfio_user::Error| UserDeviceError::Protocol {
+        let proto = |what: &str, e: vfu::Error| UserDeviceError::Protocol {
             path: path.to_path_buf(),
             what: format!("{what}: {e}"),
         };
@@ -385,7 +501,18 @@ impl UserDevice {
             doorbells,
             stop,
             thread: Some(thread),
+            state: Arc::new(Mutex::new(DeviceState::Running)),
         })
+    }
+
+    /// A handle for pausing and migrating it.
+    pub fn handle(&self) -> UserHandle {
+        UserHandle {
+            link: self.link.clone(),
+            local: self.local.clone(),
+            vram: self.vram.clone(),
+            state: self.state.clone(),
+        }
     }
 
     /// Whether the server is gone.

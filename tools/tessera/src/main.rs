@@ -77,15 +77,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // The vfio-user crate logs every connection at info level; keep it to warnings unless
-    // asked for by name.
-    let directives = if cli.log_level.contains("vfio_user") {
-        cli.log_level.clone()
-    } else {
-        format!("{},vfio_user=warn", cli.log_level)
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,vfio_user=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Log lines carry UTC timestamps (RFC 3339), to stderr or appended to --log-file.
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,11 +1,11 @@
-//! One vfio-user connection to one vGPU instance: the crate's `ServerBackend` over a fresh
-//! [`Vgpu`], its DMA mappings and interrupt routes.
+//! One vfio-user connection to one vGPU instance: a [`vfu::Device`] over a fresh [`Vgpu`],
+//! its DMA mappings and interrupt routes, and its migration ([`crate::migrate`]).
 //!
-//! Every value here comes from an untrusted client. The crate hangs its own client when a
-//! region access or `dma_unmap` gets an error reply (it reads a full reply struct after a
-//! bare header), so those never fail: bad reads return all-ones, bad writes are dropped and
-//! counted. Only `dma_map` and `set_irqs`, whose replies are a bare header anyway, return
-//! errors.
+//! Every value here comes from an untrusted client. The `vfio_user` crate's client (Cloud
+//! Hypervisor's) hangs when a region access or `dma_unmap` gets an error reply (it reads a
+//! full reply struct after a bare header), so those never fail: bad reads return all-ones,
+//! bad writes are dropped and counted. Only `dma_map` and `set_irqs`, whose replies are a
+//! bare header anyway, return errors.
 
 use std::fs::File;
 use std::io::Write;
@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::{PciDeviceSync, VectorSink};
 use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_TRIGGER,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, vfio_region_info,
     vfio_region_sparse_mmap_area,
 };
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
+use vfu::{Device, IrqInfo, ServerRegion};
 use vgpu_abi::{pci as abi_pci, regs};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
@@ -182,7 +182,7 @@ pub fn regions(vram_size: u64, vram_fd: Option<RawFd>) -> Vec<ServerRegion> {
             };
             let mmap_fd = vram_fd.filter(|_| index == VFIO_PCI_BAR2_REGION_INDEX);
             ServerRegion {
-                region_info: vfio_region_info {
+                info: vfio_region_info {
                     argsz: std::mem::size_of::<vfio_region_info>() as u32,
                     flags,
                     index,
@@ -192,14 +192,12 @@ pub fn regions(vram_size: u64, vram_fd: Option<RawFd>) -> Vec<ServerRegion> {
                     // exactly its partition.
                     offset: 0,
                 },
-                // The crate sends the fd only with the sparse-mmap capability, so the whole
-                // BAR is one sparse area.
+                // The fd goes only with the sparse-mmap capability (as the vfio_user crate's
+                // client expects), so the whole BAR is one sparse area.
                 sparse_areas: if mmap_fd.is_some() {
-                    vec![SparseArea {
-                        area: vfio_region_sparse_mmap_area {
-                            offset: 0,
-                            size: vram_size,
-                        },
+                    vec![vfio_region_sparse_mmap_area {
+                        offset: 0,
+                        size: vram_size,
                     }]
                 } else {
                     Vec::new()
@@ -283,6 +281,8 @@ pub struct Attachment {
     /// Accesses dropped because they were malformed (wrong region, size or offset).
     pub ignored: u64,
     warned_unsealed: bool,
+    /// Migration v2 ([`crate::migrate`]).
+    pub(crate) mig: crate::migrate::MigState,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -325,6 +325,7 @@ impl Attachment {
             budget,
             ignored: 0,
             warned_unsealed: false,
+            mig: Default::default(),
         }
     }
 
@@ -483,7 +484,7 @@ fn config_dwords(offset: u64, len: usize) -> Option<Vec<(usize, u64, std::ops::R
     Some(out)
 }
 
-impl ServerBackend for Attachment {
+impl Device for Attachment {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
         if data.len() <= MAX_ACCESS && !self.admitted() {
             // A refused peer reads what a lost device reads.
@@ -530,7 +531,7 @@ impl ServerBackend for Attachment {
 
     fn dma_map(
         &mut self,
-        flags: DmaMapFlags,
+        flags: u32,
         offset: u64,
         address: u64,
         size: u64,
@@ -586,7 +587,7 @@ impl ServerBackend for Attachment {
                     .map_err(|e| std::io::Error::other(e.to_string()))?,
             )
         };
-        tracing::debug!(address, size, ?flags, "DMA map");
+        tracing::debug!(address, size, flags, "DMA map");
         let at = self.dma.partition_point(|d| d.iova < address);
         self.dma.insert(
             at,
@@ -607,8 +608,9 @@ impl ServerBackend for Attachment {
         Ok(())
     }
 
-    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        let all = flags.contains(DmaUnmapFlags::UNMAP_ALL);
+    fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> std::io::Result<()> {
+        // VFIO's "unmap all" bit, and the one the vfio_user crate's client uses for it.
+        let all = flags & (VFIO_DMA_UNMAP_FLAG_ALL | 1 << 2) != 0;
         let (gone, kept): (Vec<DmaRegion>, Vec<DmaRegion>) = std::mem::take(&mut self.dma)
             .into_iter()
             .partition(|d| all || (d.iova == address && d.size == size));
@@ -641,6 +643,11 @@ impl ServerBackend for Attachment {
             &regs::RESET_VALUE.to_le_bytes(),
         );
         Ok(())
+    }
+
+    fn migration(&mut self) -> Option<&mut dyn vfu::Migration> {
+        // Only the admitted client may stop, read or replace the vGPU's state.
+        if self.admitted() { Some(self) } else { None }
     }
 
     fn set_irqs(
@@ -738,13 +745,13 @@ mod tests {
         let r = regions(64 << 20, Some(7));
         assert_eq!(r.len(), VFIO_PCI_NUM_REGIONS as usize);
         for (i, region) in r.iter().enumerate() {
-            assert_eq!(region.region_info.index as usize, i);
+            assert_eq!(region.info.index as usize, i);
         }
-        assert_eq!(r[2].region_info.size, 64 << 20);
+        assert_eq!(r[2].info.size, 64 << 20);
         assert_eq!(r[2].mmap_fd, Some(7));
         assert_eq!(r[2].sparse_areas.len(), 1);
-        assert_eq!(r[0].region_info.size, abi_pci::BAR_REGS_SIZE);
-        assert!(r[0].mmap_fd.is_none() && r[1].region_info.size == 0);
+        assert_eq!(r[0].info.size, abi_pci::BAR_REGS_SIZE);
+        assert!(r[0].mmap_fd.is_none() && r[1].info.size == 0);
         let irqs = irqs(16);
         assert_eq!(irqs[VFIO_PCI_MSIX_IRQ_INDEX as usize].count, 16);
         assert_eq!(irqs[DOORBELL_IRQ_INDEX as usize].count, 16);

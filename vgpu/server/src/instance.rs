@@ -2,7 +2,7 @@
 //! with the control side, and the thread itself, which waits for a client, builds a fresh
 //! vGPU for it on a fresh VRAM file and serves it until the client leaves.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,17 +191,12 @@ impl InstanceWorker {
         })
         .map_err(|e| devices::error_chain(&e))?;
         *lock(&self.live.monitor) = Some(vgpu.monitor());
-        let dup: OwnedFd = self
-            .listener
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| e.to_string())?;
-        let server = vfio_user::Server::from_owned_fd(
-            dup,
-            true,
-            attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
-            attach::regions(vram.size(), attach::mmap_fd(&*vram)),
-        );
+        let info = vfu::DeviceInfo {
+            resettable: true,
+            irqs: attach::irqs(self.profile.contexts.min(vgpu_abi::limits::MAX_CONTEXTS)),
+            regions: attach::regions(vram.size(), attach::mmap_fd(&*vram)),
+        };
+        let (stream, _) = self.listener.accept().map_err(|e| e.to_string())?;
         let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
             .with_gate(attach::Gate {
                 socket: self.socket.clone(),
@@ -209,15 +204,9 @@ impl InstanceWorker {
                 peer: self.live.peer.clone(),
             });
         tracing::info!(name = self.name, "client attached");
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run(&mut att)));
-        match result {
-            Ok(Ok(())) => tracing::info!(name = self.name, "client detached"),
-            Ok(Err(e)) => tracing::warn!(name = self.name, "client dropped: {e}"),
-            Err(_) => tracing::error!(
-                name = self.name,
-                "malformed vfio-user message; client dropped"
-            ),
+        match vfu::serve(stream, &info, &mut att) {
+            Ok(()) => tracing::info!(name = self.name, "client detached"),
+            Err(e) => tracing::warn!(name = self.name, "client dropped: {e}"),
         }
         if att.ignored > 0 {
             tracing::info!(
@@ -230,7 +219,6 @@ impl InstanceWorker {
         // Stops running work at the next workgroup and leaves the scheduler; then the VRAM
         // file is punched, so a mapping the client kept reads zeros.
         drop(att);
-        drop(server);
         *lock(&self.live.peer) = None;
         vram.scrub();
         Ok(())

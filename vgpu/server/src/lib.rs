@@ -15,6 +15,7 @@ pub mod control;
 pub mod definitions;
 mod instance;
 pub mod metrics;
+mod migrate;
 pub mod peer;
 pub mod remote;
 pub mod session;

@@ -14,7 +14,7 @@ const BAR0_REGION: u32 = 0;
 const BAR2_REGION: u32 = 2;
 
 /// BAR 0 of a vGPU instance, reached with vfio-user region messages.
-struct Remote(vfio_user::Client);
+struct Remote(vfu::Client);
 
 impl RegisterPort for Remote {
     fn read(&mut self, off: u64) -> u32 {
@@ -47,7 +47,7 @@ pub fn connect(socket: &Path, sys_size: u64, sealed: bool) -> Result<HostClient,
         Some(FileOffset::from_arc(file.clone(), 0)),
     )])
     .map_err(mem_err)?;
-    let mut client = vfio_user::Client::new(socket)
+    let mut client = vfu::Client::new(socket)
         .map_err(|e| HostError::Connect(format!("{}: {e}", socket.display())))?;
     let vram_size = client
         .region(BAR2_REGION)

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera_tests::{
-    Vmm, firmware, firmware_vm, run_tessera, scratch, vmctl, wait_until_vgpu_busy,
+    Server, Vmm, firmware, firmware_vm, run_tessera, scratch, vmctl, wait_until_vgpu_busy,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -102,6 +102,89 @@ fn a_vm_in_the_middle_of_a_long_dispatch_finishes_it_on_the_destination() {
     let (line, _) = migrate(&dest, "run=load kind=long seconds=3", "load kind=long");
     // The firmware checks that the fence counts every dispatch once and nothing faulted.
     assert!(line.contains("faults=0"), "{line}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The same over vfio-user: the source's vGPU is instance `a` of a `tessera serve`, the
+/// destination's instance `b`. The server's vGPU goes through migration v2 (PRE_COPY with its
+/// VRAM, DMA dirty logging of guest RAM, STOP_COPY with its state, RESUMING on `b`); the
+/// guest's CPU writes through the mapped aperture travel as the client's own pages.
+#[test]
+fn a_vm_whose_vgpu_is_served_over_vfio_user_moves_to_another_instance() {
+    let Some(fw) = firmware() else {
+        return;
+    };
+    let server = Server::start("mig-vfu", &[]);
+    let a = server.ok(&["vgpu", "create", "--type", "64M", "--name", "a"]);
+    let b = server.ok(&["vgpu", "create", "--type", "64M", "--name", "b"]);
+    let work = scratch("mig-vfu-vms");
+    for (n, (cmdline, expect)) in [
+        ("run=load kind=dirty seconds=4", "load kind=dirty"),
+        ("run=load kind=long seconds=3", "load kind=long"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sock = work.join(format!("vm{n}.api"));
+        let listen = work.join(format!("in{n}.sock"));
+        let dest = format!("unix:{}", listen.display());
+        let busy_before = server.busy_ns("a");
+        let mut target = Vmm::spawn(&[
+            "vm",
+            "--receive-migration",
+            &dest,
+            "--user-device",
+            &format!("socket={}", b.trim()),
+        ]);
+        let mut vm = Vmm::spawn(&[
+            "vm",
+            "--kernel",
+            fw.to_str().expect("utf-8"),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "64M",
+            "--user-device",
+            &format!("socket={}", a.trim()),
+            "--api-socket",
+            sock.to_str().expect("utf-8"),
+        ]);
+        vm.expect_line("tessera-fw: boot", T);
+        let deadline = Instant::now() + T;
+        while server.busy_ns("a") == busy_before {
+            assert!(Instant::now() < deadline, "instance a never got busy");
+            std::thread::yield_now();
+        }
+        // The destination listens once it has connected to instance b.
+        while !listen.exists() {
+            assert!(Instant::now() < deadline, "the destination never listened");
+            std::thread::yield_now();
+        }
+        let (code, reply) = send(&sock, &dest);
+        assert_eq!(code, Some(0), "{reply}\n{}", server.log());
+        assert_eq!(vm.wait(T).code(), Some(0));
+        assert!(!vm.saw("load kind="), "{}", vm.transcript.join("\n"));
+        target.expect_line(expect, T);
+        let out = target.transcript.join("\n");
+        assert_eq!(target.wait(T).code(), Some(0), "{out}");
+        let line = target
+            .transcript
+            .iter()
+            .find(|l| l.contains(expect))
+            .cloned()
+            .unwrap_or_default();
+        if n == 0 {
+            assert!(
+                line.contains("jobs=256") && line.contains("mismatches=0"),
+                "{line}"
+            );
+            // All of RAM and all of VRAM (in the server's migration data) went.
+            let bytes = reply["migration"]["bytes"].as_u64().unwrap_or(0);
+            assert!(bytes >= 128 << 20, "{reply}");
+        } else {
+            assert!(line.contains("faults=0"), "{line}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -321,11 +321,26 @@ impl Controls {
                 return Err(format!("vGPU {i}: {e}; the VM runs on"));
             }
         }
+        // vGPUs over vfio-user stop through migration v2 (one in PRE_COPY is left to the
+        // migration that put it there: it stops with STOP_COPY).
+        for u in &self.snapshot.user {
+            if u.state() == vfu::DeviceState::Running
+                && let Err(e) = u.set_state(vfu::DeviceState::Stop)
+            {
+                self.resume();
+                return Err(format!("{e}; the VM runs on"));
+            }
+        }
         Ok(())
     }
 
     /// Lets the vGPUs, then the vCPUs, run again.
     pub(crate) fn resume(&self) {
+        for u in &self.snapshot.user {
+            if let Err(e) = u.set_state(vfu::DeviceState::Running) {
+                tracing::error!("{e}");
+            }
+        }
         for v in &self.vgpus {
             v.resume();
         }

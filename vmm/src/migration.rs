@@ -29,6 +29,11 @@ const HELLO: u8 = 1;
 const RAM: u8 = 2;
 const VRAM: u8 = 3;
 const STATE: u8 = 4;
+/// A vGPU over vfio-user: `index` its number; the server's migration data (opaque here).
+const DEVICE: u8 = 5;
+/// A vGPU over vfio-user: VRAM the guest's CPU wrote through this VMM's mapping (the
+/// server cannot see those writes), `addr` the offset.
+const USER_VRAM: u8 = 6;
 const READY: u8 = 10;
 const RESUMED: u8 = 11;
 const ERROR: u8 = 12;
@@ -167,7 +172,7 @@ fn recv(r: &mut dyn Stream) -> Result<Frame, String> {
     let addr = u64::from_le_bytes(head[5..13].try_into().unwrap_or_default());
     let len = u64::from_le_bytes(head[13..21].try_into().unwrap_or_default());
     let limit = match kind {
-        RAM | VRAM => MAX_CHUNK,
+        RAM | VRAM | DEVICE | USER_VRAM => MAX_CHUNK,
         STATE => MAX_STATE,
         HELLO | ERROR => MAX_HELLO,
         READY | RESUMED => 0,
@@ -238,21 +243,32 @@ pub struct Report {
     pub apply_us: u64,
 }
 
-/// Dirty pages of one round: guest-physical RAM pages, and per vGPU its VRAM pages.
+/// Dirty pages of one round: guest-physical RAM pages, per in-process vGPU its VRAM pages,
+/// and per vGPU over vfio-user the VRAM pages the guest's CPU wrote.
 #[derive(Default)]
 struct Dirty {
     ram: std::collections::BTreeSet<u64>,
     vram: Vec<std::collections::BTreeSet<u64>>,
+    user_vram: Vec<std::collections::BTreeSet<u64>>,
 }
 
 impl Dirty {
     fn count(&self) -> usize {
-        self.ram.len() + self.vram.iter().map(|v| v.len()).sum::<usize>()
+        self.ram.len()
+            + self
+                .vram
+                .iter()
+                .chain(&self.user_vram)
+                .map(|v| v.len())
+                .sum::<usize>()
     }
 
     fn merge(&mut self, other: Dirty) {
         self.ram.extend(other.ram);
         for (a, b) in self.vram.iter_mut().zip(other.vram) {
+            a.extend(b);
+        }
+        for (a, b) in self.user_vram.iter_mut().zip(other.user_vram) {
             a.extend(b);
         }
     }
@@ -294,6 +310,53 @@ impl Source<'_> {
                 v.stop_dirty_log();
             }
         }
+        // A vGPU over vfio-user logs its DMA into guest RAM, and pre-copies its VRAM in its
+        // migration data (PRE_COPY).
+        let ranges = self.ram_regions();
+        for u in &s.user {
+            if on {
+                u.dma_logging(Some(&ranges))?;
+                u.set_state(vfu::DeviceState::PreCopy)?;
+            } else if let Err(e) = u.dma_logging(None) {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn ram_regions(&self) -> Vec<(u64, u64)> {
+        self.c
+            .snapshot
+            .ram_memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
+    /// One pass of a vfio-user vGPU's migration data: read until a short read (the server
+    /// ends a pass there, so nothing read later is older than what this round sends).
+    fn send_device(&mut self, k: usize) -> Result<(), String> {
+        const STEP: usize = MAX_CHUNK as usize / 4;
+        loop {
+            let data = self.c.snapshot.user[k].read(STEP)?;
+            if !data.is_empty() {
+                send(&mut *self.conn, DEVICE, k as u32, 0, &data)?;
+                self.bytes += data.len() as u64;
+            }
+            if data.len() < STEP {
+                return Ok(());
+            }
+        }
+    }
+
+    fn send_user_vram(&mut self, k: usize, offset: u64, len: u64) -> Result<(), String> {
+        let vram = self.c.snapshot.user[k].vram();
+        let len = len.min(vram.len().saturating_sub(offset));
+        self.buf.resize(len as usize, 0);
+        vram.read_slice(&mut self.buf, vm_memory::MemoryRegionAddress(offset))
+            .map_err(|e| format!("cannot read VRAM at {offset:#x}: {e}"))?;
+        send(&mut *self.conn, USER_VRAM, k as u32, offset, &self.buf)?;
+        self.bytes += len;
         Ok(())
     }
 
@@ -309,6 +372,7 @@ impl Source<'_> {
                 .into_iter()
                 .collect(),
             vram: vec![Default::default(); s.vgpus.len()],
+            user_vram: vec![Default::default(); s.user.len()],
         };
         let bars = s
             .mapper
@@ -328,6 +392,19 @@ impl Source<'_> {
             d.ram
                 .extend(gpu.sys.iter().map(|p| p * vgpu::device::DIRTY_PAGE / PAGE));
             d.vram[i].extend(gpu.vram);
+        }
+        let ranges = self.ram_regions();
+        for (k, u) in s.user.iter().enumerate() {
+            let host = u.vram().as_ptr() as u64;
+            for (addr, pages) in &bars {
+                if *addr == host {
+                    d.user_vram[k].extend(pages);
+                }
+            }
+            for &(start, len) in &ranges {
+                d.ram
+                    .extend(u.dma_dirty(start, len)?.into_iter().map(|a| a / PAGE));
+            }
         }
         Ok(d)
     }
@@ -381,6 +458,10 @@ impl Source<'_> {
                 at += n;
             }
         }
+        // A vfio-user vGPU's first pass is all of its VRAM.
+        for k in 0..self.c.snapshot.user.len() {
+            self.send_device(k)?;
+        }
         Ok(())
     }
 
@@ -393,6 +474,12 @@ impl Source<'_> {
                 self.send_vram(i, first * PAGE, n * PAGE)?;
             }
         }
+        for (k, pages) in d.user_vram.iter().enumerate() {
+            for (first, n) in runs(pages) {
+                self.send_user_vram(k, first * PAGE, n * PAGE)?;
+            }
+            self.send_device(k)?;
+        }
         Ok(())
     }
 }
@@ -402,13 +489,6 @@ impl Source<'_> {
 /// on an error the VM runs on here as before (resumed if this paused it).
 pub fn send_vm(c: &Controls, peer: &Peer) -> Result<Report, String> {
     let started = Instant::now();
-    if c.snapshot.user_devices > 0 {
-        return Err(
-            "a VM with a vGPU served over vfio-user (--user-device) cannot be \
-                    migrated yet: its state lives in the server"
-                .into(),
-        );
-    }
     if c.gate.status().0 {
         return Err("the VM is paused: resume it, a migration pauses it itself".into());
     }
@@ -442,6 +522,11 @@ pub fn send_vm(c: &Controls, peer: &Peer) -> Result<Report, String> {
         let stopped = Instant::now();
         c.pause()?;
         paused = true;
+        // vGPUs over vfio-user stop here (PRE_COPY → STOP_COPY): their last pass ends with
+        // their state.
+        for u in &c.snapshot.user {
+            u.set_state(vfu::DeviceState::StopCopy)?;
+        }
         let us = |t: Instant| t.elapsed().as_micros() as u64;
         let pause_us = us(stopped);
         let t = Instant::now();
@@ -484,6 +569,13 @@ pub fn send_vm(c: &Controls, peer: &Peer) -> Result<Report, String> {
         let _ = send(&mut *src.conn, ERROR, 0, 0, b"the source gave up");
         if paused {
             c.resume();
+        } else {
+            // Out of PRE_COPY: the vGPUs over vfio-user run on.
+            for u in &c.snapshot.user {
+                if let Err(e) = u.set_state(vfu::DeviceState::Running) {
+                    tracing::error!("{e}");
+                }
+            }
         }
     }
     result
@@ -513,6 +605,11 @@ pub fn receive_vm(peer: &Peer, host: &VmConfig) -> Result<Vm, VmError> {
         let mut vm = Vm::new(&config)?;
         crate::snapshot::check_fingerprint(&hello.fingerprint, vm.fingerprint())
             .map_err(|e| err(e.to_string()))?;
+        // vGPUs over vfio-user take their state as migration data (RESUMING).
+        let user = vm.user_devices().to_vec();
+        for u in &user {
+            u.set_state(vfu::DeviceState::Resuming).map_err(err)?;
+        }
         send(&mut *conn, READY, 0, 0, &[]).map_err(err)?;
         let vgpus = vm.vgpus().to_vec();
         let memory = vm.guest_memory().clone();
@@ -547,11 +644,35 @@ pub fn receive_vm(peer: &Peer, host: &VmConfig) -> Result<Vm, VmError> {
                     vram.write(f.addr, &f.payload)
                         .map_err(|_| err("cannot write VRAM".into()))?;
                 }
+                DEVICE => user
+                    .get(f.index as usize)
+                    .ok_or_else(|| err(format!("the source sent the state of vGPU {}", f.index)))?
+                    .write(&f.payload)
+                    .map_err(err)?,
+                USER_VRAM => {
+                    let vram = user
+                        .get(f.index as usize)
+                        .ok_or_else(|| err(format!("the source sent VRAM of vGPU {}", f.index)))?
+                        .vram();
+                    vram.write_slice(&f.payload, vm_memory::MemoryRegionAddress(f.addr))
+                        .map_err(|_| {
+                            err(format!(
+                                "the source sent {} bytes of VRAM at {:#x}, past its end",
+                                f.payload.len(),
+                                f.addr
+                            ))
+                        })?;
+                }
                 STATE => {
                     let snap = Snapshot::read(&f.payload[..], Some(vm.fingerprint()))
                         .map_err(|e| err(format!("the source's state: {e}")))?;
                     let r = Restore::incoming(snap, vm.fingerprint())?;
                     vm.apply(&r)?;
+                    // The servers check and apply their vGPUs' states (RESUMING → STOP),
+                    // then run them.
+                    for u in &user {
+                        u.set_state(vfu::DeviceState::Running).map_err(err)?;
+                    }
                     send(&mut *conn, RESUMED, 0, 0, &[]).map_err(err)?;
                     return Ok(vm);
                 }

@@ -493,6 +493,7 @@ impl Vm {
             root.add_device_sync(1 + n as u8, dev)
                 .map_err(devices_err(format!("vGPU {n}")))?;
         }
+        let mut user = Vec::new();
         for (k, ud) in config.user_devices.iter().enumerate() {
             let dev = crate::user_device::UserDevice::connect(
                 &ud.socket,
@@ -502,6 +503,7 @@ impl Vm {
                 Arc::new(KvmMsi(vm_fd.clone())),
                 config.seccomp,
             )?;
+            user.push(dev.handle());
             root.add_device(
                 1 + (config.vgpus.len() + k) as u8,
                 Arc::new(Mutex::new(dev)),
@@ -566,7 +568,7 @@ impl Vm {
                 fingerprint,
                 machine: Machine::of(config),
                 msrs,
-                user_devices: config.user_devices.len(),
+                user,
                 ram_slots: RamSlots::new(vm_fd.clone(), ram_regions),
                 mapper,
                 ram_memory: ram.memory.clone(),
@@ -634,6 +636,7 @@ impl Vm {
             &self.ram.file,
             self.ram.size,
             &self.vgpus,
+            &sources.user,
             &sources.root,
         )?;
         Ok(())
@@ -647,6 +650,11 @@ impl Vm {
     /// What a snapshot or migration of this VM must match.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.controls.snapshot.fingerprint
+    }
+
+    /// The vGPUs served over vfio-user.
+    pub fn user_devices(&self) -> &[crate::user_device::UserHandle] {
+        &self.controls.snapshot.user
     }
 
     /// The in-process vGPUs.

@@ -92,6 +92,9 @@ pub struct Machine {
     pub gpu: String,
     /// The kernel command line the VM booted with (for people).
     pub cmdline: String,
+    /// How many vGPUs it has over vfio-user (`--user-device`; the sockets are the host's).
+    #[serde(default)]
+    pub user_devices: usize,
 }
 
 impl Machine {
@@ -127,6 +130,7 @@ impl Machine {
                 ),
             },
             cmdline: config.cmdline.clone(),
+            user_devices: config.user_devices.len(),
         }
     }
 
@@ -156,6 +160,18 @@ impl Machine {
             .gpu
             .parse()
             .map_err(|e| bad(format!("has GPU {:?}: {e}", self.gpu)))?;
+        if self.user_devices > 0 && matches!(from, crate::config::VmSource::Snapshot(_)) {
+            return Err(bad(
+                "has vGPUs over vfio-user, whose state a snapshot directory does not hold".into(),
+            ));
+        }
+        if host.user_devices.len() != self.user_devices {
+            return Err(bad(format!(
+                "has {} vGPU(s) over vfio-user; give as many --user-device here (not {})",
+                self.user_devices,
+                host.user_devices.len()
+            )));
+        }
         Ok(VmConfig {
             kernel: PathBuf::new(),
             initramfs: None,
@@ -253,8 +269,9 @@ pub struct Sources {
     pub machine: Machine,
     /// MSRs KVM can save.
     pub msrs: Vec<u32>,
-    /// vGPUs served over vfio-user: their state is in another process.
-    pub user_devices: usize,
+    /// vGPUs served over vfio-user: their device state is in the server, reached over
+    /// migration v2; configuration space and MSI-X are here.
+    pub user: Vec<crate::user_device::UserHandle>,
     /// Guest RAM's KVM slots (dirty logging for migration).
     pub ram_slots: crate::kvm_glue::RamSlots,
     /// The memory BARs' KVM slots (VRAM; dirty logging for migration).
@@ -395,13 +412,6 @@ impl Sources {
     /// The paused VM's state (every vCPU parked in `gate`, every vGPU paused) as the
     /// snapshot's sections, without memory.
     pub fn sections(&self, gate: &PauseGate) -> Result<Vec<(String, Vec<u8>)>, VmSnapshotError> {
-        if self.user_devices > 0 {
-            return Err(VmSnapshotError::State(
-                "a VM with a vGPU served over vfio-user (--user-device) cannot be \
-                 snapshotted yet: its state lives in the server"
-                    .into(),
-            ));
-        }
         let state_err = |e: String| VmSnapshotError::State(e);
         let msrs = self.msrs.clone();
         let vcpus = gate
@@ -445,6 +455,9 @@ impl Sources {
         for (i, v) in vgpus.iter().enumerate() {
             sections.push(section(&format!("vgpu.{i}"), v)?);
         }
+        for (k, u) in self.user.iter().enumerate() {
+            sections.push(section(&format!("user.{k}"), &u.local_state())?);
+        }
         Ok(sections)
     }
 
@@ -452,6 +465,13 @@ impl Sources {
     /// to `dir` (created if needed; a snapshot there is replaced).
     pub fn take(&self, dir: &Path, gate: &PauseGate) -> Result<Taken, VmSnapshotError> {
         let started = Instant::now();
+        if !self.user.is_empty() {
+            return Err(VmSnapshotError::State(
+                "a VM with a vGPU served over vfio-user (--user-device) is not snapshotted to \
+                 a directory yet (it migrates: send-migration)"
+                    .into(),
+            ));
+        }
         let mut sections = self.sections(gate)?;
 
         std::fs::create_dir_all(dir).map_err(|e| VmSnapshotError::File {
@@ -599,6 +619,7 @@ impl Restore {
         ram: &File,
         ram_size: u64,
         vgpus: &[Arc<Vgpu>],
+        user: &[crate::user_device::UserHandle],
         root: &Mutex<PciRoot>,
     ) -> Result<(), VmSnapshotError> {
         let files: Vec<FileSum> = match self.dir {
@@ -632,6 +653,12 @@ impl Restore {
                 section: format!("vgpu.{i}"),
                 why: format!("is not a state this vGPU can be in: {why}"),
             })?;
+        }
+        for (k, u) in user.iter().enumerate() {
+            let section = format!("user.{k}");
+            let state: crate::user_device::LocalState = decode(&self.snap, &section)?;
+            u.restore_local(&state)
+                .map_err(|why| VmSnapshotError::Section { section, why })?;
         }
         let vm: VmState = decode(&self.snap, "vm")?;
         vm.restore(vm_fd)

@@ -29,11 +29,12 @@ pub struct VmArgs {
     restore: Option<PathBuf>,
     /// Wait for a VM sent by `tessera vmctl send-migration` at unix:PATH or tcp:IP:PORT and
     /// run it: its shape and state come from the sender; --serial, --api-socket and --seccomp
-    /// apply.
+    /// apply, and --user-device names the vGPU instances here for a VM whose vGPUs are
+    /// served over vfio-user (as many as it has).
     #[arg(
         long,
         value_name = "unix:PATH|tcp:IP:PORT",
-        conflicts_with_all = ["restore", "kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu", "user_device"]
+        conflicts_with_all = ["restore", "kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu"]
     )]
     receive_migration: Option<vmm::migration::Peer>,
     /// Initramfs to load with the kernel.

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tessera_tests::{
-    Vmm, firmware, firmware_vm, run_tessera, scratch, spawn_minimal_with, vmctl,
+    Server, Vmm, firmware, firmware_vm, run_tessera, scratch, spawn_minimal_with, vmctl,
     wait_until_vgpu_busy,
 };
 
@@ -74,6 +74,81 @@ fn a_vm_caught_in_a_long_dispatch_is_restored_twice_and_both_finish() {
             .find_map(|l| l.split(" jobs=").nth(1)?.split(' ').next()?.parse().ok())
             .expect("jobs=");
         assert!(jobs > 1, "{out}");
+        assert_eq!(v.wait(T).code(), Some(0), "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A VM whose vGPU is served over vfio-user (instance `a` of a `tessera serve`) writing RAM
+/// with the GPU and VRAM with its CPU: the snapshot holds the server's migration data
+/// (`device.0`: its VRAM and the vGPU's state, STOP_COPY) besides RAM, and two restores on
+/// instances `b` and `c` both finish with every word right.
+#[test]
+fn a_vm_whose_vgpu_is_served_over_vfio_user_is_restored_twice_on_other_instances() {
+    let Some(fw) = firmware() else { return };
+    let server = Server::start("snap-vfu", &[]);
+    let socks: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            server
+                .ok(&["vgpu", "create", "--type", "64M", "--name", n])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let work = scratch("snap-vfu-vms");
+    let sock = work.join("vm.api");
+    let dir = work.join("snap");
+    let mut vm = Vmm::spawn(&[
+        "vm",
+        "--kernel",
+        fw.to_str().expect("utf-8"),
+        "--cmdline",
+        "run=load kind=dirty seconds=4",
+        "--memory",
+        "64M",
+        "--user-device",
+        &format!("socket={}", socks[0]),
+        "--api-socket",
+        sock.to_str().expect("utf-8"),
+    ]);
+    vm.expect_line("tessera-fw: boot", T);
+    let deadline = std::time::Instant::now() + T;
+    while server.busy_ns("a") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance a never got busy"
+        );
+        std::thread::yield_now();
+    }
+    let snap = pause_and_snapshot(&sock, &dir);
+    // RAM and VRAM (64 MiB each, VRAM inside the server's data) and the state.
+    let bytes = snap["snapshot"]["bytes"].as_u64().expect("bytes");
+    assert!(bytes > 128 << 20, "{snap}");
+    assert!(std::fs::metadata(dir.join("device.0")).is_ok());
+    assert_eq!(vmctl(&sock, &["shutdown"]).0, Some(0));
+    assert_eq!(vm.wait(T).code(), Some(0));
+    assert!(!vm.saw("load kind="), "{}", vm.transcript.join("\n"));
+    // Without an instance to put it on, the restore is refused with one line.
+    let (status, _, err) = run_tessera(&["vm", "--restore", dir.to_str().expect("utf-8")], &[]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--user-device"), "{err}");
+
+    let restore_on = |s: &str| {
+        Vmm::spawn(&[
+            "vm",
+            "--restore",
+            dir.to_str().expect("utf-8"),
+            "--user-device",
+            &format!("socket={s}"),
+        ])
+    };
+    let mut b = restore_on(&socks[1]);
+    let mut c = restore_on(&socks[2]);
+    for v in [&mut b, &mut c] {
+        v.expect_line("tessera-fw: load kind=dirty", T);
+        let out = v.transcript.join("\n");
+        assert!(v.saw("jobs=256") && v.saw("mismatches=0"), "{out}");
         assert_eq!(v.wait(T).code(), Some(0), "{out}");
     }
     let _ = std::fs::remove_dir_all(&work);

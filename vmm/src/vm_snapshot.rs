@@ -160,11 +160,6 @@ impl Machine {
             .gpu
             .parse()
             .map_err(|e| bad(format!("has GPU {:?}: {e}", self.gpu)))?;
-        if self.user_devices > 0 && matches!(from, crate::config::VmSource::Snapshot(_)) {
-            return Err(bad(
-                "has vGPUs over vfio-user, whose state a snapshot directory does not hold".into(),
-            ));
-        }
         if host.user_devices.len() != self.user_devices {
             return Err(bad(format!(
                 "has {} vGPU(s) over vfio-user; give as many --user-device here (not {})",
@@ -336,6 +331,22 @@ fn write_file(
     len: u64,
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
 ) -> Result<FileSum, VmSnapshotError> {
+    let mut at = 0;
+    write_stream(path, |buf| {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        buf.resize(n, 0);
+        read(at, buf)?;
+        at += n as u64;
+        Ok(())
+    })
+}
+
+/// Writes the chunks `next` puts in its buffer to a new file at `path` (mode 0600) until it
+/// leaves the buffer empty; returns the file's name, length and CRC-32.
+fn write_stream(
+    path: &Path,
+    mut next: impl FnMut(&mut Vec<u8>) -> Result<(), String>,
+) -> Result<FileSum, VmSnapshotError> {
     let shown = path.display().to_string();
     let err = |why: String| VmSnapshotError::File {
         path: shown.clone(),
@@ -343,15 +354,18 @@ fn write_file(
     };
     let mut out = create_private(path).map_err(|e| err(format!("cannot create: {e}")))?;
     let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(CHUNK as u64) as usize;
-        read(at, &mut buf[..n]).map_err(|e| err(format!("cannot read the memory: {e}")))?;
-        crc.update(&buf[..n]);
-        out.write_all(&buf[..n])
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut len = 0;
+    loop {
+        buf.clear();
+        next(&mut buf).map_err(|e| err(format!("cannot read the state: {e}")))?;
+        if buf.is_empty() {
+            break;
+        }
+        crc.update(&buf);
+        out.write_all(&buf)
             .map_err(|e| err(format!("cannot write: {e}")))?;
-        at += n as u64;
+        len += buf.len() as u64;
     }
     out.sync_all()
         .map_err(|e| err(format!("cannot sync: {e}")))?;
@@ -465,13 +479,6 @@ impl Sources {
     /// to `dir` (created if needed; a snapshot there is replaced).
     pub fn take(&self, dir: &Path, gate: &PauseGate) -> Result<Taken, VmSnapshotError> {
         let started = Instant::now();
-        if !self.user.is_empty() {
-            return Err(VmSnapshotError::State(
-                "a VM with a vGPU served over vfio-user (--user-device) is not snapshotted to \
-                 a directory yet (it migrates: send-migration)"
-                    .into(),
-            ));
-        }
         let mut sections = self.sections(gate)?;
 
         std::fs::create_dir_all(dir).map_err(|e| VmSnapshotError::File {
@@ -505,6 +512,19 @@ impl Sources {
                         .map_err(|f| format!("VRAM fault {:#x}", f.code))
                 },
             )?);
+        }
+        // A vGPU over vfio-user: its server's migration data (STOP_COPY, read until the end:
+        // all of VRAM, then the vGPU's state), opaque here.
+        for (k, u) in self.user.iter().enumerate() {
+            u.set_state(vfu::DeviceState::StopCopy)
+                .map_err(VmSnapshotError::State)?;
+            let written = write_stream(&dir.join(format!("device.{k}")), |buf| {
+                buf.extend(u.read(CHUNK)?);
+                Ok(())
+            });
+            u.set_state(vfu::DeviceState::Stop)
+                .map_err(VmSnapshotError::State)?;
+            files.push(written?);
         }
         sections.push(section("files", &files)?);
         let snap = Snapshot {
@@ -659,6 +679,16 @@ impl Restore {
             let state: crate::user_device::LocalState = decode(&self.snap, &section)?;
             u.restore_local(&state)
                 .map_err(|why| VmSnapshotError::Section { section, why })?;
+            // From a directory, the server's data is a file (a migration sends it as frames
+            // and runs the device itself): RESUMING, the data, then RUNNING, which applies it.
+            if let Some(dir) = &self.dir {
+                let sum = file(&format!("device.{k}"))?;
+                u.set_state(vfu::DeviceState::Resuming)
+                    .map_err(VmSnapshotError::State)?;
+                read_file(dir, sum, sum.len, |_, b| u.write(b))?;
+                u.set_state(vfu::DeviceState::Running)
+                    .map_err(VmSnapshotError::State)?;
+            }
         }
         let vm: VmState = decode(&self.snap, "vm")?;
         vm.restore(vm_fd)

@@ -19,12 +19,14 @@ pub struct VmArgs {
     kernel: Option<PathBuf>,
     /// Restore a snapshot directory (`tessera vmctl snapshot`) instead of booting a kernel:
     /// the VM's shape (vCPUs, RAM, vGPUs) comes from it; --serial, --api-socket and
-    /// --seccomp apply. Cloud Hypervisor's flag: DIR or source_url=file://DIR.
+    /// --seccomp apply, and --user-device names the vGPU instances here for a VM whose vGPUs
+    /// are served over vfio-user (as many as it has). Cloud Hypervisor's flag: DIR or
+    /// source_url=file://DIR.
     #[arg(
         long,
         value_name = "DIR",
         value_parser = parse_restore,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu", "user_device"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "vgpu", "gpu"]
     )]
     restore: Option<PathBuf>,
     /// Wait for a VM sent by `tessera vmctl send-migration` at unix:PATH or tcp:IP:PORT and

@@ -55,7 +55,11 @@ impl Device for TestDevice {
         fd: Option<File>,
     ) -> std::io::Result<()> {
         assert!(fd.is_some());
-        self.seen.lock().expect("lock").maps.push((offset, address, size));
+        self.seen
+            .lock()
+            .expect("lock")
+            .maps
+            .push((offset, address, size));
         Ok(())
     }
     fn dma_unmap(&mut self, _f: u32, _a: u64, _s: u64) -> std::io::Result<()> {
@@ -101,7 +105,11 @@ impl Migration for TestDevice {
         Ok(self.out.drain(..n).collect())
     }
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.seen.lock().expect("lock").written.extend_from_slice(data);
+        self.seen
+            .lock()
+            .expect("lock")
+            .written
+            .extend_from_slice(data);
         Ok(())
     }
     fn reset(&mut self) {

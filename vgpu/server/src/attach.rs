@@ -253,8 +253,8 @@ struct DmaRegion {
 /// [`crate::peer`]).
 #[derive(Debug)]
 pub struct Gate {
-    /// The instance's socket (the connection's local address).
-    pub socket: std::path::PathBuf,
+    /// The connection (served by `vfu::serve`, which owns it while the gate is used).
+    pub connection: RawFd,
     /// Users allowed besides root.
     pub allowed: Vec<u32>,
     /// Where the connected peer is recorded.
@@ -347,8 +347,9 @@ impl Attachment {
             return true;
         };
         if self.admission == Admission::Unchecked {
-            self.admission = match crate::peer::connection(&gate.socket) {
-                Some((fd, peer)) => {
+            let fd = gate.connection;
+            self.admission = match crate::peer::of(fd) {
+                Some(peer) => {
                     *gate.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
                     if peer.uid == 0 || gate.allowed.contains(&peer.uid) {
                         Admission::Admitted

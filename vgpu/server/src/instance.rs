@@ -4,7 +4,6 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -135,7 +134,6 @@ pub(crate) struct InstanceWorker {
     pub(crate) require_sealed: bool,
     pub(crate) watchdog: Duration,
     pub(crate) budget: Arc<DmaBudget>,
-    pub(crate) socket: PathBuf,
     pub(crate) owner: u32,
 }
 
@@ -199,7 +197,7 @@ impl InstanceWorker {
         let (stream, _) = self.listener.accept().map_err(|e| e.to_string())?;
         let mut att = Attachment::new(vgpu, vectors, self.require_sealed, self.budget.clone())
             .with_gate(attach::Gate {
-                socket: self.socket.clone(),
+                connection: stream.as_raw_fd(),
                 allowed: vec![self.owner],
                 peer: self.live.peer.clone(),
             });

@@ -621,7 +621,6 @@ impl Daemon {
             require_sealed: self.opts.require_sealed,
             watchdog: self.opts.watchdog,
             budget: self.budget.clone(),
-            socket: socket.clone(),
             owner,
         };
         let thread = std::thread::Builder::new()

@@ -610,6 +610,12 @@ impl Device for Attachment {
     }
 
     fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> std::io::Result<()> {
+        // Stopped (migration), the vGPU may be parked inside a packet that uses this memory:
+        // it cannot be let go of until the packet runs on, and nothing may write it after
+        // the unmap returns.
+        if self.mig.stopped() {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
         // VFIO's "unmap all" bit, and the one the vfio_user crate's client uses for it.
         let all = flags & (VFIO_DMA_UNMAP_FLAG_ALL | 1 << 2) != 0;
         let (gone, kept): (Vec<DmaRegion>, Vec<DmaRegion>) = std::mem::take(&mut self.dma)

@@ -68,6 +68,13 @@ pub(crate) struct MigState {
     log_on: bool,
 }
 
+impl MigState {
+    /// Whether a migration state stopped the vGPU (STOP, STOP_COPY, RESUMING).
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
 fn einval(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
 }

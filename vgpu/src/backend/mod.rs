@@ -61,6 +61,10 @@ pub enum BackendError {
     /// Mapping VRAM failed.
     #[error("cannot map VRAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// The vGPU is paused inside a packet that uses its DMA memory: the memory cannot change
+    /// until it runs again (the swap would wait for that packet forever).
+    #[error("the vGPU is paused inside a packet that uses its DMA memory")]
+    Paused,
     /// An engine thread could not start.
     #[error("cannot start engine threads")]
     Thread(#[source] std::io::Error),

@@ -602,13 +602,17 @@ impl Vgpu {
     /// Replaces the guest memory and DMA domain the device reaches (a vfio-user client mapping
     /// or unmapping guest RAM). Returns once no packet started under the old mapping is still
     /// executing, so the caller may then tear the old memory down. If the GPU cannot import
-    /// the new memory nothing changes.
+    /// the new memory, or the vGPU is paused inside a packet (which would never finish with
+    /// the old mapping), nothing changes.
     pub fn set_dma(&self, sys: GuestMemoryMmap, domain: DmaDomain) -> Result<(), BackendError> {
         let sh = &self.shared;
         // Outside the lock: importing may take long on a real GPU, and register accesses
         // must not wait for it.
         let import = sh.vram.import_domain(&sys, &domain)?.map(Arc::new);
         let mut st = sh.lock();
+        if sh.paused.load(Ordering::Acquire) && st.dma_in_use.is_some() {
+            return Err(BackendError::Paused);
+        }
         let old = st.dma_epoch;
         st.dma_epoch += 1;
         st.spaces = Arc::new(Spaces {

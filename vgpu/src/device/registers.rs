@@ -109,6 +109,9 @@ impl Vgpu {
                 sh.cancel.store(true, Ordering::Release);
                 sh.sched.interrupt(sh.member);
                 sh.wake();
+                // A command processor parked by a pause waits on `progress`: a reset ends
+                // that wait too.
+                sh.progress.notify_all();
                 let deadline = Instant::now() + RESET_TIMEOUT;
                 while st.reset_pending && Instant::now() < deadline {
                     let left = deadline.saturating_duration_since(Instant::now());

@@ -776,3 +776,55 @@ fn the_dirty_log_holds_every_page_the_engines_wrote_and_only_those() {
     assert_eq!(g.run(0, T0, &[fill(SYS_VA, 0x100)], 3), wait::DONE);
     assert_eq!(g.dev.take_dirty_log(), Default::default());
 }
+
+/// A vfio-user client may send anything while its vGPU is stopped for a migration: a function
+/// reset ends the pause's wait at once (not after the reset's 10 s timeout), and a change of
+/// the DMA memory while a packet that uses it is parked is refused (it would wait for that
+/// packet forever) and goes through once the vGPU runs again.
+#[test]
+fn a_paused_vgpu_takes_a_reset_at_once_and_refuses_a_dma_change_inside_a_packet() {
+    let mut g = Gpu::new();
+    g.setup_ctx(0, T0, B0, 8);
+    g.submit(
+        0,
+        T0,
+        &[Packet::new(
+            packet::OP_DISPATCH,
+            kernel::SPIN_US,
+            &[5_000, 1000],
+        )],
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while g.cr(0, regs::CTX_STATUS) & ctx_status::BUSY == 0 {
+        assert!(Instant::now() < deadline, "the dispatch never started");
+        std::hint::spin_loop();
+    }
+    g.dev.pause(PAUSE).unwrap();
+    let inside = g.dev.save().unwrap().in_flight.is_some();
+    let change = g
+        .dev
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]));
+    if inside {
+        assert!(
+            matches!(change, Err(crate::backend::BackendError::Paused)),
+            "{change:?}"
+        );
+    }
+    let t = Instant::now();
+    g.w(regs::RESET, regs::RESET_VALUE);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "reset took {:?}",
+        t.elapsed()
+    );
+    g.dev.resume();
+    g.dev
+        .set_dma(g.spaces.sys.clone(), DmaDomain::new([(0, RAM)]))
+        .expect("a running vGPU's memory changes");
+    // Working again after the reset.
+    g.setup_ctx(0, T0, B0, 8);
+    assert_eq!(
+        g.run(0, T0, &[fence_pkt(FENCE_VA, 7, false)], 7),
+        wait::DONE
+    );
+}

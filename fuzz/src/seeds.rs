@@ -431,6 +431,40 @@ pub fn vfio_user() -> Seeds {
             o.extend_from_slice(data);
         }
     }
+    // Migration v2: `DEVICE_FEATURE` (op 11) with a feature selector (0 MIGRATION,
+    // 1 MIG_DEVICE_STATE, 2 DMA_LOGGING_START, 3 DMA_LOGGING_STOP, 4 DMA_LOGGING_REPORT),
+    // direction bits and the natural `argsz`, then the feature's fields; `MIG_DATA_READ`
+    // (op 12) likewise.
+    const GET: u8 = 1;
+    const SET: u8 = 2;
+    const PROBE: u8 = 4;
+    // Device states by their selector in `vfu::device_feature`.
+    const STOP: u8 = 0;
+    const RUNNING: u8 = 1;
+    const STOP_COPY: u8 = 2;
+    const RESUMING: u8 = 3;
+    const PRE_COPY: u8 = 4;
+    fn feature(o: &mut Vec<u8>, which: u8, dir: u8) {
+        o.extend_from_slice(&[11, which, dir, 0]);
+    }
+    fn set_state(o: &mut Vec<u8>, state: u8) {
+        feature(o, 1, SET);
+        o.push(state);
+    }
+    fn get_state(o: &mut Vec<u8>) {
+        feature(o, 1, GET);
+        o.push(0);
+    }
+    fn report(o: &mut Vec<u8>, iova: u32, length: u32) {
+        feature(o, 4, GET);
+        small(o, iova);
+        small(o, length);
+        small(o, 4096);
+    }
+    fn mig_read(o: &mut Vec<u8>, size: u32) {
+        o.extend_from_slice(&[12, 0]);
+        o.extend_from_slice(&size.to_le_bytes());
+    }
     let mut hello = Vec::new();
     hello.extend_from_slice(&[0, 0, 1]); // version, valid capabilities
     hello.push(3); // device info
@@ -502,12 +536,57 @@ pub fn vfio_user() -> Seeds {
     work.extend_from_slice(&[2, 0, 0, 0, 0]); // unmap the second
     small(&mut work, 0x40_0000);
     small(&mut work, 0x1_0000);
+    // Migration v2, the source's side: a work image running, its pages logged, pre-copy
+    // reads while it runs, a report, the stop and the rest of the stream (to its end), then
+    // the source resumes.
+    let mut source = hello.clone();
+    feature(&mut source, 0, GET | PROBE); // does it migrate?
+    feature(&mut source, 0, GET);
+    source.extend_from_slice(&[1, 0, 4]); // a work image at 2 MiB, started by the harness
+    source.extend_from_slice(&0x20_0000u32.to_le_bytes());
+    feature(&mut source, 2, SET); // DMA_LOGGING_START, 4 KiB pages, over the work image
+    small(&mut source, 4096);
+    source.push(1);
+    small(&mut source, 0x20_0000);
+    small(&mut source, 0x1_0000);
+    set_state(&mut source, PRE_COPY);
+    for _ in 0..4 {
+        mig_read(&mut source, 64 << 10);
+    }
+    get_state(&mut source);
+    report(&mut source, 0x20_0000, 0x1_0000);
+    set_state(&mut source, STOP_COPY);
+    // 1 MiB of VRAM and the vGPU's state: the last reads come back short, then empty.
+    for _ in 0..16 {
+        mig_read(&mut source, 64 << 10);
+    }
+    report(&mut source, 0x20_0000, 0x1_0000);
+    set_state(&mut source, STOP);
+    feature(&mut source, 3, SET); // DMA_LOGGING_STOP
+    set_state(&mut source, RUNNING);
+    access(&mut source, false, 0, regs::MAGIC as u32, &[0; 4]);
+    // The destination's side, given garbage: RESUMING takes it, or refuses it, and leaving
+    // RESUMING fails (ERROR) until a reset.
+    let mut destination = hello.clone();
+    set_state(&mut destination, RESUMING);
+    get_state(&mut destination);
+    let garbage: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
+    destination.extend_from_slice(&[13, 0]); // MIG_DATA_WRITE
+    destination.extend_from_slice(&(garbage.len() as u32).to_le_bytes());
+    destination.extend_from_slice(&garbage);
+    set_state(&mut destination, STOP);
+    get_state(&mut destination);
+    destination.push(9); // reset
+    get_state(&mut destination);
+    access(&mut destination, false, 0, regs::MAGIC as u32, &[0; 4]);
     vec![
         ("hello", hello),
         ("session", session),
         ("hostile", hostile),
         ("work", work),
         ("unknown-commands", vec![10, 0, 10, 1, 10, 3, 10, 6]),
+        ("migration-source", source),
+        ("migration-destination", destination),
     ]
 }
 

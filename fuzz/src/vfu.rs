@@ -1,28 +1,30 @@
 //! A vfio-user client that speaks garbage: the fuzz input is decoded into a sequence of
-//! messages (every command, with fuzzed fields, fds attached or not, the last one possibly cut
-//! short), written to a real `vfio_user::Server` running Tessera's `Attachment` over a fresh
-//! vGPU, exactly as `tessera serve` runs one connection.
+//! messages (every command, migration v2's included, with fuzzed fields, fds attached or not,
+//! the last one possibly cut short), written to `vfu::serve` running Tessera's `Attachment`
+//! over a fresh vGPU, exactly as `tessera serve` serves one connection.
 //!
 //! Some `DMA_MAP` messages offer a [`work image`](work_image): guest memory holding page
 //! tables and a ring of packets (fills, copies, spinning dispatches) that use it. Right after
 //! such a map the harness starts context 0 on it through BAR 0, as a driver would, so the
-//! messages that follow (`DMA_UNMAP`, `RESET`, more maps, disconnecting) race with commands
-//! that read and write the client's memory.
+//! messages that follow (`DMA_UNMAP`, `RESET`, migration state changes and data reads, dirty
+//! logging, more maps, disconnecting) race with commands that read and write the client's
+//! memory.
 //!
-//! Oracles: nothing in Tessera's code panics (panics inside the vfio-user crate's own message
-//! parsing are the known ones `tessera serve` contains with `catch_unwind`); the connection
-//! always ends (no hang); afterwards the vGPU still answers, and a neighbour's VRAM canary and
-//! a host memfd that was never offered are intact; once a `DMA_UNMAP` of a work image has
-//! returned, the device never writes to that memory again.
+//! Oracles: nothing panics at all (`vfu`'s server never panics on a peer's bytes, so every
+//! panic, in its parsing or in Tessera's device, is a finding); the connection always ends
+//! (no hang); afterwards the vGPU still answers, and a neighbour's VRAM canary and a host
+//! memfd that was never offered are intact; once a `DMA_UNMAP` of a work image has returned,
+//! the device never writes to that memory again.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::{Arc, Once, OnceLock};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, OnceLock};
 
+use vfu::Device;
+use vfu::mig::feature;
+use vfu::wire::cmd;
 use vgpu::backend::SoftGpu;
 use vgpu::backend::Vram;
 use vgpu::backend::soft::SoftVram;
@@ -36,49 +38,17 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::input::Input;
 use crate::rig::{self, CONTEXTS, VRAM_SIZE, profile};
 
-/// Largest region access a generated message asks for (the crate allocates what a message
-/// claims before we see it: a known limit, bounded here so the fuzzer's malloc limit holds).
+/// Largest region access or migration data transfer a generated message asks for (the
+/// server takes up to 1 MiB; smaller keeps inputs cheap and within the fuzzer's malloc
+/// limit).
 const MAX_COUNT: u32 = 64 << 10;
 
-thread_local! {
-    /// Set while this thread runs `Server::run` (the crate's message parsing).
-    static IN_SERVER: Cell<bool> = const { Cell::new(false) };
-    /// Set while this thread runs one of Tessera's `ServerBackend` methods.
-    static IN_BACKEND: Cell<bool> = const { Cell::new(false) };
-    /// Whether the last panic on this thread was Tessera's (not the crate's own parsing).
-    static OURS: Cell<bool> = const { Cell::new(false) };
-}
+/// Operations of the input format (`op % OPS`, see [`decode`]).
+const OPS: u8 = 14;
 
-/// Panics inside `Server::run` but outside Tessera's backend are the crate's own (its message
-/// parsing: short messages, a version string without NUL, capacities from claimed sizes);
-/// `tessera serve` contains those with `catch_unwind`, so they are not findings and are not
-/// printed. Every other panic is.
-fn install_panic_probe() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let crates = IN_SERVER.with(Cell::get) && !IN_BACKEND.with(Cell::get);
-            OURS.with(|o| o.set(!crates));
-            if !crates {
-                default(info);
-            }
-        }));
-    });
-}
-
-/// Runs `f` with `flag` set on this thread.
-fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce() -> R) -> R {
-    struct Reset(&'static std::thread::LocalKey<Cell<bool>>);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            self.0.with(|c| c.set(false));
-        }
-    }
-    flag.with(|c| c.set(true));
-    let _reset = Reset(flag);
-    f()
-}
+/// `DMA_UNMAP` flags that unmap everything, as `Attachment` reads them (VFIO's
+/// `VFIO_DMA_UNMAP_FLAG_ALL`, and the bit the `vfio_user` crate's client uses for it).
+const UNMAP_ALL: u32 = 1 << 1 | 1 << 2;
 
 /// Size of a work image.
 const WORK_LEN: u64 = 64 << 10;
@@ -141,8 +111,8 @@ fn read_all(f: &File) -> Vec<u8> {
     b
 }
 
-/// Tessera's `Attachment`, with every call marked as Tessera's code for the panic probe, and
-/// context 0 started on every work image the client maps.
+/// Tessera's `Attachment`, recording the work images the client maps and unmaps (for the
+/// oracle), and starting context 0 on every work image right after its map.
 struct Marked<'a> {
     att: &'a mut Attachment,
     work: Vec<Work>,
@@ -150,11 +120,11 @@ struct Marked<'a> {
 
 impl Marked<'_> {
     /// Starts context 0 on the work image mapped at `iova` (register writes through the
-    /// server, as the client would send them).
+    /// device, as the client would send them).
     fn start_work(&mut self, iova: u64) {
         let mut w = |reg: u64, v: u32| {
             let at = regs::ctx_reg(0, reg);
-            let _ = vfio_user::ServerBackend::region_write(self.att, 0, at, &v.to_le_bytes());
+            let _ = self.att.region_write(0, at, &v.to_le_bytes());
         };
         w(regs::CTX_CONTROL, ctx_control::RESET);
         w(regs::CTX_PT_ROOT_LO, iova as u32);
@@ -167,58 +137,49 @@ impl Marked<'_> {
     }
 }
 
-impl vfio_user::ServerBackend for Marked<'_> {
+impl Device for Marked<'_> {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.att.region_read(region, offset, data))
+        self.att.region_read(region, offset, data)
     }
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.att.region_write(region, offset, data))
+        self.att.region_write(region, offset, data)
     }
     fn dma_map(
         &mut self,
-        flags: vfio_user::DmaMapFlags,
+        flags: u32,
         offset: u64,
         address: u64,
         size: u64,
         fd: Option<File>,
     ) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || {
-            // A work image mapped whole, at the address its page tables were built for.
-            let work = fd
-                .as_ref()
-                .filter(|f| offset == 0 && size == WORK_LEN && read_all(f) == work_image(address))
-                .and_then(|f| f.try_clone().ok());
-            self.att.dma_map(flags, offset, address, size, fd)?;
-            if let Some(file) = work {
-                self.work.push(Work {
-                    iova: address,
-                    file,
-                    unmapped: None,
-                });
-                self.start_work(address);
-            }
-            Ok(())
-        })
+        // A work image mapped whole, at the address its page tables were built for.
+        let work = fd
+            .as_ref()
+            .filter(|f| offset == 0 && size == WORK_LEN && read_all(f) == work_image(address))
+            .and_then(|f| f.try_clone().ok());
+        self.att.dma_map(flags, offset, address, size, fd)?;
+        if let Some(file) = work {
+            self.work.push(Work {
+                iova: address,
+                file,
+                unmapped: None,
+            });
+            self.start_work(address);
+        }
+        Ok(())
     }
-    fn dma_unmap(
-        &mut self,
-        flags: vfio_user::DmaUnmapFlags,
-        address: u64,
-        size: u64,
-    ) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || {
-            self.att.dma_unmap(flags, address, size)?;
-            let all = flags.contains(vfio_user::DmaUnmapFlags::UNMAP_ALL);
-            for w in &mut self.work {
-                if w.unmapped.is_none() && (all || (w.iova == address && size == WORK_LEN)) {
-                    w.unmapped = Some(read_all(&w.file));
-                }
+    fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> std::io::Result<()> {
+        self.att.dma_unmap(flags, address, size)?;
+        let all = flags & UNMAP_ALL != 0;
+        for w in &mut self.work {
+            if w.unmapped.is_none() && (all || (w.iova == address && size == WORK_LEN)) {
+                w.unmapped = Some(read_all(&w.file));
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
     fn reset(&mut self) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || self.att.reset())
+        self.att.reset()
     }
     fn set_irqs(
         &mut self,
@@ -228,35 +189,24 @@ impl vfio_user::ServerBackend for Marked<'_> {
         count: u32,
         fds: Vec<File>,
     ) -> std::io::Result<()> {
-        with_flag(&IN_BACKEND, || {
-            self.att.set_irqs(index, flags, start, count, fds)
-        })
+        self.att.set_irqs(index, flags, start, count, fds)
+    }
+    fn migration(&mut self) -> Option<&mut dyn vfu::Migration> {
+        self.att.migration()
     }
 }
 
 struct Fixture {
     gpu: Arc<SoftGpu>,
-    listener: UnixListener,
-    /// An abstract socket address: nothing is left in the file system when the process ends.
-    address: SocketAddr,
     /// A neighbour's VRAM and host memory never offered to the client.
     bystanders: rig::Bystanders,
 }
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        install_panic_probe();
-        let gpu = Arc::new(SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU"));
-        let name = format!("tessera-fuzz-vfu-{}", std::process::id());
-        let address = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
-        let listener = UnixListener::bind_addr(&address).expect("bind");
-        Fixture {
-            gpu,
-            listener,
-            address,
-            bystanders: rig::Bystanders::new(),
-        }
+    F.get_or_init(|| Fixture {
+        gpu: Arc::new(SoftGpu::new(2 * VRAM_SIZE, 1).expect("software GPU")),
+        bystanders: rig::Bystanders::new(),
     })
 }
 
@@ -298,6 +248,106 @@ fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
+/// The next migration data size: mostly up to [`MAX_COUNT`], with the top bit set anything
+/// (the server refuses what is over its limit; nothing here allocates it).
+fn mig_size(input: &mut Input<'_>) -> u32 {
+    match input.u32() {
+        s if s & 1 << 31 != 0 => s,
+        s => s % (MAX_COUNT + 1),
+    }
+}
+
+/// A message's `argsz`: `natural` unless the selector byte says fuzzed (`% 4 == 3`).
+fn argsz(input: &mut Input<'_>, sel: u8, natural: u64) -> u32 {
+    if sel % 4 == 3 {
+        input.u32()
+    } else {
+        u32::try_from(natural).unwrap_or(u32::MAX)
+    }
+}
+
+/// A `DEVICE_FEATURE` message's body: selector bytes (feature, direction, `argsz`), then the
+/// feature's fields.
+fn device_feature(input: &mut Input<'_>) -> Vec<u8> {
+    let which = match input.u8() % 6 {
+        0 => feature::MIGRATION,
+        1 => feature::MIG_DEVICE_STATE,
+        2 => feature::DMA_LOGGING_START,
+        3 => feature::DMA_LOGGING_STOP,
+        4 => feature::DMA_LOGGING_REPORT,
+        _ => u32::from(input.u16()),
+    };
+    // Bits 0..3: GET, SET, PROBE; bit 7: some unknown flag bits too.
+    let dir = input.u8();
+    let mut fl = which;
+    for (bit, f) in [feature::GET, feature::SET, feature::PROBE]
+        .into_iter()
+        .enumerate()
+    {
+        if dir & 1 << bit != 0 {
+            fl |= f;
+        }
+    }
+    if dir & 0x80 != 0 {
+        fl |= input.u32() & !(feature::MASK | feature::GET | feature::SET | feature::PROBE);
+    }
+    let sel = input.u8();
+    let mut data = vec![];
+    // Room the reply needs past the fields (a dirty-log report's bitmap).
+    let mut room = 0u64;
+    match which {
+        feature::MIGRATION | feature::DMA_LOGGING_STOP => {}
+        feature::MIG_DEVICE_STATE => {
+            // device_state: mostly one that exists (STOP, RUNNING, STOP_COPY, RESUMING,
+            // PRE_COPY), sometimes ERROR, a peer-to-peer one or anything; data_fd -1.
+            let state = match input.u8() % 8 {
+                i @ 0..7 => [1, 2, 3, 4, 6, 0, 5][usize::from(i)],
+                _ => input.u32(),
+            };
+            data.extend_from_slice(&state.to_le_bytes());
+            data.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        feature::DMA_LOGGING_START => {
+            // page_size, num_ranges (sometimes not the number that follow), reserved, ranges.
+            let page = addr(input);
+            let n = input.u8();
+            let count = n % 5;
+            let claimed = if n >= 0xf0 {
+                input.u32()
+            } else {
+                u32::from(count)
+            };
+            data.extend_from_slice(&page.to_le_bytes());
+            data.extend_from_slice(&claimed.to_le_bytes());
+            data.extend_from_slice(&0u32.to_le_bytes());
+            for _ in 0..count {
+                data.extend_from_slice(&addr(input).to_le_bytes());
+                data.extend_from_slice(&addr(input).to_le_bytes());
+            }
+        }
+        feature::DMA_LOGGING_REPORT => {
+            let (iova, length, page) = (addr(input), addr(input), addr(input));
+            for v in [iova, length, page] {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            room = length.div_ceil(page.max(1)).div_ceil(64) * 8;
+        }
+        _ => data = bytes(input, 24),
+    }
+    let argsz = argsz(input, sel, 8 + data.len() as u64 + room);
+    let mut b = vec![];
+    b.extend_from_slice(&argsz.to_le_bytes());
+    b.extend_from_slice(&fl.to_le_bytes());
+    b.extend_from_slice(&data);
+    b
+}
+
+/// Decodes the input into messages. Each starts with an op byte (bit 7: no reply wanted),
+/// `op % OPS` being: 0 `VERSION`, 1 `DMA_MAP` (maybe of a work image), 2 `DMA_UNMAP`,
+/// 3 `DEVICE_GET_INFO`, 4 `DEVICE_GET_REGION_INFO`, 5 `DEVICE_GET_IRQ_INFO`,
+/// 6 `DEVICE_SET_IRQS`, 7 `REGION_READ`, 8 `REGION_WRITE`, 9 `DEVICE_RESET`, 10 an unknown
+/// command, 11 `DEVICE_FEATURE` ([`device_feature`]), 12 `MIG_DATA_READ`, 13
+/// `MIG_DATA_WRITE`; the fields follow.
 fn decode(input: &mut Input<'_>) -> Vec<Message> {
     let mut out = Vec::new();
     let mut id = 0u16;
@@ -307,7 +357,7 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
         // Mostly replies wanted; sometimes the no-reply flag.
         let flags = if op & 0x80 != 0 { 1 << 4 } else { 0 };
         let mut fds = Vec::new();
-        let body: Vec<u8> = match op % 11 {
+        let body: Vec<u8> = match op % OPS {
             0 => {
                 let mut b = Vec::new();
                 b.extend_from_slice(&0u16.to_le_bytes());
@@ -400,7 +450,7 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
                 [header(id, 8, b.len(), flags), b].concat()
             }
             7 | 8 => {
-                let write = op % 11 == 8;
+                let write = op % OPS == 8;
                 let offset = addr(input);
                 let region = u32::from(input.u8() % 10);
                 let count = input.u32() % MAX_COUNT;
@@ -416,11 +466,42 @@ fn decode(input: &mut Input<'_>) -> Vec<Message> {
                 [header(id, if write { 10 } else { 9 }, b.len(), flags), b].concat()
             }
             9 => header(id, 13, 0, flags),
-            _ => {
+            10 => {
                 // An unknown or unsupported command with a little body.
-                let cmd = [0u16, 6, 11, 12, 14, 15, 0xffff][usize::from(input.u8() % 7)];
+                let cmd = [0u16, 6, 11, 12, 14, 15, 0xffff, 19][usize::from(input.u8() % 8)];
                 let b = bytes(input, 16);
                 [header(id, cmd, b.len(), 0), b].concat()
+            }
+            11 => {
+                let b = device_feature(input);
+                [header(id, cmd::DEVICE_FEATURE, b.len(), flags), b].concat()
+            }
+            12 => {
+                // MIG_DATA_READ: argsz (room for the data asked for), size.
+                let sel = input.u8();
+                let size = mig_size(input);
+                let argsz = argsz(input, sel, 8 + u64::from(size));
+                let mut b = vec![];
+                b.extend_from_slice(&argsz.to_le_bytes());
+                b.extend_from_slice(&size.to_le_bytes());
+                [header(id, cmd::MIG_DATA_READ, b.len(), flags), b].concat()
+            }
+            _ => {
+                // MIG_DATA_WRITE: argsz, size, data (sometimes less than `size` says).
+                let sel = input.u8();
+                let size = mig_size(input);
+                let argsz = argsz(input, sel, 8 + u64::from(size));
+                let n = size.min(MAX_COUNT) as usize;
+                let mut data = bytes(input, n);
+                data.resize(n, 0xa5);
+                if sel % 8 == 6 {
+                    data.truncate(n / 2);
+                }
+                let mut b = vec![];
+                b.extend_from_slice(&argsz.to_le_bytes());
+                b.extend_from_slice(&size.to_le_bytes());
+                b.extend_from_slice(&data);
+                [header(id, cmd::MIG_DATA_WRITE, b.len(), flags), b].concat()
             }
         };
         out.push(Message { bytes: body, fds });
@@ -455,26 +536,56 @@ fn new_vgpu(vectors: Arc<EventVectors>) -> (Vgpu, Arc<SoftVram>) {
     (vgpu, vram)
 }
 
-/// Runs one input end to end and checks the oracles.
-pub fn run(data: &[u8]) {
-    let f = fixture();
-    let messages = decode(&mut Input::new(data));
-    let vectors = Arc::new(EventVectors::default());
-    let (vgpu, vram) = new_vgpu(vectors.clone());
-    let listener = f.listener.try_clone().expect("dup listener");
-    let server = vfio_user::Server::from_owned_fd(
-        OwnedFd::from(listener),
-        true,
-        attach::irqs(CONTEXTS),
-        attach::regions(vram.size(), Some(vram.file().as_raw_fd())),
-    );
-    let address = f.address.clone();
+/// Header flag of an error reply.
+const REPLY_ERROR: u32 = 1 << 5;
+
+/// The replies in `b` (whole messages only): their commands and errnos.
+fn parse_replies(mut b: &[u8]) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let (command, size, flags) = (u16::from_le_bytes([b[2], b[3]]), word(4), word(8));
+        out.push((
+            command,
+            if flags & REPLY_ERROR != 0 {
+                word(12)
+            } else {
+                0
+            },
+        ));
+        b = &b[(size as usize).clamp(16, b.len())..];
+    }
+    out
+}
+
+/// Serves `messages` to `att` with `vfu::serve` on one end of a socket pair, the client
+/// writing them on the other, exactly as `tessera serve` serves one connection; returns once
+/// the client has sent them all and the connection ended, with the work images the client
+/// mapped and, with `keep_replies`, every reply's command and errno (0: success) in order. A
+/// panic anywhere propagates.
+fn exchange(
+    att: &mut Attachment,
+    vram: &SoftVram,
+    messages: Vec<Message>,
+    keep_replies: bool,
+) -> (Vec<Work>, Vec<(u16, u32)>) {
+    let (server, stream) = UnixStream::pair().expect("socket pair");
+    let info = vfu::DeviceInfo {
+        resettable: true,
+        irqs: attach::irqs(CONTEXTS),
+        regions: attach::regions(vram.size(), Some(vram.file().as_raw_fd())),
+    };
     let client = std::thread::spawn(move || {
-        let stream = UnixStream::connect_addr(&address).expect("connect");
         let mut reader = stream.try_clone().expect("clone");
         let drain = std::thread::spawn(move || {
+            let mut kept = Vec::new();
             let mut sink = [0u8; 1 << 16];
-            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+            while let Ok(n @ 1..) = reader.read(&mut sink) {
+                if keep_replies {
+                    kept.extend_from_slice(&sink[..n]);
+                }
+            }
+            parse_replies(&kept)
         });
         for m in messages {
             let raw: Vec<i32> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -488,37 +599,38 @@ pub fn run(data: &[u8]) {
             }
         }
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        let _ = drain.join();
+        drain.join().expect("drain thread")
     });
+    let mut marked = Marked {
+        att,
+        work: Vec::new(),
+    };
+    // An error only says how the connection ended (a malformed size, a cut message).
+    let _ = vfu::serve(server, &info, &mut marked);
+    let replies = client.join().expect("client thread");
+    (marked.work, replies)
+}
+
+/// Runs one input end to end and checks the oracles.
+pub fn run(data: &[u8]) {
+    let f = fixture();
+    let messages = decode(&mut Input::new(data));
+    let vectors = Arc::new(EventVectors::default());
+    let (vgpu, vram) = new_vgpu(vectors.clone());
     // Client memory here is not sealed, so the server's SIGBUS guard is in play; a fault
     // anywhere else must still reach libFuzzer's crash handler.
     vgpu::guard::install_chained().expect("SIGBUS guard");
     let mut att = Attachment::new(vgpu, vectors, false, Default::default());
-    OURS.with(|o| o.set(false));
-    let mut marked = Marked {
-        att: &mut att,
-        work: Vec::new(),
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        with_flag(&IN_SERVER, || server.run(&mut marked))
-    }));
-    let work = std::mem::take(&mut marked.work);
-    if let Err(payload) = result
-        && OURS.with(Cell::get)
-    {
-        std::panic::resume_unwind(payload);
-    }
-    client.join().expect("client thread");
+    let (work, _) = exchange(&mut att, &vram, messages, false);
     // The device still answers.
     let mut magic = [0u8; 4];
-    let _ = vfio_user::ServerBackend::region_read(&mut att, 0, regs::MAGIC, &mut magic);
+    let _ = att.region_read(0, regs::MAGIC, &mut magic);
     assert_eq!(
         u32::from_le_bytes(magic),
         regs::MAGIC_VALUE,
         "vGPU dead after the input"
     );
     drop(att);
-    drop(server);
     // The vGPU is gone (its command processor joined): whatever it wrote is written.
     for w in &work {
         if let Some(then) = &w.unmapped {
@@ -553,9 +665,8 @@ mod tests {
         let image = rig::memfd(WORK_LEN);
         (&image).write_all(&work_image(iova)).expect("write");
         let fd = image.try_clone().expect("dup");
-        let flags = vfio_user::DmaMapFlags::READ_WRITE;
-        vfio_user::ServerBackend::dma_map(&mut marked, flags, 0, iova, WORK_LEN, Some(fd))
-            .expect("map");
+        // VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE.
+        marked.dma_map(3, 0, iova, WORK_LEN, Some(fd)).expect("map");
         assert_eq!(
             marked.work.len(),
             1,
@@ -574,8 +685,56 @@ mod tests {
         assert_eq!(word(0x8000), 0x5a5a_5a5a, "fill");
         assert_eq!(word(0xc000 + 0x1ffc), 0x5a5a_5a5a, "copy");
         assert_eq!(word(0xe000), 0xa5a5_a5a5, "second fill");
-        let unmap = vfio_user::DmaUnmapFlags::empty();
-        vfio_user::ServerBackend::dma_unmap(&mut marked, unmap, iova, WORK_LEN).expect("unmap");
+        marked.dma_unmap(0, iova, WORK_LEN).expect("unmap");
         assert!(marked.work[0].unmapped.is_some(), "unmap recorded");
+    }
+
+    /// Every message of seed `name`, served to a fresh vGPU: the replies' commands and
+    /// errnos.
+    fn replies_to_seed(name: &str) -> (usize, Vec<(u16, u32)>) {
+        let (_, bytes) = crate::seeds::vfio_user()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .expect("seed");
+        let messages = decode(&mut Input::new(&bytes));
+        let sent = messages.len();
+        let vectors = Arc::new(EventVectors::default());
+        let (vgpu, vram) = new_vgpu(vectors.clone());
+        let mut att = Attachment::new(vgpu, vectors, false, Default::default());
+        (sent, exchange(&mut att, &vram, messages, true).1)
+    }
+
+    /// The source's migration seed is a migration that works: every migration message
+    /// succeeds.
+    #[test]
+    fn the_migration_source_seed_is_accepted() {
+        let (sent, replies) = replies_to_seed("migration-source");
+        assert_eq!(replies.len(), sent, "a reply to every message");
+        let failed: Vec<_> = replies.iter().filter(|r| r.1 != 0).collect();
+        // Only the greeting's question for the region past the last.
+        let einval = libc::EINVAL as u32;
+        assert_eq!(failed, [&(cmd::DEVICE_GET_REGION_INFO, einval)]);
+        let count = |c| replies.iter().filter(|r| r.0 == c).count();
+        assert_eq!(count(cmd::MIG_DATA_READ), 20);
+        assert_eq!(count(cmd::DEVICE_FEATURE), 11);
+    }
+
+    /// The destination's seed: the garbage and leaving RESUMING with it are refused, and
+    /// nothing else.
+    #[test]
+    fn the_migration_destination_seed_fails_where_it_should() {
+        let (sent, replies) = replies_to_seed("migration-destination");
+        assert_eq!(replies.len(), sent, "a reply to every message");
+        let failed: Vec<_> = replies.iter().filter(|r| r.1 != 0).collect();
+        let einval = libc::EINVAL as u32;
+        assert_eq!(
+            failed,
+            [
+                // The greeting's question for the region past the last.
+                &(cmd::DEVICE_GET_REGION_INFO, einval),
+                &(cmd::MIG_DATA_WRITE, einval),
+                &(cmd::DEVICE_FEATURE, einval)
+            ]
+        );
     }
 }

@@ -334,11 +334,22 @@ impl Source<'_> {
     }
 
     /// One pass of a vfio-user vGPU's migration data: read until a short read (the server
-    /// ends a pass there, so nothing read later is older than what this round sends).
+    /// ends a pass there, so nothing read later is older than what this round sends). A pass
+    /// holds at most all of VRAM and the vGPU's state: a server that goes on past that is
+    /// refused rather than followed forever.
     fn send_device(&mut self, k: usize) -> Result<(), String> {
         const STEP: usize = MAX_CHUNK as usize / 4;
+        let user = &self.c.snapshot.user[k];
+        let limit = user.vram().len() as u64 + MAX_STATE;
+        let mut passed = 0u64;
         loop {
-            let data = self.c.snapshot.user[k].read(STEP)?;
+            let data = user.read(STEP)?;
+            passed += data.len() as u64;
+            if passed > limit {
+                return Err(format!(
+                    "vGPU {k}'s server sent more than {limit} bytes in one pass of its state"
+                ));
+            }
             if !data.is_empty() {
                 send(&mut *self.conn, DEVICE, k as u32, 0, &data)?;
                 self.bytes += data.len() as u64;

@@ -518,8 +518,15 @@ impl Sources {
         for (k, u) in self.user.iter().enumerate() {
             u.set_state(vfu::DeviceState::StopCopy)
                 .map_err(VmSnapshotError::State)?;
+            // At most all of VRAM and a state: a server that goes on is refused.
+            let limit = vm_memory::GuestMemoryRegion::len(u.vram()) + (64 << 20);
+            let mut read = 0u64;
             let written = write_stream(&dir.join(format!("device.{k}")), |buf| {
                 buf.extend(u.read(CHUNK)?);
+                read += buf.len() as u64;
+                if read > limit {
+                    return Err(format!("its server sent more than {limit} bytes of state"));
+                }
                 Ok(())
             });
             u.set_state(vfu::DeviceState::Stop)

@@ -340,7 +340,7 @@ impl Source<'_> {
     fn send_device(&mut self, k: usize) -> Result<(), String> {
         const STEP: usize = MAX_CHUNK as usize / 4;
         let user = &self.c.snapshot.user[k];
-        let limit = user.vram().len() as u64 + MAX_STATE;
+        let limit = user.vram().len() + MAX_STATE;
         let mut passed = 0u64;
         loop {
             let data = user.read(STEP)?;
@@ -400,6 +400,14 @@ impl Source<'_> {
                 }
             }
             let gpu = v.take_dirty_log();
+            if gpu.all {
+                // The vGPU's log overflowed: everything it can reach is taken as written.
+                for r in s.ram_memory.iter() {
+                    let first = r.start_addr().0 / PAGE;
+                    d.ram.extend(first..first + r.len().div_ceil(PAGE));
+                }
+                d.vram[i].extend(0..v.vram().size().div_ceil(PAGE));
+            }
             d.ram
                 .extend(gpu.sys.iter().map(|p| p * vgpu::device::DIRTY_PAGE / PAGE));
             d.vram[i].extend(gpu.vram);

@@ -21,7 +21,7 @@ use std::io;
 use std::time::Duration;
 
 use vfu::{DeviceState, Migration};
-use vgpu::device::{DIRTY_PAGE, VgpuState};
+use vgpu::device::{DIRTY_PAGE, MAX_DIRTY_PAGES, VgpuState};
 
 use crate::attach::Attachment;
 
@@ -56,9 +56,12 @@ pub(crate) struct MigState {
     state_sent: bool,
     /// Bytes produced, not read yet.
     out: Vec<u8>,
-    /// The DMA log: its ranges, and the pages written in them, not reported yet.
+    /// The DMA log: its ranges, and the pages written in them, not reported yet: page
+    /// addresses, and `[start, end)` ranges wholly taken as written (after the vGPU's log, or
+    /// this one, overflowed: memory stays bounded, reports say more).
     dma_ranges: Option<Vec<(u64, u64)>>,
     sys: BTreeSet<u64>,
+    sys_all: Vec<(u64, u64)>,
     /// RESUMING: bytes received and not yet a whole record; what has been taken.
     incoming: Vec<u8>,
     header_seen: bool,
@@ -85,8 +88,12 @@ impl Attachment {
     fn collect_dirty(&mut self) {
         let vgpu = self.vgpu();
         let d = vgpu.take_dirty_log();
+        let vram_pages = vgpu.vram().size().div_ceil(DIRTY_PAGE);
         let m = &mut self.mig;
         if m.saving {
+            if d.all {
+                m.vram.extend(0..vram_pages);
+            }
             m.vram.extend(d.vram);
         }
         if let Some(ranges) = &m.dma_ranges {
@@ -96,6 +103,13 @@ impl Attachment {
                         .iter()
                         .any(|&(iova, len)| *a >= iova && *a - iova < len)
                 }));
+            if d.all || m.sys.len() as u64 > MAX_DIRTY_PAGES {
+                m.sys.clear();
+                m.sys_all = ranges
+                    .iter()
+                    .map(|&(iova, len)| (iova, iova.saturating_add(len)))
+                    .collect();
+            }
         }
     }
 
@@ -361,6 +375,7 @@ impl Migration for Attachment {
         }
         self.collect_dirty();
         self.mig.sys.clear();
+        self.mig.sys_all.clear();
         self.mig.dma_ranges = Some(ranges.to_vec());
         self.set_logging();
         Ok(())
@@ -371,21 +386,66 @@ impl Migration for Attachment {
             return Err(einval("the DMA log is not on"));
         }
         self.mig.sys.clear();
+        self.mig.sys_all.clear();
         self.collect_dirty();
         self.set_logging();
         Ok(())
     }
 
-    fn logging_report(&mut self, iova: u64, length: u64) -> io::Result<Vec<u64>> {
+    fn logging_report(&mut self, iova: u64, length: u64) -> io::Result<Vec<(u64, u64)>> {
         if self.mig.dma_ranges.is_none() {
             return Err(einval("the DMA log is not on"));
         }
         self.collect_dirty();
         let end = iova.saturating_add(length);
+        let mut out = take_ranges(&mut self.mig.sys_all, iova, end);
         let pages: Vec<u64> = self.mig.sys.range(iova..end).copied().collect();
-        for p in &pages {
-            self.mig.sys.remove(p);
+        for p in pages {
+            self.mig.sys.remove(&p);
+            match out.last_mut() {
+                Some((_, e)) if *e == p => *e += DIRTY_PAGE,
+                _ => out.push((p, p + DIRTY_PAGE)),
+            }
         }
-        Ok(pages)
+        Ok(out)
+    }
+}
+
+/// Removes `[lo, hi)` from the ranges `all` (each `[start, end)`); returns the parts removed.
+fn take_ranges(all: &mut Vec<(u64, u64)>, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    let mut taken = Vec::new();
+    let mut kept = Vec::with_capacity(all.len() + 1);
+    for &(s, e) in all.iter() {
+        let (a, b) = (s.max(lo), e.min(hi));
+        if a >= b {
+            kept.push((s, e));
+            continue;
+        }
+        taken.push((a, b));
+        if s < a {
+            kept.push((s, a));
+        }
+        if b < e {
+            kept.push((b, e));
+        }
+    }
+    *all = kept;
+    taken
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_ranges;
+
+    #[test]
+    fn reported_ranges_are_taken_out_whole_or_in_part() {
+        let mut all = vec![(0, 100), (200, 300)];
+        assert_eq!(take_ranges(&mut all, 50, 250), [(50, 100), (200, 250)]);
+        assert_eq!(all, [(0, 50), (250, 300)]);
+        assert_eq!(take_ranges(&mut all, 0, 1000), [(0, 50), (250, 300)]);
+        assert!(all.is_empty());
+        let mut one = vec![(0, 100)];
+        assert_eq!(take_ranges(&mut one, 10, 20), [(10, 20)]);
+        assert_eq!(one, [(0, 10), (20, 100)]);
     }
 }

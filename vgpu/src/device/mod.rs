@@ -226,7 +226,17 @@ pub struct DirtyPages {
     pub sys: std::collections::BTreeSet<u64>,
     /// VRAM pages.
     pub vram: std::collections::BTreeSet<u64>,
+    /// More than [`MAX_DIRTY_PAGES`] were written since the log was last taken: the log
+    /// stopped counting (its memory stays bounded), and every page must be taken as written.
+    pub all: bool,
 }
+
+/// Most pages the dirty log keeps between two takes (4 GiB written; about 40 MiB of log).
+#[cfg(not(test))]
+pub const MAX_DIRTY_PAGES: u64 = 1 << 20;
+/// (Small in this crate's tests, so that they can overflow it.)
+#[cfg(test)]
+pub const MAX_DIRTY_PAGES: u64 = 64;
 
 /// The page size of the dirty log.
 pub const DIRTY_PAGE: u64 = 4096;
@@ -267,12 +277,22 @@ impl Shared {
         }
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         let Some(d) = d.as_mut() else { return };
+        if d.all {
+            return;
+        }
+        let (first, last) = (addr / DIRTY_PAGE, addr.saturating_add(len - 1) / DIRTY_PAGE);
+        let held = (d.sys.len() + d.vram.len()) as u64;
+        if held.saturating_add(last - first + 1) > MAX_DIRTY_PAGES {
+            d.sys.clear();
+            d.vram.clear();
+            d.all = true;
+            return;
+        }
         let set = match loc {
             crate::mem::Loc::Sys => &mut d.sys,
             crate::mem::Loc::Vram => &mut d.vram,
         };
-        let last = addr.saturating_add(len - 1) / DIRTY_PAGE;
-        set.extend(addr / DIRTY_PAGE..=last);
+        set.extend(first..=last);
     }
 
     fn wake(&self) {

@@ -730,7 +730,16 @@ fn a_paused_vgpu_can_be_dropped() {
 #[test]
 fn the_dirty_log_holds_every_page_the_engines_wrote_and_only_those() {
     let mut g = Gpu::new();
-    g.setup_ctx(0, T0, B0, 16);
+    let mut b = g.setup_ctx(0, T0, B0, 16);
+    let over = crate::device::MAX_DIRTY_PAGES + 1;
+    for p in 0..over {
+        b.map(
+            &g.spaces,
+            BIG_VA + p * 0x1000,
+            (p * 0x1000) | RW | pte::VRAM,
+            1,
+        );
+    }
     let fill = |va: u64, len: u64| Packet::new(packet::OP_FILL, 0, &[va, len, 0x5a5a_5a5a]);
     let copy = |src: u64, dst: u64, len: u64| Packet::new(packet::OP_COPY, 0, &[src, dst, len]);
     // Off: nothing recorded.
@@ -772,8 +781,17 @@ fn the_dirty_log_holds_every_page_the_engines_wrote_and_only_those() {
     let d = g.dev.take_dirty_log();
     assert_eq!(d.vram.into_iter().collect::<Vec<_>>(), vec![page(0x4_0000)]);
     assert!(d.sys.is_empty());
+    // More pages than the log keeps: it says "everything" and keeps nothing (its memory
+    // stays bounded); taking it starts over.
+    assert_eq!(
+        g.run(0, T0, &[fill(BIG_VA, over * crate::device::DIRTY_PAGE)], 3),
+        wait::DONE
+    );
+    let d = g.dev.take_dirty_log();
+    assert!(d.all && d.sys.is_empty() && d.vram.is_empty(), "{d:?}");
+    assert_eq!(g.dev.take_dirty_log(), Default::default());
     g.dev.stop_dirty_log();
-    assert_eq!(g.run(0, T0, &[fill(SYS_VA, 0x100)], 3), wait::DONE);
+    assert_eq!(g.run(0, T0, &[fill(SYS_VA, 0x100)], 4), wait::DONE);
     assert_eq!(g.dev.take_dirty_log(), Default::default());
 }
 

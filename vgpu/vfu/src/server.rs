@@ -114,9 +114,9 @@ pub trait Migration {
     fn logging_start(&mut self, ranges: &[(u64, u64)]) -> io::Result<()>;
     /// Stops recording.
     fn logging_stop(&mut self) -> io::Result<()>;
-    /// The addresses of the [`LOG_PAGE`] pages of `[iova, iova + length)` written since the
-    /// last report of them; reporting clears them.
-    fn logging_report(&mut self, iova: u64, length: u64) -> io::Result<Vec<u64>>;
+    /// The parts of `[iova, iova + length)` written since they were last reported, as
+    /// `[start, end)` byte ranges (whole [`LOG_PAGE`] pages); reporting clears them.
+    fn logging_report(&mut self, iova: u64, length: u64) -> io::Result<Vec<(u64, u64)>>;
 }
 
 /// Why the loop ended.
@@ -519,8 +519,8 @@ fn device_feature(
                 )));
             }
             let mut bitmap = vec![0u8; bytes as usize];
-            for at in m.logging_report(iova, length)? {
-                let (from, to) = (at.max(iova), at.saturating_add(LOG_PAGE).min(end));
+            for (start, stop) in m.logging_report(iova, length)? {
+                let (from, to) = (start.max(iova), stop.min(end));
                 if to <= from {
                     continue;
                 }

@@ -123,13 +123,13 @@ impl Migration for TestDevice {
         self.seen.lock().expect("lock").logging = None;
         Ok(())
     }
-    fn logging_report(&mut self, iova: u64, length: u64) -> std::io::Result<Vec<u64>> {
+    fn logging_report(&mut self, iova: u64, length: u64) -> std::io::Result<Vec<(u64, u64)>> {
         let (inside, rest): (Vec<u64>, Vec<u64>) = self
             .dirty
             .iter()
             .partition(|&&a| a >= iova && a < iova + length);
         self.dirty = rest;
-        Ok(inside)
+        Ok(inside.into_iter().map(|a| (a, a + 4096)).collect())
     }
 }
 

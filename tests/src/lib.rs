@@ -360,8 +360,20 @@ pub fn vmctl(sock: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
 /// A firmware VM (`fw`) running `cmdline` with `memory` of RAM, one in-process vGPU of
 /// `profile` and the control socket `sock`, past its first line.
 pub fn firmware_vm(fw: &Path, cmdline: &str, memory: &str, profile: &str, sock: &Path) -> Vmm {
-    let vgpu = format!("profile={profile}");
-    let mut vm = Vmm::spawn(&[
+    firmware_vm_with(
+        fw,
+        cmdline,
+        memory,
+        &["--vgpu", &format!("profile={profile}")],
+        sock,
+    )
+}
+
+/// A firmware VM (`fw`) running `cmdline` with `memory` of RAM, the vGPU flags `vgpu` (an
+/// in-process `--vgpu` or a `--user-device`) and the control socket `sock`, past its first
+/// line.
+pub fn firmware_vm_with(fw: &Path, cmdline: &str, memory: &str, vgpu: &[&str], sock: &Path) -> Vmm {
+    let mut args = vec![
         "vm",
         "--kernel",
         fw.to_str().expect("utf-8"),
@@ -369,11 +381,11 @@ pub fn firmware_vm(fw: &Path, cmdline: &str, memory: &str, profile: &str, sock: 
         cmdline,
         "--memory",
         memory,
-        "--vgpu",
-        &vgpu,
         "--api-socket",
         sock.to_str().expect("utf-8"),
-    ]);
+    ];
+    args.extend_from_slice(vgpu);
+    let mut vm = Vmm::spawn(&args);
     vm.expect_line("tessera-fw: boot", Duration::from_secs(120));
     vm
 }
@@ -508,6 +520,27 @@ impl Server {
             .and_then(|a| a.iter().find(|g| g["name"] == name))
             .and_then(|g| g["busy_ns"].as_u64())
             .unwrap_or_else(|| panic!("no stats for {name}: {stats}"))
+    }
+
+    /// Waits (at most 120 s) until instance `name` has had more GPU time than `since` ns.
+    pub fn wait_busy(&self, name: &str, since: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.busy_ns(name) <= since {
+            assert!(Instant::now() < deadline, "instance {name} never got busy");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Creates an instance of `profile` for each name; their sockets.
+    pub fn instances(&self, profile: &str, names: &[&str]) -> Vec<String> {
+        names
+            .iter()
+            .map(|n| {
+                self.ok(&["vgpu", "create", "--type", profile, "--name", n])
+                    .trim()
+                    .to_string()
+            })
+            .collect()
     }
 
     /// What the server logged so far.

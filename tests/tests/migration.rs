@@ -17,7 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera_tests::{
-    Server, Vmm, firmware, firmware_vm, run_tessera, scratch, vmctl, wait_until_vgpu_busy,
+    Server, Vmm, firmware, firmware_vm, firmware_vm_with, run_tessera, scratch, vmctl,
+    wait_until_vgpu_busy,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -33,6 +34,27 @@ fn send(sock: &Path, dest: &str) -> (Option<i32>, serde_json::Value) {
     vmctl(sock, &["--timeout", "120s", "send-migration", dest])
 }
 
+/// After a migration: the source ends without finishing the load itself, the destination
+/// prints a line with `expect` and ends well; returns that line.
+fn moved(source: &mut Vmm, target: &mut Vmm, expect: &str) -> String {
+    assert_eq!(source.wait(T).code(), Some(0));
+    assert!(
+        !source.saw("load kind="),
+        "{}",
+        source.transcript.join("\n")
+    );
+    target.expect_line(expect, T);
+    let line = target
+        .transcript
+        .iter()
+        .find(|l| l.contains(expect))
+        .cloned()
+        .unwrap_or_default();
+    let out = target.transcript.join("\n");
+    assert_eq!(target.wait(T).code(), Some(0), "{out}");
+    line
+}
+
 /// Migrates a `cmdline` VM to a destination listening at `dest`; returns the destination's
 /// transcript line that starts with `expect` and the report.
 fn migrate(dest: &str, cmdline: &str, expect: &str) -> (String, serde_json::Value) {
@@ -44,18 +66,7 @@ fn migrate(dest: &str, cmdline: &str, expect: &str) -> (String, serde_json::Valu
     let (code, reply) = send(&sock, dest);
     assert_eq!(code, Some(0), "{reply}");
     assert_eq!(reply["state"], "stopping", "{reply}");
-    // The source ends once the destination runs the VM, without finishing the load itself.
-    assert_eq!(vm.wait(T).code(), Some(0));
-    assert!(!vm.saw("load kind="), "{}", vm.transcript.join("\n"));
-    target.expect_line(expect, T);
-    let line = target
-        .transcript
-        .iter()
-        .find(|l| l.contains(expect))
-        .cloned()
-        .unwrap_or_default();
-    let out = target.transcript.join("\n");
-    assert_eq!(target.wait(T).code(), Some(0), "{out}");
+    let line = moved(&mut vm, &mut target, expect);
     let _ = std::fs::remove_dir_all(&work);
     (line, reply["migration"].clone())
 }
@@ -115,12 +126,15 @@ fn a_vm_whose_vgpu_is_served_over_vfio_user_moves_to_another_instance() {
         return;
     };
     let server = Server::start("mig-vfu", &[]);
-    let a = server.ok(&["vgpu", "create", "--type", "64M", "--name", "a"]);
-    let b = server.ok(&["vgpu", "create", "--type", "64M", "--name", "b"]);
+    let [a, b]: [String; 2] = server
+        .instances("64M", &["a", "b"])
+        .try_into()
+        .expect("two instances");
     let work = scratch("mig-vfu-vms");
+    // Loads long enough to outlast a loaded CI machine's start of three processes.
     for (n, (cmdline, expect)) in [
-        ("run=load kind=dirty seconds=4", "load kind=dirty"),
-        ("run=load kind=long seconds=3", "load kind=long"),
+        ("run=load kind=dirty seconds=8", "load kind=dirty"),
+        ("run=load kind=long seconds=5", "load kind=long"),
     ]
     .into_iter()
     .enumerate()
@@ -134,45 +148,20 @@ fn a_vm_whose_vgpu_is_served_over_vfio_user_moves_to_another_instance() {
             "--receive-migration",
             &dest,
             "--user-device",
-            &format!("socket={}", b.trim()),
+            &format!("socket={b}"),
         ]);
-        let mut vm = Vmm::spawn(&[
-            "vm",
-            "--kernel",
-            fw.to_str().expect("utf-8"),
-            "--cmdline",
-            cmdline,
-            "--memory",
-            "64M",
-            "--user-device",
-            &format!("socket={}", a.trim()),
-            "--api-socket",
-            sock.to_str().expect("utf-8"),
-        ]);
-        vm.expect_line("tessera-fw: boot", T);
-        let deadline = Instant::now() + T;
-        while server.busy_ns("a") == busy_before {
-            assert!(Instant::now() < deadline, "instance a never got busy");
-            std::thread::yield_now();
-        }
+        let user = format!("socket={a}");
+        let mut vm = firmware_vm_with(&fw, cmdline, "64M", &["--user-device", &user], &sock);
+        server.wait_busy("a", busy_before);
         // The destination listens once it has connected to instance b.
+        let deadline = Instant::now() + T;
         while !listen.exists() {
             assert!(Instant::now() < deadline, "the destination never listened");
             std::thread::yield_now();
         }
         let (code, reply) = send(&sock, &dest);
         assert_eq!(code, Some(0), "{reply}\n{}", server.log());
-        assert_eq!(vm.wait(T).code(), Some(0));
-        assert!(!vm.saw("load kind="), "{}", vm.transcript.join("\n"));
-        target.expect_line(expect, T);
-        let out = target.transcript.join("\n");
-        assert_eq!(target.wait(T).code(), Some(0), "{out}");
-        let line = target
-            .transcript
-            .iter()
-            .find(|l| l.contains(expect))
-            .cloned()
-            .unwrap_or_default();
+        let line = moved(&mut vm, &mut target, expect);
         if n == 0 {
             assert!(
                 line.contains("jobs=256") && line.contains("mismatches=0"),

@@ -16,8 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tessera_tests::{
-    Server, Vmm, firmware, firmware_vm, run_tessera, scratch, spawn_minimal_with, vmctl,
-    wait_until_vgpu_busy,
+    Server, Vmm, firmware, firmware_vm, firmware_vm_with, run_tessera, scratch, spawn_minimal_with,
+    vmctl, wait_until_vgpu_busy,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -87,40 +87,19 @@ fn a_vm_caught_in_a_long_dispatch_is_restored_twice_and_both_finish() {
 fn a_vm_whose_vgpu_is_served_over_vfio_user_is_restored_twice_on_other_instances() {
     let Some(fw) = firmware() else { return };
     let server = Server::start("snap-vfu", &[]);
-    let socks: Vec<String> = ["a", "b", "c"]
-        .iter()
-        .map(|n| {
-            server
-                .ok(&["vgpu", "create", "--type", "64M", "--name", n])
-                .trim()
-                .to_string()
-        })
-        .collect();
+    let socks = server.instances("64M", &["a", "b", "c"]);
     let work = scratch("snap-vfu-vms");
     let sock = work.join("vm.api");
     let dir = work.join("snap");
-    let mut vm = Vmm::spawn(&[
-        "vm",
-        "--kernel",
-        fw.to_str().expect("utf-8"),
-        "--cmdline",
+    let user = format!("socket={}", socks[0]);
+    let mut vm = firmware_vm_with(
+        &fw,
         "run=load kind=dirty seconds=4",
-        "--memory",
         "64M",
-        "--user-device",
-        &format!("socket={}", socks[0]),
-        "--api-socket",
-        sock.to_str().expect("utf-8"),
-    ]);
-    vm.expect_line("tessera-fw: boot", T);
-    let deadline = std::time::Instant::now() + T;
-    while server.busy_ns("a") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "instance a never got busy"
-        );
-        std::thread::yield_now();
-    }
+        &["--user-device", &user],
+        &sock,
+    );
+    server.wait_busy("a", 0);
     let snap = pause_and_snapshot(&sock, &dir);
     // RAM and VRAM (64 MiB each, VRAM inside the server's data) and the state.
     let bytes = snap["snapshot"]["bytes"].as_u64().expect("bytes");

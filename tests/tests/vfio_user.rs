@@ -619,15 +619,7 @@ fn no_client_can_exhaust_the_servers_address_space() {
         ],
     );
     let base = vm_size(&server);
-    let sockets: Vec<String> = ["a", "b", "c", "n"]
-        .iter()
-        .map(|n| {
-            server
-                .ok(&["vgpu", "create", "--type", "64M", "--name", n])
-                .trim()
-                .to_string()
-        })
-        .collect();
+    let sockets = server.instances("64M", &["a", "b", "c", "n"]);
     // Two clients try 64 TiB each: each gets its 1 TiB. A third finds the server's total
     // (2 TiB + 1 GiB) spent and gets nothing.
     let hostile: Vec<_> = sockets[..3].iter().map(|s| map_huge(s, 64)).collect();

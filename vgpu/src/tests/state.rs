@@ -687,25 +687,31 @@ fn timestamps_go_on_from_the_saved_clock() {
 
 /// A VMM drops a vGPU it paused (a VM that ends after a snapshot, a migration's source): the
 /// command processor must stop, whether it was parked between packets or inside one.
+/// Context 0 running a dispatch of 1000 groups of 5 ms, started.
+fn busy_with_a_long_dispatch(g: &mut Gpu) {
+    g.setup_ctx(0, T0, B0, 8);
+    g.submit(
+        0,
+        T0,
+        &[Packet::new(
+            packet::OP_DISPATCH,
+            kernel::SPIN_US,
+            &[5_000, 1000],
+        )],
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while g.cr(0, regs::CTX_STATUS) & ctx_status::BUSY == 0 {
+        assert!(Instant::now() < deadline, "the dispatch never started");
+        std::hint::spin_loop();
+    }
+}
+
 #[test]
 fn a_paused_vgpu_can_be_dropped() {
     let drops = |mid_packet: bool| {
         let mut g = Gpu::new();
         if mid_packet {
-            g.setup_ctx(0, T0, B0, 8);
-            g.submit(
-                0,
-                T0,
-                &[Packet::new(
-                    packet::OP_DISPATCH,
-                    kernel::SPIN_US,
-                    &[5_000, 1000],
-                )],
-            );
-            let deadline = Instant::now() + PATIENCE;
-            while g.cr(0, regs::CTX_STATUS) & ctx_status::BUSY == 0 && Instant::now() < deadline {
-                std::hint::spin_loop();
-            }
+            busy_with_a_long_dispatch(&mut g);
         }
         g.dev.pause(PAUSE).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -802,21 +808,7 @@ fn the_dirty_log_holds_every_page_the_engines_wrote_and_only_those() {
 #[test]
 fn a_paused_vgpu_takes_a_reset_at_once_and_refuses_a_dma_change_inside_a_packet() {
     let mut g = Gpu::new();
-    g.setup_ctx(0, T0, B0, 8);
-    g.submit(
-        0,
-        T0,
-        &[Packet::new(
-            packet::OP_DISPATCH,
-            kernel::SPIN_US,
-            &[5_000, 1000],
-        )],
-    );
-    let deadline = Instant::now() + PATIENCE;
-    while g.cr(0, regs::CTX_STATUS) & ctx_status::BUSY == 0 {
-        assert!(Instant::now() < deadline, "the dispatch never started");
-        std::hint::spin_loop();
-    }
+    busy_with_a_long_dispatch(&mut g);
     g.dev.pause(PAUSE).unwrap();
     let inside = g.dev.save().unwrap().in_flight.is_some();
     let change = g

@@ -768,3 +768,56 @@ fn http_get(addr: &str, path: &str) -> String {
         .expect("read the response");
     response
 }
+
+/// A client that stops its vGPU through migration v2 and then misbehaves, against the real
+/// server: unmapping DMA memory while stopped is refused (`EBUSY`: a packet parked inside could
+/// still write it), a reset while stopped returns at once and leaves the device RUNNING, an
+/// arc VFIO forbids is refused and changes nothing, and a full state read (STOP_COPY) starts
+/// with the stream's header and holds all of VRAM.
+#[test]
+fn a_stopped_vgpu_refuses_dma_changes_and_takes_a_reset_at_once() {
+    use std::os::fd::AsRawFd;
+    use vfu::DeviceState::*;
+    let server = Server::start("vfu-stop", &[]);
+    let sock = server.instances("64M", &["a"]).remove(0);
+    let mut c = vfu::Client::new(Path::new(&sock)).expect("connect");
+    let ram = vgpu::backend::memfd("ram", 2 << 20, true).expect("memfd");
+    c.dma_map(0, 0, 2 << 20, ram.as_raw_fd()).expect("DMA_MAP");
+    assert_eq!(c.migration_flags().expect("migration"), 5);
+    c.set_device_state(Stop).expect("STOP");
+    let busy = c.dma_unmap(0, 2 << 20).expect_err("unmap while stopped");
+    assert_eq!(busy.errno(), Some(libc::EBUSY as u32), "{busy}");
+    let t = std::time::Instant::now();
+    c.reset().expect("reset");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a reset while stopped took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(c.device_state().expect("state"), Running);
+    c.dma_unmap(0, 2 << 20).expect("unmap while running");
+
+    c.set_device_state(StopCopy)
+        .expect("RUNNING -> STOP -> STOP_COPY");
+    let refused = c
+        .set_device_state(PreCopy)
+        .expect_err("STOP_COPY -> PRE_COPY");
+    assert_eq!(refused.errno(), Some(libc::EINVAL as u32), "{refused}");
+    assert_eq!(c.device_state().expect("state"), StopCopy);
+    let mut stream = Vec::new();
+    loop {
+        let d = c.mig_read(1 << 20).expect("MIG_DATA_READ");
+        if d.is_empty() {
+            break;
+        }
+        stream.extend(d);
+    }
+    assert_eq!(stream.first(), Some(&b'H'));
+    assert!(stream.len() as u64 > 64 << 20, "{} bytes", stream.len());
+    c.set_device_state(Running).expect("back to RUNNING");
+    // Still a working device: BAR 0 answers with its magic.
+    let mut magic = [0u8; 4];
+    c.region_read(0, vgpu_abi::regs::MAGIC, &mut magic)
+        .expect("MAGIC");
+    assert_eq!(u32::from_le_bytes(magic), vgpu_abi::regs::MAGIC_VALUE);
+}

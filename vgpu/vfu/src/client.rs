@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_CAP_SPARSE_MMAP, vfio_region_sparse_mmap_area,
+    VFIO_REGION_INFO_CAP_SPARSE_MMAP, vfio_region_sparse_mmap_area,
 };
 use vm_memory::FileOffset;
 
@@ -72,7 +72,6 @@ pub struct Region {
 pub struct Client {
     stream: UnixStream,
     next_id: u16,
-    resettable: bool,
     regions: Vec<Region>,
 }
 
@@ -87,7 +86,6 @@ impl Client {
         let mut c = Client {
             stream,
             next_id: 0,
-            resettable: false,
             regions: Vec::new(),
         };
         let caps = serde_json::json!({
@@ -106,20 +104,16 @@ impl Client {
         if major != 0 {
             return Err(protocol(cmd::VERSION, format!("version {major}")));
         }
-        let info = c.call(
-            cmd::DEVICE_GET_INFO,
-            &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            &[],
-        )?;
+        let mut p = Vec::with_capacity(16);
+        p.u32(16).u32(0).u32(0).u32(0);
+        let info = c.call(cmd::DEVICE_GET_INFO, &p, &[])?;
         let mut r = Reader::new(&info.payload);
         let s = short(cmd::DEVICE_GET_INFO);
-        let (_argsz, fl, nregions, _nirqs) = (
-            r.u32().map_err(s)?,
+        let (_argsz, _flags, nregions) = (
             r.u32().map_err(s)?,
             r.u32().map_err(s)?,
             r.u32().map_err(s)?,
         );
-        c.resettable = fl & VFIO_DEVICE_FLAGS_RESET != 0;
         if nregions > 64 {
             return Err(protocol(
                 cmd::DEVICE_GET_INFO,
@@ -175,11 +169,6 @@ impl Client {
     /// Region `index`, as the server described it.
     pub fn region(&self, index: u32) -> Option<&Region> {
         self.regions.get(index as usize)
-    }
-
-    /// Whether the device can be reset.
-    pub fn resettable(&self) -> bool {
-        self.resettable
     }
 
     /// Sends a command and waits for its reply.
@@ -293,12 +282,6 @@ impl Client {
         let mut p = Vec::with_capacity(20);
         p.u32(20).u32(fl).u32(index).u32(start).u32(count);
         self.call(cmd::DEVICE_SET_IRQS, &p, fds).map(drop)
-    }
-
-    /// Closes the connection (the server detaches the device).
-    pub fn shutdown(&self) -> Result<(), Error> {
-        self.stream.shutdown(std::net::Shutdown::Both)?;
-        Ok(())
     }
 
     fn feature(&mut self, fl: u32, data: &[u8], reply_data: usize) -> Result<Vec<u8>, Error> {

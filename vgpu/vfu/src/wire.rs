@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -296,13 +296,10 @@ pub fn send(
     stream.write_all(&buf[sent..])
 }
 
-/// The raw descriptor of an optional file, for sending.
-pub fn raw(f: Option<&File>) -> Vec<RawFd> {
-    f.map(|f| vec![f.as_raw_fd()]).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
@@ -338,7 +335,7 @@ mod tests {
             ..Header::default()
         };
         let f = File::open("/dev/null").unwrap();
-        send(&mut a, h, &[1, 2, 3], &raw(Some(&f))).unwrap();
+        send(&mut a, h, &[1, 2, 3], &[f.as_raw_fd()]).unwrap();
         let m = recv(&mut b).unwrap();
         assert_eq!(
             (m.header.command, m.payload.as_slice()),

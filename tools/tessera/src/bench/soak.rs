@@ -460,8 +460,23 @@ fn start_server(dir: &Path) -> Result<ServerChild, String> {
         dir: dir.to_path_buf(),
         keep: false,
     };
+    // Ready once the control socket answers a request: the server binds it before it
+    // creates the `--create` instances, but serves it only after (a connect alone can
+    // succeed while the instance sockets do not exist yet).
+    let answers = || -> std::io::Result<()> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(run.join("control.sock"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"{\"op\":\"version\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    };
     let t0 = Instant::now();
-    while std::os::unix::net::UnixStream::connect(run.join("control.sock")).is_err() {
+    while answers().is_err() {
         if let Ok(Some(st)) = server.child.try_wait() {
             return Err(format!("tessera serve exited with {st}"));
         }

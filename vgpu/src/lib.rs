@@ -26,5 +26,9 @@ pub mod sched;
 mod tests;
 
 pub use device::{BarAddresses, Interrupts, Vgpu, VgpuError, VgpuSetup};
+/// The PCI traits and types the vGPU implements, and the ABI it speaks, for a VMM that embeds
+/// it (Cloud Hypervisor's adapter, `contrib/cloud-hypervisor/vgpu.rs`).
+pub use devices::pci;
 pub use domain::DmaDomain;
 pub use profile::{PROFILES, Profile};
+pub use vgpu_abi as abi;

@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: everything CI runs: formatting, clippy, firmware and guest-kernel
 //!   builds, the whole test suite.
 //! - `cargo xtask firmware` / `cargo xtask guest-images`: the individual builds.
+//! - `cargo xtask cloud-hypervisor`: Cloud Hypervisor with the vGPU built in (issue #24), from
+//!   the source archives in `../shared/src` and `contrib/cloud-hypervisor/`.
 //! - `cargo xtask fuzz [TARGET] [--time S] [--jobs N]`: the libFuzzer targets under `fuzz/`.
 //!
 //! Each installs what it needs (apt-get, rustup components) on a fresh Debian 12, idempotently.
@@ -100,6 +102,147 @@ fn firmware() -> Result<PathBuf> {
     Ok(elf)
 }
 
+/// The one file in `dir` whose name starts with `prefix` and ends with `.tar.gz`.
+fn archive(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {dir:?}: {e}"))?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".tar.gz"))
+        })
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(format!(
+            "expected one {prefix}*.tar.gz in {dir:?}, found {n}"
+        )),
+    }
+}
+
+/// Writes `contents` to `path` unless it already holds them (so cargo sees no change).
+fn write_if_changed(path: &Path, contents: &[u8]) -> Result<()> {
+    if std::fs::read(path).is_ok_and(|old| old == contents) {
+        return Ok(());
+    }
+    std::fs::write(path, contents).map_err(|e| format!("cannot write {path:?}: {e}"))
+}
+
+/// Cloud Hypervisor with the vGPU built into its device manager (`--vgpu`), at
+/// `target/cloud-hypervisor/bin/cloud-hypervisor`:
+/// 1. extracts Cloud Hypervisor's and micro-http's source archives from `../shared/src` into
+///    `target/cloud-hypervisor/src/` and applies `contrib/cloud-hypervisor/vgpu.patch`
+///    (again only when an archive or the patch changed: a stamp records them);
+/// 2. copies the adapter `contrib/cloud-hypervisor/vgpu.rs` in as
+///    `vmm/src/device_manager/vgpu.rs`;
+/// 3. builds `--release --features vgpu` into `target/cloud-hypervisor/target` (cargo's own
+///    caching makes a second run cheap). Nothing but the crates registry is fetched.
+fn cloud_hypervisor() -> Result<PathBuf> {
+    let root = root();
+    let shared = root.join("../shared/src");
+    let contrib = root.join("contrib/cloud-hypervisor");
+    let work = root.join("target/cloud-hypervisor");
+    let src = work.join("src");
+    let tree = src.join("cloud-hypervisor");
+    apt_install(&["patch"])?;
+    let ch = archive(&shared, "cloud-hypervisor-")?;
+    let http = archive(&shared, "micro-http-")?;
+    let patch = std::fs::read(contrib.join("vgpu.patch"))
+        .map_err(|e| format!("cannot read the patch: {e}"))?;
+    let mut stamp = Vec::new();
+    for a in [&ch, &http] {
+        let len = std::fs::metadata(a)
+            .map_err(|e| format!("{a:?}: {e}"))?
+            .len();
+        stamp.extend_from_slice(format!("{} {len}\n", a.display()).as_bytes());
+    }
+    stamp.extend_from_slice(&patch);
+    let stamp_file = work.join("stamp");
+    if std::fs::read(&stamp_file).ok().as_deref() != Some(&stamp[..]) || !tree.exists() {
+        let _ = std::fs::remove_file(&stamp_file);
+        if src.exists() {
+            std::fs::remove_dir_all(&src).map_err(|e| format!("cannot remove {src:?}: {e}"))?;
+        }
+        std::fs::create_dir_all(&src).map_err(|e| format!("cannot create {src:?}: {e}"))?;
+        for a in [&ch, &http] {
+            run(Command::new("tar").arg("xzf").arg(a).arg("-C").arg(&src))?;
+        }
+        run(Command::new("patch")
+            .args(["-p1", "--forward", "--batch", "-i"])
+            .arg(contrib.join("vgpu.patch"))
+            .current_dir(&tree))?;
+        // Cloud Hypervisor's one git dependency, from its archive.
+        std::fs::create_dir_all(tree.join(".cargo")).map_err(|e| format!("{e}"))?;
+        write_if_changed(
+            &tree.join(".cargo/config.toml"),
+            b"[patch.\"https://github.com/firecracker-microvm/micro-http\"]\n\
+              micro_http = { path = \"../micro-http\" }\n",
+        )?;
+        std::fs::write(&stamp_file, &stamp).map_err(|e| format!("cannot write the stamp: {e}"))?;
+    }
+    let adapter =
+        std::fs::read(contrib.join("vgpu.rs")).map_err(|e| format!("cannot read vgpu.rs: {e}"))?;
+    std::fs::create_dir_all(tree.join("vmm/src/device_manager")).map_err(|e| format!("{e}"))?;
+    write_if_changed(&tree.join("vmm/src/device_manager/vgpu.rs"), &adapter)?;
+    run(cargo()
+        .current_dir(&tree)
+        .args([
+            "build",
+            "--release",
+            "--features",
+            "vgpu",
+            "--bin",
+            "cloud-hypervisor",
+        ])
+        .arg("--target-dir")
+        .arg(work.join("target"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS"))?;
+    let bin = work.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| format!("cannot create {bin:?}: {e}"))?;
+    let out = bin.join("cloud-hypervisor");
+    std::fs::copy(work.join("target/release/cloud-hypervisor"), &out)
+        .map_err(|e| format!("cannot copy Cloud Hypervisor: {e}"))?;
+    Ok(out)
+}
+
+/// Cloud Hypervisor's own unit tests for what the patch touches: its CLI (`main.rs`, whose
+/// options must stay sorted) and its configuration parsing and validation (`vmm::config`).
+fn cloud_hypervisor_unit_tests() -> Result<()> {
+    let work = root().join("target/cloud-hypervisor");
+    // Its test dependencies link libssh2 with OpenSSL, which they would build from source
+    // (minutes on 2 cores); Debian's does as well.
+    apt_install(&["libssl-dev", "pkg-config"])?;
+    let test = |args: &[&str]| {
+        run(cargo()
+            .env("OPENSSL_NO_VENDOR", "1")
+            .current_dir(work.join("src/cloud-hypervisor"))
+            .args(["test", "--release"])
+            .args(args)
+            .arg("--target-dir")
+            .arg(work.join("target"))
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS"))
+    };
+    test(&[
+        "-p",
+        "cloud-hypervisor",
+        "--features",
+        "vgpu",
+        "--bin",
+        "cloud-hypervisor",
+    ])?;
+    test(&[
+        "-p",
+        "vmm",
+        "--features",
+        "kvm,io_uring,vgpu",
+        "--lib",
+        "config::",
+    ])
+}
+
 fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
@@ -158,6 +301,9 @@ fn test() -> Result<()> {
     ]))?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     host_tools()?;
+    // Cloud Hypervisor with the vGPU built in, for tests/tests/embedded_cloud_hypervisor.rs.
+    cloud_hypervisor()?;
+    cloud_hypervisor_unit_tests()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("TESSERA_REQUIRE_GUESTS", "1")
@@ -556,6 +702,8 @@ usage: cargo xtask TASK
   demo          build everything and run the demo (a VM with a vGPU, a shared GPU, the server)
   test          what CI runs: formatting, clippy, the guest images, every test, the fuzz harnesses
   firmware      build target/firmware/tessera-fw.elf
+  cloud-hypervisor
+                build Cloud Hypervisor with the vGPU built in (target/cloud-hypervisor/bin/)
   guest-images  build the Linux guests into target/guest/
   deps          install what the benchmarks need (qemu-system-x86)
   fuzz [TARGET] [--time S] [--jobs N]
@@ -572,6 +720,7 @@ fn main() -> ExitCode {
         "test" => test(),
         "firmware" => firmware().map(|p| eprintln!("xtask: built {}", p.display())),
         "guest-images" => guest_images(),
+        "cloud-hypervisor" => cloud_hypervisor().map(|p| eprintln!("xtask: built {}", p.display())),
         "deps" => apt_install(&["qemu-system-x86"]),
         "fuzz" => fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => Err(format!("unknown task {task:?}\n{HELP}")),

@@ -1,0 +1,595 @@
+// Copyright the Tessera authors.
+//
+// SPDX-License-Identifier: Apache-2.0
+//
+
+//! A Tessera vGPU built into Cloud Hypervisor's device manager (`--vgpu profile=NAME`).
+//!
+//! This file lives in the Tessera repository (`contrib/cloud-hypervisor/vgpu.rs`);
+//! `cargo xtask cloud-hypervisor` copies it into Cloud Hypervisor's tree as
+//! `vmm/src/device_manager/vgpu.rs`, a child of the device manager, and `vgpu.patch` adds
+//! the two calls that reach it. The device model is Tessera's `vgpu` crate; this module only
+//! joins it to Cloud Hypervisor's PCI, interrupt and memory machinery:
+//!
+//! - Configuration space and MSI-X are Cloud Hypervisor's own (`PciConfiguration`,
+//!   `MsixConfig`), as for its virtio-pci and ivshmem devices: BAR moves, the MSI-X table,
+//!   the PBA and KVM's routes follow its rules. The vGPU is built with
+//!   `Interrupts::Vectors`: it asks for vector `v`, and [`Vectors`] sends it, or marks it
+//!   pending while it is masked.
+//! - BAR 0 (registers) is trapped: the vCPU's access reaches `Vgpu::read_bar/write_bar`
+//!   through the `&self` path. Each context's doorbell is an ioeventfd at BAR 0 + offset,
+//!   so a doorbell write never leaves KVM; [`VgpuDevice::move_bar`] moves them with BAR 0.
+//! - BAR 2 (VRAM) is the vGPU's VRAM mapped into the guest as a user memory region, moved
+//!   with BAR 2. A backend whose VRAM cannot be mapped leaves it trapped.
+//! - The vGPU reaches guest RAM through its own mapping of the RAM's files (so
+//!   `--memory shared=on` is required, as for vfio-user), checked against a DMA domain of
+//!   exactly the guest's RAM regions.
+//! - Its threads (command processor, engines) are made here, on the VMM thread, at device
+//!   creation; nothing on a vCPU thread creates a thread or a file.
+//! - Snapshot and live migration are refused (the VMM refuses them before pausing anything;
+//!   the device refuses too). Pause and resume work.
+
+use std::any::Any;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+use std::{io, result};
+
+use anyhow::anyhow;
+use hypervisor::IoEventAddress;
+use log::{info, warn};
+use pci::{
+    BarReprogrammingParams, MaybeMutInterruptSourceGroup, MsixCap, MsixConfig, PciBarConfiguration,
+    PciBarPrefetchable, PciBarRegionType, PciBdf, PciClassCode, PciConfiguration, PciDevice,
+    PciDeviceError, PciHeaderType, PciSubclass,
+};
+use tessera_vgpu::pci::{HostMemory, Interrupts, PciDeviceSync, VectorSink};
+use tessera_vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
+use tessera_vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
+use vm_allocator::{AddressAllocator, MemorySlotAllocator, SystemAllocator};
+use vm_device::interrupt::{InterruptManager, InterruptSourceGroup, MsiIrqGroupConfig};
+use vm_device::{BusDevice, Resource};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
+};
+use vm_migration::{Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceManager, DeviceManagerError, DeviceManagerResult};
+use crate::device_tree::DeviceNode;
+use crate::vm_config::VgpuConfig;
+
+use tessera_vgpu::abi::pci as abi_pci;
+
+/// The vGPU's own view of guest RAM (no dirty bitmap: its writes are never migrated).
+type OwnRam = vm_memory::GuestMemoryMmap<()>;
+
+const BAR_REGS: usize = abi_pci::BAR_REGS;
+const BAR_VRAM: usize = abi_pci::BAR_VRAM;
+const VECTORS: u16 = abi_pci::MSIX_VECTORS;
+/// BAR 0's MSI-X window (table, then PBA, to the end of the BAR): Cloud Hypervisor's
+/// `MsixConfig` answers inside it, never the vGPU.
+const MSIX_WINDOW: std::ops::RangeFrom<u64> = abi_pci::MSIX_TABLE_OFFSET..;
+/// The table's and the PBA's bytes; the rest of the window reads 0 and ignores writes.
+const TABLE: std::ops::Range<u64> =
+    abi_pci::MSIX_TABLE_OFFSET..abi_pci::MSIX_TABLE_OFFSET + VECTORS as u64 * 16;
+const PBA: std::ops::Range<u64> =
+    abi_pci::MSIX_PBA_OFFSET..abi_pci::MSIX_PBA_OFFSET + (VECTORS as u64).div_ceil(64) * 8;
+/// How long a pause waits for the command processor to stop.
+const PAUSE_WITHIN: Duration = Duration::from_secs(5);
+/// Generated ids: `_vgpu0`, `_vgpu1`, …
+const VGPU_DEVICE_NAME_PREFIX: &str = "_vgpu";
+
+/// The 3D-controller subclass of the display class.
+#[derive(Clone, Copy)]
+struct ThreeD;
+
+impl PciSubclass for ThreeD {
+    fn get_register_value(&self) -> u8 {
+        abi_pci::SUBCLASS
+    }
+}
+
+/// Where the vGPU's vectors go: Cloud Hypervisor's MSI-X table decides.
+struct Vectors {
+    msix: Arc<Mutex<MsixConfig>>,
+    group: Arc<dyn InterruptSourceGroup>,
+}
+
+impl VectorSink for Vectors {
+    fn trigger(&self, v: u16) {
+        let mut msix = self.msix.lock().unwrap();
+        let Some(entry) = msix.table_entries.get(usize::from(v)) else {
+            return;
+        };
+        if !msix.enabled() {
+            return;
+        }
+        if msix.masked() || entry.masked() {
+            // Sent when the guest unmasks it (`MsixConfig::write_table`).
+            msix.set_pba_bit(v, false);
+            return;
+        }
+        if let Err(e) = self.group.trigger(u32::from(v)) {
+            warn!("vGPU: cannot send MSI-X vector {v}: {e}");
+        }
+    }
+}
+
+/// Where one of the vGPU's BARs is in the guest.
+#[derive(Clone, Copy, Default)]
+struct Placed {
+    gpa: u64,
+    size: u64,
+}
+
+/// A Tessera vGPU as a Cloud Hypervisor PCI device.
+pub struct VgpuDevice {
+    id: String,
+    vgpu: Arc<Vgpu>,
+    /// Holds the vGPU's share of its GPU.
+    _lease: Lease,
+    configuration: PciConfiguration,
+    msix: Arc<Mutex<MsixConfig>>,
+    vm: Arc<dyn hypervisor::Vm>,
+    regs: Placed,
+    vram: Placed,
+    /// Each context's doorbell and its offset in BAR 0, registered while `regs` is placed.
+    doorbells: Vec<(u64, EventFd)>,
+    /// The VRAM aperture and its memory slot, while it is mapped.
+    aperture: Option<(HostMemory, u32)>,
+    slots: MemorySlotAllocator,
+}
+
+impl VgpuDevice {
+    fn new(
+        id: String,
+        profile: &tessera_vgpu::Profile,
+        guest_ram: OwnRam,
+        vm: Arc<dyn hypervisor::Vm>,
+        msi: &Arc<dyn InterruptManager<GroupConfig = MsiIrqGroupConfig>>,
+        bdf: PciBdf,
+        slots: MemorySlotAllocator,
+    ) -> anyhow::Result<Self> {
+        let group = msi
+            .create_group(MsiIrqGroupConfig {
+                base: 0,
+                count: u32::from(VECTORS),
+            })
+            .map_err(|e| anyhow!("cannot create the MSI-X interrupt group: {e}"))?;
+        let msix = Arc::new(Mutex::new(
+            MsixConfig::new(
+                VECTORS,
+                MaybeMutInterruptSourceGroup::Immutable(group.clone()),
+                bdf.into(),
+                None,
+            )
+            .map_err(|e| anyhow!("cannot set up MSI-X: {e:?}"))?,
+        ));
+        let mut configuration = PciConfiguration::new(
+            abi_pci::VENDOR_ID,
+            abi_pci::DEVICE_ID,
+            abi_pci::REVISION,
+            PciClassCode::DisplayController,
+            &ThreeD,
+            None,
+            PciHeaderType::Device,
+            abi_pci::SUBSYSTEM_VENDOR_ID,
+            profile.subsystem_id(),
+            Some(msix.clone()),
+            None,
+        );
+        let mut cap = MsixCap::new(
+            BAR_REGS as u8,
+            VECTORS,
+            abi_pci::MSIX_TABLE_OFFSET as u32,
+            BAR_REGS as u8,
+            abi_pci::MSIX_PBA_OFFSET as u32,
+        );
+        // A function comes out of reset with MSI-X off and unmasked.
+        cap.set_msg_ctl(0);
+        configuration
+            .add_capability(&cap)
+            .map_err(|e| anyhow!("cannot add the MSI-X capability: {e:?}"))?;
+
+        // A GPU of its own, shaped like the profile (as `tessera vm --vgpu` does).
+        let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, profile.engines))?;
+        let lease = gpu.lease(profile, None)?;
+        let ranges: Vec<(u64, u64)> = guest_ram
+            .iter()
+            .map(|r| (r.start_addr().raw_value(), r.len()))
+            .collect();
+        let vgpu = Vgpu::new(VgpuSetup {
+            bars: BarAddresses { regs: 0, vram: 0 },
+            sys: guest_ram,
+            domain: DmaDomain::new(ranges),
+            interrupts: Interrupts::Vectors(Arc::new(Vectors {
+                msix: msix.clone(),
+                group,
+            })),
+            ..VgpuSetup::from_lease(&lease)
+        })?;
+        let doorbells = vgpu.ioeventfds(BAR_REGS);
+        Ok(VgpuDevice {
+            id,
+            vgpu: Arc::new(vgpu),
+            _lease: lease,
+            configuration,
+            msix,
+            vm,
+            regs: Placed::default(),
+            vram: Placed::default(),
+            doorbells,
+            aperture: None,
+            slots,
+        })
+    }
+
+    /// Registers the doorbells at BAR 0 and maps the VRAM at BAR 2 (once the BARs are
+    /// allocated).
+    fn activate(&mut self) -> io::Result<()> {
+        self.register_doorbells(self.regs.gpa)?;
+        if let Some(memory) = self.vgpu.bar_memory(BAR_VRAM) {
+            let slot = self.slots.next_memory_slot();
+            if let Err(e) = self.map_vram(slot, self.vram.gpa, &memory) {
+                self.slots.free_memory_slot(slot);
+                return Err(e);
+            }
+            self.aperture = Some((memory, slot));
+        }
+        Ok(())
+    }
+
+    fn register_doorbells(&self, base: u64) -> io::Result<()> {
+        for (off, evt) in &self.doorbells {
+            self.vm
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + off), None)
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn unregister_doorbells(&self, base: u64) {
+        for (off, evt) in &self.doorbells {
+            if let Err(e) = self
+                .vm
+                .unregister_ioevent(evt, &IoEventAddress::Mmio(base + off))
+            {
+                warn!("vGPU {}: cannot remove a doorbell: {e}", self.id);
+            }
+        }
+    }
+
+    fn map_vram(&self, slot: u32, gpa: u64, memory: &HostMemory) -> io::Result<()> {
+        // SAFETY: `memory` is the vGPU's VRAM mapping, `len` bytes at `host_addr`; the device
+        // holds it (in `aperture`) until the region is removed.
+        unsafe {
+            self.vm.create_user_memory_region(
+                slot,
+                gpa,
+                memory.len() as usize,
+                memory.host_addr() as *mut u8,
+                false,
+                false,
+            )
+        }
+        .map_err(io::Error::other)
+    }
+
+    fn unmap_vram(&self, slot: u32, gpa: u64, memory: &HostMemory) -> io::Result<()> {
+        // SAFETY: removes the region `map_vram` made with the same arguments.
+        unsafe {
+            self.vm.remove_user_memory_region(
+                slot,
+                gpa,
+                memory.len() as usize,
+                memory.host_addr() as *mut u8,
+                false,
+                false,
+            )
+        }
+        .map_err(io::Error::other)
+    }
+
+    /// Which BAR `base` is, from where the guest placed them.
+    fn bar_at(&self, base: u64) -> Option<usize> {
+        if base == self.configuration.get_bar_addr(BAR_REGS) {
+            Some(BAR_REGS)
+        } else if base == self.configuration.get_bar_addr(BAR_VRAM) {
+            Some(BAR_VRAM)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for VgpuDevice {
+    fn drop(&mut self) {
+        self.unregister_doorbells(self.regs.gpa);
+        if let Some((memory, slot)) = self.aperture.take() {
+            if let Err(e) = self.unmap_vram(slot, self.vram.gpa, &memory) {
+                warn!("vGPU {}: cannot unmap the VRAM: {e}", self.id);
+            }
+            self.slots.free_memory_slot(slot);
+        }
+    }
+}
+
+impl BusDevice for VgpuDevice {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.read_bar(base, offset, data);
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
+        self.write_bar(base, offset, data)
+    }
+}
+
+impl PciDevice for VgpuDevice {
+    fn allocate_bars(
+        &mut self,
+        _allocator: &mut SystemAllocator,
+        mmio32_allocator: &mut AddressAllocator,
+        mmio64_allocator: &mut AddressAllocator,
+        resources: Option<Vec<Resource>>,
+    ) -> result::Result<Vec<PciBarConfiguration>, PciDeviceError> {
+        let (mut regs_at, mut vram_at) = (None, None);
+        for r in resources.into_iter().flatten() {
+            if let Resource::PciBar { index, base, .. } = r {
+                match index {
+                    BAR_REGS => regs_at = Some(GuestAddress(base)),
+                    BAR_VRAM => vram_at = Some(GuestAddress(base)),
+                    _ => {}
+                }
+            }
+        }
+        let regs_size = abi_pci::BAR_REGS_SIZE;
+        let vram_size = self.vgpu.vram().size();
+        // Natural alignment: a BAR's address is a multiple of its size.
+        let regs = mmio32_allocator
+            .allocate(regs_at, regs_size, Some(regs_size))
+            .ok_or(PciDeviceError::IoAllocationFailed(regs_size))?;
+        let Some(vram) = mmio64_allocator.allocate(vram_at, vram_size, Some(vram_size)) else {
+            mmio32_allocator.free(regs, regs_size);
+            return Err(PciDeviceError::IoAllocationFailed(vram_size));
+        };
+        let bars = vec![
+            PciBarConfiguration::default()
+                .set_index(BAR_REGS)
+                .set_address(regs.raw_value())
+                .set_size(regs_size)
+                .set_region_type(PciBarRegionType::Memory32BitRegion)
+                .set_prefetchable(PciBarPrefetchable::NotPrefetchable),
+            PciBarConfiguration::default()
+                .set_index(BAR_VRAM)
+                .set_address(vram.raw_value())
+                .set_size(vram_size)
+                .set_region_type(PciBarRegionType::Memory64BitRegion)
+                .set_prefetchable(PciBarPrefetchable::Prefetchable),
+        ];
+        for bar in &bars {
+            self.configuration
+                .add_pci_bar(bar)
+                .map_err(|e| PciDeviceError::IoRegistrationFailed(bar.addr(), e))?;
+        }
+        self.regs = Placed {
+            gpa: regs.raw_value(),
+            size: regs_size,
+        };
+        self.vram = Placed {
+            gpa: vram.raw_value(),
+            size: vram_size,
+        };
+        Ok(bars)
+    }
+
+    fn free_bars(
+        &mut self,
+        _allocator: &mut SystemAllocator,
+        mmio32_allocator: &mut AddressAllocator,
+        mmio64_allocator: &mut AddressAllocator,
+    ) -> result::Result<(), PciDeviceError> {
+        mmio32_allocator.free(GuestAddress(self.regs.gpa), self.regs.size);
+        mmio64_allocator.free(GuestAddress(self.vram.gpa), self.vram.size);
+        Ok(())
+    }
+
+    fn write_config_register(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> (Vec<BarReprogrammingParams>, Option<Arc<Barrier>>) {
+        (
+            self.configuration
+                .write_config_register(reg_idx, offset, data),
+            None,
+        )
+    }
+
+    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        self.configuration.read_reg(reg_idx)
+    }
+
+    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        match self.bar_at(base) {
+            Some(BAR_REGS) if TABLE.contains(&offset) => self
+                .msix
+                .lock()
+                .unwrap()
+                .read_table(offset - TABLE.start, data),
+            Some(BAR_REGS) if PBA.contains(&offset) => {
+                self.msix.lock().unwrap().read_pba(offset - PBA.start, data)
+            }
+            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => data.fill(0),
+            Some(bar) => self.vgpu.read_bar(bar, offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
+        match self.bar_at(base) {
+            Some(BAR_REGS) if TABLE.contains(&offset) => self
+                .msix
+                .lock()
+                .unwrap()
+                .write_table(offset - TABLE.start, data),
+            // The PBA is read-only.
+            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => {}
+            Some(bar) => self.vgpu.write_bar(bar, offset, data),
+            None => {}
+        }
+        None
+    }
+
+    fn move_bar(&mut self, old_base: u64, new_base: u64) -> io::Result<()> {
+        if old_base == self.regs.gpa {
+            self.unregister_doorbells(old_base);
+            self.regs.gpa = new_base;
+            self.register_doorbells(new_base)?;
+        } else if old_base == self.vram.gpa {
+            if let Some((memory, slot)) = &self.aperture {
+                self.unmap_vram(*slot, old_base, memory)?;
+                self.map_vram(*slot, new_base, memory)?;
+            }
+            self.vram.gpa = new_base;
+        }
+        Ok(())
+    }
+
+    fn restore_bar_addr(&mut self, params: &BarReprogrammingParams) {
+        self.configuration.restore_bar_addr(params);
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn id(&self) -> Option<String> {
+        Some(self.id.clone())
+    }
+}
+
+impl Pausable for VgpuDevice {
+    fn pause(&mut self) -> result::Result<(), MigratableError> {
+        self.vgpu
+            .pause(PAUSE_WITHIN)
+            .map_err(|e| MigratableError::Pause(anyhow!("vGPU {}: {e}", self.id)))
+    }
+
+    fn resume(&mut self) -> result::Result<(), MigratableError> {
+        self.vgpu.resume();
+        Ok(())
+    }
+}
+
+/// Why a VM with an embedded vGPU cannot be snapshotted or migrated.
+pub(crate) const NOT_MIGRATABLE: &str = "a VM with a --vgpu device cannot be snapshotted or migrated \
+    (its GPU state is not saved); use a vGPU served over vfio-user (tessera serve)";
+
+impl Snapshottable for VgpuDevice {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn snapshot(&mut self) -> result::Result<Snapshot, MigratableError> {
+        Err(MigratableError::Snapshot(anyhow!(NOT_MIGRATABLE)))
+    }
+}
+
+impl Transportable for VgpuDevice {}
+
+impl Migratable for VgpuDevice {
+    fn start_dirty_log(&mut self) -> result::Result<(), MigratableError> {
+        Err(MigratableError::StartDirtyLog(anyhow!(NOT_MIGRATABLE)))
+    }
+
+    fn start_migration(&mut self) -> result::Result<(), MigratableError> {
+        Err(MigratableError::StartMigration(anyhow!(NOT_MIGRATABLE)))
+    }
+}
+
+/// Whether the VM has embedded vGPUs (then it can be neither snapshotted nor migrated).
+pub(crate) fn has_vgpus(config: &crate::vm_config::VmConfig) -> bool {
+    config.vgpus.as_ref().is_some_and(|v| !v.is_empty())
+}
+
+/// The guest's RAM as the vGPU's own mapping of the files behind it.
+fn guest_ram_for_vgpu(dm: &DeviceManager) -> anyhow::Result<OwnRam> {
+    let memory = dm.memory_manager.lock().unwrap().guest_memory().memory();
+    let mut regions = Vec::new();
+    for r in memory.iter() {
+        let fo = r.file_offset().ok_or_else(|| {
+            anyhow!(
+                "guest RAM at {:#x} has no file: use --memory shared=on",
+                r.start_addr().0
+            )
+        })?;
+        let file = fo.file().try_clone()?;
+        regions.push((
+            r.start_addr(),
+            r.len() as usize,
+            Some(FileOffset::new(file, fo.start())),
+        ));
+    }
+    Ok(OwnRam::from_ranges_with_files(regions)?)
+}
+
+impl DeviceManager {
+    /// Every `--vgpu`: builds it, places it on its PCI segment and commits it.
+    pub(super) fn add_vgpu_devices(&mut self) -> DeviceManagerResult<()> {
+        let mut vgpus = self.config.lock().unwrap().vgpus.take();
+        let result = vgpus
+            .iter_mut()
+            .flatten()
+            .try_for_each(|cfg| self.add_vgpu_device(cfg));
+        // Generated ids are kept in the configuration (`vm.info` shows them).
+        self.config.lock().unwrap().vgpus = vgpus;
+        result
+    }
+
+    fn add_vgpu_device(&mut self, cfg: &mut VgpuConfig) -> DeviceManagerResult<()> {
+        let id = match &cfg.pci_common.id {
+            Some(id) => id.clone(),
+            None => {
+                let id = self.next_device_name(VGPU_DEVICE_NAME_PREFIX)?;
+                cfg.pci_common.id = Some(id.clone());
+                id
+            }
+        };
+        let profile = tessera_vgpu::profile::find(&cfg.profile).ok_or_else(|| {
+            DeviceManagerError::VgpuCreate(anyhow!("unknown profile {}", cfg.profile))
+        })?;
+        info!("Creating vGPU {id} ({})", profile.name);
+        let (segment, bdf, resources) = self.pci_resources(
+            &id,
+            cfg.pci_common.pci_segment,
+            cfg.pci_common.pci_device_id,
+        )?;
+        let guest_ram = guest_ram_for_vgpu(self).map_err(DeviceManagerError::VgpuCreate)?;
+        let slots = self.memory_manager.lock().unwrap().memory_slot_allocator();
+        let device = VgpuDevice::new(
+            id.clone(),
+            profile,
+            guest_ram,
+            self.address_manager.vm.clone(),
+            &self.msi_interrupt_manager,
+            bdf,
+            slots,
+        )
+        .map_err(|e| DeviceManagerError::VgpuCreate(e.context(format!("vGPU {id}"))))?;
+        let device = Arc::new(Mutex::new(device));
+        let (bars, new_resources) = self.allocate_pci_bars(device.clone(), segment, resources)?;
+        device
+            .lock()
+            .unwrap()
+            .activate()
+            .map_err(|e| DeviceManagerError::VgpuCreate(anyhow!("vGPU {id}: {e}")))?;
+
+        let mut node = crate::device_node!(id, device);
+        node.resources = new_resources;
+        node.pci_bdf = Some(bdf);
+        node.pci_device_handle = None;
+        self.device_tree.lock().unwrap().insert(id, node);
+        self.commit_pci_device(device.clone(), device, segment, bdf, bars)
+    }
+}

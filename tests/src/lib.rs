@@ -2,7 +2,8 @@
 //! child process, read its serial console line by line with deadlines.
 //!
 //! Environment: `TESSERA_BIN` (default `target/debug/tessera`), `TESSERA_FIRMWARE` (default
-//! `target/firmware/tessera-fw.elf`), `TESSERA_GUEST_DIR` (default `target/guest`).
+//! `target/firmware/tessera-fw.elf`), `TESSERA_GUEST_DIR` (default `target/guest`),
+//! `TESSERA_CLOUD_HYPERVISOR_VGPU` (default `target/cloud-hypervisor/bin/cloud-hypervisor`).
 //! With `TESSERA_REQUIRE_GUESTS=1` (set by `cargo xtask test`) a missing image fails the test
 //! instead of skipping it.
 
@@ -94,6 +95,19 @@ pub fn firmware() -> Option<PathBuf> {
     guest_image(
         env_path("TESSERA_FIRMWARE", "target/firmware/tessera-fw.elf"),
         "build it with `cargo xtask firmware`",
+    )
+}
+
+/// Cloud Hypervisor with the vGPU built into its device manager (`--vgpu`; issue #24):
+/// `TESSERA_CLOUD_HYPERVISOR_VGPU`, else the one `cargo xtask cloud-hypervisor` builds. Required
+/// like a guest image under `TESSERA_REQUIRE_GUESTS`.
+pub fn cloud_hypervisor_embedded() -> Option<PathBuf> {
+    guest_image(
+        env_path(
+            "TESSERA_CLOUD_HYPERVISOR_VGPU",
+            "target/cloud-hypervisor/bin/cloud-hypervisor",
+        ),
+        "build it with `cargo xtask cloud-hypervisor`",
     )
 }
 

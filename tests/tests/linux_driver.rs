@@ -134,6 +134,29 @@ fn minimal_kernel_driver_selftest_in_cloud_hypervisor() {
     driver_selftest(&mut vm, 2);
 }
 
+/// The same self-test with the vGPU built into Cloud Hypervisor (`--vgpu`; issue #24).
+#[test]
+fn minimal_kernel_driver_selftest_with_the_vgpu_built_into_cloud_hypervisor() {
+    let (Some(ch), Some(kernel)) = (
+        tessera_tests::cloud_hypervisor_embedded(),
+        tessera_tests::guest_file("vmlinux-minimal"),
+    ) else {
+        return;
+    };
+    let mut cmd = Command::new(ch);
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--cmdline",
+            &format!("{} tessera_vgpu.selftest=1", tessera_tests::MINIMAL_CMDLINE),
+        ])
+        .args(["--cpus", "boot=1", "--memory", "size=128M,shared=on"])
+        .args(["--vgpu", "profile=256M"])
+        .args(["--serial", "tty", "--console", "off"]);
+    let mut vm = Vmm::spawn_with(&mut cmd);
+    driver_selftest(&mut vm, 2);
+}
+
 /// Checks the guest enumerates the vGPU at 00:`slot`.0, the driver probes it and its self-test
 /// passes in full.
 fn driver_selftest(vm: &mut Vmm, slot: u32) {

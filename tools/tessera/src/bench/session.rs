@@ -229,7 +229,7 @@ fn pipelined_rate(s: &mut Session, ctx: u32, calls: u32) -> Result<f64, String> 
 pub fn run(args: SessionArgs) -> Result<(), String> {
     let profile = vgpu::profile::find(&args.profile)
         .ok_or_else(|| format!("unknown vGPU profile {:?}", args.profile))?;
-    let server = BenchServer::start(profile, args.gpu)?;
+    let server = BenchServer::start(profile, args.gpu, true)?;
     let mut s = Session::connect_unix(&server.session_socket).map_err(|e| e.to_string())?;
     let ctx = s.create_context().map_err(|e| e.to_string())?;
     let mut progress = super::Progress::new("session", args.runs as usize + 1);

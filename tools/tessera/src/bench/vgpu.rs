@@ -6,6 +6,11 @@
 //! `--user-device`), interleaved run by run with the in-process measurement, and the ratios
 //! are reported.
 //!
+//! With `--cloud-hypervisor PATH` (a build with the vGPU built in: `cargo xtask
+//! cloud-hypervisor`) the same guest measurements run in that Cloud Hypervisor twice more,
+//! interleaved: the vGPU embedded (`--vgpu`) and served over vfio-user (`--user-device`), so
+//! the two transports are compared inside one VMM build.
+//!
 //! The firmware prints one result line per benchmark (see firmware/README.md):
 //! `tessera-fw: bench latency mode=M wait=W iters=N gap_us=G p50_ns=X p99_ns=Y mean_ns=Z
 //! doorbells=D`, `tessera-fw: bench throughput kernel=K size=S batch=B wait=W ns=T` and
@@ -50,6 +55,19 @@ pub struct VgpuArgs {
     /// The GPU under the vGPUs (and under the native runs): soft, or vulkan[,device=N].
     #[arg(long, value_name = "soft|vulkan[,device=N]", default_value = "soft")]
     gpu: GpuKind,
+    /// Also measure in this Cloud Hypervisor (built with `--vgpu`: `cargo xtask
+    /// cloud-hypervisor`), the vGPU embedded and over vfio-user, side by side (soft GPU).
+    #[arg(long, value_name = "PATH")]
+    cloud_hypervisor: Option<PathBuf>,
+}
+
+/// The VMM a firmware guest runs in.
+#[derive(Debug, Clone, Copy)]
+enum Vmm<'a> {
+    /// `tessera vm` (this binary).
+    Tessera,
+    /// A Cloud Hypervisor binary.
+    CloudHypervisor(&'a Path),
 }
 
 /// Where the benchmarked vGPU lives.
@@ -61,19 +79,69 @@ enum Transport {
     VfioUser,
 }
 
-/// The vfio-user side of the report.
+/// The guest figures of one VMM and transport.
 #[derive(Debug, Serialize)]
-struct VfioReport {
+struct Side {
     fast_p50_us: f64,
     fast_p99_us: f64,
     poll_p50_us: f64,
     trapped_p50_us: f64,
+    trapped_p99_us: f64,
     suppress_p50_us: f64,
     suppress_doorbells_per_submit: f64,
     hybrid_p50_us: f64,
     sgemm_guest_ms: f64,
     saxpy_guest_ms: f64,
     start_to_first_fence_ms: f64,
+}
+
+impl Side {
+    fn of(s: &Series) -> Side {
+        let fast = s.lat("fast");
+        let trapped = s.lat("trapped");
+        Side {
+            fast_p50_us: fast.0,
+            fast_p99_us: fast.1,
+            poll_p50_us: s.lat("poll").0,
+            trapped_p50_us: trapped.0,
+            trapped_p99_us: trapped.1,
+            suppress_p50_us: s.lat("suppress").0,
+            suppress_doorbells_per_submit: s.doorbells("suppress"),
+            hybrid_p50_us: s.lat("hybrid").0,
+            sgemm_guest_ms: s.guest("sgemm"),
+            saxpy_guest_ms: s.guest("saxpy"),
+            start_to_first_fence_ms: s.first(),
+        }
+    }
+
+    fn throughput_ms(&self) -> f64 {
+        self.sgemm_guest_ms + self.saxpy_guest_ms
+    }
+
+    fn print(&self, indent: &str) {
+        println!(
+            "{indent}round trip p50 (µs): fast {:.1}, suppression {:.1} ({:.3} doorbells per \
+             submission), polling {:.1}, trapped {:.1} (p99 {:.1}), spin then WAIT {:.1}",
+            self.fast_p50_us,
+            self.suppress_p50_us,
+            self.suppress_doorbells_per_submit,
+            self.poll_p50_us,
+            self.trapped_p50_us,
+            self.trapped_p99_us,
+            self.hybrid_p50_us
+        );
+        println!(
+            "{indent}sgemm {:.2} ms, saxpy {:.2} ms per batch; start → first fence {:.2} ms",
+            self.sgemm_guest_ms, self.saxpy_guest_ms, self.start_to_first_fence_ms
+        );
+    }
+}
+
+/// The vfio-user side of the report.
+#[derive(Debug, Serialize)]
+struct VfioReport {
+    #[serde(flatten)]
+    side: Side,
     /// vfio-user fast-path round trip ÷ in-process (target ≤ 1.5).
     fast_over_in_process: f64,
     /// vfio-user guest throughput ÷ in-process (target ≥ 0.98).
@@ -117,6 +185,20 @@ struct Report {
     start_to_first_fence_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     vfio_user: Option<VfioReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cloud_hypervisor: Option<ChReport>,
+}
+
+/// Cloud Hypervisor with the vGPU built in against the same build with it over vfio-user.
+#[derive(Debug, Serialize)]
+struct ChReport {
+    embedded: Side,
+    vfio_user: Side,
+    /// vfio-user ÷ embedded: the trapped register round trip, the fast path, and guest
+    /// time for the throughput batches.
+    trapped_vfio_user_over_embedded: f64,
+    fast_vfio_user_over_embedded: f64,
+    throughput_time_vfio_user_over_embedded: f64,
 }
 
 /// Guest measurements of one transport.
@@ -147,7 +229,13 @@ impl Series {
     }
 
     /// One run of every guest measurement with the vGPU given by `device` (VM flags).
-    fn measure(&mut self, fw: &Path, device: &[String], iters: u32) -> Result<(), String> {
+    fn measure(
+        &mut self,
+        vmm: Vmm,
+        fw: &Path,
+        device: &[String],
+        iters: u32,
+    ) -> Result<(), String> {
         // Back to back, and (`_idle`) with 2 ms of idleness before each round trip: the
         // command processor's polling window has closed, so it sleeps until the doorbell.
         let idle_iters = (iters / 10).max(20);
@@ -164,6 +252,7 @@ impl Series {
             ("hybrid", "fast", "hybrid", 0, iters),
         ] {
             let (f, _) = firmware_line(
+                vmm,
                 fw,
                 device,
                 &format!("run=bench-latency mode={mode} wait={wait} iters={n} gap_us={gap_us}"),
@@ -185,6 +274,7 @@ impl Series {
             ("sgemm_spin", SGEMM, "spin"),
         ] {
             let (f, _) = firmware_line(
+                vmm,
                 fw,
                 device,
                 &format!(
@@ -198,7 +288,13 @@ impl Series {
                 .or_default()
                 .push(field(&f, "ns")? / 1e6);
         }
-        let (_, t) = firmware_line(fw, device, "run=first-fence", "tessera-fw: first-fence")?;
+        let (_, t) = firmware_line(
+            vmm,
+            fw,
+            device,
+            "run=first-fence",
+            "tessera-fw: first-fence",
+        )?;
         self.first.push(t.as_secs_f64() * 1e3);
         Ok(())
     }
@@ -215,7 +311,13 @@ pub(super) struct BenchServer {
 }
 
 impl BenchServer {
-    pub(super) fn start(profile: &'static vgpu::Profile, kind: GpuKind) -> Result<Self, String> {
+    /// `require_sealed`: refuse guest memory whose size is not sealed (Tessera's VMM seals
+    /// it; Cloud Hypervisor does not).
+    pub(super) fn start(
+        profile: &'static vgpu::Profile,
+        kind: GpuKind,
+        require_sealed: bool,
+    ) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         let gpu = PhysicalGpu::new(&GpuSpec {
             kind,
@@ -226,7 +328,7 @@ impl BenchServer {
             gpu,
             vgpu_server::ServeOptions {
                 dir,
-                require_sealed: true,
+                require_sealed,
                 ..Default::default()
             },
         )
@@ -304,23 +406,39 @@ pub(super) const SAXPY: (&str, u64, u64) = ("saxpy", 1 << 22, 8);
 /// Boots the firmware with `cmdline`; returns the `key=value` fields of the first line
 /// containing `needle`, and the time from spawn to that line.
 fn firmware_line(
+    vmm: Vmm,
     fw: &Path,
     device: &[String],
     cmdline: &str,
     needle: &str,
 ) -> Result<(HashMap<String, String>, Duration), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let mut cmd = match vmm {
+        Vmm::Tessera => {
+            let exe =
+                std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+            let mut c = Command::new(exe);
+            c.args(["--log-level", "warn", "vm", "--kernel"])
+                .arg(fw)
+                .args(["--memory", "256M", "--cmdline", cmdline]);
+            c
+        }
+        Vmm::CloudHypervisor(ch) => {
+            let mut c = Command::new(ch);
+            c.arg("--kernel")
+                .arg(fw)
+                .args(["--cpus", "boot=1", "--memory", "size=256M,shared=on"])
+                .args(["--cmdline", cmdline, "--serial", "tty", "--console", "off"]);
+            c
+        }
+    };
     let start = Instant::now();
-    let mut child = Command::new(exe)
-        .args(["--log-level", "warn", "vm", "--kernel"])
-        .arg(fw)
-        .args(["--memory", "256M", "--cmdline", cmdline])
+    let mut child = cmd
         .args(device)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start tessera vm: {e}"))?;
+        .map_err(|e| format!("cannot start {}: {e}", describe(vmm)))?;
     let out = child.stdout.take().ok_or("no stdout")?;
     let mut transcript = String::new();
     let mut found = None;
@@ -343,6 +461,13 @@ fn firmware_line(
         _ => Err(format!(
             "firmware `{cmdline}` did not report {needle:?} (status {status}); output:\n{transcript}"
         )),
+    }
+}
+
+fn describe(vmm: Vmm) -> String {
+    match vmm {
+        Vmm::Tessera => "tessera vm".into(),
+        Vmm::CloudHypervisor(p) => p.display().to_string(),
     }
 }
 
@@ -438,9 +563,30 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         "--gpu".to_string(),
         gpu_flag,
     ];
-    let server = match args.transport {
-        Transport::InProcess => None,
-        Transport::VfioUser => Some(BenchServer::start(profile, args.gpu)?),
+    if let Some(ch) = &args.cloud_hypervisor {
+        if !ch.exists() {
+            return Err(format!(
+                "Cloud Hypervisor {} not found (cargo xtask cloud-hypervisor)",
+                ch.display()
+            ));
+        }
+        if args.gpu != GpuKind::Soft {
+            return Err(
+                "--cloud-hypervisor measures the soft GPU only (its --vgpu has no \
+                        GPU choice)"
+                    .into(),
+            );
+        }
+    }
+    let over_vfio_user = args.transport == Transport::VfioUser;
+    let server = if over_vfio_user || args.cloud_hypervisor.is_some() {
+        Some(BenchServer::start(
+            profile,
+            args.gpu,
+            args.cloud_hypervisor.is_none(),
+        )?)
+    } else {
+        None
     };
     let user_device = server.as_ref().map(|s| {
         vec![
@@ -448,17 +594,29 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
             format!("socket={}", s.socket.display()),
         ]
     });
+    let embedded = vec!["--vgpu".to_string(), format!("profile={}", profile.name)];
     let mut local = Series::default();
     let mut remote = Series::default();
+    let mut ch_embedded = Series::default();
+    let mut ch_remote = Series::default();
     let mut native: HashMap<&str, Vec<f64>> = HashMap::new();
-    let steps = if user_device.is_some() { 3 } else { 2 };
+    let steps = 2 + usize::from(over_vfio_user) + 2 * usize::from(args.cloud_hypervisor.is_some());
     let mut progress = super::Progress::new("vgpu", args.runs as usize * steps + 1);
     for run in 1..=args.runs {
         progress.step(format!("run {run}: a firmware VM with an in-process vGPU"));
-        local.measure(&fw, &in_process, args.iters)?;
-        if let Some(dev) = &user_device {
+        local.measure(Vmm::Tessera, &fw, &in_process, args.iters)?;
+        if let (true, Some(dev)) = (over_vfio_user, &user_device) {
             progress.step(format!("run {run}: a firmware VM with a vfio-user vGPU"));
-            remote.measure(&fw, dev, args.iters)?;
+            remote.measure(Vmm::Tessera, &fw, dev, args.iters)?;
+        }
+        if let (Some(ch), Some(dev)) = (&args.cloud_hypervisor, &user_device) {
+            let ch = Vmm::CloudHypervisor(ch);
+            progress.step(format!("run {run}: Cloud Hypervisor, the vGPU built in"));
+            ch_embedded.measure(ch, &fw, &embedded, args.iters)?;
+            progress.step(format!(
+                "run {run}: Cloud Hypervisor, the vGPU over vfio-user"
+            ));
+            ch_remote.measure(ch, &fw, dev, args.iters)?;
         }
         progress.step(format!("run {run}: the same kernels natively"));
         for w in [SGEMM, SAXPY] {
@@ -475,22 +633,23 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
     progress.step("an idle host vGPU's polling CPU");
     let (poll_cpu_idle_percent, poll_ns_after_window) = idle_polling(profile, args.gpu)?;
     let g = |k: &str| local.guest(k);
-    let vfio_user = user_device.as_ref().map(|_| {
-        let vfast = remote.lat("fast");
+    let vfio_user = over_vfio_user.then(|| {
+        let side = Side::of(&remote);
         VfioReport {
-            fast_p50_us: vfast.0,
-            fast_p99_us: vfast.1,
-            poll_p50_us: remote.lat("poll").0,
-            trapped_p50_us: remote.lat("trapped").0,
-            suppress_p50_us: remote.lat("suppress").0,
-            suppress_doorbells_per_submit: remote.doorbells("suppress"),
-            hybrid_p50_us: remote.lat("hybrid").0,
-            sgemm_guest_ms: remote.guest("sgemm"),
-            saxpy_guest_ms: remote.guest("saxpy"),
-            start_to_first_fence_ms: remote.first(),
-            fast_over_in_process: vfast.0 / fast.0,
-            throughput_over_in_process: (g("sgemm") + g("saxpy"))
-                / (remote.guest("sgemm") + remote.guest("saxpy")),
+            fast_over_in_process: side.fast_p50_us / fast.0,
+            throughput_over_in_process: (g("sgemm") + g("saxpy")) / side.throughput_ms(),
+            side,
+        }
+    });
+    let cloud_hypervisor = args.cloud_hypervisor.as_ref().map(|_| {
+        let (embedded, vfio_user) = (Side::of(&ch_embedded), Side::of(&ch_remote));
+        ChReport {
+            trapped_vfio_user_over_embedded: vfio_user.trapped_p50_us / embedded.trapped_p50_us,
+            fast_vfio_user_over_embedded: vfio_user.fast_p50_us / embedded.fast_p50_us,
+            throughput_time_vfio_user_over_embedded: vfio_user.throughput_ms()
+                / embedded.throughput_ms(),
+            embedded,
+            vfio_user,
         }
     });
     let r = Report {
@@ -521,6 +680,7 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         guest_over_native: (n("sgemm") + n("saxpy")) / (g("sgemm") + g("saxpy")),
         start_to_first_fence_ms: local.first(),
         vfio_user,
+        cloud_hypervisor,
     };
     if args.json {
         super::print_json(&r)?;
@@ -577,23 +737,23 @@ pub fn run(args: VgpuArgs) -> Result<(), String> {
         );
         if let Some(v) = &r.vfio_user {
             println!("over vfio-user (separate server process), same runs:");
-            println!(
-                "  round trip p50 (µs): fast {:.1}, suppression {:.1} ({:.3} doorbells per \
-                 submission), polling {:.1}, trapped {:.1}, spin then WAIT {:.1}",
-                v.fast_p50_us,
-                v.suppress_p50_us,
-                v.suppress_doorbells_per_submit,
-                v.poll_p50_us,
-                v.trapped_p50_us,
-                v.hybrid_p50_us
-            );
-            println!(
-                "  sgemm {:.2} ms, saxpy {:.2} ms per batch; start → first fence {:.2} ms",
-                v.sgemm_guest_ms, v.saxpy_guest_ms, v.start_to_first_fence_ms
-            );
+            v.side.print("  ");
             println!(
                 "  vfio-user ÷ in-process: fast round trip {:.3}, throughput {:.3}",
                 v.fast_over_in_process, v.throughput_over_in_process
+            );
+        }
+        if let Some(c) = &r.cloud_hypervisor {
+            println!("in Cloud Hypervisor, same runs: the vGPU built in (--vgpu)");
+            c.embedded.print("  ");
+            println!("  … and the same build with the vGPU over vfio-user (--user-device)");
+            c.vfio_user.print("  ");
+            println!(
+                "  vfio-user ÷ built in: trapped round trip {:.2}, fast round trip {:.2}, \
+                 throughput batch time {:.3}",
+                c.trapped_vfio_user_over_embedded,
+                c.fast_vfio_user_over_embedded,
+                c.throughput_time_vfio_user_over_embedded
             );
         }
     }

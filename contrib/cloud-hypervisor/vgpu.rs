@@ -30,6 +30,7 @@
 //!   the device refuses too). Pause and resume work.
 
 use std::any::Any;
+use std::ops::{Range, RangeFrom};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 use std::{io, result};
@@ -42,6 +43,7 @@ use pci::{
     PciBarPrefetchable, PciBarRegionType, PciBdf, PciClassCode, PciConfiguration, PciDevice,
     PciDeviceError, PciHeaderType, PciSubclass,
 };
+use tessera_vgpu::abi::pci as abi_pci;
 use tessera_vgpu::pci::{HostMemory, Interrupts, PciDeviceSync, VectorSink};
 use tessera_vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
 use tessera_vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
@@ -56,9 +58,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError, DeviceManagerResult};
 use crate::device_tree::DeviceNode;
-use crate::vm_config::VgpuConfig;
-
-use tessera_vgpu::abi::pci as abi_pci;
+use crate::vm_config::{VgpuConfig, VmConfig};
 
 /// The vGPU's own view of guest RAM (no dirty bitmap: its writes are never migrated).
 type OwnRam = vm_memory::GuestMemoryMmap<()>;
@@ -68,11 +68,11 @@ const BAR_VRAM: usize = abi_pci::BAR_VRAM;
 const VECTORS: u16 = abi_pci::MSIX_VECTORS;
 /// BAR 0's MSI-X window (table, then PBA, to the end of the BAR): Cloud Hypervisor's
 /// `MsixConfig` answers inside it, never the vGPU.
-const MSIX_WINDOW: std::ops::RangeFrom<u64> = abi_pci::MSIX_TABLE_OFFSET..;
+const MSIX_WINDOW: RangeFrom<u64> = abi_pci::MSIX_TABLE_OFFSET..;
 /// The table's and the PBA's bytes; the rest of the window reads 0 and ignores writes.
-const TABLE: std::ops::Range<u64> =
+const TABLE: Range<u64> =
     abi_pci::MSIX_TABLE_OFFSET..abi_pci::MSIX_TABLE_OFFSET + VECTORS as u64 * 16;
-const PBA: std::ops::Range<u64> =
+const PBA: Range<u64> =
     abi_pci::MSIX_PBA_OFFSET..abi_pci::MSIX_PBA_OFFSET + (VECTORS as u64).div_ceil(64) * 8;
 /// How long a pause waits for the command processor to stop.
 const PAUSE_WITHIN: Duration = Duration::from_secs(5);
@@ -239,17 +239,26 @@ impl VgpuDevice {
         Ok(())
     }
 
+    /// Registers every doorbell at `base`, or none (what it registered is taken back).
     fn register_doorbells(&self, base: u64) -> io::Result<()> {
-        for (off, evt) in &self.doorbells {
-            self.vm
+        for (n, (off, evt)) in self.doorbells.iter().enumerate() {
+            if let Err(e) = self
+                .vm
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + off), None)
-                .map_err(io::Error::other)?;
+            {
+                self.unregister_first(base, n);
+                return Err(io::Error::other(e));
+            }
         }
         Ok(())
     }
 
     fn unregister_doorbells(&self, base: u64) {
-        for (off, evt) in &self.doorbells {
+        self.unregister_first(base, self.doorbells.len());
+    }
+
+    fn unregister_first(&self, base: u64, n: usize) {
+        for (off, evt) in &self.doorbells[..n] {
             if let Err(e) = self
                 .vm
                 .unregister_ioevent(evt, &IoEventAddress::Mmio(base + off))
@@ -290,11 +299,12 @@ impl VgpuDevice {
         .map_err(io::Error::other)
     }
 
-    /// Which BAR `base` is, from where the guest placed them.
+    /// Which BAR the bus range at `base` is (the bus moves a range before `move_bar` is
+    /// called, and `move_bar` follows it).
     fn bar_at(&self, base: u64) -> Option<usize> {
-        if base == self.configuration.get_bar_addr(BAR_REGS) {
+        if base == self.regs.gpa {
             Some(BAR_REGS)
-        } else if base == self.configuration.get_bar_addr(BAR_VRAM) {
+        } else if base == self.vram.gpa {
             Some(BAR_VRAM)
         } else {
             None
@@ -418,7 +428,7 @@ impl PciDevice for VgpuDevice {
                 .unwrap()
                 .read_table(offset - TABLE.start, data),
             Some(BAR_REGS) if PBA.contains(&offset) => {
-                self.msix.lock().unwrap().read_pba(offset - PBA.start, data)
+                self.msix.lock().unwrap().read_pba(offset - PBA.start, data);
             }
             Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => data.fill(0),
             Some(bar) => self.vgpu.read_bar(bar, offset, data),
@@ -441,15 +451,23 @@ impl PciDevice for VgpuDevice {
         None
     }
 
+    /// Moves the doorbells or the VRAM slot with their BAR; on failure they stay (or are put
+    /// back) where they were, and Cloud Hypervisor rolls the BAR back.
     fn move_bar(&mut self, old_base: u64, new_base: u64) -> io::Result<()> {
         if old_base == self.regs.gpa {
             self.unregister_doorbells(old_base);
+            if let Err(e) = self.register_doorbells(new_base) {
+                self.register_doorbells(old_base)?;
+                return Err(e);
+            }
             self.regs.gpa = new_base;
-            self.register_doorbells(new_base)?;
         } else if old_base == self.vram.gpa {
             if let Some((memory, slot)) = &self.aperture {
                 self.unmap_vram(*slot, old_base, memory)?;
-                self.map_vram(*slot, new_base, memory)?;
+                if let Err(e) = self.map_vram(*slot, new_base, memory) {
+                    self.map_vram(*slot, old_base, memory)?;
+                    return Err(e);
+                }
             }
             self.vram.gpa = new_base;
         }
@@ -483,7 +501,7 @@ impl Pausable for VgpuDevice {
 }
 
 /// Why a VM with an embedded vGPU cannot be snapshotted or migrated.
-pub(crate) const NOT_MIGRATABLE: &str = "a VM with a --vgpu device cannot be snapshotted or migrated \
+const NOT_MIGRATABLE: &str = "a VM with a --vgpu device cannot be snapshotted or migrated \
     (its GPU state is not saved); use a vGPU served over vfio-user (tessera serve)";
 
 impl Snapshottable for VgpuDevice {
@@ -508,9 +526,15 @@ impl Migratable for VgpuDevice {
     }
 }
 
-/// Whether the VM has embedded vGPUs (then it can be neither snapshotted nor migrated).
-pub(crate) fn has_vgpus(config: &crate::vm_config::VmConfig) -> bool {
-    config.vgpus.as_ref().is_some_and(|v| !v.is_empty())
+impl VmConfig {
+    /// Why this VM can be neither snapshotted nor migrated: it has embedded vGPUs. Asked by
+    /// `Vm::snapshot` and `vm_send_migration` before anything is paused or sent.
+    pub(crate) fn vgpu_migration_refusal(&self) -> Option<&'static str> {
+        self.vgpus
+            .as_ref()
+            .is_some_and(|v| !v.is_empty())
+            .then_some(NOT_MIGRATABLE)
+    }
 }
 
 /// The guest's RAM as the vGPU's own mapping of the files behind it.
@@ -556,9 +580,12 @@ impl DeviceManager {
                 id
             }
         };
-        let profile = tessera_vgpu::profile::find(&cfg.profile).ok_or_else(|| {
-            DeviceManagerError::VgpuCreate(anyhow!("unknown profile {}", cfg.profile))
-        })?;
+        let profile = tessera_vgpu::PROFILES
+            .iter()
+            .find(|p| p.name == cfg.profile)
+            .ok_or_else(|| {
+                DeviceManagerError::VgpuCreate(anyhow!("unknown profile {}", cfg.profile))
+            })?;
         info!("Creating vGPU {id} ({})", profile.name);
         let (segment, bdf, resources) = self.pci_resources(
             &id,

@@ -27,10 +27,17 @@ fn root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
+    let started = Instant::now();
     let status = cmd
         .status()
         .map_err(|e| format!("cannot run {}: {e}", describe(cmd)))?;
     if status.success() {
+        // What each step costs CI, in its log.
+        eprintln!(
+            "xtask: done in {:.0} s: {}",
+            started.elapsed().as_secs_f64(),
+            describe(cmd)
+        );
         Ok(())
     } else {
         Err(format!("{} failed with {status}", describe(cmd)))

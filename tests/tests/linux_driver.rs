@@ -120,18 +120,8 @@ fn minimal_kernel_driver_selftest_in_cloud_hypervisor() {
     };
     let server = tessera_tests::Server::start("linux-ch", &["--gpu", "soft,vram=1G,engines=2"]);
     let sock = server.ok(&["vgpu", "create", "--type", "256M", "--name", "ch"]);
-    let mut cmd = Command::new(ch);
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .args([
-            "--cmdline",
-            &format!("{} tessera_vgpu.selftest=1", tessera_tests::MINIMAL_CMDLINE),
-        ])
-        .args(["--cpus", "boot=1", "--memory", "size=128M,shared=on"])
-        .args(["--user-device", &format!("socket={}", sock.trim())])
-        .args(["--serial", "tty", "--console", "off"]);
-    let mut vm = Vmm::spawn_with(&mut cmd);
-    driver_selftest(&mut vm, 2);
+    let device = format!("socket={}", sock.trim());
+    selftest_in_cloud_hypervisor(&ch, &kernel, &["--user-device", &device]);
 }
 
 /// The same self-test with the vGPU built into Cloud Hypervisor (`--vgpu`; issue #24).
@@ -143,15 +133,21 @@ fn minimal_kernel_driver_selftest_with_the_vgpu_built_into_cloud_hypervisor() {
     ) else {
         return;
     };
+    selftest_in_cloud_hypervisor(&ch, &kernel, &["--vgpu", "profile=256M"]);
+}
+
+/// The minimal kernel with the driver's self-test in Cloud Hypervisor `ch`, the vGPU given by
+/// `device` (it lands at 00:02.0).
+fn selftest_in_cloud_hypervisor(ch: &Path, kernel: &Path, device: &[&str]) {
     let mut cmd = Command::new(ch);
     cmd.arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .args([
             "--cmdline",
             &format!("{} tessera_vgpu.selftest=1", tessera_tests::MINIMAL_CMDLINE),
         ])
         .args(["--cpus", "boot=1", "--memory", "size=128M,shared=on"])
-        .args(["--vgpu", "profile=256M"])
+        .args(device)
         .args(["--serial", "tty", "--console", "off"]);
     let mut vm = Vmm::spawn_with(&mut cmd);
     driver_selftest(&mut vm, 2);

@@ -668,9 +668,12 @@ mod tests {
         let elapsed = t0.elapsed().as_nanos() as f64;
         for &id in &ids {
             // Four windows and a half at 20 %: a waiter that slept through the window's
-            // slide would have run for one window's cap only (≈ 4 %).
+            // slide would have run for one window's cap only (≈ 4 %). At most five windows'
+            // caps (the last, half-gone window may be spent whole: 100 ms of 450, 0.222) plus
+            // the slice in flight when a cap is reached (one more on a loaded host, where a
+            // 2 ms slice overruns): CI once measured 0.230.
             let share = s.stats(id).busy_ns as f64 / elapsed;
-            assert!((0.12..=0.23).contains(&share), "member {id} ran {share:.3}");
+            assert!((0.12..=0.25).contains(&share), "member {id} ran {share:.3}");
         }
     }
 }

@@ -41,5 +41,8 @@ step "conformance, in process"
 timeout 120 "$BIN" vm --kernel "$FW" --memory 256M --cmdline run=conformance \
     --vgpu profile=256M --gpu vulkan 2>&1 | tail -3 || exit 1
 
+step "bench scatter: gather/scatter vs a page table of device addresses"
+timeout 120 "$BIN" --log-level warn bench scatter --gpu vulkan --mib 64 --runs 5 --json || exit 1
+
 step "bench vgpu"
 timeout 300 "$BIN" --log-level warn bench vgpu --gpu vulkan --runs 3 --json || exit 1

@@ -126,10 +126,19 @@ fn the_readme_synopsis_and_help_list_the_same_flags() {
         ("bench soak", &["bench", "soak"]),
         ("bench session", &["bench", "session"]),
         ("bench migrate", &["bench", "migrate"]),
+        ("bench scatter", &["bench", "scatter"]),
     ]
     .into_iter()
     .map(|(key, args)| (key, with_subcommands(args)))
     .collect();
+    // Every benchmark has an entry above (a new one must get a synopsis too).
+    for bench in with_subcommands(&["bench"]).iter().skip(1) {
+        let key = bench.join(" ");
+        assert!(
+            pages.iter().any(|(k, _)| *k == key),
+            "tessera {key} is not checked against the README: add it to the list"
+        );
+    }
     let vgpu = &pages.iter().find(|(k, _)| *k == "vgpu").expect("vgpu").1;
     assert!(vgpu.len() >= 10, "vgpu's subcommands not found: {vgpu:?}");
     let mut wrong = Vec::new();

@@ -2,6 +2,7 @@
 
 mod boot;
 mod migrate;
+mod scatter;
 mod sched;
 mod session;
 mod soak;
@@ -32,6 +33,9 @@ pub enum BenchCommand {
     /// Live migration of a busy firmware VM that writes RAM and VRAM between two processes:
     /// downtime and total time per vGPU profile.
     Migrate(migrate::MigrateArgs),
+    /// Kernel operands scattered page by page: gather/scatter through staging buffers vs a
+    /// page table of device addresses, on one Vulkan device.
+    Scatter(scatter::ScatterArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -43,6 +47,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Soak(args) => soak::run(args),
         BenchCommand::Session(args) => session::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
+        BenchCommand::Scatter(args) => scatter::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

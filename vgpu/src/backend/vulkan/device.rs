@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ash::vk;
 use vgpu_abi::fault;
 
-use super::pipelines::Pipeline;
+use super::pipelines::{Pipeline, Shader};
 use super::{Instance, vk_err};
 use crate::backend::BackendError;
 use crate::mem::Fault;
@@ -28,11 +28,14 @@ pub(super) struct Dev {
     host: ash::ext::external_memory_host::Device,
     submit: Mutex<Submit>,
     /// The kernels' pipelines, made on first use (in `Shader::ALL` order).
-    pub(super) pipelines: [OnceLock<Pipeline>; 5],
+    pub(super) pipelines: [OnceLock<Pipeline>; Shader::ALL.len()],
     /// Descriptor sets of running kernels.
     descriptors: Mutex<vk::DescriptorPool>,
     /// Set once a call reported the device lost: every later operation faults.
     lost: AtomicBool,
+    /// Made with `bufferDeviceAddress`: every buffer has a device address
+    /// ([`Dev::address`]).
+    device_addresses: bool,
 }
 
 impl Drop for Dev {
@@ -61,6 +64,22 @@ impl Drop for Dev {
 impl Dev {
     /// A new logical device with one compute queue.
     pub(super) fn new(inst: Arc<Instance>) -> Result<Arc<Dev>, BackendError> {
+        Self::create(inst, false)
+    }
+
+    /// A new logical device whose buffers have device addresses (`bufferDeviceAddress`), for
+    /// shaders that follow a page table of them.
+    pub(super) fn with_device_addresses(inst: Arc<Instance>) -> Result<Arc<Dev>, BackendError> {
+        if !inst.device_addresses {
+            return Err(BackendError::Vulkan(format!(
+                "Vulkan device {} lacks bufferDeviceAddress",
+                inst.name
+            )));
+        }
+        Self::create(inst, true)
+    }
+
+    fn create(inst: Arc<Instance>, device_addresses: bool) -> Result<Arc<Dev>, BackendError> {
         let priorities = [1.0f32];
         let queues = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(inst.queue_family)
@@ -72,11 +91,14 @@ impl Dev {
         let features = vk::PhysicalDeviceFeatures::default().shader_int64(true);
         let mut clock =
             vk::PhysicalDeviceShaderClockFeaturesKHR::default().shader_device_clock(true);
+        let mut addresses = vk::PhysicalDeviceBufferDeviceAddressFeatures::default()
+            .buffer_device_address(device_addresses);
         let info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queues)
             .enabled_extension_names(&extensions)
             .enabled_features(&features)
-            .push_next(&mut clock);
+            .push_next(&mut clock)
+            .push_next(&mut addresses);
         // SAFETY: the physical device belongs to the live instance; `info` and what it points
         // to live across the call; the extension and feature were checked at start.
         let device = unsafe { inst.instance.create_device(inst.physical, &info, None) }
@@ -155,6 +177,7 @@ impl Dev {
             pipelines: Default::default(),
             descriptors: Mutex::new(descriptors),
             lost: AtomicBool::new(false),
+            device_addresses,
         }))
     }
 
@@ -278,16 +301,18 @@ impl Dev {
         let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
             .handle_type(handle)
             .host_pointer(ptr.cast());
+        let mut flags = self.allocate_flags();
         let info = vk::MemoryAllocateInfo::default()
             .allocation_size(len)
             .memory_type_index(kind)
-            .push_next(&mut import);
+            .push_next(&mut import)
+            .push_next(&mut flags);
         // SAFETY: the device is live; the chain lives across the call; the caller keeps the
         // memory mapped for as long as the allocation lives.
         let memory = unsafe { self.device.allocate_memory(&info, None) }
             .map_err(vk_err("cannot import host memory"))?;
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let binfo = buffer_info(len).push_next(&mut external);
+        let binfo = self.buffer_info(len).push_next(&mut external);
         let free = |m| {
             // SAFETY: `m` was allocated above and nothing uses it.
             unsafe { self.device.free_memory(m, None) }
@@ -315,16 +340,43 @@ impl Dev {
     }
 }
 
-/// A buffer of `len` bytes that copies and shaders use.
-fn buffer_info<'a>(len: u64) -> vk::BufferCreateInfo<'a> {
-    vk::BufferCreateInfo::default()
-        .size(len)
-        .usage(
-            vk::BufferUsageFlags::TRANSFER_SRC
-                | vk::BufferUsageFlags::TRANSFER_DST
-                | vk::BufferUsageFlags::STORAGE_BUFFER,
-        )
-        .sharing_mode(vk::SharingMode::EXCLUSIVE)
+impl Dev {
+    /// A buffer of `len` bytes that copies and shaders use (by device address too, on a
+    /// device made with them).
+    fn buffer_info<'a>(&self, len: u64) -> vk::BufferCreateInfo<'a> {
+        let mut usage = vk::BufferUsageFlags::TRANSFER_SRC
+            | vk::BufferUsageFlags::TRANSFER_DST
+            | vk::BufferUsageFlags::STORAGE_BUFFER;
+        if self.device_addresses {
+            usage |= vk::BufferUsageFlags::SHADER_DEVICE_ADDRESS;
+        }
+        vk::BufferCreateInfo::default()
+            .size(len)
+            .usage(usage)
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+    }
+
+    /// What memory for this device's buffers is allocated with (device addresses, when it
+    /// has them).
+    fn allocate_flags<'a>(&self) -> vk::MemoryAllocateFlagsInfo<'a> {
+        let mut flags = vk::MemoryAllocateFlags::empty();
+        if self.device_addresses {
+            flags |= vk::MemoryAllocateFlags::DEVICE_ADDRESS;
+        }
+        vk::MemoryAllocateFlagsInfo::default().flags(flags)
+    }
+
+    /// The device address of `buffer`'s first byte, on a device made with
+    /// [`Dev::with_device_addresses`] (`None` on others).
+    pub(super) fn address(&self, buffer: vk::Buffer) -> Option<u64> {
+        if !self.device_addresses {
+            return None;
+        }
+        let info = vk::BufferDeviceAddressInfo::default().buffer(buffer);
+        // SAFETY: the device was made with bufferDeviceAddress, and `buffer` (a buffer of
+        // this device, bound to memory allocated with DEVICE_ADDRESS) has the usage.
+        Some(unsafe { self.device.get_buffer_device_address(&info) })
+    }
 }
 
 /// Tests: device-local VRAM behaves as if the host could not map it (every access through a
@@ -371,7 +423,7 @@ impl Dev {
         require: vk::MemoryPropertyFlags,
     ) -> Result<DeviceBuffer, vk::Result> {
         let len = len.max(4).next_multiple_of(4);
-        let binfo = buffer_info(len);
+        let binfo = self.buffer_info(len);
         // SAFETY: the device is live; `binfo` lives across the call.
         let buffer = unsafe { self.device.create_buffer(&binfo, None) }?;
         // SAFETY: the buffer was just made on this device.
@@ -392,9 +444,11 @@ impl Dev {
             destroy();
             return Err(vk::Result::ERROR_OUT_OF_DEVICE_MEMORY);
         };
+        let mut flags = self.allocate_flags();
         let info = vk::MemoryAllocateInfo::default()
             .allocation_size(req.size)
-            .memory_type_index(kind);
+            .memory_type_index(kind)
+            .push_next(&mut flags);
         // SAFETY: the device is live; `info` lives across the call.
         let memory = match unsafe { self.device.allocate_memory(&info, None) } {
             Ok(m) => m,

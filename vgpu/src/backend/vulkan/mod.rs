@@ -7,6 +7,7 @@
 mod device;
 mod ops;
 mod pipelines;
+mod scatter;
 mod vram;
 
 use std::ffi::CStr;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use ash::vk;
 
+pub use self::scatter::ScatterCosts;
 use self::vram::VulkanVram;
 use super::{BackendError, GpuBackend, Launch, Op, Vram, check_range};
 use crate::mem::{Fault, Spaces};
@@ -32,6 +34,8 @@ pub(crate) struct Instance {
     /// Nanoseconds per tick of the device clock (`timestampPeriod`).
     timestamp_period: f32,
     name: String,
+    /// Whether the device has `bufferDeviceAddress` (only `scatter_costs` uses it).
+    device_addresses: bool,
 }
 
 impl Drop for Instance {
@@ -96,6 +100,7 @@ impl VulkanGpu {
             import_align: 0,
             timestamp_period: 1.0,
             name: String::new(),
+            device_addresses: false,
         };
         // SAFETY: the instance is live.
         let devices = unsafe { inst.instance.enumerate_physical_devices() }
@@ -146,7 +151,10 @@ impl VulkanGpu {
             return Err(lacks("VK_KHR_shader_clock (the SPIN_US kernel)"));
         }
         let mut clock = vk::PhysicalDeviceShaderClockFeaturesKHR::default();
-        let mut features = vk::PhysicalDeviceFeatures2::default().push_next(&mut clock);
+        let mut addresses = vk::PhysicalDeviceBufferDeviceAddressFeatures::default();
+        let mut features = vk::PhysicalDeviceFeatures2::default()
+            .push_next(&mut clock)
+            .push_next(&mut addresses);
         // SAFETY: as above; `features` and its chain live across the call.
         unsafe {
             inst.instance
@@ -158,6 +166,7 @@ impl VulkanGpu {
         if clock.shader_device_clock == vk::FALSE {
             return Err(lacks("shaderDeviceClock"));
         }
+        inst.device_addresses = addresses.buffer_device_address == vk::TRUE;
         let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
         let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut host);
         // SAFETY: as above; `props2` and its chain live across the call.

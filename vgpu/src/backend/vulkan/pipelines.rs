@@ -14,15 +14,19 @@ pub(super) enum Shader {
     Reduce,
     Crc32,
     Spin,
+    /// SAXPY through a page table of device addresses (`scatter_costs` only; the device
+    /// must have been made with device addresses).
+    SaxpyPages,
 }
 
 impl Shader {
-    pub(super) const ALL: [Shader; 5] = [
+    pub(super) const ALL: [Shader; 6] = [
         Shader::Saxpy,
         Shader::Sgemm,
         Shader::Reduce,
         Shader::Crc32,
         Shader::Spin,
+        Shader::SaxpyPages,
     ];
 
     /// Its file name in `shaders/`, without extension.
@@ -34,6 +38,7 @@ impl Shader {
             Shader::Reduce => "reduce",
             Shader::Crc32 => "crc32",
             Shader::Spin => "spin",
+            Shader::SaxpyPages => "saxpy_pages",
         }
     }
 
@@ -45,6 +50,7 @@ impl Shader {
             Shader::Reduce => include_bytes!("shaders/reduce.spv"),
             Shader::Crc32 => include_bytes!("shaders/crc32.spv"),
             Shader::Spin => include_bytes!("shaders/spin.spv"),
+            Shader::SaxpyPages => include_bytes!("shaders/saxpy_pages.spv"),
         }
     }
 
@@ -52,7 +58,7 @@ impl Shader {
     pub(super) fn buffers(self) -> u32 {
         match self {
             Shader::Sgemm => 3,
-            Shader::Spin => 1,
+            Shader::Spin | Shader::SaxpyPages => 1,
             _ => 2,
         }
     }
@@ -61,7 +67,7 @@ impl Shader {
     fn push_size(self) -> u32 {
         match self {
             Shader::Saxpy | Shader::Reduce | Shader::Crc32 => 12,
-            Shader::Sgemm => 16,
+            Shader::Sgemm | Shader::SaxpyPages => 16,
             Shader::Spin => 8,
         }
     }

@@ -64,3 +64,16 @@ fn shaders_match_their_sources() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Both ways of reaching scattered operands (gather/scatter through staging, a page table of
+/// device addresses) give SAXPY's fused result bit for bit; `scatter_costs` checks every
+/// element before it times anything.
+#[test]
+fn gather_scatter_and_device_addresses_agree() {
+    let Some(g) = gpu(1 << 20) else { return };
+    let c = g.scatter_costs(1, 1).unwrap();
+    assert_eq!((c.bytes, c.extents, c.runs), (1 << 20, 256, 1));
+    assert!(c.staged >= c.gather && c.device_address >= c.table);
+    let e = g.scatter_costs(0, 1).unwrap_err().to_string();
+    assert!(e.contains("1 to 1024"), "{e}");
+}

@@ -375,11 +375,7 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
         downtime_largest_over_smallest: ratio,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return super::print_json(&report);
     }
     println!(
         "profile  downtime_ms (pause + last copy + state + apply)  total_ms  sent_MB  rounds  \

@@ -66,11 +66,7 @@ pub fn run(args: ScatterArgs) -> Result<(), String> {
         device_address_over_gather_scatter: c.ratio(),
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return super::print_json(&r);
     }
     println!(
         "{}: SAXPY, x and y of {} MiB each, every 4 KiB page elsewhere, medians of {} packets",

@@ -335,32 +335,10 @@ impl KernelLaunch {
         };
         let y = self.columns;
         self.dev.run(|d, cmd| {
-            // SAFETY: recording into this device's command buffer with its own pipeline,
-            // layout and set; the push constants match the layout's range.
-            unsafe { d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, pipe.pipeline) };
-            // SAFETY: as above.
-            unsafe {
-                d.cmd_bind_descriptor_sets(
-                    cmd,
-                    vk::PipelineBindPoint::COMPUTE,
-                    pipe.layout,
-                    0,
-                    &[self.set],
-                    &[],
-                )
-            };
-            // SAFETY: as above.
-            unsafe {
-                d.cmd_push_constants(
-                    cmd,
-                    pipe.layout,
-                    vk::ShaderStageFlags::COMPUTE,
-                    0,
-                    &self.push,
-                )
-            };
-            // SAFETY: as above; the group range lies inside the kernel's groups.
-            unsafe { d.cmd_dispatch_base(cmd, x, 0, 0, n, y, 1) };
+            // SAFETY: recording into this device's command buffer with its own pipeline and
+            // set (made with its layout, binding this launch's live buffers); the push
+            // constants match the layout's range; the group range lies inside the kernel's.
+            unsafe { pipe.record(d, cmd, self.set, &self.push, x, n, y) };
         })
     }
 

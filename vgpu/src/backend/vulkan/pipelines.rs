@@ -158,6 +158,39 @@ impl Pipeline {
         }
     }
 
+    /// Records a dispatch of workgroups `first..first + count` across x, `rows` down y, with
+    /// `set` bound and `push` as the push constants.
+    ///
+    /// # Safety
+    ///
+    /// `cmd` is a command buffer of `device` (this pipeline's) being recorded; `set` was made
+    /// with this pipeline's set layout on `device` and binds live buffers; `push` is the
+    /// layout's push-constant range; the groups lie inside the kernel's.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn record(
+        &self,
+        device: &ash::Device,
+        cmd: vk::CommandBuffer,
+        set: vk::DescriptorSet,
+        push: &[u8],
+        first: u32,
+        count: u32,
+        rows: u32,
+    ) {
+        let compute = vk::PipelineBindPoint::COMPUTE;
+        // SAFETY: the caller's contract: recording into `device`'s command buffer with this
+        // pipeline, its layout and a set of that layout.
+        unsafe { device.cmd_bind_pipeline(cmd, compute, self.pipeline) };
+        // SAFETY: as above.
+        unsafe { device.cmd_bind_descriptor_sets(cmd, compute, self.layout, 0, &[set], &[]) };
+        // SAFETY: as above; `push` matches the layout's range.
+        unsafe {
+            device.cmd_push_constants(cmd, self.layout, vk::ShaderStageFlags::COMPUTE, 0, push)
+        };
+        // SAFETY: as above; the pipeline allows a base group (DISPATCH_BASE).
+        unsafe { device.cmd_dispatch_base(cmd, first, 0, 0, count, rows, 1) };
+    }
+
     /// Destroys it.
     ///
     /// # Safety

@@ -218,26 +218,9 @@ impl Study {
         let groups = u64::from(self.n).div_ceil(SAXPY_GROUP) as u32;
         self.dev
             .run(|d, cmd| {
-                // SAFETY: recording into this device's command buffer with its own pipeline,
-                // layout and set; the push constants match the layout's range.
-                unsafe { d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, pipe.pipeline) };
-                // SAFETY: as above.
-                unsafe {
-                    d.cmd_bind_descriptor_sets(
-                        cmd,
-                        vk::PipelineBindPoint::COMPUTE,
-                        pipe.layout,
-                        0,
-                        &[set],
-                        &[],
-                    )
-                };
-                // SAFETY: as above.
-                unsafe {
-                    d.cmd_push_constants(cmd, pipe.layout, vk::ShaderStageFlags::COMPUTE, 0, push)
-                };
-                // SAFETY: as above.
-                unsafe { d.cmd_dispatch(cmd, groups, 1, 1) };
+                // SAFETY: this device's command buffer, pipeline and a set of its layout
+                // binding live buffers; the push constants fill the range; every group exists.
+                unsafe { pipe.record(d, cmd, set, push, 0, groups, 1) };
             })
             .map_err(|_| failed("the kernel"))
     }

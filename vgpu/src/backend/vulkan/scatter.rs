@@ -39,6 +39,9 @@ pub struct ScatterCosts {
     pub runs: usize,
     /// Gather/scatter: staging allocated and both operands copied in.
     pub gather: Duration,
+    /// Of `gather`: allocating the two staging buffers (a new pair per packet, as `ops.rs`
+    /// does).
+    pub staging_alloc: Duration,
     /// Gather/scatter: the kernel on the staging buffers.
     pub staged_kernel: Duration,
     /// Gather/scatter: y copied back.
@@ -51,6 +54,10 @@ pub struct ScatterCosts {
     pub table_kernel: Duration,
     /// Device addresses: the whole packet.
     pub device_address: Duration,
+    /// Gather/scatter with staging buffers kept from an earlier packet: the gather.
+    pub warm_gather: Duration,
+    /// Gather/scatter with staging buffers kept from an earlier packet: the whole packet.
+    pub warm_staged: Duration,
 }
 
 impl ScatterCosts {
@@ -275,20 +282,23 @@ impl Study {
         p
     }
 
-    /// One packet through staging buffers: (gather, kernel, scatter) times.
-    fn staged(&self) -> Result<[Duration; 3], BackendError> {
-        let bytes = u64::from(self.n) * 4;
+    /// One packet through staging buffers: (gather, kernel, scatter, allocation within the
+    /// gather) times.
+    /// With `warm`, the staging buffers are that pair (allocated and touched by an earlier
+    /// packet) instead of a new one.
+    fn staged(&self, warm: Option<&[DeviceBuffer; 2]>) -> Result<[Duration; 4], BackendError> {
         let t0 = Instant::now();
-        let sx = self
-            .dev
-            .staging(bytes)
-            .map_err(err("cannot allocate staging"))?;
-        let sy = self
-            .dev
-            .staging(bytes)
-            .map_err(err("cannot allocate staging"))?;
-        self.copy_pages(0, &sx, true)?;
-        self.copy_pages(1, &sy, true)?;
+        let fresh;
+        let [sx, sy] = match warm {
+            Some(pair) => pair,
+            None => {
+                fresh = self.staging_pair()?;
+                &fresh
+            }
+        };
+        let allocated = t0.elapsed();
+        self.copy_pages(0, sx, true)?;
+        self.copy_pages(1, sy, true)?;
         let t1 = Instant::now();
         let pipe =
             pipelines::get(&self.dev, Shader::Saxpy).map_err(err("cannot make a pipeline"))?;
@@ -300,9 +310,20 @@ impl Study {
         self.dev.free_set(set);
         r?;
         let t2 = Instant::now();
-        self.copy_pages(1, &sy, false)?;
+        self.copy_pages(1, sy, false)?;
         let t3 = Instant::now();
-        Ok([t1 - t0, t2 - t1, t3 - t2])
+        Ok([t1 - t0, t2 - t1, t3 - t2, allocated])
+    }
+
+    /// Two staging buffers the size of an operand.
+    fn staging_pair(&self) -> Result<[DeviceBuffer; 2], BackendError> {
+        let bytes = u64::from(self.n) * 4;
+        let one = || {
+            self.dev
+                .staging(bytes)
+                .map_err(err("cannot allocate staging"))
+        };
+        Ok([one()?, one()?])
     }
 
     /// One packet through a page table of device addresses: (table, kernel) times.
@@ -357,35 +378,37 @@ impl VulkanGpu {
         }
         let bytes = mib << 20;
         let mut s = Study::new(self, bytes)?;
-        s.staged()?;
+        s.staged(None)?;
         s.check("gather/scatter")?;
         s.reset();
         s.device_address()?;
         s.check("device addresses")?;
-        let (mut g, mut k, mut sc, mut st, mut tb, mut tk, mut da) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let warm = s.staging_pair()?;
+        s.staged(Some(&warm))?;
+        // One row per run: gather, allocation, kernel, scatter, staged; table, kernel,
+        // device address; warm gather, warm staged.
+        let mut rows = Vec::new();
         for _ in 0..runs.max(1) {
-            let [a, b, c] = s.staged()?;
-            g.push(a);
-            k.push(b);
-            sc.push(c);
-            st.push(a + b + c);
+            let [g, k, sc, alloc] = s.staged(None)?;
             let [t, u] = s.device_address()?;
-            tb.push(t);
-            tk.push(u);
-            da.push(t + u);
+            let [wg, wk, wsc, _] = s.staged(Some(&warm))?;
+            rows.push([g, alloc, k, sc, g + k + sc, t, u, t + u, wg, wg + wk + wsc]);
         }
+        let m = |i: usize| median(rows.iter().map(|r| r[i]).collect());
         Ok(ScatterCosts {
             bytes,
             extents: s.pages,
             runs: runs.max(1),
-            gather: median(g),
-            staged_kernel: median(k),
-            scatter: median(sc),
-            staged: median(st),
-            table: median(tb),
-            table_kernel: median(tk),
-            device_address: median(da),
+            gather: m(0),
+            staging_alloc: m(1),
+            staged_kernel: m(2),
+            scatter: m(3),
+            staged: m(4),
+            table: m(5),
+            table_kernel: m(6),
+            device_address: m(7),
+            warm_gather: m(8),
+            warm_staged: m(9),
         })
     }
 }

@@ -93,12 +93,15 @@ impl Dev {
             vk::PhysicalDeviceShaderClockFeaturesKHR::default().shader_device_clock(true);
         let mut addresses = vk::PhysicalDeviceBufferDeviceAddressFeatures::default()
             .buffer_device_address(device_addresses);
-        let info = vk::DeviceCreateInfo::default()
+        let mut info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queues)
             .enabled_extension_names(&extensions)
             .enabled_features(&features)
-            .push_next(&mut clock)
-            .push_next(&mut addresses);
+            .push_next(&mut clock);
+        // Only where asked: the vGPUs' own devices are made exactly as before.
+        if device_addresses {
+            info = info.push_next(&mut addresses);
+        }
         // SAFETY: the physical device belongs to the live instance; `info` and what it points
         // to live across the call; the extension and feature were checked at start.
         let device = unsafe { inst.instance.create_device(inst.physical, &info, None) }
@@ -301,12 +304,14 @@ impl Dev {
         let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
             .handle_type(handle)
             .host_pointer(ptr.cast());
-        let mut flags = self.allocate_flags();
-        let info = vk::MemoryAllocateInfo::default()
+        let mut flags = Self::address_flags();
+        let mut info = vk::MemoryAllocateInfo::default()
             .allocation_size(len)
             .memory_type_index(kind)
-            .push_next(&mut import)
-            .push_next(&mut flags);
+            .push_next(&mut import);
+        if self.device_addresses {
+            info = info.push_next(&mut flags);
+        }
         // SAFETY: the device is live; the chain lives across the call; the caller keeps the
         // memory mapped for as long as the allocation lives.
         let memory = unsafe { self.device.allocate_memory(&info, None) }
@@ -356,14 +361,10 @@ impl Dev {
             .sharing_mode(vk::SharingMode::EXCLUSIVE)
     }
 
-    /// What memory for this device's buffers is allocated with (device addresses, when it
-    /// has them).
-    fn allocate_flags<'a>(&self) -> vk::MemoryAllocateFlagsInfo<'a> {
-        let mut flags = vk::MemoryAllocateFlags::empty();
-        if self.device_addresses {
-            flags |= vk::MemoryAllocateFlags::DEVICE_ADDRESS;
-        }
-        vk::MemoryAllocateFlagsInfo::default().flags(flags)
+    /// What memory for a device made with device addresses is allocated with (chained only
+    /// on such a device).
+    fn address_flags<'a>() -> vk::MemoryAllocateFlagsInfo<'a> {
+        vk::MemoryAllocateFlagsInfo::default().flags(vk::MemoryAllocateFlags::DEVICE_ADDRESS)
     }
 
     /// The device address of `buffer`'s first byte, on a device made with
@@ -444,11 +445,13 @@ impl Dev {
             destroy();
             return Err(vk::Result::ERROR_OUT_OF_DEVICE_MEMORY);
         };
-        let mut flags = self.allocate_flags();
-        let info = vk::MemoryAllocateInfo::default()
+        let mut flags = Self::address_flags();
+        let mut info = vk::MemoryAllocateInfo::default()
             .allocation_size(req.size)
-            .memory_type_index(kind)
-            .push_next(&mut flags);
+            .memory_type_index(kind);
+        if self.device_addresses {
+            info = info.push_next(&mut flags);
+        }
         // SAFETY: the device is live; `info` lives across the call.
         let memory = match unsafe { self.device.allocate_memory(&info, None) } {
             Ok(m) => m,

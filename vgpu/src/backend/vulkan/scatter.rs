@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use ash::vk;
 use vgpu_abi::kernel::SAXPY_GROUP;
+use vm_memory::MmapRegion;
 
-use super::VulkanGpu;
 use super::device::{Dev, DeviceBuffer, HostBuffer};
 use super::pipelines::{self, Shader};
+use super::{VulkanGpu, vk_err};
 use crate::backend::BackendError;
 
 /// The page the device-address shader assumes (its `Page` is 1024 floats).
@@ -67,63 +68,16 @@ impl ScatterCosts {
     }
 }
 
-fn err(what: &'static str) -> impl Fn(vk::Result) -> BackendError {
-    move |e| BackendError::Vulkan(format!("{what}: {e}"))
-}
-
 fn failed(what: &'static str) -> BackendError {
     BackendError::Vulkan(format!("{what} failed on the device"))
-}
-
-/// An anonymous host mapping, unmapped on drop.
-struct HostMemory {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl HostMemory {
-    fn new(len: usize) -> Result<Self, BackendError> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(BackendError::Vulkan(format!(
-                "cannot map {len} bytes of host memory: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(HostMemory { ptr: p.cast(), len })
-    }
-
-    fn floats(&mut self) -> &mut [f32] {
-        // SAFETY: `len` bytes mapped read-write at `ptr` (page-aligned, so f32-aligned) for as
-        // long as `self` lives; the borrow of `self` keeps the device's view out (no
-        // submission is in flight while the host touches it).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.len / 4) }
-    }
-}
-
-impl Drop for HostMemory {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new`; the buffer importing it was dropped first (field order in
-        // `Study`).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 /// The operands and where each of their pages lies.
 struct Study {
     /// Declared before `host`: the import goes first.
     import: HostBuffer,
-    host: HostMemory,
+    /// An anonymous mapping, x's and y's pages in it.
+    host: MmapRegion<()>,
     dev: std::sync::Arc<Dev>,
     /// Host page of operand page `i` (x: `0..pages`, y: `pages..2 * pages`).
     place: Vec<u64>,
@@ -160,11 +114,13 @@ impl Study {
         let dev = Dev::with_device_addresses(gpu.inst.clone())?;
         let pages = bytes / PAGE;
         let len = 2 * bytes;
-        let host = HostMemory::new(len as usize)?;
+        let host = MmapRegion::<()>::new(len as usize).map_err(|e| {
+            BackendError::Vulkan(format!("cannot map {len} bytes of host memory: {e}"))
+        })?;
         // SAFETY: `host` is one mapping of `len` bytes, page-aligned (the device imports at
         // page granularity, checked when the instance was made), and it outlives the import
         // (field order).
-        let import = unsafe { dev.import(host.ptr, len) }?;
+        let import = unsafe { dev.import(host.as_ptr(), len) }?;
         let place = shuffled(2 * pages);
         let mut s = Study {
             import,
@@ -179,6 +135,14 @@ impl Study {
         Ok(s)
     }
 
+    /// The host mapping as floats.
+    fn floats(&mut self) -> &mut [f32] {
+        // SAFETY: the region maps `size()` bytes read-write, page-aligned (so f32-aligned),
+        // for as long as `self` lives; `&mut self` keeps every other view out, and no
+        // submission is in flight between packets, when the host touches it.
+        unsafe { std::slice::from_raw_parts_mut(self.host.as_ptr().cast(), self.host.size() / 4) }
+    }
+
     /// Float `k` of operand `which` (0: x, 1: y) as an index into the host mapping.
     fn at(&self, which: u64, k: usize) -> usize {
         let per_page = (PAGE / 4) as usize;
@@ -190,7 +154,7 @@ impl Study {
     fn reset(&mut self) {
         let n = self.n as usize;
         let idx: Vec<(usize, usize)> = (0..n).map(|k| (self.at(0, k), self.at(1, k))).collect();
-        let f = self.host.floats();
+        let f = self.floats();
         for (k, (xi, yi)) in idx.into_iter().enumerate() {
             f[xi] = x0(k);
             f[yi] = y0(k);
@@ -201,7 +165,7 @@ impl Study {
     fn check(&mut self, path: &str) -> Result<(), BackendError> {
         let n = self.n as usize;
         let idx: Vec<usize> = (0..n).map(|k| self.at(1, k)).collect();
-        let f = self.host.floats();
+        let f = self.floats();
         for (k, yi) in idx.into_iter().enumerate() {
             let want = A.mul_add(x0(k), y0(k));
             if f[yi].to_bits() != want.to_bits() {
@@ -214,22 +178,26 @@ impl Study {
         Ok(())
     }
 
-    /// Records `shader` over every SAXPY group with `set` and `push` and runs it.
+    /// Runs `shader` over every SAXPY group with `buffers` bound and `push`.
     fn kernel(
         &self,
         shader: Shader,
-        set: vk::DescriptorSet,
+        buffers: &[vk::Buffer],
         push: &[u8],
     ) -> Result<(), BackendError> {
-        let pipe = pipelines::get(&self.dev, shader).map_err(err("cannot make a pipeline"))?;
+        let pipe = pipelines::get(&self.dev, shader).map_err(vk_err("cannot make a pipeline"))?;
+        let set = self
+            .dev
+            .descriptor_set(pipe.set_layout, buffers)
+            .map_err(vk_err("cannot allocate a descriptor set"))?;
         let groups = u64::from(self.n).div_ceil(SAXPY_GROUP) as u32;
-        self.dev
-            .run(|d, cmd| {
-                // SAFETY: this device's command buffer, pipeline and a set of its layout
-                // binding live buffers; the push constants fill the range; every group exists.
-                unsafe { pipe.record(d, cmd, set, push, 0, groups, 1) };
-            })
-            .map_err(|_| failed("the kernel"))
+        let r = self.dev.run(|d, cmd| {
+            // SAFETY: this device's command buffer, pipeline and a set of its layout binding
+            // live buffers; the push constants fill the range; every group exists.
+            unsafe { pipe.record(d, cmd, set, push, 0, groups, 1) };
+        });
+        self.dev.free_set(set);
+        r.map_err(|_| failed("the kernel"))
     }
 
     /// Copies page by page between the imported memory and `staging` (operand `which`).
@@ -283,9 +251,8 @@ impl Study {
     }
 
     /// One packet through staging buffers: (gather, kernel, scatter, allocation within the
-    /// gather) times.
-    /// With `warm`, the staging buffers are that pair (allocated and touched by an earlier
-    /// packet) instead of a new one.
+    /// gather) times. With `warm`, the staging buffers are that pair (allocated and touched
+    /// by an earlier packet) instead of a new one.
     fn staged(&self, warm: Option<&[DeviceBuffer; 2]>) -> Result<[Duration; 4], BackendError> {
         let t0 = Instant::now();
         let fresh;
@@ -300,15 +267,7 @@ impl Study {
         self.copy_pages(0, sx, true)?;
         self.copy_pages(1, sy, true)?;
         let t1 = Instant::now();
-        let pipe =
-            pipelines::get(&self.dev, Shader::Saxpy).map_err(err("cannot make a pipeline"))?;
-        let set = self
-            .dev
-            .descriptor_set(pipe.set_layout, &[sx.buffer, sy.buffer])
-            .map_err(err("cannot allocate a descriptor set"))?;
-        let r = self.kernel(Shader::Saxpy, set, &self.push(None));
-        self.dev.free_set(set);
-        r?;
+        self.kernel(Shader::Saxpy, &[sx.buffer, sy.buffer], &self.push(None))?;
         let t2 = Instant::now();
         self.copy_pages(1, sy, false)?;
         let t3 = Instant::now();
@@ -321,7 +280,7 @@ impl Study {
         let one = || {
             self.dev
                 .staging(bytes)
-                .map_err(err("cannot allocate staging"))
+                .map_err(vk_err("cannot allocate staging"))
         };
         Ok([one()?, one()?])
     }
@@ -336,7 +295,7 @@ impl Study {
         let table = self
             .dev
             .staging(2 * self.pages * 8)
-            .map_err(err("cannot allocate the page table"))?;
+            .map_err(vk_err("cannot allocate the page table"))?;
         let entries: Vec<u8> = self
             .place
             .iter()
@@ -346,17 +305,13 @@ impl Study {
             return Err(failed("writing the page table"));
         }
         let t1 = Instant::now();
-        let pipe =
-            pipelines::get(&self.dev, Shader::SaxpyPages).map_err(err("cannot make a pipeline"))?;
-        let set = self
-            .dev
-            .descriptor_set(pipe.set_layout, &[table.buffer])
-            .map_err(err("cannot allocate a descriptor set"))?;
         let y_pages = u32::try_from(self.pages).unwrap_or(u32::MAX);
-        let r = self.kernel(Shader::SaxpyPages, set, &self.push(Some(y_pages)));
-        self.dev.free_set(set);
-        r?;
-        Ok([t1 - t0, t0.elapsed() - (t1 - t0)])
+        self.kernel(
+            Shader::SaxpyPages,
+            &[table.buffer],
+            &self.push(Some(y_pages)),
+        )?;
+        Ok([t1 - t0, t1.elapsed()])
     }
 }
 

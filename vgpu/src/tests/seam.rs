@@ -103,6 +103,70 @@ fn vulkan_runs_every_kernel_like_the_cpu() {
     every_kernel(&mut Gpu::on(Arc::new(vk)));
 }
 
+/// Kernels after larger ones run on the staging buffers those gave back (a device keeps them,
+/// `backend/vulkan/staging.rs`), with the larger kernels' data still in them: each reads only
+/// its own operands and writes back only its own outputs.
+#[test]
+fn vulkan_kernels_on_kept_staging_touch_only_their_operands() {
+    let _alone = measuring_alone();
+    let Some(vk) = crate::backend::vulkan::tests::gpu(VRAM) else {
+        return;
+    };
+    let mut g = Gpu::on(Arc::new(vk));
+    g.setup_ctx(0, T0, B0, 16);
+    let saxpy = |n: u64, a: f32| {
+        Packet::new(
+            packet::OP_DISPATCH,
+            kernel::SAXPY,
+            &[n, u64::from(a.to_bits()), SYS_VA, SYS_VA + 0x8000],
+        )
+    };
+    // (The fence is at +0xf000.) A large SAXPY leaves its x and y in two staging buffers.
+    let x: Vec<f32> = (0..7000).map(|i| i as f32).collect();
+    let y: Vec<f32> = (0..7000).map(|i| -(i as f32) * 0.25).collect();
+    write_f32s(&g, B0, &x);
+    write_f32s(&g, B0 + 0x8000, &y);
+    assert_eq!(g.run(0, T0, &[saxpy(7000, 2.0)], 1), wait::DONE);
+    let big = read_f32s(&g, B0 + 0x8000, 7000);
+    assert!((0..7000).all(|i| big[i].to_bits() == 2.0f32.mul_add(x[i], y[i]).to_bits()));
+    // A small one on the same buffers: its 100 results, and nothing past them.
+    let x2: Vec<f32> = (0..100).map(|i| 0.5 + i as f32).collect();
+    let y2: Vec<f32> = (0..100).map(|i| 3.0 - i as f32).collect();
+    write_f32s(&g, B0, &x2);
+    write_f32s(&g, B0 + 0x8000, &y2);
+    assert_eq!(g.run(0, T0, &[saxpy(100, -1.5)], 2), wait::DONE);
+    let after = read_f32s(&g, B0 + 0x8000, 7000);
+    for i in 0..100 {
+        assert_eq!(
+            after[i].to_bits(),
+            (-1.5f32).mul_add(x2[i], y2[i]).to_bits()
+        );
+    }
+    assert_eq!(&after[100..], &big[100..], "written past the operand");
+    // A REDUCE_SUM and a CRC-32 of a few bytes on buffers full of the SAXPY's data.
+    let d = Packet::new(
+        packet::OP_DISPATCH,
+        kernel::REDUCE_SUM,
+        &[7, SYS_VA + 0x8000, SYS_VA + 0xfe00],
+    );
+    assert_eq!(g.run(0, T0, &[d], 3), wait::DONE);
+    let sum: u64 = g.spaces.sys.read_obj(GuestAddress(B0 + 0xfe00)).unwrap();
+    let want: u64 = after[..7].iter().map(|f| u64::from(f.to_bits())).sum();
+    assert_eq!(sum, want);
+    g.spaces
+        .sys
+        .write_slice(b"123456789", GuestAddress(B0 + 0x10))
+        .unwrap();
+    let d = Packet::new(
+        packet::OP_DISPATCH,
+        kernel::CRC32,
+        &[9, SYS_VA + 0x10, SYS_VA + 0xfe10],
+    );
+    assert_eq!(g.run(0, T0, &[d], 4), wait::DONE);
+    let crc: u32 = g.spaces.sys.read_obj(GuestAddress(B0 + 0xfe10)).unwrap();
+    assert_eq!(crc, 0xcbf4_3926);
+}
+
 /// The Vulkan backend and the software GPU agree on every kernel over inputs of many groups
 /// (random floats through SAXPY and SGEMM, overflowing sums, a CRC over several 1 MiB groups,
 /// operands in 2 MiB pages of guest RAM). Integers are bit-exact. Floats: Vulkan does not

@@ -9,6 +9,7 @@ use ash::vk;
 use vgpu_abi::fault;
 
 use super::pipelines::{Pipeline, Shader};
+use super::staging::{Kept, Raw};
 use super::{Instance, vk_err};
 use crate::backend::BackendError;
 use crate::mem::Fault;
@@ -36,10 +37,16 @@ pub(super) struct Dev {
     /// Made with `bufferDeviceAddress`: every buffer has a device address
     /// ([`Dev::address`]).
     device_addresses: bool,
+    /// Staging buffers kept between kernels (`staging.rs`).
+    pub(super) kept: Mutex<Kept>,
 }
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        let kept = self.kept.get_mut().unwrap_or_else(|e| e.into_inner());
+        for raw in kept.take_all() {
+            self.free_raw(raw);
+        }
         for p in self.pipelines.iter_mut().filter_map(OnceLock::take) {
             // SAFETY: nothing is in flight, so no pipeline is in use.
             unsafe { p.destroy(&self.device) };
@@ -52,7 +59,8 @@ impl Drop for Dev {
         unsafe { self.device.destroy_descriptor_pool(pool, None) };
         let s = self.submit.get_mut().unwrap_or_else(|e| e.into_inner());
         // SAFETY: nothing is in flight (every submission is waited for), and every buffer
-        // made on this device holds an `Arc` of it, so all are gone; the handles are ours.
+        // made on this device holds an `Arc` of it, so all are gone (the kept ones were freed
+        // above); the handles are ours.
         unsafe { self.device.destroy_fence(s.fence, None) };
         // SAFETY: as above; destroying the pool frees its command buffer.
         unsafe { self.device.destroy_command_pool(s.pool, None) };
@@ -181,6 +189,7 @@ impl Dev {
             descriptors: Mutex::new(descriptors),
             lost: AtomicBool::new(false),
             device_addresses,
+            kept: Mutex::default(),
         }))
     }
 
@@ -389,13 +398,6 @@ pub(crate) static UNMAPPED_VRAM: AtomicBool = AtomicBool::new(false);
 const MAX_SETS: u32 = 16;
 
 impl Dev {
-    /// `len` bytes of device memory the host can map, bound to a buffer (a kernel's staging
-    /// copy of an operand).
-    pub(super) fn staging(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
-        let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-        self.allocate(len, host, host)
-    }
-
     /// `len` bytes of device-local memory (a vGPU's VRAM on a GPU whose VRAM the host cannot
     /// map into a guest), mapped for the host too where the device allows it.
     pub(super) fn device_local(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
@@ -408,7 +410,7 @@ impl Dev {
             if UNMAPPED_VRAM.load(Ordering::Relaxed) {
                 // As on a GPU whose VRAM the host cannot map (the mapping stays until the
                 // memory is freed; nothing uses it).
-                b.ptr = None;
+                b.raw.ptr = None;
             }
             b
         };
@@ -417,7 +419,7 @@ impl Dev {
 
     /// `len` bytes of memory of a type with `prefer` (else `require`), bound to a buffer and
     /// mapped when host-visible.
-    fn allocate(
+    pub(super) fn allocate(
         self: &Arc<Self>,
         len: u64,
         prefer: vk::MemoryPropertyFlags,
@@ -490,11 +492,25 @@ impl Dev {
         };
         Ok(DeviceBuffer {
             dev: self.clone(),
+            raw: Raw {
+                buffer,
+                memory,
+                ptr,
+                cap: len,
+            },
             buffer,
-            memory,
-            ptr,
             len,
+            kept: false,
         })
+    }
+
+    /// Frees a buffer and its memory (unmapping it) that nothing in flight uses.
+    pub(super) fn free_raw(&self, raw: Raw) {
+        // SAFETY: the buffer and memory were made on this device, and no submission uses
+        // them (every one is waited for before its buffers are given back).
+        unsafe { self.device.destroy_buffer(raw.buffer, None) };
+        // SAFETY: as above; freeing unmaps it.
+        unsafe { self.device.free_memory(raw.memory, None) };
     }
 
     /// A descriptor set of `layout` binding `buffers` (whole) at 0, 1, ….
@@ -547,11 +563,14 @@ impl Dev {
 /// Device memory the host maps, bound to one buffer; freed on drop.
 pub(super) struct DeviceBuffer {
     dev: Arc<Dev>,
+    /// The handles, the host mapping (for host-visible memory) and the bytes allocated.
+    raw: Raw,
+    /// `raw.buffer`.
     pub(super) buffer: vk::Buffer,
-    memory: vk::DeviceMemory,
-    /// The host mapping, for host-visible memory.
-    ptr: Option<*mut u8>,
+    /// The bytes its user asked for (at most `raw.cap`).
     pub(super) len: u64,
+    /// Staging: given back to the device's keeping when dropped, not freed.
+    pub(super) kept: bool,
 }
 
 // SAFETY: the mapping is plain memory that only this owner reads and writes (after the
@@ -561,11 +580,22 @@ unsafe impl Send for DeviceBuffer {}
 unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
+    /// A staging buffer the device kept, now `len` bytes for a new user.
+    pub(super) fn from_raw(dev: Arc<Dev>, raw: Raw, len: u64) -> DeviceBuffer {
+        DeviceBuffer {
+            dev,
+            buffer: raw.buffer,
+            raw,
+            len,
+            kept: true,
+        }
+    }
+
     /// The mapped bytes (read them only when no submission writing them is in flight); empty
     /// when the memory is not host-visible.
     pub(super) fn bytes(&self) -> &[u8] {
-        match self.ptr {
-            // SAFETY: `p` maps `len` bytes for as long as the memory lives (this struct).
+        match self.raw.ptr {
+            // SAFETY: `p` maps `cap` >= `len` bytes for as long as the memory lives (this struct).
             Some(p) => unsafe { std::slice::from_raw_parts(p, self.len as usize) },
             None => &[],
         }
@@ -577,7 +607,7 @@ impl DeviceBuffer {
         let fits = offset
             .checked_add(data.len() as u64)
             .is_some_and(|e| e <= self.len);
-        match self.ptr {
+        match self.raw.ptr {
             Some(p) if fits => {
                 // SAFETY: `offset` lies inside the `len` mapped bytes (checked).
                 let dst = unsafe { p.add(offset as usize) };
@@ -594,10 +624,18 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        // SAFETY: nothing in flight uses the buffer; the memory is ours and mapped.
-        unsafe { self.dev.device.destroy_buffer(self.buffer, None) };
-        // SAFETY: as above; freeing unmaps it.
-        unsafe { self.dev.device.free_memory(self.memory, None) };
+        let raw = Raw {
+            ptr: self.raw.ptr.take(),
+            ..self.raw
+        };
+        let raw = match self.kept {
+            true => match self.dev.keep(raw) {
+                Ok(()) => return,
+                Err(raw) => raw,
+            },
+            false => raw,
+        };
+        self.dev.free_raw(raw);
     }
 }
 

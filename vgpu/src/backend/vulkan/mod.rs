@@ -8,6 +8,7 @@ mod device;
 mod ops;
 mod pipelines;
 mod scatter;
+mod staging;
 mod vram;
 
 use std::ffi::CStr;

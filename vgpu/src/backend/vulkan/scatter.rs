@@ -1,9 +1,11 @@
 //! Two ways a kernel can reach operands whose pages lie scattered in memory, measured side
 //! by side on one device (issue #19, item 3; `tessera bench scatter` prints the result):
 //!
-//! - **gather/scatter**, what `ops.rs` does for every kernel: staging buffers allocated, each
-//!   operand copied in with one copy region per extent, the kernel run on the staging
-//!   buffers, the outputs copied back the same way;
+//! - **gather/scatter**, what `ops.rs` does for every kernel: staging buffers, each operand
+//!   copied in with one copy region per extent, the kernel run on the staging buffers, the
+//!   outputs copied back the same way. Timed twice: with new staging buffers per packet, and
+//!   with a pair kept from an earlier packet (what `ops.rs` gets from its device's keeping,
+//!   `staging.rs`, since this study);
 //! - **a page table of device addresses**: one 64-bit buffer device address per 4 KiB page,
 //!   written by the host, and a shader (`shaders/saxpy_pages.comp`) that looks each element's
 //!   page up and reads and writes guest memory in place.
@@ -40,8 +42,8 @@ pub struct ScatterCosts {
     pub runs: usize,
     /// Gather/scatter: staging allocated and both operands copied in.
     pub gather: Duration,
-    /// Of `gather`: allocating the two staging buffers (a new pair per packet, as `ops.rs`
-    /// does).
+    /// Of `gather`: allocating the two staging buffers (a new pair per packet, as `ops.rs` did
+    /// before devices kept them).
     pub staging_alloc: Duration,
     /// Gather/scatter: the kernel on the staging buffers.
     pub staged_kernel: Duration,
@@ -279,7 +281,7 @@ impl Study {
         let bytes = u64::from(self.n) * 4;
         let one = || {
             self.dev
-                .staging(bytes)
+                .fresh_staging(bytes)
                 .map_err(vk_err("cannot allocate staging"))
         };
         Ok([one()?, one()?])
@@ -294,7 +296,7 @@ impl Study {
             .ok_or_else(|| failed("bufferDeviceAddress"))?;
         let table = self
             .dev
-            .staging(2 * self.pages * 8)
+            .fresh_staging(2 * self.pages * 8)
             .map_err(vk_err("cannot allocate the page table"))?;
         let entries: Vec<u8> = self
             .place

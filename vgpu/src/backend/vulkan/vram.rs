@@ -309,6 +309,8 @@ impl Vram for VulkanVram {
             h.scrub();
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The next tenant's kernels get new staging memory.
+        state.dev.release_staging();
         if state.dev.is_lost() {
             // A reset after a device loss: this vGPU gets a new device (its neighbours never
             // had this one); device-local VRAM comes back zeroed.

@@ -214,7 +214,7 @@ fn cloud_hypervisor() -> Result<PathBuf> {
 /// Upstream's release profile links with fat LTO in one codegen unit. Here the release
 /// profile has neither (what `cargo build --release` does by default), and the unit tests
 /// below build with the same profile, so they reuse every crate the binary built: CI's
-/// Cloud Hypervisor steps took 546 s with upstream's profile and two test builds, 390 s this
+/// Cloud Hypervisor steps took 546 s with upstream's profile and two test builds, 374 s this
 /// way (docs/benchmarks.md). The binary is a test vehicle; LTO's speed-up of a VMM whose time
 /// goes to KVM exits is not what its tests measure.
 fn ch_cargo(work: &Path) -> Command {

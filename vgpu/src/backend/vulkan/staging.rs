@@ -6,8 +6,10 @@
 //! keeps the staging buffers its kernels give back and hands them to the next kernels of
 //! about the same size:
 //!
-//! - at most [`KEEP_BYTES`] in at most [`KEEP_BUFFERS`] buffers per device; a buffer that
-//!   does not fit is freed at once;
+//! - at most [`KEEP_BYTES`] in at most [`KEEP_BUFFERS`] buffers per device, and at most
+//!   [`KEEP_TOTAL`] for all the process's devices together (many busy tenants cannot make
+//!   the host hold more than that between their packets); a buffer that does not fit is
+//!   freed at once;
 //! - all of it is freed once the device took none for [`IDLE`] (one thread, shared by every
 //!   device, frees it), when the vGPU is reset, and with the device; so an idle vGPU keeps
 //!   no staging memory;
@@ -16,6 +18,7 @@
 //!   for the operand's length, partial results read for the kernel's groups, each of which
 //!   writes its own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,10 @@ use super::device::{Dev, DeviceBuffer};
 
 /// Most staging bytes one device keeps.
 pub(super) const KEEP_BYTES: u64 = 256 << 20;
+/// Most staging bytes all devices of the process keep together.
+pub(super) const KEEP_TOTAL: u64 = 1 << 30;
+/// Staging bytes all devices keep now.
+static KEPT_TOTAL: AtomicU64 = AtomicU64::new(0);
 /// Most staging buffers one device keeps.
 pub(super) const KEEP_BUFFERS: usize = 16;
 /// A device that took no staging buffer for this long gives back all it keeps.
@@ -73,7 +80,7 @@ impl Default for Kept {
 impl Kept {
     /// Everything kept, leaving nothing.
     pub(super) fn take_all(&mut self) -> Vec<Raw> {
-        self.bytes = 0;
+        KEPT_TOTAL.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
         std::mem::take(&mut self.free)
     }
 }
@@ -95,6 +102,7 @@ impl Dev {
             best.map(|i| {
                 let r = k.free.swap_remove(i);
                 k.bytes -= r.cap;
+                KEPT_TOTAL.fetch_sub(r.cap, Ordering::Relaxed);
                 r
             })
         };
@@ -117,6 +125,12 @@ impl Dev {
     pub(super) fn keep(self: &Arc<Self>, raw: Raw) -> Result<(), Raw> {
         let mut k = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_lost() || k.free.len() >= KEEP_BUFFERS || k.bytes + raw.cap > KEEP_BYTES {
+            return Err(raw);
+        }
+        let reserved = KEPT_TOTAL.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            Some(t + raw.cap).filter(|&n| n <= KEEP_TOTAL)
+        });
+        if reserved.is_err() {
             return Err(raw);
         }
         k.bytes += raw.cap;

@@ -43,10 +43,7 @@ pub(super) struct Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        let kept = self.kept.get_mut().unwrap_or_else(|e| e.into_inner());
-        for raw in kept.take_all() {
-            self.free_raw(raw);
-        }
+        self.release_staging();
         for p in self.pipelines.iter_mut().filter_map(OnceLock::take) {
             // SAFETY: nothing is in flight, so no pipeline is in use.
             unsafe { p.destroy(&self.device) };
@@ -498,7 +495,6 @@ impl Dev {
                 ptr,
                 cap: len,
             },
-            buffer,
             len,
             kept: false,
         })
@@ -565,8 +561,6 @@ pub(super) struct DeviceBuffer {
     dev: Arc<Dev>,
     /// The handles, the host mapping (for host-visible memory) and the bytes allocated.
     raw: Raw,
-    /// `raw.buffer`.
-    pub(super) buffer: vk::Buffer,
     /// The bytes its user asked for (at most `raw.cap`).
     pub(super) len: u64,
     /// Staging: given back to the device's keeping when dropped, not freed.
@@ -580,11 +574,15 @@ unsafe impl Send for DeviceBuffer {}
 unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
+    /// The buffer.
+    pub(super) fn buffer(&self) -> vk::Buffer {
+        self.raw.buffer
+    }
+
     /// A staging buffer the device kept, now `len` bytes for a new user.
     pub(super) fn from_raw(dev: Arc<Dev>, raw: Raw, len: u64) -> DeviceBuffer {
         DeviceBuffer {
             dev,
-            buffer: raw.buffer,
             raw,
             len,
             kept: true,

@@ -282,7 +282,7 @@ impl KernelLaunch {
                 let (b, off) = locate(&spaces, &bound, e)?;
                 copies_in.push((
                     b,
-                    o.staging.buffer,
+                    o.staging.buffer(),
                     vk::BufferCopy {
                         src_offset: off + within,
                         dst_offset: r.start as u64,
@@ -302,9 +302,9 @@ impl KernelLaunch {
             })?;
         }
         let pipe = pipelines::get(&dev, shader).map_err(vk_fault)?;
-        let mut buffers: Vec<vk::Buffer> = ops.iter().map(|o| o.staging.buffer).collect();
+        let mut buffers: Vec<vk::Buffer> = ops.iter().map(|o| o.staging.buffer()).collect();
         if let Some(p) = &partials {
-            buffers.push(p.buffer);
+            buffers.push(p.buffer());
         }
         let set = dev
             .descriptor_set(pipe.set_layout, &buffers)
@@ -392,7 +392,7 @@ impl Launch for KernelLaunch {
             o.list.pieces(0, o.list.len(), |e, within, r| {
                 let (b, off) = locate(&self.spaces, &self.bound, e)?;
                 copies_out.push((
-                    o.staging.buffer,
+                    o.staging.buffer(),
                     b,
                     vk::BufferCopy {
                         src_offset: r.start as u64,

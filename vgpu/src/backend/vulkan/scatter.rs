@@ -226,9 +226,9 @@ impl Study {
             })
             .collect();
         let (src, dst) = if into_staging {
-            (host, staging.buffer)
+            (host, staging.buffer())
         } else {
-            (staging.buffer, host)
+            (staging.buffer(), host)
         };
         self.dev
             .run(|d, cmd| {
@@ -269,7 +269,7 @@ impl Study {
         self.copy_pages(0, sx, true)?;
         self.copy_pages(1, sy, true)?;
         let t1 = Instant::now();
-        self.kernel(Shader::Saxpy, &[sx.buffer, sy.buffer], &self.push(None))?;
+        self.kernel(Shader::Saxpy, &[sx.buffer(), sy.buffer()], &self.push(None))?;
         let t2 = Instant::now();
         self.copy_pages(1, sy, false)?;
         let t3 = Instant::now();
@@ -310,7 +310,7 @@ impl Study {
         let y_pages = u32::try_from(self.pages).unwrap_or(u32::MAX);
         self.kernel(
             Shader::SaxpyPages,
-            &[table.buffer],
+            &[table.buffer()],
             &self.push(Some(y_pages)),
         )?;
         Ok([t1 - t0, t1.elapsed()])

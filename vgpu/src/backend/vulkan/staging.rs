@@ -19,7 +19,7 @@
 //!   writes its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use ash::vk;
@@ -124,7 +124,11 @@ impl Dev {
     /// Keeps a staging buffer a kernel gave back, or returns it when the device keeps enough.
     pub(super) fn keep(self: &Arc<Self>, raw: Raw) -> Result<(), Raw> {
         let mut k = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_lost() || k.free.len() >= KEEP_BUFFERS || k.bytes + raw.cap > KEEP_BYTES {
+        if self.is_lost()
+            || k.free.len() >= KEEP_BUFFERS
+            || k.bytes + raw.cap > KEEP_BYTES
+            || !reaper_running()
+        {
             return Err(raw);
         }
         let reserved = KEPT_TOTAL.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
@@ -174,18 +178,23 @@ impl Dev {
 static WATCHED: Mutex<Vec<Weak<Dev>>> = Mutex::new(Vec::new());
 /// Wakes that thread: a device joined the list.
 static WAKE: Condvar = Condvar::new();
-static REAPER: Once = Once::new();
 
-fn reaper_watch(dev: Weak<Dev>) {
-    REAPER.call_once(|| {
+/// Starts the reaper on first use; whether it runs. Without it nothing is kept, so an idle
+/// vGPU still holds no staging memory.
+fn reaper_running() -> bool {
+    static RUNNING: OnceLock<bool> = OnceLock::new();
+    *RUNNING.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("vk-staging".into())
             .spawn(reap);
-        if let Err(e) = spawned {
-            // Kept staging is then freed only by a reset or with its device.
-            tracing::warn!("cannot start the staging reaper: {e}");
+        if let Err(e) = &spawned {
+            tracing::warn!("cannot start the staging reaper, so staging is not kept: {e}");
         }
-    });
+        spawned.is_ok()
+    })
+}
+
+fn reaper_watch(dev: Weak<Dev>) {
     WATCHED.lock().unwrap_or_else(|e| e.into_inner()).push(dev);
     WAKE.notify_one();
 }
@@ -241,25 +250,25 @@ mod tests {
         let a = dev.staging(100_000).unwrap();
         assert_eq!(a.len, 100_000);
         assert_eq!(a.bytes().len(), 100_000);
-        let first = a.buffer;
+        let first = a.buffer();
         drop(a);
         assert_eq!(dev.kept_bytes(), 128 << 10, "kept, in 64 KiB steps");
         // About the same size: the same buffer, its length the new user's.
         let b = dev.staging(70_001).unwrap();
-        assert_eq!((b.buffer, b.len, dev.kept_bytes()), (first, 70_004, 0));
+        assert_eq!((b.buffer(), b.len, dev.kept_bytes()), (first, 70_004, 0));
         drop(b);
         // Larger: a new buffer; the kept one stays.
         let large = dev.staging(200_000).unwrap();
-        assert!(large.buffer != first);
+        assert!(large.buffer() != first);
         assert_eq!(dev.kept_bytes(), 128 << 10);
-        let second = large.buffer;
+        let second = large.buffer();
         drop(large);
         assert_eq!(dev.kept_bytes(), (128 + 256) << 10);
         // The smallest that fits; none more than twice the size asked (64 KiB at least).
         let small = dev.staging(60_000).unwrap();
-        assert_eq!((small.buffer, dev.kept_bytes()), (first, 256 << 10));
+        assert_eq!((small.buffer(), dev.kept_bytes()), (first, 256 << 10));
         let smaller = dev.staging(60_000).unwrap();
-        assert!(smaller.buffer != second);
+        assert!(smaller.buffer() != second);
         drop((small, smaller));
         assert_eq!(dev.kept_bytes(), (128 + 256 + 64) << 10);
         // Never more than KEEP_BUFFERS buffers or KEEP_BYTES.

@@ -33,7 +33,7 @@ impl DevVram {
     pub(super) fn buffer(&self) -> vk::Buffer {
         match &self.memory {
             VramMemory::Host(b) => b.buffer,
-            VramMemory::Device(b) => b.buffer,
+            VramMemory::Device(b) => b.buffer(),
         }
     }
 }
@@ -115,7 +115,7 @@ impl VulkanVram {
                 let zero = dev.run(|d, cmd| {
                     // SAFETY: recording into the new device's command buffer; the buffer
                     // is its own.
-                    unsafe { d.cmd_fill_buffer(cmd, b.buffer, 0, vk::WHOLE_SIZE, 0) }
+                    unsafe { d.cmd_fill_buffer(cmd, b.buffer(), 0, vk::WHOLE_SIZE, 0) }
                 });
                 zero.map_err(|_| BackendError::Vulkan("cannot clear new VRAM".into()))?;
                 VramMemory::Device(b)
@@ -144,7 +144,7 @@ impl VulkanVram {
             Ok(d) => {
                 staging.write_at(0, d);
                 (
-                    staging.buffer,
+                    staging.buffer(),
                     vram,
                     vk::BufferCopy {
                         src_offset: 0,
@@ -155,7 +155,7 @@ impl VulkanVram {
             }
             Err(_) => (
                 vram,
-                staging.buffer,
+                staging.buffer(),
                 vk::BufferCopy {
                     src_offset: offset,
                     dst_offset: 0,
@@ -283,7 +283,7 @@ impl Vram for VulkanVram {
             buf.copy_from_slice(src);
             return Ok(());
         }
-        let staging = Self::through_staging(&s, b.buffer, offset, Err(buf.len()))?;
+        let staging = Self::through_staging(&s, b.buffer(), offset, Err(buf.len()))?;
         buf.copy_from_slice(&staging.bytes()[..buf.len()]);
         Ok(())
     }
@@ -299,7 +299,7 @@ impl Vram for VulkanVram {
         if b.write_at(offset, buf) {
             return Ok(());
         }
-        Self::through_staging(&s, b.buffer, offset, Ok(buf)).map(drop)
+        Self::through_staging(&s, b.buffer(), offset, Ok(buf)).map(drop)
     }
 
     fn scrub(&self) {

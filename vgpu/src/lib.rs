@@ -22,6 +22,7 @@ pub mod physical;
 pub mod poll;
 pub mod profile;
 pub mod sched;
+mod sync;
 #[cfg(test)]
 mod tests;
 

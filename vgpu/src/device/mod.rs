@@ -9,9 +9,10 @@
 //! writes VRAM on the device's behalf, which is what makes reset race-free: a reset is a
 //! request the processor carries out between packets.
 
+use crate::sync::Condvar;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -254,7 +255,7 @@ impl Shared {
         st.in_flight = at;
         self.progress.notify_all();
         while self.paused.load(Ordering::Acquire) && !st.shutdown && !st.reset_pending {
-            st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.progress.wait(st);
         }
         st.cp_parked = false;
         st.in_flight = None;
@@ -578,11 +579,7 @@ impl Vgpu {
                     within.as_millis()
                 ));
             }
-            st = sh
-                .progress
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = sh.progress.wait_timeout(st, left).0;
         }
         Ok(())
     }
@@ -646,11 +643,7 @@ impl Vgpu {
             c.tlb_epoch += 1;
         }
         while st.dma_in_use == Some(old) {
-            st = sh
-                .progress
-                .wait_timeout(st, Duration::from_millis(10))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = sh.progress.wait_timeout(st, Duration::from_millis(10)).0;
         }
         Ok(())
     }

@@ -91,12 +91,7 @@ impl Vgpu {
             if left.is_zero() {
                 return wait::TIMEOUT;
             }
-            st = self
-                .shared
-                .progress
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.shared.progress.wait_timeout(st, left).0;
         }
     }
 
@@ -115,11 +110,7 @@ impl Vgpu {
                 let deadline = Instant::now() + RESET_TIMEOUT;
                 while st.reset_pending && Instant::now() < deadline {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    st = sh
-                        .progress
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    st = sh.progress.wait_timeout(st, left).0;
                 }
                 if st.reset_pending {
                     tracing::error!("vGPU reset did not complete in {RESET_TIMEOUT:?}");

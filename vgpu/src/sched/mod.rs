@@ -408,11 +408,9 @@ impl Scheduler {
             st = match st.capped_until(now) {
                 Some(t) => {
                     let wait = Duration::from_nanos(t.saturating_sub(now).max(20_000));
-                    cv.wait_timeout(st, wait)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    cv.wait_timeout(st, wait).0
                 }
-                None => cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                None => cv.wait(st),
             };
             st.hand_off(self.clock.now_ns());
         }
@@ -450,10 +448,7 @@ impl Scheduler {
             let cv = st.members[grant.id].cv.clone();
             while self.clock.now_ns() < end && self.contended.load(Ordering::Relaxed) {
                 let left = end.saturating_sub(self.clock.now_ns());
-                st = cv
-                    .wait_timeout(st, Duration::from_nanos(left))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                st = cv.wait_timeout(st, Duration::from_nanos(left)).0;
             }
         }
         let now = self.clock.now_ns();

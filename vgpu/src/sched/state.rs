@@ -3,8 +3,9 @@
 //! threads and no clock of its own, so the policies are tested with simulated time; the
 //! [`Scheduler`](super::Scheduler) drives it under its mutex.
 
+use crate::sync::Condvar;
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{MAX_SLICE, MIN_SLICE, MemberId, MemberStats, Params, Policy, WINDOW_NS};
@@ -60,6 +61,8 @@ pub struct State {
     /// idle (or is new) while the GPU sat idle too comes back here, not at its old (or zero)
     /// virtual time, which would let it hold the GPU until it caught up.
     pub(super) vfloor: f64,
+    /// `pick`'s list of eligible members, kept so that a grant allocates nothing.
+    eligible: Vec<MemberId>,
 }
 
 impl State {
@@ -75,6 +78,7 @@ impl State {
             overruns: VecDeque::new(),
             released_at: None,
             vfloor: 0.0,
+            eligible: Vec::new(),
         }
     }
 
@@ -201,16 +205,18 @@ impl State {
 
     /// Who gets the GPU next among the waiting, eligible members.
     pub fn pick(&mut self, now: u64) -> Option<MemberId> {
-        let eligible: Vec<MemberId> = (0..self.members.len())
-            .filter(|&i| {
-                let m = &self.members[i];
-                m.alive && m.waiting && self.under_cap(i, now)
-            })
-            .collect();
-        if eligible.is_empty() {
-            return None;
-        }
-        Some(self.policy.discipline().pick(self, &eligible))
+        let mut eligible = std::mem::take(&mut self.eligible);
+        eligible.clear();
+        eligible.extend((0..self.members.len()).filter(|&i| {
+            let m = &self.members[i];
+            m.alive && m.waiting && self.under_cap(i, now)
+        }));
+        let pick = match eligible.is_empty() {
+            true => None,
+            false => Some(self.policy.discipline().pick(self, &eligible)),
+        };
+        self.eligible = eligible;
+        pick
     }
 
     /// Gives the GPU to `id` at `now`.

@@ -4,9 +4,10 @@
 pub mod kernels;
 mod vram;
 
+use crate::sync::Condvar;
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use vram::SoftVram;
@@ -84,7 +85,7 @@ fn engine_loop(queue: Arc<Queue>) {
                 if let Some(j) = g.0.front() {
                     break j.clone();
                 }
-                g = queue.ready.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = queue.ready.wait(g);
             }
         };
         while let Some(i) = job.claim() {
@@ -165,7 +166,6 @@ fn run_on_engines(
         s = job
             .done
             .wait_timeout(s, std::time::Duration::from_millis(10))
-            .unwrap_or_else(|e| e.into_inner())
             .0;
     }
     match s.1 {

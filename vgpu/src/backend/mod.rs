@@ -258,6 +258,14 @@ pub trait Launch: Send {
     fn run(&mut self, groups: Range<u64>, ctl: Arc<dyn RunControl>) -> Result<u64, Fault>;
     /// Completes the operation after every group ran (writes a reduction's result).
     fn finish(self: Box<Self>) -> Result<(), Fault>;
+    /// Whether the groups' outputs reach memory only at [`Launch::finish`] (a GPU that runs
+    /// kernels on staging copies of their operands). Memory then holds none of a paused
+    /// packet's results, so a restored snapshot runs that packet again from group 0 rather
+    /// than from where it stopped ([`Op::resumes_from_memory`] is about the operation; this
+    /// is about how a backend carries it out).
+    fn outputs_at_finish(&self) -> bool {
+        false
+    }
 }
 
 /// A GPU that vGPUs run on. See the module documentation.

@@ -210,8 +210,10 @@ fn run_op(
     written: &[ScatterList],
 ) -> Result<(), Fault> {
     let groups = op.groups();
+    let resumes = op.resumes_from_memory();
+    let mut launch = sh.backend.prepare(op, spaces.clone())?;
     // GPU time this packet used, excluding time spent waiting for the GPU.
-    let (mut next, mut used) = if op.resumes_from_memory() {
+    let (mut next, mut used) = if resumes && !launch.outputs_at_finish() {
         (
             progress.next_group.min(groups),
             Duration::from_nanos(progress.used_ns),
@@ -219,7 +221,6 @@ fn run_op(
     } else {
         (0, Duration::ZERO)
     };
-    let mut launch = sh.backend.prepare(op, spaces.clone())?;
     while next < groups {
         if !holder.hold() {
             return Ok(());

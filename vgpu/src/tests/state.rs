@@ -94,7 +94,12 @@ fn copy_memory(g: &Gpu) -> Memory {
 
 /// A fresh vGPU (same profile) on a new guest memory with `m`'s contents, `state` restored.
 fn restored(state: &VgpuState, m: &Memory) -> Resumed {
-    let g = fresh();
+    restored_on(&fresh, state, m)
+}
+
+/// [`restored`], on a vGPU made by `new`.
+fn restored_on(new: &dyn Fn() -> Resumed, state: &VgpuState, m: &Memory) -> Resumed {
+    let g = new();
     g.spaces.sys.write_slice(&m.ram, GuestAddress(0)).unwrap();
     g.dev.vram().write(0, &m.vram).unwrap();
     g.dev.restore(state).unwrap();
@@ -167,12 +172,13 @@ fn catch_mid_way(
 /// with an interrupt) on a new vGPU prepared by `prepare`, paused mid-way through the first:
 /// the vGPU (paused), its state and its memories then. `None` if no pause caught it.
 fn caught(
+    new: &dyn Fn() -> Resumed,
     prepare: &dyn Fn(&mut Gpu),
     pkt: Packet,
     groups: u64,
     started: &dyn Fn(&Gpu) -> bool,
 ) -> Option<(Resumed, VgpuState, Memory)> {
-    let mut a = fresh();
+    let mut a = new();
     big_ctx(&mut a);
     prepare(&mut a);
     assert_eq!(a.submit(0, T0, &[pkt, fence_pkt(FENCE_VA, 1, true)]), 2);
@@ -189,13 +195,14 @@ fn caught(
 }
 
 fn caught_somewhere(
+    new: &dyn Fn() -> Resumed,
     prepare: &dyn Fn(&mut Gpu),
     pkt: Packet,
     groups: u64,
     started: &dyn Fn(&Gpu) -> bool,
 ) -> (Resumed, VgpuState, Memory) {
     for _ in 0..5 {
-        if let Some(c) = caught(prepare, pkt, groups, started) {
+        if let Some(c) = caught(new, prepare, pkt, groups, started) {
             return c;
         }
     }
@@ -262,7 +269,7 @@ fn a_restored_vgpu_finishes_a_dispatch_caught_mid_way_bit_exactly() {
     // Group 0 has written its part of y: the packet is on the engines.
     let y0 = y[0].to_bits();
     let started = |g: &Gpu| g.spaces.sys.read_obj::<u32>(GuestAddress(BIG_PA)).unwrap() != y0;
-    let (mut a_gpu, state, mem) = caught_somewhere(&prepare, saxpy, groups, &started);
+    let (mut a_gpu, state, mem) = caught_somewhere(&fresh, &prepare, saxpy, groups, &started);
     let f: InFlight = state.in_flight.unwrap();
 
     // What the saved memory holds is what the state says: the groups before `next_group`
@@ -290,6 +297,58 @@ fn a_restored_vgpu_finishes_a_dispatch_caught_mid_way_bit_exactly() {
     for i in 0..n {
         assert_eq!(got_b[i].to_bits(), want[i].to_bits(), "restored y[{i}]");
         assert_eq!(got_a[i].to_bits(), want[i].to_bits(), "original y[{i}]");
+    }
+    same_end(&a_gpu, &b);
+}
+
+/// A GPU that runs kernels on staging copies of their operands (Vulkan) writes a packet's
+/// outputs only when the packet ends. A state saved mid-way finds memory untouched, so the
+/// restored vGPU runs the packet again from group 0, and ends with the original's result.
+#[test]
+fn a_restored_vgpu_on_vulkan_reruns_a_dispatch_caught_mid_way() {
+    let _alone = crate::tests::measuring_alone();
+    let vulkan =
+        || crate::backend::vulkan::tests::gpu(VRAM).map(|vk| Resumed(Gpu::on(Arc::new(vk))));
+    if vulkan().is_none() {
+        return;
+    }
+    let new = || vulkan().expect("a Vulkan device, as a moment ago");
+    let n = (BIG / 4) as usize;
+    let groups = n as u64 / kernel::SAXPY_GROUP;
+    let a = 1.7f32;
+    let x = floats(n, 0x9e37_79b9_7f4a_7c15);
+    let y = floats(n, 0x0123_4567_89ab_cdef);
+    let prepare = |g: &mut Gpu| {
+        g.spaces.vram.write(0, &f32_bytes(&x)).unwrap();
+        write_f32s(g, BIG_PA, &y);
+    };
+    let saxpy = Packet::new(
+        packet::OP_DISPATCH,
+        kernel::SAXPY,
+        &[n as u64, a.to_bits().into(), BIG_VRAM_VA, BIG_VA],
+    );
+    let (mut a_gpu, state, mem) = caught_somewhere(&new, &prepare, saxpy, groups, &|_| true);
+    let saved_y = f32s_of(&mem.ram[BIG_PA as usize..(BIG_PA + BIG) as usize]);
+    assert!(
+        saved_y
+            .iter()
+            .zip(&y)
+            .all(|(s, y)| s.to_bits() == y.to_bits()),
+        "memory holds results before the packet ended ({:?})",
+        state.in_flight
+    );
+    a_gpu.dev.resume();
+    finishes(&mut a_gpu, "the original");
+    let got_a = read_f32s(&a_gpu, BIG_PA, n);
+    let mut b = restored_on(&new, &state, &mem);
+    finishes(&mut b, "the restored vGPU");
+    let got_b = read_f32s(&b, BIG_PA, n);
+    for i in 0..n {
+        // Vulkan may round the product and the sum apart (`seam::vulkan_and_soft_agree`).
+        let exact = a.mul_add(x[i], y[i]);
+        let bound = 2.0 * f32::EPSILON * ((a * x[i]).abs() + exact.abs());
+        assert!((got_a[i] - exact).abs() <= bound, "original y[{i}]");
+        assert_eq!(got_b[i].to_bits(), got_a[i].to_bits(), "restored y[{i}]");
     }
     same_end(&a_gpu, &b);
 }
@@ -346,7 +405,7 @@ fn a_reduction_caught_mid_way_restarts_and_is_right() {
         ),
     ];
     for (name, pkt, groups, want) in cases {
-        let (mut a, state, mem) = caught_somewhere(&prepare, pkt, groups, &|_| true);
+        let (mut a, state, mem) = caught_somewhere(&fresh, &prepare, pkt, groups, &|_| true);
         let out: u64 = a.spaces.sys.read_obj(GuestAddress(B0)).unwrap();
         assert_eq!(out, !0, "{name}: no result before the last group");
         a.dev.resume();

@@ -386,6 +386,10 @@ impl Launch for KernelLaunch {
         Ok(next)
     }
 
+    fn outputs_at_finish(&self) -> bool {
+        self.operands.iter().any(|o| o.output)
+    }
+
     fn finish(self: Box<Self>) -> Result<(), Fault> {
         let mut copies_out = Vec::new();
         for o in self.operands.iter().filter(|o| o.output) {

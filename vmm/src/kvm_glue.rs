@@ -21,8 +21,11 @@ pub struct KvmMapper {
 struct Slots {
     /// Guest-physical base → slot and the memory it maps (held until the slot is removed).
     by_gpa: HashMap<u64, (u32, HostMemory)>,
-    /// The next free slot.
+    /// The next slot never used.
     next: u32,
+    /// Slots used and removed since, taken again first: a guest that toggles a BAR's memory
+    /// decode or moves it again and again must not run out of KVM's slot numbers.
+    free: Vec<u32>,
     /// KVM logs the guest's writes to every slot (live migration).
     logging: bool,
 }
@@ -35,6 +38,7 @@ impl KvmMapper {
             slots: Mutex::new(Slots {
                 by_gpa: HashMap::new(),
                 next: first_free_slot,
+                free: Vec::new(),
                 logging: false,
             }),
         }
@@ -147,22 +151,28 @@ impl RamSlots {
 impl GuestMapper for KvmMapper {
     fn map(&self, gpa: u64, mem: HostMemory) -> std::io::Result<()> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = s.next;
+        let slot = s.free.last().copied().unwrap_or(s.next);
         self.set(slot, gpa, &mem, mem.len(), s.logging)?;
         s.by_gpa.insert(gpa, (slot, mem));
-        s.next += 1;
+        if s.free.pop().is_none() {
+            s.next += 1;
+        }
         Ok(())
     }
 
     fn unmap(&self, gpa: u64) {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((slot, mem)) = s.by_gpa.remove(&gpa)
-            && let Err(e) = self.set(slot, gpa, &mem, 0, false)
-        {
-            tracing::error!("cannot remove the guest mapping at {gpa:#x}: {e}");
-            // KVM may still map it: keep the memory alive rather than free it under the
-            // guest.
-            std::mem::forget(mem);
+        let Some((slot, mem)) = s.by_gpa.remove(&gpa) else {
+            return;
+        };
+        match self.set(slot, gpa, &mem, 0, false) {
+            Ok(()) => s.free.push(slot),
+            Err(e) => {
+                tracing::error!("cannot remove the guest mapping at {gpa:#x}: {e}");
+                // KVM may still map it: keep the memory alive rather than free it under the
+                // guest, and never hand that slot out again.
+                std::mem::forget(mem);
+            }
         }
     }
 
@@ -197,5 +207,42 @@ impl MsiSink for KvmMsi {
         if let Err(e) = self.0.signal_msi(msi) {
             tracing::warn!("MSI to {address:#x} (data {data:#x}) not delivered: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+    /// A BAR mapped and unmapped many more times than KVM has slots (a guest toggling memory
+    /// decode) reuses its slot: the mapper's slot numbers stay where they began.
+    #[test]
+    fn a_bar_mapped_again_and_again_reuses_its_slot() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let ram = Arc::new(crate::memory::create_guest_ram(2 << 20).unwrap());
+        let host = ram.memory.get_host_address(GuestAddress(0)).unwrap() as u64;
+        // SAFETY: guest RAM's mapping, alive while `ram` (the owner) is.
+        let mem = unsafe { HostMemory::new(host, 2 << 20, ram.clone()) };
+        let mapper = KvmMapper::new(vm, 1);
+        let (a, b) = (0xc000_0000, 0xd000_0000);
+        mapper.map(b, mem.clone()).unwrap();
+        for _ in 0..100 {
+            mapper.map(a, mem.clone()).unwrap();
+            mapper.unmap(a);
+        }
+        mapper.map(a, mem.clone()).unwrap();
+        let s = mapper.slots.lock().unwrap();
+        assert_eq!(s.by_gpa[&b].0, 1);
+        assert_eq!(s.by_gpa[&a].0, 2);
+        assert_eq!((s.next, s.free.len()), (3, 0));
+        drop(s);
+        // A slot given back by one BAR serves another.
+        mapper.unmap(b);
+        mapper.map(0xe000_0000, mem).unwrap();
+        assert_eq!(mapper.slots.lock().unwrap().by_gpa[&0xe000_0000].0, 1);
     }
 }

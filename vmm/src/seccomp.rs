@@ -427,6 +427,9 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     // The metrics listener (`--metrics-addr`, tiny_http) asks each
                     // connection for its peer's address.
                     libc::SYS_getpeername,
+                    // Interrupting an interrupt relay blocked on a client's eventfd when
+                    // its attachment ends (`vgpu_server::attach::EventVectors`).
+                    libc::SYS_tgkill,
                 ],
             );
             allow(&mut r, &SOCKET_IO);

@@ -215,6 +215,7 @@ impl Daemon {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
+        attach::install_relay_signal().map_err(|e| err("serve interrupts for", e))?;
         // Only this server's user may own the directory (a directory someone else made
         // first would let them replace our sockets), and nobody else may be able to replace
         // a directory above it.

@@ -172,10 +172,14 @@ fn a_garbage_speaking_client_is_refused_and_the_next_one_is_served_on_scrubbed_v
     let b = s.alloc_vram(1 << 20).unwrap();
     s.write(b.at(0), &[0x5a; 4096]).unwrap();
     drop(s);
-    // Garbage: a frame that is no request, an oversized length, no Hello first.
+    // Garbage: a frame that is no request, an oversized length, a 32 MiB request that is no
+    // `Write` (refused before the server reads or decodes it: 32 MiB of 3-byte commands would
+    // decode to 1 GiB), no Hello first.
+    let big_request = [(32u32 << 20).to_le_bytes().to_vec(), vec![1u8; 30]].concat();
     for junk in [
         vec![5, 0, 0, 0, 0xff, 0xee, 0xdd, 0xcc, 0xbb],
         u32::MAX.to_le_bytes().to_vec(),
+        big_request,
     ] {
         let mut sock = raw_session(&server, "g1");
         sock.write_all(&junk).unwrap();

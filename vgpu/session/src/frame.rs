@@ -25,6 +25,9 @@ pub enum FrameError {
     /// A length over [`MAX_FRAME`].
     #[error("frame of {0} bytes is longer than the {MAX_FRAME} allowed")]
     TooLong(usize),
+    /// A request other than a `Write` longer than [`crate::proto::MAX_REQUEST`].
+    #[error("request of {0} bytes is longer than the {max} allowed", max = crate::proto::MAX_REQUEST)]
+    RequestTooLong(usize),
     /// The bytes are not a message of this protocol.
     #[error("malformed message: {0}")]
     Malformed(#[from] postcard::Error),

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::frame::{self, FrameError};
-use crate::proto::{BufRef, Request, WRITE_HEAD_MAX, write_head};
+use crate::proto::{BufRef, MAX_REQUEST, Request, WRITE_HEAD_MAX, write_head};
 
 /// Pending TLS bytes that make a link send before it is asked to.
 pub const FLUSH_AT: usize = 256 << 10;
@@ -280,6 +280,9 @@ impl Link {
                 len: n,
                 first: body.split_off(used),
             });
+        }
+        if len > MAX_REQUEST {
+            return Err(FrameError::RequestTooLong(len));
         }
         let start = body.len();
         body.resize(len, 0);

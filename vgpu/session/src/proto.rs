@@ -24,6 +24,11 @@ pub const MAX_FRAME: usize = MAX_INLINE as usize + 4096;
 /// Most commands in one `Submit`.
 pub const MAX_COMMANDS: usize = 1024;
 
+/// Longest frame of a request other than a `Write`: a `Submit` of [`MAX_COMMANDS`] commands
+/// (each at most 76 bytes in postcard) and its header. A longer one is refused before it is
+/// decoded: 64 MiB of 3-byte commands would decode to 2 GiB.
+pub const MAX_REQUEST: usize = MAX_COMMANDS * 128 + 4096;
+
 /// Most buffers a session holds at once.
 pub const MAX_BUFFERS: usize = 4096;
 

@@ -537,10 +537,16 @@ impl Vgpu {
             );
         }
         for (i, f) in fds.into_iter().take(sh.contexts as usize).enumerate() {
+            // Edge-triggered: every write to an eventfd is an event, so the command processor
+            // never reads these. They are the client's files too: a read of ours could block
+            // for good if the client drained the counter between `epoll_wait` and that read.
             sh.epoll.ctl(
                 ControlOperation::Add,
                 f.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, EXTERNAL_DOORBELL + i as u64),
+                EpollEvent::new(
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    EXTERNAL_DOORBELL + i as u64,
+                ),
             )?;
             ext.push(f);
         }

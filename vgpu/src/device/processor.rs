@@ -276,19 +276,9 @@ impl Processor {
                     let _ = self.sh.kick.read();
                 }
                 d if d >= EXTERNAL_DOORBELL => {
+                    // A client's eventfd, watched edge-triggered: each ring is one event, and
+                    // its counter is left alone (`Vgpu::set_doorbell_fds`).
                     let i = (d - EXTERNAL_DOORBELL) as usize;
-                    let ext = self
-                        .sh
-                        .external_doorbells
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if let Some(f) = ext.get(i) {
-                        // An eventfd (checked when it was attached) that epoll saw signalled:
-                        // the read returns at once and clears it.
-                        let mut count = [0u8; 8];
-                        let _ = std::io::Read::read(&mut &*f, &mut count);
-                    }
-                    drop(ext);
                     if let Some(c) = self.sh.lock().ctx.get_mut(i) {
                         c.doorbell = true;
                     }

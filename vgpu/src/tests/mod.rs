@@ -616,6 +616,51 @@ fn fence_and_fault_interrupts_with_masking() {
     assert_eq!(g.msis.0.lock().unwrap().last(), Some(&(0xfee0_0000, 0x45)));
 }
 
+/// The doorbell eventfds a vfio-user client hands over stay its files: it may read them too.
+/// The vGPU never reads them (a read could block for good if the client drained the counter
+/// first), so every ring is served and the client finds its counter as it left it.
+#[test]
+fn a_clients_doorbell_eventfds_are_never_read() {
+    let mut g = Gpu::new();
+    g.setup_ctx(0, T0, B0, 8);
+    g.cw(0, regs::CTX_TAIL_ADDR_LO, (SYS_VA + 0xc000) as u32);
+    let client = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(client.try_clone().unwrap());
+    // SAFETY: `raw` was just released by the EventFd and is owned by nothing else.
+    let handed = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    g.dev.set_doorbell_fds(vec![handed]).unwrap();
+    let ring = Gpu::ring_pa(T0);
+    const RINGS: u32 = 100;
+    for v in 1..=RINGS {
+        let slot = u64::from((v - 1) % 8) * packet::PACKET_SIZE;
+        g.spaces
+            .sys
+            .write_slice(
+                &fence_pkt(SYS_VA, v.into(), false).to_bytes(),
+                GuestAddress(ring + slot),
+            )
+            .unwrap();
+        g.spaces
+            .sys
+            .write_obj(v, GuestAddress(B0 + 0xc000))
+            .unwrap();
+        client.write(1).unwrap();
+        assert_eq!(g.wait(0, v), wait::DONE, "ring {v}");
+    }
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&client),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 0) },
+        1,
+        "the vGPU read the doorbells"
+    );
+    assert_eq!(client.read().unwrap(), u64::from(RINGS));
+}
+
 #[test]
 fn tail_shadow_doorbell_and_polling() {
     let mut g = Gpu::new();

@@ -653,11 +653,8 @@ fn a_clients_doorbell_eventfds_are_never_read() {
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 0) },
-        1,
-        "the vGPU read the doorbells"
-    );
+    let readable = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert_eq!(readable, 1, "the vGPU read the doorbells");
     assert_eq!(client.read().unwrap(), u64::from(RINGS));
 }
 

@@ -782,6 +782,13 @@ fn a_stopped_vgpu_refuses_dma_changes_and_takes_a_reset_at_once() {
     let sock = server.instances("64M", &["a"]).remove(0);
     let mut c = vfu::Client::new(Path::new(&sock)).expect("connect");
     let ram = vgpu::backend::memfd("ram", 2 << 20, true).expect("memfd");
+    // Whole pages only, as VFIO asks.
+    for (offset, address, size) in [(0, 0x802, 0x1000), (0, 0, 0x1002), (0x802, 0, 0x1000)] {
+        let e = c
+            .dma_map(offset, address, size, ram.as_raw_fd())
+            .expect_err("a DMA region of part of a page");
+        assert_eq!(e.errno(), Some(libc::EINVAL as u32), "{e}");
+    }
     c.dma_map(0, 0, 2 << 20, ram.as_raw_fd()).expect("DMA_MAP");
     assert_eq!(c.migration_flags().expect("migration"), 5);
     c.set_device_state(Stop).expect("STOP");

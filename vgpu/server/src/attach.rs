@@ -29,6 +29,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, Gu
 use vgpu::device::Vgpu;
 use vgpu::domain::DmaDomain;
 
+/// The page size of DMA mappings.
+const PAGE: u64 = 4096;
 /// Size of the configuration region (PCI, not PCIe: 256 bytes).
 const CONFIG_SIZE: u64 = 256;
 /// Largest single region access served. The crate allocates `count` bytes before asking us
@@ -702,6 +704,14 @@ impl Device for Attachment {
             .checked_add(size)
             .filter(|_| size > 0 && size <= isize::MAX as u64)
             .ok_or_else(|| einval(format_args!("bad DMA range {address:#x}+{size:#x}")))?;
+        // As VFIO asks of its IOMMU mappings: whole pages. (A GPU backend may address memory
+        // by its offset from a region's start, with alignment rules of its own: Vulkan's
+        // buffer fills and copies want 4-byte offsets.)
+        if !(address | size | offset).is_multiple_of(PAGE) {
+            return Err(einval(format_args!(
+                "DMA region {address:#x}+{size:#x} at file offset {offset:#x} is not whole {PAGE}-byte pages"
+            )));
+        }
         let file_len = fd.metadata()?.len();
         if offset.checked_add(size).is_none_or(|e| e > file_len) {
             return Err(einval(format_args!(

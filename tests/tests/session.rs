@@ -108,6 +108,18 @@ fn quotas_and_bad_requests_get_clear_errors_and_change_nothing() {
         ErrorKind::BadArgument
     );
     assert_eq!(s.submit(ctx, &[]).unwrap(), 1);
+    // A session maps at most as many client memory regions as a vfio-user client (512), so
+    // that a few sessions cannot take the server's whole region budget.
+    let held: Vec<_> = (0..512)
+        .map(|i| {
+            s.map_memory(4096)
+                .unwrap_or_else(|e| panic!("region {i}: {e}"))
+        })
+        .collect();
+    let (kind, msg) = refused(s.map_memory(4096));
+    assert_eq!(kind, ErrorKind::Exhausted, "{msg}");
+    assert!(msg.contains("at most 512"), "{msg}");
+    drop(held);
     // Client memory must be sealed against shrinking: a plain file is refused.
     let plain = tempfile();
     let fd = std::fs::File::open(&plain).unwrap();

@@ -44,7 +44,7 @@ const _: () = assert!(
 );
 
 /// Most DMA regions one client may map.
-const MAX_DMA_REGIONS: usize = 512;
+pub(crate) const MAX_DMA_REGIONS: usize = 512;
 
 /// What every client of one server together, and each client alone, may make the server
 /// map: address space is shared by all tenants (and by VRAM mappings and thread stacks), and

@@ -250,7 +250,15 @@ impl InstanceWorker {
             return;
         }
         let who = format!("pid {} uid {}", peer.pid, peer.uid);
-        self.session(Link::Unix(sock), Some(peer), &who);
+        let link = Link::Unix(sock);
+        // As over TLS: a client that stops in the middle of a frame, or stops reading its
+        // replies, is dropped after this (between frames the session waits as long as the
+        // client likes, and sees the instance stop).
+        if let Err(e) = link.set_timeouts(Some(crate::tls::IO_TIMEOUT)) {
+            tracing::warn!(name = self.name, "session refused: {e}");
+            return;
+        }
+        self.session(link, Some(peer), &who);
     }
 
     /// Serves one session client (`vgpu_session`) from its `Hello` to disconnect, on a fresh

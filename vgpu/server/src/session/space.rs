@@ -146,6 +146,17 @@ impl<'a> Space<'a> {
                 "the session's client address space is full",
             )
         })?;
+        // One client holds at most as many regions as a vfio-user client may map, so that
+        // a few sessions cannot take the server's whole region budget (`DmaBudget`).
+        if self.regions.len() >= crate::attach::MAX_DMA_REGIONS {
+            return Err(refuse(
+                ErrorKind::Exhausted,
+                format!(
+                    "a session maps at most {} client memory regions",
+                    crate::attach::MAX_DMA_REGIONS
+                ),
+            ));
+        }
         let held = self.regions.values().map(|r| r.region.len()).sum();
         let charge = self
             .budget

@@ -339,10 +339,13 @@ impl PciRoot {
             }
             // A memory slot would shadow another function's trapped BAR, and a trapped BAR
             // would be shadowed by another's memory slot: refused, like overlapping traps.
-            let taken = self
-                .slots
-                .iter()
-                .any(|(&k, s)| k != slot && s.mapped.iter().any(|o| overlap(o, &m)));
+            // So would one of the function's own BARs: a guest that moves its VRAM over its
+            // registers must not hide them (and its MSI-X table) behind a memory slot.
+            let taken = mapped.iter().any(|o| overlap(o, &m))
+                || self
+                    .slots
+                    .iter()
+                    .any(|(&k, s)| k != slot && s.mapped.iter().any(|o| overlap(o, &m)));
             if taken {
                 result = Err(PciRootError::Overlap { slot, bar: m.bar });
                 break;
@@ -786,5 +789,26 @@ mod tests {
         assert_eq!(log, ["ioevent 0xc0000100"]);
         let mut d = [0u8; 4];
         mmio.read(0xc800_0004, &mut d).unwrap();
+    }
+
+    #[test]
+    fn a_bar_moved_over_its_own_functions_registers_is_refused() {
+        let mmio = Arc::new(Bus::new());
+        let mapper = Arc::new(FakeMapper::default());
+        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
+            .with_guest_mapper(mapper.clone());
+        root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
+            .unwrap();
+        // The guest puts its VRAM where its registers are, then enables decoding.
+        write32(&mut root, 1, 6, 0xc000_000c);
+        write32(&mut root, 1, 1, 0x2);
+        let log = std::mem::take(&mut *mapper.log.lock().unwrap());
+        assert!(
+            !log.iter().any(|l| l.starts_with("map 0xc0000000")),
+            "VRAM mapped over the registers: {log:?}"
+        );
+        let mut d = [0u8; 4];
+        mmio.read(0xc000_0004, &mut d)
+            .expect("the registers still trap");
     }
 }

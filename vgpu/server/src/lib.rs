@@ -155,6 +155,31 @@ impl Default for ServeOptions {
 
 /// Control connections served at once (each has a thread); more are told to retry.
 pub const MAX_CONTROL_CONNECTIONS: usize = 32;
+
+/// Paces a listener's loop while `accept` fails (out of descriptors or memory: the pending
+/// connection stays pending, so retrying at once would spin and flood the log): waits 5 ms,
+/// doubling up to 1 s while the failures go on, logging each.
+#[derive(Debug)]
+pub(crate) struct AcceptBackoff(Duration);
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const LONGEST: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new() -> Self {
+        AcceptBackoff(Self::FIRST)
+    }
+
+    pub(crate) fn failed(&mut self, listener: &str, e: &std::io::Error) {
+        tracing::warn!("{listener}: {e}; next try in {:?}", self.0);
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Self::LONGEST);
+    }
+
+    pub(crate) fn succeeded(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
 /// A control connection that sends nothing for this long is closed.
 pub const CONTROL_IDLE: Duration = Duration::from_secs(120);
 
@@ -299,6 +324,7 @@ impl Daemon {
     /// Serves control connections until `stop` is signalled; then stops every idle instance
     /// and removes the sockets.
     pub fn serve(self: &Arc<Self>, stop: &EventFd) -> std::io::Result<()> {
+        let mut backoff = AcceptBackoff::new();
         loop {
             if !wait_readable(self.control.as_fd().as_raw_fd(), stop)? {
                 break;
@@ -306,10 +332,11 @@ impl Daemon {
             let stream = match self.control.accept() {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!("control socket: {e}");
+                    backoff.failed("control socket", &e);
                     continue;
                 }
             };
+            backoff.succeeded();
             let busy = self.control_threads.fetch_add(1, Ordering::AcqRel);
             if busy >= MAX_CONTROL_CONNECTIONS {
                 self.control_threads.fetch_sub(1, Ordering::AcqRel);

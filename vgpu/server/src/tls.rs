@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,8 @@ use crate::{Daemon, lock};
 
 /// Handshakes in progress at once; more connections are closed at once.
 pub const MAX_HANDSHAKES: usize = 32;
+/// Handshakes in progress at once from one address: a single host cannot hold every slot.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
 /// Longest a client may take over its handshake and its `Open`, all reads together.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `Open` frame (an instance name is at most 32 bytes).
@@ -97,18 +98,25 @@ impl TlsListener {
 }
 
 fn accept_loop(listener: &TcpListener, config: &Arc<ServerConfig>, daemon: &Weak<Daemon>) {
-    let busy = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(Handshakes::default());
+    let mut backoff = crate::AcceptBackoff::new();
+    // Refusals are logged at most once a second, with how many there were.
+    let mut refused = (Instant::now(), 0u64);
     loop {
         let (sock, peer) = match listener.accept() {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("TLS session listener: {e}");
+                backoff.failed("TLS session listener", &e);
                 continue;
             }
         };
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(%peer, "TLS session refused: {MAX_HANDSHAKES} handshakes in progress");
+        backoff.succeeded();
+        if let Err(why) = busy.start(peer.ip()) {
+            refused.1 += 1;
+            if refused.0.elapsed() >= Duration::from_secs(1) {
+                tracing::warn!(%peer, refused = refused.1, "TLS session refused: {why}");
+                refused = (Instant::now(), 0);
+            }
             continue;
         }
         let (config, daemon, count) = (config.clone(), daemon.clone(), busy.clone());
@@ -118,11 +126,47 @@ fn accept_loop(listener: &TcpListener, config: &Arc<ServerConfig>, daemon: &Weak
                 if let Err(why) = open(sock, peer, config, &daemon) {
                     tracing::warn!(%peer, "TLS session refused: {why}");
                 }
-                count.fetch_sub(1, Ordering::AcqRel);
+                count.end(peer.ip());
             });
         if let Err(e) = spawned {
-            busy.fetch_sub(1, Ordering::AcqRel);
+            busy.end(peer.ip());
             tracing::warn!(%peer, "cannot serve a TLS connection: {e}");
+        }
+    }
+}
+
+/// Handshakes in progress, in all and per peer address.
+#[derive(Debug, Default)]
+struct Handshakes(Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>);
+
+impl Handshakes {
+    /// Counts one more from `ip`, or says why not.
+    fn start(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        let mut g = lock(&self.0);
+        let (total, per) = &mut *g;
+        if *total >= MAX_HANDSHAKES {
+            return Err(format!("{MAX_HANDSHAKES} handshakes in progress"));
+        }
+        let mine = per.entry(ip).or_default();
+        if *mine >= MAX_HANDSHAKES_PER_PEER {
+            return Err(format!(
+                "{MAX_HANDSHAKES_PER_PEER} handshakes in progress from {ip}"
+            ));
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(())
+    }
+
+    fn end(&self, ip: std::net::IpAddr) {
+        let mut g = lock(&self.0);
+        let (total, per) = &mut *g;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
         }
     }
 }
@@ -187,5 +231,40 @@ fn open(
             let what = format!("instance {instance:?} is busy ({MAX_QUEUED} sessions wait for it)");
             refuse(&mut link, ErrorKind::Exhausted, what)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One address holds at most its share of the handshake slots, every address together at
+    /// most all of them, and a finished handshake frees its slot.
+    #[test]
+    fn handshake_slots_are_shared_between_addresses() {
+        let h = Handshakes::default();
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..MAX_HANDSHAKES_PER_PEER {
+            h.start(a).unwrap();
+        }
+        let e = h.start(a).unwrap_err();
+        assert!(e.contains("from 10.0.0.1"), "{e}");
+        h.end(a);
+        h.start(a).expect("a finished handshake frees its slot");
+        let others = (MAX_HANDSHAKES - MAX_HANDSHAKES_PER_PEER) as u32;
+        for i in 0..others {
+            h.start(std::net::IpAddr::from((0x0b00_0000 + i).to_be_bytes()))
+                .unwrap();
+        }
+        let e = h.start([12, 0, 0, 1].into()).unwrap_err();
+        assert!(e.contains(&format!("{MAX_HANDSHAKES} handshakes")), "{e}");
+        for _ in 0..MAX_HANDSHAKES_PER_PEER {
+            h.end(a);
+        }
+        h.start([12, 0, 0, 1].into()).unwrap();
+        assert!(
+            !lock(&h.0).1.contains_key(&a),
+            "an address with none is forgotten"
+        );
     }
 }

@@ -311,24 +311,32 @@ impl Vram for VulkanVram {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // The next tenant's kernels get new staging memory.
         state.dev.release_staging();
-        if state.dev.is_lost() {
-            // A reset after a device loss: this vGPU gets a new device (its neighbours never
-            // had this one); device-local VRAM comes back zeroed.
-            match Self::device(&self.inst, self.host.as_ref(), self.size) {
-                Ok(fresh) => {
-                    tracing::warn!("Vulkan device lost: the vGPU has a new one");
-                    *state = Arc::new(fresh);
-                }
-                Err(e) => tracing::error!("cannot replace a lost Vulkan device: {e}"),
-            }
+        let scrubbed = if state.dev.is_lost() {
+            Err("Vulkan device lost".to_string())
         } else if self.host.is_none() {
             let s = state.clone();
             let buffer = s.buffer();
-            let _ = s.dev.run(|d, cmd| {
-                // SAFETY: recording into the device's command buffer; the VRAM buffer is its
-                // own.
-                unsafe { d.cmd_fill_buffer(cmd, buffer, 0, vk::WHOLE_SIZE, 0) }
-            });
+            s.dev
+                .run(|d, cmd| {
+                    // SAFETY: recording into the device's command buffer; the VRAM buffer is
+                    // its own.
+                    unsafe { d.cmd_fill_buffer(cmd, buffer, 0, vk::WHOLE_SIZE, 0) }
+                })
+                .map_err(|f| format!("the VRAM scrub failed ({f:?})"))
+        } else {
+            Ok(())
+        };
+        if let Err(why) = scrubbed {
+            // A reset after a device loss, or a scrub that did not run: this vGPU gets a new
+            // device (its neighbours never had this one), whose device-local VRAM comes back
+            // zeroed.
+            match Self::device(&self.inst, self.host.as_ref(), self.size) {
+                Ok(fresh) => {
+                    tracing::warn!("{why}: the vGPU has a new Vulkan device");
+                    *state = Arc::new(fresh);
+                }
+                Err(e) => tracing::error!("{why}, and no new Vulkan device: {e}"),
+            }
         }
     }
 

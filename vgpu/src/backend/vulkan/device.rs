@@ -626,14 +626,14 @@ impl Drop for DeviceBuffer {
             ptr: self.raw.ptr.take(),
             ..self.raw
         };
-        let raw = match self.kept {
-            true => match self.dev.keep(raw) {
-                Ok(()) => return,
-                Err(raw) => raw,
-            },
-            false => raw,
-        };
-        self.dev.free_raw(raw);
+        match self.kept {
+            true => {
+                if let Err(raw) = self.dev.keep(raw) {
+                    self.dev.free_staging(raw);
+                }
+            }
+            false => self.dev.free_raw(raw),
+        }
     }
 }
 

@@ -13,6 +13,11 @@
 //! - all of it is freed once the device took none for [`IDLE`] (one thread, shared by every
 //!   device, frees it), when the vGPU is reset, and with the device; so an idle vGPU keeps
 //!   no staging memory;
+//! - all staging memory of the process, in use or kept, is at most [`held_limit`] (a quarter
+//!   of the host's memory, at least what one packet's largest operands take): a kernel whose
+//!   staging would pass it faults as a failed allocation does, and its neighbours go on. The
+//!   guest chooses its operands' sizes (up to `MAX_TRANSFER` each); without this bound a few
+//!   vGPUs sending their largest kernels at once could make the host run out of memory;
 //! - buffers are a device's own, so a vGPU never gets memory a neighbour used. A kept
 //!   buffer's bytes beyond what a kernel gathers are never read back: outputs are scattered
 //!   for the operand's length, partial results read for the kernel's groups, each of which
@@ -39,6 +44,33 @@ pub(super) const IDLE: Duration = Duration::from_millis(250);
 /// Staging buffers are allocated in multiples of this, so kernels of about the same size
 /// reuse each other's.
 const GRAIN: u64 = 64 << 10;
+/// Staging bytes all devices of the process hold now, in use or kept.
+static HELD_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Most staging bytes all devices of the process hold at once: a quarter of the host's
+/// memory, and at least one packet's largest staging (two operands of `MAX_TRANSFER`, SAXPY's
+/// x and y, and their rounding).
+pub(super) fn held_limit() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // SAFETY: all-zero bytes are a valid `sysinfo` (integers and padding only).
+        let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+        // SAFETY: sysinfo fills the struct it is given, and nothing else.
+        let ram = match unsafe { libc::sysinfo(&mut si) } {
+            0 => si.totalram.saturating_mul(u64::from(si.mem_unit)),
+            _ => 0,
+        };
+        (ram / 4).max(2 * vgpu_abi::limits::MAX_TRANSFER + 2 * GRAIN)
+    })
+}
+
+/// Takes `bytes` of `held` (process-wide staging) unless that would pass `limit`.
+fn reserve(held: &AtomicU64, bytes: u64, limit: u64) -> bool {
+    held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+        t.checked_add(bytes).filter(|&n| n <= limit)
+    })
+    .is_ok()
+}
 
 /// A staging buffer's handles, without the `Arc` of its device (a device keeps these).
 pub(super) struct Raw {
@@ -63,6 +95,8 @@ pub(super) struct Kept {
     watched: bool,
     /// [`IDLE`] (tests shorten and lengthen it).
     idle: Duration,
+    /// [`held_limit`] (tests lower it).
+    limit: u64,
 }
 
 impl Default for Kept {
@@ -73,6 +107,7 @@ impl Default for Kept {
             last: Instant::now(),
             watched: false,
             idle: IDLE,
+            limit: held_limit(),
         }
     }
 }
@@ -91,8 +126,10 @@ impl Dev {
     /// that size, else a new one. Dropped, it goes back to the device's keeping.
     pub(super) fn staging(self: &Arc<Self>, len: u64) -> Result<DeviceBuffer, vk::Result> {
         let len = len.max(4).next_multiple_of(4);
+        let limit;
         let reused = {
             let mut k = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            limit = k.limit;
             k.last = Instant::now();
             let most = len.max(GRAIN).saturating_mul(2);
             let best = (k.free.iter().enumerate())
@@ -109,10 +146,27 @@ impl Dev {
         if let Some(raw) = reused {
             return Ok(DeviceBuffer::from_raw(self.clone(), raw, len));
         }
-        let mut b = self.fresh_staging(len.next_multiple_of(GRAIN))?;
-        b.len = len;
-        b.kept = true;
-        Ok(b)
+        let cap = len.next_multiple_of(GRAIN);
+        if !reserve(&HELD_TOTAL, cap, limit) {
+            return Err(vk::Result::ERROR_OUT_OF_HOST_MEMORY);
+        }
+        match self.fresh_staging(cap) {
+            Ok(mut b) => {
+                b.len = len;
+                b.kept = true;
+                Ok(b)
+            }
+            Err(e) => {
+                HELD_TOTAL.fetch_sub(cap, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees a staging buffer [`Dev::staging`] made (and counted).
+    pub(super) fn free_staging(&self, raw: Raw) {
+        HELD_TOTAL.fetch_sub(raw.cap, Ordering::Relaxed);
+        self.free_raw(raw);
     }
 
     /// A new host-visible buffer of `len` bytes that is freed when dropped (never kept).
@@ -156,7 +210,7 @@ impl Dev {
             .unwrap_or_else(|e| e.into_inner())
             .take_all();
         for raw in free {
-            self.free_raw(raw);
+            self.free_staging(raw);
         }
     }
 
@@ -164,6 +218,12 @@ impl Dev {
     #[cfg(test)]
     pub(super) fn kept_bytes(&self) -> u64 {
         self.kept.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// Sets the bound of all staging this device may add to (tests).
+    #[cfg(test)]
+    pub(super) fn set_held_limit(&self, limit: u64) {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).limit = limit;
     }
 
     /// Sets how long the device keeps staging memory unused (tests).
@@ -220,7 +280,7 @@ fn reap() {
             let free = k.take_all();
             drop(k);
             for raw in free {
-                dev.free_raw(raw);
+                dev.free_staging(raw);
             }
             false
         });
@@ -301,5 +361,33 @@ mod tests {
         dev.lose();
         drop(dev.staging(4).unwrap());
         assert_eq!(dev.kept_bytes(), 0);
+    }
+
+    /// All staging of the process is bounded: a buffer past the bound is refused (the kernel
+    /// faults), what is freed is counted back, and kept buffers still serve.
+    #[test]
+    fn staging_past_the_process_bound_is_refused() {
+        let held = AtomicU64::new(0);
+        assert!(reserve(&held, 3 << 20, 4 << 20));
+        assert!(!reserve(&held, 2 << 20, 4 << 20));
+        assert!(reserve(&held, 1 << 20, 4 << 20));
+        assert!(!reserve(&held, u64::MAX, u64::MAX));
+        assert_eq!(held.load(Ordering::Relaxed), 4 << 20);
+        assert!(held_limit() >= 2 * vgpu_abi::limits::MAX_TRANSFER);
+
+        let Some(g) = gpu(1 << 20) else { return };
+        let dev = Dev::new(g.inst.clone()).unwrap();
+        dev.set_idle(Duration::from_secs(3600));
+        drop(dev.staging(100_000).unwrap());
+        dev.set_held_limit(0);
+        assert_eq!(
+            dev.staging(1 << 20).err(),
+            Some(vk::Result::ERROR_OUT_OF_HOST_MEMORY)
+        );
+        let kept = dev
+            .staging(100_000)
+            .expect("a kept buffer needs no more memory");
+        drop(kept);
+        dev.release_staging();
     }
 }

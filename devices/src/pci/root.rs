@@ -708,14 +708,21 @@ mod tests {
         }))
     }
 
-    #[test]
-    fn memory_bars_and_ioevents_follow_the_guest() {
+    /// A root with a fake mapper, and a VRAM device at slot 1 (registers at 0xc000_0000,
+    /// VRAM at 0xc800_0000).
+    fn root_with_vram() -> (Arc<Bus>, Arc<FakeMapper>, PciRoot) {
         let mmio = Arc::new(Bus::new());
         let mapper = Arc::new(FakeMapper::default());
         let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
             .with_guest_mapper(mapper.clone());
         root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
             .unwrap();
+        (mmio, mapper, root)
+    }
+
+    #[test]
+    fn memory_bars_and_ioevents_follow_the_guest() {
+        let (mmio, mapper, mut root) = root_with_vram();
         let log = |m: &FakeMapper| std::mem::take(&mut *m.log.lock().unwrap());
         assert_eq!(
             log(&mapper),
@@ -754,12 +761,7 @@ mod tests {
 
     #[test]
     fn a_bar_that_decodes_over_a_parked_one_evicts_it() {
-        let mmio = Arc::new(Bus::new());
-        let mapper = Arc::new(FakeMapper::default());
-        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
-            .with_guest_mapper(mapper.clone());
-        root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
-            .unwrap();
+        let (mmio, mapper, mut root) = root_with_vram();
         // A second device whose VRAM would overlap the first's is not mapped ahead.
         root.add_device(2, vram_device(0xc010_0000, 0xc800_0000))
             .unwrap();
@@ -793,12 +795,7 @@ mod tests {
 
     #[test]
     fn a_bar_moved_over_its_own_functions_registers_is_refused() {
-        let mmio = Arc::new(Bus::new());
-        let mapper = Arc::new(FakeMapper::default());
-        let mut root = PciRoot::new(mmio.clone(), vec![(0xc000_0000, 0x1000_0000)])
-            .with_guest_mapper(mapper.clone());
-        root.add_device(1, vram_device(0xc000_0000, 0xc800_0000))
-            .unwrap();
+        let (mmio, mapper, mut root) = root_with_vram();
         // The guest puts its VRAM where its registers are, then enables decoding.
         write32(&mut root, 1, 6, 0xc000_000c);
         write32(&mut root, 1, 1, 0x2);

@@ -247,25 +247,54 @@ fn same_end(a: &Gpu, b: &Gpu) {
     assert!(ma.vram == mb.vram, "the VRAMs differ");
 }
 
+/// y = a·x + y over 4 MiB of floats: x in VRAM, y in guest RAM, 64 groups.
+struct Saxpy {
+    n: usize,
+    groups: u64,
+    a: f32,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    packet: Packet,
+}
+
+impl Saxpy {
+    fn new() -> Saxpy {
+        let n = (BIG / 4) as usize;
+        let a = 1.7f32;
+        Saxpy {
+            n,
+            groups: n as u64 / kernel::SAXPY_GROUP,
+            a,
+            x: floats(n, 0x9e37_79b9_7f4a_7c15),
+            y: floats(n, 0x0123_4567_89ab_cdef),
+            packet: Packet::new(
+                packet::OP_DISPATCH,
+                kernel::SAXPY,
+                &[n as u64, a.to_bits().into(), BIG_VRAM_VA, BIG_VA],
+            ),
+        }
+    }
+
+    /// Puts the operands in place on a vGPU.
+    fn prepare(g: &mut Gpu, x: &[f32], y: &[f32]) {
+        g.spaces.vram.write(0, &f32_bytes(x)).unwrap();
+        write_f32s(g, BIG_PA, y);
+    }
+}
+
 #[test]
 fn a_restored_vgpu_finishes_a_dispatch_caught_mid_way_bit_exactly() {
-    // y = a·x + y over 4 MiB of floats: x in VRAM, y in guest RAM, 64 groups.
-    let n = (BIG / 4) as usize;
-    let groups = n as u64 / kernel::SAXPY_GROUP;
-    let a = 1.7f32;
-    let x = floats(n, 0x9e37_79b9_7f4a_7c15);
-    let y = floats(n, 0x0123_4567_89ab_cdef);
+    let Saxpy {
+        n,
+        groups,
+        a,
+        x,
+        y,
+        packet: saxpy,
+    } = Saxpy::new();
     let want: Vec<f32> = x.iter().zip(&y).map(|(&x, &y)| a.mul_add(x, y)).collect();
     assert_ne!(want[0].to_bits(), y[0].to_bits());
-    let prepare = |g: &mut Gpu| {
-        g.spaces.vram.write(0, &f32_bytes(&x)).unwrap();
-        write_f32s(g, BIG_PA, &y);
-    };
-    let saxpy = Packet::new(
-        packet::OP_DISPATCH,
-        kernel::SAXPY,
-        &[n as u64, a.to_bits().into(), BIG_VRAM_VA, BIG_VA],
-    );
+    let prepare = |g: &mut Gpu| Saxpy::prepare(g, &x, &y);
     // Group 0 has written its part of y: the packet is on the engines.
     let y0 = y[0].to_bits();
     let started = |g: &Gpu| g.spaces.sys.read_obj::<u32>(GuestAddress(BIG_PA)).unwrap() != y0;
@@ -313,20 +342,15 @@ fn a_restored_vgpu_on_vulkan_reruns_a_dispatch_caught_mid_way() {
         return;
     }
     let new = || vulkan().expect("a Vulkan device, as a moment ago");
-    let n = (BIG / 4) as usize;
-    let groups = n as u64 / kernel::SAXPY_GROUP;
-    let a = 1.7f32;
-    let x = floats(n, 0x9e37_79b9_7f4a_7c15);
-    let y = floats(n, 0x0123_4567_89ab_cdef);
-    let prepare = |g: &mut Gpu| {
-        g.spaces.vram.write(0, &f32_bytes(&x)).unwrap();
-        write_f32s(g, BIG_PA, &y);
-    };
-    let saxpy = Packet::new(
-        packet::OP_DISPATCH,
-        kernel::SAXPY,
-        &[n as u64, a.to_bits().into(), BIG_VRAM_VA, BIG_VA],
-    );
+    let Saxpy {
+        n,
+        groups,
+        a,
+        x,
+        y,
+        packet: saxpy,
+    } = Saxpy::new();
+    let prepare = |g: &mut Gpu| Saxpy::prepare(g, &x, &y);
     let (mut a_gpu, state, mem) = caught_somewhere(&new, &prepare, saxpy, groups, &|_| true);
     let saved_y = f32s_of(&mem.ram[BIG_PA as usize..(BIG_PA + BIG) as usize]);
     assert!(

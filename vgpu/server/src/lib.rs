@@ -14,6 +14,7 @@ pub mod attach;
 pub mod control;
 pub mod definitions;
 mod instance;
+mod irq;
 pub mod metrics;
 mod migrate;
 pub mod peer;

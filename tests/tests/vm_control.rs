@@ -58,10 +58,13 @@ fn a_paused_vm_runs_nothing_until_resumed() {
     vm.send(b"while paused\n");
     let printed = vm.lines_within(Duration::from_millis(700));
     assert!(printed.is_empty(), "a paused guest printed {printed:?}");
+    // The guest reads its line as soon as it runs again and then ends, so by the time the
+    // reply is made it may already be stopping; it is never still paused.
     let (code, resumed) = vmctl(&sock, "resume");
-    assert_eq!(
-        (code, resumed["state"].as_str()),
-        (Some(0), Some("running"))
+    assert_eq!((code, &resumed["ok"]), (Some(0), &serde_json::json!(true)));
+    assert!(
+        matches!(resumed["state"].as_str(), Some("running" | "stopping")),
+        "{resumed}"
     );
     vm.expect_line("tessera-fw: echo while paused", T);
     assert_eq!(vm.wait(T).code(), Some(7));

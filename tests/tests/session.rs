@@ -755,3 +755,47 @@ fn a_killed_clients_instance_is_reclaimed_and_scrubbed() {
         "the killed client's secret is still there"
     );
 }
+
+/// A client that hangs up while its `Submit` waits for ring slots frees its instance at once:
+/// the next client is served long before the queued work could have drained (over 200 s of
+/// spinning) or the server's 60 s grace for a full ring could have run out.
+#[test]
+fn a_client_that_hangs_up_inside_a_submit_frees_its_instance() {
+    let server = Server::start("session-hangup", &["--create", "64M:h1"]);
+    let mut s = session(&server, "h1");
+    let ctx = s.create_context().expect("context");
+    let spin = vec![
+        Command::SpinUs {
+            us: 200_000,
+            groups: 1
+        };
+        1024
+    ];
+    // The largest submission (1025 packets with its fence) fits an empty ring (2048 slots)
+    // whole; a second waits beside it for two slots (two spins).
+    s.submit(ctx, &spin).expect("first submission");
+    s.submit(ctx, &spin).expect("second submission");
+    // The third waits for the first to finish, and the client leaves without its reply.
+    s.send(&Request::Submit {
+        ctx,
+        commands: spin,
+    })
+    .expect("send");
+    s.flush().expect("flush");
+    drop(s);
+    let left = std::time::Instant::now();
+    let mut next = session(&server, "h1");
+    let waited = left.elapsed();
+    assert!(
+        waited < Duration::from_secs(30),
+        "the next client waited {waited:?} for the instance"
+    );
+    let ctx = next.create_context().expect("context");
+    let fence = next
+        .submit(ctx, &[Command::SpinUs { us: 10, groups: 1 }])
+        .expect("submit");
+    assert_eq!(
+        next.wait(ctx, fence, MINUTE).expect("wait"),
+        WaitResult::Done
+    );
+}

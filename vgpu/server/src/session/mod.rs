@@ -9,9 +9,9 @@
 //! [`VRAM_VA`]. A client names buffers and offsets; every operand's extent is checked against
 //! its buffer here before a packet is written, and the device's MMU checks every access again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,10 +56,13 @@ enum Place {
 }
 
 /// One context: its ring and fence sequence.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Context {
     tail: u32,
     fence: u64,
+    /// Submissions the device may not have finished, oldest first: each one's fence and the
+    /// ring tail just past it (its fence packet).
+    queued: VecDeque<(u64, u32)>,
 }
 
 /// Why a request failed.
@@ -152,7 +155,14 @@ impl<'a> SessionServer<'a> {
                 error(ErrorKind::Protocol, "the first request must be Hello")
             } else {
                 let handled = match incoming {
-                    Incoming::Request(req, fd) => self.handle(req, fd, link.fd()),
+                    Incoming::Request(req, fd) => self.handle(
+                        req,
+                        fd,
+                        Watch {
+                            sock: link.fd(),
+                            stop,
+                        },
+                    ),
                     Incoming::Write { at, len, first } => {
                         match self.write_from(link, at, len, &first) {
                             Ok(r) => r,
@@ -193,7 +203,12 @@ impl<'a> SessionServer<'a> {
         }
     }
 
-    fn handle(&mut self, req: Request, fd: Option<File>, sock: RawFd) -> Result<Reply, Refusal> {
+    fn handle(
+        &mut self,
+        req: Request,
+        fd: Option<File>,
+        watch: Watch<'_>,
+    ) -> Result<Reply, Refusal> {
         match req {
             Request::Hello { version } => {
                 if version != VERSION {
@@ -232,12 +247,12 @@ impl<'a> SessionServer<'a> {
                 self.access(b, at.offset, Access::Read(&mut data))?;
                 Ok(Reply::Data { data })
             }
-            Request::Submit { ctx, commands } => self.submit(ctx, &commands),
+            Request::Submit { ctx, commands } => self.submit(ctx, &commands, watch),
             Request::Wait {
                 ctx,
                 fence,
                 timeout_ms,
-            } => self.wait(ctx, fence, timeout_ms, sock),
+            } => self.wait(ctx, fence, timeout_ms, watch),
             Request::ResetContext { ctx } => {
                 self.context(ctx)?;
                 self.set_reg(regs::ctx_reg(ctx, regs::CTX_CONTROL), ctx_control::RESET);
@@ -306,6 +321,7 @@ impl<'a> SessionServer<'a> {
         self.set_reg(regs::ctx_reg(ctx, regs::CTX_CONTROL), ctx_control::ENABLE);
         if let Some(c) = self.contexts.get_mut(ctx as usize) {
             c.tail = 0;
+            c.queued.clear();
         }
     }
 
@@ -326,10 +342,9 @@ impl<'a> SessionServer<'a> {
         Ok(Reply::Context { ctx })
     }
 
-    fn context(&self, ctx: u32) -> Result<Context, Refusal> {
+    fn context(&self, ctx: u32) -> Result<&Context, Refusal> {
         self.contexts
             .get(ctx as usize)
-            .copied()
             .ok_or_else(|| refuse(ErrorKind::NoSuchObject, format!("no context {ctx}")))
     }
 
@@ -527,8 +542,13 @@ impl<'a> SessionServer<'a> {
         })
     }
 
-    fn submit(&mut self, ctx: u32, commands: &[Command]) -> Result<Reply, Refusal> {
-        let mut c = self.context(ctx)?;
+    fn submit(
+        &mut self,
+        ctx: u32,
+        commands: &[Command],
+        watch: Watch<'_>,
+    ) -> Result<Reply, Refusal> {
+        self.context(ctx)?;
         if commands.len() > MAX_COMMANDS {
             return Err(refuse(
                 ErrorKind::BadArgument,
@@ -543,44 +563,70 @@ impl<'a> SessionServer<'a> {
             .iter()
             .map(|cmd| self.packet(cmd))
             .collect::<Result<Vec<_>, _>>()?;
+        // The whole submission goes in at once, its fence last, or none of it does.
+        self.make_room(ctx, pkts.len() as u32 + 1, watch)?;
+        let c = &mut self.contexts[ctx as usize];
         c.fence += 1;
         pkts.push(Packet {
             opcode: packet::OP_FENCE,
             flags: 0,
             args: [space::fence_addr(ctx), c.fence, 0, 0, 0, 0, 0],
         });
+        let mut tail = c.tail;
         for p in &pkts {
-            // Never overrun the ring: wait until the device has taken a slot.
-            let started = Instant::now();
-            while c
-                .tail
-                .wrapping_sub(self.reg(regs::ctx_reg(ctx, regs::CTX_RING_HEAD)))
-                >= space::RING_ENTRIES
-            {
-                let st = self.reg(regs::ctx_reg(ctx, regs::CTX_STATUS));
-                let stopped = st & vgpu_abi::ctx_status::FAULTED != 0
-                    || st & vgpu_abi::ctx_status::ENABLED == 0;
-                if stopped || started.elapsed() > WATCHDOG_GRACE {
-                    // A stopped context (a fault, or a watchdog reset of the vGPU) never frees
-                    // its ring.
-                    self.contexts[ctx as usize] = c;
-                    return Err(refuse(
-                        ErrorKind::Device,
-                        format!("context {ctx} stopped with its ring full; reset it"),
-                    ));
-                }
-                self.set_reg(regs::WAIT_CTX, ctx);
-                self.set_reg(regs::WAIT_VALUE, c.fence.saturating_sub(1) as u32);
-                let _ = self.reg(regs::WAIT);
-            }
-            let slot = u64::from(c.tail % space::RING_ENTRIES);
+            let slot = u64::from(tail % space::RING_ENTRIES);
             self.space
                 .write_ctrl(space::ring(ctx) + slot * packet::PACKET_SIZE, &p.to_bytes())?;
-            c.tail = c.tail.wrapping_add(1);
+            tail = tail.wrapping_add(1);
         }
-        self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_TAIL), c.tail);
-        self.contexts[ctx as usize] = c;
-        Ok(Reply::Submitted { fence: c.fence })
+        let c = &mut self.contexts[ctx as usize];
+        c.tail = tail;
+        c.queued.push_back((c.fence, tail));
+        let fence = c.fence;
+        self.set_reg(regs::ctx_reg(ctx, regs::CTX_RING_TAIL), tail);
+        Ok(Reply::Submitted { fence })
+    }
+
+    /// Waits until context `ctx`'s ring has `need` free slots: on the fence of the oldest
+    /// submission whose end frees enough, in `WAIT`s of at most 100 ms, giving up when the
+    /// context stops, the ring stays full for [`RING_FULL_GRACE`], the client hangs up or the
+    /// instance stops.
+    fn make_room(&mut self, ctx: u32, need: u32, watch: Watch<'_>) -> Result<(), Refusal> {
+        let free =
+            |tail: u32, head: u32| space::RING_ENTRIES.saturating_sub(tail.wrapping_sub(head));
+        let started = Instant::now();
+        loop {
+            let done = self.space.fence(ctx);
+            let head = self.reg(regs::ctx_reg(ctx, regs::CTX_RING_HEAD));
+            let c = &mut self.contexts[ctx as usize];
+            while c.queued.front().is_some_and(|&(f, _)| f <= done) {
+                c.queued.pop_front();
+            }
+            if free(c.tail, head) >= need {
+                return Ok(());
+            }
+            let target = c
+                .queued
+                .iter()
+                .find(|&&(_, end)| free(c.tail, end) >= need)
+                .map_or(c.fence, |&(f, _)| f);
+            let st = self.reg(regs::ctx_reg(ctx, regs::CTX_STATUS));
+            if st & vgpu_abi::ctx_status::FAULTED != 0
+                || st & vgpu_abi::ctx_status::ENABLED == 0
+                || started.elapsed() > RING_FULL_GRACE
+            {
+                // A stopped context (a fault, or a watchdog reset of the vGPU) never frees
+                // its ring.
+                return Err(refuse(
+                    ErrorKind::Device,
+                    format!("context {ctx} stopped or hung with its ring full; reset it"),
+                ));
+            }
+            watch.check()?;
+            self.set_reg(regs::WAIT_CTX, ctx);
+            self.set_reg(regs::WAIT_VALUE, target as u32);
+            let _ = self.reg(regs::WAIT);
+        }
     }
 
     fn wait(
@@ -588,7 +634,7 @@ impl<'a> SessionServer<'a> {
         ctx: u32,
         fence: u64,
         timeout_ms: u32,
-        sock: RawFd,
+        watch: Watch<'_>,
     ) -> Result<Reply, Refusal> {
         let c = self.context(ctx)?;
         if fence > c.fence {
@@ -632,10 +678,7 @@ impl<'a> SessionServer<'a> {
             if Instant::now() >= deadline {
                 return Ok(Reply::Waited(WaitResult::TimedOut));
             }
-            if hung_up(sock) {
-                // Nobody is left to tell: end the session.
-                return Err(refuse(ErrorKind::Protocol, "the client went away"));
-            }
+            watch.check()?;
         }
     }
 }
@@ -644,7 +687,10 @@ impl<'a> SessionServer<'a> {
 const STREAM_CHUNK: u64 = 64 << 10;
 
 /// How long a full ring may stay full before a submission gives up.
-const WATCHDOG_GRACE: Duration = Duration::from_secs(60);
+const RING_FULL_GRACE: Duration = Duration::from_secs(60);
+
+// The largest submission, with its fence, fits in an empty ring.
+const _: () = assert!(MAX_COMMANDS < space::RING_ENTRIES as usize);
 
 enum Access<'d> {
     Write(&'d [u8]),
@@ -658,14 +704,41 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
     }
 }
 
-/// Whether the peer of `sock` has hung up.
-fn hung_up(sock: RawFd) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: sock,
-        events: libc::POLLRDHUP,
-        revents: 0,
-    }];
-    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    rc > 0 && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+/// What a request that waits on the device (a `Wait`, a `Submit` into a full ring) looks at
+/// between its waits of at most 100 ms: the client's connection and the instance's stop.
+#[derive(Clone, Copy)]
+struct Watch<'s> {
+    sock: RawFd,
+    stop: &'s EventFd,
+}
+
+impl Watch<'_> {
+    /// `Err` (the session ends) when the client has hung up or the instance is stopping.
+    fn check(&self) -> Result<(), Refusal> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
+        if rc <= 0 {
+            return Ok(());
+        }
+        if fds[1].revents != 0 {
+            return Err(refuse(ErrorKind::Device, "the instance is stopping"));
+        }
+        if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            // Nobody is left to tell: end the session.
+            return Err(refuse(ErrorKind::Protocol, "the client went away"));
+        }
+        Ok(())
+    }
 }

@@ -30,7 +30,7 @@ pub(super) const ROOT: u64 = 0;
 const PT_BASE: u64 = 0x1000;
 const RINGS: u64 = 0x10_0000;
 /// Packets per context ring.
-pub(super) const RING_ENTRIES: u32 = 1024;
+pub(super) const RING_ENTRIES: u32 = 2048;
 const RING_BYTES: u64 = RING_ENTRIES as u64 * packet::PACKET_SIZE;
 /// Fence words (8 bytes per context) in the last page of the control memory.
 const FENCES: u64 = CTRL_SIZE - 0x1000;

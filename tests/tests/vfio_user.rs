@@ -754,19 +754,94 @@ fn metrics_are_scraped_over_http_while_a_vm_runs() {
     assert_eq!(vm.wait(Duration::from_secs(60)).code(), Some(0));
 }
 
+/// The metrics listener holds no more than `MAX_SCRAPERS` connections, each for at most
+/// `SCRAPE_TIMEOUT`: clients that open connections and send half a request get the busy ones
+/// a `503` and are closed within the timeout, after which scrapes are answered again; a
+/// request that is no HTTP gets a `400`.
+#[test]
+fn the_metrics_listener_bounds_idle_and_slow_scrapers() {
+    use std::io::Read;
+    use vgpu_server::metrics::{MAX_SCRAPERS, SCRAPE_TIMEOUT};
+    let server = Server::start("metrics-bound", &["--metrics-addr", "127.0.0.1:0"]);
+    let log = server.log();
+    let addr = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("url=http://"))
+        .and_then(|u| u.split_once('/'))
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_else(|| panic!("no metrics URL in the log: {log}"));
+    let slow: Vec<_> = (0..MAX_SCRAPERS)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET /metr").expect("half a request");
+            s
+        })
+        .collect();
+    // Every slot is taken (the listener counts a connection as soon as it accepts it, and it
+    // accepts in order): the next one is turned away at once.
+    let turned_away = loop {
+        let r = http_get(&addr, "/metrics");
+        if r.starts_with("HTTP/1.1 503") {
+            break r;
+        }
+        assert!(r.starts_with("HTTP/1.0 200"), "{r}");
+    };
+    assert!(turned_away.contains("retry"), "{turned_away}");
+    // The slow ones are closed with nothing said, within the timeout.
+    let started = std::time::Instant::now();
+    for mut s in slow {
+        s.set_read_timeout(Some(SCRAPE_TIMEOUT * 4))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).expect("closed"), 0);
+    }
+    assert!(started.elapsed() < SCRAPE_TIMEOUT * 3);
+    // Slots come back as their threads end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http_get(&addr, "/metrics");
+        if r.starts_with("HTTP/1.0 200") {
+            assert!(r.contains("tessera_server_instances"), "{r}");
+            break;
+        }
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(std::time::Instant::now() < deadline, "no slot came back");
+        std::thread::yield_now();
+    }
+    let mut junk = std::net::TcpStream::connect(&addr).expect("connect");
+    junk.write_all(b"\x16\x03\x01 not http\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    junk.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
 /// One HTTP/1.0 GET (the server closes the connection after answering): the whole response.
+/// A busy server answers `503` at once, without reading the request, and closes: the request
+/// may then fail to go out, and the close may reset the connection after the answer. What
+/// came before the reset is the response.
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    response
+    let sent = write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read the response: {e}"),
+        }
+    }
+    assert!(
+        !response.is_empty(),
+        "no response (sending the request: {sent:?})"
+    );
+    String::from_utf8(response).expect("UTF-8")
 }
 
 /// A client that stops its vGPU through migration v2 and then misbehaves, against the real

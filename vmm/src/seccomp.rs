@@ -424,9 +424,6 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                     // The panic message of a malformed message caught on an instance thread
                     // (std shortens source paths against the working directory).
                     libc::SYS_getcwd,
-                    // The metrics listener (`--metrics-addr`, tiny_http) asks each
-                    // connection for its peer's address.
-                    libc::SYS_getpeername,
                     // Interrupting an interrupt relay blocked on a client's eventfd when
                     // its attachment ends (`vgpu_server::attach::EventVectors`).
                     libc::SYS_tgkill,
@@ -435,7 +432,8 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             allow(&mut r, &SOCKET_IO);
             r.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
             // The idle timeout of control connections; the timeouts of TLS session
-            // connections and their TCP_NODELAY (`vgpu_server::tls`).
+            // connections and their TCP_NODELAY (`vgpu_server::tls`), and of metrics
+            // scrapers.
             let mut opts =
                 level_and_name(libc::SOL_SOCKET, &[libc::SO_RCVTIMEO, libc::SO_SNDTIMEO])?;
             opts.extend(level_and_name(libc::IPPROTO_TCP, &[libc::TCP_NODELAY])?);

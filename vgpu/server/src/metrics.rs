@@ -8,8 +8,11 @@
 //! an `_info` gauge of 1 with the string as a label.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::io::{Read, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
@@ -248,9 +251,22 @@ impl Collector for Fixed {
 /// The content type of [`Snapshot::text`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// `GET /metrics` over HTTP (tiny_http), on a thread of its own, until the process exits.
-/// (There is no stop: tiny_http wakes its blocked listener by connecting to it, which the
-/// server's seccomp filter refuses, since the listener is bound before the sandbox starts.)
+/// Scrapes answered at once, each on a thread of its own; a connection past them is told
+/// `503` and closed.
+pub const MAX_SCRAPERS: usize = 4;
+/// How long a scraper has to send its request head and to take the answer.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head read (request line and headers).
+const MAX_HEAD: usize = 8 << 10;
+/// Most headers a request may carry.
+const MAX_HEADERS: usize = 32;
+
+/// `GET /metrics` over HTTP, until the process exits. One thread accepts (backing off while
+/// `accept` fails); each connection is served on a thread of its own, at most
+/// [`MAX_SCRAPERS`] at once, gets one answer and is closed, and must send its request head
+/// within [`SCRAPE_TIMEOUT`]: idle, slow or numerous clients hold no more than that. Requests
+/// are parsed by `httparse`. (There is no stop: the listener is bound before the server's
+/// sandbox starts and lives as long as the process.)
 pub struct MetricsServer {
     addr: SocketAddr,
 }
@@ -258,18 +274,11 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` and serves `daemon`'s metrics from then on.
     pub fn start(addr: SocketAddr, daemon: Arc<Daemon>) -> std::io::Result<MetricsServer> {
-        let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
-        let addr = http
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| std::io::Error::other("the metrics listener has no IP address"))?;
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for request in http.incoming_requests() {
-                    answer(request, &daemon);
-                }
-            })?;
+            .spawn(move || accept_scrapers(&listener, &daemon))?;
         Ok(MetricsServer { addr })
     }
 
@@ -287,25 +296,146 @@ impl std::fmt::Debug for MetricsServer {
     }
 }
 
-fn answer(request: tiny_http::Request, daemon: &Daemon) {
-    use tiny_http::{Header, Method, Response};
-    let header = |v: &str| Header::from_bytes(&b"Content-Type"[..], v.as_bytes()).ok();
-    let response = match (request.method(), request.url()) {
-        (Method::Get, "/metrics") => {
-            let mut r = Response::from_string(daemon.snapshot().text());
-            if let Some(h) = header(CONTENT_TYPE) {
-                r.add_header(h);
+fn accept_scrapers(listener: &TcpListener, daemon: &Arc<Daemon>) {
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut backoff = crate::AcceptBackoff::new();
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                backoff.failed("metrics listener", &e);
+                continue;
             }
-            r
+        };
+        backoff.succeeded();
+        if stream.set_read_timeout(Some(SCRAPE_TIMEOUT)).is_err()
+            || stream.set_write_timeout(Some(SCRAPE_TIMEOUT)).is_err()
+        {
+            continue;
         }
-        (Method::Get, _) => {
-            Response::from_string("not found: the metrics are at /metrics\n").with_status_code(404)
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPERS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            // Best effort: the answer fits the empty send buffer of a new connection.
+            let _ = stream.write_all(&response(
+                1,
+                "503 Service Unavailable",
+                "text/plain",
+                b"too many scrapes at once; retry\n",
+            ));
+            continue;
         }
-        _ => Response::from_string("only GET\n").with_status_code(405),
-    };
-    if let Err(e) = request.respond(response) {
-        tracing::debug!("metrics: the scraper went away: {e}");
+        let daemon = daemon.clone();
+        let count = busy.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-scrape".into())
+            .spawn(move || {
+                scrape(stream, &daemon);
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("metrics: cannot serve a scrape: {e}");
+        }
     }
+}
+
+/// Reads one request head from `stream` and answers it, all within [`SCRAPE_TIMEOUT`]
+/// however slowly the scraper sends or reads; the connection then closes.
+fn scrape(mut stream: TcpStream, daemon: &Daemon) {
+    let deadline = Instant::now() + SCRAPE_TIMEOUT;
+    // The time left, as the socket's timeout for its next read or write (`None`: none left).
+    let left = |stream: &TcpStream, write: bool| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let set = if write {
+            stream.set_write_timeout(Some(left))
+        } else {
+            stream.set_read_timeout(Some(left))
+        };
+        (!left.is_zero() && set.is_ok()).then_some(())
+    };
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let answer = loop {
+        if left(&stream, false).is_none() {
+            tracing::debug!("metrics: a scraper sent no whole request in {SCRAPE_TIMEOUT:?}");
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!("metrics: the scraper went away: {e}");
+                return;
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => break answer(&request, daemon),
+            Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                break response(1, "431 Request Header Fields Too Large", "text/plain", b"");
+            }
+            Err(e) => {
+                let why = format!("{e}\n");
+                break response(1, "400 Bad Request", "text/plain", why.as_bytes());
+            }
+        }
+    };
+    let mut rest = &answer[..];
+    while !rest.is_empty() {
+        if left(&stream, true).is_none() {
+            tracing::debug!("metrics: a scraper took no whole answer in {SCRAPE_TIMEOUT:?}");
+            return;
+        }
+        match stream.write(rest) {
+            Ok(0) => return,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!("metrics: the scraper went away: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// The answer to a whole request head.
+fn answer(request: &httparse::Request<'_, '_>, daemon: &Daemon) -> Vec<u8> {
+    let version = request.version.unwrap_or(1);
+    match (request.method, request.path) {
+        (Some("GET"), Some("/metrics")) => response(
+            version,
+            "200 OK",
+            CONTENT_TYPE,
+            daemon.snapshot().text().as_bytes(),
+        ),
+        (Some("GET"), _) => response(
+            version,
+            "404 Not Found",
+            "text/plain",
+            b"not found: the metrics are at /metrics\n",
+        ),
+        _ => response(
+            version,
+            "405 Method Not Allowed",
+            "text/plain",
+            b"only GET\n",
+        ),
+    }
+}
+
+/// A whole HTTP/1.`version` response that closes the connection.
+fn response(version: u8, status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.{version} {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
 }
 
 #[cfg(test)]

@@ -211,7 +211,12 @@ fn run_op(
 ) -> Result<(), Fault> {
     let groups = op.groups();
     let resumes = op.resumes_from_memory();
+    // Preparing is GPU work of this packet (on Vulkan, its operands gathered into staging):
+    // it runs under the grant the command processor holds, and counts against the watchdog's
+    // budget like the ranges do.
+    let t = Instant::now();
     let mut launch = sh.backend.prepare(op, spaces.clone())?;
+    let prepared = t.elapsed();
     // GPU time this packet used, excluding time spent waiting for the GPU.
     let (mut next, mut used) = if resumes && !launch.outputs_at_finish() {
         (
@@ -221,6 +226,7 @@ fn run_op(
     } else {
         (0, Duration::ZERO)
     };
+    used += prepared;
     while next < groups {
         if !holder.hold() {
             return Ok(());

@@ -17,10 +17,16 @@
 //!   `Interrupts::Vectors`: it asks for vector `v`, and [`Vectors`] sends it, or marks it
 //!   pending while it is masked.
 //! - BAR 0 (registers) is trapped: the vCPU's access reaches `Vgpu::read_bar/write_bar`
-//!   through the `&self` path. Each context's doorbell is an ioeventfd at BAR 0 + offset,
-//!   so a doorbell write never leaves KVM; [`VgpuDevice::move_bar`] moves them with BAR 0.
+//!   through [`Bars`], the bus device registered for both BARs, which takes no lock of the
+//!   device's: a vCPU blocked in the vGPU (a `WAIT` read, up to 100 ms; a reset) holds up no
+//!   other vCPU's BAR or configuration accesses. Each context's doorbell is an ioeventfd at
+//!   BAR 0 + offset, so a doorbell write never leaves KVM; [`VgpuDevice::move_bar`] moves
+//!   them with BAR 0.
 //! - BAR 2 (VRAM) is the vGPU's VRAM mapped into the guest as a user memory region, moved
 //!   with BAR 2. A backend whose VRAM cannot be mapped leaves it trapped.
+//! - Doorbell ioeventfds and the VRAM slot only speed up what the trapped path also serves.
+//!   Cloud Hypervisor moves a BAR's bus range before it calls `move_bar` and does not move it
+//!   back, so the BAR always moves, and one of them that cannot follow stays trapped.
 //! - The vGPU reaches guest RAM through its own mapping of the RAM's files (so
 //!   `--memory shared=on` is required, as for vfio-user), checked against a DMA domain of
 //!   exactly the guest's RAM regions.
@@ -31,6 +37,7 @@
 
 use std::any::Any;
 use std::ops::{Range, RangeFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 use std::{io, result};
@@ -49,7 +56,7 @@ use tessera_vgpu::physical::{GpuSpec, Lease, PhysicalGpu};
 use tessera_vgpu::{BarAddresses, DmaDomain, Vgpu, VgpuSetup};
 use vm_allocator::{AddressAllocator, MemorySlotAllocator, SystemAllocator};
 use vm_device::interrupt::{InterruptManager, InterruptSourceGroup, MsiIrqGroupConfig};
-use vm_device::{BusDevice, Resource};
+use vm_device::{BusDeviceSync, Resource};
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
 };
@@ -122,10 +129,80 @@ struct Placed {
     size: u64,
 }
 
+/// Where no BAR is (before allocation).
+const UNPLACED: u64 = u64::MAX;
+
+/// The vGPU's BARs on Cloud Hypervisor's MMIO bus, served without the device's lock (the bus
+/// holds this, not the `Mutex` around [`VgpuDevice`]). The device, under its lock, moves the
+/// addresses; an access names its BAR by the base the bus found it at.
+struct Bars {
+    vgpu: Arc<Vgpu>,
+    msix: Arc<Mutex<MsixConfig>>,
+    regs: AtomicU64,
+    vram: AtomicU64,
+}
+
+impl Bars {
+    fn bar_at(&self, base: u64) -> Option<usize> {
+        if base == UNPLACED {
+            None
+        } else if base == self.regs.load(Ordering::Acquire) {
+            Some(BAR_REGS)
+        } else if base == self.vram.load(Ordering::Acquire) {
+            Some(BAR_VRAM)
+        } else {
+            None
+        }
+    }
+
+    fn place(&self, bar: usize, gpa: u64) {
+        match bar {
+            BAR_REGS => self.regs.store(gpa, Ordering::Release),
+            BAR_VRAM => self.vram.store(gpa, Ordering::Release),
+            _ => {}
+        }
+    }
+}
+
+impl BusDeviceSync for Bars {
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
+        match self.bar_at(base) {
+            Some(BAR_REGS) if TABLE.contains(&offset) => self
+                .msix
+                .lock()
+                .unwrap()
+                .read_table(offset - TABLE.start, data),
+            Some(BAR_REGS) if PBA.contains(&offset) => {
+                self.msix.lock().unwrap().read_pba(offset - PBA.start, data);
+            }
+            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => data.fill(0),
+            Some(bar) => self.vgpu.read_bar(bar, offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    fn write(&self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
+        match self.bar_at(base) {
+            Some(BAR_REGS) if TABLE.contains(&offset) => self
+                .msix
+                .lock()
+                .unwrap()
+                .write_table(offset - TABLE.start, data),
+            // The PBA is read-only.
+            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => {}
+            Some(bar) => self.vgpu.write_bar(bar, offset, data),
+            None => {}
+        }
+        None
+    }
+}
+
 /// A Tessera vGPU as a Cloud Hypervisor PCI device.
 pub struct VgpuDevice {
     id: String,
     vgpu: Arc<Vgpu>,
+    /// Its BARs on the bus (shared with the bus).
+    bars: Arc<Bars>,
     /// Holds the vGPU's share of its GPU.
     _lease: Lease,
     configuration: PciConfiguration,
@@ -133,8 +210,10 @@ pub struct VgpuDevice {
     vm: Arc<dyn hypervisor::Vm>,
     regs: Placed,
     vram: Placed,
-    /// Each context's doorbell and its offset in BAR 0, registered while `regs` is placed.
+    /// Each context's doorbell and its offset in BAR 0.
     doorbells: Vec<(u64, EventFd)>,
+    /// Whether the doorbells are registered at `regs` (else they are trapped).
+    doorbells_at_regs: bool,
     /// The VRAM aperture and its memory slot, while it is mapped.
     aperture: Option<(HostMemory, u32)>,
     slots: MemorySlotAllocator,
@@ -209,9 +288,16 @@ impl VgpuDevice {
             ..VgpuSetup::from_lease(&lease)
         })?;
         let doorbells = vgpu.ioeventfds(BAR_REGS);
+        let vgpu = Arc::new(vgpu);
         Ok(VgpuDevice {
             id,
-            vgpu: Arc::new(vgpu),
+            bars: Arc::new(Bars {
+                vgpu: vgpu.clone(),
+                msix: msix.clone(),
+                regs: AtomicU64::new(UNPLACED),
+                vram: AtomicU64::new(UNPLACED),
+            }),
+            vgpu,
             _lease: lease,
             configuration,
             msix,
@@ -219,6 +305,7 @@ impl VgpuDevice {
             regs: Placed::default(),
             vram: Placed::default(),
             doorbells,
+            doorbells_at_regs: false,
             aperture: None,
             slots,
         })
@@ -228,6 +315,7 @@ impl VgpuDevice {
     /// allocated).
     fn activate(&mut self) -> io::Result<()> {
         self.register_doorbells(self.regs.gpa)?;
+        self.doorbells_at_regs = true;
         if let Some(memory) = self.vgpu.bar_memory(BAR_VRAM) {
             let slot = self.slots.next_memory_slot();
             if let Err(e) = self.map_vram(slot, self.vram.gpa, &memory) {
@@ -298,39 +386,19 @@ impl VgpuDevice {
         }
         .map_err(io::Error::other)
     }
-
-    /// Which BAR the bus range at `base` is (the bus moves a range before `move_bar` is
-    /// called, and `move_bar` follows it).
-    fn bar_at(&self, base: u64) -> Option<usize> {
-        if base == self.regs.gpa {
-            Some(BAR_REGS)
-        } else if base == self.vram.gpa {
-            Some(BAR_VRAM)
-        } else {
-            None
-        }
-    }
 }
 
 impl Drop for VgpuDevice {
     fn drop(&mut self) {
-        self.unregister_doorbells(self.regs.gpa);
+        if self.doorbells_at_regs {
+            self.unregister_doorbells(self.regs.gpa);
+        }
         if let Some((memory, slot)) = self.aperture.take() {
             if let Err(e) = self.unmap_vram(slot, self.vram.gpa, &memory) {
                 warn!("vGPU {}: cannot unmap the VRAM: {e}", self.id);
             }
             self.slots.free_memory_slot(slot);
         }
-    }
-}
-
-impl BusDevice for VgpuDevice {
-    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        self.read_bar(base, offset, data);
-    }
-
-    fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
-        self.write_bar(base, offset, data)
     }
 }
 
@@ -389,6 +457,8 @@ impl PciDevice for VgpuDevice {
             gpa: vram.raw_value(),
             size: vram_size,
         };
+        self.bars.place(BAR_REGS, self.regs.gpa);
+        self.bars.place(BAR_VRAM, self.vram.gpa);
         Ok(bars)
     }
 
@@ -421,55 +491,51 @@ impl PciDevice for VgpuDevice {
     }
 
     fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        match self.bar_at(base) {
-            Some(BAR_REGS) if TABLE.contains(&offset) => self
-                .msix
-                .lock()
-                .unwrap()
-                .read_table(offset - TABLE.start, data),
-            Some(BAR_REGS) if PBA.contains(&offset) => {
-                self.msix.lock().unwrap().read_pba(offset - PBA.start, data);
-            }
-            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => data.fill(0),
-            Some(bar) => self.vgpu.read_bar(bar, offset, data),
-            None => data.fill(0),
-        }
+        self.bars.read(base, offset, data);
     }
 
     fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
-        match self.bar_at(base) {
-            Some(BAR_REGS) if TABLE.contains(&offset) => self
-                .msix
-                .lock()
-                .unwrap()
-                .write_table(offset - TABLE.start, data),
-            // The PBA is read-only.
-            Some(BAR_REGS) if MSIX_WINDOW.contains(&offset) => {}
-            Some(bar) => self.vgpu.write_bar(bar, offset, data),
-            None => {}
-        }
-        None
+        self.bars.write(base, offset, data)
     }
 
-    /// Moves the doorbells or the VRAM slot with their BAR; on failure they stay (or are put
-    /// back) where they were, and Cloud Hypervisor rolls the BAR back.
+    /// Moves BAR 0 (with its doorbells) or BAR 2 (with its VRAM slot). Cloud Hypervisor has
+    /// already moved the bus range and keeps it moved even when this fails, so the BAR moves
+    /// here in any case: doorbells that cannot be registered at the new base, or VRAM that
+    /// cannot be mapped there, stay trapped (the trapped path serves both). Only a VRAM slot
+    /// that cannot be taken down (it would stay at the old address) is an error.
     fn move_bar(&mut self, old_base: u64, new_base: u64) -> io::Result<()> {
         if old_base == self.regs.gpa {
-            self.unregister_doorbells(old_base);
-            if let Err(e) = self.register_doorbells(new_base) {
-                self.register_doorbells(old_base)?;
-                return Err(e);
+            if self.doorbells_at_regs {
+                self.unregister_doorbells(old_base);
             }
+            self.doorbells_at_regs = match self.register_doorbells(new_base) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        "vGPU {}: doorbells stay trapped at {new_base:#x}: {e}",
+                        self.id
+                    );
+                    false
+                }
+            };
             self.regs.gpa = new_base;
+            self.bars.place(BAR_REGS, new_base);
         } else if old_base == self.vram.gpa {
-            if let Some((memory, slot)) = &self.aperture {
-                self.unmap_vram(*slot, old_base, memory)?;
-                if let Err(e) = self.map_vram(*slot, new_base, memory) {
-                    self.map_vram(*slot, old_base, memory)?;
+            if let Some((memory, slot)) = self.aperture.take() {
+                if let Err(e) = self.unmap_vram(slot, old_base, &memory) {
+                    self.aperture = Some((memory, slot));
                     return Err(e);
+                }
+                match self.map_vram(slot, new_base, &memory) {
+                    Ok(()) => self.aperture = Some((memory, slot)),
+                    Err(e) => {
+                        warn!("vGPU {}: VRAM stays trapped at {new_base:#x}: {e}", self.id);
+                        self.slots.free_memory_slot(slot);
+                    }
                 }
             }
             self.vram.gpa = new_base;
+            self.bars.place(BAR_VRAM, new_base);
         }
         Ok(())
     }
@@ -617,6 +683,140 @@ impl DeviceManager {
         node.pci_bdf = Some(bdf);
         node.pci_device_handle = None;
         self.device_tree.lock().unwrap().insert(id, node);
-        self.commit_pci_device(device.clone(), device, segment, bdf, bars)
+        // The bus gets the lock-free BARs, the PCI bus the device (configuration space).
+        let bus_device = device.lock().unwrap().bars.clone();
+        self.commit_pci_device(bus_device, device, segment, bdf, bars)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    use tessera_vgpu::abi::{ctx_control, limits, regs, wait};
+    use vm_device::Bus;
+    use vm_device::interrupt::{InterruptIndex, InterruptSourceConfig};
+
+    use super::*;
+
+    /// MSI-X vectors that go nowhere.
+    struct Nowhere;
+
+    impl InterruptSourceGroup for Nowhere {
+        fn trigger(&self, _: InterruptIndex) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn notifier(&self, _: InterruptIndex) -> Option<EventFd> {
+            None
+        }
+
+        fn update(
+            &self,
+            _: InterruptIndex,
+            _: InterruptSourceConfig,
+            _: bool,
+            _: bool,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn set_gsi(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const REGS_AT: u64 = 0xc000_0000;
+    const MOVED_TO: u64 = 0xc100_0000;
+
+    fn read(mmio: &Bus, addr: u64) -> u32 {
+        let mut d = [0u8; 4];
+        mmio.read(addr, &mut d).expect("BAR 0 read");
+        u32::from_le_bytes(d)
+    }
+
+    fn write(mmio: &Bus, addr: u64, v: u32) {
+        mmio.write(addr, &v.to_le_bytes()).expect("BAR 0 write");
+    }
+
+    /// What the adapter puts on the MMIO bus serves BAR 0 while another vCPU is blocked in a
+    /// `WAIT` read of the same vGPU (registers, the MSI-X table), and follows the BAR when it
+    /// moves. With the device's `Mutex` on the bus, the first access would wait for the
+    /// whole `WAIT`.
+    #[test]
+    fn a_vcpu_in_wait_holds_up_no_other_bar_access() {
+        let profile = &tessera_vgpu::PROFILES[0];
+        let gpu = PhysicalGpu::new(&GpuSpec::whole(profile.vram, profile.engines)).expect("GPU");
+        let lease = gpu.lease(profile, None).expect("lease");
+        let vgpu = Arc::new(Vgpu::new(VgpuSetup::from_lease(&lease)).expect("vGPU"));
+        let msix = MsixConfig::new(
+            VECTORS,
+            MaybeMutInterruptSourceGroup::Immutable(Arc::new(Nowhere)),
+            0,
+            None,
+        )
+        .expect("MSI-X");
+        let bars = Arc::new(Bars {
+            vgpu,
+            msix: Arc::new(Mutex::new(msix)),
+            regs: AtomicU64::new(UNPLACED),
+            vram: AtomicU64::new(UNPLACED),
+        });
+        let mmio = Arc::new(Bus::new());
+        mmio.insert(bars.clone(), REGS_AT, abi_pci::BAR_REGS_SIZE)
+            .expect("BAR 0 on the bus");
+        // Not placed yet: reads as nothing.
+        assert_eq!(read(&mmio, REGS_AT + regs::MAGIC), 0);
+        bars.place(BAR_REGS, REGS_AT);
+        assert_eq!(read(&mmio, REGS_AT + regs::MAGIC), regs::MAGIC_VALUE);
+
+        // Context 0 enabled with an empty ring: its fence never reaches 1, so a WAIT read
+        // blocks for the whole WAIT timeout.
+        let ctx = |reg| REGS_AT + regs::ctx_reg(0, reg);
+        write(&mmio, ctx(regs::CTX_RING_BASE_LO), 0x1000);
+        write(&mmio, ctx(regs::CTX_RING_SIZE), 16);
+        write(&mmio, ctx(regs::CTX_CONTROL), ctx_control::ENABLE);
+        write(&mmio, REGS_AT + regs::WAIT_CTX, 0);
+        write(&mmio, REGS_AT + regs::WAIT_VALUE, 1);
+        let start = Arc::new(Barrier::new(2));
+        let waiting = Arc::new(AtomicBool::new(true));
+        let blocked = {
+            let (mmio, start, waiting) = (mmio.clone(), start.clone(), waiting.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let t = Instant::now();
+                let r = read(&mmio, REGS_AT + regs::WAIT);
+                waiting.store(false, Ordering::Release);
+                (r, t.elapsed())
+            })
+        };
+        start.wait();
+        let mut rounds = 0;
+        while waiting.load(Ordering::Acquire) {
+            assert_eq!(read(&mmio, REGS_AT + regs::MAGIC), regs::MAGIC_VALUE);
+            // Vector 0's control word: masked out of reset.
+            assert_eq!(read(&mmio, REGS_AT + TABLE.start + 12), 1);
+            rounds += 1;
+        }
+        let (r, waited) = blocked.join().expect("waiting thread");
+        assert_eq!(r, wait::TIMEOUT);
+        assert!(waited >= Duration::from_millis(u64::from(limits::WAIT_TIMEOUT_MS)));
+        assert!(rounds >= 10, "{rounds} rounds during a {waited:?} WAIT");
+
+        // Moved: the bus range first (as Cloud Hypervisor does), then the address.
+        mmio.update_range(
+            REGS_AT,
+            abi_pci::BAR_REGS_SIZE,
+            MOVED_TO,
+            abi_pci::BAR_REGS_SIZE,
+        )
+        .expect("moved on the bus");
+        bars.place(BAR_REGS, MOVED_TO);
+        assert_eq!(read(&mmio, MOVED_TO + regs::MAGIC), regs::MAGIC_VALUE);
+        assert!(
+            mmio.read(REGS_AT, &mut [0u8; 4]).is_err(),
+            "nothing left at the old base"
+        );
     }
 }

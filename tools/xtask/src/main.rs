@@ -237,7 +237,8 @@ fn ch_cargo(work: &Path) -> Command {
 }
 
 /// Cloud Hypervisor's own unit tests for what the patch touches: its CLI (`main.rs`, whose
-/// options must stay sorted) and its configuration parsing and validation (`vmm::config`).
+/// options must stay sorted), its configuration parsing and validation (`vmm::config`), and
+/// the adapter's own (`vmm::device_manager::vgpu`).
 /// Both test binaries build in one cargo run (in parallel), then each runs with its filter.
 fn cloud_hypervisor_unit_tests() -> Result<()> {
     let work = root().join("target/cloud-hypervisor");
@@ -256,7 +257,7 @@ fn cloud_hypervisor_unit_tests() -> Result<()> {
     };
     test(&["--no-run", "--bin", "cloud-hypervisor", "--lib"])?;
     test(&["--bin", "cloud-hypervisor"])?;
-    test(&["--lib", "--", "config::"])
+    test(&["--lib", "--", "config::", "device_manager::vgpu::"])
 }
 
 fn host_is_pvm() -> bool {

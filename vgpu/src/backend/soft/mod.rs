@@ -96,10 +96,11 @@ fn engine_loop(queue: Arc<Queue>) {
             if let (Err(f), None) = (r, s.1) {
                 s.1 = Some(f);
             }
-            job.done.notify_all();
         }
         // The claim loop ended (range exhausted or stopped): wake the submitter, under the
-        // state lock so the wake-up cannot slip between its check and its wait.
+        // state lock so the wake-up cannot slip between its check and its wait. Only here:
+        // every engine's last group is followed by this, so the submitter is woken once per
+        // engine, not once per group (a SAXPY packet has hundreds of groups of a few µs).
         let _s = job.state.lock().unwrap_or_else(|e| e.into_inner());
         job.done.notify_all();
     }

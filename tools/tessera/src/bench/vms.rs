@@ -145,12 +145,30 @@ pub fn run(args: VmsArgs) -> Result<(), String> {
             })
             .collect()
     };
-    // Measure the middle of the run: boots and shutdowns are not sharing.
+    // Measure the middle of the run, once every VM with GPU work has started it (a VM that
+    // boots late on a loaded host would otherwise lose share it never competed for) and
+    // before the first to start can have finished: boots and shutdowns are not sharing.
+    let created = Instant::now();
     let margin = Duration::from_millis(400);
+    let run_for = Duration::from_secs(args.seconds);
     progress.step(format!("measuring the GPU's shares for {} s", args.seconds));
+    let working: Vec<bool> = args.loads.iter().map(|l| l != "idle").collect();
+    while busy(&probes)
+        .iter()
+        .zip(&working)
+        .any(|(&b, &w)| w && b == 0)
+    {
+        if created.elapsed() >= run_for / 2 {
+            return Err(format!(
+                "not every VM had started its GPU work {:?} after they were made",
+                run_for / 2
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(margin);
     let (b0, t0) = (busy(&probes), Instant::now());
-    std::thread::sleep(Duration::from_secs(args.seconds).saturating_sub(2 * margin));
+    std::thread::sleep(run_for.saturating_sub(created.elapsed() + margin));
     let (b1, wall) = (busy(&probes), t0.elapsed());
     progress.step("waiting for the VMs to finish");
     let mut exits = Vec::new();

@@ -206,7 +206,6 @@ pub struct VgpuDevice {
     /// Holds the vGPU's share of its GPU.
     _lease: Lease,
     configuration: PciConfiguration,
-    msix: Arc<Mutex<MsixConfig>>,
     vm: Arc<dyn hypervisor::Vm>,
     regs: Placed,
     vram: Placed,
@@ -293,14 +292,13 @@ impl VgpuDevice {
             id,
             bars: Arc::new(Bars {
                 vgpu: vgpu.clone(),
-                msix: msix.clone(),
+                msix,
                 regs: AtomicU64::new(UNPLACED),
                 vram: AtomicU64::new(UNPLACED),
             }),
             vgpu,
             _lease: lease,
             configuration,
-            msix,
             vm,
             regs: Placed::default(),
             vram: Placed::default(),

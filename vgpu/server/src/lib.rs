@@ -181,6 +181,50 @@ impl AcceptBackoff {
         self.0 = Self::FIRST;
     }
 }
+/// Serves each connection of a listener on a thread of its own, at most `limit` at once.
+#[derive(Debug)]
+pub(crate) struct ConnectionThreads {
+    name: &'static str,
+    limit: usize,
+    busy: Arc<AtomicUsize>,
+}
+
+impl ConnectionThreads {
+    pub(crate) fn new(name: &'static str, limit: usize) -> Self {
+        ConnectionThreads {
+            name,
+            limit,
+            busy: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Runs `serve(conn)` on a new thread, or gives `conn` back when `limit` threads are
+    /// serving (the caller refuses it). A thread that cannot be made is logged and its
+    /// connection dropped.
+    pub(crate) fn serve<C: Send + 'static>(
+        &self,
+        conn: C,
+        serve: impl FnOnce(C) + Send + 'static,
+    ) -> Result<(), C> {
+        if self.busy.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            return Err(conn);
+        }
+        let busy = self.busy.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name(self.name.into())
+            .spawn(move || {
+                serve(conn);
+                busy.fetch_sub(1, Ordering::AcqRel);
+            })
+        {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("{}: cannot serve a connection: {e}", self.name);
+        }
+        Ok(())
+    }
+}
+
 /// A control connection that sends nothing for this long is closed.
 pub const CONTROL_IDLE: Duration = Duration::from_secs(120);
 
@@ -196,7 +240,7 @@ pub struct Daemon {
     next_id: AtomicU64,
     control: UnixListener,
     /// Control connections being served.
-    control_threads: Arc<AtomicUsize>,
+    control_threads: ConnectionThreads,
     /// Client memory every attachment charges its DMA mappings to.
     budget: Arc<DmaBudget>,
     /// This server's user (read before the sandbox, which refuses `geteuid`).
@@ -311,7 +355,7 @@ impl Daemon {
             instances: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             control,
-            control_threads: Arc::new(AtomicUsize::new(0)),
+            control_threads: ConnectionThreads::new("vgpu-control", MAX_CONTROL_CONNECTIONS),
             budget,
             euid: me,
         }))
@@ -338,28 +382,16 @@ impl Daemon {
                 }
             };
             backoff.succeeded();
-            let busy = self.control_threads.fetch_add(1, Ordering::AcqRel);
-            if busy >= MAX_CONTROL_CONNECTIONS {
-                self.control_threads.fetch_sub(1, Ordering::AcqRel);
-                let mut s = stream;
+            let _ = stream.set_read_timeout(Some(CONTROL_IDLE));
+            let me = self.clone();
+            if let Err(mut s) = self
+                .control_threads
+                .serve(stream, move |s| me.control_connection(s))
+            {
                 let mut line =
                     Envelope::<Reply>::error("too many control connections; retry").line();
                 line.push('\n');
                 let _ = s.write_all(line.as_bytes());
-                continue;
-            }
-            let _ = stream.set_read_timeout(Some(CONTROL_IDLE));
-            let me = self.clone();
-            let count = self.control_threads.clone();
-            if let Err(e) = std::thread::Builder::new()
-                .name("vgpu-control".into())
-                .spawn(move || {
-                    me.control_connection(stream);
-                    count.fetch_sub(1, Ordering::AcqRel);
-                })
-            {
-                self.control_threads.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!("cannot serve a control connection: {e}");
             }
         }
         self.shutdown();

@@ -11,7 +11,6 @@ use std::fmt::Write as _;
 use std::io::{Read, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -297,10 +296,10 @@ impl std::fmt::Debug for MetricsServer {
 }
 
 fn accept_scrapers(listener: &TcpListener, daemon: &Arc<Daemon>) {
-    let busy = Arc::new(AtomicUsize::new(0));
+    let scrapes = crate::ConnectionThreads::new("metrics-scrape", MAX_SCRAPERS);
     let mut backoff = crate::AcceptBackoff::new();
     loop {
-        let mut stream = match listener.accept() {
+        let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
                 backoff.failed("metrics listener", &e);
@@ -313,8 +312,8 @@ fn accept_scrapers(listener: &TcpListener, daemon: &Arc<Daemon>) {
         {
             continue;
         }
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPERS {
-            busy.fetch_sub(1, Ordering::AcqRel);
+        let daemon = daemon.clone();
+        if let Err(mut stream) = scrapes.serve(stream, move |s| scrape(s, &daemon)) {
             // Best effort: the answer fits the empty send buffer of a new connection.
             let _ = stream.write_all(&response(
                 1,
@@ -322,19 +321,6 @@ fn accept_scrapers(listener: &TcpListener, daemon: &Arc<Daemon>) {
                 "text/plain",
                 b"too many scrapes at once; retry\n",
             ));
-            continue;
-        }
-        let daemon = daemon.clone();
-        let count = busy.clone();
-        let spawned = std::thread::Builder::new()
-            .name("metrics-scrape".into())
-            .spawn(move || {
-                scrape(stream, &daemon);
-                count.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("metrics: cannot serve a scrape: {e}");
         }
     }
 }

@@ -122,19 +122,13 @@ impl VectorSink for Vectors {
     }
 }
 
-/// Where one of the vGPU's BARs is in the guest.
-#[derive(Clone, Copy, Default)]
-struct Placed {
-    gpa: u64,
-    size: u64,
-}
-
 /// Where no BAR is (before allocation).
 const UNPLACED: u64 = u64::MAX;
 
 /// The vGPU's BARs on Cloud Hypervisor's MMIO bus, served without the device's lock (the bus
-/// holds this, not the `Mutex` around [`VgpuDevice`]). The device, under its lock, moves the
-/// addresses; an access names its BAR by the base the bus found it at.
+/// holds this, not the `Mutex` around [`VgpuDevice`]). It records where each BAR is; the
+/// device, under its lock, places and moves them, and an access names its BAR by the base
+/// the bus found it at.
 struct Bars {
     vgpu: Arc<Vgpu>,
     msix: Arc<Mutex<MsixConfig>>,
@@ -152,6 +146,15 @@ impl Bars {
             Some(BAR_VRAM)
         } else {
             None
+        }
+    }
+
+    /// Where `bar` is ([`UNPLACED`] before allocation).
+    fn at(&self, bar: usize) -> u64 {
+        match bar {
+            BAR_REGS => self.regs.load(Ordering::Acquire),
+            BAR_VRAM => self.vram.load(Ordering::Acquire),
+            _ => UNPLACED,
         }
     }
 
@@ -207,11 +210,9 @@ pub struct VgpuDevice {
     _lease: Lease,
     configuration: PciConfiguration,
     vm: Arc<dyn hypervisor::Vm>,
-    regs: Placed,
-    vram: Placed,
     /// Each context's doorbell and its offset in BAR 0.
     doorbells: Vec<(u64, EventFd)>,
-    /// Whether the doorbells are registered at `regs` (else they are trapped).
+    /// Whether the doorbells are registered at BAR 0 (else they are trapped).
     doorbells_at_regs: bool,
     /// The VRAM aperture and its memory slot, while it is mapped.
     aperture: Option<(HostMemory, u32)>,
@@ -300,8 +301,6 @@ impl VgpuDevice {
             _lease: lease,
             configuration,
             vm,
-            regs: Placed::default(),
-            vram: Placed::default(),
             doorbells,
             doorbells_at_regs: false,
             aperture: None,
@@ -312,11 +311,11 @@ impl VgpuDevice {
     /// Registers the doorbells at BAR 0 and maps the VRAM at BAR 2 (once the BARs are
     /// allocated).
     fn activate(&mut self) -> io::Result<()> {
-        self.register_doorbells(self.regs.gpa)?;
+        self.register_doorbells(self.bars.at(BAR_REGS))?;
         self.doorbells_at_regs = true;
         if let Some(memory) = self.vgpu.bar_memory(BAR_VRAM) {
             let slot = self.slots.next_memory_slot();
-            if let Err(e) = self.map_vram(slot, self.vram.gpa, &memory) {
+            if let Err(e) = self.map_vram(slot, self.bars.at(BAR_VRAM), &memory) {
                 self.slots.free_memory_slot(slot);
                 return Err(e);
             }
@@ -389,10 +388,10 @@ impl VgpuDevice {
 impl Drop for VgpuDevice {
     fn drop(&mut self) {
         if self.doorbells_at_regs {
-            self.unregister_doorbells(self.regs.gpa);
+            self.unregister_doorbells(self.bars.at(BAR_REGS));
         }
         if let Some((memory, slot)) = self.aperture.take() {
-            if let Err(e) = self.unmap_vram(slot, self.vram.gpa, &memory) {
+            if let Err(e) = self.unmap_vram(slot, self.bars.at(BAR_VRAM), &memory) {
                 warn!("vGPU {}: cannot unmap the VRAM: {e}", self.id);
             }
             self.slots.free_memory_slot(slot);
@@ -447,16 +446,8 @@ impl PciDevice for VgpuDevice {
                 .add_pci_bar(bar)
                 .map_err(|e| PciDeviceError::IoRegistrationFailed(bar.addr(), e))?;
         }
-        self.regs = Placed {
-            gpa: regs.raw_value(),
-            size: regs_size,
-        };
-        self.vram = Placed {
-            gpa: vram.raw_value(),
-            size: vram_size,
-        };
-        self.bars.place(BAR_REGS, self.regs.gpa);
-        self.bars.place(BAR_VRAM, self.vram.gpa);
+        self.bars.place(BAR_REGS, regs.raw_value());
+        self.bars.place(BAR_VRAM, vram.raw_value());
         Ok(bars)
     }
 
@@ -466,8 +457,11 @@ impl PciDevice for VgpuDevice {
         mmio32_allocator: &mut AddressAllocator,
         mmio64_allocator: &mut AddressAllocator,
     ) -> result::Result<(), PciDeviceError> {
-        mmio32_allocator.free(GuestAddress(self.regs.gpa), self.regs.size);
-        mmio64_allocator.free(GuestAddress(self.vram.gpa), self.vram.size);
+        mmio32_allocator.free(GuestAddress(self.bars.at(BAR_REGS)), abi_pci::BAR_REGS_SIZE);
+        mmio64_allocator.free(
+            GuestAddress(self.bars.at(BAR_VRAM)),
+            self.vgpu.vram().size(),
+        );
         Ok(())
     }
 
@@ -502,7 +496,8 @@ impl PciDevice for VgpuDevice {
     /// cannot be mapped there, stay trapped (the trapped path serves both). Only a VRAM slot
     /// that cannot be taken down (it would stay at the old address) is an error.
     fn move_bar(&mut self, old_base: u64, new_base: u64) -> io::Result<()> {
-        if old_base == self.regs.gpa {
+        let bar = self.bars.bar_at(old_base);
+        if bar == Some(BAR_REGS) {
             if self.doorbells_at_regs {
                 self.unregister_doorbells(old_base);
             }
@@ -516,9 +511,7 @@ impl PciDevice for VgpuDevice {
                     false
                 }
             };
-            self.regs.gpa = new_base;
-            self.bars.place(BAR_REGS, new_base);
-        } else if old_base == self.vram.gpa {
+        } else if bar == Some(BAR_VRAM) {
             if let Some((memory, slot)) = self.aperture.take() {
                 if let Err(e) = self.unmap_vram(slot, old_base, &memory) {
                     self.aperture = Some((memory, slot));
@@ -532,8 +525,9 @@ impl PciDevice for VgpuDevice {
                     }
                 }
             }
-            self.vram.gpa = new_base;
-            self.bars.place(BAR_VRAM, new_base);
+        }
+        if let Some(bar) = bar {
+            self.bars.place(bar, new_base);
         }
         Ok(())
     }
